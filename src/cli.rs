@@ -1,0 +1,149 @@
+//! The command line: the only place that parses arguments. `tt-scale run` and
+//! `tt-scale collage`, with the original tool's flag spellings as aliases.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{parse_device, DeviceSpec};
+use crate::prompts::NumPrompts;
+
+/// Inference-time scaling for text-to-image diffusion: search over starting noises and keep
+/// what a verifier scores best.
+#[derive(Debug, Parser)]
+#[command(name = "tt-scale", version, about, long_about = None)]
+pub struct Cli {
+    /// More detailed logs (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Search over initial noises for each prompt and write every candidate, the per-round
+    /// bests and config.json under --output-dir.
+    Run(RunArgs),
+    /// Make one collage per prompt of a run folder: the per-round best images in a row.
+    Collage(CollageArgs),
+}
+
+/// `--num-prompts`: a count, `all`, or the original's `None` (no dataset prompts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NumPromptsArg {
+    /// Take this many (or all) prompts.
+    Take(NumPrompts),
+    /// `None`: take no prompts from the dataset (the original's way to say "use --prompt").
+    NoneGiven,
+}
+
+fn parse_num_prompts(s: &str) -> Result<NumPromptsArg, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(NumPromptsArg::NoneGiven);
+    }
+    s.parse::<NumPrompts>()
+        .map(NumPromptsArg::Take)
+        .map_err(|_| format!("`{s}` is not a number of prompts: give a positive whole number, `all`, or `none`"))
+}
+
+/// `--device`: `auto`, `cpu`, `cuda` or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceArg {
+    /// CUDA when this build has it and a GPU is present, else the CPU.
+    Auto,
+    /// The named device.
+    Named(DeviceSpec),
+}
+
+fn parse_device_arg(s: &str) -> Result<DeviceArg, String> {
+    if s.trim().eq_ignore_ascii_case("auto") {
+        return Ok(DeviceArg::Auto);
+    }
+    parse_device(s)
+        .map(DeviceArg::Named)
+        .ok_or_else(|| format!("`{s}` is not a device: give cpu, cuda, cuda:N or auto"))
+}
+
+fn parse_batch_size(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=4096).contains(&n) => Ok(n),
+        _ => Err(format!("`{s}` is not a batch size: give a whole number from 1 to 4096")),
+    }
+}
+
+fn parse_seed(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .map_err(|_| format!("`{s}` is not a seed: give a whole number from 0 to 18446744073709551615"))
+}
+
+/// Flags of `tt-scale run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The experiment config (JSON; the original tool's schema).
+    #[arg(
+        long = "pipeline-config",
+        visible_alias = "pipeline_config_path",
+        value_name = "PATH",
+        default_value = "configs/flux.1_dev.json"
+    )]
+    pub pipeline_config: PathBuf,
+
+    /// One prompt to search for (instead of the dataset's prompts).
+    #[arg(long, value_name = "TEXT", conflicts_with = "prompts_file")]
+    pub prompt: Option<String>,
+
+    /// A UTF-8 text file with one prompt a line (blank lines skipped).
+    #[arg(long = "prompts-file", value_name = "PATH")]
+    pub prompts_file: Option<PathBuf>,
+
+    /// How many prompts to take from the prompts file or the dataset: N, `all` (any case) or
+    /// `none` [default: 2 for the dataset, all for a prompts file]
+    #[arg(
+        long = "num-prompts",
+        visible_alias = "num_prompts",
+        value_name = "N|all",
+        value_parser = parse_num_prompts
+    )]
+    pub num_prompts: Option<NumPromptsArg>,
+
+    /// Candidates denoised per pipeline call.
+    #[arg(
+        long = "batch-size",
+        visible_alias = "batch_size_for_img_gen",
+        value_name = "N",
+        default_value = "1",
+        value_parser = parse_batch_size
+    )]
+    pub batch_size: usize,
+
+    /// Master seed: every candidate seed derives from it. When absent, one is drawn and
+    /// recorded in config.json.
+    #[arg(long, value_name = "N", value_parser = parse_seed)]
+    pub seed: Option<u64>,
+
+    /// Where run folders are made.
+    #[arg(long = "output-dir", value_name = "DIR", default_value = "output")]
+    pub output_dir: PathBuf,
+
+    /// Keep peak GPU memory low: free the text encoder before denoising and decode after the
+    /// denoiser is idle.
+    #[arg(long = "low-vram", visible_alias = "use_low_gpu_vram")]
+    pub low_vram: bool,
+
+    /// Compute device: auto (cuda when built with it and a GPU is present, else cpu), cpu,
+    /// cuda or cuda:N.
+    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device_arg)]
+    pub device: DeviceArg,
+}
+
+/// Flags of `tt-scale collage`.
+#[derive(Debug, Args)]
+pub struct CollageArgs {
+    /// A run folder (output/<model>/<verifier>/<metric>/<timestamp>).
+    #[arg(long, value_name = "DIR")]
+    pub path: PathBuf,
+}

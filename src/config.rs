@@ -1,0 +1,802 @@
+//! The experiment config: the original tool's JSON schema, parsed and validated before anything
+//! loads. Every error names the file, the JSON path and what is allowed.
+
+use std::path::PathBuf;
+
+/// Weight and compute precision (`torch_dtype`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    /// `"fp32"`
+    F32,
+    /// `"fp16"`
+    F16,
+    /// `"bf16"`
+    Bf16,
+}
+
+/// `verifier_args`: which judge, which metric, and how to call it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VerifierArgs {
+    /// `name`: `gemini`, `openai` or `qwen`.
+    pub name: String,
+    /// `choice_of_metric`: the metric selection uses (one of [`crate::verifiers::METRICS`]).
+    pub choice_of_metric: String,
+    /// `max_new_tokens`: the reply's token budget (Gemini: `maxOutputTokens`; OpenAI:
+    /// `max_completion_tokens`).
+    pub max_new_tokens: Option<u32>,
+    /// `model_name`: the API model id; each verifier has its default.
+    pub model_name: Option<String>,
+    /// `prompt_path`: a file whose text replaces the built-in grading rubric.
+    pub prompt_path: Option<PathBuf>,
+    /// `base_url`: API base URL (else the verifier's environment variable, else its default).
+    pub base_url: Option<String>,
+    /// `seed`: sent to APIs that accept a sampling seed.
+    pub seed: Option<u64>,
+    /// `concurrency`: requests in flight at once (default 4).
+    pub concurrency: usize,
+    /// `max_attempts`: HTTP attempts per image on 429, 5xx and timeouts (default 5).
+    pub max_attempts: u32,
+    /// `max_invalid_replies`: times a reply that does not fit the schema is asked again (default 2).
+    pub max_invalid_replies: u32,
+    /// `timeout_s`: per-request timeout in seconds (default 120).
+    pub timeout_s: f64,
+    /// `device`: where a local verifier runs (`cpu`, `cuda`, `cuda:N`).
+    pub device: Option<String>,
+}
+
+impl VerifierArgs {
+    /// Arguments with every optional key at its default.
+    pub fn new(name: &str, choice_of_metric: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            choice_of_metric: choice_of_metric.to_string(),
+            max_new_tokens: None,
+            model_name: None,
+            prompt_path: None,
+            base_url: None,
+            seed: None,
+            concurrency: 4,
+            max_attempts: 5,
+            max_invalid_replies: 2,
+            timeout_s: 120.0,
+            device: None,
+        }
+    }
+}
+
+use serde_json::{Map, Value};
+
+/// The model families tt-scale knows, keyed by the Hub repo ids of the original tool's map.
+const KNOWN_MODELS: [(&str, &str, usize); 5] = [
+    ("black-forest-labs/FLUX.1-dev", "flux.1-dev", 16),
+    ("black-forest-labs/FLUX.1-schnell", "flux.1-schnell", 16),
+    ("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "pixart-sigma-1024-ms", 8),
+    ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl-base", 8),
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd-v1.5", 8),
+];
+
+/// The verifiers a config may name.
+pub const VERIFIER_NAMES: [&str; 3] = ["gemini", "openai", "qwen"];
+
+/// Top-level keys of a config file.
+const TOP_KEYS: [&str; 7] = [
+    "pretrained_model_name_or_path",
+    "torch_dtype",
+    "pipeline_call_args",
+    "verifier_args",
+    "search_args",
+    "export_args",
+    "noise_kernel",
+];
+
+/// Keys a previous run's `config.json` holds besides the config proper; accepted and ignored,
+/// so a run's `config.json` can be fed back in.
+const RUN_RECORD_KEYS: [&str; 12] = [
+    "pipeline_config_path",
+    "prompt",
+    "prompts_file",
+    "num_prompts",
+    "batch_size_for_img_gen",
+    "use_low_gpu_vram",
+    "seed",
+    "device",
+    "output_dir",
+    "tt_scale_version",
+    "run_started_at",
+    "config_path",
+];
+
+const PIPELINE_KEYS: [&str; 7] = [
+    "height",
+    "width",
+    "num_inference_steps",
+    "guidance_scale",
+    "negative_prompt",
+    "max_sequence_length",
+    "clean_caption",
+];
+
+const VERIFIER_KEYS: [&str; 14] = [
+    "name",
+    "choice_of_metric",
+    "max_new_tokens",
+    "model_name",
+    "prompt_path",
+    "base_url",
+    "seed",
+    "concurrency",
+    "max_attempts",
+    "max_invalid_replies",
+    "timeout_s",
+    "device",
+    "use_low_gpu_vram",
+    "dtype",
+];
+
+const SEARCH_KEYS: [&str; 4] = [
+    "search_method",
+    "search_rounds",
+    "threshold",
+    "num_neighbors",
+];
+
+/// A config file that cannot be used. Each variant names the file and, where it applies, the
+/// JSON path of the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the config file {path}: {source} (pass an existing file with --pipeline-config)")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not JSON.
+    #[error("{path} is not valid JSON: {source}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The parse error, with line and column.
+        source: serde_json::Error,
+    },
+    /// A key is missing or has a value that is not allowed.
+    #[error("{path}: `{key}` {problem}")]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// JSON path of the key, e.g. `search_args.threshold`.
+        key: String,
+        /// What is wrong and what is allowed.
+        problem: String,
+    },
+}
+
+/// `pipeline_call_args`: forwarded to the pipeline call. Absent values take the model's defaults.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PipelineCallArgs {
+    /// Image height in pixels; a multiple of the model's factor (8, or 16 for Flux).
+    pub height: Option<usize>,
+    /// Image width in pixels; a multiple of the model's factor.
+    pub width: Option<usize>,
+    /// Denoising steps (>= 1).
+    pub num_inference_steps: Option<usize>,
+    /// Classifier-free guidance scale (Flux: the guidance embedding).
+    pub guidance_scale: Option<f64>,
+    /// Negative prompt for classifier-free guidance.
+    pub negative_prompt: Option<String>,
+    /// Text encoder token budget (T5-based models).
+    pub max_sequence_length: Option<usize>,
+    /// PixArt caption cleaning.
+    pub clean_caption: Option<bool>,
+}
+
+/// How candidates are proposed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SearchMethod {
+    /// Round r draws 2^r fresh noises.
+    Random,
+    /// A base noise and `num_neighbors` neighbours at cosine similarity `threshold` from it.
+    ZeroOrder {
+        /// Cosine similarity between the base and each neighbour, in (0, 1).
+        threshold: f64,
+        /// Neighbours per round (>= 1).
+        num_neighbors: usize,
+    },
+}
+
+impl SearchMethod {
+    /// The name used in configs: `random` or `zero-order`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SearchMethod::Random => "random",
+            SearchMethod::ZeroOrder { .. } => "zero-order",
+        }
+    }
+}
+
+/// `search_args`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SearchArgs {
+    /// The search strategy.
+    pub method: SearchMethod,
+    /// Number of rounds (>= 1).
+    pub rounds: usize,
+}
+
+/// Which PyTorch CPU kernel the initial noise reproduces (`noise_kernel`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NoiseKernel {
+    /// The vectorized (AVX2/AVX-512) kernel most x86 users of diffusers get.
+    #[default]
+    Vectorized,
+    /// The portable kernel (`ATEN_CPU_CAPABILITY=default`, non-x86 CPUs).
+    Portable,
+}
+
+/// A validated experiment config.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// `pretrained_model_name_or_path`: a Hub repo id or a local folder in diffusers layout.
+    pub model: String,
+    /// `torch_dtype`.
+    pub dtype: Dtype,
+    /// `pipeline_call_args`.
+    pub pipeline_call_args: PipelineCallArgs,
+    /// `verifier_args`.
+    pub verifier_args: VerifierArgs,
+    /// `search_args`.
+    pub search_args: SearchArgs,
+    /// `noise_kernel` (default: vectorized).
+    pub noise_kernel: NoiseKernel,
+    /// The file's JSON object as written, for the run's `config.json`.
+    pub raw: Map<String, Value>,
+    /// Non-fatal findings (unknown keys, ignored keys), one sentence each.
+    pub warnings: Vec<String>,
+}
+
+impl Dtype {
+    /// The config spelling: `fp32`, `fp16` or `bf16`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Dtype::F32 => "fp32",
+            Dtype::F16 => "fp16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The output folder name the original tool uses for a known model id, if any.
+pub fn known_model_short_name(model: &str) -> Option<&'static str> {
+    KNOWN_MODELS
+        .iter()
+        .find(|(id, _, _)| *id == model)
+        .map(|(_, short, _)| *short)
+}
+
+/// The factor height and width must be multiples of: 16 for Flux, the VAE's downscale factor
+/// otherwise (read from a local folder's `vae/config.json` when there is one; 8 by default).
+pub fn model_size_factor(model: &str) -> usize {
+    if let Some((_, _, f)) = KNOWN_MODELS.iter().find(|(id, _, _)| *id == model) {
+        return *f;
+    }
+    let dir = std::path::Path::new(model);
+    if dir.is_dir() {
+        let class = std::fs::read_to_string(dir.join("model_index.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v.get("_class_name").and_then(Value::as_str).map(String::from));
+        let vae_factor = std::fs::read_to_string(dir.join("vae").join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v.get("block_out_channels").and_then(Value::as_array).map(Vec::len))
+            .map(|n| 1usize << n.saturating_sub(1))
+            .unwrap_or(8);
+        if class.as_deref().is_some_and(|c| c.starts_with("Flux")) {
+            return vae_factor * 2;
+        }
+        return vae_factor;
+    }
+    if model.to_ascii_lowercase().contains("flux") {
+        16
+    } else {
+        8
+    }
+}
+
+/// Levenshtein distance, for "did you mean" suggestions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The known key closest to `key`, when it is close enough to be a likely typo.
+fn suggest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .filter(|(d, k)| *d <= 3.max(k.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Reads the config fields of one JSON object, recording the JSON path of each.
+struct Reader<'a> {
+    path: &'a std::path::Path,
+    warnings: &'a mut Vec<String>,
+}
+
+impl Reader<'_> {
+    fn invalid(&self, key: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            key: key.to_string(),
+            problem: problem.into(),
+        }
+    }
+
+    fn object<'v>(
+        &self,
+        obj: &'v Map<String, Value>,
+        key: &str,
+        prefix: &str,
+    ) -> Result<&'v Map<String, Value>, ConfigError> {
+        let jp = join(prefix, key);
+        match obj.get(key) {
+            None => Err(self.invalid(&jp, "is missing; it must be a JSON object")),
+            Some(Value::Object(m)) => Ok(m),
+            Some(other) => Err(self.invalid(
+                &jp,
+                format!("must be a JSON object, not {}", type_name(other)),
+            )),
+        }
+    }
+
+    fn check_keys(&mut self, obj: &Map<String, Value>, prefix: &str, known: &[&str]) {
+        for key in obj.keys() {
+            if known.contains(&key.as_str()) {
+                continue;
+            }
+            let jp = join(prefix, key);
+            let msg = match suggest(key, known) {
+                Some(s) => format!(
+                    "{}: unknown key `{jp}` is ignored; did you mean `{}`?",
+                    self.path.display(),
+                    join(prefix, s)
+                ),
+                None => format!(
+                    "{}: unknown key `{jp}` is ignored (known keys: {})",
+                    self.path.display(),
+                    known.join(", ")
+                ),
+            };
+            self.warnings.push(msg);
+        }
+    }
+
+    fn string(
+        &self,
+        obj: &Map<String, Value>,
+        key: &str,
+        prefix: &str,
+    ) -> Result<Option<String>, ConfigError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(self.invalid(
+                &join(prefix, key),
+                format!("must be a string, not {}", type_name(other)),
+            )),
+        }
+    }
+
+    fn required_string(
+        &self,
+        obj: &Map<String, Value>,
+        key: &str,
+        prefix: &str,
+        allowed: &str,
+    ) -> Result<String, ConfigError> {
+        self.string(obj, key, prefix)?
+            .ok_or_else(|| self.invalid(&join(prefix, key), format!("is missing; {allowed}")))
+    }
+
+    fn uint(
+        &self,
+        obj: &Map<String, Value>,
+        key: &str,
+        prefix: &str,
+        min: u64,
+    ) -> Result<Option<u64>, ConfigError> {
+        let jp = join(prefix, key);
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => {
+                let v = n.as_u64().or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 9.0e15)
+                        .map(|f| f as u64)
+                });
+                match v {
+                    Some(v) if v >= min => Ok(Some(v)),
+                    _ => Err(self.invalid(
+                        &jp,
+                        format!("must be a whole number >= {min}, not {n}"),
+                    )),
+                }
+            }
+            Some(other) => Err(self.invalid(
+                &jp,
+                format!(
+                    "must be a whole number >= {min}, not {}",
+                    type_name(other)
+                ),
+            )),
+        }
+    }
+
+    fn number(
+        &self,
+        obj: &Map<String, Value>,
+        key: &str,
+        prefix: &str,
+    ) -> Result<Option<f64>, ConfigError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_f64()
+                .filter(|f| f.is_finite())
+                .map(Some)
+                .ok_or_else(|| self.invalid(&join(prefix, key), "must be a finite number")),
+            Some(other) => Err(self.invalid(
+                &join(prefix, key),
+                format!("must be a number, not {}", type_name(other)),
+            )),
+        }
+    }
+
+    fn boolean(
+        &self,
+        obj: &Map<String, Value>,
+        key: &str,
+        prefix: &str,
+    ) -> Result<Option<bool>, ConfigError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(self.invalid(
+                &join(prefix, key),
+                format!("must be true or false, not {}", type_name(other)),
+            )),
+        }
+    }
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn to_usize(v: Option<u64>) -> Option<usize> {
+    v.and_then(|v| usize::try_from(v).ok())
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Validates config JSON `text`; `path` names it in errors.
+    pub fn parse(text: &str, path: &std::path::Path) -> Result<Config, ConfigError> {
+        let value: Value = serde_json::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let Value::Object(root) = value else {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "(top level)".into(),
+                problem: format!("must be a JSON object, not {}", type_name(&value)),
+            });
+        };
+        let mut warnings = Vec::new();
+        let mut r = Reader {
+            path,
+            warnings: &mut warnings,
+        };
+        let mut top_known: Vec<&str> = TOP_KEYS.to_vec();
+        top_known.extend(RUN_RECORD_KEYS);
+        r.check_keys(&root, "", &top_known);
+
+        let model = r.required_string(
+            &root,
+            "pretrained_model_name_or_path",
+            "",
+            "give a Hugging Face repo id (owner/name) or a local folder in diffusers layout",
+        )?;
+        if model.trim().is_empty() {
+            return Err(r.invalid(
+                "pretrained_model_name_or_path",
+                "is empty; give a Hugging Face repo id (owner/name) or a local folder in diffusers layout",
+            ));
+        }
+        let dtype_s = r.required_string(&root, "torch_dtype", "", "one of fp32, fp16, bf16")?;
+        let dtype = match dtype_s.as_str() {
+            "fp32" => Dtype::F32,
+            "fp16" => Dtype::F16,
+            "bf16" => Dtype::Bf16,
+            other => {
+                return Err(r.invalid(
+                    "torch_dtype",
+                    format!("is \"{other}\"; allowed: fp32, fp16, bf16"),
+                ))
+            }
+        };
+        let noise_kernel = match r.string(&root, "noise_kernel", "")?.as_deref() {
+            None | Some("vectorized") => NoiseKernel::Vectorized,
+            Some("portable") => NoiseKernel::Portable,
+            Some(other) => {
+                return Err(r.invalid(
+                    "noise_kernel",
+                    format!("is \"{other}\"; allowed: vectorized (default), portable"),
+                ))
+            }
+        };
+
+        // pipeline_call_args
+        let pca = r.object(&root, "pipeline_call_args", "")?;
+        r.check_keys(pca, "pipeline_call_args", &PIPELINE_KEYS);
+        let p = "pipeline_call_args";
+        let factor = model_size_factor(&model);
+        let mut dims = [None, None];
+        for (slot, key) in dims.iter_mut().zip(["height", "width"]) {
+            let v = to_usize(r.uint(pca, key, p, 1)?);
+            if let Some(v) = v {
+                if v % factor != 0 {
+                    return Err(r.invalid(
+                        &join(p, key),
+                        format!(
+                            "is {v}; it must be a multiple of {factor} for {model} (e.g. {})",
+                            (v / factor).max(1) * factor
+                        ),
+                    ));
+                }
+                if v > 8192 {
+                    return Err(r.invalid(&join(p, key), format!("is {v}; at most 8192")));
+                }
+            }
+            *slot = v;
+        }
+        let call_args = PipelineCallArgs {
+            height: dims[0],
+            width: dims[1],
+            num_inference_steps: to_usize(r.uint(pca, "num_inference_steps", p, 1)?),
+            guidance_scale: r.number(pca, "guidance_scale", p)?,
+            negative_prompt: r.string(pca, "negative_prompt", p)?,
+            max_sequence_length: to_usize(r.uint(pca, "max_sequence_length", p, 1)?),
+            clean_caption: r.boolean(pca, "clean_caption", p)?,
+        };
+
+        // verifier_args
+        let va = r.object(&root, "verifier_args", "")?;
+        r.check_keys(va, "verifier_args", &VERIFIER_KEYS);
+        let v = "verifier_args";
+        let allowed_names = format!("allowed: {}", VERIFIER_NAMES.join(", "));
+        let name = r.required_string(va, "name", v, &allowed_names)?;
+        if !VERIFIER_NAMES.contains(&name.as_str()) {
+            let hint = if name == "laion_aesthetic" {
+                " (the LAION aesthetic scorer is for videos in the original and is not part of tt-scale)"
+            } else {
+                ""
+            };
+            return Err(r.invalid(
+                "verifier_args.name",
+                format!("is \"{name}\"; {allowed_names}{hint}"),
+            ));
+        }
+        let metrics = crate::verifiers::METRICS.join(", ");
+        let metric = r.required_string(va, "choice_of_metric", v, &format!("allowed: {metrics}"))?;
+        if !crate::verifiers::METRICS.contains(&metric.as_str()) {
+            return Err(r.invalid(
+                "verifier_args.choice_of_metric",
+                format!("is \"{metric}\"; the {name} verifier grades: {metrics}"),
+            ));
+        }
+        let mut verifier_args = VerifierArgs::new(&name, &metric);
+        verifier_args.max_new_tokens = r
+            .uint(va, "max_new_tokens", v, 1)?
+            .map(|t| u32::try_from(t).unwrap_or(u32::MAX));
+        verifier_args.model_name = r.string(va, "model_name", v)?;
+        if let Some(m) = &verifier_args.model_name {
+            if m.trim().is_empty() {
+                return Err(r.invalid("verifier_args.model_name", "is empty; leave it out to use the verifier's default model"));
+            }
+        }
+        verifier_args.prompt_path = r.string(va, "prompt_path", v)?.map(PathBuf::from);
+        if let Some(pp) = &verifier_args.prompt_path {
+            if !pp.is_file() {
+                return Err(r.invalid(
+                    "verifier_args.prompt_path",
+                    format!("is {}, which is not a readable file; give the path of a text file holding the grading rubric", pp.display()),
+                ));
+            }
+        }
+        verifier_args.base_url = r.string(va, "base_url", v)?;
+        if let Some(u) = &verifier_args.base_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(r.invalid(
+                    "verifier_args.base_url",
+                    format!("is \"{u}\"; it must start with http:// or https://"),
+                ));
+            }
+        }
+        verifier_args.seed = r.uint(va, "seed", v, 0)?;
+        if let Some(c) = to_usize(r.uint(va, "concurrency", v, 1)?) {
+            if c > 256 {
+                return Err(r.invalid("verifier_args.concurrency", format!("is {c}; at most 256")));
+            }
+            verifier_args.concurrency = c;
+        }
+        if let Some(a) = r.uint(va, "max_attempts", v, 1)? {
+            verifier_args.max_attempts = u32::try_from(a.min(100)).unwrap_or(100);
+        }
+        if let Some(a) = r.uint(va, "max_invalid_replies", v, 0)? {
+            verifier_args.max_invalid_replies = u32::try_from(a.min(100)).unwrap_or(100);
+        }
+        if let Some(t) = r.number(va, "timeout_s", v)? {
+            if t <= 0.0 {
+                return Err(r.invalid("verifier_args.timeout_s", format!("is {t}; it must be > 0 seconds")));
+            }
+            verifier_args.timeout_s = t;
+        }
+        verifier_args.device = r.string(va, "device", v)?;
+        if let Some(d) = &verifier_args.device {
+            if parse_device(d).is_none() {
+                return Err(r.invalid(
+                    "verifier_args.device",
+                    format!("is \"{d}\"; allowed: cpu, cuda, cuda:N"),
+                ));
+            }
+        }
+        r.boolean(va, "use_low_gpu_vram", v)?;
+
+        // search_args
+        let sa = r.object(&root, "search_args", "")?;
+        r.check_keys(sa, "search_args", &SEARCH_KEYS);
+        let s = "search_args";
+        let method_name = r
+            .string(sa, "search_method", s)?
+            .unwrap_or_else(|| "random".to_string());
+        let rounds = to_usize(r.uint(sa, "search_rounds", s, 1)?).ok_or_else(|| {
+            r.invalid("search_args.search_rounds", "is missing; give the number of search rounds (>= 1)")
+        })?;
+        if rounds > 20 {
+            return Err(r.invalid(
+                "search_args.search_rounds",
+                format!("is {rounds}; at most 20 (random search draws 2^round noises per round)"),
+            ));
+        }
+        let method = match method_name.as_str() {
+            "random" => {
+                for k in ["threshold", "num_neighbors"] {
+                    if sa.contains_key(k) {
+                        r.warnings.push(format!(
+                            "{}: `search_args.{k}` is ignored by random search",
+                            path.display()
+                        ));
+                    }
+                }
+                SearchMethod::Random
+            }
+            "zero-order" => {
+                let threshold = r.number(sa, "threshold", s)?.ok_or_else(|| {
+                    r.invalid(
+                        "search_args.threshold",
+                        "is missing; zero-order search needs the cosine similarity between the base noise and its neighbours, in (0, 1), e.g. 0.95",
+                    )
+                })?;
+                if !(threshold > 0.0 && threshold < 1.0) {
+                    return Err(r.invalid(
+                        "search_args.threshold",
+                        format!("is {threshold}; it must be in (0, 1), e.g. 0.95"),
+                    ));
+                }
+                let num_neighbors = to_usize(r.uint(sa, "num_neighbors", s, 1)?).ok_or_else(|| {
+                    r.invalid(
+                        "search_args.num_neighbors",
+                        "is missing; zero-order search needs the number of neighbours per round (>= 1)",
+                    )
+                })?;
+                if num_neighbors > 4096 {
+                    return Err(r.invalid(
+                        "search_args.num_neighbors",
+                        format!("is {num_neighbors}; at most 4096"),
+                    ));
+                }
+                SearchMethod::ZeroOrder {
+                    threshold,
+                    num_neighbors,
+                }
+            }
+            other => {
+                return Err(r.invalid(
+                    "search_args.search_method",
+                    format!("is \"{other}\"; allowed: random, zero-order"),
+                ))
+            }
+        };
+        if let Some(ea) = root.get("export_args") {
+            if !ea.is_object() {
+                return Err(r.invalid("export_args", format!("must be a JSON object, not {}", type_name(ea))));
+            }
+            r.warnings.push(format!(
+                "{}: `export_args` only applies to video models and is ignored",
+                path.display()
+            ));
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            model,
+            dtype,
+            pipeline_call_args: call_args,
+            verifier_args,
+            search_args: SearchArgs { method, rounds },
+            noise_kernel,
+            raw: root,
+            warnings,
+        })
+    }
+}
+
+/// A compute device named on the command line or in a config: `cpu`, `cuda` or `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// The host CPU.
+    Cpu,
+    /// A CUDA GPU by ordinal.
+    Cuda(usize),
+}
+
+/// Parses `cpu`, `cuda`, `cuda:N` (case-insensitive); `None` when it is none of them.
+pub fn parse_device(s: &str) -> Option<DeviceSpec> {
+    let s = s.trim().to_ascii_lowercase();
+    match s.as_str() {
+        "cpu" => Some(DeviceSpec::Cpu),
+        "cuda" | "gpu" => Some(DeviceSpec::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceSpec::Cuda),
+    }
+}

@@ -1,0 +1,236 @@
+//! CLIP text encoder (transformers' `CLIPTextModel`), configured from `text_encoder/config.json`.
+//!
+//! Own code rather than `candle_transformers::models::stable_diffusion::clip` because that
+//! one's `Config` has private fields (only hard-coded presets), maps `hidden_act: "gelu"` to the
+//! tanh approximation (transformers uses the exact erf GELU) and fixes the layer-norm epsilon.
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+/// The MLP activation named by `hidden_act`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClipActivation {
+    /// `quick_gelu`: `x * sigmoid(1.702 x)` (SD 1.5's CLIP ViT-L/14).
+    QuickGelu,
+    /// `gelu`: the exact erf GELU.
+    Gelu,
+    /// `gelu_new` / `gelu_pytorch_tanh`: the tanh approximation.
+    GeluTanh,
+}
+
+impl ClipActivation {
+    /// Parses transformers' `hidden_act` name; `None` for names this build does not implement.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "quick_gelu" => Some(Self::QuickGelu),
+            "gelu" => Some(Self::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Self::GeluTanh),
+            _ => None,
+        }
+    }
+
+    fn apply(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
+            Self::Gelu => xs.gelu_erf(),
+            Self::GeluTanh => xs.gelu(),
+        }
+    }
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_act() -> String {
+    "quick_gelu".to_string()
+}
+
+/// The fields of `text_encoder/config.json` the text model needs (transformers' `CLIPTextConfig`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct ClipTextConfig {
+    /// Number of token embeddings.
+    pub vocab_size: usize,
+    /// Width of the hidden states (768 for SD 1.5).
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Number of encoder layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer.
+    pub num_attention_heads: usize,
+    /// Number of position embeddings (the maximum sequence length, 77).
+    pub max_position_embeddings: usize,
+    /// MLP activation name (`quick_gelu`, `gelu`, ...).
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Layer-norm epsilon.
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, c: &ClipTextConfig) -> candle_core::Result<Self> {
+        let d = c.hidden_size;
+        Ok(Self {
+            q_proj: linear(d, d, vb.pp("q_proj"))?,
+            k_proj: linear(d, d, vb.pp("k_proj"))?,
+            v_proj: linear(d, d, vb.pp("v_proj"))?,
+            out_proj: linear(d, d, vb.pp("out_proj"))?,
+            heads: c.num_attention_heads,
+            head_dim: d / c.num_attention_heads,
+        })
+    }
+
+    /// `xs`: (B, T, D); `mask`: (T, T) additive causal mask in f32.
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, d) = xs.dims3()?;
+        let split = |x: Tensor| -> candle_core::Result<Tensor> {
+            x.reshape((b, t, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .to_dtype(DType::F32)
+        };
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let q = split(self.q_proj.forward(xs)?)?;
+        let k = split(self.k_proj.forward(xs)?)?;
+        let v = split(self.v_proj.forward(xs)?)?;
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs
+            .matmul(&v)?
+            .to_dtype(xs.dtype())?
+            .transpose(1, 2)?
+            .reshape((b, t, d))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    self_attn: Attention,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: ClipActivation,
+}
+
+impl EncoderLayer {
+    fn new(vb: VarBuilder, c: &ClipTextConfig, act: ClipActivation) -> candle_core::Result<Self> {
+        let d = c.hidden_size;
+        Ok(Self {
+            layer_norm1: layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            self_attn: Attention::new(vb.pp("self_attn"), c)?,
+            layer_norm2: layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: linear(d, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(c.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
+            act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let h = (self
+            .self_attn
+            .forward(&self.layer_norm1.forward(xs)?, mask)?
+            + xs)?;
+        let mlp = self
+            .fc2
+            .forward(&self.act.apply(&self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?)?;
+        mlp + h
+    }
+}
+
+/// CLIP's text transformer; [`ClipTextModel::forward`] returns `last_hidden_state`
+/// (after the final layer norm), which is what Stable Diffusion conditions on.
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    max_positions: usize,
+}
+
+impl ClipTextModel {
+    /// Builds the model from its config and weights (`text_model.*` tensors, or the same
+    /// names without the prefix).
+    /// Fails with a message naming an unsupported `hidden_act`.
+    pub fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self, String> {
+        let act = ClipActivation::from_name(&c.hidden_act).ok_or_else(|| {
+            format!(
+                "hidden_act {:?} is not supported (quick_gelu, gelu, gelu_new)",
+                c.hidden_act
+            )
+        })?;
+        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                c.hidden_size, c.num_attention_heads
+            ));
+        }
+        // transformers <= 4 saves `text_model.*`; 5 saves the same tensors without the prefix.
+        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
+        let build = || -> candle_core::Result<Self> {
+            let emb = vb.pp("embeddings");
+            let enc = vb.pp("encoder").pp("layers");
+            Ok(Self {
+                token_embedding: embedding(c.vocab_size, c.hidden_size, emb.pp("token_embedding"))?,
+                position_embedding: embedding(
+                    c.max_position_embeddings,
+                    c.hidden_size,
+                    emb.pp("position_embedding"),
+                )?,
+                layers: (0..c.num_hidden_layers)
+                    .map(|i| EncoderLayer::new(enc.pp(i), c, act))
+                    .collect::<candle_core::Result<_>>()?,
+                final_layer_norm: layer_norm(
+                    c.hidden_size,
+                    c.layer_norm_eps,
+                    vb.pp("final_layer_norm"),
+                )?,
+                max_positions: c.max_position_embeddings,
+            })
+        };
+        build().map_err(|e| e.to_string())
+    }
+
+    fn causal_mask(t: usize, device: &Device) -> candle_core::Result<Tensor> {
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(mask, (t, t), device)
+    }
+
+    /// `input_ids`: (B, T) u32 with T <= `max_position_embeddings`; returns (B, T, hidden_size).
+    pub fn forward(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (_b, t) = input_ids.dims2()?;
+        if t > self.max_positions {
+            candle_core::bail!(
+                "sequence of {t} tokens is longer than max_position_embeddings {}",
+                self.max_positions
+            );
+        }
+        let positions = Tensor::arange(0u32, t as u32, input_ids.device())?;
+        let mut xs = self
+            .token_embedding
+            .forward(input_ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = Self::causal_mask(t, input_ids.device())?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask)?;
+        }
+        self.final_layer_norm.forward(&xs)
+    }
+}

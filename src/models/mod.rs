@@ -1,0 +1,6 @@
+//! Network code of our own, where candle-transformers lacks a piece or differs from
+//! diffusers/transformers: the CLIP tokenizer built from `vocab.json` + `merges.txt`, and the
+//! CLIP text encoder configured from its `config.json`.
+
+pub mod clip_text;
+pub mod clip_tokenizer;

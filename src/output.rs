@@ -1,0 +1,250 @@
+//! The original tool's output layout: run folders, candidate file names, per-round JSON and
+//! `config.json`. Every file is written atomically (temporary file, then rename).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// A file could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write {path}: {source} (check that the output folder is writable and the disk has space)")]
+pub struct OutputError {
+    /// The file or folder in question.
+    pub path: PathBuf,
+    /// The I/O error.
+    pub source: std::io::Error,
+}
+
+/// The output folder name for a model: the original's short names for its known models, else
+/// a sanitised form of the repo name or folder name.
+pub fn model_dir_name(model: &str) -> String {
+    if let Some(short) = crate::config::known_model_short_name(model) {
+        return short.to_string();
+    }
+    let trimmed = model.trim_end_matches(['/', '\\']);
+    let last = trimmed.rsplit(['/', '\\']).next().unwrap_or(trimmed);
+    let cleaned: String = last
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let cleaned = cleaned.trim_matches('.').to_string();
+    if cleaned.is_empty() {
+        "model".to_string()
+    } else {
+        cleaned
+    }
+}
+
+/// The first 8 hex digits of the SHA-256 of the prompt's UTF-8 bytes (the original's hash).
+pub fn prompt_hash(prompt: &str) -> String {
+    let digest = Sha256::digest(prompt.as_bytes());
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The original's `prompt_to_filename`: `prompt@<sanitised>_hash@<sha8>`. Every character that is
+/// not an ASCII letter or digit becomes `_`, runs of `_` collapse, and when the name would exceed
+/// 100 characters the sanitised part is cut to 85 characters (so long names are 106 characters).
+pub fn prompt_to_filename(prompt: &str) -> String {
+    let mut name = String::with_capacity(prompt.len());
+    for c in prompt.trim().chars() {
+        let c = if c.is_ascii_alphanumeric() { c } else { '_' };
+        if c == '_' && name.ends_with('_') {
+            continue;
+        }
+        name.push(c);
+    }
+    let hash = prompt_hash(prompt);
+    let base = format!("prompt@{name}_hash@{hash}");
+    if base.chars().count() > 100 {
+        // The name is ASCII only, so byte slicing is character slicing.
+        format!("prompt@{}_hash@{hash}", &name[..85])
+    } else {
+        base
+    }
+}
+
+/// The file stem of one candidate: `<prompt name>_i@<round>_s@<seed label>`.
+pub fn candidate_stem(prompt_name: &str, round: usize, seed_label: &str) -> String {
+    format!("{prompt_name}_i@{round}_s@{seed_label}")
+}
+
+/// Creates a new run folder `<output_dir>/<model>/<verifier>/<metric>/<YYYYmmdd_HHMMSS>` (local
+/// time); when that folder exists already (two runs in one second), `_2`, `_3`... is appended.
+pub fn create_run_dir(
+    output_dir: &Path,
+    model: &str,
+    verifier: &str,
+    metric: &str,
+    now: chrono::DateTime<chrono::Local>,
+) -> Result<PathBuf, OutputError> {
+    let parent = output_dir
+        .join(model_dir_name(model))
+        .join(verifier)
+        .join(metric);
+    std::fs::create_dir_all(&parent).map_err(|source| OutputError {
+        path: parent.clone(),
+        source,
+    })?;
+    let stamp = now.format("%Y%m%d_%H%M%S").to_string();
+    for n in 1..10_000 {
+        let name = if n == 1 {
+            stamp.clone()
+        } else {
+            format!("{stamp}_{n}")
+        };
+        let dir = parent.join(name);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(source) => return Err(OutputError { path: dir, source }),
+        }
+    }
+    Err(OutputError {
+        path: parent,
+        source: std::io::Error::other("too many runs started in the same second"),
+    })
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, flushed to disk,
+/// then renamed over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
+    let err = |source| OutputError {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(err)
+}
+
+/// Encodes an RGB image as PNG.
+pub fn encode_png(image: &image::RgbImage) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let encoder = image::codecs::png::PngEncoder::new(&mut buf);
+    // Encoding an in-memory RGB8 buffer of consistent size cannot fail.
+    image::ImageEncoder::write_image(
+        encoder,
+        image.as_raw(),
+        image.width(),
+        image.height(),
+        image::ExtendedColorType::Rgb8,
+    )
+    .expect("PNG encoding of an RGB8 buffer");
+    buf
+}
+
+/// Writes an RGB image as a PNG file, atomically.
+pub fn write_png(path: &Path, image: &image::RgbImage) -> Result<(), OutputError> {
+    write_atomic(path, &encode_png(image))
+}
+
+/// Serialises `value` as the original does (`json.dump(indent=4)`, ASCII only: non-ASCII as
+/// `\uXXXX` escapes), keys in the order the value gives them.
+pub fn to_python_json<T: Serialize>(value: &T) -> String {
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonFormatter::default());
+    // Serialising our own plain data types (maps, strings, numbers) cannot fail.
+    value
+        .serialize(&mut ser)
+        .expect("serialising plain data to JSON");
+    String::from_utf8(out).expect("the formatter writes ASCII")
+}
+
+/// Writes `value` as JSON (see [`to_python_json`]) to `path`, atomically.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), OutputError> {
+    write_atomic(path, to_python_json(value).as_bytes())
+}
+
+/// Pretty printer with 4-space indentation that escapes non-ASCII characters like Python's
+/// `json.dump` with `ensure_ascii=True`.
+struct PythonFormatter {
+    inner: serde_json::ser::PrettyFormatter<'static>,
+}
+
+impl Default for PythonFormatter {
+    fn default() -> Self {
+        Self {
+            inner: serde_json::ser::PrettyFormatter::with_indent(b"    "),
+        }
+    }
+}
+
+impl serde_json::ser::Formatter for PythonFormatter {
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.inner.begin_array(w)
+    }
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.inner.end_array(w)
+    }
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.inner.begin_array_value(w, first)
+    }
+    fn end_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.inner.end_array_value(w)
+    }
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.inner.begin_object(w)
+    }
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.inner.end_object(w)
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.inner.begin_object_key(w, first)
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+    ) -> std::io::Result<()> {
+        self.inner.begin_object_value(w)
+    }
+    fn end_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.inner.end_object_value(w)
+    }
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        for c in fragment.chars() {
+            if c.is_ascii() {
+                w.write_all(&[c as u8])?;
+            } else {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    write!(w, "\\u{unit:04x}")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+

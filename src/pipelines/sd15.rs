@@ -1,0 +1,680 @@
+//! Stable Diffusion 1.5 (diffusers' `StableDiffusionPipeline`): CLIP text encoder, UNet with
+//! classifier-free guidance, the scheduler named in `scheduler/scheduler_config.json`, and the
+//! VAE decoder, all sized from the components' `config.json` files.
+//!
+//! The UNet and VAE are candle-transformers' `stable_diffusion::{unet_2d, vae}`, which match
+//! diffusers for this architecture (`attention_head_dim` read as the number of heads, as
+//! diffusers does for SD 1.x); the tokenizer and the text encoder are ours ([`crate::models`]).
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::unet_2d::{
+    BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig,
+};
+use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use image::RgbImage;
+use serde_json::Value;
+
+use crate::config::Dtype;
+use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::models::clip_tokenizer::ClipTokenizer;
+use crate::noise::Noise;
+use crate::pipelines::hub::ModelSource;
+use crate::pipelines::schedulers::{Scheduler, SchedulerConfig};
+use crate::pipelines::{ImagePipeline, PipelineError};
+
+/// diffusers' default `guidance_scale` for SD 1.5.
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 7.5;
+/// diffusers' default `num_inference_steps`.
+pub const DEFAULT_NUM_INFERENCE_STEPS: usize = 50;
+
+/// The `pipeline_call_args` SD 1.5 understands; `None` takes diffusers' default.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sd15CallArgs {
+    /// Image height in pixels (default: UNet `sample_size` × VAE scale factor, 512 for SD 1.5).
+    pub height: Option<usize>,
+    /// Image width in pixels (default as `height`).
+    pub width: Option<usize>,
+    /// Denoising steps (default 50).
+    pub num_inference_steps: Option<usize>,
+    /// Classifier-free guidance scale (default 7.5; guidance is off when <= 1, as diffusers).
+    pub guidance_scale: Option<f64>,
+    /// Negative prompt (default: the empty string, as diffusers).
+    pub negative_prompt: Option<String>,
+}
+
+/// Builds a fresh scheduler for a number of inference steps (one per generation).
+pub type SchedulerFactory = Box<dyn Fn(usize) -> Result<Box<dyn Scheduler>, PipelineError> + Send>;
+
+/// A loaded Stable Diffusion 1.5 pipeline.
+pub struct Sd15Pipeline {
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoEncoderKL,
+    scheduler: SchedulerFactory,
+    dtype: DType,
+    device: Device,
+    vae_scale_factor: usize,
+    scaling_factor: f64,
+    shift_factor: f64,
+    latent_channels: usize,
+    height: usize,
+    width: usize,
+    num_inference_steps: usize,
+    guidance_scale: f64,
+    negative_prompt: String,
+    /// `[uncond; cond]` (2, T, D) under guidance, else `[cond]` (1, T, D).
+    context: Option<Tensor>,
+}
+
+/// Typed reads from one component's `config.json`, with errors naming the file and key.
+struct Json<'a> {
+    value: &'a Value,
+    file: &'a str,
+}
+
+impl Json<'_> {
+    fn err(&self, key: &str, expected: &str) -> PipelineError {
+        PipelineError::ModelFile {
+            path: self.file.to_string(),
+            message: format!(
+                "key {key:?}: expected {expected}, found {}",
+                self.value.get(key).map_or("nothing".to_string(), |v| v.to_string())
+            ),
+        }
+    }
+    fn present(&self, key: &str) -> Option<&Value> {
+        self.value.get(key).filter(|v| !v.is_null())
+    }
+    fn usize(&self, key: &str) -> Result<usize, PipelineError> {
+        self.present(key)
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| self.err(key, "a non-negative integer"))
+    }
+    fn usize_or(&self, key: &str, default: usize) -> Result<usize, PipelineError> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(_) => self.usize(key),
+        }
+    }
+    fn f64_or(&self, key: &str, default: f64) -> Result<f64, PipelineError> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| self.err(key, "a number")),
+        }
+    }
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool, PipelineError> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| self.err(key, "true or false")),
+        }
+    }
+    fn usize_list(&self, key: &str) -> Result<Vec<usize>, PipelineError> {
+        let list = self
+            .present(key)
+            .and_then(Value::as_array)
+            .ok_or_else(|| self.err(key, "a list of integers"))?;
+        list.iter()
+            .map(|v| v.as_u64().map(|n| n as usize))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| self.err(key, "a list of integers"))
+    }
+    fn str_list(&self, key: &str) -> Result<Vec<String>, PipelineError> {
+        let list = self
+            .present(key)
+            .and_then(Value::as_array)
+            .ok_or_else(|| self.err(key, "a list of strings"))?;
+        list.iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| self.err(key, "a list of strings"))
+    }
+    /// An integer or a per-block list (diffusers accepts both), as one value per block.
+    fn per_block(&self, key: &str, n: usize) -> Result<Vec<usize>, PipelineError> {
+        match self.present(key) {
+            Some(Value::Array(_)) => {
+                let list = self.usize_list(key)?;
+                if list.len() == n {
+                    Ok(list)
+                } else {
+                    Err(self.err(key, &format!("an integer or a list of {n} integers")))
+                }
+            }
+            Some(_) => Ok(vec![self.usize(key)?; n]),
+            None => Err(self.err(key, "an integer or a list of integers")),
+        }
+    }
+    /// Fails with `Unsupported` unless `key` is absent/null or equal to `expected`.
+    fn require(&self, key: &str, expected: &Value) -> Result<(), PipelineError> {
+        match self.present(key) {
+            None => Ok(()),
+            Some(v) if v == expected => Ok(()),
+            Some(v) => Err(PipelineError::Unsupported(format!(
+                "{}: {key} = {v} is not supported by the SD 1.5 pipeline (expected {expected})",
+                self.file
+            ))),
+        }
+    }
+    fn require_null(&self, key: &str) -> Result<(), PipelineError> {
+        match self.present(key) {
+            None => Ok(()),
+            Some(v) => Err(PipelineError::Unsupported(format!(
+                "{}: {key} = {v} is not supported by the SD 1.5 pipeline (expected null)",
+                self.file
+            ))),
+        }
+    }
+}
+
+/// The UNet's candle config, its input/output channels and `sample_size`.
+struct UNetSpec {
+    config: UNet2DConditionModelConfig,
+    in_channels: usize,
+    out_channels: usize,
+    sample_size: usize,
+}
+
+fn unet_spec(value: &Value) -> Result<UNetSpec, PipelineError> {
+    let j = Json {
+        value,
+        file: "unet/config.json",
+    };
+    for key in [
+        "class_embed_type",
+        "addition_embed_type",
+        "time_cond_proj_dim",
+        "encoder_hid_dim",
+        "num_class_embeds",
+    ] {
+        j.require_null(key)?;
+    }
+    j.require("act_fn", &"silu".into())?;
+    j.require("resnet_time_scale_shift", &"default".into())?;
+    j.require("time_embedding_type", &"positional".into())?;
+    j.require("mid_block_type", &"UNetMidBlock2DCrossAttn".into())?;
+    j.require("conv_in_kernel", &3.into())?;
+    j.require("conv_out_kernel", &3.into())?;
+    j.require("only_cross_attention", &false.into())?;
+    j.require("dual_cross_attention", &false.into())?;
+    j.require("attention_type", &"default".into())?;
+    j.require("resnet_skip_time_act", &false.into())?;
+    j.require("resnet_out_scale_factor", &1.0.into())?;
+
+    let channels = j.usize_list("block_out_channels")?;
+    let n = channels.len();
+    if n == 0 {
+        return Err(j.err("block_out_channels", "a non-empty list"));
+    }
+    let down = j.str_list("down_block_types")?;
+    let up = j.str_list("up_block_types")?;
+    if down.len() != n || up.len() != n {
+        return Err(j.err(
+            "down_block_types",
+            &format!("{n} down and {n} up block types (one per block_out_channels)"),
+        ));
+    }
+    // diffusers reads attention_head_dim as the number of heads unless num_attention_heads is set.
+    let heads = match j.present("num_attention_heads") {
+        Some(_) => j.per_block("num_attention_heads", n)?,
+        None => j.per_block("attention_head_dim", n)?,
+    };
+    let transformer_layers = match j.present("transformer_layers_per_block") {
+        None => vec![1; n],
+        Some(_) => j.per_block("transformer_layers_per_block", n)?,
+    };
+    let mut blocks = Vec::with_capacity(n);
+    for i in 0..n {
+        let cross = match down[i].as_str() {
+            "CrossAttnDownBlock2D" => true,
+            "DownBlock2D" => false,
+            other => {
+                return Err(PipelineError::Unsupported(format!(
+                    "unet/config.json: down block type {other:?} is not supported \
+                     (CrossAttnDownBlock2D, DownBlock2D)"
+                )))
+            }
+        };
+        let expected_up = if cross {
+            "CrossAttnUpBlock2D"
+        } else {
+            "UpBlock2D"
+        };
+        if up[n - 1 - i] != expected_up {
+            return Err(PipelineError::Unsupported(format!(
+                "unet/config.json: up_block_types[{}] = {:?} does not mirror down_block_types[{i}] \
+                 = {:?} (expected {expected_up:?})",
+                n - 1 - i,
+                up[n - 1 - i],
+                down[i]
+            )));
+        }
+        if heads[i] == 0 || channels[i] % heads[i] != 0 {
+            return Err(j.err(
+                "attention_head_dim",
+                &format!("a head count dividing block_out_channels[{i}] = {}", channels[i]),
+            ));
+        }
+        blocks.push(BlockConfig {
+            out_channels: channels[i],
+            use_cross_attn: cross.then_some(transformer_layers[i]),
+            attention_head_dim: heads[i],
+        });
+    }
+    let cross_attention_dim = match j.present("cross_attention_dim") {
+        Some(Value::Array(_)) => {
+            return Err(PipelineError::Unsupported(
+                "unet/config.json: per-block cross_attention_dim is not supported".into(),
+            ))
+        }
+        _ => j.usize("cross_attention_dim")?,
+    };
+    // candle-transformers' DownBlock2D/UpBlock2D always use 32 groups in their resnets.
+    j.require("norm_num_groups", &32.into())?;
+    let groups = 32;
+    if channels.iter().any(|c| c % groups != 0) {
+        return Err(j.err("block_out_channels", "multiples of norm_num_groups (32)"));
+    }
+    let config = UNet2DConditionModelConfig {
+        center_input_sample: j.bool_or("center_input_sample", false)?,
+        flip_sin_to_cos: j.bool_or("flip_sin_to_cos", true)?,
+        freq_shift: j.f64_or("freq_shift", 0.0)?,
+        blocks,
+        layers_per_block: j.usize_or("layers_per_block", 2)?,
+        downsample_padding: j.usize_or("downsample_padding", 1)?,
+        mid_block_scale_factor: j.f64_or("mid_block_scale_factor", 1.0)?,
+        norm_num_groups: groups,
+        norm_eps: j.f64_or("norm_eps", 1e-5)?,
+        cross_attention_dim,
+        sliced_attention_size: None,
+        use_linear_projection: j.bool_or("use_linear_projection", false)?,
+    };
+    Ok(UNetSpec {
+        config,
+        in_channels: j.usize_or("in_channels", 4)?,
+        out_channels: j.usize_or("out_channels", 4)?,
+        sample_size: j.usize_or("sample_size", 64)?,
+    })
+}
+
+/// The VAE's candle config and `in/out_channels`, `scaling_factor`, `shift_factor`.
+struct VaeSpec {
+    config: AutoEncoderKLConfig,
+    in_channels: usize,
+    out_channels: usize,
+    scaling_factor: f64,
+    shift_factor: f64,
+}
+
+fn vae_spec(value: &Value) -> Result<VaeSpec, PipelineError> {
+    let j = Json {
+        value,
+        file: "vae/config.json",
+    };
+    j.require("act_fn", &"silu".into())?;
+    j.require("mid_block_add_attention", &true.into())?;
+    let channels = j.usize_list("block_out_channels")?;
+    if channels.is_empty() {
+        return Err(j.err("block_out_channels", "a non-empty list"));
+    }
+    for (key, want) in [
+        ("down_block_types", "DownEncoderBlock2D"),
+        ("up_block_types", "UpDecoderBlock2D"),
+    ] {
+        if j.present(key).is_some() {
+            let types = j.str_list(key)?;
+            if types.len() != channels.len() || types.iter().any(|t| t != want) {
+                return Err(PipelineError::Unsupported(format!(
+                    "vae/config.json: {key} must be {} × {want:?}",
+                    channels.len()
+                )));
+            }
+        }
+    }
+    let groups = j.usize_or("norm_num_groups", 32)?;
+    if groups == 0 || channels.iter().any(|c| c % groups != 0) {
+        return Err(j.err("norm_num_groups", "a group count dividing every block_out_channels"));
+    }
+    Ok(VaeSpec {
+        config: AutoEncoderKLConfig {
+            block_out_channels: channels,
+            layers_per_block: j.usize_or("layers_per_block", 1)?,
+            latent_channels: j.usize_or("latent_channels", 4)?,
+            norm_num_groups: groups,
+            use_quant_conv: j.bool_or("use_quant_conv", true)?,
+            use_post_quant_conv: j.bool_or("use_post_quant_conv", true)?,
+        },
+        in_channels: j.usize_or("in_channels", 3)?,
+        out_channels: j.usize_or("out_channels", 3)?,
+        scaling_factor: j.f64_or("scaling_factor", 0.18215)?,
+        shift_factor: j.f64_or("shift_factor", 0.0)?,
+    })
+}
+
+fn candle_dtype(dtype: Dtype) -> DType {
+    match dtype {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::Bf16 => DType::BF16,
+    }
+}
+
+/// Memory-maps a component's weights, converting to `dtype` as tensors are read.
+fn var_builder(
+    source: &ModelSource,
+    component: &str,
+    dtype: Dtype,
+    device: &Device,
+) -> Result<VarBuilder<'static>, PipelineError> {
+    let files = source.weights(component, dtype)?;
+    // SAFETY: the files are memory-mapped read-only; they are model files we do not modify,
+    // as candle's own loaders assume.
+    unsafe { VarBuilder::from_mmaped_safetensors(&files, candle_dtype(dtype), device) }.map_err(
+        |e| PipelineError::ModelFile {
+            path: files
+                .first()
+                .map_or(component.to_string(), |p| p.display().to_string()),
+            message: format!("cannot read the safetensors weights: {e}"),
+        },
+    )
+}
+
+/// Turns a component's construction error (usually a missing or mis-shaped tensor) into a
+/// message naming the component's weights.
+fn weights_error(source: &ModelSource, component: &str, e: impl std::fmt::Display) -> PipelineError {
+    PipelineError::ModelFile {
+        path: format!("{}/{component}", source.display_name()),
+        message: format!(
+            "the weights do not match {component}/config.json: {e}; is this a Stable Diffusion \
+             1.x model in diffusers layout?"
+        ),
+    }
+}
+
+/// The scheduler factory for a `scheduler_config.json` on disk.
+pub fn scheduler_from_file(path: &std::path::Path) -> Result<SchedulerFactory, PipelineError> {
+    let config = SchedulerConfig::from_file(path)?;
+    // Build once now so an unsupported scheduler is reported at load time.
+    config.build(1)?;
+    Ok(Box::new(move |steps| config.build(steps)))
+}
+
+impl Sd15Pipeline {
+    /// Loads tokenizer, text encoder, UNet, VAE and scheduler from `source` in `dtype` onto
+    /// `device`, and checks `call_args` against the model (height/width multiples of the VAE
+    /// scale factor). The safety checker and feature extractor are not loaded.
+    pub fn load(
+        source: &ModelSource,
+        dtype: Dtype,
+        device: &Device,
+        call_args: &Sd15CallArgs,
+    ) -> Result<Self, PipelineError> {
+        let tokenizer = ClipTokenizer::from_files(
+            &source.file("tokenizer/vocab.json")?,
+            &source.file("tokenizer/merges.txt")?,
+            optional_file(source, "tokenizer/tokenizer_config.json")?.as_deref(),
+            optional_file(source, "tokenizer/special_tokens_map.json")?.as_deref(),
+        )?;
+
+        let text_json = source.read_json("text_encoder/config.json")?;
+        let text_config: ClipTextConfig =
+            serde_json::from_value(text_json).map_err(|e| PipelineError::ModelFile {
+                path: "text_encoder/config.json".into(),
+                message: format!("not a CLIP text config: {e}"),
+            })?;
+        let vb = var_builder(source, "text_encoder", dtype, device)?;
+        let text_encoder = ClipTextModel::new(vb, &text_config)
+            .map_err(|e| weights_error(source, "text_encoder", e))?;
+
+        let unet = unet_spec(&source.read_json("unet/config.json")?)?;
+        let vb = var_builder(source, "unet", dtype, device)?;
+        let sample_size = unet.sample_size;
+        let unet_model = UNet2DConditionModel::new(
+            vb,
+            unet.in_channels,
+            unet.out_channels,
+            false,
+            unet.config,
+        )
+        .map_err(|e| weights_error(source, "unet", e))?;
+
+        let vae = vae_spec(&source.read_json("vae/config.json")?)?;
+        let vae_scale_factor = 1usize << (vae.config.block_out_channels.len() - 1);
+        let latent_channels = vae.config.latent_channels;
+        let vb = var_builder(source, "vae", dtype, device)?;
+        let vae_model = AutoEncoderKL::new(vb, vae.in_channels, vae.out_channels, vae.config)
+            .map_err(|e| weights_error(source, "vae", e))?;
+        if latent_channels != unet.in_channels {
+            return Err(PipelineError::ModelFile {
+                path: "vae/config.json".into(),
+                message: format!(
+                    "latent_channels {latent_channels} differs from the UNet's in_channels {}",
+                    unet.in_channels
+                ),
+            });
+        }
+
+        let scheduler = scheduler_from_file(&source.file("scheduler/scheduler_config.json")?)?;
+
+        let default_size = sample_size * vae_scale_factor;
+        let height = call_args.height.unwrap_or(default_size);
+        let width = call_args.width.unwrap_or(default_size);
+        for (name, v) in [("height", height), ("width", width)] {
+            if v == 0 || v % vae_scale_factor != 0 {
+                return Err(PipelineError::InvalidArgument(format!(
+                    "pipeline_call_args.{name} = {v} must be a positive multiple of \
+                     {vae_scale_factor} (the VAE scale factor of this model)"
+                )));
+            }
+        }
+        let num_inference_steps = call_args
+            .num_inference_steps
+            .unwrap_or(DEFAULT_NUM_INFERENCE_STEPS);
+        if num_inference_steps == 0 {
+            return Err(PipelineError::InvalidArgument(
+                "pipeline_call_args.num_inference_steps must be at least 1".into(),
+            ));
+        }
+        let guidance_scale = call_args.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
+        if !guidance_scale.is_finite() {
+            return Err(PipelineError::InvalidArgument(format!(
+                "pipeline_call_args.guidance_scale = {guidance_scale} must be a finite number"
+            )));
+        }
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet: unet_model,
+            vae: vae_model,
+            scheduler,
+            dtype: candle_dtype(dtype),
+            device: device.clone(),
+            vae_scale_factor,
+            scaling_factor: vae.scaling_factor,
+            shift_factor: vae.shift_factor,
+            latent_channels,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            negative_prompt: call_args.negative_prompt.clone().unwrap_or_default(),
+            context: None,
+        })
+    }
+
+    /// Replaces the scheduler (e.g. diffusers' `from_config` swap to DDIM or Euler).
+    pub fn set_scheduler(&mut self, scheduler: SchedulerFactory) {
+        self.scheduler = scheduler;
+    }
+
+    /// The VAE scale factor, `2^(len(vae.block_out_channels) - 1)` (8 for SD 1.5).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae_scale_factor
+    }
+
+    /// Whether classifier-free guidance is on (`guidance_scale > 1`, as diffusers).
+    pub fn uses_guidance(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+
+    /// CLIP token ids of `prompt`, padded/truncated to `model_max_length` (77).
+    pub fn tokenize(&self, prompt: &str) -> Result<Vec<u32>, PipelineError> {
+        self.tokenizer.encode(prompt)
+    }
+
+    /// Text-encoder hidden states of token ids (1, T) → (1, T, hidden_size), in the model dtype.
+    pub fn encode_ids(&self, ids: &[u32]) -> Result<Tensor, PipelineError> {
+        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        Ok(self.text_encoder.forward(&ids)?)
+    }
+
+    /// Text-encoder hidden states of `prompt`: (1, 77, hidden_size), in the model dtype.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Tensor, PipelineError> {
+        self.encode_ids(&self.tokenize(prompt)?)
+    }
+
+    /// One UNet forward: `sample` (B, C, h, w) at `timestep`, conditioned on
+    /// `encoder_hidden_states` (B, T, D); returns the predicted noise (B, C, h, w).
+    pub fn unet_forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor, PipelineError> {
+        Ok(self.unet.forward(sample, timestep, encoder_hidden_states)?)
+    }
+
+    /// VAE decode of denoised `latents` (B, C, h, w): `decode(latents / scaling_factor +
+    /// shift_factor)`, returning images in about [-1, 1], (B, 3, h·f, w·f).
+    pub fn vae_decode(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
+        let z = ((latents.to_dtype(self.dtype)? / self.scaling_factor)? + self.shift_factor)?;
+        Ok(self.vae.decode(&z)?)
+    }
+
+    /// Denoises initial latents (B, C, h, w), already scaled by `init_noise_sigma`, with the
+    /// embeddings of [`ImagePipeline::set_prompt`]; returns the final latents.
+    pub fn denoise(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
+        let context = self.context.as_ref().ok_or_else(|| {
+            PipelineError::InvalidArgument("set_prompt must be called before generate".into())
+        })?;
+        let b = latents.dim(0)?;
+        let guided = self.uses_guidance();
+        // Rows: [uncond × B, cond × B] under guidance (diffusers' order), else [cond × B].
+        let context = if guided {
+            let uncond = context.narrow(0, 0, 1)?;
+            let cond = context.narrow(0, 1, 1)?;
+            Tensor::cat(
+                &[uncond.repeat((b, 1, 1))?, cond.repeat((b, 1, 1))?],
+                0,
+            )?
+        } else {
+            context.repeat((b, 1, 1))?
+        };
+        let mut scheduler = (self.scheduler)(self.num_inference_steps)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let mut latents = latents.clone();
+        for t in timesteps {
+            let input = if guided {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let input = scheduler.scale_model_input(&input, t)?;
+            let pred = self.unet.forward(&input, t, &context)?;
+            let pred = if guided {
+                let uncond = pred.narrow(0, 0, b)?;
+                let cond = pred.narrow(0, b, b)?;
+                (&uncond + ((cond - &uncond)? * self.guidance_scale)?)?
+            } else {
+                pred
+            };
+            latents = scheduler.step(&pred, t, &latents)?;
+        }
+        Ok(latents)
+    }
+
+    /// diffusers' postprocess + `numpy_to_pil`: `(x / 2 + 0.5).clamp(0, 1)`, then
+    /// `(x * 255).round()` (half to even, as NumPy) to u8, one RGB image per batch row.
+    pub fn to_images(decoded: &Tensor) -> Result<Vec<RgbImage>, PipelineError> {
+        let (b, c, h, w) = decoded.dims4()?;
+        if c != 3 {
+            return Err(PipelineError::Unsupported(format!(
+                "the VAE decodes {c} channels; only RGB (3) images are supported"
+            )));
+        }
+        let x = ((decoded.to_dtype(DType::F32)? / 2.0)? + 0.5)?
+            .clamp(0f32, 1f32)?
+            .permute((0, 2, 3, 1))?
+            .contiguous()?;
+        let data: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let per_image = h * w * 3;
+        (0..b)
+            .map(|i| {
+                let bytes: Vec<u8> = data[i * per_image..(i + 1) * per_image]
+                    .iter()
+                    .map(|v| (v * 255.0).round_ties_even() as u8)
+                    .collect();
+                RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
+                    PipelineError::InvalidArgument("decoded image has an unexpected size".into())
+                })
+            })
+            .collect()
+    }
+}
+
+/// `Some(path)` when the model has `rel`, `None` when it does not.
+fn optional_file(
+    source: &ModelSource,
+    rel: &str,
+) -> Result<Option<std::path::PathBuf>, PipelineError> {
+    if source.has_file(rel)? {
+        source.file(rel).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+impl ImagePipeline for Sd15Pipeline {
+    fn noise_shape(&self) -> Vec<usize> {
+        vec![
+            1,
+            self.latent_channels,
+            self.height / self.vae_scale_factor,
+            self.width / self.vae_scale_factor,
+        ]
+    }
+
+    fn set_prompt(&mut self, prompt: &str) -> Result<(), PipelineError> {
+        let cond = self.encode_prompt(prompt)?;
+        self.context = Some(if self.uses_guidance() {
+            let uncond = self.encode_prompt(&self.negative_prompt)?;
+            Tensor::cat(&[uncond, cond], 0)?
+        } else {
+            cond
+        });
+        Ok(())
+    }
+
+    fn generate(&mut self, noises: &[Noise]) -> Result<Vec<RgbImage>, PipelineError> {
+        if noises.is_empty() {
+            return Ok(Vec::new());
+        }
+        let shape = self.noise_shape();
+        let mut rows = Vec::with_capacity(noises.len());
+        for (i, noise) in noises.iter().enumerate() {
+            if noise.shape != shape || noise.data.len() != shape.iter().product::<usize>() {
+                return Err(PipelineError::InvalidArgument(format!(
+                    "noise {i} has shape {:?} ({} values); this pipeline needs {shape:?}",
+                    noise.shape,
+                    noise.data.len()
+                )));
+            }
+            rows.push(Tensor::from_slice(&noise.data, shape.as_slice(), &self.device)?);
+        }
+        let sigma = (self.scheduler)(self.num_inference_steps)?.init_noise_sigma();
+        let latents = (Tensor::cat(&rows, 0)?.to_dtype(self.dtype)? * sigma)?;
+        let latents = self.denoise(&latents)?;
+        Self::to_images(&self.vae_decode(&latents)?)
+    }
+}

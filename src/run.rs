@@ -1,0 +1,591 @@
+//! `tt-scale run`: config -> prompts -> search (pipeline + verifier) -> output, with progress
+//! bars and an end-of-run summary.
+//!
+//! Everything that can be checked is checked before a model loads or an output folder is made:
+//! the config, the verifier's key, the prompts, the device.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{json, Map, Value};
+
+use crate::config::{Config, ConfigError, DeviceSpec, SearchMethod};
+use crate::output::{self, OutputError};
+use crate::pipelines::hub::ModelSource;
+use crate::pipelines::sd15::{Sd15CallArgs, Sd15Pipeline};
+use crate::pipelines::{ImagePipeline, PipelineError};
+use crate::prompts::{self, NumPrompts, PromptSource, PromptsError};
+use crate::search::{self, RoundResult, SearchError, SearchObserver, SearchSettings};
+use crate::verifiers::{self, Verifier, VerifierError};
+
+/// What `tt-scale run` was asked to do (the command line, parsed).
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The config file.
+    pub config_path: PathBuf,
+    /// `--prompt`.
+    pub prompt: Option<String>,
+    /// `--prompts-file`.
+    pub prompts_file: Option<PathBuf>,
+    /// `--num-prompts`: `None` when not given; `Some(None)` for the original's `None`.
+    pub num_prompts: Option<Option<NumPrompts>>,
+    /// `--batch-size`.
+    pub batch_size: usize,
+    /// `--seed`.
+    pub seed: Option<u64>,
+    /// `--output-dir`.
+    pub output_dir: PathBuf,
+    /// `--low-vram`.
+    pub low_vram: bool,
+    /// `--device`; `None` for auto.
+    pub device: Option<DeviceSpec>,
+}
+
+/// Why a run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The flags contradict each other.
+    #[error("{0}")]
+    Usage(String),
+    /// The config is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The prompts could not be loaded.
+    #[error(transparent)]
+    Prompts(#[from] PromptsError),
+    /// The verifier could not be set up.
+    #[error(transparent)]
+    Verifier(#[from] VerifierError),
+    /// The model could not be loaded or run.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    /// The search failed.
+    #[error(transparent)]
+    Search(#[from] SearchError),
+    /// Output could not be written.
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    /// The device is not available.
+    #[error("{0}")]
+    Device(String),
+}
+
+impl RunError {
+    /// The process exit code: 2 for mistakes in the flags or the config, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Usage(_) | RunError::Config(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct RunSummary {
+    /// The run folder.
+    pub run_dir: PathBuf,
+    /// The master seed used.
+    pub master_seed: u64,
+    /// Per prompt: the prompt and the best score over all rounds (if any candidate was graded).
+    pub best_scores: Vec<(String, Option<f64>)>,
+    /// Images generated.
+    pub images: usize,
+    /// Candidates whose grading failed.
+    pub failed_gradings: usize,
+    /// Rounds in which every candidate failed grading.
+    pub failed_rounds: usize,
+    /// Verifier requests and failed requests.
+    pub verifier_stats: verifiers::CallStats,
+    /// Seconds spent generating images.
+    pub generation_s: f64,
+    /// Wall-clock seconds of the whole run.
+    pub wall_s: f64,
+}
+
+impl std::fmt::Display for RunSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "Summary")?;
+        for (prompt, best) in &self.best_scores {
+            let short: String = prompt.chars().take(70).collect();
+            let ell = if prompt.chars().count() > 70 { "..." } else { "" };
+            match best {
+                Some(s) => writeln!(f, "  best {s:>5.2}  {short}{ell}")?,
+                None => writeln!(f, "  best   n/a  {short}{ell} (every grading failed)")?,
+            }
+        }
+        let ips = if self.generation_s > 0.0 {
+            self.images as f64 / self.generation_s
+        } else {
+            0.0
+        };
+        writeln!(
+            f,
+            "  images: {} ({ips:.3} images/s of generation), wall time {:.1} s",
+            self.images, self.wall_s
+        )?;
+        writeln!(
+            f,
+            "  verifier: {} requests, {} failed requests, {} candidates without a grade, {} rounds with none graded",
+            self.verifier_stats.requests,
+            self.verifier_stats.failed_requests,
+            self.failed_gradings,
+            self.failed_rounds
+        )?;
+        writeln!(f, "  master seed: {}", self.master_seed)?;
+        write!(f, "  output: {}", self.run_dir.display())
+    }
+}
+
+/// Runs a whole search: validates, loads, searches every prompt, writes the outputs.
+pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
+    let started = Instant::now();
+    let config = Config::load(&opts.config_path)?;
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let source = prompt_source(opts)?;
+    let device = select_device(opts.device)?;
+    let verifier = verifiers::build(&config.verifier_args)?;
+    let prompts = prompts::load_prompts(&source.0, source.1)?;
+    tracing::info!("{} prompt(s)", prompts.len());
+    let mut pipeline = load_pipeline(&config, &device, opts.low_vram)?;
+    run_with(opts, &config, &prompts, pipeline.as_mut(), verifier.as_ref(), started)
+}
+
+/// The search and output part of [`run`], for an already loaded pipeline and verifier.
+pub fn run_with(
+    opts: &RunOptions,
+    config: &Config,
+    prompts: &[String],
+    pipeline: &mut dyn ImagePipeline,
+    verifier: &dyn Verifier,
+    started: Instant,
+) -> Result<RunSummary, RunError> {
+    let master_seed = opts.seed.unwrap_or_else(search::seeds::draw_master_seed);
+    let run_dir = output::create_run_dir(
+        &opts.output_dir,
+        &config.model,
+        &config.verifier_args.name,
+        &config.verifier_args.choice_of_metric,
+        chrono::Local::now(),
+    )?;
+    output::write_json(
+        &run_dir.join("config.json"),
+        &run_record(config, opts, master_seed),
+    )?;
+    eprintln!("tt-scale: master seed {master_seed}, writing to {}", run_dir.display());
+
+    let settings = SearchSettings {
+        method: config.search_args.method,
+        rounds: config.search_args.rounds,
+        batch_size: opts.batch_size,
+        metric: config.verifier_args.choice_of_metric.clone(),
+        master_seed,
+        noise_kernel: config.noise_kernel,
+    };
+    let mut writer = OutputWriter::new(run_dir.clone(), &settings, prompts.len());
+    for prompt in prompts {
+        writer.start_prompt(prompt);
+        search::search_prompt(prompt, pipeline, verifier, &settings, &mut writer)?;
+        writer.finish_prompt(prompt);
+    }
+    writer.finish();
+    Ok(RunSummary {
+        run_dir,
+        master_seed,
+        best_scores: writer.best_scores,
+        images: writer.images,
+        failed_gradings: writer.failed_gradings,
+        failed_rounds: writer.failed_rounds,
+        verifier_stats: verifier.call_stats(),
+        generation_s: writer.generation_s,
+        wall_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The prompt source and count the flags ask for.
+fn prompt_source(opts: &RunOptions) -> Result<(PromptSource, NumPrompts), RunError> {
+    match (&opts.prompt, &opts.prompts_file, opts.num_prompts) {
+        (Some(_), Some(_), _) => Err(RunError::Usage(
+            "--prompt and --prompts-file cannot be used together; pick one".into(),
+        )),
+        (Some(_), None, Some(Some(_))) => Err(RunError::Usage(
+            "--num-prompts counts prompts from a file or the dataset; leave it out with --prompt".into(),
+        )),
+        (Some(p), None, _) => {
+            if p.trim().is_empty() {
+                return Err(RunError::Usage("--prompt is empty; give the text to generate".into()));
+            }
+            Ok((PromptSource::Single(p.clone()), NumPrompts::All))
+        }
+        (None, _, Some(None)) => Err(RunError::Usage(
+            "--num-prompts none leaves no prompts: give --prompt TEXT, --prompts-file PATH, or a number of dataset prompts".into(),
+        )),
+        (None, Some(f), n) => Ok((
+            PromptSource::File(f.clone()),
+            n.flatten().unwrap_or(NumPrompts::All),
+        )),
+        (None, None, n) => Ok((
+            PromptSource::Dataset(prompts::DatasetSpec::from_env()),
+            n.flatten().unwrap_or(NumPrompts::First(2)),
+        )),
+    }
+}
+
+/// The candle device for `--device` (auto: CUDA when built with it and present).
+pub fn select_device(spec: Option<DeviceSpec>) -> Result<candle_core::Device, RunError> {
+    match spec {
+        None => Ok(candle_core::Device::cuda_if_available(0)
+            .unwrap_or(candle_core::Device::Cpu)),
+        Some(DeviceSpec::Cpu) => Ok(candle_core::Device::Cpu),
+        Some(DeviceSpec::Cuda(n)) => {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(RunError::Device(format!(
+                    "--device cuda:{n}: this tt-scale was built without CUDA; rebuild with `cargo build --release --features cuda` or use --device cpu"
+                )));
+            }
+            candle_core::Device::new_cuda(n).map_err(|e| {
+                RunError::Device(format!("--device cuda:{n}: cannot open the GPU: {e}"))
+            })
+        }
+    }
+}
+
+/// Loads the pipeline the model's `model_index.json` names.
+fn load_pipeline(
+    config: &Config,
+    device: &candle_core::Device,
+    low_vram: bool,
+) -> Result<Box<dyn ImagePipeline>, RunError> {
+    let source = ModelSource::resolve(&config.model)?;
+    let index = source.read_json("model_index.json")?;
+    let class = index
+        .get("_class_name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let args = &config.pipeline_call_args;
+    if low_vram {
+        tracing::info!("--low-vram: the SD 1.5 pipeline keeps all components resident (they fit in a few GB)");
+    }
+    match class.as_str() {
+        "StableDiffusionPipeline" => {
+            for (key, set) in [
+                ("max_sequence_length", args.max_sequence_length.is_some()),
+                ("clean_caption", args.clean_caption.is_some()),
+            ] {
+                if set {
+                    tracing::warn!(
+                        "{}: pipeline_call_args.{key} does not apply to Stable Diffusion 1.5 and is ignored",
+                        config.path.display()
+                    );
+                }
+            }
+            let call = Sd15CallArgs {
+                height: args.height,
+                width: args.width,
+                num_inference_steps: args.num_inference_steps,
+                guidance_scale: args.guidance_scale,
+                negative_prompt: args.negative_prompt.clone(),
+            };
+            Ok(Box::new(Sd15Pipeline::load(&source, config.dtype, device, &call)?))
+        }
+        "FluxPipeline" | "StableDiffusionXLPipeline" | "PixArtSigmaPipeline" => {
+            Err(RunError::Pipeline(PipelineError::Unsupported(format!(
+                "{} is a {class}; this build of tt-scale runs StableDiffusionPipeline models (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, configs/sd1.5_gemini.json); Flux, SDXL and PixArt-Sigma pipelines are coming",
+                config.model
+            ))))
+        }
+        "" => Err(RunError::Pipeline(PipelineError::ModelFile {
+            path: format!("{}/model_index.json", config.model),
+            message: "has no `_class_name`; is this a diffusers pipeline folder?".into(),
+        })),
+        other => Err(RunError::Pipeline(PipelineError::Unsupported(format!(
+            "{}: pipeline class {other} is not supported; tt-scale runs StableDiffusionPipeline models",
+            config.model
+        )))),
+    }
+}
+
+/// The run's `config.json`: the config as written (model id included), then the command-line
+/// values under the original's names, then the master seed and the tool version.
+fn run_record(config: &Config, opts: &RunOptions, master_seed: u64) -> Value {
+    let mut rec: Map<String, Value> = config.raw.clone();
+    rec.insert(
+        "pipeline_config_path".into(),
+        json!(opts.config_path.display().to_string()),
+    );
+    rec.insert("prompt".into(), json!(opts.prompt));
+    let num = match opts.num_prompts {
+        Some(Some(NumPrompts::All)) => json!("all"),
+        Some(Some(NumPrompts::First(n))) => json!(n),
+        Some(None) => Value::Null,
+        None if opts.prompt.is_some() => Value::Null,
+        None if opts.prompts_file.is_some() => json!("all"),
+        None => json!(2),
+    };
+    rec.insert("num_prompts".into(), num);
+    rec.insert("batch_size_for_img_gen".into(), json!(opts.batch_size));
+    rec.insert("use_low_gpu_vram".into(), json!(opts.low_vram));
+    rec.insert(
+        "prompts_file".into(),
+        json!(opts.prompts_file.as_ref().map(|p| p.display().to_string())),
+    );
+    rec.insert("seed".into(), json!(master_seed));
+    rec.insert(
+        "device".into(),
+        json!(match opts.device {
+            None => "auto".to_string(),
+            Some(DeviceSpec::Cpu) => "cpu".to_string(),
+            Some(DeviceSpec::Cuda(n)) => format!("cuda:{n}"),
+        }),
+    );
+    rec.insert("tt_scale_version".into(), json!(env!("CARGO_PKG_VERSION")));
+    Value::Object(rec)
+}
+
+/// Best candidate over all rounds so far, for the per-round JSON.
+#[derive(Clone, Debug)]
+struct BestSoFar {
+    round: usize,
+    seed: u64,
+    label: String,
+    score: f64,
+    img_path: String,
+}
+
+/// Writes every round's images and JSON, drives the progress bars, and keeps the counts for
+/// the summary.
+struct OutputWriter {
+    run_dir: PathBuf,
+    metric: String,
+    zero_order: bool,
+    prompt_name: String,
+    best: Option<BestSoFar>,
+    best_scores: Vec<(String, Option<f64>)>,
+    images: usize,
+    failed_gradings: usize,
+    failed_rounds: usize,
+    generation_s: f64,
+    bars: Bars,
+}
+
+struct Bars {
+    _multi: MultiProgress,
+    prompts: ProgressBar,
+    rounds: ProgressBar,
+    images: ProgressBar,
+}
+
+impl OutputWriter {
+    fn new(run_dir: PathBuf, settings: &SearchSettings, num_prompts: usize) -> Self {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let style = |t: &str| {
+            ProgressStyle::with_template(t).unwrap_or_else(|_| ProgressStyle::default_bar())
+        };
+        let prompts = multi.add(ProgressBar::new(num_prompts as u64));
+        prompts.set_style(style("prompts {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}"));
+        let rounds = multi.add(ProgressBar::new(settings.rounds as u64));
+        rounds.set_style(style("rounds  {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}]"));
+        let images = multi.add(ProgressBar::new(0));
+        images.set_style(style("images  {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {per_sec}"));
+        Self {
+            run_dir,
+            metric: settings.metric.clone(),
+            zero_order: matches!(settings.method, SearchMethod::ZeroOrder { .. }),
+            prompt_name: String::new(),
+            best: None,
+            best_scores: Vec::new(),
+            images: 0,
+            failed_gradings: 0,
+            failed_rounds: 0,
+            generation_s: 0.0,
+            bars: Bars {
+                _multi: multi,
+                prompts,
+                rounds,
+                images,
+            },
+        }
+    }
+
+    fn start_prompt(&mut self, prompt: &str) {
+        self.prompt_name = output::prompt_to_filename(prompt);
+        self.best = None;
+        let short: String = prompt.chars().take(40).collect();
+        self.bars.prompts.set_message(short);
+        self.bars.rounds.reset();
+    }
+
+    fn finish_prompt(&mut self, prompt: &str) {
+        self.best_scores
+            .push((prompt.to_string(), self.best.as_ref().map(|b| b.score)));
+        self.bars.prompts.inc(1);
+        match &self.best {
+            Some(b) => tracing::info!(
+                "prompt done: best {} = {} (round {}, seed {})",
+                self.metric,
+                b.score,
+                b.round,
+                b.label
+            ),
+            None => tracing::warn!("prompt done: no candidate could be graded"),
+        }
+    }
+
+    fn finish(&self) {
+        self.bars.images.finish_and_clear();
+        self.bars.rounds.finish_and_clear();
+        self.bars.prompts.finish_and_clear();
+    }
+
+    fn path_string(&self, file: &str) -> String {
+        self.run_dir.join(file).display().to_string()
+    }
+}
+
+fn grading_score(c: &search::Candidate, metric: &str) -> Value {
+    match &c.grading {
+        Ok(g) => match g.get(metric) {
+            Some(s) => json!({"explanation": s.explanation, "score": s.score}),
+            None => Value::Null,
+        },
+        Err(_) => Value::Null,
+    }
+}
+
+impl SearchObserver for OutputWriter {
+    fn round_started(&mut self, round: usize, num_images: usize) {
+        self.bars.images.reset();
+        self.bars.images.set_length(num_images as u64);
+        tracing::debug!("round {round}: generating {num_images} image(s)");
+    }
+
+    fn images_generated(&mut self, n: usize) {
+        self.bars.images.inc(n as u64);
+    }
+
+    fn round_finished(&mut self, prompt: &str, r: &RoundResult) -> Result<(), SearchError> {
+        let mut candidates_json = Vec::with_capacity(r.candidates.len());
+        let mut file_names = Vec::with_capacity(r.candidates.len());
+        for c in &r.candidates {
+            let stem = output::candidate_stem(&self.prompt_name, r.round, &c.origin.label());
+            let file = format!("{stem}.png");
+            output::write_png(&self.run_dir.join(&file), &c.image)?;
+            if !c.carried_over {
+                self.images += 1;
+            }
+            let mut cj = Map::new();
+            cj.insert("seed".into(), json!(c.origin.root_seed()));
+            cj.insert("label".into(), json!(c.origin.label()));
+            cj.insert("noise".into(), serde_json::to_value(&c.origin).unwrap_or(Value::Null));
+            cj.insert("img_path".into(), json!(self.path_string(&file)));
+            cj.insert("score".into(), grading_score(c, &self.metric));
+            match &c.grading {
+                Ok(g) => {
+                    cj.insert("grading".into(), serde_json::to_value(g).unwrap_or(Value::Null));
+                }
+                Err(e) => {
+                    if !c.carried_over {
+                        self.failed_gradings += 1;
+                    }
+                    cj.insert("error".into(), json!(e.to_string()));
+                }
+            }
+            if c.carried_over {
+                cj.insert("carried_over".into(), json!(true));
+            }
+            candidates_json.push(Value::Object(cj));
+            file_names.push(file);
+        }
+        self.generation_s += r.generation_s;
+
+        let mut d = Map::new();
+        d.insert("prompt".into(), json!(prompt));
+        d.insert("search_round".into(), json!(r.round));
+        d.insert("num_noises".into(), json!(r.candidates.len()));
+        let json_name = match r.best {
+            Some(i) => {
+                let best = &r.candidates[i];
+                let score = best.score(&self.metric).unwrap_or(f64::NAN);
+                d.insert("best_noise_seed".into(), json!(best.origin.root_seed()));
+                d.insert("best_score".into(), grading_score(best, &self.metric));
+                d.insert("choice_of_metric".into(), json!(self.metric));
+                d.insert("best_img_path".into(), json!(self.path_string(&file_names[i])));
+                if self.best.as_ref().is_none_or(|b| score > b.score) {
+                    self.best = Some(BestSoFar {
+                        round: r.round,
+                        seed: best.origin.root_seed(),
+                        label: best.origin.label(),
+                        score,
+                        img_path: self.path_string(&file_names[i]),
+                    });
+                }
+                file_names[i].replace(".png", ".json")
+            }
+            None => {
+                self.failed_rounds += 1;
+                tracing::warn!(
+                    "round {}: none of the {} candidates could be graded; see the round's JSON for the errors",
+                    r.round,
+                    r.candidates.len()
+                );
+                d.insert("best_noise_seed".into(), Value::Null);
+                d.insert("best_score".into(), Value::Null);
+                d.insert("choice_of_metric".into(), json!(self.metric));
+                d.insert("best_img_path".into(), Value::Null);
+                format!("{}_i@{}_failed.json", self.prompt_name, r.round)
+            }
+        };
+        if let Some(imp) = r.neighbors_improvement.filter(|_| self.zero_order) {
+            d.insert("neighbors_improvement".into(), json!(imp));
+        }
+        if let Some(i) = r.best {
+            d.insert(
+                "best_noise".into(),
+                serde_json::to_value(&r.candidates[i].origin).unwrap_or(Value::Null),
+            );
+        }
+        d.insert(
+            "best_so_far".into(),
+            match &self.best {
+                Some(b) => json!({
+                    "search_round": b.round,
+                    "seed": b.seed,
+                    "label": b.label,
+                    "score": b.score,
+                    "img_path": b.img_path,
+                }),
+                None => Value::Null,
+            },
+        );
+        let failed = r.candidates.iter().filter(|c| c.grading.is_err()).count();
+        d.insert("num_failed".into(), json!(failed));
+        d.insert("all_failed".into(), json!(r.best.is_none()));
+        d.insert("candidates".into(), Value::Array(candidates_json));
+        d.insert(
+            "timings".into(),
+            json!({"generation_s": r.generation_s, "verification_s": r.verification_s}),
+        );
+        output::write_json(&self.run_dir.join(json_name), &Value::Object(d))?;
+        self.bars.rounds.inc(1);
+        if let Some(i) = r.best {
+            let c = &r.candidates[i];
+            self.bars.prompts.println(format!(
+                "round {}: best {} = {} (seed {})",
+                r.round,
+                self.metric,
+                c.score(&self.metric).unwrap_or(f64::NAN),
+                c.origin.label()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `tt-scale collage`: makes the collages of a run folder and returns their paths.
+pub fn collage(path: &Path) -> Result<Vec<PathBuf>, crate::collage::CollageError> {
+    crate::collage::make_collages(path)
+}

@@ -1,0 +1,518 @@
+//! The HTTP machinery shared by the API verifiers: a tokio runtime and async client owned by the
+//! verifier, bounded concurrency, retries with exponential backoff and jitter (honouring
+//! `Retry-After`), re-asking on replies that do not fit the schema, and index-ordered results.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::StatusCode;
+use tokio::runtime::Runtime;
+use tokio::sync::Semaphore;
+
+use super::{preview, ApiKey, CallStats, Grading, ScoreFailure, VerifierError, VerifierInput};
+use crate::config::VerifierArgs;
+
+/// How failed HTTP requests are retried (429, 408, 5xx, connection errors and timeouts).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// Requests per image before giving up on transport failures (at least 1).
+    pub max_attempts: u32,
+    /// Wait before the first retry; doubles with each further retry.
+    pub base_delay: Duration,
+    /// Longest wait between two attempts, also the cap on a server's `Retry-After`.
+    pub max_delay: Duration,
+}
+
+impl RetryPolicy {
+    /// Production policy: `max_attempts` tries, 1 s base delay, 60 s cap.
+    pub fn standard(max_attempts: u32) -> Self {
+        Self {
+            max_attempts: max_attempts.max(1),
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+        }
+    }
+
+    /// Test-friendly policy: `max_attempts` tries, 1 ms base delay, 300 ms cap.
+    pub fn fast(max_attempts: u32) -> Self {
+        Self {
+            max_attempts: max_attempts.max(1),
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(300),
+        }
+    }
+
+    /// The production policy for `verifier_args.max_attempts`.
+    pub fn from_args(args: &VerifierArgs) -> Self {
+        Self::standard(args.max_attempts)
+    }
+
+    /// The wait after failed attempt number `failures` (1 for the first failure): the
+    /// exponential backoff `base_delay * 2^(failures-1)` drawn uniformly from its upper half
+    /// (jitter), raised to the server's `Retry-After` if larger, and capped at `max_delay`.
+    pub fn delay(
+        &self,
+        failures: u32,
+        retry_after: Option<Duration>,
+        rng: &mut impl Rng,
+    ) -> Duration {
+        let exponent = failures.saturating_sub(1).min(30);
+        let backoff = self
+            .base_delay
+            .saturating_mul(1u32 << exponent)
+            .min(self.max_delay);
+        let jittered = backoff.mul_f64(rng.random_range(0.5..=1.0));
+        retry_after
+            .map_or(jittered, |after| after.max(jittered))
+            .min(self.max_delay)
+    }
+}
+
+/// `Retry-After` given in seconds (integer or decimal); the HTTP-date form is ignored.
+pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let seconds: f64 = value.parse().ok()?;
+    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+}
+
+/// What one verifier API needs to say to the shared machinery.
+pub(crate) trait Protocol: Send + Sync + 'static {
+    /// Human name for messages, e.g. "Gemini API".
+    fn api_name(&self) -> &'static str;
+    /// The request for one (prompt, image) pair; the image is a base64 PNG.
+    fn request(
+        &self,
+        client: &reqwest::Client,
+        prompt: &str,
+        png_base64: &str,
+    ) -> reqwest::RequestBuilder;
+    /// What to do about a non-retried error status (e.g. which key variable to check).
+    fn advice(&self, status: StatusCode) -> String;
+    /// The grading inside a successful reply body, or why it is not valid.
+    fn parse_reply(&self, body: &str) -> Result<Grading, String>;
+}
+
+/// One attempt's result.
+enum Outcome {
+    Graded(Grading),
+    Invalid(String),
+    Retry {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    Fatal(String),
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Settings of the shared machinery, from `verifier_args`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EngineSettings {
+    pub concurrency: usize,
+    pub max_invalid_replies: u32,
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl EngineSettings {
+    /// Settings from `verifier_args` with the given retry policy; rejects a non-positive timeout.
+    pub fn from_args(args: &VerifierArgs, retry: RetryPolicy) -> Result<Self, VerifierError> {
+        if !(args.timeout_s.is_finite() && args.timeout_s > 0.0) {
+            return Err(VerifierError::InvalidArg {
+                field: "timeout_s",
+                message: format!("{} is not a positive number of seconds", args.timeout_s),
+            });
+        }
+        Ok(Self {
+            concurrency: args.concurrency.max(1),
+            max_invalid_replies: args.max_invalid_replies,
+            timeout: Duration::from_secs_f64(args.timeout_s),
+            retry,
+        })
+    }
+}
+
+/// Runs gradings concurrently over HTTP with retries; owns its tokio runtime.
+pub(crate) struct Engine<P: Protocol> {
+    runtime: Option<Runtime>,
+    client: reqwest::Client,
+    protocol: Arc<P>,
+    settings: EngineSettings,
+    key: Option<ApiKey>,
+    counters: Arc<Counters>,
+}
+
+impl<P: Protocol> std::fmt::Debug for Engine<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("api", &self.protocol.api_name())
+            .field("settings", &self.settings)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl<P: Protocol> Engine<P> {
+    /// Starts the runtime and HTTP client. `key` is only used to scrub messages.
+    pub fn new(
+        verifier: &'static str,
+        protocol: P,
+        settings: EngineSettings,
+        key: Option<ApiKey>,
+    ) -> Result<Self, VerifierError> {
+        let client_error = |message: String| VerifierError::Client { verifier, message };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(format!("tt-scale-{verifier}"))
+            .enable_all()
+            .build()
+            .map_err(|e| client_error(e.to_string()))?;
+        let client = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout.min(Duration::from_secs(30)))
+            .build()
+            .map_err(|e| client_error(e.to_string()))?;
+        Ok(Self {
+            runtime: Some(runtime),
+            client,
+            protocol: Arc::new(protocol),
+            settings,
+            key,
+            counters: Arc::new(Counters::default()),
+        })
+    }
+
+    /// The protocol (request builder) in use.
+    pub fn protocol(&self) -> &P {
+        &self.protocol
+    }
+
+    /// Requests and failed requests so far.
+    pub fn stats(&self) -> CallStats {
+        CallStats {
+            requests: self.counters.requests.load(Ordering::Relaxed),
+            failed_requests: self.counters.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Grades every input, at most `concurrency` requests in flight; result `i` is input `i`'s.
+    pub fn score_all(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
+        let Some(runtime) = &self.runtime else {
+            return inputs
+                .iter()
+                .map(|_| Err(failure("the verifier's runtime was shut down".into(), 0)))
+                .collect();
+        };
+        // Owned jobs, so the tasks can be spawned on the runtime ('static).
+        let jobs: Vec<Result<(String, String), String>> = inputs
+            .iter()
+            .map(|input| super::png_base64(input.image).map(|png| (input.prompt.to_string(), png)))
+            .collect();
+        let semaphore = Arc::new(Semaphore::new(self.settings.concurrency));
+        let work = {
+            let client = self.client.clone();
+            let protocol = Arc::clone(&self.protocol);
+            let counters = Arc::clone(&self.counters);
+            let settings = self.settings;
+            async move {
+                let handles: Vec<_> = jobs
+                    .into_iter()
+                    .map(|job| {
+                        let client = client.clone();
+                        let protocol = Arc::clone(&protocol);
+                        let counters = Arc::clone(&counters);
+                        let semaphore = Arc::clone(&semaphore);
+                        tokio::spawn(async move {
+                            let (prompt, png) = job.map_err(|message| failure(message, 0))?;
+                            let _permit = semaphore
+                                .acquire_owned()
+                                .await
+                                .map_err(|_| failure("the request queue was closed".into(), 0))?;
+                            grade_one(&client, &*protocol, &counters, settings, &prompt, &png).await
+                        })
+                    })
+                    .collect();
+                let mut results = Vec::with_capacity(handles.len());
+                for handle in handles {
+                    results.push(match handle.await {
+                        Ok(result) => result,
+                        Err(e) => Err(failure(format!("the grading task failed: {e}"), 0)),
+                    });
+                }
+                results
+            }
+        };
+        let results = block_on(runtime, work);
+        match &self.key {
+            Some(key) => results
+                .into_iter()
+                .map(|r| {
+                    r.map_err(|f| ScoreFailure {
+                        message: key.redact(&f.message),
+                        attempts: f.attempts,
+                    })
+                })
+                .collect(),
+            None => results,
+        }
+    }
+}
+
+impl<P: Protocol> Drop for Engine<P> {
+    fn drop(&mut self) {
+        // Safe to call from inside or outside an async context, unlike dropping the runtime.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn failure(message: String, attempts: u32) -> ScoreFailure {
+    ScoreFailure { message, attempts }
+}
+
+/// Runs `future` to completion on `runtime`, from a helper thread when the caller is itself
+/// inside a tokio runtime (where blocking on another runtime is not allowed).
+fn block_on<F>(runtime: &Runtime, future: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(
+            |scope| match scope.spawn(|| runtime.block_on(future)).join() {
+                Ok(output) => output,
+                Err(panic) => std::panic::resume_unwind(panic),
+            },
+        )
+    } else {
+        runtime.block_on(future)
+    }
+}
+
+/// Grades one image: retries transport failures up to `max_attempts` requests and re-asks
+/// after invalid replies up to `max_invalid_replies` times.
+async fn grade_one<P: Protocol>(
+    client: &reqwest::Client,
+    protocol: &P,
+    counters: &Counters,
+    settings: EngineSettings,
+    prompt: &str,
+    png: &str,
+) -> Result<Grading, ScoreFailure> {
+    let api = protocol.api_name();
+    let mut attempts = 0u32;
+    let mut transport_failures = 0u32;
+    let mut invalid_replies = 0u32;
+    loop {
+        attempts += 1;
+        counters.requests.fetch_add(1, Ordering::Relaxed);
+        let outcome = attempt(client, protocol, settings.timeout, prompt, png).await;
+        if !matches!(outcome, Outcome::Graded(_)) {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        match outcome {
+            Outcome::Graded(grading) => return Ok(grading),
+            Outcome::Invalid(reason) => {
+                invalid_replies += 1;
+                if invalid_replies > settings.max_invalid_replies {
+                    return Err(failure(
+                        format!(
+                            "the {api}'s reply did not fit the grading schema: {reason} \
+                             (re-asked {} time(s), verifier_args.max_invalid_replies)",
+                            settings.max_invalid_replies
+                        ),
+                        attempts,
+                    ));
+                }
+                tracing::warn!("{api}: invalid reply, asking again: {reason}");
+            }
+            Outcome::Retry {
+                message,
+                retry_after,
+            } => {
+                transport_failures += 1;
+                if transport_failures >= settings.retry.max_attempts {
+                    return Err(failure(
+                        format!(
+                            "{message} (gave up after {} failed request(s), \
+                             verifier_args.max_attempts)",
+                            transport_failures
+                        ),
+                        attempts,
+                    ));
+                }
+                let wait = settings
+                    .retry
+                    .delay(transport_failures, retry_after, &mut rand::rng());
+                tracing::warn!("{api}: {message}; retrying in {:.2} s", wait.as_secs_f64());
+                tokio::time::sleep(wait).await;
+            }
+            Outcome::Fatal(message) => return Err(failure(message, attempts)),
+        }
+    }
+}
+
+/// Sends one request and classifies what came back.
+async fn attempt<P: Protocol>(
+    client: &reqwest::Client,
+    protocol: &P,
+    timeout: Duration,
+    prompt: &str,
+    png: &str,
+) -> Outcome {
+    let api = protocol.api_name();
+    let response = match protocol.request(client, prompt, png).send().await {
+        Ok(response) => response,
+        Err(e) => return transport_outcome(api, timeout, &e),
+    };
+    let status = response.status();
+    let retry_after = parse_retry_after(response.headers());
+    let body = match response.text().await {
+        Ok(body) => body,
+        Err(e) => return transport_outcome(api, timeout, &e),
+    };
+    if status.is_success() {
+        return match protocol.parse_reply(&body) {
+            Ok(grading) => Outcome::Graded(grading),
+            Err(reason) => Outcome::Invalid(reason),
+        };
+    }
+    let detail = error_detail(&body);
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        Outcome::Retry {
+            message: format!(
+                "HTTP {status} from the {api} (rate limited{detail}); lower \
+                 verifier_args.concurrency or check your quota"
+            ),
+            retry_after,
+        }
+    } else if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+        Outcome::Retry {
+            message: format!("HTTP {status} from the {api}{detail}"),
+            retry_after,
+        }
+    } else {
+        Outcome::Fatal(format!(
+            "HTTP {status} from the {api}{detail}; {}",
+            protocol.advice(status)
+        ))
+    }
+}
+
+/// A transport error (no HTTP status) as an outcome: timeouts and connection problems are
+/// retried, a request that cannot even be built is not.
+fn transport_outcome(api: &str, timeout: Duration, error: &reqwest::Error) -> Outcome {
+    if error.is_builder() {
+        return Outcome::Fatal(format!(
+            "cannot build the request to the {api}: {}",
+            chain(error)
+        ));
+    }
+    let message = if error.is_timeout() {
+        format!(
+            "the request to the {api} timed out after {} s; raise verifier_args.timeout_s",
+            timeout.as_secs_f64()
+        )
+    } else if error.is_connect() {
+        format!(
+            "cannot connect to the {api} ({}); check verifier_args.base_url and the network",
+            chain(error)
+        )
+    } else {
+        format!("the request to the {api} failed: {}", chain(error))
+    };
+    Outcome::Retry {
+        message,
+        retry_after: None,
+    }
+}
+
+/// An error and its sources, joined by ": ".
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The server's own error message (`error.message` in both APIs' error bodies) or a preview
+/// of the body, as ": ..." for appending; empty when the body is empty.
+fn error_detail(body: &str) -> String {
+    if body.trim().is_empty() {
+        return String::new();
+    }
+    let message = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_string));
+    match message {
+        Some(message) => format!(": {}", preview(&message)),
+        None => format!(": {}", preview(body)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn rng() -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(7)
+    }
+
+    #[test]
+    fn backoff_doubles_within_jitter_bounds() {
+        let policy = RetryPolicy::standard(5);
+        for failures in 1..=4u32 {
+            let full = Duration::from_secs(1u64 << (failures - 1));
+            let wait = policy.delay(failures, None, &mut rng());
+            assert!(wait >= full / 2 && wait <= full, "{failures}: {wait:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        let policy = RetryPolicy::standard(50);
+        assert!(policy.delay(40, None, &mut rng()) <= Duration::from_secs(60));
+    }
+
+    #[test]
+    fn retry_after_raises_the_wait_up_to_the_cap() {
+        let policy = RetryPolicy::standard(5);
+        let wait = policy.delay(1, Some(Duration::from_secs(7)), &mut rng());
+        assert_eq!(wait, Duration::from_secs(7));
+        let capped = policy.delay(1, Some(Duration::from_secs(3600)), &mut rng());
+        assert_eq!(capped, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn retry_after_seconds_are_parsed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, "2".parse().unwrap());
+        assert_eq!(parse_retry_after(&headers), Some(Duration::from_secs(2)));
+        headers.insert(
+            RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(parse_retry_after(&headers), None);
+    }
+
+    #[test]
+    fn error_detail_prefers_the_api_message() {
+        let body = r#"{"error": {"code": 400, "message": "model not found", "status": "X"}}"#;
+        assert_eq!(error_detail(body), ": \"model not found\"");
+        assert_eq!(error_detail(""), "");
+    }
+}
