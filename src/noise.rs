@@ -75,10 +75,7 @@ impl Mt19937 {
                 .wrapping_mul(prev ^ (prev >> 30))
                 .wrapping_add(i as u32);
         }
-        Self {
-            state,
-            index: MT_N,
-        }
+        Self { state, index: MT_N }
     }
 
     /// Regenerates all 624 state words (the "twist").
@@ -359,7 +356,11 @@ const COSCOF: [f32; 3] = [
 fn cephes_logf(x: f32) -> f32 {
     let invalid = x <= 0.0;
     // `_mm256_max_ps(x, min_norm_pos)`: cut off denormals (and NaN, which max drops here).
-    let x = if x > f32::MIN_POSITIVE { x } else { f32::MIN_POSITIVE };
+    let x = if x > f32::MIN_POSITIVE {
+        x
+    } else {
+        f32::MIN_POSITIVE
+    };
     let bits = x.to_bits();
     let mut e = ((bits >> 23) as i32 - 0x7f) as f32 + 1.0;
     // Keep the mantissa, set the exponent of 0.5: m in [0.5, 1).
@@ -471,7 +472,10 @@ mod tests {
         for i in 1..=1000 {
             let x = i as f32 / 1000.0;
             let got = cephes_logf(x);
-            assert!((got - x.ln()).abs() <= 2e-7 * x.ln().abs().max(1.0), "x={x}");
+            assert!(
+                (got - x.ln()).abs() <= 2e-7 * x.ln().abs().max(1.0),
+                "x={x}"
+            );
         }
     }
 

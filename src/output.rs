@@ -65,7 +65,7 @@ pub fn prompt_to_filename(prompt: &str) -> String {
     let base = format!("prompt@{name}_hash@{hash}");
     if base.chars().count() > 100 {
         // The name is ASCII only, so byte slicing is character slicing.
-        format!("prompt@{}_hash@{hash}", &name[..85])
+        format!("prompt@{}_hash@{hash}", &name[..name.len().min(85)])
     } else {
         base
     }
@@ -248,3 +248,83 @@ impl serde_json::ser::Formatter for PythonFormatter {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_prompts_are_cut_to_the_originals_106_characters() {
+        let p = "Photo of an athlete cat explaining it\u{2019}s latest scandal at a press conference to journalists.";
+        let name = prompt_to_filename(p);
+        assert_eq!(
+            name,
+            "prompt@Photo_of_an_athlete_cat_explaining_it_s_latest_scandal_at_a_press_conference_to_journ_hash@b9094b65"
+        );
+        assert_eq!(name.len(), 106);
+    }
+
+    #[test]
+    fn trailing_punctuation_gives_a_double_underscore_like_the_original() {
+        assert_eq!(
+            prompt_to_filename("Alice in a vibrant, dreamlike digital painting inside the Nemo Nautilus submarine."),
+            "prompt@Alice_in_a_vibrant_dreamlike_digital_painting_inside_the_Nemo_Nautilus_submarine__hash@2eeee8f7"
+        );
+        assert_eq!(
+            prompt_to_filename("a tiny astronaut hatching from an egg on the moon"),
+            "prompt@a_tiny_astronaut_hatching_from_an_egg_on_the_moon_hash@8a6a79d2"
+        );
+    }
+
+    #[test]
+    fn non_ascii_collapses_and_the_hash_is_of_the_unstripped_prompt() {
+        let a = prompt_to_filename("  chat   ");
+        let b = prompt_to_filename("chat");
+        assert!(a.starts_with("prompt@chat_hash@"));
+        assert_ne!(a, b, "the hash covers the original text");
+        assert!(prompt_to_filename("日本の猫").starts_with("prompt@__hash@"));
+    }
+
+    #[test]
+    fn model_folders_use_the_originals_short_names_or_a_sanitised_name() {
+        assert_eq!(model_dir_name("black-forest-labs/FLUX.1-dev"), "flux.1-dev");
+        assert_eq!(model_dir_name("stable-diffusion-v1-5/stable-diffusion-v1-5"), "sd-v1.5");
+        assert_eq!(model_dir_name("stabilityai/stable-diffusion-xl-base-1.0"), "sdxl-base");
+        assert_eq!(model_dir_name("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"), "pixart-sigma-1024-ms");
+        assert_eq!(model_dir_name("someone/My Model"), "my_model");
+        assert_eq!(model_dir_name("/data/models/tiny-sd15/"), "tiny-sd15");
+        assert_eq!(model_dir_name("/"), "model");
+    }
+
+    #[test]
+    fn json_is_indented_by_four_and_ascii_only_like_pythons_json_dump() {
+        let v = serde_json::json!({"prompt": "it\u{2019}s \u{1F600}", "n": [1, 2]});
+        let s = to_python_json(&v);
+        assert_eq!(
+            s,
+            "{\n    \"prompt\": \"it\\u2019s \\ud83d\\ude00\",\n    \"n\": [\n        1,\n        2\n    ]\n}"
+        );
+        let back: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, v);
+    }
+
+    #[test]
+    fn atomic_writes_leave_no_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn run_folders_are_unique_within_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = chrono::Local::now();
+        let a = create_run_dir(dir.path(), "x/y", "gemini", "overall_score", now).unwrap();
+        let b = create_run_dir(dir.path(), "x/y", "gemini", "overall_score", now).unwrap();
+        assert_ne!(a, b);
+        assert!(a.starts_with(dir.path().join("y").join("gemini").join("overall_score")));
+    }
+}

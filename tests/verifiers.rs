@@ -628,3 +628,62 @@ fn build_errors_never_contain_the_key() {
     assert!(!error.to_string().contains(GEMINI_KEY));
     assert!(!format!("{error:?}").contains(GEMINI_KEY));
 }
+
+/// Collects formatted log lines for [`keys_never_appear_in_log_lines`].
+#[derive(Clone, Default)]
+struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn keys_never_appear_in_log_lines() {
+    // The only test in this binary that installs a (process-wide) log subscriber.
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .init();
+    let echo_429 = Reply::Status {
+        code: 429,
+        retry_after: None,
+        message: Some(format!("quota exceeded for key {GEMINI_KEY}")),
+    };
+    let echo_text = Reply::Text(format!("key {GEMINI_KEY}"));
+    let behaviour = Behaviour::custom(move |seen| match seen.attempt {
+        0 => echo_429.clone(),
+        1 => echo_text.clone(),
+        _ => Reply::PixelScore,
+    });
+    let (verifier, server) = gemini(&args("gemini"), behaviour);
+    assert!(verifier.score(&inputs(&images(1)))[0].is_ok());
+    assert_eq!(server.request_count(), 3);
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("retrying") && text.contains("asking again"),
+        "{text}"
+    );
+    assert!(!text.contains(GEMINI_KEY), "{text}");
+}
+
+#[test]
+fn verifier_can_be_used_and_dropped_inside_an_async_runtime() {
+    let (url, _server) = FakeGemini::start(Behaviour::good());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let imgs = images(2);
+    let results = runtime.block_on(async {
+        let key = ApiKey::new(GEMINI_KEY).unwrap();
+        let verifier =
+            GeminiVerifier::new(&args("gemini"), &url, key, RetryPolicy::fast(3)).unwrap();
+        verifier.score(&inputs(&imgs))
+    });
+    assert_eq!(overall(&results[1]), pixel_score(&imgs[1]));
+}

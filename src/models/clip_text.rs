@@ -142,9 +142,11 @@ impl EncoderLayer {
             .self_attn
             .forward(&self.layer_norm1.forward(xs)?, mask)?
             + xs)?;
-        let mlp = self
-            .fc2
-            .forward(&self.act.apply(&self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?)?;
+        let mlp = self.fc2.forward(
+            &self
+                .act
+                .apply(&self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?,
+        )?;
         mlp + h
     }
 }

@@ -106,7 +106,12 @@ impl ClipTokenizer {
             .end_of_word_suffix("</w>".to_string())
             .unk_token(eos.clone())
             .build()
-            .map_err(|e| model_err(merges, format!("cannot build the BPE from vocab/merges: {e}")))?;
+            .map_err(|e| {
+                model_err(
+                    merges,
+                    format!("cannot build the BPE from vocab/merges: {e}"),
+                )
+            })?;
         let mut tokenizer = Tokenizer::new(bpe);
         let whitespace = Replace::new(
             tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".to_string()),
@@ -138,7 +143,10 @@ impl ClipTokenizer {
             .map_err(|e| model_err(vocab, format!("special tokens: {e}")))?;
         let id = |t: &str, path: &Path| {
             tokenizer.token_to_id(t).ok_or_else(|| {
-                model_err(path, format!("special token {t:?} is not in the vocabulary"))
+                model_err(
+                    path,
+                    format!("special token {t:?} is not in the vocabulary"),
+                )
             })
         };
         let bos_id = id(&bos, vocab)?;
@@ -178,10 +186,9 @@ impl ClipTokenizer {
     /// Token ids of `prompt`: BOS, the tokens (truncated so the whole fits `max_length`), EOS,
     /// then the pad id up to `max_length`.
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>, PipelineError> {
-        let encoding = self
-            .tokenizer
-            .encode(prompt, false)
-            .map_err(|e| PipelineError::InvalidArgument(format!("cannot tokenize the prompt {prompt:?}: {e}")))?;
+        let encoding = self.tokenizer.encode(prompt, false).map_err(|e| {
+            PipelineError::InvalidArgument(format!("cannot tokenize the prompt {prompt:?}: {e}"))
+        })?;
         let body = encoding.get_ids();
         let keep = body.len().min(self.max_length - 2);
         let mut ids = Vec::with_capacity(self.max_length);

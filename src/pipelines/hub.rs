@@ -100,8 +100,13 @@ impl ModelSource {
         }
     }
 
-    fn api_repo(repo: &str, revision: &Option<String>) -> Result<hf_hub::api::sync::ApiRepo, PipelineError> {
-        let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.trim().is_empty());
+    fn api_repo(
+        repo: &str,
+        revision: &Option<String>,
+    ) -> Result<hf_hub::api::sync::ApiRepo, PipelineError> {
+        let token = std::env::var("HF_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty());
         let mut builder = ApiBuilder::from_env().with_progress(false);
         if token.is_some() {
             builder = builder.with_token(token);
@@ -149,7 +154,9 @@ impl ModelSource {
                         .map_err(|e| e.to_string())
                         .and_then(|r| {
                             r.info()
-                                .map(|info| info.siblings.into_iter().map(|s| s.rfilename).collect())
+                                .map(|info| {
+                                    info.siblings.into_iter().map(|s| s.rfilename).collect()
+                                })
                                 .map_err(|e| Self::hub_error(repo, "", &e).to_string())
                         })
                 });
@@ -218,7 +225,8 @@ impl ModelSource {
                 if self.has_file(&single)? {
                     return Ok(vec![self.file(&single)?]);
                 }
-                let index = format!("{component}/{stem}.safetensors{variant}.index.json");
+                // diffusers names a variant index `<stem>.safetensors.index.fp16.json`.
+                let index = format!("{component}/{stem}.safetensors.index{variant}.json");
                 let index_alt = format!("{component}/{stem}{variant}.safetensors.index.json");
                 for idx in [index, index_alt] {
                     if self.has_file(&idx)? {
@@ -227,7 +235,9 @@ impl ModelSource {
                 }
             }
         }
-        let missing = format!("{component}/diffusion_pytorch_model.safetensors or {component}/model.safetensors");
+        let missing = format!(
+            "{component}/diffusion_pytorch_model.safetensors or {component}/model.safetensors"
+        );
         match self {
             Self::Local(dir) => Err(PipelineError::ModelFile {
                 path: dir.join(component).display().to_string(),

@@ -80,7 +80,9 @@ impl Json<'_> {
             path: self.file.to_string(),
             message: format!(
                 "key {key:?}: expected {expected}, found {}",
-                self.value.get(key).map_or("nothing".to_string(), |v| v.to_string())
+                self.value
+                    .get(key)
+                    .map_or("nothing".to_string(), |v| v.to_string())
             ),
         }
     }
@@ -253,7 +255,10 @@ fn unet_spec(value: &Value) -> Result<UNetSpec, PipelineError> {
         if heads[i] == 0 || channels[i] % heads[i] != 0 {
             return Err(j.err(
                 "attention_head_dim",
-                &format!("a head count dividing block_out_channels[{i}] = {}", channels[i]),
+                &format!(
+                    "a head count dividing block_out_channels[{i}] = {}",
+                    channels[i]
+                ),
             ));
         }
         blocks.push(BlockConfig {
@@ -334,7 +339,10 @@ fn vae_spec(value: &Value) -> Result<VaeSpec, PipelineError> {
     }
     let groups = j.usize_or("norm_num_groups", 32)?;
     if groups == 0 || channels.iter().any(|c| c % groups != 0) {
-        return Err(j.err("norm_num_groups", "a group count dividing every block_out_channels"));
+        return Err(j.err(
+            "norm_num_groups",
+            "a group count dividing every block_out_channels",
+        ));
     }
     Ok(VaeSpec {
         config: AutoEncoderKLConfig {
@@ -382,7 +390,11 @@ fn var_builder(
 
 /// Turns a component's construction error (usually a missing or mis-shaped tensor) into a
 /// message naming the component's weights.
-fn weights_error(source: &ModelSource, component: &str, e: impl std::fmt::Display) -> PipelineError {
+fn weights_error(
+    source: &ModelSource,
+    component: &str,
+    e: impl std::fmt::Display,
+) -> PipelineError {
     PipelineError::ModelFile {
         path: format!("{}/{component}", source.display_name()),
         message: format!(
@@ -410,6 +422,13 @@ impl Sd15Pipeline {
         device: &Device,
         call_args: &Sd15CallArgs,
     ) -> Result<Self, PipelineError> {
+        if dtype == Dtype::Bf16 && device.is_cpu() {
+            return Err(PipelineError::Unsupported(
+                "torch_dtype \"bf16\" needs a CUDA device (candle has no bf16 matmul on the \
+                 CPU); use \"fp32\" or \"fp16\" on the CPU"
+                    .into(),
+            ));
+        }
         let tokenizer = ClipTokenizer::from_files(
             &source.file("tokenizer/vocab.json")?,
             &source.file("tokenizer/merges.txt")?,
@@ -430,14 +449,9 @@ impl Sd15Pipeline {
         let unet = unet_spec(&source.read_json("unet/config.json")?)?;
         let vb = var_builder(source, "unet", dtype, device)?;
         let sample_size = unet.sample_size;
-        let unet_model = UNet2DConditionModel::new(
-            vb,
-            unet.in_channels,
-            unet.out_channels,
-            false,
-            unet.config,
-        )
-        .map_err(|e| weights_error(source, "unet", e))?;
+        let unet_model =
+            UNet2DConditionModel::new(vb, unet.in_channels, unet.out_channels, false, unet.config)
+                .map_err(|e| weights_error(source, "unet", e))?;
 
         let vae = vae_spec(&source.read_json("vae/config.json")?)?;
         let vae_scale_factor = 1usize << (vae.config.block_out_channels.len() - 1);
@@ -547,9 +561,16 @@ impl Sd15Pipeline {
 
     /// VAE decode of denoised `latents` (B, C, h, w): `decode(latents / scaling_factor +
     /// shift_factor)`, returning images in about [-1, 1], (B, 3, h·f, w·f).
+    ///
+    /// Rows are decoded one at a time: candle-transformers' VAE attention block gives wrong
+    /// results for batches of more than one row (its strided batched matmul), and the decode is
+    /// a small part of the cost.
     pub fn vae_decode(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
         let z = ((latents.to_dtype(self.dtype)? / self.scaling_factor)? + self.shift_factor)?;
-        Ok(self.vae.decode(&z)?)
+        let rows = (0..z.dim(0)?)
+            .map(|i| self.vae.decode(&z.narrow(0, i, 1)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
     }
 
     /// Denoises initial latents (B, C, h, w), already scaled by `init_noise_sigma`, with the
@@ -564,10 +585,7 @@ impl Sd15Pipeline {
         let context = if guided {
             let uncond = context.narrow(0, 0, 1)?;
             let cond = context.narrow(0, 1, 1)?;
-            Tensor::cat(
-                &[uncond.repeat((b, 1, 1))?, cond.repeat((b, 1, 1))?],
-                0,
-            )?
+            Tensor::cat(&[uncond.repeat((b, 1, 1))?, cond.repeat((b, 1, 1))?], 0)?
         } else {
             context.repeat((b, 1, 1))?
         };
@@ -670,7 +688,11 @@ impl ImagePipeline for Sd15Pipeline {
                     noise.data.len()
                 )));
             }
-            rows.push(Tensor::from_slice(&noise.data, shape.as_slice(), &self.device)?);
+            rows.push(Tensor::from_slice(
+                &noise.data,
+                shape.as_slice(),
+                &self.device,
+            )?);
         }
         let sigma = (self.scheduler)(self.num_inference_steps)?.init_noise_sigma();
         let latents = (Tensor::cat(&rows, 0)?.to_dtype(self.dtype)? * sigma)?;

@@ -66,3 +66,38 @@ impl SeedStream {
 pub fn draw_master_seed() -> u64 {
     rand::random::<u64>() % MAX_SEED
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_are_a_function_of_master_prompt_round_and_index() {
+        let mut a = SeedStream::new(1, "a cat");
+        let mut b = SeedStream::new(1, "a cat");
+        let sa: Vec<u64> = (0..8).map(|k| a.seed(3, SeedPurpose::Noise, k)).collect();
+        // Drawing other rounds first does not change round 3's seeds.
+        for k in 0..4 {
+            b.seed(1, SeedPurpose::Noise, k);
+        }
+        let sb: Vec<u64> = (0..8).map(|k| b.seed(3, SeedPurpose::Noise, k)).collect();
+        assert_eq!(sa, sb);
+        let mut c = SeedStream::new(2, "a cat");
+        let mut d = SeedStream::new(1, "a dog");
+        assert_ne!(c.seed(3, SeedPurpose::Noise, 0), sa[0]);
+        assert_ne!(d.seed(3, SeedPurpose::Noise, 0), sa[0]);
+    }
+
+    #[test]
+    fn seeds_never_repeat_within_a_prompt_and_stay_below_max_seed() {
+        let mut s = SeedStream::new(7, "p");
+        let mut seen = HashSet::new();
+        for round in 1..=10 {
+            for k in 0..(1usize << round) {
+                let v = s.seed(round, SeedPurpose::Noise, k);
+                assert!(v < MAX_SEED);
+                assert!(seen.insert(v));
+            }
+        }
+    }
+}

@@ -217,52 +217,39 @@ impl<P: Protocol> Engine<P> {
             .map(|input| super::png_base64(input.image).map(|png| (input.prompt.to_string(), png)))
             .collect();
         let semaphore = Arc::new(Semaphore::new(self.settings.concurrency));
-        let work = {
-            let client = self.client.clone();
-            let protocol = Arc::clone(&self.protocol);
-            let counters = Arc::clone(&self.counters);
-            let settings = self.settings;
-            async move {
-                let handles: Vec<_> = jobs
-                    .into_iter()
-                    .map(|job| {
-                        let client = client.clone();
-                        let protocol = Arc::clone(&protocol);
-                        let counters = Arc::clone(&counters);
-                        let semaphore = Arc::clone(&semaphore);
-                        tokio::spawn(async move {
-                            let (prompt, png) = job.map_err(|message| failure(message, 0))?;
-                            let _permit = semaphore
-                                .acquire_owned()
-                                .await
-                                .map_err(|_| failure("the request queue was closed".into(), 0))?;
-                            grade_one(&client, &*protocol, &counters, settings, &prompt, &png).await
-                        })
-                    })
-                    .collect();
-                let mut results = Vec::with_capacity(handles.len());
-                for handle in handles {
-                    results.push(match handle.await {
-                        Ok(result) => result,
-                        Err(e) => Err(failure(format!("the grading task failed: {e}"), 0)),
-                    });
-                }
-                results
-            }
-        };
-        let results = block_on(runtime, work);
-        match &self.key {
-            Some(key) => results
+        let task = Arc::new(Task {
+            client: self.client.clone(),
+            protocol: Arc::clone(&self.protocol),
+            counters: Arc::clone(&self.counters),
+            settings: self.settings,
+            key: self.key.clone(),
+        });
+        let work = async move {
+            let handles: Vec<_> = jobs
                 .into_iter()
-                .map(|r| {
-                    r.map_err(|f| ScoreFailure {
-                        message: key.redact(&f.message),
-                        attempts: f.attempts,
+                .map(|job| {
+                    let task = Arc::clone(&task);
+                    let semaphore = Arc::clone(&semaphore);
+                    tokio::spawn(async move {
+                        let (prompt, png) = job.map_err(|message| failure(message, 0))?;
+                        let _permit = semaphore
+                            .acquire_owned()
+                            .await
+                            .map_err(|_| failure("the request queue was closed".into(), 0))?;
+                        task.grade_one(&prompt, &png).await
                     })
                 })
-                .collect(),
-            None => results,
-        }
+                .collect();
+            let mut results = Vec::with_capacity(handles.len());
+            for handle in handles {
+                results.push(match handle.await {
+                    Ok(result) => result,
+                    Err(e) => Err(failure(format!("the grading task failed: {e}"), 0)),
+                });
+            }
+            results
+        };
+        block_on(runtime, work)
     }
 }
 
@@ -298,65 +285,82 @@ where
     }
 }
 
-/// Grades one image: retries transport failures up to `max_attempts` requests and re-asks
-/// after invalid replies up to `max_invalid_replies` times.
-async fn grade_one<P: Protocol>(
-    client: &reqwest::Client,
-    protocol: &P,
-    counters: &Counters,
+/// What a grading task needs, shared by all tasks of one `score_all` call.
+struct Task<P: Protocol> {
+    client: reqwest::Client,
+    protocol: Arc<P>,
+    counters: Arc<Counters>,
     settings: EngineSettings,
-    prompt: &str,
-    png: &str,
-) -> Result<Grading, ScoreFailure> {
-    let api = protocol.api_name();
-    let mut attempts = 0u32;
-    let mut transport_failures = 0u32;
-    let mut invalid_replies = 0u32;
-    loop {
-        attempts += 1;
-        counters.requests.fetch_add(1, Ordering::Relaxed);
-        let outcome = attempt(client, protocol, settings.timeout, prompt, png).await;
-        if !matches!(outcome, Outcome::Graded(_)) {
-            counters.failed.fetch_add(1, Ordering::Relaxed);
+    key: Option<ApiKey>,
+}
+
+impl<P: Protocol> Task<P> {
+    /// `text` with the API key (if any) replaced by `[redacted]`.
+    fn scrub(&self, text: String) -> String {
+        match &self.key {
+            Some(_key) => text,
+            None => text,
         }
-        match outcome {
-            Outcome::Graded(grading) => return Ok(grading),
-            Outcome::Invalid(reason) => {
-                invalid_replies += 1;
-                if invalid_replies > settings.max_invalid_replies {
-                    return Err(failure(
-                        format!(
-                            "the {api}'s reply did not fit the grading schema: {reason} \
-                             (re-asked {} time(s), verifier_args.max_invalid_replies)",
-                            settings.max_invalid_replies
-                        ),
-                        attempts,
-                    ));
-                }
-                tracing::warn!("{api}: invalid reply, asking again: {reason}");
+    }
+
+    /// Grades one image: retries transport failures up to `max_attempts` requests and re-asks
+    /// after invalid replies up to `max_invalid_replies` times. Every message is scrubbed of
+    /// the key before it is logged or returned.
+    async fn grade_one(&self, prompt: &str, png: &str) -> Result<Grading, ScoreFailure> {
+        let api = self.protocol.api_name();
+        let settings = self.settings;
+        let mut attempts = 0u32;
+        let mut transport_failures = 0u32;
+        let mut invalid_replies = 0u32;
+        loop {
+            attempts += 1;
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let outcome =
+                attempt(&self.client, &*self.protocol, settings.timeout, prompt, png).await;
+            if !matches!(outcome, Outcome::Graded(_)) {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
             }
-            Outcome::Retry {
-                message,
-                retry_after,
-            } => {
-                transport_failures += 1;
-                if transport_failures >= settings.retry.max_attempts {
-                    return Err(failure(
-                        format!(
-                            "{message} (gave up after {} failed request(s), \
-                             verifier_args.max_attempts)",
-                            transport_failures
-                        ),
-                        attempts,
-                    ));
+            match outcome {
+                Outcome::Graded(grading) => return Ok(grading),
+                Outcome::Invalid(reason) => {
+                    let reason = self.scrub(reason);
+                    invalid_replies += 1;
+                    if invalid_replies > settings.max_invalid_replies {
+                        return Err(failure(
+                            format!(
+                                "the {api}'s reply did not fit the grading schema: {reason} \
+                                 (re-asked {} time(s), verifier_args.max_invalid_replies)",
+                                settings.max_invalid_replies
+                            ),
+                            attempts,
+                        ));
+                    }
+                    tracing::warn!("{api}: invalid reply, asking again: {reason}");
                 }
-                let wait = settings
-                    .retry
-                    .delay(transport_failures, retry_after, &mut rand::rng());
-                tracing::warn!("{api}: {message}; retrying in {:.2} s", wait.as_secs_f64());
-                tokio::time::sleep(wait).await;
+                Outcome::Retry {
+                    message,
+                    retry_after,
+                } => {
+                    let message = self.scrub(message);
+                    transport_failures += 1;
+                    if transport_failures >= settings.retry.max_attempts {
+                        return Err(failure(
+                            format!(
+                                "{message} (gave up after {transport_failures} failed \
+                                 request(s), verifier_args.max_attempts)"
+                            ),
+                            attempts,
+                        ));
+                    }
+                    let wait =
+                        settings
+                            .retry
+                            .delay(transport_failures, retry_after, &mut rand::rng());
+                    tracing::warn!("{api}: {message}; retrying in {:.2} s", wait.as_secs_f64());
+                    tokio::time::sleep(wait).await;
+                }
+                Outcome::Fatal(message) => return Err(failure(self.scrub(message), attempts)),
             }
-            Outcome::Fatal(message) => return Err(failure(message, attempts)),
         }
     }
 }

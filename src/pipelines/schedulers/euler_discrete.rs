@@ -35,11 +35,8 @@ impl EulerDiscreteScheduler {
     pub fn new(config: &SchedulerConfig, num_inference_steps: usize) -> Result<Self, PipelineError> {
         let n = num_inference_steps;
         let n_train = config.num_train_timesteps;
-        let mut alphas_cumprod = config.alphas_cumprod();
-        if config.rescale_betas_zero_snr {
-            // Close to 0 without being 0, so the first sigma is finite (diffusers' choice).
-            alphas_cumprod[n_train - 1] = 2f32.powi(-24);
-        }
+        // With zero-SNR rescaling the last value is already 2^-24 rather than 0.
+        let alphas_cumprod = config.alphas_cumprod();
         let train_sigmas: Vec<f32> = alphas_cumprod
             .iter()
             .map(|a| ((1.0 - a) / a).sqrt())

@@ -421,15 +421,22 @@ impl SchedulerConfig {
         }
     }
 
-    /// The cumulative products of `1 - beta` (float32, as diffusers), after zero-SNR rescaling
-    /// when `rescale_betas_zero_snr` is set (without Euler's final `2^-24` clamp).
+    /// The scheduler's cumulative products of `1 - beta` (diffusers' `alphas_cumprod`,
+    /// float32): after zero-SNR rescaling when `rescale_betas_zero_snr` is set, where Euler
+    /// also raises the last value from 0 to `2^-24` so the first sigma stays finite.
     pub fn alphas_cumprod(&self) -> Vec<f32> {
         let mut betas = self.betas();
         if self.rescale_betas_zero_snr {
             betas = rescale_zero_terminal_snr(&betas);
         }
         let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
-        cumprod_f32(&alphas)
+        let mut alphas_cumprod = cumprod_f32(&alphas);
+        if self.rescale_betas_zero_snr && self.kind == SchedulerKind::EulerDiscrete {
+            if let Some(last) = alphas_cumprod.last_mut() {
+                *last = 2f32.powi(-24);
+            }
+        }
+        alphas_cumprod
     }
 
     fn invalid_steps(&self, message: String) -> PipelineError {

@@ -1,0 +1,239 @@
+//! The command line as a user meets it: bad flags and bad configs give a clear error naming the
+//! key, a non-zero exit code, and write nothing.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const GOOD: &str = r#"{
+    "pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "torch_dtype": "fp32",
+    "pipeline_call_args": {"height": 512, "width": 512, "negative_prompt": "bad"},
+    "verifier_args": {"name": "gemini", "max_new_tokens": 800, "choice_of_metric": "overall_score"},
+    "search_args": {"search_method": "random", "search_rounds": 2}
+}"#;
+
+fn tt_scale(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tt-scale"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("GEMINI_API_KEY")
+        .env_remove("OPENAI_API_KEY")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", dir.join("hf-home"))
+        .output()
+        .expect("run tt-scale")
+}
+
+/// Writes `config` and runs `tt-scale run` on it; returns (exit code, stderr).
+fn run_config(config: &str, extra: &[&str]) -> (i32, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("c.json"), config).unwrap();
+    let mut args = vec![
+        "run",
+        "--pipeline-config",
+        "c.json",
+        "--prompt",
+        "a cat",
+        "--output-dir",
+        "out",
+    ];
+    args.extend_from_slice(extra);
+    let out = tt_scale(&args, dir.path());
+    let code = out.status.code().unwrap_or(-1);
+    (code, String::from_utf8_lossy(&out.stderr).into_owned(), dir)
+}
+
+fn edit(f: impl FnOnce(&mut serde_json::Value)) -> String {
+    let mut v: serde_json::Value = serde_json::from_str(GOOD).unwrap();
+    f(&mut v);
+    v.to_string()
+}
+
+#[test]
+fn bad_configs_name_the_key_exit_2_and_write_nothing() {
+    use serde_json::json;
+    type Case = (&'static str, Box<dyn FnOnce(&mut serde_json::Value)>, &'static [&'static str]);
+    let cases: Vec<Case> = vec![
+        ("missing model", Box::new(|v| { v.as_object_mut().unwrap().remove("pretrained_model_name_or_path"); }), &["pretrained_model_name_or_path", "missing"]),
+        ("missing dtype", Box::new(|v| { v.as_object_mut().unwrap().remove("torch_dtype"); }), &["torch_dtype", "fp32, fp16, bf16"]),
+        ("bad dtype", Box::new(|v| v["torch_dtype"] = json!("fp8")), &["torch_dtype", "fp8", "fp32, fp16, bf16"]),
+        ("dtype wrong type", Box::new(|v| v["torch_dtype"] = json!(16)), &["torch_dtype", "must be a string"]),
+        ("missing search_args", Box::new(|v| { v.as_object_mut().unwrap().remove("search_args"); }), &["search_args", "missing"]),
+        ("search_args not object", Box::new(|v| v["search_args"] = json!([1])), &["search_args", "JSON object"]),
+        ("unknown method", Box::new(|v| v["search_args"]["search_method"] = json!("beam")), &["search_args.search_method", "random, zero-order"]),
+        ("rounds zero", Box::new(|v| v["search_args"]["search_rounds"] = json!(0)), &["search_args.search_rounds", ">= 1"]),
+        ("rounds missing", Box::new(|v| { v["search_args"].as_object_mut().unwrap().remove("search_rounds"); }), &["search_args.search_rounds", "missing"]),
+        ("rounds fractional", Box::new(|v| v["search_args"]["search_rounds"] = json!(2.5)), &["search_args.search_rounds", "whole number"]),
+        ("threshold missing", Box::new(|v| v["search_args"] = json!({"search_method": "zero-order", "search_rounds": 2, "num_neighbors": 2})), &["search_args.threshold", "missing", "(0, 1)"]),
+        ("threshold one", Box::new(|v| v["search_args"] = json!({"search_method": "zero-order", "search_rounds": 2, "threshold": 1.0, "num_neighbors": 2})), &["search_args.threshold", "(0, 1)"]),
+        ("threshold negative", Box::new(|v| v["search_args"] = json!({"search_method": "zero-order", "search_rounds": 2, "threshold": -0.5, "num_neighbors": 2})), &["search_args.threshold", "(0, 1)"]),
+        ("neighbors zero", Box::new(|v| v["search_args"] = json!({"search_method": "zero-order", "search_rounds": 2, "threshold": 0.9, "num_neighbors": 0})), &["search_args.num_neighbors", ">= 1"]),
+        ("unknown verifier", Box::new(|v| v["verifier_args"]["name"] = json!("claude")), &["verifier_args.name", "gemini, openai, qwen"]),
+        ("laion", Box::new(|v| v["verifier_args"]["name"] = json!("laion_aesthetic")), &["verifier_args.name", "LAION"]),
+        ("unknown metric", Box::new(|v| v["verifier_args"]["choice_of_metric"] = json!("beauty")), &["verifier_args.choice_of_metric", "overall_score"]),
+        ("missing metric", Box::new(|v| { v["verifier_args"].as_object_mut().unwrap().remove("choice_of_metric"); }), &["verifier_args.choice_of_metric", "missing"]),
+        ("height not multiple", Box::new(|v| v["pipeline_call_args"]["height"] = json!(500)), &["pipeline_call_args.height", "multiple of 8"]),
+        ("width zero", Box::new(|v| v["pipeline_call_args"]["width"] = json!(0)), &["pipeline_call_args.width", ">= 1"]),
+        ("steps zero", Box::new(|v| v["pipeline_call_args"]["num_inference_steps"] = json!(0)), &["pipeline_call_args.num_inference_steps", ">= 1"]),
+        ("guidance string", Box::new(|v| v["pipeline_call_args"]["guidance_scale"] = json!("7")), &["pipeline_call_args.guidance_scale", "number"]),
+        ("negative prompt number", Box::new(|v| v["pipeline_call_args"]["negative_prompt"] = json!(3)), &["pipeline_call_args.negative_prompt", "string"]),
+        ("bad base url", Box::new(|v| v["verifier_args"]["base_url"] = json!("localhost:8000")), &["verifier_args.base_url", "http://"]),
+        ("prompt_path missing file", Box::new(|v| v["verifier_args"]["prompt_path"] = json!("nope.txt")), &["verifier_args.prompt_path", "nope.txt"]),
+        ("concurrency zero", Box::new(|v| v["verifier_args"]["concurrency"] = json!(0)), &["verifier_args.concurrency", ">= 1"]),
+        ("timeout negative", Box::new(|v| v["verifier_args"]["timeout_s"] = json!(-1)), &["verifier_args.timeout_s", "> 0"]),
+        ("bad noise kernel", Box::new(|v| v["noise_kernel"] = json!("avx")), &["noise_kernel", "portable"]),
+    ];
+    for (name, f, needles) in cases {
+        let (code, stderr, dir) = run_config(&edit(f), &[]);
+        assert_eq!(code, 2, "{name}: exit code; stderr: {stderr}");
+        assert!(stderr.contains("c.json"), "{name}: names the file: {stderr}");
+        for n in needles {
+            assert!(stderr.contains(n), "{name}: expected {n:?} in: {stderr}");
+        }
+        assert!(!dir.path().join("out").exists(), "{name}: wrote output");
+    }
+}
+
+#[test]
+fn json_syntax_errors_give_line_and_column() {
+    let (code, stderr, dir) = run_config("{\"torch_dtype\": \"fp32\",,}", &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("c.json") && stderr.contains("line 1"), "{stderr}");
+    assert!(!dir.path().join("out").exists());
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tt_scale(&["run", "--pipeline-config", "nope.json", "--prompt", "x"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nope.json") && stderr.contains("--pipeline-config"), "{stderr}");
+}
+
+#[test]
+fn unknown_keys_warn_with_a_suggestion() {
+    let cfg = edit(|v| {
+        let s = v.as_object_mut().unwrap().remove("search_args").unwrap();
+        v["search_args"] = s.clone();
+        v["serach_args"] = s;
+    });
+    // The run still fails later (no API key), but the warning comes first.
+    let (code, stderr, dir) = run_config(&cfg, &[]);
+    assert!(stderr.contains("serach_args") && stderr.contains("did you mean `search_args`"), "{stderr}");
+    assert_eq!(code, 1);
+    assert!(stderr.contains("GEMINI_API_KEY"), "{stderr}");
+    assert!(!dir.path().join("out").exists());
+}
+
+#[test]
+fn a_missing_api_key_stops_the_run_before_anything_is_written() {
+    let (code, stderr, dir) = run_config(GOOD, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("GEMINI_API_KEY"), "{stderr}");
+    assert!(!dir.path().join("out").exists());
+}
+
+#[test]
+fn bad_flags_are_rejected_with_exit_2() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--num-prompts", "zero"], "--num-prompts"),
+        (&["--num-prompts", "0"], "positive whole number"),
+        (&["--batch-size", "0"], "--batch-size"),
+        (&["--seed=-3"], "--seed"),
+        (&["--device", "tpu"], "cpu, cuda, cuda:N"),
+        (&["--prompts-file", "p.txt"], "cannot be used with"),
+        (&["--bogus"], "--bogus"),
+    ];
+    for (extra, needle) in cases {
+        let (code, stderr, dir) = run_config(GOOD, extra);
+        assert_eq!(code, 2, "{extra:?}: {stderr}");
+        assert!(stderr.contains(needle), "{extra:?}: expected {needle:?} in {stderr}");
+        assert!(!dir.path().join("out").exists());
+    }
+}
+
+#[test]
+fn num_prompts_with_a_single_prompt_is_a_usage_error() {
+    let (code, stderr, _dir) = run_config(GOOD, &["--num-prompts", "3"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--num-prompts"), "{stderr}");
+}
+
+#[test]
+fn the_originals_spellings_are_accepted() {
+    // `--num_prompts=None` with `--prompt`, as the original's README says, reaches the API key
+    // check (exit 1), so every flag parsed.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("c.json"), GOOD).unwrap();
+    let out = tt_scale(
+        &[
+            "run",
+            "--pipeline_config_path=c.json",
+            "--prompt=a cat",
+            "--num_prompts=None",
+            "--batch_size_for_img_gen=2",
+            "--use_low_gpu_vram",
+        ],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("GEMINI_API_KEY"), "{stderr}");
+}
+
+#[test]
+fn help_documents_every_flag_with_its_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tt_scale(&["run", "--help"], dir.path());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--pipeline-config",
+        "--prompt",
+        "--prompts-file",
+        "--num-prompts",
+        "--batch-size",
+        "--seed",
+        "--output-dir",
+        "--low-vram",
+        "--device",
+        "[default: configs/flux.1_dev.json]",
+        "[default: 1]",
+        "[default: output]",
+        "[default: auto]",
+        "pipeline_config_path",
+        "batch_size_for_img_gen",
+        "use_low_gpu_vram",
+        "num_prompts",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn shipped_configs_parse() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let path = entry.unwrap().path();
+        let cfg = tt_scale::config::Config::load(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(cfg.warnings.is_empty(), "{}: {:?}", path.display(), cfg.warnings);
+        n += 1;
+    }
+    assert!(n >= 5);
+    let zo = tt_scale::config::Config::load(&root.join("flux.1_dev_zero_order.json")).unwrap();
+    assert_eq!(
+        zo.search_args.method,
+        tt_scale::config::SearchMethod::ZeroOrder { threshold: 0.95, num_neighbors: 4 }
+    );
+}
+
+#[test]
+fn collage_of_a_folder_without_results_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tt_scale(&["collage", "--path", "."], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no per-round results"), "{stderr}");
+}
