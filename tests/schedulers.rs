@@ -17,7 +17,9 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
-use tt_scale::pipelines::schedulers::{Scheduler, SchedulerConfig, SchedulerKind};
+use tt_scale::pipelines::schedulers::{
+    BetaSchedule, SchedulerConfig, SchedulerKind, TimestepSpacing,
+};
 use tt_scale::pipelines::PipelineError;
 
 fn fixture_dir() -> PathBuf {
@@ -34,10 +36,9 @@ struct Case {
 }
 
 fn load_case(name: &str) -> Case {
-    let index: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture_dir().join("cases.json")).unwrap(),
-    )
-    .unwrap();
+    let index: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("cases.json")).unwrap())
+            .unwrap();
     let entry = index["cases"]
         .as_array()
         .unwrap()
@@ -134,7 +135,12 @@ fn check_alphas_cumprod(name: &str) {
         .iter()
         .map(|&a| f64::from(a))
         .collect();
-    assert_close_rel(&ours, &case.vec_f64("alphas_cumprod"), schedule_tolerance(&case.config), "alphas_cumprod");
+    assert_close_rel(
+        &ours,
+        &case.vec_f64("alphas_cumprod"),
+        schedule_tolerance(&case.config),
+        "alphas_cumprod",
+    );
 }
 
 fn check_timesteps(name: &str) {
@@ -144,7 +150,11 @@ fn check_timesteps(name: &str) {
         let scheduler = case.config.build(n).unwrap();
         let ours = scheduler.timesteps();
         let reference = case.vec_f64(&format!("timesteps_{n}"));
-        assert_eq!(ours.len(), reference.len(), "number of timesteps for {n} steps");
+        assert_eq!(
+            ours.len(),
+            reference.len(),
+            "number of timesteps for {n} steps"
+        );
         for (i, (&a, &b)) in ours.iter().zip(&reference).enumerate() {
             if b.fract() == 0.0 {
                 assert_eq!(a, b, "timestep [{i}] for {n} steps");
@@ -199,7 +209,12 @@ fn check_run(name: &str) {
         );
         let prev = scheduler.step(model_output, t, &sample).unwrap();
         let reference = &case.tensors[&format!("run_prev_{i}")];
-        assert_tensor_close(&prev, reference, input_scale, &format!("step at call {i} (t = {t})"));
+        assert_tensor_close(
+            &prev,
+            reference,
+            input_scale,
+            &format!("step at call {i} (t = {t})"),
+        );
         // The next call starts from diffusers' sample, so each step is checked on its own.
         sample = reference.clone();
     }
@@ -267,4 +282,312 @@ mod euler_sigmas_match_diffusers {
     sigma_case!(euler_log_linear);
     sigma_case!(euler_zero_snr_v_continuous);
     sigma_case!(euler_sample_prediction);
+}
+
+// ---- configuration ----
+
+/// SD 1.5's `scheduler/scheduler_config.json`.
+fn sd15_config() -> Value {
+    json!({
+        "_class_name": "PNDMScheduler",
+        "_diffusers_version": "0.6.0",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": false,
+        "skip_prk_steps": true,
+        "steps_offset": 1,
+        "trained_betas": null,
+        "clip_sample": false
+    })
+}
+
+fn with(mut config: Value, key: &str, value: Value) -> Value {
+    config[key] = value;
+    config
+}
+
+#[test]
+fn from_file_reads_sd15_scheduler_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scheduler_config.json");
+    std::fs::write(&path, sd15_config().to_string()).unwrap();
+    let config = SchedulerConfig::from_file(&path).unwrap();
+    assert_eq!(config.kind, SchedulerKind::Pndm);
+    assert!(config.skip_prk_steps);
+    assert_eq!(config.steps_offset, 1);
+    let scheduler = config.build(4).unwrap();
+    assert_eq!(scheduler.timesteps(), &[751.0, 501.0, 501.0, 251.0, 1.0]);
+}
+
+#[test]
+fn missing_keys_take_the_class_defaults() {
+    let ddim = SchedulerConfig::from_json(&json!({"_class_name": "DDIMScheduler"}), "x").unwrap();
+    assert!(ddim.clip_sample && ddim.set_alpha_to_one);
+    assert_eq!(ddim.timestep_spacing, TimestepSpacing::Leading);
+    assert_eq!(ddim.beta_schedule, BetaSchedule::Linear);
+    assert_eq!((ddim.beta_start, ddim.beta_end), (0.0001, 0.02));
+    let pndm = SchedulerConfig::from_json(&json!({"_class_name": "PNDMScheduler"}), "x").unwrap();
+    assert!(!pndm.set_alpha_to_one && !pndm.skip_prk_steps);
+    let euler =
+        SchedulerConfig::from_json(&json!({"_class_name": "EulerDiscreteScheduler"}), "x").unwrap();
+    assert_eq!(euler.timestep_spacing, TimestepSpacing::Linspace);
+    assert_eq!(euler.num_train_timesteps, 1000);
+}
+
+#[test]
+fn keys_the_class_does_not_use_are_ignored() {
+    // SD 1.5's config used as DDIM (as `DDIMScheduler.from_config` does) keeps skip_prk_steps;
+    // Euler ignores thresholding, which it does not have.
+    let ddim = with(sd15_config(), "_class_name", json!("DDIMScheduler"));
+    assert!(SchedulerConfig::from_json(&ddim, "x").is_ok());
+    let euler = with(
+        with(
+            sd15_config(),
+            "_class_name",
+            json!("EulerDiscreteScheduler"),
+        ),
+        "thresholding",
+        json!(true),
+    );
+    assert!(SchedulerConfig::from_json(&euler, "x").is_ok());
+}
+
+#[test]
+fn trained_betas_replace_the_beta_schedule() {
+    let betas: Vec<f64> = (0..10).map(|i| 0.01 + 0.01 * i as f64).collect();
+    let config = json!({
+        "_class_name": "DDIMScheduler", "num_train_timesteps": 10, "trained_betas": betas
+    });
+    let config = SchedulerConfig::from_json(&config, "x").unwrap();
+    let expected: Vec<f32> = betas.iter().map(|&b| b as f32).collect();
+    assert_eq!(config.betas(), expected);
+}
+
+// ---- errors ----
+
+fn expect_unsupported(config: Value, source: &str, key: &str) {
+    match SchedulerConfig::from_json(&config, source) {
+        Err(PipelineError::Unsupported(message)) => {
+            assert!(message.contains(source), "{message}");
+            assert!(message.contains(key), "{message}");
+        }
+        other => panic!("expected Unsupported naming {key}, got {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_scheduler_class_is_an_error_naming_file_and_key() {
+    let config = with(sd15_config(), "_class_name", json!("LMSDiscreteScheduler"));
+    expect_unsupported(config, "sd/scheduler_config.json", "_class_name");
+}
+
+#[test]
+fn unknown_beta_schedule_is_an_error_naming_file_and_key() {
+    let config = with(sd15_config(), "beta_schedule", json!("sigmoid"));
+    expect_unsupported(config, "sd/scheduler_config.json", "beta_schedule");
+}
+
+#[test]
+fn unknown_timestep_spacing_is_an_error() {
+    let config = with(sd15_config(), "timestep_spacing", json!("middle"));
+    expect_unsupported(config, "cfg.json", "timestep_spacing");
+}
+
+#[test]
+fn pndm_rejects_sample_prediction() {
+    let config = with(sd15_config(), "prediction_type", json!("sample"));
+    expect_unsupported(config, "cfg.json", "prediction_type");
+}
+
+#[test]
+fn ddim_thresholding_is_unsupported() {
+    let config = with(
+        with(sd15_config(), "_class_name", json!("DDIMScheduler")),
+        "thresholding",
+        json!(true),
+    );
+    expect_unsupported(config, "cfg.json", "thresholding");
+}
+
+#[test]
+fn euler_beta_sigmas_are_unsupported() {
+    let config = with(
+        with(
+            sd15_config(),
+            "_class_name",
+            json!("EulerDiscreteScheduler"),
+        ),
+        "use_beta_sigmas",
+        json!(true),
+    );
+    expect_unsupported(config, "cfg.json", "use_beta_sigmas");
+}
+
+#[test]
+fn missing_config_file_is_a_model_file_error_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scheduler_config.json");
+    match SchedulerConfig::from_file(&path) {
+        Err(PipelineError::ModelFile { path: p, .. }) => assert_eq!(p, path.display().to_string()),
+        other => panic!("expected ModelFile, got {other:?}"),
+    }
+}
+
+#[test]
+fn invalid_json_is_a_model_file_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scheduler_config.json");
+    std::fs::write(&path, "{not json").unwrap();
+    assert!(matches!(
+        SchedulerConfig::from_file(&path),
+        Err(PipelineError::ModelFile { .. })
+    ));
+}
+
+#[test]
+fn missing_class_name_is_a_model_file_error() {
+    let config = json!({"beta_start": 0.001});
+    match SchedulerConfig::from_json(&config, "cfg.json") {
+        Err(PipelineError::ModelFile { path, message }) => {
+            assert_eq!(path, "cfg.json");
+            assert!(message.contains("_class_name"), "{message}");
+        }
+        other => panic!("expected ModelFile, got {other:?}"),
+    }
+}
+
+#[test]
+fn value_of_wrong_type_is_an_error_naming_the_key() {
+    let config = with(sd15_config(), "beta_start", json!("0.00085"));
+    match SchedulerConfig::from_json(&config, "cfg.json") {
+        Err(PipelineError::ModelFile { path, message }) => {
+            assert_eq!(path, "cfg.json");
+            assert!(message.contains("beta_start"), "{message}");
+        }
+        other => panic!("expected ModelFile, got {other:?}"),
+    }
+}
+
+#[test]
+fn zero_inference_steps_is_an_invalid_argument() {
+    let config = SchedulerConfig::from_json(&sd15_config(), "x").unwrap();
+    assert!(matches!(
+        config.build(0),
+        Err(PipelineError::InvalidArgument(_))
+    ));
+}
+
+#[test]
+fn ddim_rejects_more_steps_than_training_timesteps() {
+    let config = with(sd15_config(), "_class_name", json!("DDIMScheduler"));
+    let config = SchedulerConfig::from_json(&config, "x").unwrap();
+    assert!(matches!(
+        config.build(1001),
+        Err(PipelineError::InvalidArgument(_))
+    ));
+}
+
+#[test]
+fn pndm_runge_kutta_warm_up_needs_four_steps() {
+    let config = with(sd15_config(), "skip_prk_steps", json!(false));
+    let config = SchedulerConfig::from_json(&config, "x").unwrap();
+    assert!(matches!(
+        config.build(3),
+        Err(PipelineError::InvalidArgument(_))
+    ));
+    assert!(config.build(4).is_ok());
+}
+
+#[test]
+fn euler_rejects_a_timestep_outside_its_schedule() {
+    let config = with(
+        sd15_config(),
+        "_class_name",
+        json!("EulerDiscreteScheduler"),
+    );
+    let mut scheduler = SchedulerConfig::from_json(&config, "x")
+        .unwrap()
+        .build(4)
+        .unwrap();
+    let sample = Tensor::zeros((1, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
+    assert!(scheduler.scale_model_input(&sample, 123.5).is_err());
+    assert!(scheduler.step(&sample, 123.5, &sample).is_err());
+}
+
+#[test]
+fn euler_rejects_a_step_after_the_last() {
+    let config = with(
+        sd15_config(),
+        "_class_name",
+        json!("EulerDiscreteScheduler"),
+    );
+    let mut scheduler = SchedulerConfig::from_json(&config, "x")
+        .unwrap()
+        .build(2)
+        .unwrap();
+    let sample = Tensor::ones((1, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
+    let timesteps = scheduler.timesteps().to_vec();
+    for &t in &timesteps {
+        scheduler.step(&sample, t, &sample).unwrap();
+    }
+    assert!(scheduler.step(&sample, timesteps[1], &sample).is_err());
+}
+
+// ---- dtypes ----
+
+/// Runs a whole schedule on `dtype` samples and on F32 samples; returns (ours, f32 result).
+fn run_in(config: Value, dtype: DType) -> (Tensor, Tensor) {
+    let config = SchedulerConfig::from_json(&config, "x").unwrap();
+    let noise = Tensor::randn(0f32, 1f32, (1, 4, 4, 4), &Device::Cpu).unwrap();
+    let mut results = Vec::new();
+    for dt in [dtype, DType::F32] {
+        let mut scheduler = config.build(5).unwrap();
+        let mut sample = noise
+            .affine(scheduler.init_noise_sigma(), 0.0)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+        for (i, t) in scheduler.timesteps().to_vec().into_iter().enumerate() {
+            let model_input = scheduler.scale_model_input(&sample, t).unwrap();
+            assert_eq!(model_input.dtype(), dt);
+            let model_output = model_input.affine(0.1 * (i as f64 + 1.0), 0.05).unwrap();
+            sample = scheduler.step(&model_output, t, &sample).unwrap();
+            assert_eq!(sample.dtype(), dt);
+        }
+        results.push(sample);
+    }
+    let f32_result = results.pop().unwrap();
+    (results.pop().unwrap(), f32_result)
+}
+
+fn assert_half_close(config: Value) {
+    for dtype in [DType::F16, DType::BF16] {
+        let (half, full) = run_in(config.clone(), dtype);
+        let diff = max_abs(&(half.to_dtype(DType::F32).unwrap() - &full).unwrap());
+        assert!(
+            diff <= 0.05 * max_abs(&full).max(1.0),
+            "{dtype:?}: diff {diff}"
+        );
+    }
+}
+
+#[test]
+fn pndm_steps_half_precision_samples_in_their_own_dtype() {
+    assert_half_close(sd15_config());
+}
+
+#[test]
+fn ddim_steps_half_precision_samples_in_their_own_dtype() {
+    assert_half_close(with(sd15_config(), "_class_name", json!("DDIMScheduler")));
+}
+
+#[test]
+fn euler_steps_half_precision_samples_in_their_own_dtype() {
+    assert_half_close(with(
+        sd15_config(),
+        "_class_name",
+        json!("EulerDiscreteScheduler"),
+    ));
 }

@@ -298,7 +298,7 @@ impl<P: Protocol> Task<P> {
     /// `text` with the API key (if any) replaced by `[redacted]`.
     fn scrub(&self, text: String) -> String {
         match &self.key {
-            Some(_key) => text,
+            Some(key) => key.redact(&text),
             None => text,
         }
     }

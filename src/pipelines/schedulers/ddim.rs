@@ -26,7 +26,10 @@ pub struct DdimScheduler {
 
 impl DdimScheduler {
     /// Builds the scheduler from `config` for `num_inference_steps` (1 to `num_train_timesteps`).
-    pub fn new(config: &SchedulerConfig, num_inference_steps: usize) -> Result<Self, PipelineError> {
+    pub fn new(
+        config: &SchedulerConfig,
+        num_inference_steps: usize,
+    ) -> Result<Self, PipelineError> {
         let n_train = config.num_train_timesteps;
         if num_inference_steps > n_train {
             return Err(config.invalid_steps(format!(
@@ -95,16 +98,24 @@ impl Scheduler for DdimScheduler {
         // Formula (12) of the DDIM paper: predicted x_0 and the noise direction.
         let (pred_original, pred_epsilon) = match self.prediction_type {
             PredictionType::Epsilon => {
-                let x0 = div_scalar(&(&sample - mul_scalar(&model_output, sqrt_beta)?)?, sqrt_alpha)?;
+                let x0 = div_scalar(
+                    &(&sample - mul_scalar(&model_output, sqrt_beta)?)?,
+                    sqrt_alpha,
+                )?;
                 (x0, model_output)
             }
             PredictionType::Sample => {
-                let eps = div_scalar(&(&sample - mul_scalar(&model_output, sqrt_alpha)?)?, sqrt_beta)?;
+                let eps = div_scalar(
+                    &(&sample - mul_scalar(&model_output, sqrt_alpha)?)?,
+                    sqrt_beta,
+                )?;
                 (model_output, eps)
             }
             PredictionType::VPrediction => {
-                let x0 = (mul_scalar(&sample, sqrt_alpha)? - mul_scalar(&model_output, sqrt_beta)?)?;
-                let eps = (mul_scalar(&model_output, sqrt_alpha)? + mul_scalar(&sample, sqrt_beta)?)?;
+                let x0 =
+                    (mul_scalar(&sample, sqrt_alpha)? - mul_scalar(&model_output, sqrt_beta)?)?;
+                let eps =
+                    (mul_scalar(&model_output, sqrt_alpha)? + mul_scalar(&sample, sqrt_beta)?)?;
                 (x0, eps)
             }
         };

@@ -32,7 +32,10 @@ pub struct EulerDiscreteScheduler {
 
 impl EulerDiscreteScheduler {
     /// Builds the scheduler from `config` for `num_inference_steps` (at least 1).
-    pub fn new(config: &SchedulerConfig, num_inference_steps: usize) -> Result<Self, PipelineError> {
+    pub fn new(
+        config: &SchedulerConfig,
+        num_inference_steps: usize,
+    ) -> Result<Self, PipelineError> {
         let n = num_inference_steps;
         let n_train = config.num_train_timesteps;
         // With zero-SNR rescaling the last value is already 2^-24 rather than 0.

@@ -213,10 +213,13 @@ impl SchedulerConfig {
             obj,
             source: source_name,
         };
-        let class_name = keys.string("_class_name")?.ok_or_else(|| PipelineError::ModelFile {
-            path: source_name.to_string(),
-            message: "missing key `_class_name`; expected a diffusers scheduler config".to_string(),
-        })?;
+        let class_name = keys
+            .string("_class_name")?
+            .ok_or_else(|| PipelineError::ModelFile {
+                path: source_name.to_string(),
+                message: "missing key `_class_name`; expected a diffusers scheduler config"
+                    .to_string(),
+            })?;
         let kind = match class_name.as_str() {
             "PNDMScheduler" => SchedulerKind::Pndm,
             "DDIMScheduler" => SchedulerKind::Ddim,
@@ -408,8 +411,11 @@ impl SchedulerConfig {
                     .collect()
             }
             BetaSchedule::SquaredCosCapV2 => {
-                let alpha_bar =
-                    |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+                let alpha_bar = |t: f64| {
+                    ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+                        .cos()
+                        .powi(2)
+                };
                 (0..n)
                     .map(|i| {
                         let t1 = i as f64 / n as f64;

@@ -39,7 +39,10 @@ pub struct PndmScheduler {
 impl PndmScheduler {
     /// Builds the scheduler from `config` for `num_inference_steps` (at least 1; at least 4
     /// without `skip_prk_steps`, where diffusers needs four timesteps for its Runge-Kutta steps).
-    pub fn new(config: &SchedulerConfig, num_inference_steps: usize) -> Result<Self, PipelineError> {
+    pub fn new(
+        config: &SchedulerConfig,
+        num_inference_steps: usize,
+    ) -> Result<Self, PipelineError> {
         let n_train = config.num_train_timesteps;
         let alphas_cumprod = config.alphas_cumprod();
         let final_alpha_cumprod = if config.set_alpha_to_one {
@@ -68,7 +71,10 @@ impl PndmScheduler {
             let half = (n_train / num_inference_steps / 2) as i64;
             // Each of the last four timesteps t gives (t, t + half); drop the last value,
             // repeat each value twice and trim both ends, then reverse.
-            let pairs: Vec<i64> = base[len - 4..].iter().flat_map(|&t| [t, t + half]).collect();
+            let pairs: Vec<i64> = base[len - 4..]
+                .iter()
+                .flat_map(|&t| [t, t + half])
+                .collect();
             let doubled: Vec<i64> = pairs[..pairs.len() - 1]
                 .iter()
                 .flat_map(|&t| [t, t])
@@ -216,8 +222,10 @@ impl PndmScheduler {
         let beta_prod_t_prev = 1.0 - alpha_prod_t_prev;
 
         let model_output = match self.prediction_type {
-            PredictionType::VPrediction => (mul_scalar(model_output, f64::from(alpha_prod_t.sqrt()))?
-                + mul_scalar(sample, f64::from(beta_prod_t.sqrt()))?)?,
+            PredictionType::VPrediction => {
+                (mul_scalar(model_output, f64::from(alpha_prod_t.sqrt()))?
+                    + mul_scalar(sample, f64::from(beta_prod_t.sqrt()))?)?
+            }
             _ => model_output.clone(),
         };
         let sample_coeff = (alpha_prod_t_prev / alpha_prod_t).sqrt();
