@@ -76,7 +76,7 @@ const KNOWN_MODELS: [(&str, &str, usize); 5] = [
 ];
 
 /// The verifiers a config may name.
-pub const VERIFIER_NAMES: [&str; 3] = ["gemini", "openai", "qwen"];
+pub const VERIFIER_NAMES: &[&str] = crate::verifiers::SUPPORTED;
 
 /// Top-level keys of a config file.
 const TOP_KEYS: [&str; 7] = [

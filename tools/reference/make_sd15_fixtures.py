@@ -9,7 +9,8 @@ Writes
   tests/fixtures/tiny-sd15/   a tiny SD 1.5 in diffusers layout (model_index.json, unet/, vae/,
                               text_encoder/, tokenizer/ with vocab.json + merges.txt only,
                               scheduler/ with SD 1.5's real PNDM config), saved with
-                              save_pretrained(safe_serialization=True), plus the unet fp16 variant.
+                              save_pretrained(safe_serialization=True), plus fp16 variants of
+                              the text encoder and VAE.
   tests/fixtures/sd15/        reference outputs from transformers/diffusers (fp32, CPU):
     tokens.json               prompt -> CLIPTokenizer ids (padding="max_length", truncation)
     reference.safetensors     text encoder states, one UNet forward, one VAE decode,
@@ -252,9 +253,14 @@ def build_model():
     # The real repo's scheduler config, byte for byte in content.
     with open(os.path.join(MODEL, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(SD15_SCHEDULER, f, indent=2)
-    # fp16 variant for the UNet only (the other components fall back to the plain files).
-    unet.to(torch.float16).save_pretrained(os.path.join(MODEL, "unet"), safe_serialization=True, variant="fp16")
-    unet.to(torch.float32)
+    # fp16 variants for the text encoder and the VAE (the small components, to keep the fixture
+    # small); the UNet has none, so an fp16 load falls back to its plain fp32 file and converts.
+    text_encoder.to(torch.float16).save_pretrained(
+        os.path.join(MODEL, "text_encoder"), safe_serialization=True, variant="fp16"
+    )
+    text_encoder.to(torch.float32)
+    vae.to(torch.float16).save_pretrained(os.path.join(MODEL, "vae"), safe_serialization=True, variant="fp16")
+    vae.to(torch.float32)
 
 
 def main():

@@ -618,7 +618,8 @@ fn np_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 /// `np.arange(start, stop, step)` in float64 (numpy's length rule and fill rule).
 fn np_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let len = ((stop - start) / step).ceil();
-    if !(len > 0.0) {
+    // A NaN length (a zero step) or a non-positive one gives an empty range, as in numpy.
+    if len.is_nan() || len <= 0.0 {
         return Vec::new();
     }
     let len = len as usize;
