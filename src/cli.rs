@@ -46,7 +46,11 @@ fn parse_num_prompts(s: &str) -> Result<NumPromptsArg, String> {
     }
     s.parse::<NumPrompts>()
         .map(NumPromptsArg::Take)
-        .map_err(|_| format!("`{s}` is not a number of prompts: give a positive whole number, `all`, or `none`"))
+        .map_err(|_| {
+            format!(
+                "`{s}` is not a number of prompts: give a positive whole number, `all`, or `none`"
+            )
+        })
 }
 
 /// `--device`: `auto`, `cpu`, `cuda` or `cuda:N`.
@@ -70,14 +74,16 @@ fn parse_device_arg(s: &str) -> Result<DeviceArg, String> {
 fn parse_batch_size(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(n) if (1..=4096).contains(&n) => Ok(n),
-        _ => Err(format!("`{s}` is not a batch size: give a whole number from 1 to 4096")),
+        _ => Err(format!(
+            "`{s}` is not a batch size: give a whole number from 1 to 4096"
+        )),
     }
 }
 
 fn parse_seed(s: &str) -> Result<u64, String> {
-    s.trim()
-        .parse::<u64>()
-        .map_err(|_| format!("`{s}` is not a seed: give a whole number from 0 to 18446744073709551615"))
+    s.trim().parse::<u64>().map_err(|_| {
+        format!("`{s}` is not a seed: give a whole number from 0 to 18446744073709551615")
+    })
 }
 
 /// Flags of `tt-scale run`.

@@ -138,7 +138,14 @@ pub fn row_collage(images: &[(usize, RgbImage)]) -> RgbImage {
         }
         let scale = (h / 64).max(1);
         let margin = (h / 50).max(1);
-        draw_text(&mut canvas, x0 + margin, margin, &format!("i={round}"), scale, x0 + w);
+        draw_text(
+            &mut canvas,
+            x0 + margin,
+            margin,
+            &format!("i={round}"),
+            scale,
+            x0 + w,
+        );
     }
     canvas
 }
@@ -174,7 +181,11 @@ fn draw_text(canvas: &mut RgbImage, x: u32, y: u32, text: &str, scale: u32, x_li
         }
     };
     for pass in 0..2 {
-        let (off, color) = if pass == 0 { (scale.div_ceil(2), shadow) } else { (0, ivory) };
+        let (off, color) = if pass == 0 {
+            (scale.div_ceil(2), shadow)
+        } else {
+            (0, ivory)
+        };
         for (k, c) in text.chars().enumerate() {
             let gx = x + off + k as u32 * 6 * scale;
             for (row, bits) in glyph(c).iter().enumerate() {
@@ -182,7 +193,11 @@ fn draw_text(canvas: &mut RgbImage, x: u32, y: u32, text: &str, scale: u32, x_li
                     if bits & (0x10 >> col) != 0 {
                         for dy in 0..scale {
                             for dx in 0..scale {
-                                put(gx + col * scale + dx, y + off + row as u32 * scale + dy, color);
+                                put(
+                                    gx + col * scale + dx,
+                                    y + off + row as u32 * scale + dy,
+                                    color,
+                                );
                             }
                         }
                     }
@@ -199,7 +214,10 @@ mod tests {
     #[test]
     fn round_file_names_parse() {
         let f = parse_round_file("prompt@a_cat_hash@1234abcd_i@3_s@42.json").unwrap();
-        assert_eq!((f.name.as_str(), f.hash.as_str(), f.round), ("a_cat", "1234abcd", 3));
+        assert_eq!(
+            (f.name.as_str(), f.hash.as_str(), f.round),
+            ("a_cat", "1234abcd", 3)
+        );
         assert_eq!(f.stem, "prompt@a_cat_hash@1234abcd_i@3_s@42");
         let n = parse_round_file("prompt@x_hash@1234abcd_i@2_s@7-n99.json").unwrap();
         assert_eq!(n.round, 2);
@@ -219,9 +237,8 @@ mod tests {
         assert_eq!(*c.get_pixel(124, 60), Rgb([200, 100, 50]));
         // The label is drawn in ivory near the top-left corner of each cell.
         let ivory = Rgb([255, 255, 240]);
-        let has_label = |x0: u32| {
-            (x0..x0 + 32).any(|x| (0..16).any(|y| *c.get_pixel(x, y) == ivory))
-        };
+        let has_label =
+            |x0: u32| (x0..x0 + 32).any(|x| (0..16).any(|y| *c.get_pixel(x, y) == ivory));
         assert!(has_label(0) && has_label(64));
     }
 }

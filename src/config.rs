@@ -70,7 +70,11 @@ use serde_json::{Map, Value};
 const KNOWN_MODELS: [(&str, &str, usize); 5] = [
     ("black-forest-labs/FLUX.1-dev", "flux.1-dev", 16),
     ("black-forest-labs/FLUX.1-schnell", "flux.1-schnell", 16),
-    ("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "pixart-sigma-1024-ms", 8),
+    (
+        "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+        "pixart-sigma-1024-ms",
+        8,
+    ),
     ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl-base", 8),
     ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd-v1.5", 8),
 ];
@@ -287,11 +291,19 @@ pub fn model_size_factor(model: &str) -> usize {
         let class = std::fs::read_to_string(dir.join("model_index.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .and_then(|v| v.get("_class_name").and_then(Value::as_str).map(String::from));
+            .and_then(|v| {
+                v.get("_class_name")
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            });
         let vae_factor = std::fs::read_to_string(dir.join("vae").join("config.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .and_then(|v| v.get("block_out_channels").and_then(Value::as_array).map(Vec::len))
+            .and_then(|v| {
+                v.get("block_out_channels")
+                    .and_then(Value::as_array)
+                    .map(Vec::len)
+            })
             .map(|n| 1usize << n.saturating_sub(1))
             .unwrap_or(8);
         if class.as_deref().is_some_and(|c| c.starts_with("Flux")) {
@@ -431,18 +443,14 @@ impl Reader<'_> {
                 });
                 match v {
                     Some(v) if v >= min => Ok(Some(v)),
-                    _ => Err(self.invalid(
-                        &jp,
-                        format!("must be a whole number >= {min}, not {n}"),
-                    )),
+                    _ => {
+                        Err(self.invalid(&jp, format!("must be a whole number >= {min}, not {n}")))
+                    }
                 }
             }
             Some(other) => Err(self.invalid(
                 &jp,
-                format!(
-                    "must be a whole number >= {min}, not {}",
-                    type_name(other)
-                ),
+                format!("must be a whole number >= {min}, not {}", type_name(other)),
             )),
         }
     }
@@ -626,7 +634,8 @@ impl Config {
             ));
         }
         let metrics = crate::verifiers::METRICS.join(", ");
-        let metric = r.required_string(va, "choice_of_metric", v, &format!("allowed: {metrics}"))?;
+        let metric =
+            r.required_string(va, "choice_of_metric", v, &format!("allowed: {metrics}"))?;
         if !crate::verifiers::METRICS.contains(&metric.as_str()) {
             return Err(r.invalid(
                 "verifier_args.choice_of_metric",
@@ -640,7 +649,10 @@ impl Config {
         verifier_args.model_name = r.string(va, "model_name", v)?;
         if let Some(m) = &verifier_args.model_name {
             if m.trim().is_empty() {
-                return Err(r.invalid("verifier_args.model_name", "is empty; leave it out to use the verifier's default model"));
+                return Err(r.invalid(
+                    "verifier_args.model_name",
+                    "is empty; leave it out to use the verifier's default model",
+                ));
             }
         }
         verifier_args.prompt_path = r.string(va, "prompt_path", v)?.map(PathBuf::from);
@@ -676,7 +688,10 @@ impl Config {
         }
         if let Some(t) = r.number(va, "timeout_s", v)? {
             if t <= 0.0 {
-                return Err(r.invalid("verifier_args.timeout_s", format!("is {t}; it must be > 0 seconds")));
+                return Err(r.invalid(
+                    "verifier_args.timeout_s",
+                    format!("is {t}; it must be > 0 seconds"),
+                ));
             }
             verifier_args.timeout_s = t;
         }
@@ -699,7 +714,10 @@ impl Config {
             .string(sa, "search_method", s)?
             .unwrap_or_else(|| "random".to_string());
         let rounds = to_usize(r.uint(sa, "search_rounds", s, 1)?).ok_or_else(|| {
-            r.invalid("search_args.search_rounds", "is missing; give the number of search rounds (>= 1)")
+            r.invalid(
+                "search_args.search_rounds",
+                "is missing; give the number of search rounds (>= 1)",
+            )
         })?;
         if rounds > 20 {
             return Err(r.invalid(
@@ -758,7 +776,10 @@ impl Config {
         };
         if let Some(ea) = root.get("export_args") {
             if !ea.is_object() {
-                return Err(r.invalid("export_args", format!("must be a JSON object, not {}", type_name(ea))));
+                return Err(r.invalid(
+                    "export_args",
+                    format!("must be a JSON object, not {}", type_name(ea)),
+                ));
             }
             r.warnings.push(format!(
                 "{}: `export_args` only applies to video models and is ignored",

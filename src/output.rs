@@ -220,10 +220,7 @@ impl serde_json::ser::Formatter for PythonFormatter {
     ) -> std::io::Result<()> {
         self.inner.begin_object_key(w, first)
     }
-    fn begin_object_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-    ) -> std::io::Result<()> {
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
         self.inner.begin_object_value(w)
     }
     fn end_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
@@ -247,7 +244,6 @@ impl serde_json::ser::Formatter for PythonFormatter {
         Ok(())
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -288,9 +284,18 @@ mod tests {
     #[test]
     fn model_folders_use_the_originals_short_names_or_a_sanitised_name() {
         assert_eq!(model_dir_name("black-forest-labs/FLUX.1-dev"), "flux.1-dev");
-        assert_eq!(model_dir_name("stable-diffusion-v1-5/stable-diffusion-v1-5"), "sd-v1.5");
-        assert_eq!(model_dir_name("stabilityai/stable-diffusion-xl-base-1.0"), "sdxl-base");
-        assert_eq!(model_dir_name("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"), "pixart-sigma-1024-ms");
+        assert_eq!(
+            model_dir_name("stable-diffusion-v1-5/stable-diffusion-v1-5"),
+            "sd-v1.5"
+        );
+        assert_eq!(
+            model_dir_name("stabilityai/stable-diffusion-xl-base-1.0"),
+            "sdxl-base"
+        );
+        assert_eq!(
+            model_dir_name("PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"),
+            "pixart-sigma-1024-ms"
+        );
         assert_eq!(model_dir_name("someone/My Model"), "my_model");
         assert_eq!(model_dir_name("/data/models/tiny-sd15/"), "tiny-sd15");
         assert_eq!(model_dir_name("/"), "model");

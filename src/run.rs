@@ -109,7 +109,11 @@ impl std::fmt::Display for RunSummary {
         writeln!(f, "Summary")?;
         for (prompt, best) in &self.best_scores {
             let short: String = prompt.chars().take(70).collect();
-            let ell = if prompt.chars().count() > 70 { "..." } else { "" };
+            let ell = if prompt.chars().count() > 70 {
+                "..."
+            } else {
+                ""
+            };
             match best {
                 Some(s) => writeln!(f, "  best {s:>5.2}  {short}{ell}")?,
                 None => writeln!(f, "  best   n/a  {short}{ell} (every grading failed)")?,
@@ -151,7 +155,14 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
     let prompts = prompts::load_prompts(&source.0, source.1)?;
     tracing::info!("{} prompt(s)", prompts.len());
     let mut pipeline = load_pipeline(&config, &device, opts.low_vram)?;
-    run_with(opts, &config, &prompts, pipeline.as_mut(), verifier.as_ref(), started)
+    run_with(
+        opts,
+        &config,
+        &prompts,
+        pipeline.as_mut(),
+        verifier.as_ref(),
+        started,
+    )
 }
 
 /// The search and output part of [`run`], for an already loaded pipeline and verifier.
@@ -175,7 +186,10 @@ pub fn run_with(
         &run_dir.join("config.json"),
         &run_record(config, opts, master_seed),
     )?;
-    eprintln!("tt-scale: master seed {master_seed}, writing to {}", run_dir.display());
+    eprintln!(
+        "tt-scale: master seed {master_seed}, writing to {}",
+        run_dir.display()
+    );
 
     let settings = SearchSettings {
         method: config.search_args.method,
@@ -237,8 +251,7 @@ fn prompt_source(opts: &RunOptions) -> Result<(PromptSource, NumPrompts), RunErr
 /// The candle device for `--device` (auto: CUDA when built with it and present).
 pub fn select_device(spec: Option<DeviceSpec>) -> Result<candle_core::Device, RunError> {
     match spec {
-        None => Ok(candle_core::Device::cuda_if_available(0)
-            .unwrap_or(candle_core::Device::Cpu)),
+        None => Ok(candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu)),
         Some(DeviceSpec::Cpu) => Ok(candle_core::Device::Cpu),
         Some(DeviceSpec::Cuda(n)) => {
             if !candle_core::utils::cuda_is_available() {
@@ -268,7 +281,9 @@ fn load_pipeline(
         .to_string();
     let args = &config.pipeline_call_args;
     if low_vram {
-        tracing::info!("--low-vram: the SD 1.5 pipeline keeps all components resident (they fit in a few GB)");
+        tracing::info!(
+            "--low-vram: the SD 1.5 pipeline keeps all components resident (they fit in a few GB)"
+        );
     }
     match class.as_str() {
         "StableDiffusionPipeline" => {
@@ -386,11 +401,17 @@ impl OutputWriter {
             ProgressStyle::with_template(t).unwrap_or_else(|_| ProgressStyle::default_bar())
         };
         let prompts = multi.add(ProgressBar::new(num_prompts as u64));
-        prompts.set_style(style("prompts {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}"));
+        prompts.set_style(style(
+            "prompts {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+        ));
         let rounds = multi.add(ProgressBar::new(settings.rounds as u64));
-        rounds.set_style(style("rounds  {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}]"));
+        rounds.set_style(style(
+            "rounds  {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}]",
+        ));
         let images = multi.add(ProgressBar::new(0));
-        images.set_style(style("images  {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {per_sec}"));
+        images.set_style(style(
+            "images  {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {per_sec}",
+        ));
         Self {
             run_dir,
             metric: settings.metric.clone(),
@@ -480,12 +501,18 @@ impl SearchObserver for OutputWriter {
             let mut cj = Map::new();
             cj.insert("seed".into(), json!(c.origin.root_seed()));
             cj.insert("label".into(), json!(c.origin.label()));
-            cj.insert("noise".into(), serde_json::to_value(&c.origin).unwrap_or(Value::Null));
+            cj.insert(
+                "noise".into(),
+                serde_json::to_value(&c.origin).unwrap_or(Value::Null),
+            );
             cj.insert("img_path".into(), json!(self.path_string(&file)));
             cj.insert("score".into(), grading_score(c, &self.metric));
             match &c.grading {
                 Ok(g) => {
-                    cj.insert("grading".into(), serde_json::to_value(g).unwrap_or(Value::Null));
+                    cj.insert(
+                        "grading".into(),
+                        serde_json::to_value(g).unwrap_or(Value::Null),
+                    );
                 }
                 Err(e) => {
                     if !c.carried_over {
@@ -513,7 +540,10 @@ impl SearchObserver for OutputWriter {
                 d.insert("best_noise_seed".into(), json!(best.origin.root_seed()));
                 d.insert("best_score".into(), grading_score(best, &self.metric));
                 d.insert("choice_of_metric".into(), json!(self.metric));
-                d.insert("best_img_path".into(), json!(self.path_string(&file_names[i])));
+                d.insert(
+                    "best_img_path".into(),
+                    json!(self.path_string(&file_names[i])),
+                );
                 if self.best.as_ref().is_none_or(|b| score > b.score) {
                     self.best = Some(BestSoFar {
                         round: r.round,

@@ -52,41 +52,187 @@ fn edit(f: impl FnOnce(&mut serde_json::Value)) -> String {
 #[test]
 fn bad_configs_name_the_key_exit_2_and_write_nothing() {
     use serde_json::json;
-    type Case = (&'static str, Box<dyn FnOnce(&mut serde_json::Value)>, &'static [&'static str]);
+    type Case = (
+        &'static str,
+        Box<dyn FnOnce(&mut serde_json::Value)>,
+        &'static [&'static str],
+    );
     let cases: Vec<Case> = vec![
-        ("missing model", Box::new(|v| { v.as_object_mut().unwrap().remove("pretrained_model_name_or_path"); }), &["pretrained_model_name_or_path", "missing"]),
-        ("missing dtype", Box::new(|v| { v.as_object_mut().unwrap().remove("torch_dtype"); }), &["torch_dtype", "fp32, fp16, bf16"]),
-        ("bad dtype", Box::new(|v| v["torch_dtype"] = json!("fp8")), &["torch_dtype", "fp8", "fp32, fp16, bf16"]),
-        ("dtype wrong type", Box::new(|v| v["torch_dtype"] = json!(16)), &["torch_dtype", "must be a string"]),
-        ("missing search_args", Box::new(|v| { v.as_object_mut().unwrap().remove("search_args"); }), &["search_args", "missing"]),
-        ("search_args not object", Box::new(|v| v["search_args"] = json!([1])), &["search_args", "JSON object"]),
-        ("unknown method", Box::new(|v| v["search_args"]["search_method"] = json!("beam")), &["search_args.search_method", "random, zero-order"]),
-        ("rounds zero", Box::new(|v| v["search_args"]["search_rounds"] = json!(0)), &["search_args.search_rounds", ">= 1"]),
-        ("rounds missing", Box::new(|v| { v["search_args"].as_object_mut().unwrap().remove("search_rounds"); }), &["search_args.search_rounds", "missing"]),
-        ("rounds fractional", Box::new(|v| v["search_args"]["search_rounds"] = json!(2.5)), &["search_args.search_rounds", "whole number"]),
-        ("threshold missing", Box::new(|v| v["search_args"] = json!({"search_method": "zero-order", "search_rounds": 2, "num_neighbors": 2})), &["search_args.threshold", "missing", "(0, 1)"]),
-        ("threshold one", Box::new(|v| v["search_args"] = json!({"search_method": "zero-order", "search_rounds": 2, "threshold": 1.0, "num_neighbors": 2})), &["search_args.threshold", "(0, 1)"]),
-        ("threshold negative", Box::new(|v| v["search_args"] = json!({"search_method": "zero-order", "search_rounds": 2, "threshold": -0.5, "num_neighbors": 2})), &["search_args.threshold", "(0, 1)"]),
-        ("neighbors zero", Box::new(|v| v["search_args"] = json!({"search_method": "zero-order", "search_rounds": 2, "threshold": 0.9, "num_neighbors": 0})), &["search_args.num_neighbors", ">= 1"]),
-        ("unknown verifier", Box::new(|v| v["verifier_args"]["name"] = json!("claude")), &["verifier_args.name", "gemini, openai, qwen"]),
-        ("laion", Box::new(|v| v["verifier_args"]["name"] = json!("laion_aesthetic")), &["verifier_args.name", "LAION"]),
-        ("unknown metric", Box::new(|v| v["verifier_args"]["choice_of_metric"] = json!("beauty")), &["verifier_args.choice_of_metric", "overall_score"]),
-        ("missing metric", Box::new(|v| { v["verifier_args"].as_object_mut().unwrap().remove("choice_of_metric"); }), &["verifier_args.choice_of_metric", "missing"]),
-        ("height not multiple", Box::new(|v| v["pipeline_call_args"]["height"] = json!(500)), &["pipeline_call_args.height", "multiple of 8"]),
-        ("width zero", Box::new(|v| v["pipeline_call_args"]["width"] = json!(0)), &["pipeline_call_args.width", ">= 1"]),
-        ("steps zero", Box::new(|v| v["pipeline_call_args"]["num_inference_steps"] = json!(0)), &["pipeline_call_args.num_inference_steps", ">= 1"]),
-        ("guidance string", Box::new(|v| v["pipeline_call_args"]["guidance_scale"] = json!("7")), &["pipeline_call_args.guidance_scale", "number"]),
-        ("negative prompt number", Box::new(|v| v["pipeline_call_args"]["negative_prompt"] = json!(3)), &["pipeline_call_args.negative_prompt", "string"]),
-        ("bad base url", Box::new(|v| v["verifier_args"]["base_url"] = json!("localhost:8000")), &["verifier_args.base_url", "http://"]),
-        ("prompt_path missing file", Box::new(|v| v["verifier_args"]["prompt_path"] = json!("nope.txt")), &["verifier_args.prompt_path", "nope.txt"]),
-        ("concurrency zero", Box::new(|v| v["verifier_args"]["concurrency"] = json!(0)), &["verifier_args.concurrency", ">= 1"]),
-        ("timeout negative", Box::new(|v| v["verifier_args"]["timeout_s"] = json!(-1)), &["verifier_args.timeout_s", "> 0"]),
-        ("bad noise kernel", Box::new(|v| v["noise_kernel"] = json!("avx")), &["noise_kernel", "portable"]),
+        (
+            "missing model",
+            Box::new(|v| {
+                v.as_object_mut()
+                    .unwrap()
+                    .remove("pretrained_model_name_or_path");
+            }),
+            &["pretrained_model_name_or_path", "missing"],
+        ),
+        (
+            "missing dtype",
+            Box::new(|v| {
+                v.as_object_mut().unwrap().remove("torch_dtype");
+            }),
+            &["torch_dtype", "fp32, fp16, bf16"],
+        ),
+        (
+            "bad dtype",
+            Box::new(|v| v["torch_dtype"] = json!("fp8")),
+            &["torch_dtype", "fp8", "fp32, fp16, bf16"],
+        ),
+        (
+            "dtype wrong type",
+            Box::new(|v| v["torch_dtype"] = json!(16)),
+            &["torch_dtype", "must be a string"],
+        ),
+        (
+            "missing search_args",
+            Box::new(|v| {
+                v.as_object_mut().unwrap().remove("search_args");
+            }),
+            &["search_args", "missing"],
+        ),
+        (
+            "search_args not object",
+            Box::new(|v| v["search_args"] = json!([1])),
+            &["search_args", "JSON object"],
+        ),
+        (
+            "unknown method",
+            Box::new(|v| v["search_args"]["search_method"] = json!("beam")),
+            &["search_args.search_method", "random, zero-order"],
+        ),
+        (
+            "rounds zero",
+            Box::new(|v| v["search_args"]["search_rounds"] = json!(0)),
+            &["search_args.search_rounds", ">= 1"],
+        ),
+        (
+            "rounds missing",
+            Box::new(|v| {
+                v["search_args"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("search_rounds");
+            }),
+            &["search_args.search_rounds", "missing"],
+        ),
+        (
+            "rounds fractional",
+            Box::new(|v| v["search_args"]["search_rounds"] = json!(2.5)),
+            &["search_args.search_rounds", "whole number"],
+        ),
+        (
+            "threshold missing",
+            Box::new(|v| {
+                v["search_args"] =
+                    json!({"search_method": "zero-order", "search_rounds": 2, "num_neighbors": 2})
+            }),
+            &["search_args.threshold", "missing", "(0, 1)"],
+        ),
+        (
+            "threshold one",
+            Box::new(
+                |v| v["search_args"] = json!({"search_method": "zero-order", "search_rounds": 2, "threshold": 1.0, "num_neighbors": 2}),
+            ),
+            &["search_args.threshold", "(0, 1)"],
+        ),
+        (
+            "threshold negative",
+            Box::new(
+                |v| v["search_args"] = json!({"search_method": "zero-order", "search_rounds": 2, "threshold": -0.5, "num_neighbors": 2}),
+            ),
+            &["search_args.threshold", "(0, 1)"],
+        ),
+        (
+            "neighbors zero",
+            Box::new(
+                |v| v["search_args"] = json!({"search_method": "zero-order", "search_rounds": 2, "threshold": 0.9, "num_neighbors": 0}),
+            ),
+            &["search_args.num_neighbors", ">= 1"],
+        ),
+        (
+            "unknown verifier",
+            Box::new(|v| v["verifier_args"]["name"] = json!("claude")),
+            &["verifier_args.name", "gemini, openai, qwen"],
+        ),
+        (
+            "laion",
+            Box::new(|v| v["verifier_args"]["name"] = json!("laion_aesthetic")),
+            &["verifier_args.name", "LAION"],
+        ),
+        (
+            "unknown metric",
+            Box::new(|v| v["verifier_args"]["choice_of_metric"] = json!("beauty")),
+            &["verifier_args.choice_of_metric", "overall_score"],
+        ),
+        (
+            "missing metric",
+            Box::new(|v| {
+                v["verifier_args"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("choice_of_metric");
+            }),
+            &["verifier_args.choice_of_metric", "missing"],
+        ),
+        (
+            "height not multiple",
+            Box::new(|v| v["pipeline_call_args"]["height"] = json!(500)),
+            &["pipeline_call_args.height", "multiple of 8"],
+        ),
+        (
+            "width zero",
+            Box::new(|v| v["pipeline_call_args"]["width"] = json!(0)),
+            &["pipeline_call_args.width", ">= 1"],
+        ),
+        (
+            "steps zero",
+            Box::new(|v| v["pipeline_call_args"]["num_inference_steps"] = json!(0)),
+            &["pipeline_call_args.num_inference_steps", ">= 1"],
+        ),
+        (
+            "guidance string",
+            Box::new(|v| v["pipeline_call_args"]["guidance_scale"] = json!("7")),
+            &["pipeline_call_args.guidance_scale", "number"],
+        ),
+        (
+            "negative prompt number",
+            Box::new(|v| v["pipeline_call_args"]["negative_prompt"] = json!(3)),
+            &["pipeline_call_args.negative_prompt", "string"],
+        ),
+        (
+            "bad base url",
+            Box::new(|v| v["verifier_args"]["base_url"] = json!("localhost:8000")),
+            &["verifier_args.base_url", "http://"],
+        ),
+        (
+            "prompt_path missing file",
+            Box::new(|v| v["verifier_args"]["prompt_path"] = json!("nope.txt")),
+            &["verifier_args.prompt_path", "nope.txt"],
+        ),
+        (
+            "concurrency zero",
+            Box::new(|v| v["verifier_args"]["concurrency"] = json!(0)),
+            &["verifier_args.concurrency", ">= 1"],
+        ),
+        (
+            "timeout negative",
+            Box::new(|v| v["verifier_args"]["timeout_s"] = json!(-1)),
+            &["verifier_args.timeout_s", "> 0"],
+        ),
+        (
+            "bad noise kernel",
+            Box::new(|v| v["noise_kernel"] = json!("avx")),
+            &["noise_kernel", "portable"],
+        ),
     ];
     for (name, f, needles) in cases {
         let (code, stderr, dir) = run_config(&edit(f), &[]);
         assert_eq!(code, 2, "{name}: exit code; stderr: {stderr}");
-        assert!(stderr.contains("c.json"), "{name}: names the file: {stderr}");
+        assert!(
+            stderr.contains("c.json"),
+            "{name}: names the file: {stderr}"
+        );
         for n in needles {
             assert!(stderr.contains(n), "{name}: expected {n:?} in: {stderr}");
         }
@@ -98,17 +244,26 @@ fn bad_configs_name_the_key_exit_2_and_write_nothing() {
 fn json_syntax_errors_give_line_and_column() {
     let (code, stderr, dir) = run_config("{\"torch_dtype\": \"fp32\",,}", &[]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("c.json") && stderr.contains("line 1"), "{stderr}");
+    assert!(
+        stderr.contains("c.json") && stderr.contains("line 1"),
+        "{stderr}"
+    );
     assert!(!dir.path().join("out").exists());
 }
 
 #[test]
 fn a_missing_config_file_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let out = tt_scale(&["run", "--pipeline-config", "nope.json", "--prompt", "x"], dir.path());
+    let out = tt_scale(
+        &["run", "--pipeline-config", "nope.json", "--prompt", "x"],
+        dir.path(),
+    );
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("nope.json") && stderr.contains("--pipeline-config"), "{stderr}");
+    assert!(
+        stderr.contains("nope.json") && stderr.contains("--pipeline-config"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -120,7 +275,10 @@ fn unknown_keys_warn_with_a_suggestion() {
     });
     // The run still fails later (no API key), but the warning comes first.
     let (code, stderr, dir) = run_config(&cfg, &[]);
-    assert!(stderr.contains("serach_args") && stderr.contains("did you mean `search_args`"), "{stderr}");
+    assert!(
+        stderr.contains("serach_args") && stderr.contains("did you mean `search_args`"),
+        "{stderr}"
+    );
     assert_eq!(code, 1);
     assert!(stderr.contains("GEMINI_API_KEY"), "{stderr}");
     assert!(!dir.path().join("out").exists());
@@ -148,7 +306,10 @@ fn bad_flags_are_rejected_with_exit_2() {
     for (extra, needle) in cases {
         let (code, stderr, dir) = run_config(GOOD, extra);
         assert_eq!(code, 2, "{extra:?}: {stderr}");
-        assert!(stderr.contains(needle), "{extra:?}: expected {needle:?} in {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{extra:?}: expected {needle:?} in {stderr}"
+        );
         assert!(!dir.path().join("out").exists());
     }
 }
@@ -218,14 +379,22 @@ fn shipped_configs_parse() {
         let path = entry.unwrap().path();
         let cfg = tt_scale::config::Config::load(&path)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert!(cfg.warnings.is_empty(), "{}: {:?}", path.display(), cfg.warnings);
+        assert!(
+            cfg.warnings.is_empty(),
+            "{}: {:?}",
+            path.display(),
+            cfg.warnings
+        );
         n += 1;
     }
     assert!(n >= 5);
     let zo = tt_scale::config::Config::load(&root.join("flux.1_dev_zero_order.json")).unwrap();
     assert_eq!(
         zo.search_args.method,
-        tt_scale::config::SearchMethod::ZeroOrder { threshold: 0.95, num_neighbors: 4 }
+        tt_scale::config::SearchMethod::ZeroOrder {
+            threshold: 0.95,
+            num_neighbors: 4
+        }
     );
 }
 

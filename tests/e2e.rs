@@ -55,8 +55,19 @@ fn run_search(dir: &Path, config: &str, env: &[(&str, &str)], seed: &str, out: &
     let o = tt_scale(
         dir,
         &[
-            "run", "--pipeline-config", "c.json", "--prompt", PROMPT, "--seed", seed, "--output-dir", out,
-            "--batch-size", "3", "--device", "cpu",
+            "run",
+            "--pipeline-config",
+            "c.json",
+            "--prompt",
+            PROMPT,
+            "--seed",
+            seed,
+            "--output-dir",
+            out,
+            "--batch-size",
+            "3",
+            "--device",
+            "cpu",
         ],
         env,
     );
@@ -64,7 +75,12 @@ fn run_search(dir: &Path, config: &str, env: &[(&str, &str)], seed: &str, out: &
     assert!(o.status.success(), "tt-scale run failed: {stderr}");
     assert!(stderr.contains("Summary"), "{stderr}");
     let parent = dir.join(out).join("tiny-sd15");
-    let verifier_dir = std::fs::read_dir(&parent).unwrap().next().unwrap().unwrap().path();
+    let verifier_dir = std::fs::read_dir(&parent)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let metric_dir = verifier_dir.join("overall_score");
     let mut runs: Vec<PathBuf> = std::fs::read_dir(&metric_dir)
         .unwrap()
@@ -93,8 +109,14 @@ fn keys(v: &Value) -> Vec<String> {
 fn random_search_with_gemini_writes_the_originals_tree_and_a_collage() {
     let (base_url, server) = FakeGemini::start(Behaviour::good());
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config("gemini", serde_json::json!({"search_method": "random", "search_rounds": 3}));
-    let env = [("GEMINI_API_KEY", "test-key-123"), ("GEMINI_BASE_URL", base_url.as_str())];
+    let cfg = config(
+        "gemini",
+        serde_json::json!({"search_method": "random", "search_rounds": 3}),
+    );
+    let env = [
+        ("GEMINI_API_KEY", "test-key-123"),
+        ("GEMINI_BASE_URL", base_url.as_str()),
+    ];
     let run = run_search(dir.path(), &cfg, &env, "42", "out");
     assert!(run.starts_with(dir.path().join("out/tiny-sd15/gemini/overall_score")));
     assert!(server.violations().is_empty(), "{:?}", server.violations());
@@ -102,24 +124,41 @@ fn random_search_with_gemini_writes_the_originals_tree_and_a_collage() {
 
     let names = files(&run);
     let pngs: Vec<&String> = names.iter().filter(|n| n.ends_with(".png")).collect();
-    let jsons: Vec<&String> = names.iter().filter(|n| n.ends_with(".json") && n.contains("hash@")).collect();
+    let jsons: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".json") && n.contains("hash@"))
+        .collect();
     assert_eq!(pngs.len(), 14, "{names:?}");
     assert_eq!(jsons.len(), 3, "{names:?}");
     assert!(names.contains("config.json"));
     assert_eq!(names.len(), 18, "nothing else: {names:?}");
     for round in 1..=3 {
-        let n = pngs.iter().filter(|p| p.contains(&format!("_i@{round}_s@"))).count();
+        let n = pngs
+            .iter()
+            .filter(|p| p.contains(&format!("_i@{round}_s@")))
+            .count();
         assert_eq!(n, 1 << round, "round {round}");
     }
     assert!(pngs.iter().all(|p| p.starts_with(PROMPT_NAME)));
 
     let mut best_so_far = f64::MIN;
     for round in 1..=3usize {
-        let name = jsons.iter().find(|j| j.contains(&format!("_i@{round}_s@"))).unwrap();
+        let name = jsons
+            .iter()
+            .find(|j| j.contains(&format!("_i@{round}_s@")))
+            .unwrap();
         let d = read_json(&run.join(name.as_str()));
         assert_eq!(
             keys(&d)[..7],
-            ["prompt", "search_round", "num_noises", "best_noise_seed", "best_score", "choice_of_metric", "best_img_path"]
+            [
+                "prompt",
+                "search_round",
+                "num_noises",
+                "best_noise_seed",
+                "best_score",
+                "choice_of_metric",
+                "best_img_path"
+            ]
         );
         assert_eq!(d["prompt"], PROMPT);
         assert_eq!(d["search_round"], round);
@@ -129,21 +168,34 @@ fn random_search_with_gemini_writes_the_originals_tree_and_a_collage() {
         // The JSON is named after the best image, which exists.
         let best_img = PathBuf::from(d["best_img_path"].as_str().unwrap());
         assert_eq!(best_img.file_stem(), Path::new(name.as_str()).file_stem());
-        let img = image::open(run.join(best_img.file_name().unwrap())).unwrap().to_rgb8();
+        let img = image::open(run.join(best_img.file_name().unwrap()))
+            .unwrap()
+            .to_rgb8();
         // The fake judge scores the image it was sent; the recorded best is the maximum
         // over the round's candidates, ties to the earliest.
         let candidates = d["candidates"].as_array().unwrap();
         assert_eq!(candidates.len(), 1 << round);
-        let scores: Vec<f64> = candidates.iter().map(|c| c["score"]["score"].as_f64().unwrap()).collect();
+        let scores: Vec<f64> = candidates
+            .iter()
+            .map(|c| c["score"]["score"].as_f64().unwrap())
+            .collect();
         let max = scores.iter().cloned().fold(f64::MIN, f64::max);
         let first_max = scores.iter().position(|s| *s == max).unwrap();
         assert_eq!(d["best_noise_seed"], candidates[first_max]["seed"]);
         assert!((d["best_score"]["score"].as_f64().unwrap() - max).abs() < 1e-9);
-        assert!((pixel_score(&img) - max).abs() < 1e-6, "the best image is the one scored {max}");
+        assert!(
+            (pixel_score(&img) - max).abs() < 1e-6,
+            "the best image is the one scored {max}"
+        );
         for c in candidates {
             let p = PathBuf::from(c["img_path"].as_str().unwrap());
-            let im = image::open(run.join(p.file_name().unwrap())).unwrap().to_rgb8();
-            assert!((pixel_score(&im) - c["score"]["score"].as_f64().unwrap()).abs() < 1e-6, "scores are matched to candidates by index");
+            let im = image::open(run.join(p.file_name().unwrap()))
+                .unwrap()
+                .to_rgb8();
+            assert!(
+                (pixel_score(&im) - c["score"]["score"].as_f64().unwrap()).abs() < 1e-6,
+                "scores are matched to candidates by index"
+            );
             assert_eq!(c["noise"]["kind"], "seed");
         }
         best_so_far = best_so_far.max(max);
@@ -151,7 +203,10 @@ fn random_search_with_gemini_writes_the_originals_tree_and_a_collage() {
         assert_eq!(d["num_failed"], 0);
     }
     // Seeds are all distinct.
-    let seeds: BTreeSet<String> = pngs.iter().map(|p| p.rsplit("_s@").next().unwrap().to_string()).collect();
+    let seeds: BTreeSet<String> = pngs
+        .iter()
+        .map(|p| p.rsplit("_s@").next().unwrap().to_string())
+        .collect();
     assert_eq!(seeds.len(), 14);
 
     let c = read_json(&run.join("config.json"));
@@ -162,14 +217,25 @@ fn random_search_with_gemini_writes_the_originals_tree_and_a_collage() {
     assert_eq!(c["batch_size_for_img_gen"], 3);
     assert_eq!(c["tt_scale_version"], env!("CARGO_PKG_VERSION"));
     let all = std::fs::read_to_string(run.join("config.json")).unwrap();
-    assert!(!all.contains("test-key-123"), "keys never appear in outputs");
+    assert!(
+        !all.contains("test-key-123"),
+        "keys never appear in outputs"
+    );
 
     // The collage: one PNG per prompt, the three round bests in a row.
-    let o = tt_scale(dir.path(), &["collage", "--path", run.to_str().unwrap()], &[]);
+    let o = tt_scale(
+        dir.path(),
+        &["collage", "--path", run.to_str().unwrap()],
+        &[],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let collage = run.join(format!(
         "collage_{}_i@1-3.png",
-        PROMPT_NAME.trim_start_matches("prompt@").split("_hash@").next().unwrap()
+        PROMPT_NAME
+            .trim_start_matches("prompt@")
+            .split("_hash@")
+            .next()
+            .unwrap()
     ));
     let img = image::open(&collage).unwrap_or_else(|e| panic!("{}: {e}", collage.display()));
     let first = image::open(run.join(pngs[0].as_str())).unwrap();
@@ -181,22 +247,42 @@ fn random_search_with_gemini_writes_the_originals_tree_and_a_collage() {
 fn the_same_seed_gives_the_same_files_and_selections() {
     let (base_url, _server) = FakeGemini::start(Behaviour::good());
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config("gemini", serde_json::json!({"search_method": "random", "search_rounds": 2}));
-    let env = [("GEMINI_API_KEY", "k"), ("GEMINI_BASE_URL", base_url.as_str())];
+    let cfg = config(
+        "gemini",
+        serde_json::json!({"search_method": "random", "search_rounds": 2}),
+    );
+    let env = [
+        ("GEMINI_API_KEY", "k"),
+        ("GEMINI_BASE_URL", base_url.as_str()),
+    ];
     let a = run_search(dir.path(), &cfg, &env, "7", "a");
     let b = run_search(dir.path(), &cfg, &env, "7", "b");
     let c = run_search(dir.path(), &cfg, &env, "8", "c");
     assert_eq!(files(&a), files(&b));
-    assert_ne!(files(&a), files(&c), "another master seed draws other seeds");
+    assert_ne!(
+        files(&a),
+        files(&c),
+        "another master seed draws other seeds"
+    );
     for name in files(&a) {
         if name.ends_with(".png") {
-            assert_eq!(std::fs::read(a.join(&name)).unwrap(), std::fs::read(b.join(&name)).unwrap(), "{name}");
+            assert_eq!(
+                std::fs::read(a.join(&name)).unwrap(),
+                std::fs::read(b.join(&name)).unwrap(),
+                "{name}"
+            );
         } else if name.contains("hash@") {
             let (mut x, mut y) = (read_json(&a.join(&name)), read_json(&b.join(&name)));
             for v in [&mut x, &mut y] {
                 v.as_object_mut().unwrap().remove("timings");
             }
-            let rel = |run: &Path| run.strip_prefix(dir.path()).unwrap().to_str().unwrap().to_string();
+            let rel = |run: &Path| {
+                run.strip_prefix(dir.path())
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_string()
+            };
             let strip = |v: &Value, run: &Path| v.to_string().replace(&rel(run), "<run>");
             assert_eq!(strip(&x, &a), strip(&y, &b), "{name}");
         }
@@ -211,20 +297,38 @@ fn zero_order_search_records_how_to_regenerate_each_neighbor() {
         "gemini",
         serde_json::json!({"search_method": "zero-order", "search_rounds": 3, "threshold": 0.95, "num_neighbors": 2}),
     );
-    let env = [("GEMINI_API_KEY", "k"), ("GEMINI_BASE_URL", base_url.as_str())];
+    let env = [
+        ("GEMINI_API_KEY", "k"),
+        ("GEMINI_BASE_URL", base_url.as_str()),
+    ];
     let run = run_search(dir.path(), &cfg, &env, "3", "out");
     assert!(server.violations().is_empty());
     let names = files(&run);
-    let jsons: Vec<&String> = names.iter().filter(|n| n.ends_with(".json") && n.contains("hash@")).collect();
+    let jsons: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".json") && n.contains("hash@"))
+        .collect();
     assert_eq!(jsons.len(), 3, "one JSON per round: {names:?}");
     let mut generated = 0;
     let mut prev: Option<Value> = None;
     for round in 1..=3usize {
-        let name = jsons.iter().find(|j| j.contains(&format!("_i@{round}_s@"))).unwrap();
+        let name = jsons
+            .iter()
+            .find(|j| j.contains(&format!("_i@{round}_s@")))
+            .unwrap();
         let d = read_json(&run.join(name.as_str()));
         assert_eq!(
             keys(&d)[..8],
-            ["prompt", "search_round", "num_noises", "best_noise_seed", "best_score", "choice_of_metric", "best_img_path", "neighbors_improvement"]
+            [
+                "prompt",
+                "search_round",
+                "num_noises",
+                "best_noise_seed",
+                "best_score",
+                "choice_of_metric",
+                "best_img_path",
+                "neighbors_improvement"
+            ]
         );
         assert_eq!(d["num_noises"], 3, "the base and two neighbours");
         let cands = d["candidates"].as_array().unwrap();
@@ -250,22 +354,35 @@ fn zero_order_search_records_how_to_regenerate_each_neighbor() {
             let label = n["label"].as_str().unwrap();
             assert!(label.contains("-n"), "{label}");
         }
-        let s: Vec<f64> = cands.iter().map(|c| c["score"]["score"].as_f64().unwrap()).collect();
+        let s: Vec<f64> = cands
+            .iter()
+            .map(|c| c["score"]["score"].as_f64().unwrap())
+            .collect();
         let improved = s[1..].iter().any(|x| *x > s[0]);
         assert_eq!(d["neighbors_improvement"], improved);
         prev = Some(d);
     }
     let pngs = names.iter().filter(|n| n.ends_with(".png")).count();
     assert_eq!(pngs, 9, "every round's three candidates are saved");
-    assert_eq!(server.request_count(), generated, "carried bases are not graded again");
+    assert_eq!(
+        server.request_count(),
+        generated,
+        "carried bases are not graded again"
+    );
 }
 
 #[test]
 fn random_search_with_openai_writes_the_same_tree() {
     let (base_url, server) = FakeOpenAi::start(Behaviour::good());
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config("openai", serde_json::json!({"search_method": "random", "search_rounds": 3}));
-    let env = [("OPENAI_API_KEY", "sk-test"), ("OPENAI_BASE_URL", base_url.as_str())];
+    let cfg = config(
+        "openai",
+        serde_json::json!({"search_method": "random", "search_rounds": 3}),
+    );
+    let env = [
+        ("OPENAI_API_KEY", "sk-test"),
+        ("OPENAI_BASE_URL", base_url.as_str()),
+    ];
     let run = run_search(dir.path(), &cfg, &env, "5", "out");
     assert!(run.starts_with(dir.path().join("out/tiny-sd15/openai/overall_score")));
     assert!(server.violations().is_empty(), "{:?}", server.violations());
@@ -278,22 +395,51 @@ fn random_search_with_openai_writes_the_same_tree() {
 fn a_verifier_that_always_fails_is_recorded_and_the_run_completes() {
     let (base_url, server) = FakeGemini::start(Behaviour::always(Reply::status(400)));
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config("gemini", serde_json::json!({"search_method": "random", "search_rounds": 2}));
-    let env = [("GEMINI_API_KEY", "secret-key-xyz"), ("GEMINI_BASE_URL", base_url.as_str())];
+    let cfg = config(
+        "gemini",
+        serde_json::json!({"search_method": "random", "search_rounds": 2}),
+    );
+    let env = [
+        ("GEMINI_API_KEY", "secret-key-xyz"),
+        ("GEMINI_BASE_URL", base_url.as_str()),
+    ];
     std::fs::write(dir.path().join("c.json"), &cfg).unwrap();
     let o = tt_scale(
         dir.path(),
-        &["run", "--pipeline-config", "c.json", "--prompt", PROMPT, "--seed", "1", "--output-dir", "out"],
+        &[
+            "run",
+            "--pipeline-config",
+            "c.json",
+            "--prompt",
+            PROMPT,
+            "--seed",
+            "1",
+            "--output-dir",
+            "out",
+        ],
         &env,
     );
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
-    assert!(stderr.contains("rounds with none graded") && stderr.contains("6 candidates without a grade"), "{stderr}");
+    assert!(
+        stderr.contains("rounds with none graded")
+            && stderr.contains("6 candidates without a grade"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("secret-key-xyz"));
     assert!(server.request_count() >= 6);
-    let run = std::fs::read_dir(dir.path().join("out/tiny-sd15/gemini/overall_score")).unwrap().next().unwrap().unwrap().path();
+    let run = std::fs::read_dir(dir.path().join("out/tiny-sd15/gemini/overall_score"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     let names = files(&run);
-    assert_eq!(names.iter().filter(|n| n.ends_with(".png")).count(), 6, "images are kept");
+    assert_eq!(
+        names.iter().filter(|n| n.ends_with(".png")).count(),
+        6,
+        "images are kept"
+    );
     for round in 1..=2 {
         let f = run.join(format!("{PROMPT_NAME}_i@{round}_failed.json"));
         let d = read_json(&f);

@@ -266,7 +266,7 @@ fn runs_in(dtype: Dtype) {
 }
 
 #[test]
-fn fp16_pipeline_runs_with_the_fp16_variant_weights() {
+fn fp16_pipeline_runs_with_variant_and_converted_weights() {
     runs_in(Dtype::F16);
 }
 
@@ -311,12 +311,38 @@ fn seeded_pipeline_image_matches_diffusers_generator_run() {
 #[test]
 fn fp16_prefers_the_variant_file_and_falls_back_to_plain_files() {
     let source = ModelSource::Local(model_dir());
-    let unet = source.weights("unet", Dtype::F16).unwrap();
-    assert!(unet[0].ends_with("unet/diffusion_pytorch_model.fp16.safetensors"));
     let vae = source.weights("vae", Dtype::F16).unwrap();
+    assert!(vae[0].ends_with("vae/diffusion_pytorch_model.fp16.safetensors"));
+    let text = source.weights("text_encoder", Dtype::F16).unwrap();
+    assert!(text[0].ends_with("text_encoder/model.fp16.safetensors"));
+    // The tiny UNet has no fp16 variant: the fp32 file is used and converted.
+    let unet = source.weights("unet", Dtype::F16).unwrap();
+    assert!(unet[0].ends_with("unet/diffusion_pytorch_model.safetensors"));
+}
+
+#[test]
+fn fp32_uses_the_plain_files_even_when_a_variant_exists() {
+    let source = ModelSource::Local(model_dir());
+    let vae = source.weights("vae", Dtype::F32).unwrap();
     assert!(vae[0].ends_with("vae/diffusion_pytorch_model.safetensors"));
-    let text = source.weights("text_encoder", Dtype::F32).unwrap();
-    assert!(text[0].ends_with("text_encoder/model.safetensors"));
+}
+
+#[test]
+fn unet_config_candle_cannot_run_is_unsupported_naming_the_key() {
+    let dir = model_copy();
+    let path = dir.path().join("unet/config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("\"norm_num_groups\": 32", "\"norm_num_groups\": 16"),
+    )
+    .unwrap();
+    let source = ModelSource::Local(dir.path().to_path_buf());
+    let err = Sd15Pipeline::load(&source, Dtype::F32, &Device::Cpu, &call_args(None))
+        .err()
+        .unwrap();
+    assert!(matches!(err, PipelineError::Unsupported(_)), "{err}");
+    assert!(err.to_string().contains("norm_num_groups"), "{err}");
 }
 
 #[test]

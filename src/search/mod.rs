@@ -214,8 +214,9 @@ pub fn search_prompt(
                     .iter()
                     .map(|o| o.regenerate(&shape, settings.noise_kernel))
                     .collect();
-                let (candidates, generation_s, verification_s) =
-                    generate_and_grade(prompt, pipeline, verifier, settings, origins, &noises, observer)?;
+                let (candidates, generation_s, verification_s) = generate_and_grade(
+                    prompt, pipeline, verifier, settings, origins, &noises, observer,
+                )?;
                 let best = select_best(&candidates, &settings.metric);
                 let result = RoundResult {
                     round,
@@ -231,10 +232,7 @@ pub fn search_prompt(
                 threshold,
                 num_neighbors,
             } => {
-                observer.round_started(
-                    round,
-                    num_neighbors + usize::from(carried.is_none()),
-                );
+                observer.round_started(round, num_neighbors + usize::from(carried.is_none()));
                 let (base, base_origin, base_noise) = match carried.take() {
                     Some((c, noise)) => {
                         let origin = c.origin.clone();
@@ -269,8 +267,9 @@ pub fn search_prompt(
                         threshold,
                     });
                 }
-                let (mut candidates, generation_s, verification_s) =
-                    generate_and_grade(prompt, pipeline, verifier, settings, origins, &noises, observer)?;
+                let (mut candidates, generation_s, verification_s) = generate_and_grade(
+                    prompt, pipeline, verifier, settings, origins, &noises, observer,
+                )?;
                 let mut all_noises = noises;
                 if let Some(mut b) = base {
                     b.carried_over = true;
