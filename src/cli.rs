@@ -29,6 +29,9 @@ pub enum Command {
     Run(RunArgs),
     /// Make one collage per prompt of a run folder: the per-round best images in a row.
     Collage(CollageArgs),
+    /// Time one denoiser step of a model's real-size architecture with random weights (no
+    /// download needed).
+    Bench(BenchArgs),
 }
 
 /// `--num-prompts`: a count, `all`, or the original's `None` (no dataset prompts).
@@ -152,4 +155,55 @@ pub struct CollageArgs {
     /// A run folder (output/<model>/<verifier>/<metric>/<timestamp>).
     #[arg(long, value_name = "DIR")]
     pub path: PathBuf,
+}
+
+fn parse_dtype(s: &str) -> Result<candle_core::DType, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "fp32" | "f32" => Ok(candle_core::DType::F32),
+        "fp16" | "f16" => Ok(candle_core::DType::F16),
+        "bf16" => Ok(candle_core::DType::BF16),
+        _ => Err(format!("`{s}` is not a dtype: give fp32, fp16 or bf16")),
+    }
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a whole number >= 1")),
+    }
+}
+
+/// Flags of `tt-scale bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Which model's denoiser step to time (see `tt_scale::bench::MODELS`); repeat for several.
+    #[arg(long = "model", value_name = "NAME", required = true)]
+    pub models: Vec<String>,
+    /// Image height in pixels.
+    #[arg(long, default_value = "1024", value_parser = parse_positive)]
+    pub height: usize,
+    /// Image width in pixels.
+    #[arg(long, default_value = "1024", value_parser = parse_positive)]
+    pub width: usize,
+    /// Images per step.
+    #[arg(long, default_value = "1", value_parser = parse_positive)]
+    pub batch: usize,
+    /// Compute dtype: fp32, fp16 or bf16.
+    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
+    pub dtype: candle_core::DType,
+    /// Compute device: auto, cpu, cuda or cuda:N.
+    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device_arg)]
+    pub device: DeviceArg,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value = "2")]
+    pub warmup: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value = "5", value_parser = parse_positive)]
+    pub iters: usize,
+    /// Build only this many blocks/layers (to fit a small machine); default: the real depth.
+    #[arg(long, value_parser = parse_positive)]
+    pub layers: Option<usize>,
+    /// Also write the reports as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
 }

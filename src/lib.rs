@@ -3,6 +3,7 @@
 //! Data flows one way: [`config`] -> [`prompts`] -> [`search`] (asks a [`pipelines`] pipeline for
 //! images of [`noise`] tensors, asks a [`verifiers`] verifier for scores) -> [`output`].
 
+pub mod bench;
 pub mod cli;
 pub mod collage;
 pub mod config;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use tt_scale::cli::{Cli, Command, DeviceArg, NumPromptsArg};
+use tt_scale::cli::{BenchArgs, Cli, Command, DeviceArg, NumPromptsArg};
 use tt_scale::run::{self, RunOptions};
 
 fn main() -> ExitCode {
@@ -50,6 +50,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Bench(a) => bench(a),
         Command::Collage(a) => match run::collage(&a.path) {
             Ok(paths) => {
                 for p in paths {
@@ -63,4 +64,58 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// `tt-scale bench`: runs each requested benchmark and prints one table.
+fn bench(a: BenchArgs) -> ExitCode {
+    let device = match run::select_device(match a.device {
+        DeviceArg::Auto => None,
+        DeviceArg::Named(d) => Some(d),
+    }) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = tt_scale::bench::BenchOptions {
+        height: a.height,
+        width: a.width,
+        batch: a.batch,
+        dtype: a.dtype,
+        device,
+        warmup: a.warmup,
+        iters: a.iters,
+        layers: a.layers,
+    };
+    let mut reports = Vec::new();
+    for model in &a.models {
+        match tt_scale::bench::run_model(model, &opts) {
+            Ok(r) => reports.extend(r),
+            Err(e) => {
+                eprintln!("error: bench {model}: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    if let Some(path) = &a.json {
+        if let Err(e) = tt_scale::output::write_json(path, &reports) {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    println!(
+        "{:<48} {:>11} {:>11} {:>11} {:>6} {:>14}",
+        "benchmark", "median ms", "min ms", "max ms", "iters", "parameters"
+    );
+    for r in &reports {
+        println!(
+            "{:<48} {:>11.2} {:>11.2} {:>11.2} {:>6} {:>14}",
+            r.name, r.median_ms, r.min_ms, r.max_ms, r.iters, r.parameters
+        );
+        if !r.details.is_empty() {
+            println!("    {}", r.details);
+        }
+    }
+    ExitCode::SUCCESS
 }

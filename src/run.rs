@@ -12,8 +12,6 @@ use serde_json::{json, Map, Value};
 
 use crate::config::{Config, ConfigError, DeviceSpec, SearchMethod};
 use crate::output::{self, OutputError};
-use crate::pipelines::hub::ModelSource;
-use crate::pipelines::sd15::{Sd15CallArgs, Sd15Pipeline};
 use crate::pipelines::{ImagePipeline, PipelineError};
 use crate::prompts::{self, NumPrompts, PromptSource, PromptsError};
 use crate::search::{self, RoundResult, SearchError, SearchObserver, SearchSettings};
@@ -154,7 +152,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
     let verifier = verifiers::build(&config.verifier_args)?;
     let prompts = prompts::load_prompts(&source.0, source.1)?;
     tracing::info!("{} prompt(s)", prompts.len());
-    let mut pipeline = load_pipeline(&config, &device, opts.low_vram)?;
+    let mut pipeline = crate::pipelines::load(&config, &device, opts.low_vram)?;
     run_with(
         opts,
         &config,
@@ -263,64 +261,6 @@ pub fn select_device(spec: Option<DeviceSpec>) -> Result<candle_core::Device, Ru
                 RunError::Device(format!("--device cuda:{n}: cannot open the GPU: {e}"))
             })
         }
-    }
-}
-
-/// Loads the pipeline the model's `model_index.json` names.
-fn load_pipeline(
-    config: &Config,
-    device: &candle_core::Device,
-    low_vram: bool,
-) -> Result<Box<dyn ImagePipeline>, RunError> {
-    let source = ModelSource::resolve(&config.model)?;
-    let index = source.read_json("model_index.json")?;
-    let class = index
-        .get("_class_name")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let args = &config.pipeline_call_args;
-    if low_vram {
-        tracing::info!(
-            "--low-vram: the SD 1.5 pipeline keeps all components resident (they fit in a few GB)"
-        );
-    }
-    match class.as_str() {
-        "StableDiffusionPipeline" => {
-            for (key, set) in [
-                ("max_sequence_length", args.max_sequence_length.is_some()),
-                ("clean_caption", args.clean_caption.is_some()),
-            ] {
-                if set {
-                    tracing::warn!(
-                        "{}: pipeline_call_args.{key} does not apply to Stable Diffusion 1.5 and is ignored",
-                        config.path.display()
-                    );
-                }
-            }
-            let call = Sd15CallArgs {
-                height: args.height,
-                width: args.width,
-                num_inference_steps: args.num_inference_steps,
-                guidance_scale: args.guidance_scale,
-                negative_prompt: args.negative_prompt.clone(),
-            };
-            Ok(Box::new(Sd15Pipeline::load(&source, config.dtype, device, &call)?))
-        }
-        "FluxPipeline" | "StableDiffusionXLPipeline" | "PixArtSigmaPipeline" => {
-            Err(RunError::Pipeline(PipelineError::Unsupported(format!(
-                "{} is a {class}; this build of tt-scale runs StableDiffusionPipeline models (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, configs/sd1.5_gemini.json); Flux, SDXL and PixArt-Sigma pipelines are coming",
-                config.model
-            ))))
-        }
-        "" => Err(RunError::Pipeline(PipelineError::ModelFile {
-            path: format!("{}/model_index.json", config.model),
-            message: "has no `_class_name`; is this a diffusers pipeline folder?".into(),
-        })),
-        other => Err(RunError::Pipeline(PipelineError::Unsupported(format!(
-            "{}: pipeline class {other} is not supported; tt-scale runs StableDiffusionPipeline models",
-            config.model
-        )))),
     }
 }
 

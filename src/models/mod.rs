@@ -4,3 +4,7 @@
 
 pub mod clip_text;
 pub mod clip_tokenizer;
+pub mod flux_transformer;
+pub mod pixart;
+pub mod qwen2_5_vl;
+pub mod t5;

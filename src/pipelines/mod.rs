@@ -3,13 +3,20 @@
 //! One file per model family; `schedulers/` holds the diffusers-compatible schedulers and
 //! `hub` resolves a Hub repo id or a local folder in diffusers layout to files.
 
+pub mod flux;
+pub mod caption;
 pub mod hub;
+pub mod pixart;
 pub mod schedulers;
 pub mod sd15;
 
 use image::RgbImage;
+use serde_json::Value;
 
+use crate::config::Config;
 use crate::noise::Noise;
+use hub::ModelSource;
+use sd15::{Sd15CallArgs, Sd15Pipeline};
 
 /// Errors raised while loading or running a pipeline.
 #[derive(Debug, thiserror::Error)]
@@ -54,4 +61,102 @@ pub trait ImagePipeline {
     /// Denoises a batch of initial noises (each of [`ImagePipeline::noise_shape`], float32)
     /// into RGB images, in the same order.
     fn generate(&mut self, noises: &[Noise]) -> Result<Vec<RgbImage>, PipelineError>;
+}
+
+/// Loads the pipeline that the model's `model_index.json` names (`_class_name`), with the
+/// config's dtype and call arguments, onto `device`.
+pub fn load(
+    config: &Config,
+    device: &candle_core::Device,
+    low_vram: bool,
+) -> Result<Box<dyn ImagePipeline>, PipelineError> {
+    let source = ModelSource::resolve(&config.model)?;
+    let index = source.read_json("model_index.json")?;
+    let class = index
+        .get("_class_name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let args = &config.pipeline_call_args;
+    if low_vram {
+        tracing::info!(
+            "--low-vram: the SD 1.5 pipeline keeps all components resident (they fit in a few GB)"
+        );
+    }
+    match class.as_str() {
+        "StableDiffusionPipeline" => {
+            for (key, set) in [
+                ("max_sequence_length", args.max_sequence_length.is_some()),
+                ("clean_caption", args.clean_caption.is_some()),
+            ] {
+                if set {
+                    tracing::warn!(
+                        "{}: pipeline_call_args.{key} does not apply to Stable Diffusion 1.5 and is ignored",
+                        config.path.display()
+                    );
+                }
+            }
+            let call = Sd15CallArgs {
+                height: args.height,
+                width: args.width,
+                num_inference_steps: args.num_inference_steps,
+                guidance_scale: args.guidance_scale,
+                negative_prompt: args.negative_prompt.clone(),
+            };
+            Ok(Box::new(Sd15Pipeline::load(&source, config.dtype, device, &call)?))
+        }
+        "FluxPipeline" => {
+            if args.clean_caption.is_some() {
+                tracing::warn!(
+                    "{}: pipeline_call_args.clean_caption does not apply to Flux and is ignored",
+                    config.path.display()
+                );
+            }
+            let call = flux::FluxCallArgs {
+                height: args.height,
+                width: args.width,
+                num_inference_steps: args.num_inference_steps,
+                guidance_scale: args.guidance_scale,
+                max_sequence_length: args.max_sequence_length,
+            };
+            Ok(Box::new(flux::FluxPipeline::load(
+                source,
+                config.dtype,
+                device,
+                &call,
+                low_vram,
+            )?))
+        }
+        "PixArtSigmaPipeline" => {
+            let call = pixart::PixArtCallArgs {
+                height: args.height,
+                width: args.width,
+                num_inference_steps: args.num_inference_steps,
+                guidance_scale: args.guidance_scale,
+                negative_prompt: args.negative_prompt.clone(),
+                max_sequence_length: args.max_sequence_length,
+                clean_caption: args.clean_caption,
+            };
+            Ok(Box::new(pixart::PixArtPipeline::load(
+                &source,
+                config.dtype,
+                device,
+                &call,
+            )?))
+        }
+        "StableDiffusionXLPipeline" => {
+            Err(PipelineError::Unsupported(format!(
+                "{} is a {class}; this build of tt-scale runs StableDiffusionPipeline models (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, configs/sd1.5_gemini.json); Flux, SDXL and PixArt-Sigma pipelines are coming",
+                config.model
+            )))
+        }
+        "" => Err(PipelineError::ModelFile {
+            path: format!("{}/model_index.json", config.model),
+            message: "has no `_class_name`; is this a diffusers pipeline folder?".into(),
+        }),
+        other => Err(PipelineError::Unsupported(format!(
+            "{}: pipeline class {other} is not supported; tt-scale runs StableDiffusionPipeline models",
+            config.model
+        ))),
+    }
 }

@@ -407,8 +407,6 @@ fn weights_error(
 /// The scheduler factory for a `scheduler_config.json` on disk.
 pub fn scheduler_from_file(path: &std::path::Path) -> Result<SchedulerFactory, PipelineError> {
     let config = SchedulerConfig::from_file(path)?;
-    // Build once now so an unsupported scheduler is reported at load time.
-    config.build(1)?;
     Ok(Box::new(move |steps| config.build(steps)))
 }
 
@@ -490,6 +488,8 @@ impl Sd15Pipeline {
                 "pipeline_call_args.num_inference_steps must be at least 1".into(),
             ));
         }
+        // Build the schedule once now so an unsupported scheduler or step count fails at load.
+        scheduler(num_inference_steps)?;
         let guidance_scale = call_args.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
         if !guidance_scale.is_finite() {
             return Err(PipelineError::InvalidArgument(format!(
@@ -698,5 +698,172 @@ impl ImagePipeline for Sd15Pipeline {
         let latents = (Tensor::cat(&rows, 0)?.to_dtype(self.dtype)? * sigma)?;
         let latents = self.denoise(&latents)?;
         Self::to_images(&self.vae_decode(&latents)?)
+    }
+}
+
+/// `unet/config.json` of stable-diffusion-v1-5/stable-diffusion-v1-5 (diffusers 0.6.0 keys).
+fn sd15_reference_unet_config() -> Value {
+    serde_json::json!({
+        "act_fn": "silu",
+        "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "center_input_sample": false,
+        "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                             "CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1,
+        "flip_sin_to_cos": true,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "out_channels": 4,
+        "sample_size": 64,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                           "CrossAttnUpBlock2D"]
+    })
+}
+
+/// Times one guided SD 1.5 UNet step (2 × `batch` rows, latents `height/8 × width/8`, a
+/// 77-token 768-wide context) with random weights of the real architecture. `opts.layers` does
+/// not apply (the UNet is always built at full depth).
+pub fn bench_unet_step(
+    opts: &crate::bench::BenchOptions,
+) -> Result<crate::bench::BenchReport, PipelineError> {
+    let spec = unet_spec(&sd15_reference_unet_config())?;
+    let (vb, params) = crate::bench::RandomWeights::var_builder(opts.dtype, &opts.device);
+    let unet =
+        UNet2DConditionModel::new(vb, spec.in_channels, spec.out_channels, false, spec.config)?;
+    let (h, w) = (opts.height / 8, opts.width / 8);
+    if h == 0 || w == 0 {
+        return Err(PipelineError::InvalidArgument(format!(
+            "bench height/width {}x{} must be at least 8 pixels",
+            opts.height, opts.width
+        )));
+    }
+    let rows = 2 * opts.batch.max(1);
+    let sample = Tensor::randn(0f32, 1.0, (rows, spec.in_channels, h, w), &opts.device)?
+        .to_dtype(opts.dtype)?;
+    let context = Tensor::randn(0f32, 1.0, (rows, 77, 768), &opts.device)?.to_dtype(opts.dtype)?;
+    let details = format!("sample {:?}, context {:?}", sample.dims(), context.dims());
+    crate::bench::time_steps(
+        "sd-v1.5 unet step (guided)",
+        opts,
+        params.get(),
+        details,
+        || unet.forward(&sample, 981.0, &context).map(|_| ()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sd15_unet() -> Value {
+        sd15_reference_unet_config()
+    }
+
+    #[test]
+    fn sd15_unet_config_maps_attention_head_dim_to_head_count() {
+        let spec = unet_spec(&sd15_unet()).unwrap();
+        let c = &spec.config;
+        assert_eq!(spec.sample_size, 64);
+        assert_eq!(c.cross_attention_dim, 768);
+        assert_eq!(c.layers_per_block, 2);
+        assert!(c.flip_sin_to_cos);
+        let blocks: Vec<_> = c
+            .blocks
+            .iter()
+            .map(|b| (b.out_channels, b.use_cross_attn, b.attention_head_dim))
+            .collect();
+        assert_eq!(
+            blocks,
+            vec![
+                (320, Some(1), 8),
+                (640, Some(1), 8),
+                (1280, Some(1), 8),
+                (1280, None, 8)
+            ]
+        );
+    }
+
+    #[test]
+    fn num_attention_heads_takes_precedence_over_attention_head_dim() {
+        let mut cfg = sd15_unet();
+        cfg["num_attention_heads"] = json!([5, 10, 20, 20]);
+        let spec = unet_spec(&cfg).unwrap();
+        assert_eq!(spec.config.blocks[1].attention_head_dim, 10);
+    }
+
+    #[test]
+    fn up_blocks_that_do_not_mirror_the_down_blocks_are_unsupported() {
+        let mut cfg = sd15_unet();
+        cfg["up_block_types"][0] = json!("CrossAttnUpBlock2D");
+        let err = unet_spec(&cfg).err().unwrap();
+        assert!(err.to_string().contains("up_block_types[0]"), "{err}");
+    }
+
+    #[test]
+    fn unet_features_sd15_lacks_are_unsupported_by_name() {
+        let mut cfg = sd15_unet();
+        cfg["addition_embed_type"] = json!("text_time");
+        let err = unet_spec(&cfg).err().unwrap();
+        assert!(matches!(err, PipelineError::Unsupported(_)));
+        assert!(err.to_string().contains("addition_embed_type"), "{err}");
+    }
+
+    #[test]
+    fn missing_unet_key_names_the_file_and_key() {
+        let mut cfg = sd15_unet();
+        cfg.as_object_mut().unwrap().remove("cross_attention_dim");
+        let err = unet_spec(&cfg).err().unwrap();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("unet/config.json") && msg.contains("cross_attention_dim"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn sd15_vae_config_gives_scale_factor_8_and_its_scaling_factor() {
+        let cfg = json!({
+            "_class_name": "AutoencoderKL",
+            "act_fn": "silu",
+            "block_out_channels": [128, 256, 512, 512],
+            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D",
+                                 "DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "in_channels": 3,
+            "latent_channels": 4,
+            "layers_per_block": 2,
+            "norm_num_groups": 32,
+            "out_channels": 3,
+            "sample_size": 512,
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D",
+                               "UpDecoderBlock2D", "UpDecoderBlock2D"]
+        });
+        let spec = vae_spec(&cfg).unwrap();
+        assert_eq!(1usize << (spec.config.block_out_channels.len() - 1), 8);
+        assert_eq!(spec.config.layers_per_block, 2);
+        assert_eq!(spec.scaling_factor, 0.18215);
+        assert_eq!(spec.shift_factor, 0.0);
+    }
+
+    #[test]
+    fn to_images_denormalizes_clamps_and_rounds_like_diffusers() {
+        // (x/2 + 0.5).clamp(0, 1) * 255, rounded: -1 → 0, 1 → 255, 3 → 255 (clamped),
+        // -0.5 → 63.75 → 64, 0 → 127.5 → 128 (half to even).
+        let t = Tensor::from_vec(
+            vec![-1f32, 1.0, 3.0, -0.5, 0.0, -2.0],
+            (2, 3, 1, 1),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let img = Sd15Pipeline::to_images(&t).unwrap();
+        assert_eq!(img.len(), 2);
+        assert_eq!(img[0].as_raw(), &vec![0, 255, 255]);
+        assert_eq!(img[1].as_raw(), &vec![64, 128, 0]);
     }
 }

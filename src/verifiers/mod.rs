@@ -11,11 +11,14 @@ use crate::config::VerifierArgs;
 
 pub mod gemini;
 pub mod http;
+pub mod constrained;
 pub mod openai;
+pub mod qwen;
 
 pub use gemini::GeminiVerifier;
 pub use http::RetryPolicy;
 pub use openai::OpenAiVerifier;
+pub use qwen::QwenVerifier;
 
 /// The metrics every vision-language verifier grades, in the order of the response schema.
 pub const METRICS: [&str; 6] = [
@@ -83,12 +86,11 @@ pub struct CallStats {
 /// the six [`METRICS`], 0 to 10 each, explanation before score.
 pub const RUBRIC: &str = include_str!("rubric.txt");
 
-/// Verifier names accepted in `verifier_args.name` (`qwen` is accepted by the config but not
-/// built into this version; [`build`] says so).
+/// Verifier names accepted in `verifier_args.name`.
 pub const SUPPORTED: &[&str] = &["gemini", "openai", "qwen"];
 
 /// Verifier names [`build`] can construct in this build.
-pub const AVAILABLE: &[&str] = &["gemini", "openai"];
+pub const AVAILABLE: &[&str] = &["gemini", "openai", "qwen"];
 
 /// The metrics a verifier grades (valid values of `choice_of_metric`), or `None` for a name
 /// not in [`SUPPORTED`].
@@ -118,6 +120,17 @@ pub enum VerifierError {
          vLLM) and use \"openai\" with verifier_args.base_url pointing at it"
     )]
     QwenNotBuilt,
+    /// The local verifier's model could not be loaded or used.
+    #[error(
+        "cannot load the local verifier model {model}: {message}; set verifier_args.model_name to \
+         a Qwen2.5-VL Hub repo id or folder"
+    )]
+    LocalModel {
+        /// The model id or folder.
+        model: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The API key's environment variable is unset or empty.
     #[error("{var} is not set: export your {api} key in {var} before running with verifier \"{verifier}\"{hint}")]
     MissingKey {
@@ -219,7 +232,7 @@ pub fn build_with_env(
     match args.name.as_str() {
         "gemini" => Ok(Box::new(GeminiVerifier::from_env(args, env)?)),
         "openai" => Ok(Box::new(OpenAiVerifier::from_env(args, env)?)),
-        "qwen" => Err(VerifierError::QwenNotBuilt),
+        "qwen" => Ok(Box::new(QwenVerifier::from_args(args)?)),
         other => Err(VerifierError::Unknown {
             name: other.to_string(),
         }),

@@ -6,7 +6,8 @@
 //! [`SchedulerConfig`] reads a diffusers scheduler config (the `_class_name` picks the
 //! scheduler, missing keys take diffusers' defaults for that class) and
 //! [`SchedulerConfig::build`] returns the scheduler after diffusers' `set_timesteps`.
-//! Supported classes: `PNDMScheduler`, `DDIMScheduler`, `EulerDiscreteScheduler`.
+//! Supported classes: `PNDMScheduler`, `DDIMScheduler`, `EulerDiscreteScheduler`,
+//! `DPMSolverMultistepScheduler`.
 //!
 //! Numerics follow diffusers: the training schedule (betas, `alphas_cumprod`, sigmas) is
 //! float32 as in diffusers, timesteps come from the same float64 (numpy) arithmetic, and the
@@ -17,7 +18,9 @@
 //! (it is the more accurate of the two).
 
 mod ddim;
+mod dpm_solver_multistep;
 mod euler_discrete;
+pub mod flow_match_euler;
 mod pndm;
 
 use std::path::Path;
@@ -28,7 +31,11 @@ use serde_json::{Map, Value};
 use crate::pipelines::PipelineError;
 
 pub use ddim::DdimScheduler;
+pub use dpm_solver_multistep::{
+    DpmAlgorithm, DpmSolverMultistepScheduler, DpmSolverOptions, DpmSolverType,
+};
 pub use euler_discrete::EulerDiscreteScheduler;
+pub use flow_match_euler::{FlowMatchConfig, FlowMatchEulerScheduler};
 pub use pndm::PndmScheduler;
 
 /// One denoising schedule, set up for a given number of inference steps
@@ -60,6 +67,8 @@ pub enum SchedulerKind {
     Ddim,
     /// `EulerDiscreteScheduler` (deterministic, `s_churn = 0`).
     EulerDiscrete,
+    /// `DPMSolverMultistepScheduler` (deterministic DPM-Solver / DPM-Solver++).
+    DpmSolverMultistep,
 }
 
 impl SchedulerKind {
@@ -69,6 +78,7 @@ impl SchedulerKind {
             SchedulerKind::Pndm => "PNDMScheduler",
             SchedulerKind::Ddim => "DDIMScheduler",
             SchedulerKind::EulerDiscrete => "EulerDiscreteScheduler",
+            SchedulerKind::DpmSolverMultistep => "DPMSolverMultistepScheduler",
         }
     }
 }
@@ -185,6 +195,8 @@ pub struct SchedulerConfig {
     pub timestep_type: TimestepType,
     /// Euler: last sigma (`final_sigmas_type`, default `zero`).
     pub final_sigmas_type: FinalSigmasType,
+    /// DPMSolverMultistep's own keys (`Some` exactly for that class).
+    pub dpm_solver: Option<DpmSolverOptions>,
 }
 
 impl SchedulerConfig {
@@ -224,10 +236,11 @@ impl SchedulerConfig {
             "PNDMScheduler" => SchedulerKind::Pndm,
             "DDIMScheduler" => SchedulerKind::Ddim,
             "EulerDiscreteScheduler" => SchedulerKind::EulerDiscrete,
+            "DPMSolverMultistepScheduler" => SchedulerKind::DpmSolverMultistep,
             other => {
                 return Err(PipelineError::Unsupported(format!(
                     "scheduler config {source_name}: key `_class_name`: scheduler {other:?} is not \
-                     supported; use PNDMScheduler, DDIMScheduler or EulerDiscreteScheduler"
+                     supported; use PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler or DPMSolverMultistepScheduler"
                 )))
             }
         };
@@ -263,7 +276,7 @@ impl SchedulerConfig {
             }
         }
         let timestep_spacing = match keys.string("timestep_spacing")?.as_deref() {
-            None if is_euler => TimestepSpacing::Linspace,
+            None if is_euler || kind == SchedulerKind::DpmSolverMultistep => TimestepSpacing::Linspace,
             None => TimestepSpacing::Leading,
             Some("linspace") => TimestepSpacing::Linspace,
             Some("leading") => TimestepSpacing::Leading,
@@ -279,6 +292,7 @@ impl SchedulerConfig {
             (_, None | Some("epsilon")) => PredictionType::Epsilon,
             (_, Some("v_prediction")) => PredictionType::VPrediction,
             (SchedulerKind::Ddim, Some("sample")) => PredictionType::Sample,
+            (SchedulerKind::DpmSolverMultistep, Some("sample")) => PredictionType::Sample,
             (SchedulerKind::EulerDiscrete, Some("sample" | "original_sample")) => {
                 PredictionType::Sample
             }
@@ -376,6 +390,11 @@ impl SchedulerConfig {
             sigma_max: keys.float("sigma_max")?,
             timestep_type,
             final_sigmas_type,
+            dpm_solver: if kind == SchedulerKind::DpmSolverMultistep {
+                Some(dpm_solver_multistep::parse_options(&keys)?)
+            } else {
+                None
+            },
         })
     }
 
@@ -392,6 +411,9 @@ impl SchedulerConfig {
             SchedulerKind::Ddim => Box::new(DdimScheduler::new(self, num_inference_steps)?),
             SchedulerKind::EulerDiscrete => {
                 Box::new(EulerDiscreteScheduler::new(self, num_inference_steps)?)
+            }
+            SchedulerKind::DpmSolverMultistep => {
+                Box::new(DpmSolverMultistepScheduler::new(self, num_inference_steps)?)
             }
         })
     }

@@ -1,0 +1,793 @@
+//! The Flux.1 rectified-flow transformer (diffusers' `FluxTransformer2DModel`, Black Forest
+//! Labs' `Flux`): 19 double-stream and 38 single-stream blocks for FLUX.1-dev/schnell.
+//!
+//! The network is built with Black Forest Labs' tensor names (fused `qkv`, `linear1`), which is
+//! how `flux1-dev.safetensors` stores it; [`DiffusersFluxWeights`] serves the same names from a
+//! diffusers `transformer/` folder (concatenating `to_q/to_k/to_v`, swapping the final layer's
+//! scale/shift halves). Numerics follow diffusers rather than candle-transformers' `flux`: the
+//! rotary tables are computed in float64 and applied in float32, the time and guidance
+//! embeddings are float32 sinusoids, and norms accumulate in float32, so bf16 runs stay close
+//! to diffusers' bf16 runs.
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, Linear, VarBuilder};
+use serde_json::Value;
+
+use crate::pipelines::PipelineError;
+
+/// The architecture of a Flux transformer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FluxConfig {
+    /// Packed latent channels in and out (`in_channels`, 64 = 16 latent channels × 2 × 2).
+    pub in_channels: usize,
+    /// Width of the token streams (`num_attention_heads × attention_head_dim`, 3072).
+    pub hidden_size: usize,
+    /// Attention heads (`num_attention_heads`, 24).
+    pub num_heads: usize,
+    /// Double-stream blocks (`num_layers`, 19).
+    pub depth: usize,
+    /// Single-stream blocks (`num_single_layers`, 38).
+    pub depth_single_blocks: usize,
+    /// T5 hidden size (`joint_attention_dim`, 4096).
+    pub context_in_dim: usize,
+    /// CLIP pooled size (`pooled_projection_dim`, 768).
+    pub vec_in_dim: usize,
+    /// MLP width / hidden size (4.0).
+    pub mlp_ratio: f64,
+    /// Rotary dimensions per position axis (`axes_dims_rope`, [16, 56, 56]; sums to the head size).
+    pub axes_dim: Vec<usize>,
+    /// Rotary base (10000).
+    pub theta: f64,
+    /// Whether the model embeds the guidance scale (`guidance_embeds`: dev yes, schnell no).
+    pub guidance_embed: bool,
+}
+
+impl FluxConfig {
+    /// FLUX.1-dev's architecture.
+    pub fn dev() -> Self {
+        Self {
+            in_channels: 64,
+            hidden_size: 3072,
+            num_heads: 24,
+            depth: 19,
+            depth_single_blocks: 38,
+            context_in_dim: 4096,
+            vec_in_dim: 768,
+            mlp_ratio: 4.0,
+            axes_dim: vec![16, 56, 56],
+            theta: 10_000.0,
+            guidance_embed: true,
+        }
+    }
+
+    /// FLUX.1-schnell's architecture (no guidance embedding).
+    pub fn schnell() -> Self {
+        Self {
+            guidance_embed: false,
+            ..Self::dev()
+        }
+    }
+
+    /// Head size (`hidden_size / num_heads`, 128).
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_heads.max(1)
+    }
+
+    /// Reads diffusers' `transformer/config.json` (`file` names it in errors).
+    pub fn from_diffusers_json(value: &Value, file: &str) -> Result<Self, PipelineError> {
+        let err = |key: &str, expected: &str| PipelineError::ModelFile {
+            path: file.to_string(),
+            message: format!(
+                "key {key:?}: expected {expected}, found {}",
+                value.get(key).map_or("nothing".into(), |v| v.to_string())
+            ),
+        };
+        let present = |key: &str| value.get(key).filter(|v| !v.is_null());
+        let u = |key: &str, default: usize| -> Result<usize, PipelineError> {
+            match present(key) {
+                None => Ok(default),
+                Some(v) => v
+                    .as_u64()
+                    .map(|n| n as usize)
+                    .ok_or_else(|| err(key, "a non-negative integer")),
+            }
+        };
+        let d = Self::dev();
+        if u("patch_size", 1)? != 1 {
+            return Err(PipelineError::Unsupported(format!(
+                "{file}: patch_size other than 1 is not supported"
+            )));
+        }
+        if let Some(v) = present("out_channels") {
+            if v.as_u64() != present("in_channels").and_then(Value::as_u64).or(Some(64)) {
+                return Err(PipelineError::Unsupported(format!(
+                    "{file}: out_channels = {v} differs from in_channels; not supported"
+                )));
+            }
+        }
+        let heads = u("num_attention_heads", d.num_heads)?;
+        let head_dim = u("attention_head_dim", d.head_dim())?;
+        let axes_dim = match present("axes_dims_rope") {
+            None => d.axes_dim.clone(),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| {
+                    a.iter()
+                        .map(|x| x.as_u64().map(|n| n as usize))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .ok_or_else(|| err("axes_dims_rope", "a list of integers"))?,
+        };
+        if axes_dim.iter().sum::<usize>() != head_dim || axes_dim.iter().any(|a| a % 2 == 1) {
+            return Err(err(
+                "axes_dims_rope",
+                &format!("even sizes summing to attention_head_dim {head_dim}"),
+            ));
+        }
+        Ok(Self {
+            in_channels: u("in_channels", d.in_channels)?,
+            hidden_size: heads * head_dim,
+            num_heads: heads,
+            depth: u("num_layers", d.depth)?,
+            depth_single_blocks: u("num_single_layers", d.depth_single_blocks)?,
+            context_in_dim: u("joint_attention_dim", d.context_in_dim)?,
+            vec_in_dim: u("pooled_projection_dim", d.vec_in_dim)?,
+            mlp_ratio: 4.0,
+            axes_dim,
+            theta: 10_000.0,
+            guidance_embed: match present("guidance_embeds") {
+                None => false,
+                Some(v) => v
+                    .as_bool()
+                    .ok_or_else(|| err("guidance_embeds", "true or false"))?,
+            },
+        })
+    }
+
+    /// MLP width (`hidden_size × mlp_ratio`).
+    pub fn mlp_size(&self) -> usize {
+        (self.hidden_size as f64 * self.mlp_ratio) as usize
+    }
+
+    /// Parameters of the network (for memory estimates).
+    pub fn parameter_count(&self) -> usize {
+        let h = self.hidden_size;
+        let m = self.mlp_size();
+        let hd = self.head_dim();
+        let lin = |i: usize, o: usize| i * o + o;
+        let double =
+            2 * (lin(h, 6 * h) + lin(h, 3 * h) + 2 * hd + lin(h, h) + lin(h, m) + lin(m, h));
+        let single = lin(h, 3 * h) + lin(h, 3 * h + m) + lin(h + m, h) + 2 * hd;
+        let embed = lin(self.in_channels, h)
+            + lin(self.context_in_dim, h)
+            + lin(256, h)
+            + lin(h, h)
+            + lin(self.vec_in_dim, h)
+            + lin(h, h)
+            + if self.guidance_embed {
+                lin(256, h) + lin(h, h)
+            } else {
+                0
+            };
+        let last = lin(h, 2 * h) + lin(h, self.in_channels);
+        self.depth * double + self.depth_single_blocks * single + embed + last
+    }
+}
+
+/// Fails with a message naming the tensor when `t` does not have `shape`.
+fn check_shape(t: Tensor, shape: &candle_core::Shape, name: &str) -> candle_core::Result<Tensor> {
+    if t.shape() != shape {
+        candle_core::bail!(
+            "tensor {name} has shape {:?}, expected {:?}",
+            t.dims(),
+            shape.dims()
+        );
+    }
+    Ok(t)
+}
+
+/// Serves Black Forest Labs' tensor names from a diffusers `transformer/` folder.
+pub struct DiffusersFluxWeights {
+    inner: VarBuilder<'static>,
+}
+
+impl DiffusersFluxWeights {
+    /// A var builder with BFL names over `inner` (diffusers names), in `dtype` on `device`.
+    pub fn var_builder(
+        inner: VarBuilder<'static>,
+        dtype: DType,
+        device: &Device,
+    ) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(Self { inner }), dtype, device.clone())
+    }
+
+    /// The diffusers tensors that make up the BFL tensor `name`, and whether the two halves of
+    /// the result must be swapped (the final layer's modulation).
+    fn sources(name: &str) -> Option<(Vec<String>, bool)> {
+        let (stem, leaf) = name.rsplit_once('.')?;
+        let one = |s: &str| Some((vec![format!("{s}.{leaf}")], false));
+        let parts: Vec<&str> = stem.split('.').collect();
+        match parts.as_slice() {
+            ["img_in"] => one("x_embedder"),
+            ["txt_in"] => one("context_embedder"),
+            ["time_in", l] => one(&format!(
+                "time_text_embed.timestep_embedder.{}",
+                mlp_layer(l)?
+            )),
+            ["guidance_in", l] => one(&format!(
+                "time_text_embed.guidance_embedder.{}",
+                mlp_layer(l)?
+            )),
+            ["vector_in", l] => one(&format!("time_text_embed.text_embedder.{}", mlp_layer(l)?)),
+            ["final_layer", "linear"] => one("proj_out"),
+            ["final_layer", "adaLN_modulation", "1"] => {
+                Some((vec![format!("norm_out.linear.{leaf}")], true))
+            }
+            ["double_blocks", i, rest @ ..] => {
+                let b = format!("transformer_blocks.{i}");
+                let s = match rest {
+                    ["img_mod", "lin"] => format!("{b}.norm1.linear"),
+                    ["txt_mod", "lin"] => format!("{b}.norm1_context.linear"),
+                    ["img_attn", "qkv"] => {
+                        return Some((
+                            ["to_q", "to_k", "to_v"]
+                                .iter()
+                                .map(|x| format!("{b}.attn.{x}.{leaf}"))
+                                .collect(),
+                            false,
+                        ))
+                    }
+                    ["txt_attn", "qkv"] => {
+                        return Some((
+                            ["add_q_proj", "add_k_proj", "add_v_proj"]
+                                .iter()
+                                .map(|x| format!("{b}.attn.{x}.{leaf}"))
+                                .collect(),
+                            false,
+                        ))
+                    }
+                    ["img_attn", "proj"] => format!("{b}.attn.to_out.0"),
+                    ["txt_attn", "proj"] => format!("{b}.attn.to_add_out"),
+                    ["img_attn", "norm", "query_norm"] => {
+                        return one_w(&format!("{b}.attn.norm_q"))
+                    }
+                    ["img_attn", "norm", "key_norm"] => return one_w(&format!("{b}.attn.norm_k")),
+                    ["txt_attn", "norm", "query_norm"] => {
+                        return one_w(&format!("{b}.attn.norm_added_q"))
+                    }
+                    ["txt_attn", "norm", "key_norm"] => {
+                        return one_w(&format!("{b}.attn.norm_added_k"))
+                    }
+                    ["img_mlp", "0"] => format!("{b}.ff.net.0.proj"),
+                    ["img_mlp", "2"] => format!("{b}.ff.net.2"),
+                    ["txt_mlp", "0"] => format!("{b}.ff_context.net.0.proj"),
+                    ["txt_mlp", "2"] => format!("{b}.ff_context.net.2"),
+                    _ => return None,
+                };
+                one(&s)
+            }
+            ["single_blocks", i, rest @ ..] => {
+                let b = format!("single_transformer_blocks.{i}");
+                let s = match rest {
+                    ["modulation", "lin"] => format!("{b}.norm.linear"),
+                    ["linear1"] => {
+                        return Some((
+                            ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
+                                .iter()
+                                .map(|x| format!("{b}.{x}.{leaf}"))
+                                .collect(),
+                            false,
+                        ))
+                    }
+                    ["linear2"] => format!("{b}.proj_out"),
+                    ["norm", "query_norm"] => return one_w(&format!("{b}.attn.norm_q")),
+                    ["norm", "key_norm"] => return one_w(&format!("{b}.attn.norm_k")),
+                    _ => return None,
+                };
+                one(&s)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// BFL `in_layer`/`out_layer` → diffusers `linear_1`/`linear_2`.
+fn mlp_layer(l: &str) -> Option<&'static str> {
+    match l {
+        "in_layer" => Some("linear_1"),
+        "out_layer" => Some("linear_2"),
+        _ => None,
+    }
+}
+
+/// A BFL norm `scale` is a diffusers RMSNorm `weight`.
+fn one_w(stem: &str) -> Option<(Vec<String>, bool)> {
+    Some((vec![format!("{stem}.weight")], false))
+}
+
+impl SimpleBackend for DiffusersFluxWeights {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        check_shape(t, &s, name)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some((sources, swap)) = Self::sources(name) else {
+            candle_core::bail!("no diffusers tensor corresponds to the Flux tensor {name}")
+        };
+        let parts = sources
+            .iter()
+            .map(|s| self.inner.get_unchecked_dtype(s, dtype))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let t = if parts.len() == 1 {
+            parts.into_iter().next().unwrap_or_else(|| unreachable!())
+        } else {
+            Tensor::cat(&parts, 0)?
+        };
+        let t = if swap {
+            let n = t.dim(0)? / 2;
+            Tensor::cat(&[t.narrow(0, n, n)?, t.narrow(0, 0, n)?], 0)?
+        } else {
+            t
+        };
+        t.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        Self::sources(name).is_some_and(|(s, _)| s.iter().all(|n| self.inner.contains_tensor(n)))
+    }
+}
+
+fn linear(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    candle_nn::linear(i, o, vb)
+}
+
+/// Layer norm without affine parameters (eps 1e-6), accumulated in float32.
+struct PlainLayerNorm {
+    ones: Tensor,
+    zeros: Tensor,
+}
+
+impl PlainLayerNorm {
+    fn new(dim: usize, dtype: DType, dev: &Device) -> candle_core::Result<Self> {
+        Ok(Self {
+            ones: Tensor::ones(dim, dtype, dev)?,
+            zeros: Tensor::zeros(dim, dtype, dev)?,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::layer_norm(&x.contiguous()?, &self.ones, &self.zeros, 1e-6)
+    }
+}
+
+/// Query/key RMS norms of one attention (eps 1e-6).
+struct QkNorm {
+    q: Tensor,
+    k: Tensor,
+}
+
+impl QkNorm {
+    fn new(dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            q: vb.get(dim, "query_norm.scale")?,
+            k: vb.get(dim, "key_norm.scale")?,
+        })
+    }
+}
+
+/// The rotary tables: cos and sin, (L, head_dim/2) float32.
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// Tables for position ids `ids` (L rows of 3 axes), as diffusers' `FluxPosEmbed` computes
+    /// them (float64 frequencies, cast to float32).
+    pub fn new(
+        ids: &[[f32; 3]],
+        axes_dim: &[usize],
+        theta: f64,
+        dev: &Device,
+    ) -> candle_core::Result<Self> {
+        let half: usize = axes_dim.iter().sum::<usize>() / 2;
+        let mut cos = Vec::with_capacity(ids.len() * half);
+        let mut sin = Vec::with_capacity(ids.len() * half);
+        for id in ids {
+            for (axis, &dim) in axes_dim.iter().enumerate() {
+                for j in 0..dim / 2 {
+                    let freq = 1.0 / theta.powf((2 * j) as f64 / dim as f64);
+                    let angle = id[axis] as f64 * freq;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (ids.len(), half), dev)?,
+            sin: Tensor::from_vec(sin, (ids.len(), half), dev)?,
+        })
+    }
+
+    /// Rotates `x` (B, H, L, D) pairwise, in float32, returning `x`'s dtype.
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, h, l, d) = x.dims4()?;
+        let xf = x.to_dtype(DType::F32)?.reshape((b, h, l, d / 2, 2))?;
+        let x0 = xf.narrow(4, 0, 1)?.squeeze(4)?;
+        let x1 = xf.narrow(4, 1, 1)?.squeeze(4)?;
+        let o0 = (x0.broadcast_mul(&self.cos)? - x1.broadcast_mul(&self.sin)?)?;
+        let o1 = (x0.broadcast_mul(&self.sin)? + x1.broadcast_mul(&self.cos)?)?;
+        Tensor::stack(&[o0, o1], 4)?
+            .reshape((b, h, l, d))?
+            .to_dtype(x.dtype())
+    }
+}
+
+/// Position ids of the packed latent grid: row `i`, column `j` → `[0, i, j]`, row-major.
+pub fn latent_image_ids(rows: usize, cols: usize) -> Vec<[f32; 3]> {
+    (0..rows)
+        .flat_map(|i| (0..cols).map(move |j| [0.0, i as f32, j as f32]))
+        .collect()
+}
+
+/// `[q; k; v]` (each (B, H, L, D)) from a fused projection (B, L, 3·H·D).
+fn split_qkv(
+    qkv: &Tensor,
+    heads: usize,
+    norm: &QkNorm,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (b, l, three_hd) = qkv.dims3()?;
+    let d = three_hd / 3 / heads;
+    let qkv = qkv.reshape((b, l, 3, heads, d))?;
+    let get =
+        |i: usize| -> candle_core::Result<Tensor> { qkv.narrow(2, i, 1)?.squeeze(2)?.contiguous() };
+    let q = candle_nn::ops::rms_norm(&get(0)?, &norm.q, 1e-6)?.transpose(1, 2)?;
+    let k = candle_nn::ops::rms_norm(&get(1)?, &norm.k, 1e-6)?.transpose(1, 2)?;
+    let v = get(2)?.transpose(1, 2)?;
+    Ok((q, k, v))
+}
+
+/// Rotary attention over (B, H, L, D) → (B, L, H·D), one batch row at a time (bounds memory).
+fn attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> candle_core::Result<Tensor> {
+    let (b, h, l, d) = q.dims4()?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = rope.apply(q)?;
+    let k = rope.apply(k)?;
+    let rows = (0..b)
+        .map(|i| {
+            let qi = (q.narrow(0, i, 1)? * scale)?.contiguous()?;
+            let ki = k.narrow(0, i, 1)?.contiguous()?;
+            let vi = v.narrow(0, i, 1)?.contiguous()?;
+            let w = qi.matmul(&ki.t()?)?;
+            let w = candle_nn::ops::softmax_last_dim(&w)?;
+            w.matmul(&vi)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&rows, 0)?
+        .transpose(1, 2)?
+        .reshape((b, l, h * d))
+}
+
+/// `n` modulation chunks (each (B, 1, hidden)) from `silu(vec) @ lin`.
+fn modulation(lin: &Linear, vec: &Tensor, n: usize) -> candle_core::Result<Vec<Tensor>> {
+    vec.silu()?.apply(lin)?.unsqueeze(1)?.chunk(n, D::Minus1)
+}
+
+fn scale_shift(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+    x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+}
+
+struct Mlp {
+    l0: Linear,
+    l2: Linear,
+}
+
+impl Mlp {
+    fn new(h: usize, m: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            l0: linear(h, m, vb.pp("0"))?,
+            l2: linear(m, h, vb.pp("2"))?,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.apply(&self.l0)?.gelu()?.apply(&self.l2)
+    }
+}
+
+struct StreamHalf {
+    modulation: Linear,
+    qkv: Linear,
+    norm: QkNorm,
+    proj: Linear,
+    mlp: Mlp,
+}
+
+impl StreamHalf {
+    fn new(c: &FluxConfig, vb: VarBuilder, side: &str) -> candle_core::Result<Self> {
+        let h = c.hidden_size;
+        let attn = vb.pp(format!("{side}_attn"));
+        Ok(Self {
+            modulation: linear(h, 6 * h, vb.pp(format!("{side}_mod")).pp("lin"))?,
+            qkv: linear(h, 3 * h, attn.pp("qkv"))?,
+            norm: QkNorm::new(c.head_dim(), attn.pp("norm"))?,
+            proj: linear(h, h, attn.pp("proj"))?,
+            mlp: Mlp::new(h, c.mlp_size(), vb.pp(format!("{side}_mlp")))?,
+        })
+    }
+}
+
+struct DoubleBlock {
+    img: StreamHalf,
+    txt: StreamHalf,
+    heads: usize,
+}
+
+impl DoubleBlock {
+    fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        vec: &Tensor,
+        rope: &Rope,
+        ln: &PlainLayerNorm,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let im = modulation(&self.img.modulation, vec, 6)?;
+        let tm = modulation(&self.txt.modulation, vec, 6)?;
+        let img_in = scale_shift(&ln.forward(img)?, &im[0], &im[1])?;
+        let txt_in = scale_shift(&ln.forward(txt)?, &tm[0], &tm[1])?;
+        let (iq, ik, iv) = split_qkv(&img_in.apply(&self.img.qkv)?, self.heads, &self.img.norm)?;
+        let (tq, tk, tv) = split_qkv(&txt_in.apply(&self.txt.qkv)?, self.heads, &self.txt.norm)?;
+        let q = Tensor::cat(&[tq, iq], 2)?;
+        let k = Tensor::cat(&[tk, ik], 2)?;
+        let v = Tensor::cat(&[tv, iv], 2)?;
+        let attn = attention(&q, &k, &v, rope)?;
+        let nt = txt.dim(1)?;
+        let txt_attn = attn.narrow(1, 0, nt)?;
+        let img_attn = attn.narrow(1, nt, attn.dim(1)? - nt)?;
+
+        let img = (img + im[2].broadcast_mul(&img_attn.apply(&self.img.proj)?)?)?;
+        let img_ff = scale_shift(&ln.forward(&img)?, &im[3], &im[4])?;
+        let img = (&img + im[5].broadcast_mul(&self.img.mlp.forward(&img_ff)?)?)?;
+
+        let txt = (txt + tm[2].broadcast_mul(&txt_attn.apply(&self.txt.proj)?)?)?;
+        let txt_ff = scale_shift(&ln.forward(&txt)?, &tm[3], &tm[4])?;
+        let txt = (&txt + tm[5].broadcast_mul(&self.txt.mlp.forward(&txt_ff)?)?)?;
+        Ok((img, txt))
+    }
+}
+
+struct SingleBlock {
+    modulation: Linear,
+    linear1: Linear,
+    linear2: Linear,
+    norm: QkNorm,
+    hidden: usize,
+    mlp: usize,
+    heads: usize,
+}
+
+impl SingleBlock {
+    fn new(c: &FluxConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let h = c.hidden_size;
+        let m = c.mlp_size();
+        Ok(Self {
+            modulation: linear(h, 3 * h, vb.pp("modulation").pp("lin"))?,
+            linear1: linear(h, 3 * h + m, vb.pp("linear1"))?,
+            linear2: linear(h + m, h, vb.pp("linear2"))?,
+            norm: QkNorm::new(c.head_dim(), vb.pp("norm"))?,
+            hidden: h,
+            mlp: m,
+            heads: c.num_heads,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        vec: &Tensor,
+        rope: &Rope,
+        ln: &PlainLayerNorm,
+    ) -> candle_core::Result<Tensor> {
+        let m = modulation(&self.modulation, vec, 3)?;
+        let xm = scale_shift(&ln.forward(x)?, &m[0], &m[1])?.apply(&self.linear1)?;
+        let qkv = xm.narrow(D::Minus1, 0, 3 * self.hidden)?;
+        let mlp = xm.narrow(D::Minus1, 3 * self.hidden, self.mlp)?;
+        let (q, k, v) = split_qkv(&qkv.contiguous()?, self.heads, &self.norm)?;
+        let attn = attention(&q, &k, &v, rope)?;
+        let out = Tensor::cat(&[attn, mlp.gelu()?], 2)?.apply(&self.linear2)?;
+        x + m[2].broadcast_mul(&out)?
+    }
+}
+
+/// Time-like MLP embedder (`in_layer` → SiLU → `out_layer`).
+struct Embedder {
+    inl: Linear,
+    outl: Linear,
+}
+
+impl Embedder {
+    fn new(i: usize, h: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            inl: linear(i, h, vb.pp("in_layer"))?,
+            outl: linear(h, h, vb.pp("out_layer"))?,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.apply(&self.inl)?.silu()?.apply(&self.outl)
+    }
+}
+
+/// diffusers' `get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0)`
+/// in float32 for values `t` (B,) (already multiplied by 1000), cast to `dtype`.
+fn sinusoid(t: &[f32], dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    let half = 128usize;
+    let log = -(10000f64.ln()) as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((log * i as f32) / half as f32).exp())
+        .collect();
+    let mut out = Vec::with_capacity(t.len() * 2 * half);
+    for &tv in t {
+        let args: Vec<f32> = freqs.iter().map(|f| tv * f).collect();
+        out.extend(args.iter().map(|a| a.cos()));
+        out.extend(args.iter().map(|a| a.sin()));
+    }
+    Tensor::from_vec(out, (t.len(), 2 * half), dev)?.to_dtype(dtype)
+}
+
+/// The Flux transformer with its weights.
+pub struct FluxTransformer {
+    config: FluxConfig,
+    img_in: Linear,
+    txt_in: Linear,
+    time_in: Embedder,
+    vector_in: Embedder,
+    guidance_in: Option<Embedder>,
+    double_blocks: Vec<DoubleBlock>,
+    single_blocks: Vec<SingleBlock>,
+    final_norm_mod: Linear,
+    final_linear: Linear,
+    ln: PlainLayerNorm,
+    dtype: DType,
+    device: Device,
+}
+
+impl FluxTransformer {
+    /// Builds the network from a var builder with BFL tensor names (a `flux1-dev.safetensors`
+    /// file, [`DiffusersFluxWeights`] or random weights).
+    pub fn new(config: &FluxConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let c = config;
+        let h = c.hidden_size;
+        let double_blocks = (0..c.depth)
+            .map(|i| {
+                let b = vb.pp("double_blocks").pp(i);
+                Ok(DoubleBlock {
+                    img: StreamHalf::new(c, b.clone(), "img")?,
+                    txt: StreamHalf::new(c, b, "txt")?,
+                    heads: c.num_heads,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let single_blocks = (0..c.depth_single_blocks)
+            .map(|i| SingleBlock::new(c, vb.pp("single_blocks").pp(i)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            config: c.clone(),
+            img_in: linear(c.in_channels, h, vb.pp("img_in"))?,
+            txt_in: linear(c.context_in_dim, h, vb.pp("txt_in"))?,
+            time_in: Embedder::new(256, h, vb.pp("time_in"))?,
+            vector_in: Embedder::new(c.vec_in_dim, h, vb.pp("vector_in"))?,
+            guidance_in: if c.guidance_embed {
+                Some(Embedder::new(256, h, vb.pp("guidance_in"))?)
+            } else {
+                None
+            },
+            double_blocks,
+            single_blocks,
+            final_norm_mod: linear(
+                h,
+                2 * h,
+                vb.pp("final_layer").pp("adaLN_modulation").pp("1"),
+            )?,
+            final_linear: linear(h, c.in_channels, vb.pp("final_layer").pp("linear"))?,
+            ln: PlainLayerNorm::new(h, vb.dtype(), vb.device())?,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &FluxConfig {
+        &self.config
+    }
+
+    /// The conditioning vector (B, hidden): time + guidance + pooled-text embeddings.
+    /// `timesteps` and `guidance` are the values the sinusoids see (diffusers' `timestep * 1000`).
+    pub fn conditioning(
+        &self,
+        timesteps: &[f32],
+        guidance: Option<&[f32]>,
+        pooled: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let mut vec = self
+            .time_in
+            .forward(&sinusoid(timesteps, self.dtype, &self.device)?)?;
+        if let (Some(g_in), Some(g)) = (&self.guidance_in, guidance) {
+            vec = (vec + g_in.forward(&sinusoid(g, self.dtype, &self.device)?)?)?;
+        }
+        vec + self.vector_in.forward(&pooled.to_dtype(self.dtype)?)?
+    }
+
+    /// One forward: packed latents `img` (B, L, in_channels), T5 states `txt` (B, T,
+    /// context_in_dim), the conditioning of [`FluxTransformer::conditioning`] (B, hidden) and the
+    /// rotary tables for the T text tokens then the L image tokens; returns the predicted
+    /// velocity (B, L, in_channels) in the model dtype.
+    pub fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        vec: &Tensor,
+        rope: &Rope,
+    ) -> candle_core::Result<Tensor> {
+        let mut img = img.to_dtype(self.dtype)?.apply(&self.img_in)?;
+        let mut txt = txt.to_dtype(self.dtype)?.apply(&self.txt_in)?;
+        for block in &self.double_blocks {
+            (img, txt) = block.forward(&img, &txt, vec, rope, &self.ln)?;
+        }
+        let nt = txt.dim(1)?;
+        let mut x = Tensor::cat(&[&txt, &img], 1)?;
+        for block in &self.single_blocks {
+            x = block.forward(&x, vec, rope, &self.ln)?;
+        }
+        let img = x.narrow(1, nt, x.dim(1)? - nt)?;
+        let m = modulation(&self.final_norm_mod, vec, 2)?;
+        scale_shift(&self.ln.forward(&img)?, &m[0], &m[1])?.apply(&self.final_linear)
+    }
+
+    /// Whether the model embeds the guidance scale.
+    pub fn has_guidance(&self) -> bool {
+        self.guidance_in.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_parameter_count_is_about_twelve_billion() {
+        let n = FluxConfig::dev().parameter_count();
+        assert!((11_800_000_000..12_000_000_000).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn diffusers_qkv_names_map_to_the_three_projections() {
+        let (s, swap) = DiffusersFluxWeights::sources("double_blocks.3.txt_attn.qkv.bias").unwrap();
+        assert_eq!(
+            s,
+            vec![
+                "transformer_blocks.3.attn.add_q_proj.bias",
+                "transformer_blocks.3.attn.add_k_proj.bias",
+                "transformer_blocks.3.attn.add_v_proj.bias"
+            ]
+        );
+        assert!(!swap);
+        let (_, swap) =
+            DiffusersFluxWeights::sources("final_layer.adaLN_modulation.1.weight").unwrap();
+        assert!(swap);
+    }
+
+    #[test]
+    fn latent_ids_are_row_major_rows_then_columns() {
+        let ids = latent_image_ids(2, 3);
+        assert_eq!(ids[4], [0.0, 1.0, 1.0]);
+        assert_eq!(ids.len(), 6);
+    }
+}

@@ -1,0 +1,429 @@
+//! Qwen2.5-VL's input side as the Hugging Face processor does it: `smart_resize` to multiples of
+//! 28 within min/max pixels, Pillow's bicubic resampling (8-bit, fixed point, the PIL backend of
+//! transformers), rescale + CLIP normalisation, the (merge-block-major) patch order, the chat
+//! template, and the multimodal rotary position ids (`get_rope_index`).
+
+use image::RgbImage;
+use serde_json::Value;
+
+use super::QwenError;
+
+/// `preprocessor_config.json`: how images become patches.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageProcessorConfig {
+    /// Fewest pixels (height x width) after resizing.
+    pub min_pixels: usize,
+    /// Most pixels after resizing.
+    pub max_pixels: usize,
+    /// Side of a square patch in pixels (14).
+    pub patch_size: usize,
+    /// Frames per patch (2; a still image is repeated).
+    pub temporal_patch_size: usize,
+    /// Patches merged per side by the vision merger (2).
+    pub merge_size: usize,
+    /// Per-channel mean after rescaling to 0..1.
+    pub image_mean: [f32; 3],
+    /// Per-channel standard deviation after rescaling to 0..1.
+    pub image_std: [f32; 3],
+    /// Factor from 0..255 to 0..1.
+    pub rescale_factor: f32,
+}
+
+impl Default for ImageProcessorConfig {
+    /// The values of Qwen2.5-VL-7B-Instruct's `preprocessor_config.json`.
+    fn default() -> Self {
+        Self {
+            min_pixels: 56 * 56,
+            max_pixels: 28 * 28 * 1280,
+            patch_size: 14,
+            temporal_patch_size: 2,
+            merge_size: 2,
+            image_mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+            image_std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
+            rescale_factor: 1.0 / 255.0,
+        }
+    }
+}
+
+impl ImageProcessorConfig {
+    /// Reads `preprocessor_config.json` (`min_pixels`/`max_pixels` or `size.shortest_edge`/
+    /// `size.longest_edge`); missing keys keep the defaults. `path` names the file in errors.
+    pub fn from_json(v: &Value, path: &str) -> Result<Self, QwenError> {
+        let mut c = Self::default();
+        let usize_at = |keys: &[&str]| -> Option<usize> {
+            let mut cur = v;
+            for k in keys {
+                cur = cur.get(k)?;
+            }
+            cur.as_u64().map(|x| x as usize)
+        };
+        if let Some(x) = usize_at(&["min_pixels"]).or(usize_at(&["size", "shortest_edge"])) {
+            c.min_pixels = x;
+        }
+        if let Some(x) = usize_at(&["max_pixels"]).or(usize_at(&["size", "longest_edge"])) {
+            c.max_pixels = x;
+        }
+        if let Some(x) = usize_at(&["patch_size"]) {
+            c.patch_size = x;
+        }
+        if let Some(x) = usize_at(&["temporal_patch_size"]) {
+            c.temporal_patch_size = x;
+        }
+        if let Some(x) = usize_at(&["merge_size"]) {
+            c.merge_size = x;
+        }
+        let triple = |key: &str| -> Result<Option<[f32; 3]>, QwenError> {
+            let Some(a) = v.get(key) else { return Ok(None) };
+            let vals: Vec<f32> = a
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_f64)
+                        .map(|x| x as f32)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if vals.len() != 3 {
+                return Err(QwenError::Config {
+                    path: path.to_string(),
+                    message: format!("`{key}` must be a list of 3 numbers"),
+                });
+            }
+            Ok(Some([vals[0], vals[1], vals[2]]))
+        };
+        if let Some(m) = triple("image_mean")? {
+            c.image_mean = m;
+        }
+        if let Some(s) = triple("image_std")? {
+            c.image_std = s;
+        }
+        if let Some(r) = v.get("rescale_factor").and_then(Value::as_f64) {
+            c.rescale_factor = r as f32;
+        }
+        if c.patch_size == 0 || c.merge_size == 0 || c.temporal_patch_size == 0 {
+            return Err(QwenError::Config {
+                path: path.to_string(),
+                message: "patch_size, merge_size and temporal_patch_size must be positive".into(),
+            });
+        }
+        Ok(c)
+    }
+
+    /// Length of one flattened patch: channels x temporal x patch x patch (1176).
+    pub fn patch_dim(&self) -> usize {
+        3 * self.temporal_patch_size * self.patch_size * self.patch_size
+    }
+}
+
+/// The target (height, width), multiples of `factor`, with height x width within
+/// `[min_pixels, max_pixels]` and the aspect ratio kept as well as possible (transformers'
+/// `smart_resize`, Python's round-half-to-even included).
+pub fn smart_resize(
+    height: usize,
+    width: usize,
+    factor: usize,
+    min_pixels: usize,
+    max_pixels: usize,
+) -> Result<(usize, usize), QwenError> {
+    if height == 0 || width == 0 {
+        return Err(QwenError::Image(format!(
+            "the image is empty ({width}x{height})"
+        )));
+    }
+    let (h, w, f) = (height as f64, width as f64, factor as f64);
+    if h.max(w) / h.min(w) > 200.0 {
+        return Err(QwenError::Image(format!(
+            "the image's aspect ratio ({width}x{height}) is above 200"
+        )));
+    }
+    let mut h_bar = (h / f).round_ties_even() * f;
+    let mut w_bar = (w / f).round_ties_even() * f;
+    if h_bar * w_bar > max_pixels as f64 {
+        let beta = (h * w / max_pixels as f64).sqrt();
+        h_bar = f.max((h / beta / f).floor() * f);
+        w_bar = f.max((w / beta / f).floor() * f);
+    } else if h_bar * w_bar < min_pixels as f64 {
+        let beta = (min_pixels as f64 / (h * w)).sqrt();
+        h_bar = (h * beta / f).ceil() * f;
+        w_bar = (w * beta / f).ceil() * f;
+    }
+    Ok((h_bar as usize, w_bar as usize))
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Pillow's resampling coefficients for one axis: per output index, the first input index and
+/// the fixed-point weights.
+fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let n = xmax.saturating_sub(xmin);
+            let w: Vec<f64> = (0..n)
+                .map(|x| bicubic((x as f64 + xmin as f64 - center + 0.5) * ss))
+                .collect();
+            let total: f64 = w.iter().sum();
+            let k = w
+                .iter()
+                .map(|&v| {
+                    let v = if total != 0.0 { v / total } else { v };
+                    let scaled = v * (1u32 << PRECISION_BITS) as f64;
+                    if v < 0.0 {
+                        (scaled - 0.5) as i32
+                    } else {
+                        (scaled + 0.5) as i32
+                    }
+                })
+                .collect();
+            (xmin, k)
+        })
+        .collect()
+}
+
+fn clip8(v: i64) -> u8 {
+    if v >= (1i64 << PRECISION_BITS << 8) {
+        255
+    } else if v <= 0 {
+        0
+    } else {
+        (v >> PRECISION_BITS) as u8
+    }
+}
+
+/// Resizes like Pillow's `Image.resize(size, BICUBIC)` on an 8-bit RGB image: a horizontal
+/// pass, then a vertical one, each in 22-bit fixed point with rounding to 8 bits in between.
+pub fn resize_bicubic(img: &RgbImage, width: usize, height: usize) -> RgbImage {
+    let (iw, ih) = (img.width() as usize, img.height() as usize);
+    if iw == width && ih == height {
+        return img.clone();
+    }
+    let src = img.as_raw();
+    let vert = coefficients(ih, height);
+    // Horizontal pass over the rows the vertical pass reads.
+    let (y_first, y_last) = if ih != height {
+        let first = vert[0].0;
+        let last = vert[height - 1].0 + vert[height - 1].1.len();
+        (first, last)
+    } else {
+        (0, ih)
+    };
+    let rows = y_last - y_first;
+    let mut temp = vec![0u8; rows * width * 3];
+    let temp_w = if iw != width {
+        let horiz = coefficients(iw, width);
+        for y in 0..rows {
+            let row = &src[(y + y_first) * iw * 3..(y + y_first + 1) * iw * 3];
+            for (xx, (xmin, k)) in horiz.iter().enumerate() {
+                for c in 0..3 {
+                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                    for (x, &kv) in k.iter().enumerate() {
+                        ss += row[(x + xmin) * 3 + c] as i64 * kv as i64;
+                    }
+                    temp[(y * width + xx) * 3 + c] = clip8(ss);
+                }
+            }
+        }
+        width
+    } else {
+        temp.copy_from_slice(&src[y_first * iw * 3..y_last * iw * 3]);
+        iw
+    };
+    if ih == height {
+        return RgbImage::from_raw(temp_w as u32, height as u32, temp)
+            .unwrap_or_else(|| RgbImage::new(temp_w as u32, height as u32));
+    }
+    let mut out = vec![0u8; height * temp_w * 3];
+    for (yy, (ymin, k)) in vert.iter().enumerate() {
+        let ymin = ymin - y_first;
+        for x in 0..temp_w {
+            for c in 0..3 {
+                let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                for (y, &kv) in k.iter().enumerate() {
+                    ss += temp[((y + ymin) * temp_w + x) * 3 + c] as i64 * kv as i64;
+                }
+                out[(yy * temp_w + x) * 3 + c] = clip8(ss);
+            }
+        }
+    }
+    RgbImage::from_raw(temp_w as u32, height as u32, out)
+        .unwrap_or_else(|| RgbImage::new(temp_w as u32, height as u32))
+}
+
+/// One image turned into vision-encoder input.
+#[derive(Clone, Debug)]
+pub struct ProcessedImage {
+    /// Flattened patches, `grid_h * grid_w` rows of [`ImageProcessorConfig::patch_dim`] values,
+    /// row-major, in the processor's order (merge blocks, then the patches inside a block).
+    pub pixel_values: Vec<f32>,
+    /// (temporal, height, width) grid in patches: `(1, H/14, W/14)`.
+    pub grid_thw: [usize; 3],
+}
+
+impl ProcessedImage {
+    /// Image placeholder tokens in the prompt: `grid_h * grid_w / merge^2`.
+    pub fn num_tokens(&self, merge: usize) -> usize {
+        self.grid_thw[0] * self.grid_thw[1] * self.grid_thw[2] / (merge * merge)
+    }
+}
+
+impl ImageProcessorConfig {
+    /// Resizes, rescales, normalises and patchifies `img` as transformers'
+    /// `Qwen2VLImageProcessor` (PIL backend) does.
+    pub fn preprocess(&self, img: &RgbImage) -> Result<ProcessedImage, QwenError> {
+        let factor = self.patch_size * self.merge_size;
+        let (h, w) = smart_resize(
+            img.height() as usize,
+            img.width() as usize,
+            factor,
+            self.min_pixels,
+            self.max_pixels,
+        )?;
+        let resized = resize_bicubic(img, w, h);
+        let raw = resized.as_raw();
+        let (p, m, t) = (self.patch_size, self.merge_size, self.temporal_patch_size);
+        let (gh, gw) = (h / p, w / p);
+        let dim = self.patch_dim();
+        let mut out = Vec::with_capacity(gh * gw * dim);
+        let norm: Vec<(f32, f32)> = (0..3)
+            .map(|c| (self.image_mean[c], self.image_std[c]))
+            .collect();
+        let value = |y: usize, x: usize, c: usize| -> f32 {
+            let v = raw[(y * w + x) * 3 + c] as f32 * self.rescale_factor;
+            (v - norm[c].0) / norm[c].1
+        };
+        for bh in 0..gh / m {
+            for bw in 0..gw / m {
+                for mh in 0..m {
+                    for mw in 0..m {
+                        let (py, px) = ((bh * m + mh) * p, (bw * m + mw) * p);
+                        for c in 0..3 {
+                            for _ in 0..t {
+                                for y in 0..p {
+                                    for x in 0..p {
+                                        out.push(value(py + y, px + x, c));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(ProcessedImage {
+            pixel_values: out,
+            grid_thw: [1, gh, gw],
+        })
+    }
+}
+
+/// The chat (Qwen2.5-VL-Instruct's template) split at the image: the text before the image
+/// placeholder tokens and the text after them. `system` is the rubric, `prompt` the user text
+/// after the image; the generation prompt (`<|im_start|>assistant\n`) ends the second part.
+pub fn chat_parts(system: &str, prompt: &str) -> (String, String) {
+    (
+        format!("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<|vision_start|>"),
+        format!("<|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n"),
+    )
+}
+
+/// Multimodal rotary positions (temporal, height, width) of a sequence made of `prefix` text
+/// tokens, one image of `grid_thw` patches (merged `merge` x `merge`), then `suffix` text
+/// tokens; also the offset that later (generated) tokens add to their index. As transformers'
+/// `get_rope_index` for one image.
+pub fn rope_positions(
+    prefix: usize,
+    grid_thw: [usize; 3],
+    merge: usize,
+    suffix: usize,
+) -> (Vec<[i64; 3]>, i64) {
+    let mut pos = Vec::new();
+    for i in 0..prefix {
+        let i = i as i64;
+        pos.push([i, i, i]);
+    }
+    let start = prefix as i64;
+    let (gt, gh, gw) = (grid_thw[0], grid_thw[1] / merge, grid_thw[2] / merge);
+    for t in 0..gt {
+        for y in 0..gh {
+            for x in 0..gw {
+                pos.push([start + t as i64, start + y as i64, start + x as i64]);
+            }
+        }
+    }
+    let next = start + gh.max(gw) as i64;
+    for i in 0..suffix {
+        let p = next + i as i64;
+        pos.push([p, p, p]);
+    }
+    let max = pos
+        .iter()
+        .flat_map(|p| p.iter())
+        .copied()
+        .max()
+        .unwrap_or(-1);
+    let delta = max + 1 - pos.len() as i64;
+    (pos, delta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smart_resize_rounds_half_to_even_like_python() {
+        // 42 / 28 = 1.5 -> 2; 70 / 28 = 2.5 -> 2.
+        assert_eq!(smart_resize(42, 70, 28, 1, 1 << 30).unwrap(), (56, 56));
+    }
+
+    #[test]
+    fn smart_resize_keeps_within_max_pixels() {
+        let (h, w) = smart_resize(1024, 1024, 28, 3136, 12_845_056).unwrap();
+        assert_eq!((h, w), (1036, 1036));
+        let (h, w) = smart_resize(1024, 1024, 28, 3136, 28 * 28 * 256).unwrap();
+        assert!(
+            h * w <= 28 * 28 * 256 && h % 28 == 0 && w % 28 == 0,
+            "{h}x{w}"
+        );
+    }
+
+    #[test]
+    fn resizing_to_the_same_size_is_the_identity() {
+        let img = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, 7]));
+        assert_eq!(resize_bicubic(&img, 5, 4), img);
+    }
+
+    #[test]
+    fn a_flat_image_stays_flat_after_resizing() {
+        let img = RgbImage::from_pixel(90, 60, image::Rgb([200, 10, 77]));
+        let out = resize_bicubic(&img, 84, 56);
+        assert!(out.pixels().all(|p| p.0 == [200, 10, 77]));
+    }
+
+    #[test]
+    fn rope_positions_jump_past_the_image_by_its_longest_side() {
+        let (pos, delta) = rope_positions(2, [1, 4, 6], 2, 2);
+        assert_eq!(pos.len(), 2 + 6 + 2);
+        assert_eq!(pos[2], [2, 2, 2]);
+        assert_eq!(pos[7], [2, 3, 4]);
+        assert_eq!(pos[8], [5, 5, 5]);
+        assert_eq!(delta, 7 - 10);
+    }
+}

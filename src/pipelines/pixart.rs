@@ -1,0 +1,583 @@
+//! PixArt-Sigma (diffusers' `PixArtSigmaPipeline`): caption cleaning, the T5 encoder with its
+//! attention mask over `max_sequence_length` tokens, the PixArt transformer with
+//! classifier-free guidance and learned sigma, the scheduler of `scheduler/scheduler_config.json`
+//! (DPMSolverMultistep for the Hub repo), the SDXL-family VAE, and diffusers' resolution
+//! binning (the image is made at the closest aspect-ratio bin and resized back).
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use image::RgbImage;
+use serde_json::Value;
+
+use crate::config::Dtype;
+use crate::models::pixart::{PixArtConfig, PixArtTransformer};
+use crate::models::t5::{T5Config, T5Encoder, T5Tokenizer};
+use crate::noise::Noise;
+use crate::pipelines::caption::preprocess_caption;
+use crate::pipelines::hub::ModelSource;
+use crate::pipelines::schedulers::SchedulerConfig;
+use crate::pipelines::sd15::{SchedulerFactory, Sd15Pipeline};
+use crate::pipelines::{ImagePipeline, PipelineError};
+
+/// diffusers' default `guidance_scale` for PixArt-Sigma.
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 4.5;
+/// diffusers' default `num_inference_steps`.
+pub const DEFAULT_NUM_INFERENCE_STEPS: usize = 20;
+/// diffusers' default `max_sequence_length` (T5 tokens).
+pub const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 300;
+
+/// diffusers' `ASPECT_RATIO_1024_BIN`: aspect ratio (height / width) → (height, width).
+pub const ASPECT_RATIO_1024_BIN: &[(&str, usize, usize)] = &[
+    ("0.25", 512, 2048),
+    ("0.28", 512, 1856),
+    ("0.32", 576, 1792),
+    ("0.33", 576, 1728),
+    ("0.35", 576, 1664),
+    ("0.4", 640, 1600),
+    ("0.42", 640, 1536),
+    ("0.48", 704, 1472),
+    ("0.5", 704, 1408),
+    ("0.52", 704, 1344),
+    ("0.57", 768, 1344),
+    ("0.6", 768, 1280),
+    ("0.68", 832, 1216),
+    ("0.72", 832, 1152),
+    ("0.78", 896, 1152),
+    ("0.82", 896, 1088),
+    ("0.88", 960, 1088),
+    ("0.94", 960, 1024),
+    ("1.0", 1024, 1024),
+    ("1.07", 1024, 960),
+    ("1.13", 1088, 960),
+    ("1.21", 1088, 896),
+    ("1.29", 1152, 896),
+    ("1.38", 1152, 832),
+    ("1.46", 1216, 832),
+    ("1.67", 1280, 768),
+    ("1.75", 1344, 768),
+    ("2.0", 1408, 704),
+    ("2.09", 1472, 704),
+    ("2.4", 1536, 640),
+    ("2.5", 1600, 640),
+    ("3.0", 1728, 576),
+    ("4.0", 2048, 512),
+];
+
+/// diffusers' `classify_height_width_bin` over the 1024 bins scaled by `1024 / base` (the 512
+/// and 256 bins are the 1024 bins halved and quartered): the bin whose ratio is closest to
+/// `height / width` (the first on ties), as (height, width).
+pub fn classify_height_width_bin(height: usize, width: usize, base: usize) -> (usize, usize) {
+    let ar = height as f64 / width as f64;
+    let mut best = ASPECT_RATIO_1024_BIN[0];
+    let mut best_d = f64::INFINITY;
+    for bin in ASPECT_RATIO_1024_BIN {
+        let d = (bin.0.parse::<f64>().unwrap_or(f64::NAN) - ar).abs();
+        if d < best_d {
+            best_d = d;
+            best = *bin;
+        }
+    }
+    (best.1 * base / 1024, best.2 * base / 1024)
+}
+
+/// diffusers' `resize_and_crop_tensor` on images (B, C, H, W) in float32: bilinear resize
+/// (`align_corners=False`, no antialiasing) so the image covers `new_height × new_width`, then a
+/// center crop.
+pub fn resize_and_crop(
+    images: &Tensor,
+    new_height: usize,
+    new_width: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = images.dims4()?;
+    if h == new_height && w == new_width {
+        return Ok(images.clone());
+    }
+    let ratio = (new_height as f64 / h as f64).max(new_width as f64 / w as f64);
+    let (rh, rw) = ((h as f64 * ratio) as usize, (w as f64 * ratio) as usize);
+    let src: Vec<f32> = images.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    // torch's area_pixel_compute_source_index in float32.
+    let axis = |input: usize, output: usize| -> Vec<(usize, usize, f32, f32)> {
+        let scale = input as f32 / output as f32;
+        (0..output)
+            .map(|o| {
+                let s = (scale * (o as f32 + 0.5) - 0.5).max(0.0);
+                let i0 = s as usize;
+                let step = usize::from(i0 < input - 1);
+                let l1 = s - i0 as f32;
+                (i0, i0 + step, 1.0 - l1, l1)
+            })
+            .collect()
+    };
+    let (ys, xs) = (axis(h, rh), axis(w, rw));
+    let (top, left) = ((rh - new_height) / 2, (rw - new_width) / 2);
+    let mut out = Vec::with_capacity(b * c * new_height * new_width);
+    for plane in src.chunks(h * w) {
+        for &(y0, y1, wy0, wy1) in &ys[top..top + new_height] {
+            for &(x0, x1, wx0, wx1) in &xs[left..left + new_width] {
+                let p = |y: usize, x: usize| plane[y * w + x];
+                out.push(
+                    wy0 * (wx0 * p(y0, x0) + wx1 * p(y0, x1))
+                        + wy1 * (wx0 * p(y1, x0) + wx1 * p(y1, x1)),
+                );
+            }
+        }
+    }
+    Tensor::from_vec(out, (b, c, new_height, new_width), images.device())
+}
+
+/// The `pipeline_call_args` PixArt-Sigma understands; `None` takes diffusers' default.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PixArtCallArgs {
+    /// Requested image height in pixels (default `sample_size × 8`, 1024).
+    pub height: Option<usize>,
+    /// Requested image width in pixels (default as `height`).
+    pub width: Option<usize>,
+    /// Denoising steps (default 20).
+    pub num_inference_steps: Option<usize>,
+    /// Classifier-free guidance scale (default 4.5; off when <= 1).
+    pub guidance_scale: Option<f64>,
+    /// Negative prompt (default "").
+    pub negative_prompt: Option<String>,
+    /// T5 tokens the prompt is padded/truncated to (default 300).
+    pub max_sequence_length: Option<usize>,
+    /// diffusers' caption cleaning (default true).
+    pub clean_caption: Option<bool>,
+}
+
+/// A loaded PixArt-Sigma pipeline.
+pub struct PixArtPipeline {
+    tokenizer: T5Tokenizer,
+    text_encoder: T5Encoder,
+    transformer: PixArtTransformer,
+    vae: AutoEncoderKL,
+    scheduler: SchedulerFactory,
+    dtype: DType,
+    device: Device,
+    scaling_factor: f64,
+    latent_channels: usize,
+    /// The requested size.
+    height: usize,
+    width: usize,
+    /// The size the latents are made at (the aspect-ratio bin).
+    bin_height: usize,
+    bin_width: usize,
+    num_inference_steps: usize,
+    guidance_scale: f64,
+    negative_prompt: String,
+    max_sequence_length: usize,
+    clean_caption: bool,
+    /// `(states, mask)`: `[uncond; cond]` under guidance, else `[cond]`.
+    context: Option<(Tensor, Tensor)>,
+}
+
+fn candle_dtype(dtype: Dtype) -> DType {
+    match dtype {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::Bf16 => DType::BF16,
+    }
+}
+
+fn var_builder(
+    source: &ModelSource,
+    component: &str,
+    dtype: Dtype,
+    device: &Device,
+) -> Result<VarBuilder<'static>, PipelineError> {
+    let files = source.weights(component, dtype)?;
+    // SAFETY: the files are memory-mapped read-only model files that we do not modify, as
+    // candle's own loaders assume.
+    unsafe { VarBuilder::from_mmaped_safetensors(&files, candle_dtype(dtype), device) }.map_err(
+        |e| PipelineError::ModelFile {
+            path: files
+                .first()
+                .map_or(component.to_string(), |p| p.display().to_string()),
+            message: format!("cannot read the safetensors weights: {e}"),
+        },
+    )
+}
+
+fn weights_error(
+    source: &ModelSource,
+    component: &str,
+    e: impl std::fmt::Display,
+) -> PipelineError {
+    PipelineError::ModelFile {
+        path: format!("{}/{component}", source.display_name()),
+        message: format!("the weights do not match {component}/config.json: {e}; is this a PixArt-Sigma model in diffusers layout?"),
+    }
+}
+
+/// The VAE's candle config and `scaling_factor` from `vae/config.json`.
+fn vae_config(v: &Value) -> Result<(AutoEncoderKLConfig, f64), PipelineError> {
+    let bad = |key: &str| PipelineError::ModelFile {
+        path: "vae/config.json".into(),
+        message: format!("key {key:?} is missing or malformed"),
+    };
+    let uint = |k: &str, d: usize| -> Result<usize, PipelineError> {
+        match v.get(k).filter(|x| !x.is_null()) {
+            None => Ok(d),
+            Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| bad(k)),
+        }
+    };
+    let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(true);
+    let channels: Vec<usize> = v
+        .get("block_out_channels")
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().map(|x| x.as_u64().map(|n| n as usize)).collect())
+        .filter(|c: &Vec<usize>| !c.is_empty())
+        .ok_or_else(|| bad("block_out_channels"))?;
+    let groups = uint("norm_num_groups", 32)?;
+    if groups == 0 || channels.iter().any(|c| c % groups != 0) {
+        return Err(bad("norm_num_groups"));
+    }
+    let scaling = v
+        .get("scaling_factor")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.18215);
+    Ok((
+        AutoEncoderKLConfig {
+            block_out_channels: channels,
+            layers_per_block: uint("layers_per_block", 1)?,
+            latent_channels: uint("latent_channels", 4)?,
+            norm_num_groups: groups,
+            use_quant_conv: flag("use_quant_conv"),
+            use_post_quant_conv: flag("use_post_quant_conv"),
+        },
+        scaling,
+    ))
+}
+
+impl PixArtPipeline {
+    /// Loads tokenizer (`tokenizer/spiece.model`), T5 encoder, transformer, VAE and scheduler
+    /// from `source` in `dtype` onto `device` and resolves the call arguments (resolution bin).
+    pub fn load(
+        source: &ModelSource,
+        dtype: Dtype,
+        device: &Device,
+        args: &PixArtCallArgs,
+    ) -> Result<Self, PipelineError> {
+        if dtype == Dtype::Bf16 && device.is_cpu() {
+            return Err(PipelineError::Unsupported(
+                "torch_dtype \"bf16\" needs a CUDA device (candle has no bf16 matmul on the CPU); use \"fp32\" or \"fp16\"".into(),
+            ));
+        }
+        let tokenizer = T5Tokenizer::from_spiece(&source.file("tokenizer/spiece.model")?)?;
+        let t5_json = source.read_json("text_encoder/config.json")?;
+        let t5_config: T5Config =
+            serde_json::from_value(t5_json).map_err(|e| PipelineError::ModelFile {
+                path: "text_encoder/config.json".into(),
+                message: format!("not a T5 config: {e}"),
+            })?;
+        let text_encoder = T5Encoder::new(
+            var_builder(source, "text_encoder", dtype, device)?,
+            &t5_config,
+        )
+        .map_err(|e| weights_error(source, "text_encoder", e))?;
+        let tr_config = PixArtConfig::from_json(&source.read_json("transformer/config.json")?)?;
+        let transformer = PixArtTransformer::new(
+            &tr_config,
+            var_builder(source, "transformer", dtype, device)?,
+        )
+        .map_err(|e| weights_error(source, "transformer", e))?;
+        let (vae_cfg, scaling_factor) = vae_config(&source.read_json("vae/config.json")?)?;
+        let vae_scale = 1usize << (vae_cfg.block_out_channels.len() - 1);
+        let latent_channels = vae_cfg.latent_channels;
+        if latent_channels != tr_config.in_channels {
+            return Err(PipelineError::ModelFile {
+                path: "vae/config.json".into(),
+                message: format!("latent_channels {latent_channels} differs from the transformer's in_channels {}", tr_config.in_channels),
+            });
+        }
+        let vae = AutoEncoderKL::new(var_builder(source, "vae", dtype, device)?, 3, 3, vae_cfg)
+            .map_err(|e| weights_error(source, "vae", e))?;
+        let sched_path = source.file("scheduler/scheduler_config.json")?;
+        let sched_config = SchedulerConfig::from_file(&sched_path)?;
+        let scheduler: SchedulerFactory = Box::new(move |steps| sched_config.build(steps));
+
+        let default = tr_config.sample_size * vae_scale;
+        let height = args.height.unwrap_or(default);
+        let width = args.width.unwrap_or(default);
+        if height == 0 || width == 0 {
+            return Err(PipelineError::InvalidArgument(
+                "pipeline_call_args.height and width must be positive".into(),
+            ));
+        }
+        let base = match tr_config.sample_size {
+            128 => 1024,
+            64 => 512,
+            32 => 256,
+            other => {
+                return Err(PipelineError::Unsupported(format!(
+                    "transformer/config.json: sample_size {other} has no aspect-ratio bins in this build (32, 64, 128 do)"
+                )))
+            }
+        };
+        let (bin_height, bin_width) = classify_height_width_bin(height, width, base);
+        let num_inference_steps = args
+            .num_inference_steps
+            .unwrap_or(DEFAULT_NUM_INFERENCE_STEPS);
+        scheduler(num_inference_steps)?;
+        let guidance_scale = args.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
+        if !guidance_scale.is_finite() {
+            return Err(PipelineError::InvalidArgument(format!(
+                "pipeline_call_args.guidance_scale = {guidance_scale} must be a finite number"
+            )));
+        }
+        let max_sequence_length = args
+            .max_sequence_length
+            .unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
+        if max_sequence_length == 0 {
+            return Err(PipelineError::InvalidArgument(
+                "pipeline_call_args.max_sequence_length must be at least 1".into(),
+            ));
+        }
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            transformer,
+            vae,
+            scheduler,
+            dtype: candle_dtype(dtype),
+            device: device.clone(),
+            scaling_factor,
+            latent_channels,
+            height,
+            width,
+            bin_height,
+            bin_width,
+            num_inference_steps,
+            guidance_scale,
+            negative_prompt: args.negative_prompt.clone().unwrap_or_default(),
+            max_sequence_length,
+            clean_caption: args.clean_caption.unwrap_or(true),
+            context: None,
+        })
+    }
+
+    /// The size latents are made at: the aspect-ratio bin of the requested size, (height, width).
+    pub fn binned_size(&self) -> (usize, usize) {
+        (self.bin_height, self.bin_width)
+    }
+
+    /// The T5 tokenizer.
+    pub fn tokenizer(&self) -> &T5Tokenizer {
+        &self.tokenizer
+    }
+
+    /// T5 states (1, max_sequence_length, d_model) and mask (1, max_sequence_length) of `text`
+    /// after diffusers' caption preprocessing.
+    pub fn encode_prompt(&self, text: &str) -> Result<(Tensor, Tensor), PipelineError> {
+        let text = preprocess_caption(text, self.clean_caption);
+        let (ids, mask) = self.tokenizer.encode(&text, self.max_sequence_length)?;
+        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        let mask = Tensor::new(mask.as_slice(), &self.device)?.unsqueeze(0)?;
+        let states = self.text_encoder.forward(&ids, &mask)?;
+        Ok((states, mask))
+    }
+
+    /// Whether classifier-free guidance is on (`guidance_scale > 1`).
+    pub fn uses_guidance(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+
+    /// Denoises initial latents (B, C, h, w) with the prompt of [`ImagePipeline::set_prompt`].
+    pub fn denoise(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
+        let (states, mask) = self.context.as_ref().ok_or_else(|| {
+            PipelineError::InvalidArgument("set_prompt must be called before generate".into())
+        })?;
+        let b = latents.dim(0)?;
+        let guided = self.uses_guidance();
+        let rep = |x: &Tensor| -> candle_core::Result<Tensor> {
+            if x.rank() == 3 {
+                x.repeat((b, 1, 1))
+            } else {
+                x.repeat((b, 1))
+            }
+        };
+        // Rows: [uncond × B, cond × B] under guidance (diffusers' order), else [cond × B].
+        let rows = |t: &Tensor| -> candle_core::Result<Tensor> {
+            if guided {
+                Tensor::cat(&[rep(&t.narrow(0, 0, 1)?)?, rep(&t.narrow(0, 1, 1)?)?], 0)
+            } else {
+                rep(t)
+            }
+        };
+        let context = rows(states)?;
+        let mask = rows(mask)?;
+        let mut scheduler = (self.scheduler)(self.num_inference_steps)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let mut latents = latents.clone();
+        for t in timesteps {
+            let input = if guided {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let input = scheduler.scale_model_input(&input, t)?;
+            let ts = vec![t; input.dim(0)?];
+            let pred = self
+                .transformer
+                .forward(&input, &ts, &context, Some(&mask))?;
+            let pred = if guided {
+                let uncond = pred.narrow(0, 0, b)?;
+                let cond = pred.narrow(0, b, b)?;
+                (&uncond + ((cond - &uncond)? * self.guidance_scale)?)?
+            } else {
+                pred
+            };
+            // Learned sigma: keep the noise half.
+            let pred = if self.transformer.config().out_channels / 2 == self.latent_channels {
+                pred.narrow(1, 0, self.latent_channels)?
+            } else {
+                pred
+            };
+            latents = scheduler.step(&pred, t, &latents)?;
+        }
+        Ok(latents)
+    }
+
+    /// VAE decode of latents (B, C, h, w) → images in about [-1, 1], resized back to the
+    /// requested size when binning changed it.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
+        let z = (latents.to_dtype(self.dtype)? / self.scaling_factor)?;
+        let rows = (0..z.dim(0)?)
+            .map(|i| self.vae.decode(&z.narrow(0, i, 1)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let images = Tensor::cat(&rows, 0)?.to_dtype(DType::F32)?;
+        Ok(resize_and_crop(&images, self.height, self.width)?)
+    }
+}
+
+impl ImagePipeline for PixArtPipeline {
+    fn noise_shape(&self) -> Vec<usize> {
+        vec![
+            1,
+            self.latent_channels,
+            self.bin_height / 8,
+            self.bin_width / 8,
+        ]
+    }
+
+    fn set_prompt(&mut self, prompt: &str) -> Result<(), PipelineError> {
+        let (cond, cond_mask) = self.encode_prompt(prompt)?;
+        self.context = Some(if self.uses_guidance() {
+            let (uncond, uncond_mask) = self.encode_prompt(&self.negative_prompt)?;
+            (
+                Tensor::cat(&[uncond, cond], 0)?,
+                Tensor::cat(&[uncond_mask, cond_mask], 0)?,
+            )
+        } else {
+            (cond, cond_mask)
+        });
+        Ok(())
+    }
+
+    fn generate(&mut self, noises: &[Noise]) -> Result<Vec<RgbImage>, PipelineError> {
+        if noises.is_empty() {
+            return Ok(Vec::new());
+        }
+        let shape = self.noise_shape();
+        let mut rows = Vec::with_capacity(noises.len());
+        for (i, noise) in noises.iter().enumerate() {
+            if noise.shape != shape || noise.data.len() != shape.iter().product::<usize>() {
+                return Err(PipelineError::InvalidArgument(format!(
+                    "noise {i} has shape {:?} ({} values); this pipeline needs {shape:?}",
+                    noise.shape,
+                    noise.data.len()
+                )));
+            }
+            rows.push(Tensor::from_slice(
+                &noise.data,
+                shape.as_slice(),
+                &self.device,
+            )?);
+        }
+        let sigma = (self.scheduler)(self.num_inference_steps)?.init_noise_sigma();
+        let latents = (Tensor::cat(&rows, 0)?.to_dtype(self.dtype)? * sigma)?;
+        let latents = self.denoise(&latents)?;
+        Sd15Pipeline::to_images(&self.decode(&latents)?)
+    }
+}
+
+/// Times one guided PixArt-Sigma XL/2 transformer step (2 × `batch` rows, latents
+/// `height/8 × width/8`, 300 T5 tokens of width 4096) with random weights; `opts.layers` limits
+/// the number of transformer blocks (28 in the real model).
+pub fn bench_transformer_step(
+    opts: &crate::bench::BenchOptions,
+) -> Result<Vec<crate::bench::BenchReport>, PipelineError> {
+    let mut config = PixArtConfig::sigma_xl_1024();
+    if let Some(layers) = opts.layers {
+        config.num_layers = layers.min(config.num_layers);
+    }
+    let (h, w) = (opts.height / 8, opts.width / 8);
+    if h < 2 || w < 2 || h % 2 != 0 || w % 2 != 0 {
+        return Err(PipelineError::InvalidArgument(format!(
+            "bench height/width {}x{} must be positive multiples of 16 pixels",
+            opts.height, opts.width
+        )));
+    }
+    let (vb, params) = crate::bench::RandomWeights::var_builder(opts.dtype, &opts.device);
+    let model = PixArtTransformer::new(&config, vb)?;
+    let rows = 2 * opts.batch.max(1);
+    let sample = Tensor::randn(0f32, 1.0, (rows, 4, h, w), &opts.device)?.to_dtype(opts.dtype)?;
+    let context = Tensor::randn(
+        0f32,
+        1.0,
+        (rows, DEFAULT_MAX_SEQUENCE_LENGTH, 4096),
+        &opts.device,
+    )?
+    .to_dtype(opts.dtype)?;
+    let mask = Tensor::ones(
+        (rows, DEFAULT_MAX_SEQUENCE_LENGTH),
+        DType::U32,
+        &opts.device,
+    )?;
+    let ts = vec![999.0; rows];
+    let details = format!(
+        "{} of 28 blocks, sample {:?}, context {:?}",
+        config.num_layers,
+        sample.dims(),
+        context.dims()
+    );
+    let report = crate::bench::time_steps(
+        "pixart-sigma-xl-2-1024 transformer step (guided)",
+        opts,
+        params.get(),
+        details,
+        || {
+            model
+                .forward(&sample, &ts, &context, Some(&mask))
+                .map(|_| ())
+        },
+    )?;
+    Ok(vec![report])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn square_requests_bin_to_the_square_bin() {
+        assert_eq!(classify_height_width_bin(1024, 1024, 1024), (1024, 1024));
+        assert_eq!(classify_height_width_bin(256, 256, 256), (256, 256));
+    }
+
+    #[test]
+    fn wide_requests_bin_to_the_closest_ratio() {
+        // 200/256 = 0.78125 → the "0.78" bin, (896, 1152) at 1024, quartered at 256.
+        assert_eq!(classify_height_width_bin(200, 256, 256), (224, 288));
+        assert_eq!(classify_height_width_bin(720, 1280, 1024), (768, 1344));
+    }
+
+    #[test]
+    fn resize_and_crop_keeps_a_constant_image_constant() {
+        let t = Tensor::full(0.25f32, (1, 3, 4, 6), &Device::Cpu).unwrap();
+        let r = resize_and_crop(&t, 5, 5).unwrap();
+        assert_eq!(r.dims(), &[1, 3, 5, 5]);
+        let v: Vec<f32> = r.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|x| (x - 0.25).abs() < 1e-6));
+    }
+}

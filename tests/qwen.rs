@@ -1,0 +1,488 @@
+//! The local Qwen2.5-VL verifier on the tiny random-weight model of tests/fixtures/tiny-qwen:
+//! parity with transformers (processor, vision features, rotary positions, logits with and
+//! without the KV cache; reference from tools/reference/make_qwen_fixtures.py), constrained
+//! decoding that always yields a valid grading, truncation, budgets and batch order.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use serde_json::Value;
+use tt_scale::config::VerifierArgs;
+use tt_scale::models::qwen2_5_vl::processor::{chat_parts, rope_positions};
+use tt_scale::models::qwen2_5_vl::{KvCache, Qwen25Vl};
+use tt_scale::verifiers::qwen::{Decoding, QwenOptions, QwenVerifier};
+use tt_scale::verifiers::{parse_grading, Verifier, VerifierError, VerifierInput, METRICS};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn model_dir() -> String {
+    root()
+        .join("tests/fixtures/tiny-qwen")
+        .display()
+        .to_string()
+}
+
+fn reference() -> (std::collections::HashMap<String, Tensor>, Value) {
+    let t = candle_core::safetensors::load(
+        root().join("tests/fixtures/qwen/reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let j: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/qwen/reference.json")).unwrap(),
+    )
+    .unwrap();
+    (t, j)
+}
+
+fn test_image() -> RgbImage {
+    image::open(root().join("tests/fixtures/qwen/image.png"))
+        .unwrap()
+        .to_rgb8()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn model() -> Qwen25Vl {
+    Qwen25Vl::load(&model_dir(), DType::F32, &Device::Cpu).unwrap()
+}
+
+/// The reference prompt's ids before and after the image placeholders.
+fn prompt_ids(m: &Qwen25Vl, j: &Value) -> (Vec<u32>, Vec<u32>) {
+    let (pre, suf) = chat_parts(j["system"].as_str().unwrap(), j["prompt"].as_str().unwrap());
+    (m.tokenize(&pre).unwrap(), m.tokenize(&suf).unwrap())
+}
+
+#[test]
+fn pixel_values_and_grid_match_the_hf_processor() {
+    let (r, _) = reference();
+    let m = model();
+    let img = m.processor.preprocess(&test_image()).unwrap();
+    assert_eq!(img.grid_thw, [1, 4, 6]);
+    let n = img.grid_thw.iter().product::<usize>();
+    let ours = Tensor::from_vec(img.pixel_values, (n, 1176), &Device::Cpu).unwrap();
+    // The resize (90x60 -> 84x56) is Pillow's bicubic in 8 bits; exact up to f32 rounding.
+    let d = max_abs_diff(&ours, &r["pixel_values"]);
+    eprintln!("max abs diff: {d}");
+    assert!(d < 1e-5, "pixel values differ by {d}");
+}
+
+#[test]
+fn chat_tokens_and_rope_positions_match_transformers() {
+    let (r, j) = reference();
+    let m = model();
+    let img = m.processor.preprocess(&test_image()).unwrap();
+    let n_img = img.num_tokens(2);
+    let (pre, suf) = prompt_ids(&m, &j);
+    let mut ids = pre.clone();
+    ids.extend(std::iter::repeat_n(m.config.image_token_id, n_img));
+    ids.extend_from_slice(&suf);
+    let want: Vec<i64> = r["input_ids"].to_vec1().unwrap();
+    assert_eq!(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), want);
+    let (pos, delta) = rope_positions(pre.len(), img.grid_thw, 2, suf.len());
+    let want: Vec<Vec<i64>> = r["position_ids"].to_vec2().unwrap();
+    for axis in 0..3 {
+        let ours: Vec<i64> = pos.iter().map(|p| p[axis]).collect();
+        assert_eq!(ours, want[axis], "axis {axis}");
+    }
+    assert_eq!(delta, j["rope_delta"].as_i64().unwrap());
+}
+
+#[test]
+fn vision_features_match_transformers() {
+    let (r, _) = reference();
+    let m = model();
+    let img = m.processor.preprocess(&test_image()).unwrap();
+    let f = m.image_features(&img).unwrap();
+    let d = max_abs_diff(&f, &r["vision_features"]);
+    eprintln!("max abs diff: {d}");
+    assert!(d < 2e-5, "vision features differ by {d}");
+}
+
+fn prompt_embeds(m: &Qwen25Vl, j: &Value) -> (Tensor, Vec<[i64; 3]>) {
+    let img = m.processor.preprocess(&test_image()).unwrap();
+    let (pre, suf) = prompt_ids(m, j);
+    let emb = |ids: &[u32]| {
+        m.text
+            .embed(
+                &Tensor::new(ids, &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+    };
+    let feats = m.image_features(&img).unwrap();
+    let x = Tensor::cat(&[emb(&pre), feats, emb(&suf)], 0).unwrap();
+    let (pos, _) = rope_positions(pre.len(), img.grid_thw, 2, suf.len());
+    (x.unsqueeze(0).unwrap(), pos)
+}
+
+fn causal(s: usize, cached: usize) -> Tensor {
+    let t = cached + s;
+    let m: Vec<f32> = (0..s)
+        .flat_map(|q| {
+            (0..t).map(move |k| {
+                if k <= cached + q {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(m, (1, 1, s, t), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn logits_for_an_image_and_text_prompt_match_transformers() {
+    let (r, j) = reference();
+    let m = model();
+    let (x, pos) = prompt_embeds(&m, &j);
+    let s = pos.len();
+    let mut cache = KvCache::new(m.text.num_layers());
+    let h = m
+        .text
+        .forward_hidden(&x, &[pos], Some(&causal(s, 0)), &mut cache)
+        .unwrap();
+    let logits = m.text.logits(&h.squeeze(0).unwrap()).unwrap();
+    let d = max_abs_diff(&logits, &r["logits"]);
+    eprintln!("max abs diff: {d}");
+    assert!(d < 1e-5, "logits differ by {d}");
+}
+
+#[test]
+fn decoding_with_the_kv_cache_matches_a_full_forward() {
+    let (r, j) = reference();
+    let m = model();
+    let (x, pos) = prompt_embeds(&m, &j);
+    let s = pos.len();
+    let next = pos.iter().flat_map(|p| p.iter()).copied().max().unwrap() + 1;
+    let mut cache = KvCache::new(m.text.num_layers());
+    m.text
+        .forward_hidden(&x, &[pos], Some(&causal(s, 0)), &mut cache)
+        .unwrap();
+    let extra: Vec<u32> = j["extra_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let mut rows = Vec::new();
+    for (i, &t) in extra.iter().enumerate() {
+        let e = m
+            .text
+            .embed(&Tensor::new(&[[t]], &Device::Cpu).unwrap())
+            .unwrap();
+        let p = next + i as i64;
+        let h = m
+            .text
+            .forward_hidden(&e, &[vec![[p, p, p]]], None, &mut cache)
+            .unwrap();
+        rows.push(m.text.logits(&h.squeeze(0).unwrap()).unwrap());
+    }
+    let ours = Tensor::cat(&rows, 0).unwrap();
+    let d = max_abs_diff(&ours, &r["logits_extended_tail"]);
+    eprintln!("max abs diff: {d}");
+    assert!(d < 1e-5, "cached decode logits differ by {d}");
+}
+
+fn args(max_new: u32, seed: u64) -> VerifierArgs {
+    let mut a = VerifierArgs::new("qwen", "overall_score");
+    a.model_name = Some(model_dir());
+    a.device = Some("cpu".into());
+    a.max_new_tokens = Some(max_new);
+    a.seed = Some(seed);
+    a.concurrency = 2;
+    a
+}
+
+fn images() -> Vec<RgbImage> {
+    vec![
+        test_image(),
+        RgbImage::from_fn(64, 64, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 4) as u8, 128])
+        }),
+        RgbImage::from_fn(80, 40, |x, y| {
+            image::Rgb([((x ^ y) * 3) as u8, 50, (x * 3) as u8])
+        }),
+    ]
+}
+
+const PROMPTS: [&str; 3] = [
+    "a tiny astronaut hatching from an egg on the moon",
+    "a red fox in the snow",
+    "an oil painting of a lighthouse",
+];
+
+#[test]
+fn constrained_replies_always_parse_for_many_seeds_and_prompts() {
+    let imgs = images();
+    for seed in [1994u64, 0, 1, 2, 3] {
+        let v = QwenVerifier::from_args(&args(300, seed)).unwrap();
+        let inputs: Vec<VerifierInput> = imgs
+            .iter()
+            .zip(PROMPTS)
+            .map(|(image, prompt)| VerifierInput { prompt, image })
+            .collect();
+        for (i, r) in v.score(&inputs).into_iter().enumerate() {
+            let g = r.unwrap_or_else(|e| panic!("seed {seed} item {i}: {e}"));
+            assert_eq!(g.len(), METRICS.len());
+        }
+        assert_eq!(v.call_stats().failed_requests, 0);
+    }
+}
+
+#[test]
+fn replies_never_exceed_the_token_budget() {
+    let imgs = images();
+    let v = QwenVerifier::from_args(&args(200, 7)).unwrap();
+    let inputs = [VerifierInput {
+        prompt: PROMPTS[0],
+        image: &imgs[0],
+    }];
+    let r = v
+        .generate(&inputs, Decoding::Constrained)
+        .remove(0)
+        .unwrap();
+    assert!(r.tokens <= 200, "{} tokens", r.tokens);
+    assert!(parse_grading(&r.text).is_ok(), "{}", r.text);
+}
+
+#[test]
+fn a_budget_too_small_for_the_schema_is_a_config_error() {
+    let err = QwenVerifier::from_args(&args(40, 1)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VerifierError::InvalidArg {
+                field: "max_new_tokens",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("at least"), "{err}");
+}
+
+#[test]
+fn an_unconstrained_reply_cut_short_is_a_recorded_failure() {
+    let imgs = images();
+    let v = QwenVerifier::from_args(&args(300, 1994)).unwrap();
+    let inputs = [VerifierInput {
+        prompt: PROMPTS[0],
+        image: &imgs[0],
+    }];
+    let r = v.generate(&inputs, Decoding::Free { max_new_tokens: 6 });
+    let err = r[0].clone().unwrap_err();
+    assert!(
+        err.message.contains("cut short at max_new_tokens = 6"),
+        "{err}"
+    );
+}
+
+#[test]
+fn batch_results_come_back_in_input_order() {
+    let imgs = images();
+    let inputs: Vec<VerifierInput> = imgs
+        .iter()
+        .zip(PROMPTS)
+        .map(|(image, prompt)| VerifierInput { prompt, image })
+        .collect();
+    let v = QwenVerifier::from_args(&args(300, 5)).unwrap();
+    let batched = v.generate(&inputs, Decoding::Constrained);
+    for (i, input) in inputs.iter().enumerate() {
+        let alone = v.generate(std::slice::from_ref(input), Decoding::Constrained);
+        assert_eq!(
+            batched[i].as_ref().unwrap().text,
+            alone[0].as_ref().unwrap().text,
+            "item {i}"
+        );
+    }
+}
+
+#[test]
+fn sharing_the_system_prefix_gives_the_same_replies() {
+    let imgs = images();
+    let inputs: Vec<VerifierInput> = imgs
+        .iter()
+        .zip(PROMPTS)
+        .map(|(image, prompt)| VerifierInput { prompt, image })
+        .collect();
+    let shared = QwenVerifier::from_args(&args(300, 11)).unwrap();
+    let own = QwenVerifier::new(
+        &args(300, 11),
+        QwenOptions {
+            share_prefix: false,
+            ..QwenOptions::default()
+        },
+    )
+    .unwrap();
+    let a = shared.generate(&inputs, Decoding::Constrained);
+    let b = own.generate(&inputs, Decoding::Constrained);
+    for i in 0..inputs.len() {
+        assert_eq!(a[i].as_ref().unwrap(), b[i].as_ref().unwrap(), "item {i}");
+    }
+}
+
+#[test]
+fn low_vram_mode_loads_the_model_only_while_scoring() {
+    let imgs = images();
+    let opts = QwenOptions {
+        low_vram: true,
+        ..QwenOptions::default()
+    };
+    let v = QwenVerifier::new(&args(300, 3), opts).unwrap();
+    let inputs = [VerifierInput {
+        prompt: PROMPTS[1],
+        image: &imgs[1],
+    }];
+    let a = v.score(&inputs);
+    let b = v.score(&inputs);
+    assert_eq!(a[0].as_ref().unwrap(), b[0].as_ref().unwrap());
+}
+
+#[test]
+fn the_same_seed_gives_the_same_grading() {
+    let imgs = images();
+    let inputs = [VerifierInput {
+        prompt: PROMPTS[2],
+        image: &imgs[2],
+    }];
+    let a = QwenVerifier::from_args(&args(300, 42))
+        .unwrap()
+        .score(&inputs);
+    let b = QwenVerifier::from_args(&args(300, 42))
+        .unwrap()
+        .score(&inputs);
+    assert_eq!(a[0].as_ref().unwrap(), b[0].as_ref().unwrap());
+}
+
+#[test]
+fn a_missing_model_folder_names_the_model() {
+    let mut a = args(300, 1);
+    a.model_name = Some("/nonexistent/qwen".into());
+    let err = QwenVerifier::from_args(&a).unwrap_err().to_string();
+    assert!(err.contains("/nonexistent/qwen"), "{err}");
+}
+
+/// Times `f` once (after one warm-up call), in seconds.
+fn time(mut f: impl FnMut()) -> f64 {
+    f();
+    let t = std::time::Instant::now();
+    f();
+    t.elapsed().as_secs_f64()
+}
+
+/// Throughput numbers for bench/README.md (run with `--ignored --nocapture`): prefill and
+/// decode tokens/s of the tiny model, and one decoder layer / vision block of the 7B
+/// architecture with random weights.
+#[test]
+#[ignore]
+fn bench_prefill_and_decode_throughput() {
+    let (_, j) = reference();
+    let m = model();
+    let (x, pos) = prompt_embeds(&m, &j);
+    let s = pos.len();
+    let prefill = time(|| {
+        let mut c = KvCache::new(m.text.num_layers());
+        m.text
+            .forward_hidden(&x, std::slice::from_ref(&pos), Some(&causal(s, 0)), &mut c)
+            .unwrap();
+    });
+    let mut cache = KvCache::new(m.text.num_layers());
+    m.text
+        .forward_hidden(
+            &x,
+            std::slice::from_ref(&pos),
+            Some(&causal(s, 0)),
+            &mut cache,
+        )
+        .unwrap();
+    let steps = 100;
+    let t = std::time::Instant::now();
+    for i in 0..steps {
+        let e = m
+            .text
+            .embed(&Tensor::new(&[[5u32]], &Device::Cpu).unwrap())
+            .unwrap();
+        let p = 100 + i as i64;
+        let h = m
+            .text
+            .forward_hidden(&e, &[vec![[p, p, p]]], None, &mut cache)
+            .unwrap();
+        m.text.logits(&h).unwrap();
+    }
+    let decode = t.elapsed().as_secs_f64();
+    println!(
+        "tiny: prefill {s} tokens {:.2} ms ({:.0} tok/s); decode {:.0} tok/s",
+        prefill * 1e3,
+        s as f64 / prefill,
+        steps as f64 / decode
+    );
+    assert!(prefill > 0.0 && decode > 0.0);
+
+    // One layer of the 7B architecture (hidden 3584, 28 heads / 4 kv, MLP 18944; vision 1280).
+    let cfg = serde_json::json!({
+        "vocab_size": 1024, "hidden_size": 3584, "intermediate_size": 18944,
+        "num_hidden_layers": 1, "num_attention_heads": 28, "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vision_config": {"depth": 1, "hidden_size": 1280, "intermediate_size": 3420,
+            "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
+            "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+            "fullatt_block_indexes": [0]},
+    });
+    let cfg = tt_scale::models::qwen2_5_vl::Qwen25VlConfig::from_json(&cfg, "7b").unwrap();
+    let (vb, _) = tt_scale::bench::RandomWeights::var_builder(DType::F32, &Device::Cpu);
+    let text =
+        tt_scale::models::qwen2_5_vl::TextModel::new(&cfg.text, vb.pp("model"), None).unwrap();
+    let n = 256;
+    let x = Tensor::randn(0f32, 1.0, (1, n, 3584), &Device::Cpu).unwrap();
+    let pos: Vec<[i64; 3]> = (0..n as i64).map(|i| [i, i, i]).collect();
+    let layer_prefill = time(|| {
+        let mut c = KvCache::new(1);
+        text.forward_hidden(&x, std::slice::from_ref(&pos), Some(&causal(n, 0)), &mut c)
+            .unwrap();
+    });
+    let mut c = KvCache::new(1);
+    text.forward_hidden(&x, std::slice::from_ref(&pos), Some(&causal(n, 0)), &mut c)
+        .unwrap();
+    let e = Tensor::randn(0f32, 1.0, (1, 1, 3584), &Device::Cpu).unwrap();
+    let layer_decode = time(|| {
+        let mut c2 = c.clone();
+        text.forward_hidden(&e, &[vec![[300, 300, 300]]], None, &mut c2)
+            .unwrap();
+    });
+    let vision =
+        tt_scale::models::qwen2_5_vl::VisionModel::new(&cfg.vision, vb.pp("visual")).unwrap();
+    // A 448x448 image: 32x32 patches (1024), one full-attention block + merger.
+    let pv = Tensor::randn(0f32, 1.0, (1024, 1176), &Device::Cpu).unwrap();
+    let block = time(|| {
+        vision.forward(&pv, [1, 32, 32]).unwrap();
+    });
+    println!(
+        "7B arch, f32 CPU: one decoder layer prefill of {n} tokens {:.0} ms, decode step {:.1} ms; \
+         one vision block (full attention) + merger on 1024 patches {:.0} ms",
+        layer_prefill * 1e3,
+        layer_decode * 1e3,
+        block * 1e3
+    );
+}
