@@ -15,11 +15,17 @@ fn main() -> ExitCode {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    tracing_subscriber::fmt()
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(cli.verbose > 0)
-        .init();
+        .with_ansi(ansi)
+        .with_target(cli.verbose > 0);
+    if cli.verbose > 0 {
+        builder.init();
+    } else {
+        builder.without_time().init();
+    }
     match cli.command {
         Command::Run(a) => {
             let opts = RunOptions {

@@ -441,7 +441,7 @@ mod tests {
     #[test]
     fn random_walks_always_parse_and_fit_the_budget() {
         let (vocab, end) = toy();
-        for budget in [300usize, 400, 800] {
+        for budget in [400usize, 500, 800] {
             let g = GradingGrammar::new(&vocab, &per_byte, end, budget).unwrap();
             for seed in 0..40 {
                 let (text, used) = walk(&g, &vocab, seed);
