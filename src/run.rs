@@ -149,7 +149,15 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
     }
     let source = prompt_source(opts)?;
     let device = select_device(opts.device)?;
-    let verifier = verifiers::build(&config.verifier_args)?;
+    let mut verifier_args = config.verifier_args.clone();
+    if verifier_args.device.is_none() {
+        // A local verifier runs beside the diffusion model unless told otherwise.
+        verifier_args.device = opts.device.map(|d| match d {
+            DeviceSpec::Cpu => "cpu".to_string(),
+            DeviceSpec::Cuda(n) => format!("cuda:{n}"),
+        });
+    }
+    let verifier = verifiers::build_for_run(&verifier_args, opts.low_vram)?;
     let prompts = prompts::load_prompts(&source.0, source.1)?;
     tracing::info!("{} prompt(s)", prompts.len());
     let mut pipeline = crate::pipelines::load(&config, &device, opts.low_vram)?;

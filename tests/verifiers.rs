@@ -108,17 +108,11 @@ fn vlm_verifiers_support_the_six_metrics() {
 }
 
 #[test]
-fn qwen_is_rejected_with_advice_to_use_an_api_verifier() {
-    let message = build_error(&args("qwen"), &[]).to_string();
-    assert!(message.contains("not in this build"), "{message}");
-    assert!(
-        message.contains("gemini") && message.contains("openai"),
-        "{message}"
-    );
-    assert!(
-        message.contains("base_url") && message.contains("vLLM"),
-        "{message}"
-    );
+fn qwen_with_a_missing_model_folder_names_it() {
+    let mut a = args("qwen");
+    a.model_name = Some("/nonexistent/qwen-folder".to_string());
+    let message = build_error(&a, &[]).to_string();
+    assert!(message.contains("/nonexistent/qwen-folder"), "{message}");
 }
 
 #[test]

@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::VerifierArgs;
 
+pub mod constrained;
 pub mod gemini;
 pub mod http;
-pub mod constrained;
 pub mod openai;
 pub mod qwen;
 
@@ -113,13 +113,6 @@ pub enum VerifierError {
         /// The name given.
         name: String,
     },
-    /// The local Qwen2.5-VL verifier is not part of this build.
-    #[error(
-        "verifier \"qwen\" (local Qwen2.5-VL) is not in this build yet; set verifier_args.name to \
-         \"gemini\" or \"openai\", or serve Qwen2.5-VL behind an OpenAI-compatible server (e.g. \
-         vLLM) and use \"openai\" with verifier_args.base_url pointing at it"
-    )]
-    QwenNotBuilt,
     /// The local verifier's model could not be loaded or used.
     #[error(
         "cannot load the local verifier model {model}: {message}; set verifier_args.model_name to \
@@ -221,6 +214,22 @@ pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 /// verifier not in this build.
 pub fn build(args: &VerifierArgs) -> Result<Box<dyn Verifier>, VerifierError> {
     build_with_env(args, &|var| std::env::var(var).ok())
+}
+
+/// Like [`build`], for a run: with `low_vram`, a local verifier loads its model only while
+/// scoring and frees it afterwards.
+pub fn build_for_run(
+    args: &VerifierArgs,
+    low_vram: bool,
+) -> Result<Box<dyn Verifier>, VerifierError> {
+    if args.name == "qwen" {
+        let options = qwen::QwenOptions {
+            low_vram,
+            ..Default::default()
+        };
+        return Ok(Box::new(QwenVerifier::new(args, options)?));
+    }
+    build(args)
 }
 
 /// [`build`] with an explicit environment (used by tests so they need not mutate the process
