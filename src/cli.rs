@@ -138,8 +138,8 @@ pub struct RunArgs {
     #[arg(long = "output-dir", value_name = "DIR", default_value = "output")]
     pub output_dir: PathBuf,
 
-    /// Keep peak GPU memory low: free the text encoder before denoising and decode after the
-    /// denoiser is idle.
+    /// Keep peak GPU memory low: text encoders are freed before denoising, the VAE decodes after
+    /// the denoiser is idle, and a local verifier is loaded only while it scores.
     #[arg(long = "low-vram", visible_alias = "use_low_gpu_vram")]
     pub low_vram: bool,
 
