@@ -204,6 +204,7 @@ pub fn run_with(
         metric: config.verifier_args.choice_of_metric.clone(),
         master_seed,
         noise_kernel: config.noise_kernel,
+        overlap: !opts.low_vram,
     };
     let mut writer = OutputWriter::new(run_dir.clone(), &settings, prompts.len());
     for prompt in prompts {

@@ -236,3 +236,111 @@ impl ClipTextModel {
         self.final_layer_norm.forward(&xs)
     }
 }
+
+impl ClipTextModel {
+    /// Like [`ClipTextModel::forward`], also returning every hidden state as transformers'
+    /// `output_hidden_states=True` does: `hidden_states[0]` is the embedding output and
+    /// `hidden_states[i]` the output of layer `i` (before the final layer norm), so
+    /// `hidden_states[len - 2]` is the penultimate state SDXL conditions on.
+    /// Returns `(last_hidden_state, hidden_states)`, each (B, T, hidden_size).
+    pub fn forward_with_hidden_states(
+        &self,
+        input_ids: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        let (_b, t) = input_ids.dims2()?;
+        if t > self.max_positions {
+            candle_core::bail!(
+                "sequence of {t} tokens is longer than max_position_embeddings {}",
+                self.max_positions
+            );
+        }
+        let positions = Tensor::arange(0u32, t as u32, input_ids.device())?;
+        let mut xs = self
+            .token_embedding
+            .forward(input_ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = Self::causal_mask(t, input_ids.device())?;
+        let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
+        hidden_states.push(xs.clone());
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask)?;
+            hidden_states.push(xs.clone());
+        }
+        Ok((self.final_layer_norm.forward(&xs)?, hidden_states))
+    }
+}
+
+/// The token position transformers' CLIP text model pools at, per row of `ids`: with the legacy
+/// `eos_token_id == 2` in the config, the first position of the largest id (CLIP's EOS is the
+/// last vocabulary entry); otherwise the first position of `eos_token_id` (0 when absent, as
+/// `argmax` of all zeros).
+pub fn clip_pooling_positions(ids: &[Vec<u32>], eos_token_id: u32) -> Vec<usize> {
+    ids.iter()
+        .map(|row| {
+            if eos_token_id == 2 {
+                let max = row.iter().copied().max().unwrap_or(0);
+                row.iter().position(|&id| id == max).unwrap_or(0)
+            } else {
+                row.iter().position(|&id| id == eos_token_id).unwrap_or(0)
+            }
+        })
+        .collect()
+}
+
+/// What [`ClipTextModelWithProjection::forward`] returns.
+pub struct ClipProjectionOutput {
+    /// The final-layer-normed states (B, T, hidden_size).
+    pub last_hidden_state: Tensor,
+    /// Embedding output and each layer's output (see
+    /// [`ClipTextModel::forward_with_hidden_states`]).
+    pub hidden_states: Vec<Tensor>,
+    /// The pooled state through `text_projection` (B, projection_dim): transformers'
+    /// `text_embeds`, SDXL's pooled prompt embedding.
+    pub text_embeds: Tensor,
+}
+
+/// transformers' `CLIPTextModelWithProjection` (SDXL's `text_encoder_2`): the text model plus
+/// a bias-free `text_projection` of the pooled (EOS-position) state.
+pub struct ClipTextModelWithProjection {
+    text_model: ClipTextModel,
+    text_projection: Linear,
+    eos_token_id: u32,
+}
+
+impl ClipTextModelWithProjection {
+    /// Builds the model from its config, `projection_dim` and `eos_token_id` (both from the same
+    /// `config.json`) and weights (`text_model.*` or unprefixed, plus `text_projection.weight`).
+    pub fn new(
+        vb: VarBuilder,
+        c: &ClipTextConfig,
+        projection_dim: usize,
+        eos_token_id: u32,
+    ) -> Result<Self, String> {
+        let text_projection =
+            candle_nn::linear_no_bias(c.hidden_size, projection_dim, vb.pp("text_projection"))
+                .map_err(|e| e.to_string())?;
+        Ok(Self {
+            text_model: ClipTextModel::new(vb, c)?,
+            text_projection,
+            eos_token_id,
+        })
+    }
+
+    /// `input_ids`: (B, T) u32 → hidden states and the projected pooled embedding.
+    pub fn forward(&self, input_ids: &Tensor) -> candle_core::Result<ClipProjectionOutput> {
+        let (last_hidden_state, hidden_states) =
+            self.text_model.forward_with_hidden_states(input_ids)?;
+        let ids: Vec<Vec<u32>> = input_ids.to_vec2()?;
+        let rows = clip_pooling_positions(&ids, self.eos_token_id)
+            .into_iter()
+            .enumerate()
+            .map(|(b, pos)| last_hidden_state.get(b)?.narrow(0, pos, 1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let pooled = Tensor::cat(&rows, 0)?;
+        Ok(ClipProjectionOutput {
+            text_embeds: self.text_projection.forward(&pooled)?,
+            last_hidden_state,
+            hidden_states,
+        })
+    }
+}

@@ -9,6 +9,7 @@ pub mod hub;
 pub mod pixart;
 pub mod schedulers;
 pub mod sd15;
+pub mod sdxl;
 
 use image::RgbImage;
 use serde_json::Value;
@@ -145,10 +146,30 @@ pub fn load(
             )?))
         }
         "StableDiffusionXLPipeline" => {
-            Err(PipelineError::Unsupported(format!(
-                "{} is a {class}; this build of tt-scale runs StableDiffusionPipeline models (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5, configs/sd1.5_gemini.json); Flux, SDXL and PixArt-Sigma pipelines are coming",
-                config.model
-            )))
+            for (key, set) in [
+                ("max_sequence_length", args.max_sequence_length.is_some()),
+                ("clean_caption", args.clean_caption.is_some()),
+            ] {
+                if set {
+                    tracing::warn!(
+                        "{}: pipeline_call_args.{key} does not apply to SDXL and is ignored",
+                        config.path.display()
+                    );
+                }
+            }
+            let call = sdxl::SdxlCallArgs {
+                height: args.height,
+                width: args.width,
+                num_inference_steps: args.num_inference_steps,
+                guidance_scale: args.guidance_scale,
+                negative_prompt: args.negative_prompt.clone(),
+            };
+            Ok(Box::new(sdxl::SdxlPipeline::load(
+                &source,
+                config.dtype,
+                device,
+                &call,
+            )?))
         }
         "" => Err(PipelineError::ModelFile {
             path: format!("{}/model_index.json", config.model),

@@ -173,6 +173,10 @@ pub struct SearchSettings {
     pub master_seed: u64,
     /// Which torch kernel the noise reproduces.
     pub noise_kernel: NoiseKernel,
+    /// Grade each batch while the next one is generated (and, for random search, let the next
+    /// round start while the last batches are graded). Off under `--low-vram`, where a local
+    /// verifier must not share the GPU with the denoiser.
+    pub overlap: bool,
 }
 
 /// Index of the best graded candidate: highest score, ties to the earliest.
@@ -188,7 +192,13 @@ pub fn select_best(candidates: &[Candidate], metric: &str) -> Option<usize> {
     best.map(|(i, _)| i)
 }
 
-/// Runs the whole search for one prompt, reporting each round to `observer`.
+/// Runs the whole search for one prompt, reporting each round to `observer` in round order.
+///
+/// Generation and grading overlap when `settings.overlap` is set: every generated batch is
+/// sent to the verifier on its own thread while the pipeline denoises the next batch, and
+/// random search (whose rounds do not depend on each other's scores) goes on to the next
+/// round without waiting; a round is reported once all its grades are in. Scores are matched
+/// to candidates by index, so the results are the same with or without overlap.
 pub fn search_prompt(
     prompt: &str,
     pipeline: &mut dyn ImagePipeline,
@@ -199,137 +209,186 @@ pub fn search_prompt(
     pipeline.set_prompt(prompt)?;
     let shape = pipeline.noise_shape();
     let mut stream = SeedStream::new(settings.master_seed, prompt);
-    let mut carried: Option<(Candidate, Noise)> = None;
-    for round in 1..=settings.rounds {
+    std::thread::scope(|scope| {
+        let mut queue = RoundQueue {
+            scope,
+            verifier,
+            prompt,
+            overlap: settings.overlap,
+            pending: std::collections::VecDeque::new(),
+        };
         match settings.method {
             SearchMethod::Random => {
-                let n = 1usize << round;
-                observer.round_started(round, n);
-                let origins: Vec<NoiseOrigin> = (0..n)
-                    .map(|k| NoiseOrigin::Seed {
-                        seed: stream.seed(round, SeedPurpose::Noise, k),
-                    })
-                    .collect();
-                let noises: Vec<Noise> = origins
-                    .iter()
-                    .map(|o| o.regenerate(&shape, settings.noise_kernel))
-                    .collect();
-                let (candidates, generation_s, verification_s) = generate_and_grade(
-                    prompt, pipeline, verifier, settings, origins, &noises, observer,
-                )?;
-                let best = select_best(&candidates, &settings.metric);
-                let result = RoundResult {
-                    round,
-                    candidates,
-                    best,
-                    neighbors_improvement: None,
-                    generation_s,
-                    verification_s,
-                };
-                observer.round_finished(prompt, &result)?;
+                for round in 1..=settings.rounds {
+                    let n = 1usize << round;
+                    let origins: Vec<NoiseOrigin> = (0..n)
+                        .map(|k| NoiseOrigin::Seed {
+                            seed: stream.seed(round, SeedPurpose::Noise, k),
+                        })
+                        .collect();
+                    let noises: Vec<Noise> = origins
+                        .iter()
+                        .map(|o| o.regenerate(&shape, settings.noise_kernel))
+                        .collect();
+                    observer.round_started(round, n);
+                    queue.generate_round(
+                        round,
+                        origins,
+                        &noises,
+                        pipeline,
+                        settings,
+                        observer,
+                        &mut |r, o| finish_random_round(prompt, settings, r, o),
+                    )?;
+                }
+                queue.drain(observer, &mut |r, o| {
+                    finish_random_round(prompt, settings, r, o)
+                })
             }
             SearchMethod::ZeroOrder {
                 threshold,
                 num_neighbors,
             } => {
-                observer.round_started(round, num_neighbors + usize::from(carried.is_none()));
-                let (base, base_origin, base_noise) = match carried.take() {
-                    Some((c, noise)) => {
-                        let origin = c.origin.clone();
-                        (Some(c), origin, noise)
+                let mut carried: Option<(Candidate, Noise)> = None;
+                for round in 1..=settings.rounds {
+                    observer.round_started(round, num_neighbors + usize::from(carried.is_none()));
+                    let (base, base_origin, base_noise) = match carried.take() {
+                        Some((c, noise)) => {
+                            let origin = c.origin.clone();
+                            (Some(c), origin, noise)
+                        }
+                        None => {
+                            let origin = NoiseOrigin::Seed {
+                                seed: stream.seed(round, SeedPurpose::Noise, 0),
+                            };
+                            let noise = origin.regenerate(&shape, settings.noise_kernel);
+                            (None, origin, noise)
+                        }
+                    };
+                    let mut origins = Vec::new();
+                    let mut noises = Vec::new();
+                    if base.is_none() {
+                        origins.push(base_origin.clone());
+                        noises.push(base_noise.clone());
                     }
-                    None => {
-                        let origin = NoiseOrigin::Seed {
-                            seed: stream.seed(round, SeedPurpose::Noise, 0),
-                        };
-                        let noise = origin.regenerate(&shape, settings.noise_kernel);
-                        (None, origin, noise)
+                    for i in 0..num_neighbors {
+                        let direction_seed = stream.seed(round, SeedPurpose::Direction, i);
+                        noises.push(neighbors::neighbor(
+                            &base_noise,
+                            threshold,
+                            direction_seed,
+                            randn_kernel(settings.noise_kernel),
+                        ));
+                        origins.push(NoiseOrigin::Neighbor {
+                            base: Box::new(base_origin.clone()),
+                            neighbor_index: i,
+                            direction_seed,
+                            threshold,
+                        });
                     }
-                };
-                let mut origins = Vec::new();
-                let mut noises = Vec::new();
-                if base.is_none() {
-                    origins.push(base_origin.clone());
-                    noises.push(base_noise.clone());
-                }
-                for i in 0..num_neighbors {
-                    let direction_seed = stream.seed(round, SeedPurpose::Direction, i);
-                    noises.push(neighbors::neighbor(
-                        &base_noise,
-                        threshold,
-                        direction_seed,
-                        randn_kernel(settings.noise_kernel),
-                    ));
-                    origins.push(NoiseOrigin::Neighbor {
-                        base: Box::new(base_origin.clone()),
-                        neighbor_index: i,
-                        direction_seed,
-                        threshold,
-                    });
-                }
-                let (mut candidates, generation_s, verification_s) = generate_and_grade(
-                    prompt, pipeline, verifier, settings, origins, &noises, observer,
-                )?;
-                let mut all_noises = noises;
-                if let Some(mut b) = base {
-                    b.carried_over = true;
-                    candidates.insert(0, b);
-                    all_noises.insert(0, base_noise);
-                }
-                let best = select_best(&candidates, &settings.metric);
-                let improved = best.is_some_and(|i| i > 0);
-                if improved {
-                    if let Some(i) = best {
+                    // The next round's base depends on this round's grades: no overlap
+                    // across rounds, only between the batches of this one.
+                    let mut ignore = |_: usize, _: GradedRound| -> RoundResult {
+                        unreachable!("rounds are collected with `collect_round`")
+                    };
+                    queue.generate_round(
+                        round,
+                        origins,
+                        &noises,
+                        pipeline,
+                        settings,
+                        observer,
+                        &mut ignore,
+                    )?;
+                    let graded = queue.collect_round();
+                    let mut candidates = graded.candidates;
+                    let mut all_noises = noises;
+                    if let Some(mut b) = base {
+                        b.carried_over = true;
+                        candidates.insert(0, b);
+                        all_noises.insert(0, base_noise);
+                    }
+                    let best = select_best(&candidates, &settings.metric);
+                    let improved = best.is_some_and(|i| i > 0);
+                    if let Some(i) = best.filter(|_| improved) {
                         carried = Some((candidates[i].clone(), all_noises.swap_remove(i)));
                     }
+                    let result = RoundResult {
+                        round,
+                        candidates,
+                        best,
+                        neighbors_improvement: Some(improved),
+                        generation_s: graded.generation_s,
+                        verification_s: graded.verification_s,
+                    };
+                    observer.round_finished(prompt, &result)?;
                 }
-                let result = RoundResult {
-                    round,
-                    candidates,
-                    best,
-                    neighbors_improvement: Some(improved),
-                    generation_s,
-                    verification_s,
-                };
-                observer.round_finished(prompt, &result)?;
+                Ok(())
             }
         }
-    }
-    Ok(())
+    })
 }
 
-/// Generates images for `noises` in batches of `settings.batch_size`, then grades them all;
-/// returns the candidates (in the order of `origins`) and the seconds spent on each part.
-fn generate_and_grade(
-    prompt: &str,
-    pipeline: &mut dyn ImagePipeline,
-    verifier: &dyn Verifier,
+/// A round whose candidates are all generated and graded, in draw order.
+struct GradedRound {
+    candidates: Vec<Candidate>,
+    generation_s: f64,
+    verification_s: f64,
+}
+
+fn finish_random_round(
+    _prompt: &str,
     settings: &SearchSettings,
-    origins: Vec<NoiseOrigin>,
-    noises: &[Noise],
-    observer: &mut dyn SearchObserver,
-) -> Result<(Vec<Candidate>, f64, f64), SearchError> {
-    let t0 = Instant::now();
-    let mut images = Vec::with_capacity(noises.len());
-    for batch in noises.chunks(settings.batch_size.max(1)) {
-        let out = pipeline.generate(batch)?;
-        if out.len() != batch.len() {
-            return Err(SearchError::ImageCount {
-                expected: batch.len(),
-                got: out.len(),
-            });
-        }
-        observer.images_generated(out.len());
-        images.extend(out);
+    round: usize,
+    graded: GradedRound,
+) -> RoundResult {
+    let best = select_best(&graded.candidates, &settings.metric);
+    RoundResult {
+        round,
+        candidates: graded.candidates,
+        best,
+        neighbors_improvement: None,
+        generation_s: graded.generation_s,
+        verification_s: graded.verification_s,
     }
-    let generation_s = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
+}
+
+/// A generated batch and its grades (or the thread grading it).
+enum Batch<'scope> {
+    Done(BatchResult),
+    Grading(std::thread::ScopedJoinHandle<'scope, BatchResult>),
+}
+
+struct BatchResult {
+    images: Vec<RgbImage>,
+    gradings: Vec<Result<Grading, ScoreFailure>>,
+    seconds: f64,
+}
+
+struct PendingRound<'scope> {
+    round: usize,
+    origins: Vec<NoiseOrigin>,
+    batches: Vec<Batch<'scope>>,
+    generation_s: f64,
+}
+
+/// Rounds whose batches are generated and are being graded, oldest first.
+struct RoundQueue<'scope, 'env> {
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    verifier: &'env dyn Verifier,
+    prompt: &'env str,
+    overlap: bool,
+    pending: std::collections::VecDeque<PendingRound<'scope>>,
+}
+
+fn grade(verifier: &dyn Verifier, prompt: &str, images: Vec<RgbImage>) -> BatchResult {
+    let t = Instant::now();
     let inputs: Vec<VerifierInput<'_>> = images
         .iter()
         .map(|image| VerifierInput { prompt, image })
         .collect();
     let mut gradings = verifier.score(&inputs);
-    let verification_s = t1.elapsed().as_secs_f64();
+    drop(inputs);
     // A verifier that returns fewer results than inputs must not shift scores onto the wrong
     // candidates: missing slots are failures.
     gradings.resize_with(images.len(), || {
@@ -338,16 +397,311 @@ fn generate_and_grade(
             attempts: 0,
         })
     });
-    let candidates = origins
-        .into_iter()
-        .zip(images)
-        .zip(gradings)
-        .map(|((origin, image), grading)| Candidate {
-            origin,
-            image,
-            grading,
-            carried_over: false,
-        })
-        .collect();
-    Ok((candidates, generation_s, verification_s))
+    gradings.truncate(images.len());
+    BatchResult {
+        images,
+        gradings,
+        seconds: t.elapsed().as_secs_f64(),
+    }
+}
+
+impl<'scope, 'env> RoundQueue<'scope, 'env> {
+    /// Generates `noises` batch by batch, handing each batch to the verifier; between batches,
+    /// reports the rounds at the head of the queue whose grades are all in.
+    #[allow(clippy::too_many_arguments)]
+    fn generate_round(
+        &mut self,
+        round: usize,
+        origins: Vec<NoiseOrigin>,
+        noises: &[Noise],
+        pipeline: &mut dyn ImagePipeline,
+        settings: &SearchSettings,
+        observer: &mut dyn SearchObserver,
+        finish: &mut dyn FnMut(usize, GradedRound) -> RoundResult,
+    ) -> Result<(), SearchError> {
+        self.pending.push_back(PendingRound {
+            round,
+            origins,
+            batches: Vec::new(),
+            generation_s: 0.0,
+        });
+        for batch in noises.chunks(settings.batch_size.max(1)) {
+            let t = Instant::now();
+            let images = pipeline.generate(batch)?;
+            if images.len() != batch.len() {
+                return Err(SearchError::ImageCount {
+                    expected: batch.len(),
+                    got: images.len(),
+                });
+            }
+            observer.images_generated(images.len());
+            let (verifier, prompt) = (self.verifier, self.prompt);
+            let graded = if self.overlap {
+                Batch::Grading(self.scope.spawn(move || grade(verifier, prompt, images)))
+            } else {
+                Batch::Done(grade(verifier, prompt, images))
+            };
+            if let Some(p) = self.pending.back_mut() {
+                p.generation_s += t.elapsed().as_secs_f64();
+                p.batches.push(graded);
+            }
+            self.report_ready(observer, finish, false)?;
+        }
+        Ok(())
+    }
+
+    /// Reports, in round order, the rounds at the head of the queue that are complete (all of
+    /// them, waiting for their grades, when `wait`). The round being generated (the last one)
+    /// is left alone unless `wait`.
+    fn report_ready(
+        &mut self,
+        observer: &mut dyn SearchObserver,
+        finish: &mut dyn FnMut(usize, GradedRound) -> RoundResult,
+        wait: bool,
+    ) -> Result<(), SearchError> {
+        while self.pending.len() > usize::from(!wait) {
+            let ready = self.pending.front().is_some_and(|p| {
+                p.batches.iter().all(|b| match b {
+                    Batch::Done(_) => true,
+                    Batch::Grading(h) => h.is_finished(),
+                })
+            });
+            if !ready && !wait {
+                break;
+            }
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
+            let round = p.round;
+            let graded = Self::collect(p);
+            observer.round_finished(self.prompt, &finish(round, graded))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for and reports every queued round.
+    fn drain(
+        &mut self,
+        observer: &mut dyn SearchObserver,
+        finish: &mut dyn FnMut(usize, GradedRound) -> RoundResult,
+    ) -> Result<(), SearchError> {
+        self.report_ready(observer, finish, true)
+    }
+
+    /// Waits for the grades of the only queued round and returns it.
+    fn collect_round(&mut self) -> GradedRound {
+        match self.pending.pop_front() {
+            Some(p) => Self::collect(p),
+            None => GradedRound {
+                candidates: Vec::new(),
+                generation_s: 0.0,
+                verification_s: 0.0,
+            },
+        }
+    }
+
+    fn collect(p: PendingRound<'scope>) -> GradedRound {
+        let mut images = Vec::with_capacity(p.origins.len());
+        let mut gradings = Vec::with_capacity(p.origins.len());
+        let mut verification_s = 0.0;
+        for b in p.batches {
+            let r = match b {
+                Batch::Done(r) => r,
+                Batch::Grading(h) => h
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            };
+            verification_s += r.seconds;
+            images.extend(r.images);
+            gradings.extend(r.gradings);
+        }
+        let candidates = p
+            .origins
+            .into_iter()
+            .zip(images)
+            .zip(gradings)
+            .map(|((origin, image), grading)| Candidate {
+                origin,
+                image,
+                grading,
+                carried_over: false,
+            })
+            .collect();
+        GradedRound {
+            candidates,
+            generation_s: p.generation_s,
+            verification_s,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verifiers::Score;
+    use std::sync::{Condvar, Mutex};
+    use std::time::Duration;
+
+    /// Counts generated batches, so the fake verifier can tell whether the next batch was
+    /// generated while it was grading.
+    #[derive(Default)]
+    struct Progress {
+        generated: Mutex<usize>,
+        changed: Condvar,
+    }
+
+    struct FakePipeline<'a> {
+        progress: &'a Progress,
+    }
+
+    impl ImagePipeline for FakePipeline<'_> {
+        fn noise_shape(&self) -> Vec<usize> {
+            vec![1, 1, 4, 4]
+        }
+        fn set_prompt(&mut self, _prompt: &str) -> Result<(), PipelineError> {
+            Ok(())
+        }
+        fn generate(&mut self, noises: &[Noise]) -> Result<Vec<RgbImage>, PipelineError> {
+            let images = noises
+                .iter()
+                .map(|n| {
+                    let v = (n.data.iter().sum::<f32>().abs() * 10.0) as u8;
+                    RgbImage::from_pixel(2, 2, image::Rgb([v, v, v]))
+                })
+                .collect();
+            *self.progress.generated.lock().unwrap() += 1;
+            self.progress.changed.notify_all();
+            Ok(images)
+        }
+    }
+
+    /// Grades an image by its brightness. Before answering batch k it waits (up to `patience`)
+    /// until batch k+1 has been generated (or every batch has), and counts the times it gave up.
+    struct FakeVerifier<'a> {
+        progress: &'a Progress,
+        calls: Mutex<usize>,
+        total_batches: usize,
+        patience: Duration,
+        gave_up: Mutex<usize>,
+    }
+
+    impl Verifier for FakeVerifier<'_> {
+        fn name(&self) -> &str {
+            "fake"
+        }
+        fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
+            let k = {
+                let mut c = self.calls.lock().unwrap();
+                *c += 1;
+                *c - 1
+            };
+            let target = (k + 2).min(self.total_batches);
+            let generated = self.progress.generated.lock().unwrap();
+            let (_g, timeout) = self
+                .progress
+                .changed
+                .wait_timeout_while(generated, self.patience, |g| *g < target)
+                .unwrap();
+            if timeout.timed_out() {
+                *self.gave_up.lock().unwrap() += 1;
+            }
+            inputs
+                .iter()
+                .map(|i| {
+                    let mut g = Grading::new();
+                    g.insert(
+                        "overall_score".into(),
+                        Score {
+                            explanation: "brightness".into(),
+                            score: f64::from(i.image.get_pixel(0, 0)[0]) / 25.5,
+                        },
+                    );
+                    Ok(g)
+                })
+                .collect()
+        }
+    }
+
+    #[derive(Default)]
+    struct Recorder {
+        rounds: Vec<(usize, Option<usize>, Vec<Option<f64>>)>,
+    }
+
+    impl SearchObserver for Recorder {
+        fn round_finished(&mut self, _p: &str, r: &RoundResult) -> Result<(), SearchError> {
+            let scores = r
+                .candidates
+                .iter()
+                .map(|c| c.score("overall_score"))
+                .collect();
+            self.rounds.push((r.round, r.best, scores));
+            Ok(())
+        }
+    }
+
+    fn run(
+        method: SearchMethod,
+        overlap: bool,
+        patience: Duration,
+        total_batches: usize,
+    ) -> (Recorder, usize) {
+        let progress = Progress::default();
+        let mut pipeline = FakePipeline {
+            progress: &progress,
+        };
+        let verifier = FakeVerifier {
+            progress: &progress,
+            calls: Mutex::new(0),
+            total_batches,
+            patience,
+            gave_up: Mutex::new(0),
+        };
+        let settings = SearchSettings {
+            method,
+            rounds: 3,
+            batch_size: 2,
+            metric: "overall_score".into(),
+            master_seed: 11,
+            noise_kernel: NoiseKernel::Portable,
+            overlap,
+        };
+        let mut rec = Recorder::default();
+        search_prompt("p", &mut pipeline, &verifier, &settings, &mut rec).unwrap();
+        let gave_up = *verifier.gave_up.lock().unwrap();
+        (rec, gave_up)
+    }
+
+    #[test]
+    fn batches_are_graded_while_the_next_batch_is_generated() {
+        // Random search, 3 rounds of 2, 4, 8 candidates in batches of 2: 7 batches. Each
+        // grading waits for the next batch to be generated; with overlap it never has to give up.
+        let (rec, gave_up) = run(SearchMethod::Random, true, Duration::from_secs(20), 7);
+        assert_eq!(gave_up, 0);
+        let rounds: Vec<usize> = rec.rounds.iter().map(|r| r.0).collect();
+        assert_eq!(rounds, [1, 2, 3], "rounds are reported in order");
+        assert!(rec.rounds.iter().all(|r| r.2.iter().all(Option::is_some)));
+    }
+
+    #[test]
+    fn without_overlap_grading_waits_for_nothing_and_results_are_the_same() {
+        // Without overlap the next batch is never generated during grading, so the verifier gives
+        // up waiting on every batch but the last: the fake can tell the two apart.
+        let (serial, gave_up) = run(SearchMethod::Random, false, Duration::from_millis(50), 7);
+        assert_eq!(gave_up, 6);
+        let (overlapped, _) = run(SearchMethod::Random, true, Duration::from_secs(20), 7);
+        assert_eq!(serial.rounds, overlapped.rounds);
+    }
+
+    #[test]
+    fn zero_order_overlaps_batches_within_a_round() {
+        // 1 base + 3 neighbours in batches of 2 per fresh round; rounds wait for their grades.
+        let method = SearchMethod::ZeroOrder {
+            threshold: 0.9,
+            num_neighbors: 3,
+        };
+        let (serial, _) = run(method, false, Duration::from_millis(1), usize::MAX);
+        let (overlapped, _) = run(method, true, Duration::from_millis(1), usize::MAX);
+        assert_eq!(serial.rounds, overlapped.rounds);
+        assert_eq!(serial.rounds.len(), 3);
+    }
 }

@@ -148,6 +148,9 @@ pub(crate) struct Engine<P: Protocol> {
     settings: EngineSettings,
     key: Option<ApiKey>,
     counters: Arc<Counters>,
+    /// Bounds the requests in flight across all concurrent `score_all` calls (the search
+    /// scores one batch while the next is generated).
+    semaphore: Arc<Semaphore>,
 }
 
 impl<P: Protocol> std::fmt::Debug for Engine<P> {
@@ -187,6 +190,7 @@ impl<P: Protocol> Engine<P> {
             settings,
             key,
             counters: Arc::new(Counters::default()),
+            semaphore: Arc::new(Semaphore::new(settings.concurrency)),
         })
     }
 
@@ -216,7 +220,7 @@ impl<P: Protocol> Engine<P> {
             .iter()
             .map(|input| super::png_base64(input.image).map(|png| (input.prompt.to_string(), png)))
             .collect();
-        let semaphore = Arc::new(Semaphore::new(self.settings.concurrency));
+        let semaphore = Arc::clone(&self.semaphore);
         let task = Arc::new(Task {
             client: self.client.clone(),
             protocol: Arc::clone(&self.protocol),

@@ -1,0 +1,924 @@
+//! diffusers' `UNet2DConditionModel` as SDXL configures it: `DownBlock2D` /
+//! `CrossAttnDownBlock2D` (and their up mirrors) with per-block `transformer_layers_per_block`
+//! and head counts, linear (or 1×1 conv) transformer projections, any `norm_num_groups`, and the
+//! `addition_embed_type: "text_time"` conditioning: `add_embedding(concat(text_embeds,
+//! add_time_proj(time_ids)))` added to the timestep embedding.
+//!
+//! Own code because candle-transformers' UNet has no `add_embedding` (it ignores the pooled text
+//! embeds and the size/crop time ids) and its plain blocks always use 32 norm groups.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{
+    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
+    LayerNorm, Linear, VarBuilder,
+};
+use serde_json::Value;
+
+use crate::pipelines::PipelineError;
+
+/// The UNet's architecture, read from `unet/config.json` (diffusers' names).
+#[derive(Clone, Debug, PartialEq)]
+pub struct UNetSdxlConfig {
+    /// Latent channels in (`in_channels`).
+    pub in_channels: usize,
+    /// Latent channels out (`out_channels`).
+    pub out_channels: usize,
+    /// Default latent size (`sample_size`; 128 for SDXL, i.e. 1024 px).
+    pub sample_size: usize,
+    /// Channels per resolution level (`block_out_channels`).
+    pub block_out_channels: Vec<usize>,
+    /// Whether each down block has cross-attention (`CrossAttnDownBlock2D`) or not (`DownBlock2D`).
+    pub down_cross_attention: Vec<bool>,
+    /// Whether each up block has cross-attention, in up order (`up_block_types`).
+    pub up_cross_attention: Vec<bool>,
+    /// Resnets per down block (up blocks have one more).
+    pub layers_per_block: usize,
+    /// Transformer blocks per attention, per down block (up blocks use the reverse; the mid
+    /// block the last).
+    pub transformer_layers_per_block: Vec<usize>,
+    /// Attention heads per down block (`num_attention_heads`, else `attention_head_dim`, which
+    /// diffusers reads as the head count).
+    pub num_attention_heads: Vec<usize>,
+    /// Width of the text conditioning (`cross_attention_dim`; 2048 for SDXL).
+    pub cross_attention_dim: usize,
+    /// Group-norm groups (`norm_num_groups`).
+    pub norm_num_groups: usize,
+    /// Group-norm epsilon of the resnets and the output norm (`norm_eps`).
+    pub norm_eps: f64,
+    /// Linear (true) or 1×1 conv (false) transformer in/out projections.
+    pub use_linear_projection: bool,
+    /// Sinusoidal embedding order: cos first when true (`flip_sin_to_cos`).
+    pub flip_sin_to_cos: bool,
+    /// Sinusoidal frequency shift (`freq_shift`).
+    pub freq_shift: f64,
+    /// Padding of the stride-2 downsampling convs (`downsample_padding`).
+    pub downsample_padding: usize,
+    /// Output scale of the mid block's resnets (`mid_block_scale_factor`).
+    pub mid_block_scale_factor: f64,
+    /// `Some((addition_time_embed_dim, projection_class_embeddings_input_dim))` with
+    /// `addition_embed_type: "text_time"`, `None` without an addition embedding.
+    pub text_time: Option<(usize, usize)>,
+}
+
+const FILE: &str = "unet/config.json";
+
+fn key_err(value: &Value, key: &str, expected: &str) -> PipelineError {
+    PipelineError::ModelFile {
+        path: FILE.to_string(),
+        message: format!(
+            "key {key:?}: expected {expected}, found {}",
+            value.get(key).map_or("nothing".to_string(), |v| v.to_string())
+        ),
+    }
+}
+
+fn present<'a>(value: &'a Value, key: &str) -> Option<&'a Value> {
+    value.get(key).filter(|v| !v.is_null())
+}
+
+fn get_usize(value: &Value, key: &str, default: Option<usize>) -> Result<usize, PipelineError> {
+    match (present(value, key), default) {
+        (None, Some(d)) => Ok(d),
+        (v, _) => v
+            .and_then(Value::as_u64)
+            .map(|n| n as usize)
+            .ok_or_else(|| key_err(value, key, "a non-negative integer")),
+    }
+}
+
+fn get_f64(value: &Value, key: &str, default: f64) -> Result<f64, PipelineError> {
+    match present(value, key) {
+        None => Ok(default),
+        Some(v) => v.as_f64().ok_or_else(|| key_err(value, key, "a number")),
+    }
+}
+
+fn get_bool(value: &Value, key: &str, default: bool) -> Result<bool, PipelineError> {
+    match present(value, key) {
+        None => Ok(default),
+        Some(v) => v.as_bool().ok_or_else(|| key_err(value, key, "true or false")),
+    }
+}
+
+fn get_strs(value: &Value, key: &str) -> Result<Vec<String>, PipelineError> {
+    present(value, key)
+        .and_then(Value::as_array)
+        .and_then(|a| {
+            a.iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+        })
+        .ok_or_else(|| key_err(value, key, "a list of strings"))
+}
+
+/// An integer or a list of `n` integers, as one value per block.
+fn per_block(value: &Value, key: &str, n: usize) -> Result<Vec<usize>, PipelineError> {
+    let expected = format!("an integer or a list of {n} integers");
+    match present(value, key) {
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|v| v.as_u64().map(|x| x as usize))
+            .collect::<Option<Vec<_>>>()
+            .filter(|l| l.len() == n)
+            .ok_or_else(|| key_err(value, key, &expected)),
+        Some(v) => v
+            .as_u64()
+            .map(|x| vec![x as usize; n])
+            .ok_or_else(|| key_err(value, key, &expected)),
+        None => Err(key_err(value, key, &expected)),
+    }
+}
+
+/// Fails with `Unsupported` unless `key` is absent/null or one of `allowed`.
+fn require(value: &Value, key: &str, allowed: &[Value]) -> Result<(), PipelineError> {
+    match present(value, key) {
+        None => Ok(()),
+        Some(v) if allowed.contains(v) => Ok(()),
+        Some(v) => Err(PipelineError::Unsupported(format!(
+            "{FILE}: {key} = {v} is not supported by the SDXL UNet (supported: {})",
+            if allowed.is_empty() {
+                "null".to_string()
+            } else {
+                allowed
+                    .iter()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ))),
+    }
+}
+
+impl UNetSdxlConfig {
+    /// Parses `unet/config.json`; keys naming features this UNet lacks fail with
+    /// [`PipelineError::Unsupported`] naming the key, malformed keys with
+    /// [`PipelineError::ModelFile`] naming the file and key.
+    pub fn from_json(value: &Value) -> Result<Self, PipelineError> {
+        for key in [
+            "class_embed_type",
+            "time_cond_proj_dim",
+            "encoder_hid_dim",
+            "encoder_hid_dim_type",
+            "num_class_embeds",
+            "timestep_post_act",
+            "time_embedding_act_fn",
+            "time_embedding_dim",
+            "cross_attention_norm",
+            "reverse_transformer_layers_per_block",
+        ] {
+            require(value, key, &[])?;
+        }
+        require(value, "addition_embed_type", &["text_time".into()])?;
+        require(value, "act_fn", &["silu".into()])?;
+        require(value, "resnet_time_scale_shift", &["default".into()])?;
+        require(value, "time_embedding_type", &["positional".into()])?;
+        require(value, "mid_block_type", &["UNetMidBlock2DCrossAttn".into()])?;
+        require(value, "conv_in_kernel", &[3.into()])?;
+        require(value, "conv_out_kernel", &[3.into()])?;
+        require(value, "only_cross_attention", &[false.into()])?;
+        require(value, "mid_block_only_cross_attention", &[false.into()])?;
+        require(value, "dual_cross_attention", &[false.into()])?;
+        require(value, "upcast_attention", &[false.into()])?;
+        require(value, "attention_type", &["default".into()])?;
+        require(value, "resnet_skip_time_act", &[false.into()])?;
+        require(value, "resnet_out_scale_factor", &[1.into(), 1.0.into()])?;
+        require(value, "class_embeddings_concat", &[false.into()])?;
+
+        let block_out_channels = present(value, "block_out_channels")
+            .and_then(Value::as_array)
+            .and_then(|a| {
+                a.iter()
+                    .map(|v| v.as_u64().map(|x| x as usize))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .filter(|l| !l.is_empty() && l.iter().all(|&c| c > 0))
+            .ok_or_else(|| key_err(value, "block_out_channels", "a non-empty list of integers"))?;
+        let n = block_out_channels.len();
+        let kinds = |key: &str, cross: &str, plain: &str| -> Result<Vec<bool>, PipelineError> {
+            let types = get_strs(value, key)?;
+            if types.len() != n {
+                return Err(key_err(
+                    value,
+                    key,
+                    &format!("{n} block types (one per block_out_channels)"),
+                ));
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    t if t == cross => Ok(true),
+                    t if t == plain => Ok(false),
+                    other => Err(PipelineError::Unsupported(format!(
+                        "{FILE}: {key} entry {other:?} is not supported ({cross}, {plain})"
+                    ))),
+                })
+                .collect()
+        };
+        let down_cross_attention = kinds("down_block_types", "CrossAttnDownBlock2D", "DownBlock2D")?;
+        let up_cross_attention = kinds("up_block_types", "CrossAttnUpBlock2D", "UpBlock2D")?;
+        let num_attention_heads = match present(value, "num_attention_heads") {
+            Some(_) => per_block(value, "num_attention_heads", n)?,
+            None => per_block(value, "attention_head_dim", n)?,
+        };
+        for (i, (&c, &h)) in block_out_channels
+            .iter()
+            .zip(&num_attention_heads)
+            .enumerate()
+        {
+            if h == 0 || c % h != 0 {
+                return Err(key_err(
+                    value,
+                    "attention_head_dim",
+                    &format!("head counts dividing block_out_channels[{i}] = {c}"),
+                ));
+            }
+        }
+        let transformer_layers_per_block = match present(value, "transformer_layers_per_block") {
+            None => vec![1; n],
+            Some(_) => per_block(value, "transformer_layers_per_block", n)?,
+        };
+        let cross_attention_dim = match present(value, "cross_attention_dim") {
+            Some(Value::Array(_)) => {
+                return Err(PipelineError::Unsupported(format!(
+                    "{FILE}: a per-block cross_attention_dim is not supported"
+                )))
+            }
+            _ => get_usize(value, "cross_attention_dim", None)?,
+        };
+        let norm_num_groups = get_usize(value, "norm_num_groups", Some(32))?;
+        if norm_num_groups == 0 || block_out_channels.iter().any(|c| c % norm_num_groups != 0) {
+            return Err(key_err(
+                value,
+                "norm_num_groups",
+                "a group count dividing every block_out_channels",
+            ));
+        }
+        let text_time = match present(value, "addition_embed_type") {
+            None => None,
+            Some(_) => Some((
+                get_usize(value, "addition_time_embed_dim", None)?,
+                get_usize(value, "projection_class_embeddings_input_dim", None)?,
+            )),
+        };
+        Ok(Self {
+            in_channels: get_usize(value, "in_channels", Some(4))?,
+            out_channels: get_usize(value, "out_channels", Some(4))?,
+            sample_size: get_usize(value, "sample_size", Some(128))?,
+            block_out_channels,
+            down_cross_attention,
+            up_cross_attention,
+            layers_per_block: get_usize(value, "layers_per_block", Some(2))?,
+            transformer_layers_per_block,
+            num_attention_heads,
+            cross_attention_dim,
+            norm_num_groups,
+            norm_eps: get_f64(value, "norm_eps", 1e-5)?,
+            use_linear_projection: get_bool(value, "use_linear_projection", false)?,
+            flip_sin_to_cos: get_bool(value, "flip_sin_to_cos", true)?,
+            freq_shift: get_f64(value, "freq_shift", 0.0)?,
+            downsample_padding: get_usize(value, "downsample_padding", Some(1))?,
+            mid_block_scale_factor: get_f64(value, "mid_block_scale_factor", 1.0)?,
+            text_time,
+        })
+    }
+}
+
+/// diffusers' `get_timestep_embedding` in float32, as torch computes it: for `half = dim / 2`,
+/// `freq_i = exp(-ln(10000) · i / (half - shift))`, `[sin(t·freq), cos(t·freq)]` (swapped
+/// when `flip_sin_to_cos`), zero-padded to an odd `dim`. Returns (len(values), dim) f32.
+pub fn timestep_embedding(
+    values: &[f32],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    shift: f64,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let half = dim / 2;
+    let log_max = -(10000f64.ln() as f32);
+    let denom = (half as f64 - shift) as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((log_max * i as f32) / denom).exp())
+        .collect();
+    let mut data = Vec::with_capacity(values.len() * dim);
+    for &t in values {
+        let args: Vec<f32> = freqs.iter().map(|f| t * f).collect();
+        let sin = args.iter().map(|a| a.sin());
+        let cos = args.iter().map(|a| a.cos());
+        if flip_sin_to_cos {
+            data.extend(cos.chain(sin));
+        } else {
+            data.extend(sin.chain(cos));
+        }
+        if dim % 2 == 1 {
+            data.push(0.0);
+        }
+    }
+    Tensor::from_vec(data, (values.len(), dim), device)
+}
+
+/// `linear_1 → SiLU → linear_2` (diffusers' `TimestepEmbedding`).
+struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    fn new(vb: VarBuilder, input: usize, dim: usize) -> candle_core::Result<Self> {
+        Ok(Self {
+            linear_1: linear(input, dim, vb.pp("linear_1"))?,
+            linear_2: linear(dim, dim, vb.pp("linear_2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.linear_2
+            .forward(&self.linear_1.forward(xs)?.silu()?)
+    }
+}
+
+fn conv(
+    vb: VarBuilder,
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    conv2d(cin, cout, kernel, cfg, vb)
+}
+
+/// diffusers' `ResnetBlock2D` (default time scale-shift, SiLU).
+struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+impl ResnetBlock {
+    fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        temb: usize,
+        c: &UNetSdxlConfig,
+        output_scale_factor: f64,
+    ) -> candle_core::Result<Self> {
+        let g = c.norm_num_groups;
+        Ok(Self {
+            norm1: group_norm(g, cin, c.norm_eps, vb.pp("norm1"))?,
+            conv1: conv(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
+            time_emb_proj: linear(temb, cout, vb.pp("time_emb_proj"))?,
+            norm2: group_norm(g, cout, c.norm_eps, vb.pp("norm2"))?,
+            conv2: conv(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
+            conv_shortcut: if cin != cout {
+                Some(conv(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
+            } else {
+                None
+            },
+            output_scale_factor,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let t = self
+            .time_emb_proj
+            .forward(&temb.silu()?)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(c) => c.forward(xs)?,
+            None => xs.clone(),
+        };
+        let out = (shortcut + h)?;
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
+
+/// diffusers' `Attention` with the default processor (no biases on q/k/v).
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> candle_core::Result<Self> {
+        Ok(Self {
+            to_q: linear_no_bias(dim, dim, vb.pp("to_q"))?,
+            to_k: linear_no_bias(context_dim, dim, vb.pp("to_k"))?,
+            to_v: linear_no_bias(context_dim, dim, vb.pp("to_v"))?,
+            to_out: linear(dim, dim, vb.pp("to_out").pp("0"))?,
+            heads,
+        })
+    }
+
+    /// `xs`: (B, N, dim); `context`: (B, M, context_dim) → (B, N, dim). The softmax runs in f32.
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, n, dim) = xs.dims3()?;
+        let head_dim = dim / self.heads;
+        let split = |x: Tensor| -> candle_core::Result<Tensor> {
+            let m = x.dim(1)?;
+            x.reshape((b, m, self.heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split(self.to_q.forward(xs)?)?;
+        let k = split(self.to_k.forward(context)?)?;
+        let v = split(self.to_v.forward(context)?)?;
+        let scale = (head_dim as f64).powf(-0.5);
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+            .to_dtype(xs.dtype())?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, n, dim))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// diffusers' `BasicTransformerBlock` (layer norms, self-attention, cross-attention, GEGLU).
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_proj: Linear,
+    ff_out: Linear,
+}
+
+impl TransformerBlock {
+    fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> candle_core::Result<Self> {
+        let inner = 4 * dim;
+        Ok(Self {
+            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads)?,
+            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads)?,
+            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff_proj: linear(dim, 2 * inner, vb.pp("ff").pp("net").pp("0").pp("proj"))?,
+            ff_out: linear(inner, dim, vb.pp("ff").pp("net").pp("2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.norm1.forward(xs)?;
+        let xs = (self.attn1.forward(&h, &h)? + xs)?;
+        let h = self.norm2.forward(&xs)?;
+        let xs = (self.attn2.forward(&h, context)? + xs)?;
+        let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
+        let inner = h.dim(D::Minus1)? / 2;
+        let gated = (h.narrow(D::Minus1, 0, inner)? * h.narrow(D::Minus1, inner, inner)?.gelu_erf()?)?;
+        self.ff_out.forward(&gated)? + xs
+    }
+}
+
+/// A projection in or out of the transformer: linear, or a 1×1 conv.
+enum Projection {
+    Linear(Linear),
+    Conv(Conv2d),
+}
+
+/// diffusers' `Transformer2DModel` over continuous input (group norm with eps 1e-6).
+struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+impl Transformer2D {
+    fn new(
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        layers: usize,
+        c: &UNetSdxlConfig,
+    ) -> candle_core::Result<Self> {
+        let proj = |name: &str| -> candle_core::Result<Projection> {
+            Ok(if c.use_linear_projection {
+                Projection::Linear(linear(channels, channels, vb.pp(name))?)
+            } else {
+                Projection::Conv(conv(vb.pp(name), channels, channels, 1, 1, 0)?)
+            })
+        };
+        Ok(Self {
+            norm: group_norm(c.norm_num_groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in: proj("proj_in")?,
+            blocks: (0..layers)
+                .map(|i| {
+                    TransformerBlock::new(
+                        vb.pp("transformer_blocks").pp(i),
+                        channels,
+                        c.cross_attention_dim,
+                        heads,
+                    )
+                })
+                .collect::<candle_core::Result<_>>()?,
+            proj_out: proj("proj_out")?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, ch, h, w) = xs.dims4()?;
+        let to_tokens = |x: Tensor| -> candle_core::Result<Tensor> {
+            x.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
+        };
+        let to_map = |x: Tensor| -> candle_core::Result<Tensor> {
+            x.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous()
+        };
+        let normed = self.norm.forward(xs)?;
+        let mut tokens = match &self.proj_in {
+            Projection::Linear(l) => l.forward(&to_tokens(normed)?)?,
+            Projection::Conv(c) => to_tokens(c.forward(&normed)?)?,
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let out = match &self.proj_out {
+            Projection::Linear(l) => to_map(l.forward(&tokens)?)?,
+            Projection::Conv(c) => c.forward(&to_map(tokens)?)?,
+        };
+        out + xs
+    }
+}
+
+/// One down or up block: resnets, each optionally followed by a transformer, then an optional
+/// resampler (stride-2 conv down; nearest ×2 + conv up).
+struct Block {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<Transformer2D>,
+    resampler: Option<Conv2d>,
+}
+
+/// The SDXL-style UNet (see the module docs); weights in diffusers' names.
+pub struct UNetSdxl {
+    config: UNetSdxlConfig,
+    conv_in: Conv2d,
+    time_embedding: TimestepEmbedding,
+    add_embedding: Option<TimestepEmbedding>,
+    down: Vec<Block>,
+    mid_resnets: Vec<ResnetBlock>,
+    mid_attention: Transformer2D,
+    up: Vec<Block>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNetSdxl {
+    /// Builds the UNet from its config and a var builder over `unet/` weights.
+    pub fn new(vb: VarBuilder, c: &UNetSdxlConfig) -> candle_core::Result<Self> {
+        let ch = &c.block_out_channels;
+        let n = ch.len();
+        let temb = 4 * ch[0];
+        let layers = c.layers_per_block;
+        let add_embedding = match c.text_time {
+            Some((_, input)) => Some(TimestepEmbedding::new(vb.pp("add_embedding"), input, temb)?),
+            None => None,
+        };
+
+        let mut down = Vec::with_capacity(n);
+        let mut out_ch = ch[0];
+        for i in 0..n {
+            let in_ch = out_ch;
+            out_ch = ch[i];
+            let bvb = vb.pp("down_blocks").pp(i);
+            let resnets = (0..layers)
+                .map(|j| {
+                    let cin = if j == 0 { in_ch } else { out_ch };
+                    ResnetBlock::new(bvb.pp("resnets").pp(j), cin, out_ch, temb, c, 1.0)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let attentions = if c.down_cross_attention[i] {
+                (0..layers)
+                    .map(|j| {
+                        Transformer2D::new(
+                            bvb.pp("attentions").pp(j),
+                            out_ch,
+                            c.num_attention_heads[i],
+                            c.transformer_layers_per_block[i],
+                            c,
+                        )
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            };
+            let resampler = if i + 1 < n {
+                Some(conv(
+                    bvb.pp("downsamplers").pp(0).pp("conv"),
+                    out_ch,
+                    out_ch,
+                    3,
+                    2,
+                    c.downsample_padding,
+                )?)
+            } else {
+                None
+            };
+            down.push(Block {
+                resnets,
+                attentions,
+                resampler,
+            });
+        }
+
+        let last = ch[n - 1];
+        let mvb = vb.pp("mid_block");
+        let mid_resnets = (0..2)
+            .map(|j| {
+                ResnetBlock::new(
+                    mvb.pp("resnets").pp(j),
+                    last,
+                    last,
+                    temb,
+                    c,
+                    c.mid_block_scale_factor,
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mid_attention = Transformer2D::new(
+            mvb.pp("attentions").pp(0),
+            last,
+            c.num_attention_heads[n - 1],
+            c.transformer_layers_per_block[n - 1],
+            c,
+        )?;
+
+        let rev = |v: &[usize]| v.iter().rev().copied().collect::<Vec<_>>();
+        let (rch, rheads, rlayers) = (
+            rev(ch),
+            rev(&c.num_attention_heads),
+            rev(&c.transformer_layers_per_block),
+        );
+        let mut up = Vec::with_capacity(n);
+        let mut out_ch = rch[0];
+        for i in 0..n {
+            let prev = out_ch;
+            out_ch = rch[i];
+            let in_ch = rch[(i + 1).min(n - 1)];
+            let bvb = vb.pp("up_blocks").pp(i);
+            let resnets = (0..=layers)
+                .map(|j| {
+                    let skip = if j == layers { in_ch } else { out_ch };
+                    let cin = if j == 0 { prev } else { out_ch };
+                    ResnetBlock::new(bvb.pp("resnets").pp(j), cin + skip, out_ch, temb, c, 1.0)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let attentions = if c.up_cross_attention[i] {
+                (0..=layers)
+                    .map(|j| {
+                        Transformer2D::new(bvb.pp("attentions").pp(j), out_ch, rheads[i], rlayers[i], c)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?
+            } else {
+                Vec::new()
+            };
+            let resampler = if i + 1 < n {
+                Some(conv(bvb.pp("upsamplers").pp(0).pp("conv"), out_ch, out_ch, 3, 1, 1)?)
+            } else {
+                None
+            };
+            up.push(Block {
+                resnets,
+                attentions,
+                resampler,
+            });
+        }
+
+        Ok(Self {
+            config: c.clone(),
+            conv_in: conv(vb.pp("conv_in"), c.in_channels, ch[0], 3, 1, 1)?,
+            time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), ch[0], temb)?,
+            add_embedding,
+            down,
+            mid_resnets,
+            mid_attention,
+            up,
+            conv_norm_out: group_norm(c.norm_num_groups, ch[0], c.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv(vb.pp("conv_out"), ch[0], c.out_channels, 3, 1, 1)?,
+        })
+    }
+
+    /// The config the UNet was built from.
+    pub fn config(&self) -> &UNetSdxlConfig {
+        &self.config
+    }
+
+    /// The conditioning embedding (B, 4·block_out_channels[0]): the timestep embedding plus,
+    /// with text-time conditioning, `add_embedding(concat(text_embeds, add_time_proj(time_ids)))`.
+    fn embedding(
+        &self,
+        batch: usize,
+        timestep: f64,
+        text_time: Option<(&Tensor, &Tensor)>,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let t = timestep_embedding(
+            &vec![timestep as f32; batch],
+            c.block_out_channels[0],
+            c.flip_sin_to_cos,
+            c.freq_shift,
+            device,
+        )?
+        .to_dtype(dtype)?;
+        let emb = self.time_embedding.forward(&t)?;
+        match (&self.add_embedding, c.text_time, text_time) {
+            (Some(add), Some((dim, input)), Some((text_embeds, time_ids))) => {
+                let ids: Vec<f32> = time_ids
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let time = timestep_embedding(&ids, dim, c.flip_sin_to_cos, c.freq_shift, device)?
+                    .reshape((batch, ()))?
+                    .to_dtype(dtype)?;
+                let add_in = Tensor::cat(&[&text_embeds.to_dtype(dtype)?, &time], 1)?;
+                if add_in.dim(1)? != input {
+                    candle_core::bail!(
+                        "text embeds ({}) + {} time ids × {dim} give {} features; \
+                         projection_class_embeddings_input_dim is {input}",
+                        text_embeds.dim(1)?,
+                        time_ids.dim(1)?,
+                        add_in.dim(1)?
+                    );
+                }
+                emb + add.forward(&add_in)?
+            }
+            (None, _, _) => Ok(emb),
+            _ => candle_core::bail!(
+                "this UNet has text-time conditioning (addition_embed_type \"text_time\"): \
+                 text_embeds and time_ids are required"
+            ),
+        }
+    }
+
+    /// Predicts the noise for `sample` (B, in_channels, h, w) at `timestep`, conditioned on
+    /// `encoder_hidden_states` (B, T, cross_attention_dim) and, for text-time UNets,
+    /// `text_time = (text_embeds (B, P), time_ids (B, 6))`. Returns (B, out_channels, h, w).
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        text_time: Option<(&Tensor, &Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let batch = sample.dim(0)?;
+        let emb = self.embedding(batch, timestep, text_time, sample.dtype(), sample.device())?;
+        let ctx = encoder_hidden_states;
+
+        let mut xs = self.conv_in.forward(sample)?;
+        let mut skips = vec![xs.clone()];
+        for block in &self.down {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                xs = resnet.forward(&xs, &emb)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    xs = attn.forward(&xs, ctx)?;
+                }
+                skips.push(xs.clone());
+            }
+            if let Some(down) = &block.resampler {
+                xs = down.forward(&xs)?;
+                skips.push(xs.clone());
+            }
+        }
+
+        xs = self.mid_resnets[0].forward(&xs, &emb)?;
+        xs = self.mid_attention.forward(&xs, ctx)?;
+        xs = self.mid_resnets[1].forward(&xs, &emb)?;
+
+        for block in &self.up {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| candle_core::Error::Msg("UNet skip stack underflow".into()))?;
+                xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, &emb)?;
+                if let Some(attn) = block.attentions.get(j) {
+                    xs = attn.forward(&xs, ctx)?;
+                }
+            }
+            if let Some(up) = &block.resampler {
+                // diffusers upsamples to the next skip's size (2× unless a size was odd).
+                let (h, w) = match skips.last() {
+                    Some(s) => (s.dim(2)?, s.dim(3)?),
+                    None => (2 * xs.dim(2)?, 2 * xs.dim(3)?),
+                };
+                xs = up.forward(&xs.upsample_nearest2d(h, w)?)?;
+            }
+        }
+        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        self.conv_out.forward(&xs)
+    }
+}
+
+/// `unet/config.json` of stabilityai/stable-diffusion-xl-base-1.0 (the keys that shape the
+/// network), for the step benchmark and tests.
+pub fn sdxl_base_unet_json() -> Value {
+    serde_json::json!({
+        "act_fn": "silu",
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": 256,
+        "attention_head_dim": [5, 10, 20],
+        "block_out_channels": [320, 640, 1280],
+        "center_input_sample": false,
+        "class_embed_type": null,
+        "conv_in_kernel": 3,
+        "conv_out_kernel": 3,
+        "cross_attention_dim": 2048,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "downsample_padding": 1,
+        "dual_cross_attention": false,
+        "flip_sin_to_cos": true,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "num_attention_heads": null,
+        "out_channels": 4,
+        "projection_class_embeddings_input_dim": 2816,
+        "resnet_time_scale_shift": "default",
+        "sample_size": 128,
+        "transformer_layers_per_block": [1, 2, 10],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "upcast_attention": null,
+        "use_linear_projection": true
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sdxl_base() -> Value {
+        sdxl_base_unet_json()
+    }
+
+    #[test]
+    fn sdxl_base_config_reads_heads_layers_and_text_time_dims() {
+        let c = UNetSdxlConfig::from_json(&sdxl_base()).unwrap();
+        assert_eq!(c.num_attention_heads, vec![5, 10, 20]);
+        assert_eq!(c.transformer_layers_per_block, vec![1, 2, 10]);
+        assert_eq!(c.down_cross_attention, vec![false, true, true]);
+        assert_eq!(c.up_cross_attention, vec![true, true, false]);
+        assert_eq!(c.text_time, Some((256, 2816)));
+        assert_eq!(c.cross_attention_dim, 2048);
+        assert!(c.use_linear_projection);
+    }
+
+    #[test]
+    fn unsupported_unet_features_are_named() {
+        let mut cfg = sdxl_base();
+        cfg["class_embed_type"] = json!("timestep");
+        let err = UNetSdxlConfig::from_json(&cfg).unwrap_err();
+        assert!(matches!(err, PipelineError::Unsupported(_)));
+        assert!(err.to_string().contains("class_embed_type"), "{err}");
+    }
+
+    #[test]
+    fn a_transformer_layer_list_of_the_wrong_length_names_the_key() {
+        let mut cfg = sdxl_base();
+        cfg["transformer_layers_per_block"] = json!([1, 2]);
+        let err = UNetSdxlConfig::from_json(&cfg).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("unet/config.json") && msg.contains("transformer_layers_per_block"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn timestep_embedding_puts_cos_first_when_flipped() {
+        let e = timestep_embedding(&[0.0, 1.0], 4, true, 0.0, &Device::Cpu).unwrap();
+        let v: Vec<Vec<f32>> = e.to_vec2().unwrap();
+        // t = 0: cos = 1, sin = 0; t = 1, freqs [1, 1e-2]: [cos 1, cos 0.01, sin 1, sin 0.01].
+        assert_eq!(v[0], vec![1.0, 1.0, 0.0, 0.0]);
+        let want = [1f32.cos(), 0.01f32.cos(), 1f32.sin(), 0.01f32.sin()];
+        for (a, b) in v[1].iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+}

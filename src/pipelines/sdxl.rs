@@ -1,0 +1,738 @@
+//! Stable Diffusion XL (diffusers' `StableDiffusionXLPipeline`, e.g.
+//! stabilityai/stable-diffusion-xl-base-1.0): two CLIP text encoders whose penultimate hidden
+//! states are concatenated, the pooled projection of the second as `text_embeds`, the UNet's
+//! text-time conditioning (`original_size`, `crops_coords_top_left = (0, 0)`, `target_size`),
+//! classifier-free guidance with `negative_prompt` (zeros when it is unset and
+//! `force_zeros_for_empty_prompt`), the scheduler of `scheduler/scheduler_config.json`, and the
+//! VAE decode with its `scaling_factor`, upcast to fp32 when `force_upcast` and the dtype is fp16.
+//!
+//! The UNet is ours ([`crate::models::unet_sdxl`]); the VAE is candle-transformers' (decoded row
+//! by row, as in [`crate::pipelines::sd15`]). No invisible watermark is applied (diffusers adds
+//! one only when the optional `invisible-watermark` package is installed).
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use image::RgbImage;
+use serde_json::Value;
+
+use crate::config::Dtype;
+use crate::models::clip_text::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
+use crate::models::clip_tokenizer::ClipTokenizer;
+use crate::models::unet_sdxl::{sdxl_base_unet_json, UNetSdxl, UNetSdxlConfig};
+use crate::noise::Noise;
+use crate::pipelines::hub::ModelSource;
+use crate::pipelines::sd15::{scheduler_from_file, SchedulerFactory, Sd15Pipeline};
+use crate::pipelines::{ImagePipeline, PipelineError};
+
+/// diffusers' default `guidance_scale` for SDXL.
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 5.0;
+/// diffusers' default `num_inference_steps`.
+pub const DEFAULT_NUM_INFERENCE_STEPS: usize = 50;
+
+/// The `pipeline_call_args` SDXL understands; `None` takes diffusers' default.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SdxlCallArgs {
+    /// Image height in pixels (default: UNet `sample_size` × VAE scale factor, 1024 for SDXL).
+    pub height: Option<usize>,
+    /// Image width in pixels (default as `height`).
+    pub width: Option<usize>,
+    /// Denoising steps (default 50).
+    pub num_inference_steps: Option<usize>,
+    /// Classifier-free guidance scale (default 5.0; guidance is off when <= 1, as diffusers).
+    pub guidance_scale: Option<f64>,
+    /// Negative prompt. `None` gives zero negative embeddings when the model's
+    /// `force_zeros_for_empty_prompt` is true (SDXL base), else the encoded empty string.
+    pub negative_prompt: Option<String>,
+}
+
+/// The UNet conditioning of one prompt: `[uncond; cond]` rows under guidance, else `[cond]`.
+#[derive(Clone, Debug)]
+pub struct SdxlConditioning {
+    /// Concatenated penultimate hidden states of both encoders (R, T, D1 + D2).
+    pub prompt_embeds: Tensor,
+    /// Pooled projection of `text_encoder_2` (R, projection_dim).
+    pub text_embeds: Tensor,
+}
+
+/// A loaded SDXL pipeline.
+pub struct SdxlPipeline {
+    tokenizer: ClipTokenizer,
+    tokenizer_2: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    text_encoder_2: ClipTextModelWithProjection,
+    unet: UNetSdxl,
+    vae: AutoEncoderKL,
+    vae_dtype: DType,
+    scheduler: SchedulerFactory,
+    dtype: DType,
+    device: Device,
+    vae_scale_factor: usize,
+    scaling_factor: f64,
+    latents_mean_std: Option<(Vec<f64>, Vec<f64>)>,
+    latent_channels: usize,
+    height: usize,
+    width: usize,
+    num_inference_steps: usize,
+    guidance_scale: f64,
+    negative_prompt: Option<String>,
+    force_zeros_for_empty_prompt: bool,
+    conditioning: Option<SdxlConditioning>,
+}
+
+fn candle_dtype(dtype: Dtype) -> DType {
+    match dtype {
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::Bf16 => DType::BF16,
+    }
+}
+
+/// Memory-maps a component's weights (the fp16 variant when `dtype` is fp16 and one exists),
+/// converting them to `compute` as tensors are read.
+fn var_builder(
+    source: &ModelSource,
+    component: &str,
+    dtype: Dtype,
+    compute: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, PipelineError> {
+    let files = source.weights(component, dtype)?;
+    // SAFETY: the files are memory-mapped read-only; they are model files we do not modify,
+    // as candle's own loaders assume.
+    unsafe { VarBuilder::from_mmaped_safetensors(&files, compute, device) }.map_err(|e| {
+        PipelineError::ModelFile {
+            path: files
+                .first()
+                .map_or(component.to_string(), |p| p.display().to_string()),
+            message: format!("cannot read the safetensors weights: {e}"),
+        }
+    })
+}
+
+fn weights_error(source: &ModelSource, component: &str, e: impl std::fmt::Display) -> PipelineError {
+    PipelineError::ModelFile {
+        path: format!("{}/{component}", source.display_name()),
+        message: format!(
+            "the weights do not match {component}/config.json: {e}; is this an SDXL model in \
+             diffusers layout?"
+        ),
+    }
+}
+
+fn optional_file(
+    source: &ModelSource,
+    rel: &str,
+) -> Result<Option<std::path::PathBuf>, PipelineError> {
+    if source.has_file(rel)? {
+        source.file(rel).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+fn load_tokenizer(source: &ModelSource, folder: &str) -> Result<ClipTokenizer, PipelineError> {
+    ClipTokenizer::from_files(
+        &source.file(&format!("{folder}/vocab.json"))?,
+        &source.file(&format!("{folder}/merges.txt"))?,
+        optional_file(source, &format!("{folder}/tokenizer_config.json"))?.as_deref(),
+        optional_file(source, &format!("{folder}/special_tokens_map.json"))?.as_deref(),
+    )
+}
+
+/// A text encoder's `config.json`: the CLIP config, `projection_dim` and `eos_token_id`
+/// (transformers' defaults 512 and 49407 when absent).
+fn text_config(
+    source: &ModelSource,
+    folder: &str,
+) -> Result<(ClipTextConfig, usize, u32), PipelineError> {
+    let file = format!("{folder}/config.json");
+    let json = source.read_json(&file)?;
+    let bad = |key: &str| PipelineError::ModelFile {
+        path: file.clone(),
+        message: format!("key {key:?}: expected a non-negative integer"),
+    };
+    let int = |key: &str, default: u64| match json.get(key).filter(|v| !v.is_null()) {
+        None => Ok(default),
+        Some(v) => v.as_u64().ok_or_else(|| bad(key)),
+    };
+    let projection_dim = int("projection_dim", 512)? as usize;
+    let eos = int("eos_token_id", 49407)?;
+    let eos = u32::try_from(eos).map_err(|_| bad("eos_token_id"))?;
+    let config: ClipTextConfig =
+        serde_json::from_value(json).map_err(|e| PipelineError::ModelFile {
+            path: file.clone(),
+            message: format!("not a CLIP text config: {e}"),
+        })?;
+    Ok((config, projection_dim, eos))
+}
+
+/// The VAE's candle config plus what the pipeline needs from `vae/config.json`.
+struct VaeSpec {
+    config: AutoEncoderKLConfig,
+    in_channels: usize,
+    out_channels: usize,
+    scaling_factor: f64,
+    force_upcast: bool,
+    latents_mean_std: Option<(Vec<f64>, Vec<f64>)>,
+}
+
+fn vae_spec(value: &Value) -> Result<VaeSpec, PipelineError> {
+    const FILE: &str = "vae/config.json";
+    let err = |key: &str, expected: &str| PipelineError::ModelFile {
+        path: FILE.into(),
+        message: format!(
+            "key {key:?}: expected {expected}, found {}",
+            value.get(key).map_or("nothing".to_string(), |v| v.to_string())
+        ),
+    };
+    let present = |key: &str| value.get(key).filter(|v| !v.is_null());
+    let usize_or = |key: &str, d: usize| match present(key) {
+        None => Ok(d),
+        Some(v) => v
+            .as_u64()
+            .map(|n| n as usize)
+            .ok_or_else(|| err(key, "a non-negative integer")),
+    };
+    let bool_or = |key: &str, d: bool| match present(key) {
+        None => Ok(d),
+        Some(v) => v.as_bool().ok_or_else(|| err(key, "true or false")),
+    };
+    let floats = |key: &str| -> Result<Option<Vec<f64>>, PipelineError> {
+        match present(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<_>>>())
+                .map(Some)
+                .ok_or_else(|| err(key, "a list of numbers")),
+        }
+    };
+    if let Some(act) = present("act_fn") {
+        if act != "silu" {
+            return Err(PipelineError::Unsupported(format!(
+                "{FILE}: act_fn = {act} is not supported (expected \"silu\")"
+            )));
+        }
+    }
+    if present("mid_block_add_attention").is_some() && !bool_or("mid_block_add_attention", true)? {
+        return Err(PipelineError::Unsupported(format!(
+            "{FILE}: mid_block_add_attention = false is not supported"
+        )));
+    }
+    let channels = present("block_out_channels")
+        .and_then(Value::as_array)
+        .and_then(|a| {
+            a.iter()
+                .map(|v| v.as_u64().map(|n| n as usize))
+                .collect::<Option<Vec<_>>>()
+        })
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| err("block_out_channels", "a non-empty list of integers"))?;
+    for (key, want) in [
+        ("down_block_types", "DownEncoderBlock2D"),
+        ("up_block_types", "UpDecoderBlock2D"),
+    ] {
+        if let Some(types) = present(key) {
+            let ok = types.as_array().is_some_and(|a| {
+                a.len() == channels.len() && a.iter().all(|t| t.as_str() == Some(want))
+            });
+            if !ok {
+                return Err(PipelineError::Unsupported(format!(
+                    "{FILE}: {key} must be {} × {want:?}",
+                    channels.len()
+                )));
+            }
+        }
+    }
+    let groups = usize_or("norm_num_groups", 32)?;
+    if groups == 0 || channels.iter().any(|c| c % groups != 0) {
+        return Err(err(
+            "norm_num_groups",
+            "a group count dividing every block_out_channels",
+        ));
+    }
+    let latent_channels = usize_or("latent_channels", 4)?;
+    let latents_mean_std = match (floats("latents_mean")?, floats("latents_std")?) {
+        (Some(m), Some(s)) if m.len() == latent_channels && s.len() == latent_channels => {
+            Some((m, s))
+        }
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "latents_mean",
+                &format!("latents_mean and latents_std of {latent_channels} numbers each"),
+            ))
+        }
+        _ => None,
+    };
+    let scaling_factor = match present("scaling_factor") {
+        None => 0.18215,
+        Some(v) => v.as_f64().ok_or_else(|| err("scaling_factor", "a number"))?,
+    };
+    Ok(VaeSpec {
+        config: AutoEncoderKLConfig {
+            block_out_channels: channels,
+            layers_per_block: usize_or("layers_per_block", 1)?,
+            latent_channels,
+            norm_num_groups: groups,
+            use_quant_conv: bool_or("use_quant_conv", true)?,
+            use_post_quant_conv: bool_or("use_post_quant_conv", true)?,
+        },
+        in_channels: usize_or("in_channels", 3)?,
+        out_channels: usize_or("out_channels", 3)?,
+        scaling_factor,
+        force_upcast: bool_or("force_upcast", true)?,
+        latents_mean_std,
+    })
+}
+
+impl SdxlPipeline {
+    /// Loads both tokenizers and text encoders, the UNet, the VAE and the scheduler from
+    /// `source` in `dtype` onto `device` (the VAE in fp32 when its config has `force_upcast`
+    /// and `dtype` is fp16), and checks `call_args` against the model.
+    pub fn load(
+        source: &ModelSource,
+        dtype: Dtype,
+        device: &Device,
+        call_args: &SdxlCallArgs,
+    ) -> Result<Self, PipelineError> {
+        if dtype == Dtype::Bf16 && device.is_cpu() {
+            return Err(PipelineError::Unsupported(
+                "torch_dtype \"bf16\" needs a CUDA device (candle has no bf16 matmul on the \
+                 CPU); use \"fp32\" or \"fp16\" on the CPU"
+                    .into(),
+            ));
+        }
+        let compute = candle_dtype(dtype);
+        let index = source.read_json("model_index.json")?;
+        let force_zeros_for_empty_prompt = match index.get("force_zeros_for_empty_prompt") {
+            None | Some(Value::Null) => true,
+            Some(v) => v.as_bool().ok_or_else(|| PipelineError::ModelFile {
+                path: "model_index.json".into(),
+                message: format!(
+                    "key \"force_zeros_for_empty_prompt\": expected true or false, found {v}"
+                ),
+            })?,
+        };
+        let tokenizer = load_tokenizer(source, "tokenizer")?;
+        let tokenizer_2 = load_tokenizer(source, "tokenizer_2")?;
+
+        let (config_1, _, _) = text_config(source, "text_encoder")?;
+        let vb = var_builder(source, "text_encoder", dtype, compute, device)?;
+        let text_encoder = ClipTextModel::new(vb, &config_1)
+            .map_err(|e| weights_error(source, "text_encoder", e))?;
+        let (config_2, projection_dim, eos_2) = text_config(source, "text_encoder_2")?;
+        let vb = var_builder(source, "text_encoder_2", dtype, compute, device)?;
+        let text_encoder_2 = ClipTextModelWithProjection::new(vb, &config_2, projection_dim, eos_2)
+            .map_err(|e| weights_error(source, "text_encoder_2", e))?;
+        if config_1.num_hidden_layers < 2 || config_2.num_hidden_layers < 2 {
+            return Err(PipelineError::Unsupported(
+                "SDXL conditions on the penultimate hidden state: both text encoders need at \
+                 least 2 layers (text_encoder*/config.json num_hidden_layers)"
+                    .into(),
+            ));
+        }
+
+        let unet_config = UNetSdxlConfig::from_json(&source.read_json("unet/config.json")?)?;
+        let width = config_1.hidden_size + config_2.hidden_size;
+        if unet_config.cross_attention_dim != width {
+            return Err(PipelineError::ModelFile {
+                path: "unet/config.json".into(),
+                message: format!(
+                    "cross_attention_dim {} differs from the two text encoders' hidden sizes \
+                     {} + {} = {width}",
+                    unet_config.cross_attention_dim, config_1.hidden_size, config_2.hidden_size
+                ),
+            });
+        }
+        match unet_config.text_time {
+            Some((time_dim, input)) if 6 * time_dim + projection_dim == input => {}
+            Some((time_dim, input)) => {
+                return Err(PipelineError::ModelFile {
+                    path: "unet/config.json".into(),
+                    message: format!(
+                        "projection_class_embeddings_input_dim {input} is not 6 time ids × \
+                         addition_time_embed_dim {time_dim} + text_encoder_2 projection_dim \
+                         {projection_dim}"
+                    ),
+                })
+            }
+            None => {
+                return Err(PipelineError::Unsupported(
+                    "unet/config.json: an SDXL UNet needs addition_embed_type \"text_time\"".into(),
+                ))
+            }
+        }
+        let vb = var_builder(source, "unet", dtype, compute, device)?;
+        let unet = UNetSdxl::new(vb, &unet_config).map_err(|e| weights_error(source, "unet", e))?;
+
+        let vae = vae_spec(&source.read_json("vae/config.json")?)?;
+        let vae_scale_factor = 1usize << (vae.config.block_out_channels.len() - 1);
+        let latent_channels = vae.config.latent_channels;
+        if latent_channels != unet_config.in_channels {
+            return Err(PipelineError::ModelFile {
+                path: "vae/config.json".into(),
+                message: format!(
+                    "latent_channels {latent_channels} differs from the UNet's in_channels {}",
+                    unet_config.in_channels
+                ),
+            });
+        }
+        let vae_dtype = if compute == DType::F16 && vae.force_upcast {
+            DType::F32
+        } else {
+            compute
+        };
+        let vb = var_builder(source, "vae", dtype, vae_dtype, device)?;
+        let vae_model = AutoEncoderKL::new(vb, vae.in_channels, vae.out_channels, vae.config)
+            .map_err(|e| weights_error(source, "vae", e))?;
+
+        let scheduler = scheduler_from_file(&source.file("scheduler/scheduler_config.json")?)?;
+
+        let default_size = unet_config.sample_size * vae_scale_factor;
+        let height = call_args.height.unwrap_or(default_size);
+        let width = call_args.width.unwrap_or(default_size);
+        for (name, v) in [("height", height), ("width", width)] {
+            if v == 0 || v % vae_scale_factor != 0 {
+                return Err(PipelineError::InvalidArgument(format!(
+                    "pipeline_call_args.{name} = {v} must be a positive multiple of \
+                     {vae_scale_factor} (the VAE scale factor of this model)"
+                )));
+            }
+        }
+        let num_inference_steps = call_args
+            .num_inference_steps
+            .unwrap_or(DEFAULT_NUM_INFERENCE_STEPS);
+        if num_inference_steps == 0 {
+            return Err(PipelineError::InvalidArgument(
+                "pipeline_call_args.num_inference_steps must be at least 1".into(),
+            ));
+        }
+        scheduler(num_inference_steps)?;
+        let guidance_scale = call_args.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
+        if !guidance_scale.is_finite() {
+            return Err(PipelineError::InvalidArgument(format!(
+                "pipeline_call_args.guidance_scale = {guidance_scale} must be a finite number"
+            )));
+        }
+        Ok(Self {
+            tokenizer,
+            tokenizer_2,
+            text_encoder,
+            text_encoder_2,
+            unet,
+            vae: vae_model,
+            vae_dtype,
+            scheduler,
+            dtype: compute,
+            device: device.clone(),
+            vae_scale_factor,
+            scaling_factor: vae.scaling_factor,
+            latents_mean_std: vae.latents_mean_std,
+            latent_channels,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            negative_prompt: call_args.negative_prompt.clone(),
+            force_zeros_for_empty_prompt,
+            conditioning: None,
+        })
+    }
+
+    /// Replaces the scheduler (e.g. diffusers' `from_config` swap to DPM-Solver++).
+    pub fn set_scheduler(&mut self, scheduler: SchedulerFactory) {
+        self.scheduler = scheduler;
+    }
+
+    /// Whether classifier-free guidance is on (`guidance_scale > 1`, as diffusers).
+    pub fn uses_guidance(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+
+    /// The dtype the VAE decodes in (fp32 when upcast).
+    pub fn vae_dtype(&self) -> DType {
+        self.vae_dtype
+    }
+
+    /// Token ids of `prompt` from `tokenizer` and `tokenizer_2`, each padded/truncated to 77
+    /// (`tokenizer_2` pads with `!` in SDXL base).
+    pub fn tokenize(&self, prompt: &str) -> Result<(Vec<u32>, Vec<u32>), PipelineError> {
+        Ok((self.tokenizer.encode(prompt)?, self.tokenizer_2.encode(prompt)?))
+    }
+
+    /// `text_encoder`'s penultimate hidden states for ids (T) → (1, T, hidden_size).
+    pub fn text_encoder_penultimate(&self, ids: &[u32]) -> Result<Tensor, PipelineError> {
+        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let (_, hidden) = self.text_encoder.forward_with_hidden_states(&ids)?;
+        Ok(hidden[hidden.len() - 2].clone())
+    }
+
+    /// `text_encoder_2`'s penultimate hidden states (1, T, hidden_size) and pooled projection
+    /// (1, projection_dim) for ids (T).
+    pub fn text_encoder_2_outputs(&self, ids: &[u32]) -> Result<(Tensor, Tensor), PipelineError> {
+        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let out = self.text_encoder_2.forward(&ids)?;
+        let n = out.hidden_states.len();
+        Ok((out.hidden_states[n - 2].clone(), out.text_embeds))
+    }
+
+    /// diffusers' `encode_prompt` for one prompt: the concatenated penultimate states
+    /// (1, 77, D1 + D2) and the pooled projection (1, projection_dim).
+    pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Tensor), PipelineError> {
+        let (ids, ids_2) = self.tokenize(prompt)?;
+        let h1 = self.text_encoder_penultimate(&ids)?;
+        let (h2, pooled) = self.text_encoder_2_outputs(&ids_2)?;
+        Ok((Tensor::cat(&[h1, h2], 2)?, pooled))
+    }
+
+    /// The UNet's time ids, `original_size + crops_coords_top_left + target_size` =
+    /// `[height, width, 0, 0, height, width]` (the same for the negative prompt).
+    pub fn add_time_ids(&self) -> [f32; 6] {
+        let (h, w) = (self.height as f32, self.width as f32);
+        [h, w, 0.0, 0.0, h, w]
+    }
+
+    /// The conditioning [`ImagePipeline::set_prompt`] built, if any.
+    pub fn conditioning(&self) -> Option<&SdxlConditioning> {
+        self.conditioning.as_ref()
+    }
+
+    /// One UNet forward: `sample` (B, C, h, w) at `timestep`, with `encoder_hidden_states`
+    /// (B, T, D), `text_embeds` (B, P) and `time_ids` (B, 6); returns the prediction (B, C, h, w).
+    pub fn unet_forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        text_embeds: &Tensor,
+        time_ids: &Tensor,
+    ) -> Result<Tensor, PipelineError> {
+        Ok(self.unet.forward(
+            &sample.to_dtype(self.dtype)?,
+            timestep,
+            &encoder_hidden_states.to_dtype(self.dtype)?,
+            Some((&text_embeds.to_dtype(self.dtype)?, time_ids)),
+        )?)
+    }
+
+    /// VAE decode of denoised `latents` (B, C, h, w) in the VAE's dtype: `decode(latents /
+    /// scaling_factor)` (or `latents · std / scaling_factor + mean` with `latents_mean/std`),
+    /// images in about [-1, 1], (B, 3, h·f, w·f). Rows are decoded one at a time (see sd15).
+    pub fn vae_decode(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
+        let latents = latents.to_dtype(self.vae_dtype)?;
+        let z = match &self.latents_mean_std {
+            None => (latents / self.scaling_factor)?,
+            Some((mean, std)) => {
+                let c = mean.len();
+                let as_tensor = |v: &[f64]| -> candle_core::Result<Tensor> {
+                    let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                    Tensor::from_vec(v, (1, c, 1, 1), &self.device)?.to_dtype(self.vae_dtype)
+                };
+                ((latents.broadcast_mul(&as_tensor(std)?)? / self.scaling_factor)?
+                    .broadcast_add(&as_tensor(mean)?))?
+            }
+        };
+        let rows = (0..z.dim(0)?)
+            .map(|i| self.vae.decode(&z.narrow(0, i, 1)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
+    /// Denoises initial latents (B, C, h, w), already scaled by `init_noise_sigma`, with the
+    /// conditioning of [`ImagePipeline::set_prompt`]; returns the final latents.
+    pub fn denoise(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
+        let cond = self.conditioning.as_ref().ok_or_else(|| {
+            PipelineError::InvalidArgument("set_prompt must be called before generate".into())
+        })?;
+        let b = latents.dim(0)?;
+        let guided = self.uses_guidance();
+        // Rows: [uncond × B, cond × B] under guidance (diffusers' order), else [cond × B].
+        let rows = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let reps: Vec<usize> = std::iter::once(b)
+                .chain(std::iter::repeat_n(1, t.rank() - 1))
+                .collect();
+            if guided {
+                Tensor::cat(
+                    &[t.narrow(0, 0, 1)?.repeat(reps.as_slice())?, t.narrow(0, 1, 1)?.repeat(reps.as_slice())?],
+                    0,
+                )
+            } else {
+                t.repeat(reps.as_slice())
+            }
+        };
+        let context = rows(&cond.prompt_embeds)?;
+        let text_embeds = rows(&cond.text_embeds)?;
+        let n = if guided { 2 * b } else { b };
+        let ids = self.add_time_ids();
+        let time_ids = Tensor::from_vec(ids.repeat(n), (n, 6), &self.device)?;
+        let mut scheduler = (self.scheduler)(self.num_inference_steps)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let mut latents = latents.clone();
+        for t in timesteps {
+            let input = if guided {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let input = scheduler.scale_model_input(&input, t)?;
+            let pred = self
+                .unet
+                .forward(&input, t, &context, Some((&text_embeds, &time_ids)))?;
+            let pred = if guided {
+                let uncond = pred.narrow(0, 0, b)?;
+                let cond = pred.narrow(0, b, b)?;
+                (&uncond + ((cond - &uncond)? * self.guidance_scale)?)?
+            } else {
+                pred
+            };
+            latents = scheduler.step(&pred, t, &latents)?;
+        }
+        Ok(latents)
+    }
+}
+
+impl ImagePipeline for SdxlPipeline {
+    fn noise_shape(&self) -> Vec<usize> {
+        vec![
+            1,
+            self.latent_channels,
+            self.height / self.vae_scale_factor,
+            self.width / self.vae_scale_factor,
+        ]
+    }
+
+    fn set_prompt(&mut self, prompt: &str) -> Result<(), PipelineError> {
+        let (embeds, pooled) = self.encode_prompt(prompt)?;
+        self.conditioning = Some(if self.uses_guidance() {
+            let (neg, neg_pooled) = match &self.negative_prompt {
+                None if self.force_zeros_for_empty_prompt => (embeds.zeros_like()?, pooled.zeros_like()?),
+                negative => self.encode_prompt(negative.as_deref().unwrap_or(""))?,
+            };
+            SdxlConditioning {
+                prompt_embeds: Tensor::cat(&[neg, embeds], 0)?,
+                text_embeds: Tensor::cat(&[neg_pooled, pooled], 0)?,
+            }
+        } else {
+            SdxlConditioning {
+                prompt_embeds: embeds,
+                text_embeds: pooled,
+            }
+        });
+        Ok(())
+    }
+
+    fn generate(&mut self, noises: &[Noise]) -> Result<Vec<RgbImage>, PipelineError> {
+        if noises.is_empty() {
+            return Ok(Vec::new());
+        }
+        let shape = self.noise_shape();
+        let mut rows = Vec::with_capacity(noises.len());
+        for (i, noise) in noises.iter().enumerate() {
+            if noise.shape != shape || noise.data.len() != shape.iter().product::<usize>() {
+                return Err(PipelineError::InvalidArgument(format!(
+                    "noise {i} has shape {:?} ({} values); this pipeline needs {shape:?}",
+                    noise.shape,
+                    noise.data.len()
+                )));
+            }
+            rows.push(Tensor::from_slice(&noise.data, shape.as_slice(), &self.device)?);
+        }
+        let sigma = (self.scheduler)(self.num_inference_steps)?.init_noise_sigma();
+        let latents = (Tensor::cat(&rows, 0)?.to_dtype(self.dtype)? * sigma)?;
+        let latents = self.denoise(&latents)?;
+        Sd15Pipeline::to_images(&self.vae_decode(&latents)?)
+    }
+}
+
+/// Times one guided SDXL UNet step (2 × `batch` rows, latents `height/8 × width/8`, a 77-token
+/// 2048-wide context, 1280-wide pooled embeds and 6 time ids) with random weights of SDXL
+/// base's UNet (2.6 B parameters). `opts.layers` caps the transformer blocks per attention
+/// (10 in the deepest level) to fit a small machine; `None` builds the real depth.
+pub fn bench_unet_step(
+    opts: &crate::bench::BenchOptions,
+) -> Result<Vec<crate::bench::BenchReport>, PipelineError> {
+    let mut config = UNetSdxlConfig::from_json(&sdxl_base_unet_json())?;
+    if let Some(cap) = opts.layers {
+        for l in &mut config.transformer_layers_per_block {
+            *l = (*l).min(cap.max(1));
+        }
+    }
+    let (h, w) = (opts.height / 8, opts.width / 8);
+    if h == 0 || w == 0 {
+        return Err(PipelineError::InvalidArgument(format!(
+            "bench height/width {}x{} must be at least 8 pixels",
+            opts.height, opts.width
+        )));
+    }
+    let (vb, params) = crate::bench::RandomWeights::var_builder(opts.dtype, &opts.device);
+    let unet = UNetSdxl::new(vb, &config)?;
+    let rows = 2 * opts.batch.max(1);
+    let randn = |shape: &[usize]| -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, 1.0, shape, &opts.device)?.to_dtype(opts.dtype)
+    };
+    let sample = randn(&[rows, config.in_channels, h, w])?;
+    let context = randn(&[rows, 77, config.cross_attention_dim])?;
+    let text_embeds = randn(&[rows, 1280])?;
+    let (hf, wf) = (opts.height as f32, opts.width as f32);
+    let time_ids = Tensor::from_vec(
+        [hf, wf, 0.0, 0.0, hf, wf].repeat(rows),
+        (rows, 6),
+        &opts.device,
+    )?;
+    let details = format!(
+        "sample {:?}, context {:?}, text_embeds {:?}, transformer layers {:?}",
+        sample.dims(),
+        context.dims(),
+        text_embeds.dims(),
+        config.transformer_layers_per_block
+    );
+    let report = crate::bench::time_steps(
+        "sdxl-base unet step (guided)",
+        opts,
+        params.get(),
+        details,
+        || {
+            unet.forward(&sample, 981.0, &context, Some((&text_embeds, &time_ids)))
+                .map(|_| ())
+        },
+    )?;
+    Ok(vec![report])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn sdxl_vae_config_reads_scaling_factor_and_force_upcast() {
+        let spec = vae_spec(&json!({
+            "act_fn": "silu",
+            "block_out_channels": [128, 256, 512, 512],
+            "force_upcast": true,
+            "latent_channels": 4,
+            "layers_per_block": 2,
+            "norm_num_groups": 32,
+            "scaling_factor": 0.13025
+        }))
+        .unwrap();
+        assert_eq!(spec.scaling_factor, 0.13025);
+        assert!(spec.force_upcast);
+        assert!(spec.latents_mean_std.is_none());
+        assert_eq!(1usize << (spec.config.block_out_channels.len() - 1), 8);
+    }
+
+    #[test]
+    fn latents_mean_without_a_matching_std_names_the_key() {
+        let err = vae_spec(&json!({
+            "block_out_channels": [32],
+            "latent_channels": 4,
+            "latents_mean": [0.1, 0.2],
+            "latents_std": [1.0, 1.0]
+        }))
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("latents_mean"), "{err}");
+    }
+}
