@@ -112,7 +112,12 @@ impl SimpleBackend for RandomWeights {
         Ok(t)
     }
 
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         candle_core::bail!("random weights need the shape of {name}")
     }
 
@@ -153,15 +158,15 @@ pub fn time_steps(
     })
 }
 
-
 /// The benchmarks `tt-scale bench --model` can run.
-pub const MODELS: &[&str] = &["sd15", "flux", "pixart-sigma"];
+pub const MODELS: &[&str] = &["sd15", "flux", "pixart-sigma", "sdxl"];
 
 /// Runs the step benchmark of `model` (one of [`MODELS`]).
 pub fn run_model(model: &str, opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError> {
     match model {
         "sd15" => crate::pipelines::sd15::bench_unet_step(opts).map(|r| vec![r]),
         "flux" => crate::pipelines::flux::bench_transformer_step(opts),
+        "sdxl" => crate::pipelines::sdxl::bench_unet_step(opts),
         "pixart-sigma" => crate::pipelines::pixart::bench_transformer_step(opts),
         other => Err(PipelineError::InvalidArgument(format!(
             "no benchmark named {other}; choose one of: {}",
@@ -181,7 +186,16 @@ mod tests {
         let b = vb.get(64, "proj.bias").unwrap();
         let n = vb.get(32, "norm1.weight").unwrap();
         assert_eq!(count.get(), 64 * 32 + 64 + 32);
-        let std = w.flatten_all().unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        let std = w
+            .flatten_all()
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt();
         assert!((std - 0.02).abs() < 0.003, "{std}");
         assert_eq!(b.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
         assert_eq!(n.sum_all().unwrap().to_scalar::<f32>().unwrap(), 32.0);

@@ -206,3 +206,35 @@ fn full_pipeline_images_match_diffusers_within_2_of_255() {
         assert!(worst <= 2, "{name}: max pixel difference {worst}/255");
     }
 }
+
+#[test]
+fn low_vram_frees_and_rereads_t5_with_the_same_images() {
+    let runs = read_json(reference_dir().join("pipeline.json"));
+    let source = ModelSource::resolve(model_dir().to_str().unwrap()).unwrap();
+    let run = &runs.as_array().unwrap()[0];
+    let args = PixArtCallArgs {
+        height: Some(run["height"].as_u64().unwrap() as usize),
+        width: Some(run["width"].as_u64().unwrap() as usize),
+        num_inference_steps: Some(run["steps"].as_u64().unwrap() as usize),
+        guidance_scale: Some(run["guidance_scale"].as_f64().unwrap()),
+        negative_prompt: Some(run["negative_prompt"].as_str().unwrap().to_string()),
+        max_sequence_length: None,
+        clean_caption: None,
+    };
+    let mut plain = PixArtPipeline::load(&source, Dtype::F32, &Device::Cpu, &args).unwrap();
+    let mut low = PixArtPipeline::load(&source, Dtype::F32, &Device::Cpu, &args).unwrap();
+    low.set_low_vram(true);
+    let noise = torch_randn(7, &plain.noise_shape(), RandnKernel::Vectorized);
+    // Two prompts in a row: the second one needs the text encoder read again.
+    for prompt in ["a red fox", run["prompt"].as_str().unwrap()] {
+        plain.set_prompt(prompt).unwrap();
+        low.set_prompt(prompt).unwrap();
+        assert!(
+            low.encode_prompt(prompt).is_err(),
+            "the text encoder is freed after set_prompt"
+        );
+        let a = plain.generate(std::slice::from_ref(&noise)).unwrap();
+        let b = low.generate(std::slice::from_ref(&noise)).unwrap();
+        assert_eq!(a, b, "{prompt}");
+    }
+}

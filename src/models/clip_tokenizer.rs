@@ -41,16 +41,7 @@ fn read_json_if_exists(path: &Path) -> Result<Option<Value>, PipelineError> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| PipelineError::ModelFile {
-        path: path.display().to_string(),
-        message: format!("cannot read: {e}"),
-    })?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| PipelineError::ModelFile {
-            path: path.display().to_string(),
-            message: format!("invalid JSON: {e}"),
-        })
+    crate::pipelines::hub::read_json_file(path).map(Some)
 }
 
 impl ClipTokenizer {

@@ -67,7 +67,9 @@ fn key_err(value: &Value, key: &str, expected: &str) -> PipelineError {
         path: FILE.to_string(),
         message: format!(
             "key {key:?}: expected {expected}, found {}",
-            value.get(key).map_or("nothing".to_string(), |v| v.to_string())
+            value
+                .get(key)
+                .map_or("nothing".to_string(), |v| v.to_string())
         ),
     }
 }
@@ -96,7 +98,9 @@ fn get_f64(value: &Value, key: &str, default: f64) -> Result<f64, PipelineError>
 fn get_bool(value: &Value, key: &str, default: bool) -> Result<bool, PipelineError> {
     match present(value, key) {
         None => Ok(default),
-        Some(v) => v.as_bool().ok_or_else(|| key_err(value, key, "true or false")),
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| key_err(value, key, "true or false")),
     }
 }
 
@@ -214,7 +218,8 @@ impl UNetSdxlConfig {
                 })
                 .collect()
         };
-        let down_cross_attention = kinds("down_block_types", "CrossAttnDownBlock2D", "DownBlock2D")?;
+        let down_cross_attention =
+            kinds("down_block_types", "CrossAttnDownBlock2D", "DownBlock2D")?;
         let up_cross_attention = kinds("up_block_types", "CrossAttnUpBlock2D", "UpBlock2D")?;
         let num_attention_heads = match present(value, "num_attention_heads") {
             Some(_) => per_block(value, "num_attention_heads", n)?,
@@ -331,8 +336,7 @@ impl TimestepEmbedding {
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.linear_2
-            .forward(&self.linear_1.forward(xs)?.silu()?)
+        self.linear_2.forward(&self.linear_1.forward(xs)?.silu()?)
     }
 }
 
@@ -420,7 +424,12 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> candle_core::Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
             to_q: linear_no_bias(dim, dim, vb.pp("to_q"))?,
             to_k: linear_no_bias(context_dim, dim, vb.pp("to_k"))?,
@@ -447,10 +456,7 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
             .to_dtype(xs.dtype())?;
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, n, dim))?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, dim))?;
         self.to_out.forward(&out)
     }
 }
@@ -467,7 +473,12 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn new(vb: VarBuilder, dim: usize, context_dim: usize, heads: usize) -> candle_core::Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+    ) -> candle_core::Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
             norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
@@ -487,7 +498,8 @@ impl TransformerBlock {
         let xs = (self.attn2.forward(&h, context)? + xs)?;
         let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
         let inner = h.dim(D::Minus1)? / 2;
-        let gated = (h.narrow(D::Minus1, 0, inner)? * h.narrow(D::Minus1, inner, inner)?.gelu_erf()?)?;
+        let gated =
+            (h.narrow(D::Minus1, 0, inner)? * h.narrow(D::Minus1, inner, inner)?.gelu_erf()?)?;
         self.ff_out.forward(&gated)? + xs
     }
 }
@@ -544,7 +556,9 @@ impl Transformer2D {
             x.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
         };
         let to_map = |x: Tensor| -> candle_core::Result<Tensor> {
-            x.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous()
+            x.reshape((b, h, w, ch))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()
         };
         let normed = self.norm.forward(xs)?;
         let mut tokens = match &self.proj_in {
@@ -598,9 +612,9 @@ impl UNetSdxl {
 
         let mut down = Vec::with_capacity(n);
         let mut out_ch = ch[0];
-        for i in 0..n {
+        for (i, &block_ch) in ch.iter().enumerate() {
             let in_ch = out_ch;
-            out_ch = ch[i];
+            out_ch = block_ch;
             let bvb = vb.pp("down_blocks").pp(i);
             let resnets = (0..layers)
                 .map(|j| {
@@ -687,14 +701,27 @@ impl UNetSdxl {
             let attentions = if c.up_cross_attention[i] {
                 (0..=layers)
                     .map(|j| {
-                        Transformer2D::new(bvb.pp("attentions").pp(j), out_ch, rheads[i], rlayers[i], c)
+                        Transformer2D::new(
+                            bvb.pp("attentions").pp(j),
+                            out_ch,
+                            rheads[i],
+                            rlayers[i],
+                            c,
+                        )
                     })
                     .collect::<candle_core::Result<Vec<_>>>()?
             } else {
                 Vec::new()
             };
             let resampler = if i + 1 < n {
-                Some(conv(bvb.pp("upsamplers").pp(0).pp("conv"), out_ch, out_ch, 3, 1, 1)?)
+                Some(conv(
+                    bvb.pp("upsamplers").pp(0).pp("conv"),
+                    out_ch,
+                    out_ch,
+                    3,
+                    1,
+                    1,
+                )?)
             } else {
                 None
             };
@@ -714,7 +741,12 @@ impl UNetSdxl {
             mid_resnets,
             mid_attention,
             up,
-            conv_norm_out: group_norm(c.norm_num_groups, ch[0], c.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm(
+                c.norm_num_groups,
+                ch[0],
+                c.norm_eps,
+                vb.pp("conv_norm_out"),
+            )?,
             conv_out: conv(vb.pp("conv_out"), ch[0], c.out_channels, 3, 1, 1)?,
         })
     }
@@ -746,10 +778,7 @@ impl UNetSdxl {
         let emb = self.time_embedding.forward(&t)?;
         match (&self.add_embedding, c.text_time, text_time) {
             (Some(add), Some((dim, input)), Some((text_embeds, time_ids))) => {
-                let ids: Vec<f32> = time_ids
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1()?;
+                let ids: Vec<f32> = time_ids.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                 let time = timestep_embedding(&ids, dim, c.flip_sin_to_cos, c.freq_shift, device)?
                     .reshape((batch, ()))?
                     .to_dtype(dtype)?;

@@ -198,15 +198,7 @@ impl ModelSource {
 
     /// Reads and parses the JSON file `rel` (e.g. `unet/config.json`).
     pub fn read_json(&self, rel: &str) -> Result<Value, PipelineError> {
-        let path = self.file(rel)?;
-        let text = std::fs::read_to_string(&path).map_err(|e| PipelineError::ModelFile {
-            path: path.display().to_string(),
-            message: format!("cannot read: {e}"),
-        })?;
-        serde_json::from_str(&text).map_err(|e| PipelineError::ModelFile {
-            path: path.display().to_string(),
-            message: format!("invalid JSON: {e}"),
-        })
+        read_json_file(&self.file(rel)?)
     }
 
     /// The safetensors weight files of `component` (e.g. `unet`, `text_encoder`) for `dtype`:
@@ -296,5 +288,77 @@ mod tests {
     fn http_status_is_read_from_hf_hub_messages() {
         assert_eq!(http_status("https://x/y: status code 403"), Some(403));
         assert_eq!(http_status("timeout"), None);
+    }
+}
+
+/// Reads a model's JSON file (a component `config.json`, `scheduler_config.json`,
+/// `tokenizer_config.json`...). Files that Python's `json.dump` wrote may hold the bare tokens
+/// `NaN`, `Infinity` and `-Infinity` (diffusers saves `lambda_min_clipped: -Infinity`); they
+/// are read as `null` and as the largest finite numbers, which behave as infinities in every
+/// comparison and clamp the configs use.
+pub fn read_json_file(path: &std::path::Path) -> Result<Value, PipelineError> {
+    let text = std::fs::read_to_string(path).map_err(|e| PipelineError::ModelFile {
+        path: path.display().to_string(),
+        message: format!("cannot read: {e}"),
+    })?;
+    serde_json::from_str(&python_json_to_strict(&text)).map_err(|e| PipelineError::ModelFile {
+        path: path.display().to_string(),
+        message: format!("invalid JSON: {e}"),
+    })
+}
+
+/// Rewrites the non-standard number tokens of Python's JSON (`NaN`, `Infinity`, `-Infinity`)
+/// outside string literals into standard JSON.
+pub fn python_json_to_strict(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        let replaced = [
+            ("-Infinity", "-1.7976931348623157e308"),
+            ("Infinity", "1.7976931348623157e308"),
+            ("NaN", "null"),
+        ]
+        .into_iter()
+        .find(|(token, _)| rest.starts_with(token));
+        if let Some((token, standard)) = replaced {
+            out.push_str(standard);
+            rest = &rest[token.len()..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod python_json_tests {
+    use super::*;
+
+    #[test]
+    fn pythons_non_finite_numbers_are_read_outside_strings_only() {
+        let t = r#"{"a": -Infinity, "b": Infinity, "c": NaN, "d": "NaN -Infinity \" Infinity"}"#;
+        let v: Value = serde_json::from_str(&python_json_to_strict(t)).unwrap();
+        assert_eq!(v["a"].as_f64(), Some(-f64::MAX));
+        assert_eq!(v["b"].as_f64(), Some(f64::MAX));
+        assert!(v["c"].is_null());
+        assert_eq!(v["d"], "NaN -Infinity \" Infinity");
     }
 }

@@ -3,8 +3,8 @@
 //! One file per model family; `schedulers/` holds the diffusers-compatible schedulers and
 //! `hub` resolves a Hub repo id or a local folder in diffusers layout to files.
 
-pub mod flux;
 pub mod caption;
+pub mod flux;
 pub mod hub;
 pub mod pixart;
 pub mod schedulers;
@@ -79,11 +79,6 @@ pub fn load(
         .unwrap_or("")
         .to_string();
     let args = &config.pipeline_call_args;
-    if low_vram {
-        tracing::info!(
-            "--low-vram: the SD 1.5 pipeline keeps all components resident (they fit in a few GB)"
-        );
-    }
     match class.as_str() {
         "StableDiffusionPipeline" => {
             for (key, set) in [
@@ -138,12 +133,9 @@ pub fn load(
                 max_sequence_length: args.max_sequence_length,
                 clean_caption: args.clean_caption,
             };
-            Ok(Box::new(pixart::PixArtPipeline::load(
-                &source,
-                config.dtype,
-                device,
-                &call,
-            )?))
+            let mut pipeline = pixart::PixArtPipeline::load(&source, config.dtype, device, &call)?;
+            pipeline.set_low_vram(low_vram);
+            Ok(Box::new(pipeline))
         }
         "StableDiffusionXLPipeline" => {
             for (key, set) in [

@@ -148,7 +148,11 @@ pub struct PixArtCallArgs {
 /// A loaded PixArt-Sigma pipeline.
 pub struct PixArtPipeline {
     tokenizer: T5Tokenizer,
-    text_encoder: T5Encoder,
+    /// `None` after a `--low-vram` pipeline has encoded its prompt; re-read for the next one.
+    text_encoder: Option<T5Encoder>,
+    /// What re-reading the text encoder needs: its weight files and config.
+    text_encoder_files: (Vec<std::path::PathBuf>, T5Config),
+    low_vram: bool,
     transformer: PixArtTransformer,
     vae: AutoEncoderKL,
     scheduler: SchedulerFactory,
@@ -275,6 +279,7 @@ impl PixArtPipeline {
             &t5_config,
         )
         .map_err(|e| weights_error(source, "text_encoder", e))?;
+        let text_encoder_files = (source.weights("text_encoder", dtype)?, t5_config.clone());
         let tr_config = PixArtConfig::from_json(&source.read_json("transformer/config.json")?)?;
         let transformer = PixArtTransformer::new(
             &tr_config,
@@ -335,7 +340,9 @@ impl PixArtPipeline {
         }
         Ok(Self {
             tokenizer,
-            text_encoder,
+            text_encoder: Some(text_encoder),
+            text_encoder_files,
+            low_vram: false,
             transformer,
             vae,
             scheduler,
@@ -366,6 +373,12 @@ impl PixArtPipeline {
         &self.tokenizer
     }
 
+    /// With `on`, the T5 text encoder is freed after each prompt is encoded and read again for
+    /// the next prompt (`--low-vram`).
+    pub fn set_low_vram(&mut self, on: bool) {
+        self.low_vram = on;
+    }
+
     /// T5 states (1, max_sequence_length, d_model) and mask (1, max_sequence_length) of `text`
     /// after diffusers' caption preprocessing.
     pub fn encode_prompt(&self, text: &str) -> Result<(Tensor, Tensor), PipelineError> {
@@ -373,7 +386,12 @@ impl PixArtPipeline {
         let (ids, mask) = self.tokenizer.encode(&text, self.max_sequence_length)?;
         let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
         let mask = Tensor::new(mask.as_slice(), &self.device)?.unsqueeze(0)?;
-        let states = self.text_encoder.forward(&ids, &mask)?;
+        let encoder = self.text_encoder.as_ref().ok_or_else(|| {
+            PipelineError::InvalidArgument(
+                "the T5 text encoder was freed (--low-vram); set_prompt re-reads it".into(),
+            )
+        })?;
+        let states = encoder.forward(&ids, &mask)?;
         Ok((states, mask))
     }
 
@@ -461,6 +479,22 @@ impl ImagePipeline for PixArtPipeline {
     }
 
     fn set_prompt(&mut self, prompt: &str) -> Result<(), PipelineError> {
+        if self.text_encoder.is_none() {
+            let (files, config) = &self.text_encoder_files;
+            // SAFETY: read-only memory maps of model files we do not modify.
+            let vb = unsafe {
+                candle_nn::VarBuilder::from_mmaped_safetensors(files, self.dtype, &self.device)
+            }?;
+            self.text_encoder = Some(T5Encoder::new(vb, config).map_err(|e| {
+                PipelineError::ModelFile {
+                    path: files
+                        .first()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    message: format!("cannot re-read the T5 text encoder: {e}"),
+                }
+            })?);
+        }
         let (cond, cond_mask) = self.encode_prompt(prompt)?;
         self.context = Some(if self.uses_guidance() {
             let (uncond, uncond_mask) = self.encode_prompt(&self.negative_prompt)?;
@@ -471,6 +505,11 @@ impl ImagePipeline for PixArtPipeline {
         } else {
             (cond, cond_mask)
         });
+        if self.low_vram {
+            // T5-XXL is ~9 GB in fp16: free it before the transformer runs.
+            self.text_encoder = None;
+            tracing::debug!("--low-vram: T5 text encoder freed after encoding the prompt");
+        }
         Ok(())
     }
 

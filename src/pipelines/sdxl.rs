@@ -57,8 +57,8 @@ pub struct SdxlConditioning {
 
 /// A loaded SDXL pipeline.
 pub struct SdxlPipeline {
-    tokenizer: ClipTokenizer,
-    tokenizer_2: ClipTokenizer,
+    tokenizer: SdxlTokenizer,
+    tokenizer_2: SdxlTokenizer,
     text_encoder: ClipTextModel,
     text_encoder_2: ClipTextModelWithProjection,
     unet: UNetSdxl,
@@ -110,7 +110,11 @@ fn var_builder(
     })
 }
 
-fn weights_error(source: &ModelSource, component: &str, e: impl std::fmt::Display) -> PipelineError {
+fn weights_error(
+    source: &ModelSource,
+    component: &str,
+    e: impl std::fmt::Display,
+) -> PipelineError {
     PipelineError::ModelFile {
         path: format!("{}/{component}", source.display_name()),
         message: format!(
@@ -131,13 +135,89 @@ fn optional_file(
     }
 }
 
-fn load_tokenizer(source: &ModelSource, folder: &str) -> Result<ClipTokenizer, PipelineError> {
-    ClipTokenizer::from_files(
+/// A CLIP tokenizer as transformers runs it when the pad token is a vocabulary entry other than
+/// BOS/EOS (SDXL's `tokenizer_2` pads with `!`): the pad token is a special token, so every
+/// occurrence of it in a prompt is split out and encoded as the pad id instead of being merged
+/// by the BPE (`"moon!!"` gives `moon</w> ! !`).
+struct SdxlTokenizer {
+    inner: ClipTokenizer,
+    /// The pad token's text, when it must be split out of prompts.
+    split_pad: Option<String>,
+    bos: u32,
+    eos: u32,
+    pad: u32,
+}
+
+impl SdxlTokenizer {
+    fn encode(&self, prompt: &str) -> Result<Vec<u32>, PipelineError> {
+        let Some(pad_text) = &self.split_pad else {
+            return self.inner.encode(prompt);
+        };
+        let max = self.inner.max_length();
+        let mut body = Vec::new();
+        for (i, segment) in prompt.split(pad_text.as_str()).enumerate() {
+            if i > 0 {
+                body.push(self.pad);
+            }
+            // [bos, tokens..., eos, pad...]; segments hold no pad token, so the tokens are
+            // what precedes the trailing pads and the EOS.
+            let ids = self.inner.encode(segment)?;
+            let end = ids.iter().rposition(|&id| id != self.pad).unwrap_or(0);
+            body.extend_from_slice(&ids[1..end.max(1)]);
+        }
+        body.truncate(max - 2);
+        let mut ids = Vec::with_capacity(max);
+        ids.push(self.bos);
+        ids.extend(body);
+        ids.push(self.eos);
+        ids.resize(max, self.pad);
+        Ok(ids)
+    }
+}
+
+/// The pad token's text from `tokenizer_config.json` (over `special_tokens_map.json`).
+fn pad_token_text(files: &[Option<std::path::PathBuf>]) -> Result<Option<String>, PipelineError> {
+    let mut pad = None;
+    for path in files.iter().flatten() {
+        let json = crate::pipelines::hub::read_json_file(path)?;
+        match json.get("pad_token") {
+            Some(Value::String(s)) => pad = Some(s.clone()),
+            Some(Value::Object(m)) => {
+                if let Some(s) = m.get("content").and_then(Value::as_str) {
+                    pad = Some(s.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(pad)
+}
+
+fn load_tokenizer(source: &ModelSource, folder: &str) -> Result<SdxlTokenizer, PipelineError> {
+    let config = optional_file(source, &format!("{folder}/tokenizer_config.json"))?;
+    let special = optional_file(source, &format!("{folder}/special_tokens_map.json"))?;
+    let inner = ClipTokenizer::from_files(
         &source.file(&format!("{folder}/vocab.json"))?,
         &source.file(&format!("{folder}/merges.txt"))?,
-        optional_file(source, &format!("{folder}/tokenizer_config.json"))?.as_deref(),
-        optional_file(source, &format!("{folder}/special_tokens_map.json"))?.as_deref(),
-    )
+        config.as_deref(),
+        special.as_deref(),
+    )?;
+    // The empty prompt is [bos, eos, pad...].
+    let empty = inner.encode("")?;
+    let (bos, eos) = (empty[0], empty[1]);
+    let pad = empty.get(2).copied().unwrap_or(eos);
+    let split_pad = if pad != eos && pad != bos {
+        pad_token_text(&[special, config])?.filter(|t| !t.is_empty())
+    } else {
+        None
+    };
+    Ok(SdxlTokenizer {
+        inner,
+        split_pad,
+        bos,
+        eos,
+        pad,
+    })
 }
 
 /// A text encoder's `config.json`: the CLIP config, `projection_dim` and `eos_token_id`
@@ -183,7 +263,9 @@ fn vae_spec(value: &Value) -> Result<VaeSpec, PipelineError> {
         path: FILE.into(),
         message: format!(
             "key {key:?}: expected {expected}, found {}",
-            value.get(key).map_or("nothing".to_string(), |v| v.to_string())
+            value
+                .get(key)
+                .map_or("nothing".to_string(), |v| v.to_string())
         ),
     };
     let present = |key: &str| value.get(key).filter(|v| !v.is_null());
@@ -267,7 +349,9 @@ fn vae_spec(value: &Value) -> Result<VaeSpec, PipelineError> {
     };
     let scaling_factor = match present("scaling_factor") {
         None => 0.18215,
-        Some(v) => v.as_f64().ok_or_else(|| err("scaling_factor", "a number"))?,
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| err("scaling_factor", "a number"))?,
     };
     Ok(VaeSpec {
         config: AutoEncoderKLConfig {
@@ -458,7 +542,10 @@ impl SdxlPipeline {
     /// Token ids of `prompt` from `tokenizer` and `tokenizer_2`, each padded/truncated to 77
     /// (`tokenizer_2` pads with `!` in SDXL base).
     pub fn tokenize(&self, prompt: &str) -> Result<(Vec<u32>, Vec<u32>), PipelineError> {
-        Ok((self.tokenizer.encode(prompt)?, self.tokenizer_2.encode(prompt)?))
+        Ok((
+            self.tokenizer.encode(prompt)?,
+            self.tokenizer_2.encode(prompt)?,
+        ))
     }
 
     /// `text_encoder`'s penultimate hidden states for ids (T) → (1, T, hidden_size).
@@ -554,7 +641,10 @@ impl SdxlPipeline {
                 .collect();
             if guided {
                 Tensor::cat(
-                    &[t.narrow(0, 0, 1)?.repeat(reps.as_slice())?, t.narrow(0, 1, 1)?.repeat(reps.as_slice())?],
+                    &[
+                        t.narrow(0, 0, 1)?.repeat(reps.as_slice())?,
+                        t.narrow(0, 1, 1)?.repeat(reps.as_slice())?,
+                    ],
                     0,
                 )
             } else {
@@ -606,7 +696,9 @@ impl ImagePipeline for SdxlPipeline {
         let (embeds, pooled) = self.encode_prompt(prompt)?;
         self.conditioning = Some(if self.uses_guidance() {
             let (neg, neg_pooled) = match &self.negative_prompt {
-                None if self.force_zeros_for_empty_prompt => (embeds.zeros_like()?, pooled.zeros_like()?),
+                None if self.force_zeros_for_empty_prompt => {
+                    (embeds.zeros_like()?, pooled.zeros_like()?)
+                }
                 negative => self.encode_prompt(negative.as_deref().unwrap_or(""))?,
             };
             SdxlConditioning {
@@ -636,7 +728,11 @@ impl ImagePipeline for SdxlPipeline {
                     noise.data.len()
                 )));
             }
-            rows.push(Tensor::from_slice(&noise.data, shape.as_slice(), &self.device)?);
+            rows.push(Tensor::from_slice(
+                &noise.data,
+                shape.as_slice(),
+                &self.device,
+            )?);
         }
         let sigma = (self.scheduler)(self.num_inference_steps)?.init_noise_sigma();
         let latents = (Tensor::cat(&rows, 0)?.to_dtype(self.dtype)? * sigma)?;

@@ -263,7 +263,9 @@ def main():
     euler = pipe.scheduler
     dpm = DPMSolverMultistepScheduler.from_config(euler.config)
     with open(os.path.join(REF, "scheduler_dpm.json"), "w") as f:
-        json.dump(dict(dpm.config), f, indent=2)
+        # lambda_min_clipped defaults to -inf, which json writes as the non-JSON -Infinity.
+        json.dump({k: v for k, v in dpm.config.items() if not (isinstance(v, float) and not np.isfinite(v))},
+                  f, indent=2)
     cases = [
         # name, scheduler, negative prompt, height, width, guidance, seed
         ("euler", euler, NEGATIVE, 64, 64, 5.0, 42),

@@ -138,14 +138,7 @@ impl FlowMatchConfig {
     /// Reads `scheduler/scheduler_config.json` from disk.
     pub fn from_file(path: &Path) -> Result<Self, PipelineError> {
         let source = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| PipelineError::ModelFile {
-            path: source.clone(),
-            message: format!("cannot read the scheduler config: {e}"),
-        })?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| PipelineError::ModelFile {
-            path: source.clone(),
-            message: format!("not valid JSON ({e}); expected a diffusers scheduler_config.json"),
-        })?;
+        let value = crate::pipelines::hub::read_json_file(path)?;
         Self::from_json(&value, &source)
     }
 

@@ -1,0 +1,415 @@
+#!/usr/bin/env python3
+"""Times one denoiser step of diffusers' models (the peer of `tt-scale bench`) on one device.
+
+Every model is built from constructor arguments written out below (the real architectures'
+configs; nothing is downloaded) with PyTorch's default random initialisation, in the compute
+dtype, directly on the device. Each benchmark runs `--warmup` untimed steps, then `--iters` timed
+steps, the device synchronised around each (CUDA events on CUDA), and reports the median.
+
+Benchmarks (names used as keys of the JSON written by `--json`; bench/gpu-check.sh joins them
+with tt-scale's):
+  flux_b1, flux_b4        Flux.1-dev transformer, 1024x1024 -> 4096 image tokens, 512 T5 tokens,
+                          guidance embeds, batch 1 / 4
+  flux_b1_compile, ...    the same under torch.compile (with --compile)
+  sdxl                    SDXL base UNet, CFG batch 2, 128x128 latents, text_time add-embedding
+  sd15                    SD 1.5 UNet, CFG batch 2, 64x64 latents, 77x768 context
+  pixart_sigma            PixArt-Sigma XL/2 transformer, CFG batch 2, 128x128 latents,
+                          300 T5 tokens with a mask
+
+`--small` shrinks every model (few layers, narrow widths, tiny images) so that the script can be
+smoke-tested on a CPU: `python3 bench/diffusers_bench.py --device cpu --small --iters 1`.
+
+usage: diffusers_bench.py [--device cuda|cpu] [--dtype bf16|fp16|fp32] [--models flux_b1,sdxl,...]
+                          [--warmup N] [--iters N] [--compile] [--small] [--json PATH]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+ALL = ["flux_b1", "flux_b4", "sdxl", "sd15", "pixart_sigma"]
+
+# Flux.1-dev transformer (black-forest-labs/FLUX.1-dev, transformer/config.json).
+FLUX_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    out_channels=None,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+# SDXL base 1.0 UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json); the same
+# values as tt-scale's `sdxl_base_unet_json` (src/models/unet_sdxl.rs).
+SDXL_BASE = dict(
+    act_fn="silu",
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280],
+    center_input_sample=False,
+    class_embed_type=None,
+    conv_in_kernel=3,
+    conv_out_kernel=3,
+    cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    downsample_padding=1,
+    dual_cross_attention=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    norm_eps=1e-5,
+    norm_num_groups=32,
+    num_attention_heads=None,
+    out_channels=4,
+    projection_class_embeddings_input_dim=2816,
+    resnet_time_scale_shift="default",
+    sample_size=128,
+    transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    upcast_attention=None,
+    use_linear_projection=True,
+)
+
+# Stable Diffusion 1.5 UNet (unet/config.json); tt-scale's `sd15_reference_unet_config`.
+SD15 = dict(
+    act_fn="silu",
+    attention_head_dim=8,
+    block_out_channels=[320, 640, 1280, 1280],
+    center_input_sample=False,
+    cross_attention_dim=768,
+    down_block_types=[
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    norm_eps=1e-5,
+    norm_num_groups=32,
+    out_channels=4,
+    sample_size=64,
+    up_block_types=[
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ],
+)
+
+# PixArt-Sigma XL/2 1024-MS transformer (transformer/config.json); tt-scale's
+# `PixArtConfig::sigma_xl_1024` (src/models/pixart.rs).
+PIXART_SIGMA = dict(
+    num_attention_heads=16,
+    attention_head_dim=72,
+    in_channels=4,
+    out_channels=8,
+    num_layers=28,
+    dropout=0.0,
+    norm_num_groups=32,
+    cross_attention_dim=1152,
+    attention_bias=True,
+    sample_size=128,
+    patch_size=2,
+    activation_fn="gelu-approximate",
+    num_embeds_ada_norm=1000,
+    upcast_attention=False,
+    norm_type="ada_norm_single",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+    interpolation_scale=2,
+    use_additional_conditions=False,
+    caption_channels=4096,
+    attention_type="default",
+)
+
+
+def shrink(small):
+    """The configs and shapes to run: the real ones, or tiny ones for a CPU smoke test."""
+    if not small:
+        return dict(
+            flux=(FLUX_DEV, 1024, 512),
+            sdxl=(SDXL_BASE, 1024),
+            sd15=(SD15, 512),
+            pixart=(PIXART_SIGMA, 1024, 300),
+        )
+    flux = dict(FLUX_DEV, num_layers=1, num_single_layers=2, num_attention_heads=2)
+    sdxl = dict(
+        SDXL_BASE,
+        attention_head_dim=[2, 4, 8],
+        block_out_channels=[64, 128, 256],
+        transformer_layers_per_block=[1, 1, 1],
+        layers_per_block=1,
+    )
+    sd15 = dict(SD15, block_out_channels=[32, 64, 64, 64], layers_per_block=1)
+    pixart = dict(PIXART_SIGMA, num_layers=2)
+    return dict(flux=(flux, 128, 32), sdxl=(sdxl, 128), sd15=(sd15, 64), pixart=(pixart, 128, 32))
+
+
+def build(cls, config, device, dtype):
+    """`cls(**config)` with its parameters made directly in `dtype` on `device` (no fp32 copy
+    on the host: the 12 B-parameter Flux transformer would take minutes to initialise there)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    if any(t.is_floating_point() and t.dtype != dtype for t in model.parameters()):
+        model = model.to(dtype=dtype)
+    model = model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def randn(shape, device, dtype):
+    return torch.randn(shape, device=device, dtype=torch.float32).to(dtype)
+
+
+def flux_case(cfg, device, dtype, batch, compile_model):
+    from diffusers import FluxTransformer2DModel
+
+    config, size, txt_len = cfg
+    model = build(FluxTransformer2DModel, config, device, dtype)
+    n_params = parameters(model)
+    if compile_model:
+        model = torch.compile(model)
+    rows = cols = size // 16
+    img = randn((batch, rows * cols, 64), device, dtype)
+    txt = randn((batch, txt_len, config["joint_attention_dim"]), device, dtype)
+    pooled = randn((batch, config["pooled_projection_dim"]), device, dtype)
+    img_ids = torch.zeros(rows, cols, 3, device=device, dtype=dtype)
+    img_ids[..., 1] = torch.arange(rows, device=device, dtype=dtype)[:, None]
+    img_ids[..., 2] = torch.arange(cols, device=device, dtype=dtype)[None, :]
+    img_ids = img_ids.reshape(rows * cols, 3)
+    txt_ids = torch.zeros(txt_len, 3, device=device, dtype=dtype)
+    # The pipeline passes t/1000 and the guidance scale; the model multiplies both by 1000
+    # (tt-scale's bench feeds 500 and 3500 after that scaling).
+    t = torch.full((batch,), 0.5, device=device, dtype=dtype)
+    g = torch.full((batch,), 3.5, device=device, dtype=dtype)
+
+    def step():
+        model(
+            hidden_states=img,
+            encoder_hidden_states=txt,
+            pooled_projections=pooled,
+            timestep=t,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=g,
+            return_dict=False,
+        )
+
+    details = (
+        f"{config['num_layers']} double + {config['num_single_layers']} single blocks, batch {batch}, "
+        f"{rows * cols} image + {txt_len} text tokens" + (", torch.compile" if compile_model else "")
+    )
+    return model, step, n_params, details
+
+
+def sdxl_case(cfg, device, dtype, batch):
+    from diffusers import UNet2DConditionModel
+
+    config, size = cfg
+    model = build(UNet2DConditionModel, config, device, dtype)
+    rows = 2 * batch
+    h = w = size // 8
+    sample = randn((rows, 4, h, w), device, dtype)
+    context = randn((rows, 77, config["cross_attention_dim"]), device, dtype)
+    text_embeds = randn((rows, 1280), device, dtype)
+    time_ids = torch.tensor([size, size, 0, 0, size, size], device=device, dtype=dtype).repeat(rows, 1)
+    t = torch.full((rows,), 981.0, device=device, dtype=dtype)
+
+    def step():
+        model(
+            sample,
+            t,
+            encoder_hidden_states=context,
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+            return_dict=False,
+        )
+
+    details = f"sample {list(sample.shape)}, context {list(context.shape)}, text_embeds {list(text_embeds.shape)}"
+    return model, step, parameters(model), details
+
+
+def sd15_case(cfg, device, dtype, batch):
+    from diffusers import UNet2DConditionModel
+
+    config, size = cfg
+    model = build(UNet2DConditionModel, config, device, dtype)
+    rows = 2 * batch
+    h = w = size // 8
+    sample = randn((rows, 4, h, w), device, dtype)
+    context = randn((rows, 77, config["cross_attention_dim"]), device, dtype)
+    t = torch.full((rows,), 981.0, device=device, dtype=dtype)
+
+    def step():
+        model(sample, t, encoder_hidden_states=context, return_dict=False)
+
+    details = f"sample {list(sample.shape)}, context {list(context.shape)}"
+    return model, step, parameters(model), details
+
+
+def pixart_case(cfg, device, dtype, batch):
+    from diffusers import PixArtTransformer2DModel
+
+    config, size, txt_len = cfg
+    model = build(PixArtTransformer2DModel, config, device, dtype)
+    rows = 2 * batch
+    h = w = size // 8
+    sample = randn((rows, 4, h, w), device, dtype)
+    context = randn((rows, txt_len, config["caption_channels"]), device, dtype)
+    mask = torch.ones(rows, txt_len, device=device, dtype=dtype)
+    t = torch.full((rows,), 999, device=device, dtype=torch.long)
+
+    def step():
+        model(
+            sample,
+            encoder_hidden_states=context,
+            timestep=t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            encoder_attention_mask=mask,
+            return_dict=False,
+        )
+
+    details = f"{config['num_layers']} blocks, sample {list(sample.shape)}, context {list(context.shape)}, mask"
+    return model, step, parameters(model), details
+
+
+def time_step(step, device, warmup, iters):
+    """Milliseconds of each of `iters` timed calls of `step`, after `warmup` untimed ones."""
+    cuda = device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        for _ in range(warmup):
+            step()
+        sync()
+        times = []
+        for _ in range(max(iters, 1)):
+            if cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--models", default=",".join(ALL), help=f"comma-separated, from: {', '.join(ALL)}")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time the Flux cases under torch.compile")
+    p.add_argument("--compile-only", action="store_true", help="time only the torch.compile Flux cases")
+    p.add_argument("--small", action="store_true", help="tiny models and images (CPU smoke test)")
+    p.add_argument("--json", help="write {name: median_ms} here (rewritten after each benchmark)")
+    a = p.parse_args()
+
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in ALL]
+    if unknown:
+        sys.exit(f"unknown benchmark(s) {unknown}; choose from {ALL}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("--device cuda: PyTorch sees no GPU here; use --device cpu --small")
+    dtype_name = a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    if a.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    print(f"# diffusers {diffusers.__version__}, {dtype_name} on {a.device}{' (small)' if a.small else ''}", flush=True)
+
+    cfg = shrink(a.small)
+    cases = []
+    for m in models:
+        if m.startswith("flux_b"):
+            batch = int(m[len("flux_b"):])
+            if not a.compile_only:
+                cases.append((m, lambda b=batch: flux_case(cfg["flux"], a.device, dtype, b, False)))
+            if a.compile or a.compile_only:
+                cases.append((m + "_compile", lambda b=batch: flux_case(cfg["flux"], a.device, dtype, b, True)))
+        elif not a.compile_only:
+            make = {"sdxl": sdxl_case, "sd15": sd15_case, "pixart_sigma": pixart_case}[m]
+            key = {"sdxl": "sdxl", "sd15": "sd15", "pixart_sigma": "pixart"}[m]
+            cases.append((m, lambda make=make, key=key: make(cfg[key], a.device, dtype, 1)))
+
+    results = {}
+    rows = []
+    failed = False
+    for name, make in cases:
+        try:
+            t0 = time.perf_counter()
+            model, step, n_params, details = make()
+            built = time.perf_counter() - t0
+            times = time_step(step, a.device, a.warmup, a.iters)
+        except Exception as e:  # report and go on with the next benchmark
+            print(f"{name}: FAILED: {type(e).__name__}: {e}", flush=True)
+            failed = True
+            continue
+        finally:
+            model = step = None
+            if a.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        med = statistics.median(times)
+        results[name] = round(med, 3)
+        rows.append((name, med, min(times), max(times), len(times), n_params))
+        print(
+            f"{name}: median {med:.2f} ms (min {min(times):.2f}, max {max(times):.2f}, {len(times)} iters, "
+            f"{n_params / 1e6:.1f} M params, built in {built:.1f} s): {details}",
+            flush=True,
+        )
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(results, f, indent=2)
+
+    print()
+    print(f"{'benchmark':<20} {'median ms':>11} {'min ms':>11} {'max ms':>11} {'iters':>6} {'parameters':>14}")
+    for name, med, lo, hi, n, n_params in rows:
+        print(f"{name:<20} {med:>11.2f} {lo:>11.2f} {hi:>11.2f} {n:>6} {n_params:>14}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Prepares gpu-kit/ for bench/gpu-check.sh, on a machine with no GPU (builds nothing on the GPU
+# machine): the release `tt-scale` binary and the test binaries that matter, built with
+# `--features cuda` (CUDA 13.0 toolchain from ../shared/gpu/setup-cuda-toolchain.sh), stripped and
+# gzipped; ../shared/gpu/device-env.sh; diffusers' wheel (the GPU machine's Python has torch and
+# transformers but no diffusers and no network); a manifest. The fixtures the tests read travel
+# with the checkout (tests/fixtures/ is tracked), so they are not copied.
+#
+#   usage: bench/prepare-gpu-kit.sh
+#   env:   TARGET_DIR  cargo target dir to build in (default: $CARGO_TARGET_DIR, else target/);
+#                      reuse one where `cargo build --release --features cuda` already ran
+#          KIT         output folder (default: gpu-kit/ in the checkout; keep it git-ignored)
+#          SHARED_GPU  the GPU kit scripts (default: ../shared/gpu beside the checkout)
+#          KIT_BUDGET_MIB  what the device tool may carry, checkout included (default 64)
+#
+# Then, on a GPU machine (device tool): command `bash bench/gpu-check.sh`, carry ["gpu-kit"].
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+TARGET_DIR=${TARGET_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}}
+KIT=${KIT:-$ROOT/gpu-kit}
+SHARED_GPU=${SHARED_GPU:-$ROOT/../shared/gpu}
+BUDGET_MIB=${KIT_BUDGET_MIB:-64}
+PY=${PYTHON:-python3}
+
+# The parity tests that run on the CPU there (a check that the cuda build did not change the CPU
+# path), and tests/gpu.rs (the CUDA-vs-CPU checks). Listed by priority: when the kit would not fit
+# the device tool's limit, the last ones are left out (and the manifest says so).
+WANT_TESTS=(gpu noise sd15_parity flux_parity pixart_parity sdxl_parity qwen)
+TESTS=()
+for t in "${WANT_TESTS[@]}"; do
+  [ -f "tests/$t.rs" ] && TESTS+=("$t")
+done
+
+echo "== CUDA toolchain"
+ENV_FILE=$("$SHARED_GPU/setup-cuda-toolchain.sh")
+# shellcheck disable=SC1090
+. "$ENV_FILE"
+export CARGO_TARGET_DIR=$TARGET_DIR
+nvcc --version | tail -2
+
+echo "== cargo build --release --features cuda (target dir $TARGET_DIR)"
+cargo build --release --features cuda
+
+echo "== cargo test --release --features cuda --no-run (${TESTS[*]})"
+MSGS=$(mktemp)
+trap 'rm -f "$MSGS"' EXIT
+test_args=()
+for t in "${TESTS[@]}"; do test_args+=(--test "$t"); done
+cargo test --release --features cuda --no-run --message-format=json "${test_args[@]}" >"$MSGS"
+
+# name<TAB>executable of each test binary cargo reported.
+mapfile -t EXES < <("$PY" - "$MSGS" <<'EOF'
+import json, sys
+seen = {}
+for line in open(sys.argv[1]):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"].get("test"):
+        seen[m["target"]["name"]] = m["executable"]
+for name, exe in seen.items():
+    print(f"{name}\t{exe}")
+EOF
+)
+
+rm -rf "$KIT"
+mkdir -p "$KIT/bin" "$KIT/wheels"
+
+# The checkout's own size counts against the device tool's limit too.
+TREE_BYTES=$(git ls-files -z --cached --others --exclude-standard | xargs -0 -r stat -c %s 2>/dev/null \
+  | awk '{s += $1} END {print s + 0}')
+LIMIT=$((BUDGET_MIB * 1024 * 1024 - TREE_BYTES - 2 * 1024 * 1024))
+
+pack() { # pack SRC NAME: strip a copy of SRC and gzip it to $KIT/bin/NAME.gz
+  local tmp
+  tmp=$(mktemp)
+  cp "$1" "$tmp"
+  strip "$tmp" 2>/dev/null || true
+  gzip -9 -c "$tmp" >"$KIT/bin/$2.gz"
+  rm -f "$tmp"
+}
+
+echo "== packing"
+pack "$TARGET_DIR/release/tt-scale" tt-scale
+cp "$SHARED_GPU/device-env.sh" "$KIT/device-env.sh"
+"$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+  diffusers==0.42.1 importlib_metadata -d "$KIT/wheels"
+
+used() { du -sb "$KIT" | cut -f1; }
+PACKED=()
+LEFT_OUT=()
+for t in "${TESTS[@]}"; do
+  exe=""
+  for line in "${EXES[@]}"; do
+    [ "${line%%$'\t'*}" = "$t" ] && exe=${line#*$'\t'}
+  done
+  if [ -z "$exe" ]; then
+    echo "warning: cargo reported no test binary for $t" >&2
+    LEFT_OUT+=("$t(not built)")
+    continue
+  fi
+  pack "$exe" "$t"
+  if [ "$(used)" -gt "$LIMIT" ]; then
+    rm -f "$KIT/bin/$t.gz"
+    LEFT_OUT+=("$t(size)")
+    echo "left out $t: the kit would pass the ${BUDGET_MIB} MiB limit" >&2
+  else
+    PACKED+=("$t")
+  fi
+done
+
+cat >"$KIT/manifest" <<EOF
+# written by bench/prepare-gpu-kit.sh; read by bench/gpu-check.sh
+baked_root=$ROOT
+built=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo "+dirty")
+compute_cap=${CUDA_COMPUTE_CAP:-}
+tests=${PACKED[*]}
+left_out=${LEFT_OUT[*]:-}
+EOF
+
+echo "== gpu-kit ($(($(used) / 1024 / 1024)) MiB; checkout $((TREE_BYTES / 1024 / 1024)) MiB; limit ${BUDGET_MIB} MiB together)"
+ls -l "$KIT" "$KIT/bin" "$KIT/wheels"
+cat "$KIT/manifest"
