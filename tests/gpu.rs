@@ -298,8 +298,13 @@ fn flux_pipeline_on_cuda_f32_matches_diffusers_and_the_cpu_within_2_of_255() {
         let theirs = png(fixtures().join(format!("flux/image_fp32_{i}.png")));
         let (d_cpu, _) = pixel_diff(g, c);
         let (d_ref, _) = pixel_diff(g, &theirs);
-        eprintln!("flux f32 image {i} on cuda: {d_cpu}/255 from the CPU, {d_ref}/255 from diffusers");
-        assert!(d_cpu <= 2 && d_ref <= 2, "image {i}: {d_cpu}/255, {d_ref}/255");
+        eprintln!(
+            "flux f32 image {i} on cuda: {d_cpu}/255 from the CPU, {d_ref}/255 from diffusers"
+        );
+        assert!(
+            d_cpu <= 2 && d_ref <= 2,
+            "image {i}: {d_cpu}/255, {d_ref}/255"
+        );
     }
 }
 
@@ -309,7 +314,9 @@ fn flux_pipeline_on_cuda_bf16_is_within_8_of_255_of_diffusers_bf16() {
     for (i, g) in gpu.iter().enumerate() {
         let theirs = png(fixtures().join(format!("flux/image_bf16_{i}.png")));
         let (max, mean) = pixel_diff(g, &theirs);
-        eprintln!("flux bf16 image {i} on cuda vs diffusers bf16: max {max}/255, mean {mean:.2}/255");
+        eprintln!(
+            "flux bf16 image {i} on cuda vs diffusers bf16: max {max}/255, mean {mean:.2}/255"
+        );
         assert!(max <= 8, "image {i} differs by {max}/255");
     }
 }

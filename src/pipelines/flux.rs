@@ -28,6 +28,7 @@ use crate::noise::Noise;
 use crate::pipelines::hub::ModelSource;
 use crate::pipelines::schedulers::FlowMatchConfig;
 use crate::pipelines::sd15::Sd15Pipeline;
+use crate::pipelines::weights::candle_dtype;
 use crate::pipelines::{ImagePipeline, PipelineError};
 
 /// diffusers' default `guidance_scale` for FluxPipeline.
@@ -48,14 +49,6 @@ pub struct FluxCallArgs {
     pub guidance_scale: Option<f64>,
     /// T5 tokens (default 512; 256 for schnell).
     pub max_sequence_length: Option<usize>,
-}
-
-fn candle_dtype(dtype: Dtype) -> DType {
-    match dtype {
-        Dtype::F32 => DType::F32,
-        Dtype::F16 => DType::F16,
-        Dtype::Bf16 => DType::BF16,
-    }
 }
 
 fn mmap(
@@ -766,23 +759,8 @@ impl ImagePipeline for FluxPipeline {
         if noises.is_empty() {
             return Ok(Vec::new());
         }
-        let shape = self.noise_shape();
-        let mut rows = Vec::with_capacity(noises.len());
-        for (i, noise) in noises.iter().enumerate() {
-            if noise.shape != shape || noise.data.len() != shape.iter().product::<usize>() {
-                return Err(PipelineError::InvalidArgument(format!(
-                    "noise {i} has shape {:?} ({} values); this pipeline needs {shape:?}",
-                    noise.shape,
-                    noise.data.len()
-                )));
-            }
-            rows.push(Tensor::from_slice(
-                &noise.data,
-                shape.as_slice(),
-                &self.device,
-            )?);
-        }
-        let latents = Tensor::cat(&rows, 0)?.to_dtype(self.dtype)?;
+        let batch = super::weights::noise_batch(noises, &self.noise_shape(), &self.device)?;
+        let latents = batch.to_dtype(self.dtype)?;
         let latents = self.denoise(&pack_latents(&latents)?)?;
         Sd15Pipeline::to_images(&self.vae_decode(&latents)?)
     }

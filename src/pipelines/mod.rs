@@ -10,6 +10,7 @@ pub mod pixart;
 pub mod schedulers;
 pub mod sd15;
 pub mod sdxl;
+pub mod weights;
 
 use image::RgbImage;
 use serde_json::Value;

@@ -5,7 +5,6 @@
 //! binning (the image is made at the closest aspect-ratio bin and resized back).
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use image::RgbImage;
 use serde_json::Value;
@@ -18,6 +17,7 @@ use crate::pipelines::caption::preprocess_caption;
 use crate::pipelines::hub::ModelSource;
 use crate::pipelines::schedulers::SchedulerConfig;
 use crate::pipelines::sd15::{SchedulerFactory, Sd15Pipeline};
+use crate::pipelines::weights::{candle_dtype, var_builder};
 use crate::pipelines::{ImagePipeline, PipelineError};
 
 /// diffusers' default `guidance_scale` for PixArt-Sigma.
@@ -175,33 +175,6 @@ pub struct PixArtPipeline {
     context: Option<(Tensor, Tensor)>,
 }
 
-fn candle_dtype(dtype: Dtype) -> DType {
-    match dtype {
-        Dtype::F32 => DType::F32,
-        Dtype::F16 => DType::F16,
-        Dtype::Bf16 => DType::BF16,
-    }
-}
-
-fn var_builder(
-    source: &ModelSource,
-    component: &str,
-    dtype: Dtype,
-    device: &Device,
-) -> Result<VarBuilder<'static>, PipelineError> {
-    let files = source.weights(component, dtype)?;
-    // SAFETY: the files are memory-mapped read-only model files that we do not modify, as
-    // candle's own loaders assume.
-    unsafe { VarBuilder::from_mmaped_safetensors(&files, candle_dtype(dtype), device) }.map_err(
-        |e| PipelineError::ModelFile {
-            path: files
-                .first()
-                .map_or(component.to_string(), |p| p.display().to_string()),
-            message: format!("cannot read the safetensors weights: {e}"),
-        },
-    )
-}
-
 fn weights_error(
     source: &ModelSource,
     component: &str,
@@ -275,7 +248,7 @@ impl PixArtPipeline {
                 message: format!("not a T5 config: {e}"),
             })?;
         let text_encoder = T5Encoder::new(
-            var_builder(source, "text_encoder", dtype, device)?,
+            var_builder(source, "text_encoder", dtype, candle_dtype(dtype), device)?,
             &t5_config,
         )
         .map_err(|e| weights_error(source, "text_encoder", e))?;
@@ -283,7 +256,7 @@ impl PixArtPipeline {
         let tr_config = PixArtConfig::from_json(&source.read_json("transformer/config.json")?)?;
         let transformer = PixArtTransformer::new(
             &tr_config,
-            var_builder(source, "transformer", dtype, device)?,
+            var_builder(source, "transformer", dtype, candle_dtype(dtype), device)?,
         )
         .map_err(|e| weights_error(source, "transformer", e))?;
         let (vae_cfg, scaling_factor) = vae_config(&source.read_json("vae/config.json")?)?;
@@ -295,8 +268,13 @@ impl PixArtPipeline {
                 message: format!("latent_channels {latent_channels} differs from the transformer's in_channels {}", tr_config.in_channels),
             });
         }
-        let vae = AutoEncoderKL::new(var_builder(source, "vae", dtype, device)?, 3, 3, vae_cfg)
-            .map_err(|e| weights_error(source, "vae", e))?;
+        let vae = AutoEncoderKL::new(
+            var_builder(source, "vae", dtype, candle_dtype(dtype), device)?,
+            3,
+            3,
+            vae_cfg,
+        )
+        .map_err(|e| weights_error(source, "vae", e))?;
         let sched_path = source.file("scheduler/scheduler_config.json")?;
         let sched_config = SchedulerConfig::from_file(&sched_path)?;
         let scheduler: SchedulerFactory = Box::new(move |steps| sched_config.build(steps));
@@ -517,24 +495,9 @@ impl ImagePipeline for PixArtPipeline {
         if noises.is_empty() {
             return Ok(Vec::new());
         }
-        let shape = self.noise_shape();
-        let mut rows = Vec::with_capacity(noises.len());
-        for (i, noise) in noises.iter().enumerate() {
-            if noise.shape != shape || noise.data.len() != shape.iter().product::<usize>() {
-                return Err(PipelineError::InvalidArgument(format!(
-                    "noise {i} has shape {:?} ({} values); this pipeline needs {shape:?}",
-                    noise.shape,
-                    noise.data.len()
-                )));
-            }
-            rows.push(Tensor::from_slice(
-                &noise.data,
-                shape.as_slice(),
-                &self.device,
-            )?);
-        }
+        let batch = super::weights::noise_batch(noises, &self.noise_shape(), &self.device)?;
         let sigma = (self.scheduler)(self.num_inference_steps)?.init_noise_sigma();
-        let latents = (Tensor::cat(&rows, 0)?.to_dtype(self.dtype)? * sigma)?;
+        let latents = (batch.to_dtype(self.dtype)? * sigma)?;
         let latents = self.denoise(&latents)?;
         Sd15Pipeline::to_images(&self.decode(&latents)?)
     }

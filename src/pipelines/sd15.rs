@@ -7,7 +7,6 @@
 //! diffusers does for SD 1.x); the tokenizer and the text encoder are ours ([`crate::models`]).
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::unet_2d::{
     BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig,
 };
@@ -21,6 +20,7 @@ use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::noise::Noise;
 use crate::pipelines::hub::ModelSource;
 use crate::pipelines::schedulers::{Scheduler, SchedulerConfig};
+use crate::pipelines::weights::{candle_dtype, var_builder};
 use crate::pipelines::{ImagePipeline, PipelineError};
 
 /// diffusers' default `guidance_scale` for SD 1.5.
@@ -360,34 +360,6 @@ fn vae_spec(value: &Value) -> Result<VaeSpec, PipelineError> {
     })
 }
 
-fn candle_dtype(dtype: Dtype) -> DType {
-    match dtype {
-        Dtype::F32 => DType::F32,
-        Dtype::F16 => DType::F16,
-        Dtype::Bf16 => DType::BF16,
-    }
-}
-
-/// Memory-maps a component's weights, converting to `dtype` as tensors are read.
-fn var_builder(
-    source: &ModelSource,
-    component: &str,
-    dtype: Dtype,
-    device: &Device,
-) -> Result<VarBuilder<'static>, PipelineError> {
-    let files = source.weights(component, dtype)?;
-    // SAFETY: the files are memory-mapped read-only; they are model files we do not modify,
-    // as candle's own loaders assume.
-    unsafe { VarBuilder::from_mmaped_safetensors(&files, candle_dtype(dtype), device) }.map_err(
-        |e| PipelineError::ModelFile {
-            path: files
-                .first()
-                .map_or(component.to_string(), |p| p.display().to_string()),
-            message: format!("cannot read the safetensors weights: {e}"),
-        },
-    )
-}
-
 /// Turns a component's construction error (usually a missing or mis-shaped tensor) into a
 /// message naming the component's weights.
 fn weights_error(
@@ -440,12 +412,12 @@ impl Sd15Pipeline {
                 path: "text_encoder/config.json".into(),
                 message: format!("not a CLIP text config: {e}"),
             })?;
-        let vb = var_builder(source, "text_encoder", dtype, device)?;
+        let vb = var_builder(source, "text_encoder", dtype, candle_dtype(dtype), device)?;
         let text_encoder = ClipTextModel::new(vb, &text_config)
             .map_err(|e| weights_error(source, "text_encoder", e))?;
 
         let unet = unet_spec(&source.read_json("unet/config.json")?)?;
-        let vb = var_builder(source, "unet", dtype, device)?;
+        let vb = var_builder(source, "unet", dtype, candle_dtype(dtype), device)?;
         let sample_size = unet.sample_size;
         let unet_model =
             UNet2DConditionModel::new(vb, unet.in_channels, unet.out_channels, false, unet.config)
@@ -454,7 +426,7 @@ impl Sd15Pipeline {
         let vae = vae_spec(&source.read_json("vae/config.json")?)?;
         let vae_scale_factor = 1usize << (vae.config.block_out_channels.len() - 1);
         let latent_channels = vae.config.latent_channels;
-        let vb = var_builder(source, "vae", dtype, device)?;
+        let vb = var_builder(source, "vae", dtype, candle_dtype(dtype), device)?;
         let vae_model = AutoEncoderKL::new(vb, vae.in_channels, vae.out_channels, vae.config)
             .map_err(|e| weights_error(source, "vae", e))?;
         if latent_channels != unet.in_channels {
@@ -678,24 +650,9 @@ impl ImagePipeline for Sd15Pipeline {
         if noises.is_empty() {
             return Ok(Vec::new());
         }
-        let shape = self.noise_shape();
-        let mut rows = Vec::with_capacity(noises.len());
-        for (i, noise) in noises.iter().enumerate() {
-            if noise.shape != shape || noise.data.len() != shape.iter().product::<usize>() {
-                return Err(PipelineError::InvalidArgument(format!(
-                    "noise {i} has shape {:?} ({} values); this pipeline needs {shape:?}",
-                    noise.shape,
-                    noise.data.len()
-                )));
-            }
-            rows.push(Tensor::from_slice(
-                &noise.data,
-                shape.as_slice(),
-                &self.device,
-            )?);
-        }
+        let batch = super::weights::noise_batch(noises, &self.noise_shape(), &self.device)?;
         let sigma = (self.scheduler)(self.num_inference_steps)?.init_noise_sigma();
-        let latents = (Tensor::cat(&rows, 0)?.to_dtype(self.dtype)? * sigma)?;
+        let latents = (batch.to_dtype(self.dtype)? * sigma)?;
         let latents = self.denoise(&latents)?;
         Self::to_images(&self.vae_decode(&latents)?)
     }

@@ -11,7 +11,6 @@
 //! one only when the optional `invisible-watermark` package is installed).
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use image::RgbImage;
 use serde_json::Value;
@@ -23,6 +22,7 @@ use crate::models::unet_sdxl::{sdxl_base_unet_json, UNetSdxl, UNetSdxlConfig};
 use crate::noise::Noise;
 use crate::pipelines::hub::ModelSource;
 use crate::pipelines::sd15::{scheduler_from_file, SchedulerFactory, Sd15Pipeline};
+use crate::pipelines::weights::{candle_dtype, var_builder};
 use crate::pipelines::{ImagePipeline, PipelineError};
 
 /// diffusers' default `guidance_scale` for SDXL.
@@ -78,36 +78,6 @@ pub struct SdxlPipeline {
     negative_prompt: Option<String>,
     force_zeros_for_empty_prompt: bool,
     conditioning: Option<SdxlConditioning>,
-}
-
-fn candle_dtype(dtype: Dtype) -> DType {
-    match dtype {
-        Dtype::F32 => DType::F32,
-        Dtype::F16 => DType::F16,
-        Dtype::Bf16 => DType::BF16,
-    }
-}
-
-/// Memory-maps a component's weights (the fp16 variant when `dtype` is fp16 and one exists),
-/// converting them to `compute` as tensors are read.
-fn var_builder(
-    source: &ModelSource,
-    component: &str,
-    dtype: Dtype,
-    compute: DType,
-    device: &Device,
-) -> Result<VarBuilder<'static>, PipelineError> {
-    let files = source.weights(component, dtype)?;
-    // SAFETY: the files are memory-mapped read-only; they are model files we do not modify,
-    // as candle's own loaders assume.
-    unsafe { VarBuilder::from_mmaped_safetensors(&files, compute, device) }.map_err(|e| {
-        PipelineError::ModelFile {
-            path: files
-                .first()
-                .map_or(component.to_string(), |p| p.display().to_string()),
-            message: format!("cannot read the safetensors weights: {e}"),
-        }
-    })
 }
 
 fn weights_error(
@@ -718,24 +688,9 @@ impl ImagePipeline for SdxlPipeline {
         if noises.is_empty() {
             return Ok(Vec::new());
         }
-        let shape = self.noise_shape();
-        let mut rows = Vec::with_capacity(noises.len());
-        for (i, noise) in noises.iter().enumerate() {
-            if noise.shape != shape || noise.data.len() != shape.iter().product::<usize>() {
-                return Err(PipelineError::InvalidArgument(format!(
-                    "noise {i} has shape {:?} ({} values); this pipeline needs {shape:?}",
-                    noise.shape,
-                    noise.data.len()
-                )));
-            }
-            rows.push(Tensor::from_slice(
-                &noise.data,
-                shape.as_slice(),
-                &self.device,
-            )?);
-        }
+        let batch = super::weights::noise_batch(noises, &self.noise_shape(), &self.device)?;
         let sigma = (self.scheduler)(self.num_inference_steps)?.init_noise_sigma();
-        let latents = (Tensor::cat(&rows, 0)?.to_dtype(self.dtype)? * sigma)?;
+        let latents = (batch.to_dtype(self.dtype)? * sigma)?;
         let latents = self.denoise(&latents)?;
         Sd15Pipeline::to_images(&self.vae_decode(&latents)?)
     }
