@@ -126,11 +126,18 @@ impl ClipTokenizer {
             split.into(),
             ByteLevel::new(false, true, true).into(),
         ])));
+        // transformers treats every special token as one unit that the BPE never merges: a pad
+        // token other than BOS/EOS (SDXL's `tokenizer_2` pads with "!") is split out of prompts
+        // too (`"moon!!"` gives `moon</w> ! !`).
+        let mut special = vec![
+            AddedToken::from(bos.clone(), true),
+            AddedToken::from(eos.clone(), true),
+        ];
+        if pad != bos && pad != eos {
+            special.push(AddedToken::from(pad.clone(), true));
+        }
         tokenizer
-            .add_special_tokens([
-                AddedToken::from(bos.clone(), true),
-                AddedToken::from(eos.clone(), true),
-            ])
+            .add_special_tokens(special)
             .map_err(|e| model_err(vocab, format!("special tokens: {e}")))?;
         let id = |t: &str, path: &Path| {
             tokenizer.token_to_id(t).ok_or_else(|| {

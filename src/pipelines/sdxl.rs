@@ -57,8 +57,8 @@ pub struct SdxlConditioning {
 
 /// A loaded SDXL pipeline.
 pub struct SdxlPipeline {
-    tokenizer: SdxlTokenizer,
-    tokenizer_2: SdxlTokenizer,
+    tokenizer: ClipTokenizer,
+    tokenizer_2: ClipTokenizer,
     text_encoder: ClipTextModel,
     text_encoder_2: ClipTextModelWithProjection,
     unet: UNetSdxl,
@@ -105,89 +105,15 @@ fn optional_file(
     }
 }
 
-/// A CLIP tokenizer as transformers runs it when the pad token is a vocabulary entry other than
-/// BOS/EOS (SDXL's `tokenizer_2` pads with `!`): the pad token is a special token, so every
-/// occurrence of it in a prompt is split out and encoded as the pad id instead of being merged
-/// by the BPE (`"moon!!"` gives `moon</w> ! !`).
-struct SdxlTokenizer {
-    inner: ClipTokenizer,
-    /// The pad token's text, when it must be split out of prompts.
-    split_pad: Option<String>,
-    bos: u32,
-    eos: u32,
-    pad: u32,
-}
-
-impl SdxlTokenizer {
-    fn encode(&self, prompt: &str) -> Result<Vec<u32>, PipelineError> {
-        let Some(pad_text) = &self.split_pad else {
-            return self.inner.encode(prompt);
-        };
-        let max = self.inner.max_length();
-        let mut body = Vec::new();
-        for (i, segment) in prompt.split(pad_text.as_str()).enumerate() {
-            if i > 0 {
-                body.push(self.pad);
-            }
-            // [bos, tokens..., eos, pad...]; segments hold no pad token, so the tokens are
-            // what precedes the trailing pads and the EOS.
-            let ids = self.inner.encode(segment)?;
-            let end = ids.iter().rposition(|&id| id != self.pad).unwrap_or(0);
-            body.extend_from_slice(&ids[1..end.max(1)]);
-        }
-        body.truncate(max - 2);
-        let mut ids = Vec::with_capacity(max);
-        ids.push(self.bos);
-        ids.extend(body);
-        ids.push(self.eos);
-        ids.resize(max, self.pad);
-        Ok(ids)
-    }
-}
-
-/// The pad token's text from `tokenizer_config.json` (over `special_tokens_map.json`).
-fn pad_token_text(files: &[Option<std::path::PathBuf>]) -> Result<Option<String>, PipelineError> {
-    let mut pad = None;
-    for path in files.iter().flatten() {
-        let json = crate::pipelines::hub::read_json_file(path)?;
-        match json.get("pad_token") {
-            Some(Value::String(s)) => pad = Some(s.clone()),
-            Some(Value::Object(m)) => {
-                if let Some(s) = m.get("content").and_then(Value::as_str) {
-                    pad = Some(s.to_string());
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(pad)
-}
-
-fn load_tokenizer(source: &ModelSource, folder: &str) -> Result<SdxlTokenizer, PipelineError> {
+fn load_tokenizer(source: &ModelSource, folder: &str) -> Result<ClipTokenizer, PipelineError> {
     let config = optional_file(source, &format!("{folder}/tokenizer_config.json"))?;
     let special = optional_file(source, &format!("{folder}/special_tokens_map.json"))?;
-    let inner = ClipTokenizer::from_files(
+    ClipTokenizer::from_files(
         &source.file(&format!("{folder}/vocab.json"))?,
         &source.file(&format!("{folder}/merges.txt"))?,
         config.as_deref(),
         special.as_deref(),
-    )?;
-    // The empty prompt is [bos, eos, pad...].
-    let empty = inner.encode("")?;
-    let (bos, eos) = (empty[0], empty[1]);
-    let pad = empty.get(2).copied().unwrap_or(eos);
-    let split_pad = if pad != eos && pad != bos {
-        pad_token_text(&[special, config])?.filter(|t| !t.is_empty())
-    } else {
-        None
-    };
-    Ok(SdxlTokenizer {
-        inner,
-        split_pad,
-        bos,
-        eos,
-        pad,
-    })
+    )
 }
 
 /// A text encoder's `config.json`: the CLIP config, `projection_dim` and `eos_token_id`
