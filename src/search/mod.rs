@@ -238,7 +238,7 @@ pub fn search_prompt(
                         pipeline,
                         settings,
                         observer,
-                        &mut |r, o| finish_random_round(prompt, settings, r, o),
+                        Some(&mut |r, o| finish_random_round(prompt, settings, r, o)),
                     )?;
                 }
                 queue.drain(observer, &mut |r, o| {
@@ -288,9 +288,6 @@ pub fn search_prompt(
                     }
                     // The next round's base depends on this round's grades: no overlap
                     // across rounds, only between the batches of this one.
-                    let mut ignore = |_: usize, _: GradedRound| -> RoundResult {
-                        unreachable!("rounds are collected with `collect_round`")
-                    };
                     queue.generate_round(
                         round,
                         origins,
@@ -298,7 +295,7 @@ pub fn search_prompt(
                         pipeline,
                         settings,
                         observer,
-                        &mut ignore,
+                        None,
                     )?;
                     let graded = queue.collect_round();
                     let mut candidates = graded.candidates;
@@ -407,7 +404,8 @@ fn grade(verifier: &dyn Verifier, prompt: &str, images: Vec<RgbImage>) -> BatchR
 
 impl<'scope, 'env> RoundQueue<'scope, 'env> {
     /// Generates `noises` batch by batch, handing each batch to the verifier; between batches,
-    /// reports the rounds at the head of the queue whose grades are all in.
+    /// reports (with `finish`) the rounds at the head of the queue whose grades are all in.
+    /// Without `finish` the round stays queued for [`RoundQueue::collect_round`].
     #[allow(clippy::too_many_arguments)]
     fn generate_round(
         &mut self,
@@ -417,8 +415,9 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
         pipeline: &mut dyn ImagePipeline,
         settings: &SearchSettings,
         observer: &mut dyn SearchObserver,
-        finish: &mut dyn FnMut(usize, GradedRound) -> RoundResult,
+        finish: Option<&mut dyn FnMut(usize, GradedRound) -> RoundResult>,
     ) -> Result<(), SearchError> {
+        let mut finish = finish;
         self.pending.push_back(PendingRound {
             round,
             origins,
@@ -445,7 +444,9 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
                 p.generation_s += t.elapsed().as_secs_f64();
                 p.batches.push(graded);
             }
-            self.report_ready(observer, finish, false)?;
+            if let Some(f) = finish.as_deref_mut() {
+                self.report_ready(observer, f, false)?;
+            }
         }
         Ok(())
     }
