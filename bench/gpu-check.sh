@@ -72,10 +72,16 @@ main() {
   . "$KIT/device-env.sh"
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   mkdir -p "$W/bin"
-  for f in "$KIT"/bin/*.gz; do
-    gunzip -c "$f" >"$W/bin/$(basename "$f" .gz)" && chmod +x "$W/bin/$(basename "$f" .gz)"
-  done
+  if command -v xz >/dev/null; then
+    xz -dc "$KIT/bin.tar.xz" | tar -C "$W/bin" -xf -
+  else
+    "$PY" -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' "$KIT/bin.tar.xz" "$W/bin"
+  fi
   ls "$W/bin"
+  if [ ! -x "$W/bin/tt-scale" ]; then
+    echo "error: could not unpack $KIT/bin.tar.xz"
+    return 2
+  fi
   missing=$(ldd "$W/bin/tt-scale" 2>&1 | grep 'not found')
   [ -n "$missing" ] && echo "warning: unresolved libraries: $missing"
 
