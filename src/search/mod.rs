@@ -289,13 +289,7 @@ pub fn search_prompt(
                     // The next round's base depends on this round's grades: no overlap
                     // across rounds, only between the batches of this one.
                     queue.generate_round(
-                        round,
-                        origins,
-                        &noises,
-                        pipeline,
-                        settings,
-                        observer,
-                        None,
+                        round, origins, &noises, pipeline, settings, observer, None,
                     )?;
                     let graded = queue.collect_round();
                     let mut candidates = graded.candidates;
