@@ -15,6 +15,13 @@ with tt-scale's):
   sd15                    SD 1.5 UNet, CFG batch 2, 64x64 latents, 77x768 context
   pixart_sigma            PixArt-Sigma XL/2 transformer, CFG batch 2, 128x128 latents,
                           300 T5 tokens with a mask
+  qwen_prefill            transformers' Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL-7B-Instruct's
+                          config), one 1024x1024 image (74x74 patches -> 1369 image tokens) between
+                          QWEN_PREFIX_TOKENS and QWEN_SUFFIX_TOKENS text tokens: one forward pass
+                          (vision tower + language model, last-token logits), as `tt-scale bench
+                          --model qwen`'s prefill
+  qwen_gen                the same prompt through generate(max_new_tokens=300, min_new_tokens=300),
+                          greedy (prefill + 300 decode steps)
 
 `--small` shrinks every model (few layers, narrow widths, tiny images) so that the script can be
 smoke-tested on a CPU: `python3 bench/diffusers_bench.py --device cpu --small --iters 1`.
@@ -31,7 +38,7 @@ import time
 
 import torch
 
-ALL = ["flux_b1", "flux_b4", "sdxl", "sd15", "pixart_sigma"]
+ALL = ["flux_b1", "flux_b4", "sdxl", "sd15", "pixart_sigma", "qwen_prefill", "qwen_gen"]
 
 # Flux.1-dev transformer (black-forest-labs/FLUX.1-dev, transformer/config.json).
 FLUX_DEV = dict(
@@ -141,6 +148,53 @@ PIXART_SIGMA = dict(
 )
 
 
+# Qwen2.5-VL-7B-Instruct (Qwen/Qwen2.5-VL-7B-Instruct, config.json, flat transformers 4.x layout,
+# which transformers 5.x also reads); tt-scale's `qwen2_5_vl_7b_config_json`
+# (src/verifiers/qwen_bench.rs).
+QWEN_7B = dict(
+    architectures=["Qwen2_5_VLForConditionalGeneration"],
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+    max_position_embeddings=128000,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+    image_token_id=151655,
+    video_token_id=151656,
+    vision_start_token_id=151652,
+    vision_end_token_id=151653,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    vision_config=dict(
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        in_chans=3,
+        out_hidden_size=3584,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31],
+        tokens_per_second=2,
+        hidden_act="silu",
+    ),
+)
+# Text tokens before the image (system turn with the grading rubric, an estimate: 2234 characters
+# at ~4.3 per token, + template) and after it (prompt + template); the same counts as tt-scale's
+# PREFIX_TOKENS / SUFFIX_TOKENS in src/verifiers/qwen_bench.rs.
+QWEN_PREFIX_TOKENS = 520
+QWEN_SUFFIX_TOKENS = 40
+QWEN_NEW_TOKENS = 300
+
+
 def shrink(small):
     """The configs and shapes to run: the real ones, or tiny ones for a CPU smoke test."""
     if not small:
@@ -149,6 +203,7 @@ def shrink(small):
             sdxl=(SDXL_BASE, 1024),
             sd15=(SD15, 512),
             pixart=(PIXART_SIGMA, 1024, 300),
+            qwen=(QWEN_7B, 1024),
         )
     flux = dict(FLUX_DEV, num_layers=1, num_single_layers=2, num_attention_heads=2)
     sdxl = dict(
@@ -160,7 +215,27 @@ def shrink(small):
     )
     sd15 = dict(SD15, block_out_channels=[32, 64, 64, 64], layers_per_block=1)
     pixart = dict(PIXART_SIGMA, num_layers=2)
-    return dict(flux=(flux, 128, 32), sdxl=(sdxl, 128), sd15=(sd15, 64), pixart=(pixart, 128, 32))
+    qwen = dict(
+        QWEN_7B,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        vision_config=dict(
+            QWEN_7B["vision_config"],
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            fullatt_block_indexes=[1],
+        ),
+    )
+    return dict(
+        flux=(flux, 128, 32), sdxl=(sdxl, 128), sd15=(sd15, 64), pixart=(pixart, 128, 32), qwen=(qwen, 224)
+    )
 
 
 def build(cls, config, device, dtype):
@@ -299,6 +374,60 @@ def pixart_case(cfg, device, dtype, batch):
     return model, step, parameters(model), details
 
 
+def qwen_case(cfg, device, dtype, generate):
+    """Qwen2.5-VL from its config with random weights: one `size`x`size` image's prefill, or
+    (`generate`) the prefill plus QWEN_NEW_TOKENS greedy tokens through `generate`."""
+    import inspect
+
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config, size = cfg
+    model = build(Qwen2_5_VLForConditionalGeneration, dict(config=Qwen2_5_VLConfig(**config)), device, dtype)
+    vc = config["vision_config"]
+    patch, merge, temporal = vc["patch_size"], vc["spatial_merge_size"], vc["temporal_patch_size"]
+    # The processor's smart_resize for a square image well inside min/max pixels: the side
+    # rounded to a multiple of 28 (1024 -> 1036, 224 -> 224).
+    factor = patch * merge
+    side = max(factor, round(size / factor) * factor)
+    grid = side // patch
+    n_img = grid * grid // (merge * merge)
+    pixel_values = randn((grid * grid, 3 * temporal * patch * patch), device, dtype)
+    grid_thw = torch.tensor([[1, grid, grid]], device=device, dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    text = lambda n: torch.randint(0, 151643, (n,), generator=gen)  # ordinary (non-special) tokens
+    image = torch.full((n_img,), config["image_token_id"], dtype=torch.long)
+    ids = torch.cat([text(QWEN_PREFIX_TOKENS), image, text(QWEN_SUFFIX_TOKENS)]).unsqueeze(0).to(device)
+    mask = torch.ones_like(ids)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, image_grid_thw=grid_thw)
+    if generate:
+
+        def step():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=QWEN_NEW_TOKENS,
+                min_new_tokens=QWEN_NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=config["eos_token_id"],
+                pad_token_id=config["bos_token_id"],
+            )
+            assert out.shape[1] == ids.shape[1] + QWEN_NEW_TOKENS, out.shape
+
+    else:
+        extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+        def step():
+            model(**inputs, use_cache=True, **extra)
+
+    details = (
+        f"{size}x{size} image -> grid {grid}x{grid} patches, {n_img} image + "
+        f"{QWEN_PREFIX_TOKENS + QWEN_SUFFIX_TOKENS} text tokens ({ids.shape[1]} in all), "
+        f"{config['num_hidden_layers']} LM layers, {vc['depth']} vision blocks"
+        + (f"; generate {QWEN_NEW_TOKENS} tokens, greedy" if generate else "; one forward pass")
+        + f", attention {model.config._attn_implementation}"
+    )
+    return model, step, parameters(model), details
+
+
 def time_step(step, device, warmup, iters):
     """Milliseconds of each of `iters` timed calls of `step`, after `warmup` untimed ones."""
     cuda = device.startswith("cuda")
@@ -353,10 +482,16 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    import diffusers
+    if any(not m.startswith("qwen") for m in models):
+        import diffusers
 
-    diffusers.utils.logging.set_verbosity_error()
-    print(f"# diffusers {diffusers.__version__}, {dtype_name} on {a.device}{' (small)' if a.small else ''}", flush=True)
+        diffusers.utils.logging.set_verbosity_error()
+        print(f"# diffusers {diffusers.__version__}, {dtype_name} on {a.device}{' (small)' if a.small else ''}", flush=True)
+    if any(m.startswith("qwen") for m in models):
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        print(f"# transformers {transformers.__version__}, {dtype_name} on {a.device}", flush=True)
 
     cfg = shrink(a.small)
     cases = []
@@ -367,6 +502,8 @@ def main():
                 cases.append((m, lambda b=batch: flux_case(cfg["flux"], a.device, dtype, b, False)))
             if a.compile or a.compile_only:
                 cases.append((m + "_compile", lambda b=batch: flux_case(cfg["flux"], a.device, dtype, b, True)))
+        elif m.startswith("qwen") and not a.compile_only:
+            cases.append((m, lambda g=(m == "qwen_gen"): qwen_case(cfg["qwen"], a.device, dtype, g)))
         elif not a.compile_only:
             make = {"sdxl": sdxl_case, "sd15": sd15_case, "pixart_sigma": pixart_case}[m]
             key = {"sdxl": "sdxl", "sd15": "sd15", "pixart_sigma": "pixart"}[m]

@@ -10,9 +10,10 @@
 #         PYTHON             the Python that has PyTorch (default python3)
 #
 # Exits 1 when a test binary failed (or timed out), else 0; missing benchmarks show as n/a.
-# Writes (6 files, what the device tool brings back): gpu-check.log (everything printed),
+# Writes (7 files, what the device tool brings back): gpu-check.log (everything printed),
 # tests.log (test binaries' output), tt-bench.json (tt-scale's reports per benchmark),
-# diffusers.json and diffusers-compile.json ({name: median_ms}), table.md (the final table).
+# diffusers.json, diffusers-compile.json and transformers-qwen.json ({name: median_ms}),
+# table.md (the final table).
 set -uo pipefail
 
 ROOT=$(pwd)
@@ -51,6 +52,10 @@ BENCHES=(
   "sdxl|sdxl|1024|1|sdxl-base unet step (guided)|sdxl|1.0"
   "sd15|sd15|512|1|sd-v1.5 unet step (guided)|sd15|1.0"
   "pixart_sigma|pixart-sigma|1024|1|pixart-sigma-xl-2-1024 transformer step (guided)|pixart_sigma|1.0"
+  # The Qwen verifier (issue 6): one `tt-scale bench --model qwen` run gives both rows; it runs
+  # last, after the diffusers parts, under its own timeouts (warm-up 1, median of 3).
+  "qwen_prefill|qwen|1024|1|qwen2.5-vl-7b prefill (1024x1024 image)|qwen_prefill|1.0"
+  "qwen_gen|qwen|1024|1|qwen2.5-vl-7b prefill + 300 tokens|qwen_gen|1.0"
 )
 
 main() {
@@ -142,11 +147,49 @@ main() {
   local spec key model size batch name dkey target
   for spec in "${BENCHES[@]}"; do
     IFS='|' read -r key model size batch name dkey target <<<"$spec"
+    [ "$model" = qwen ] && continue
     echo "-- $key: --model $model --height $size --width $size --batch $batch"
     step 150 170 "$W/bin/tt-scale" bench --model "$model" --height "$size" --width "$size" --batch "$batch" \
       --dtype bf16 --device cuda --warmup 2 --iters 5 --json "$W/tt-$key.json"
     echo "   (exit $?)"
   done
+  merge_tt_reports
+
+  echo "== diffusers (eager, bf16, same shapes)"
+  step 200 220 "$PY" bench/diffusers_bench.py --device cuda --dtype bf16 --warmup 2 --iters 5 \
+    --models flux_b1,flux_b4,sdxl,sd15,pixart_sigma --json "$OUT/diffusers.json"
+  echo "   (exit $?)"
+
+  echo "== diffusers Flux B=1 under torch.compile (with the time left, less 200 s for the Qwen part)"
+  step 240 215 "$PY" bench/diffusers_bench.py --device cuda --dtype bf16 --warmup 3 --iters 5 \
+    --models flux_b1 --compile-only --json "$OUT/diffusers-compile.json"
+  echo "   (exit $?)"
+
+  echo "== Qwen2.5-VL-7B verifier, one 1024x1024 image (bf16, cuda; warm-up 1, median of 3)"
+  step 120 90 "$W/bin/tt-scale" bench --model qwen --height 1024 --width 1024 --batch 1 \
+    --dtype bf16 --device cuda --warmup 1 --iters 3 --json "$W/tt-qwen.json"
+  echo "   (exit $?)"
+  if [ -f "$W/tt-qwen.json" ]; then
+    cp "$W/tt-qwen.json" "$W/tt-qwen_prefill.json"
+    cp "$W/tt-qwen.json" "$W/tt-qwen_gen.json"
+  fi
+  merge_tt_reports
+  echo "-- transformers, same shapes"
+  step 120 5 "$PY" bench/diffusers_bench.py --device cuda --dtype bf16 --warmup 1 --iters 3 \
+    --models qwen_prefill,qwen_gen --json "$OUT/transformers-qwen.json"
+  echo "   (exit $?)"
+
+  echo "== done in $(($(date +%s) - START))s"
+  echo
+  echo "tests:"
+  printf '%s' "$TEST_SUMMARY"
+  echo
+  table
+  return $status
+}
+
+# Joins the tt-scale reports written so far ($W/tt-KEY.json) into $OUT/tt-bench.json.
+merge_tt_reports() {
   "$PY" - "$W" "$OUT/tt-bench.json" "${BENCHES[@]}" <<'EOF'
 import json, os, sys
 w, out, specs = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -158,24 +201,6 @@ for spec in specs:
         merged[key] = json.load(open(path))
 json.dump(merged, open(out, "w"), indent=2)
 EOF
-
-  echo "== diffusers (eager, bf16, same shapes)"
-  step 200 20 "$PY" bench/diffusers_bench.py --device cuda --dtype bf16 --warmup 2 --iters 5 \
-    --models flux_b1,flux_b4,sdxl,sd15,pixart_sigma --json "$OUT/diffusers.json"
-  echo "   (exit $?)"
-
-  echo "== diffusers Flux B=1 under torch.compile (with the time left)"
-  step 240 15 "$PY" bench/diffusers_bench.py --device cuda --dtype bf16 --warmup 3 --iters 5 \
-    --models flux_b1 --compile-only --json "$OUT/diffusers-compile.json"
-  echo "   (exit $?)"
-
-  echo "== done in $(($(date +%s) - START))s"
-  echo
-  echo "tests:"
-  printf '%s' "$TEST_SUMMARY"
-  echo
-  table
-  return $status
 }
 
 # Rewrites the baked checkout path inside the test binaries to a same-length link to $ROOT, for
@@ -209,10 +234,12 @@ def load(name):
     except (OSError, ValueError):
         return {}
 tt, eager, comp = load("tt-bench.json"), load("diffusers.json"), load("diffusers-compile.json")
+eager.update(load("transformers-qwen.json"))
 def ms(v):
     return f"{v:.1f}" if isinstance(v, (int, float)) else "n/a"
 lines = [
-    f"GPU check on {gpu}, bf16, random weights at real sizes (medians of 5 steps after 2 warm-up)",
+    f"GPU check on {gpu}, bf16, random weights at real sizes (medians of 5 steps after 2 warm-up;"
+    " qwen rows: of 3 after 1, against transformers)",
     "",
     "| benchmark | tt-scale ms | diffusers eager ms | ratio | diffusers compile ms | target ratio | met |",
     "|---|---|---|---|---|---|---|",

@@ -159,7 +159,7 @@ pub fn time_steps(
 }
 
 /// The benchmarks `tt-scale bench --model` can run.
-pub const MODELS: &[&str] = &["sd15", "flux", "pixart-sigma", "sdxl"];
+pub const MODELS: &[&str] = &["sd15", "flux", "pixart-sigma", "sdxl", "qwen"];
 
 /// Runs the step benchmark of `model` (one of [`MODELS`]).
 pub fn run_model(model: &str, opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError> {
@@ -168,6 +168,7 @@ pub fn run_model(model: &str, opts: &BenchOptions) -> Result<Vec<BenchReport>, P
         "flux" => crate::pipelines::flux::bench_transformer_step(opts),
         "sdxl" => crate::pipelines::sdxl::bench_unet_step(opts),
         "pixart-sigma" => crate::pipelines::pixart::bench_transformer_step(opts),
+        "qwen" => crate::verifiers::qwen_bench::bench_score_image(opts),
         other => Err(PipelineError::InvalidArgument(format!(
             "no benchmark named {other}; choose one of: {}",
             MODELS.join(", ")

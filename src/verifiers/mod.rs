@@ -14,6 +14,7 @@ pub mod gemini;
 pub mod http;
 pub mod openai;
 pub mod qwen;
+pub mod qwen_bench;
 
 pub use gemini::GeminiVerifier;
 pub use http::RetryPolicy;
