@@ -174,3 +174,33 @@ pub fn load(
         ))),
     }
 }
+
+/// Checks the call arguments every UNet pipeline shares: height and width positive multiples of
+/// the VAE scale factor, at least one step, a finite guidance scale. Errors name the config key.
+pub(crate) fn check_call_args(
+    height: usize,
+    width: usize,
+    vae_scale_factor: usize,
+    num_inference_steps: usize,
+    guidance_scale: f64,
+) -> Result<(), PipelineError> {
+    for (name, v) in [("height", height), ("width", width)] {
+        if v == 0 || v % vae_scale_factor != 0 {
+            return Err(PipelineError::InvalidArgument(format!(
+                "pipeline_call_args.{name} = {v} must be a positive multiple of \
+                 {vae_scale_factor} (the VAE scale factor of this model)"
+            )));
+        }
+    }
+    if num_inference_steps == 0 {
+        return Err(PipelineError::InvalidArgument(
+            "pipeline_call_args.num_inference_steps must be at least 1".into(),
+        ));
+    }
+    if !guidance_scale.is_finite() {
+        return Err(PipelineError::InvalidArgument(format!(
+            "pipeline_call_args.guidance_scale = {guidance_scale} must be a finite number"
+        )));
+    }
+    Ok(())
+}

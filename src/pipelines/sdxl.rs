@@ -372,29 +372,19 @@ impl SdxlPipeline {
         let default_size = unet_config.sample_size * vae_scale_factor;
         let height = call_args.height.unwrap_or(default_size);
         let width = call_args.width.unwrap_or(default_size);
-        for (name, v) in [("height", height), ("width", width)] {
-            if v == 0 || v % vae_scale_factor != 0 {
-                return Err(PipelineError::InvalidArgument(format!(
-                    "pipeline_call_args.{name} = {v} must be a positive multiple of \
-                     {vae_scale_factor} (the VAE scale factor of this model)"
-                )));
-            }
-        }
         let num_inference_steps = call_args
             .num_inference_steps
             .unwrap_or(DEFAULT_NUM_INFERENCE_STEPS);
-        if num_inference_steps == 0 {
-            return Err(PipelineError::InvalidArgument(
-                "pipeline_call_args.num_inference_steps must be at least 1".into(),
-            ));
-        }
-        scheduler(num_inference_steps)?;
         let guidance_scale = call_args.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
-        if !guidance_scale.is_finite() {
-            return Err(PipelineError::InvalidArgument(format!(
-                "pipeline_call_args.guidance_scale = {guidance_scale} must be a finite number"
-            )));
-        }
+        super::check_call_args(
+            height,
+            width,
+            vae_scale_factor,
+            num_inference_steps,
+            guidance_scale,
+        )?;
+        // Build the schedule once now so an unsupported scheduler or step count fails at load.
+        scheduler(num_inference_steps)?;
         Ok(Self {
             tokenizer,
             tokenizer_2,
