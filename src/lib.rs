@@ -9,6 +9,7 @@ pub mod collage;
 pub mod config;
 pub mod models;
 pub mod noise;
+pub mod ops;
 pub mod output;
 pub mod pipelines;
 pub mod prompts;

@@ -1,0 +1,198 @@
+// Fused scaled-dot-product attention (FlashAttention-2 style) on tensor cores.
+//
+// out[b, i, h, :] = sum_j softmax_j(scale * q[b, h, i, :] . k[b, h, j, :]) v[b, h, j, :]
+// over the keys j < key_lens[b] (all Lk keys when key_lens is null). The score matrix is never
+// materialised: each warp keeps 16 query rows, streams 64-key tiles of K and V through shared
+// memory, and keeps a running maximum and sum per row (online softmax), all in float32.
+//
+// q, k, v: 16-bit (bf16 or f16), innermost dimension contiguous, any batch/head/sequence strides
+// that are multiples of 8 elements, 16-byte aligned bases. out: contiguous (B, Lq, H, D).
+// Head sizes: D a multiple of 8 up to 160 (instantiated for 40, 64, 72, 80, 128, 160); the
+// product over D is zero-padded to a multiple of 16 in shared memory.
+// Grid (ceil(Lq / 64), H, B), 128 threads.
+#include "tt_common.cuh"
+
+#define TT_ATT_BM 64
+#define TT_ATT_BN 64
+#define TT_ATT_THREADS 128
+
+template <typename T, int D>
+__device__ __forceinline__ void tt_attention_impl(
+    const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, T *__restrict__ out,
+    const int *__restrict__ key_lens, int heads, int lq, int lk, long long q_sb, long long q_sh,
+    long long q_sl, long long k_sb, long long k_sh, long long k_sl, long long v_sb,
+    long long v_sh, long long v_sl, float scale_log2) {
+  constexpr int DP = (D + 15) / 16 * 16;  // padded head size: the k extent of Q·Kᵀ
+  constexpr int SROW = DP + 8;            // shared row stride; +8 spreads rows over banks
+  constexpr int KT = DP / 16;             // k-steps of Q·Kᵀ
+  constexpr int NT = D / 8;               // n-tiles of the output
+  constexpr int CH = DP / 8;              // 16-byte chunks per shared row
+  constexpr int ST = TT_ATT_BN / 8;       // n-tiles of a score tile
+  __shared__ __align__(16) T ks[TT_ATT_BN * SROW];
+  __shared__ __align__(16) T vs[TT_ATT_BN * SROW];
+
+  const int b = blockIdx.z;
+  const int h = blockIdx.y;
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  int kv_len = lk;
+  if (key_lens != nullptr) {
+    kv_len = key_lens[b];
+    if (kv_len > lk) kv_len = lk;
+    if (kv_len < 0) kv_len = 0;
+  }
+  const T *qp = q + b * q_sb + h * q_sh;
+  const T *kp = k + b * k_sb + h * k_sh;
+  const T *vp = v + b * v_sb + h * v_sh;
+  const int r0 = blockIdx.x * TT_ATT_BM + warp * 16 + g;  // this thread's rows: r0 and r0 + 8
+  const T zero = tt_from_float<T>(0.0f);
+
+  // The warp's 16 query rows as A fragments, straight from global memory (read once).
+  uint32_t qf[KT][4];
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = r0 + ((r & 1) ? 8 : 0);
+      const int col = kk * 16 + 2 * t + ((r & 2) ? 8 : 0);
+      T lo = zero, hi = zero;
+      if (row < lq && col < D) {
+        lo = qp[row * q_sl + col];
+        hi = qp[row * q_sl + col + 1];
+      }
+      qf[kk][r] = tt_pack2_raw<T>(lo, hi);
+    }
+  }
+
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.0f, 0.0f};  // this thread's share; summed over the quad at the end
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+
+  for (int kb = 0; kb < kv_len; kb += TT_ATT_BN) {
+    __syncthreads();  // the previous tile has been consumed
+    for (int i = tid; i < TT_ATT_BN * CH; i += TT_ATT_THREADS) {
+      const int row = i / CH;
+      const int c = (i % CH) * 8;
+      const int key = kb + row;
+      uint4 kc = make_uint4(0, 0, 0, 0);
+      uint4 vc = make_uint4(0, 0, 0, 0);
+      if (key < kv_len && c < D) {
+        kc = *reinterpret_cast<const uint4 *>(kp + key * k_sl + c);
+        vc = *reinterpret_cast<const uint4 *>(vp + key * v_sl + c);
+      }
+      *reinterpret_cast<uint4 *>(&ks[row * SROW + c]) = kc;
+      *reinterpret_cast<uint4 *>(&vs[row * SROW + c]) = vc;
+    }
+    __syncthreads();
+
+    // Scores of this warp's 16 rows against the tile's 64 keys.
+    float s[ST][4];
+#pragma unroll
+    for (int j = 0; j < ST; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < KT; ++kk) {
+        const T *kr = &ks[(j * 8 + g) * SROW + kk * 16 + 2 * t];
+        uint32_t bf[2];
+        bf[0] = *reinterpret_cast<const uint32_t *>(kr);
+        bf[1] = *reinterpret_cast<const uint32_t *>(kr + 8);
+        tt_mma_16816<T>(s[j], qf[kk], bf);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = kb + j * 8 + 2 * t + (e & 1);
+        s[j][e] = key < kv_len ? s[j][e] * scale_log2 : -INFINITY;
+      }
+    }
+
+    // Online softmax, per row (rr = 0: row r0, elements 0-1; rr = 1: row r0 + 8, elements 2-3).
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < ST; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * rr], s[j][2 * rr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(TT_FULL_MASK, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(TT_FULL_MASK, mx, 2));
+      const float new_max = fmaxf(row_max[rr], mx);
+      const float alpha = exp2f(row_max[rr] - new_max);
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < ST; ++j) {
+        s[j][2 * rr] = exp2f(s[j][2 * rr] - new_max);
+        s[j][2 * rr + 1] = exp2f(s[j][2 * rr + 1] - new_max);
+        sum += s[j][2 * rr] + s[j][2 * rr + 1];
+      }
+      row_sum[rr] = row_sum[rr] * alpha + sum;
+      row_max[rr] = new_max;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        acc[n][2 * rr] *= alpha;
+        acc[n][2 * rr + 1] *= alpha;
+      }
+    }
+
+    // acc += P·V; the score accumulators are already laid out as A fragments.
+#pragma unroll
+    for (int kk = 0; kk < TT_ATT_BN / 16; ++kk) {
+      uint32_t pf[4];
+      pf[0] = tt_pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pf[1] = tt_pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      pf[2] = tt_pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pf[3] = tt_pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      const T *v0 = &vs[(kk * 16 + 2 * t) * SROW + g];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const T *vc = v0 + n * 8;
+        uint32_t bf[2];
+        bf[0] = tt_pack2_raw<T>(vc[0], vc[SROW]);
+        bf[1] = tt_pack2_raw<T>(vc[8 * SROW], vc[9 * SROW]);
+        tt_mma_16816<T>(acc[n], pf, bf);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float l = row_sum[rr];
+    l += __shfl_xor_sync(TT_FULL_MASK, l, 1);
+    l += __shfl_xor_sync(TT_FULL_MASK, l, 2);
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const int row = r0 + 8 * rr;
+    if (row < lq) {
+      T *op = out + ((static_cast<long long>(b) * lq + row) * heads + h) * D;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const int col = n * 8 + 2 * t;
+        op[col] = tt_from_float<T>(acc[n][2 * rr] * inv);
+        op[col + 1] = tt_from_float<T>(acc[n][2 * rr + 1] * inv);
+      }
+    }
+  }
+}
+
+#define TT_ATTENTION(NAME, T, D)                                                                 \
+  extern "C" __global__ void __launch_bounds__(TT_ATT_THREADS) NAME(                           \
+      const T *q, const T *k, const T *v, T *out, const int *key_lens, int heads, int lq,        \
+      int lk, long long q_sb, long long q_sh, long long q_sl, long long k_sb, long long k_sh,    \
+      long long k_sl, long long v_sb, long long v_sh, long long v_sl, float scale_log2) {        \
+    tt_attention_impl<T, D>(q, k, v, out, key_lens, heads, lq, lk, q_sb, q_sh, q_sl, k_sb, k_sh, \
+                            k_sl, v_sb, v_sh, v_sl, scale_log2);                                 \
+  }
+
+TT_ATTENTION(tt_attention_bf16_d40, tt_bf16, 40)
+TT_ATTENTION(tt_attention_bf16_d64, tt_bf16, 64)
+TT_ATTENTION(tt_attention_bf16_d72, tt_bf16, 72)
+TT_ATTENTION(tt_attention_bf16_d80, tt_bf16, 80)
+TT_ATTENTION(tt_attention_bf16_d128, tt_bf16, 128)
+TT_ATTENTION(tt_attention_bf16_d160, tt_bf16, 160)
+TT_ATTENTION(tt_attention_f16_d40, tt_f16, 40)
+TT_ATTENTION(tt_attention_f16_d64, tt_f16, 64)
+TT_ATTENTION(tt_attention_f16_d72, tt_f16, 72)
+TT_ATTENTION(tt_attention_f16_d80, tt_f16, 80)
+TT_ATTENTION(tt_attention_f16_d128, tt_f16, 128)
+TT_ATTENTION(tt_attention_f16_d160, tt_f16, 160)

@@ -1,0 +1,163 @@
+// Normalisations fused with what follows them in the transformer blocks.
+#include "tt_common.cuh"
+
+// Layer norm over the last dimension fused with the optional affine parameters and the adaLN
+// modulation, one row per block (256 threads), statistics in float32:
+//   y = ((x - mean) / sqrt(var + eps) * weight + bias) * (1 + scale) + shift
+// x, y: contiguous (rows, cols). weight, bias: (cols) or null. shift, scale: null, or one row of
+// `cols` per group of `rows_per_group` consecutive rows (row r uses group r / rows_per_group),
+// groups `mod_stride` elements apart (a chunk of the modulation vector (B, 1, n * cols)).
+template <typename T>
+__device__ __forceinline__ void tt_layer_norm_mod_impl(const T *__restrict__ x, T *__restrict__ y,
+                                                       const T *__restrict__ weight,
+                                                       const T *__restrict__ bias,
+                                                       const T *__restrict__ shift,
+                                                       const T *__restrict__ scale, int cols,
+                                                       int rows_per_group, long long mod_stride,
+                                                       float eps) {
+  __shared__ float scratch[32];
+  const long long row = blockIdx.x;
+  const T *xr = x + row * cols;
+  T *yr = y + row * cols;
+  float sum = 0.0f;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) sum += tt_to_float(xr[c]);
+  const float mean = tt_block_sum(sum, scratch) / cols;
+  float sq = 0.0f;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float d = tt_to_float(xr[c]) - mean;
+    sq += d * d;
+  }
+  const float rstd = rsqrtf(tt_block_sum(sq, scratch) / cols + eps);
+  const long long group = row / rows_per_group;
+  const T *sh = shift != nullptr ? shift + group * mod_stride : nullptr;
+  const T *sc = scale != nullptr ? scale + group * mod_stride : nullptr;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    float v = (tt_to_float(xr[c]) - mean) * rstd;
+    if (weight != nullptr) v *= tt_to_float(weight[c]);
+    if (bias != nullptr) v += tt_to_float(bias[c]);
+    if (sc != nullptr) v *= 1.0f + tt_to_float(sc[c]);
+    if (sh != nullptr) v += tt_to_float(sh[c]);
+    yr[c] = tt_from_float<T>(v);
+  }
+}
+
+#define TT_LAYER_NORM_MOD(NAME, T)                                                              \
+  extern "C" __global__ void NAME(const T *x, T *y, const T *weight, const T *bias,           \
+                                  const T *shift, const T *scale, int cols, int rows_per_group, \
+                                  long long mod_stride, float eps) {                            \
+    tt_layer_norm_mod_impl<T>(x, y, weight, bias, shift, scale, cols, rows_per_group,           \
+                              mod_stride, eps);                                                 \
+  }
+
+TT_LAYER_NORM_MOD(tt_layer_norm_mod_f32, float)
+TT_LAYER_NORM_MOD(tt_layer_norm_mod_bf16, tt_bf16)
+TT_LAYER_NORM_MOD(tt_layer_norm_mod_f16, tt_f16)
+
+// Flux's query/key preparation in one pass: from the fused projection qkv (B, L, >= 3·H·D, rows
+// `row_stride` elements apart; q, k, v at columns 0, H·D, 2·H·D), writes out (3, B, L, H, D):
+//   out[0] = rope(rms_norm(q) * q_weight), out[1] = rope(rms_norm(k) * k_weight), out[2] = v.
+// rms_norm: x / sqrt(mean(x²) + eps) rounded to T, times the weight rounded to T (diffusers'
+// RMSNorm). rope rotates pairs (2i, 2i+1) by the angle of row pos_offset + l of cos/sin
+// ((P, D/2) float32), in float32: (a, b) -> (a cos - b sin, a sin + b cos).
+// One warp per (b, l, h): grid (ceil(B·L·H / 8)), 256 threads.
+template <typename T>
+__device__ __forceinline__ void tt_qk_norm_rope_impl(
+    const T *__restrict__ qkv, long long row_stride, T *__restrict__ out,
+    const T *__restrict__ q_weight, const T *__restrict__ k_weight, const float *__restrict__ cos_t,
+    const float *__restrict__ sin_t, int pos_offset, int batch, int len, int heads, int dim,
+    float eps) {
+  const long long item = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  const long long items = static_cast<long long>(batch) * len * heads;
+  if (item >= items) return;  // whole warps only: no block-wide synchronisation below
+  const int h = static_cast<int>(item % heads);
+  const long long bl = item / heads;  // b * len + l
+  const int l = static_cast<int>(bl % len);
+  const int half = dim / 2;
+  const long long hd = static_cast<long long>(heads) * dim;
+  const T *src = qkv + bl * row_stride + static_cast<long long>(h) * dim;
+  const long long plane = static_cast<long long>(batch) * len * hd;
+  T *dst = out + bl * hd + static_cast<long long>(h) * dim;
+  const float *cr = cos_t + static_cast<long long>(pos_offset + l) * half;
+  const float *sr = sin_t + static_cast<long long>(pos_offset + l) * half;
+  for (int which = 0; which < 2; ++which) {
+    const T *xs = src + which * hd;
+    const T *w = which == 0 ? q_weight : k_weight;
+    T *ys = dst + which * plane;
+    float ss = 0.0f;
+    for (int i = lane; i < dim; i += 32) {
+      const float a = tt_to_float(xs[i]);
+      ss += a * a;
+    }
+    const float rstd = rsqrtf(tt_warp_sum(ss) / dim + eps);
+    for (int p = lane; p < half; p += 32) {
+      const float a = tt_to_float(tt_from_float<T>(
+          tt_to_float(tt_from_float<T>(tt_to_float(xs[2 * p]) * rstd)) * tt_to_float(w[2 * p])));
+      const float b = tt_to_float(tt_from_float<T>(
+          tt_to_float(tt_from_float<T>(tt_to_float(xs[2 * p + 1]) * rstd)) *
+          tt_to_float(w[2 * p + 1])));
+      ys[2 * p] = tt_from_float<T>(a * cr[p] - b * sr[p]);
+      ys[2 * p + 1] = tt_from_float<T>(a * sr[p] + b * cr[p]);
+    }
+  }
+  const T *vs = src + 2 * hd;
+  T *vd = dst + 2 * plane;
+  for (int i = lane; i < dim; i += 32) vd[i] = vs[i];
+}
+
+#define TT_QK_NORM_ROPE(NAME, T)                                                                \
+  extern "C" __global__ void NAME(const T *qkv, long long row_stride, T *out, const T *q_weight, \
+                                  const T *k_weight, const float *cos_t, const float *sin_t,     \
+                                  int pos_offset, int batch, int len, int heads, int dim,        \
+                                  float eps) {                                                   \
+    tt_qk_norm_rope_impl<T>(qkv, row_stride, out, q_weight, k_weight, cos_t, sin_t, pos_offset, \
+                            batch, len, heads, dim, eps);                                        \
+  }
+
+TT_QK_NORM_ROPE(tt_qk_norm_rope_f32, float)
+TT_QK_NORM_ROPE(tt_qk_norm_rope_bf16, tt_bf16)
+TT_QK_NORM_ROPE(tt_qk_norm_rope_f16, tt_f16)
+
+// GELU with the tanh approximation, elementwise over n contiguous elements (float32 inside):
+//   y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))
+template <typename T>
+__device__ __forceinline__ void tt_gelu_tanh_impl(const T *__restrict__ x, T *__restrict__ y,
+                                                  long long n) {
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    const float a = tt_to_float(x[i]);
+    const float inner = 0.7978845608028654f * (a + 0.044715f * a * a * a);
+    y[i] = tt_from_float<T>(0.5f * a * (1.0f + tanhf(inner)));
+  }
+}
+
+// GEGLU (diffusers' GEGLU, exact erf GELU): x (rows, 2·inner) -> y (rows, inner),
+//   y[r, c] = x[r, c] * gelu(x[r, inner + c]),  gelu(g) = 0.5 g (1 + erf(g / sqrt 2))
+template <typename T>
+__device__ __forceinline__ void tt_geglu_impl(const T *__restrict__ x, T *__restrict__ y,
+                                              long long rows, int inner) {
+  const long long n = rows * inner;
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    const long long r = i / inner;
+    const int c = static_cast<int>(i % inner);
+    const float a = tt_to_float(x[r * 2 * inner + c]);
+    const float gate = tt_to_float(x[r * 2 * inner + inner + c]);
+    const float ge = 0.5f * gate * (1.0f + erff(gate * 0.7071067811865476f));
+    y[i] = tt_from_float<T>(a * tt_to_float(tt_from_float<T>(ge)));
+  }
+}
+
+#define TT_GELU(NAME, GEGLU, T)                                                           \
+  extern "C" __global__ void NAME(const T *x, T *y, long long n) {                        \
+    tt_gelu_tanh_impl<T>(x, y, n);                                                        \
+  }                                                                                       \
+  extern "C" __global__ void GEGLU(const T *x, T *y, long long rows, int inner) {         \
+    tt_geglu_impl<T>(x, y, rows, inner);                                                  \
+  }
+
+TT_GELU(tt_gelu_tanh_f32, tt_geglu_f32, float)
+TT_GELU(tt_gelu_tanh_bf16, tt_geglu_bf16, tt_bf16)
+TT_GELU(tt_gelu_tanh_f16, tt_geglu_f16, tt_f16)

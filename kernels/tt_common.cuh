@@ -1,0 +1,117 @@
+// Shared device helpers of tt-scale's kernels: element conversions, warp reductions and the
+// tensor-core product. Compiled by nvcc (build.rs) for the GPU, and, with TT_CUDA_EMU defined, by a
+// host C++ compiler on top of kernels/emu/cuda_emu.h, which runs the same kernels on CPU threads
+// (tests/cuda_emulated.rs). Kernels use only what this header and the emulator both provide.
+#pragma once
+
+#ifdef TT_CUDA_EMU
+#include "emu/cuda_emu.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#endif
+
+#define TT_FULL_MASK 0xffffffffu
+
+typedef __nv_bfloat16 tt_bf16;
+typedef __half tt_f16;
+
+// Element <-> float conversions (round to nearest even on the way back).
+__device__ __forceinline__ float tt_to_float(float x) { return x; }
+__device__ __forceinline__ float tt_to_float(tt_bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float tt_to_float(tt_f16 x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T tt_from_float(float x);
+template <> __device__ __forceinline__ float tt_from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ tt_bf16 tt_from_float<tt_bf16>(float x) {
+  return __float2bfloat16(x);
+}
+template <> __device__ __forceinline__ tt_f16 tt_from_float<tt_f16>(float x) {
+  return __float2half(x);
+}
+
+// Two 16-bit elements packed in one 32-bit register, the low half first (the layout of the
+// tensor-core fragments).
+template <typename T> __device__ __forceinline__ uint32_t tt_pack2(float lo, float hi) {
+  T l = tt_from_float<T>(lo);
+  T h = tt_from_float<T>(hi);
+  uint16_t lb, hb;
+  memcpy(&lb, &l, 2);
+  memcpy(&hb, &h, 2);
+  return (uint32_t)lb | ((uint32_t)hb << 16);
+}
+
+template <typename T> __device__ __forceinline__ uint32_t tt_pack2_raw(T lo, T hi) {
+  uint16_t lb, hb;
+  memcpy(&lb, &lo, 2);
+  memcpy(&hb, &hi, 2);
+  return (uint32_t)lb | ((uint32_t)hb << 16);
+}
+
+// Sum and max over the 32 lanes of a warp; every lane gets the result.
+__device__ __forceinline__ float tt_warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(TT_FULL_MASK, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float tt_warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(TT_FULL_MASK, v, o));
+  return v;
+}
+
+// Sum over a whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the
+// result. `scratch` is 32 floats of shared memory; the call synchronises the block twice.
+__device__ __forceinline__ float tt_block_sum(float v, float *scratch) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warps = blockDim.x >> 5;
+  v = tt_warp_sum(v);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+  for (int w = 0; w < warps; ++w) total += scratch[w];
+  return total;
+}
+
+// D += A·B on tensor cores, one m16n8k16 product per warp with float accumulators.
+// Fragment layout (PTX ISA, mma.m16n8k16, 16-bit A/B), with g = lane / 4 and t = lane % 4:
+//   a[0] = A[g][2t, 2t+1]     a[1] = A[g+8][2t, 2t+1]
+//   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   b[0] = B[2t, 2t+1][g]     b[1] = B[2t+8, 2t+9][g]
+//   d[0..1] = D[g][2t, 2t+1]  d[2..3] = D[g+8][2t, 2t+1]
+template <typename T>
+__device__ __forceinline__ void tt_mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2]);
+
+#ifdef TT_CUDA_EMU
+template <>
+__device__ __forceinline__ void tt_mma_16816<tt_bf16>(float d[4], const uint32_t a[4],
+                                                      const uint32_t b[2]) {
+  tt_emu_mma_16816(d, a, b, /*bf16=*/true);
+}
+template <>
+__device__ __forceinline__ void tt_mma_16816<tt_f16>(float d[4], const uint32_t a[4],
+                                                     const uint32_t b[2]) {
+  tt_emu_mma_16816(d, a, b, /*bf16=*/false);
+}
+#else
+template <>
+__device__ __forceinline__ void tt_mma_16816<tt_bf16>(float d[4], const uint32_t a[4],
+                                                      const uint32_t b[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void tt_mma_16816<tt_f16>(float d[4], const uint32_t a[4],
+                                                     const uint32_t b[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif

@@ -1,0 +1,488 @@
+//! Launching the project's CUDA kernels (PTX embedded at build time, see build.rs) and cuBLASLt.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublaslt::{self, CudaBlasLT, Matmul, MatmulConfig};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+
+use super::fused::{Activation, AttentionOp, GeluOp, LayerNormModOp, LinearOp, QkNormRopeOp};
+
+const ATTENTION_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_sm80.ptx"));
+const ATTENTION_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_sm90.ptx"));
+const NORM_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/norm_sm80.ptx"));
+const NORM_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/norm_sm90.ptx"));
+
+/// Whether the device is Hopper or newer (picks the compute_90 PTX).
+fn hopper(dev: &CudaDevice) -> bool {
+    static MAJOR: OnceLock<i32> = OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        dev.cuda_stream()
+            .context()
+            .compute_capability()
+            .map(|(major, _)| major)
+            .unwrap_or(8)
+    }) >= 9
+}
+
+/// The PTX of a kernel file for this device, and the name candle caches its module under.
+fn module(dev: &CudaDevice, file: Kernels) -> (&'static str, &'static str) {
+    match (file, hopper(dev)) {
+        (Kernels::Attention, false) => (ATTENTION_SM80, "tt-attention-sm80"),
+        (Kernels::Attention, true) => (ATTENTION_SM90, "tt-attention-sm90"),
+        (Kernels::Norm, false) => (NORM_SM80, "tt-norm-sm80"),
+        (Kernels::Norm, true) => (NORM_SM90, "tt-norm-sm90"),
+    }
+}
+
+/// The kernel files (kernels/*.cu).
+#[derive(Clone, Copy)]
+enum Kernels {
+    Attention,
+    Norm,
+}
+
+/// Loads (once per device) and returns kernel `name` of `file`.
+macro_rules! kernel {
+    ($dev:expr, $file:expr, $name:expr) => {{
+        let (ptx, id) = module($dev, $file);
+        $dev.get_or_load_custom_func(&$name, id, ptx)?
+    }};
+}
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => bail!("the fused kernels take f32, bf16 or f16, not {other:?}"),
+    })
+}
+
+/// `storage` from the layout's start offset on.
+fn view<'a, T: CudaDType>(storage: &'a CudaStorage, layout: &Layout) -> Result<CudaView<'a, T>> {
+    Ok(storage.as_cuda_slice::<T>()?.slice(layout.start_offset()..))
+}
+
+/// Runs `f` with a held tensor's CUDA storage and layout.
+fn with_cuda<R>(t: &Tensor, f: impl FnOnce(&CudaStorage, &Layout) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cuda(s) => f(s, layout),
+        _ => bail!("fused op: an operand is not on the CUDA device"),
+    }
+}
+
+/// A device pointer as a kernel argument (0 for an absent operand), with the operand's view
+/// kept alive by the caller.
+fn ptr<T>(v: Option<&CudaView<'_, T>>, dev: &CudaDevice) -> u64 {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    match v {
+        Some(v) => {
+            let stream = dev.cuda_stream();
+            let (p, _sync) = v.device_ptr(&stream);
+            p
+        }
+        None => 0,
+    }
+}
+
+pub(super) fn attention(
+    op: &AttentionOp,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    match s1.dtype() {
+        DType::BF16 => attention_t::<half::bf16>(op, s1, l1, s2, l2, s3, l3),
+        DType::F16 => attention_t::<half::f16>(op, s1, l1, s2, l2, s3, l3),
+        other => bail!("fused attention takes bf16 or f16, not {other:?}"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_t<T: CudaDType + DeviceRepr>(
+    op: &AttentionOp,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &s1.device;
+    let (b, h, lq, d) = l1.shape().dims4()?;
+    let lk = l2.dims()[2];
+    if !super::ATTENTION_HEAD_DIMS.contains(&d) {
+        bail!("fused attention has no kernel for head size {d}");
+    }
+    for l in [l1, l2, l3] {
+        if !super::attention_layout_ok(l.stride(), l.start_offset()) {
+            bail!("fused attention needs unit inner strides and 8-element aligned strides and offsets, got {:?} at {}", l.stride(), l.start_offset());
+        }
+    }
+    let func = kernel!(
+        dev,
+        Kernels::Attention,
+        format!("tt_attention_{}_d{d}", suffix(s1.dtype())?)
+    );
+    let out: CudaSlice<T> = unsafe { dev.alloc::<T>(b * lq * h * d)? };
+    let (q, k, v) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?, view::<T>(s3, l3)?);
+    let lens: Option<CudaSlice<i32>> = match &op.key_lens {
+        Some(l) => {
+            let host: Vec<i32> = l.iter().map(|&n| n as i32).collect();
+            Some(dev.cuda_stream().clone_htod(&host).w()?)
+        }
+        None => None,
+    };
+    let lens_view = lens.as_ref().map(|l| l.slice(..));
+    let lens_ptr = ptr(lens_view.as_ref(), dev);
+    let (heads, lq_i, lk_i) = (h as i32, lq as i32, lk as i32);
+    let st = |l: &Layout| -> [i64; 3] {
+        let s = l.stride();
+        [s[0] as i64, s[1] as i64, s[2] as i64]
+    };
+    let (qs, ks, vs) = (st(l1), st(l2), st(l3));
+    let scale_log2 = op.scale * std::f32::consts::LOG2_E;
+    let mut launch = func.builder();
+    launch.arg(&q).arg(&k).arg(&v).arg(&out).arg(&lens_ptr);
+    launch.arg(&heads).arg(&lq_i).arg(&lk_i);
+    for s in [&qs, &ks, &vs] {
+        launch.arg(&s[0]).arg(&s[1]).arg(&s[2]);
+    }
+    launch.arg(&scale_log2);
+    let cfg = LaunchConfig {
+        grid_dim: (lq.div_ceil(64) as u32, h as u32, b as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { launch.launch(cfg) }.w()?;
+    drop(lens_view);
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from((b, lq, h, d)),
+    ))
+}
+
+pub(super) fn layer_norm_modulate(
+    op: &LayerNormModOp,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    match s.dtype() {
+        DType::F32 => layer_norm_modulate_t::<f32>(op, s, l),
+        DType::BF16 => layer_norm_modulate_t::<half::bf16>(op, s, l),
+        DType::F16 => layer_norm_modulate_t::<half::f16>(op, s, l),
+        other => bail!("fused layer norm takes f32, bf16 or f16, not {other:?}"),
+    }
+}
+
+/// The held operand's view, if any, and the batch stride of a (B, C) modulation operand.
+fn held<'a, T: CudaDType>(
+    guard: &'a Option<(candle_core::StorageRef<'a>, Layout)>,
+) -> Result<Option<(CudaView<'a, T>, i64)>> {
+    match guard {
+        None => Ok(None),
+        Some((storage, layout)) => match &**storage {
+            Storage::Cuda(s) => {
+                if layout.stride().last().copied().unwrap_or(1) != 1
+                    && layout.dims().last() != Some(&1)
+                {
+                    bail!("fused op: operand rows must be contiguous");
+                }
+                let batch = if layout.dims().len() == 2 {
+                    layout.stride()[0] as i64
+                } else {
+                    0
+                };
+                Ok(Some((view::<T>(s, layout)?, batch)))
+            }
+            _ => bail!("fused op: an operand is not on the CUDA device"),
+        },
+    }
+}
+
+fn lock(t: &Option<Tensor>) -> Option<(candle_core::StorageRef<'_>, Layout)> {
+    t.as_ref().map(|t| {
+        let (s, l) = t.storage_and_layout();
+        (s, l.clone())
+    })
+}
+
+fn layer_norm_modulate_t<T: CudaDType + DeviceRepr>(
+    op: &LayerNormModOp,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &s.device;
+    let cols = *l.dims().last().unwrap_or(&1);
+    let rows = l.shape().elem_count() / cols.max(1);
+    let func = kernel!(
+        dev,
+        Kernels::Norm,
+        format!("tt_layer_norm_mod_{}", suffix(s.dtype())?)
+    );
+    let out: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * cols)? };
+    let x = view::<T>(s, l)?;
+    let (wg, bg, shg, scg) = (
+        lock(&op.weight),
+        lock(&op.bias),
+        lock(&op.shift),
+        lock(&op.scale),
+    );
+    let (w, b) = (held::<T>(&wg)?, held::<T>(&bg)?);
+    let (shift, scale) = (held::<T>(&shg)?, held::<T>(&scg)?);
+    if let (Some((_, a)), Some((_, c))) = (&shift, &scale) {
+        if a != c {
+            bail!("fused layer norm: shift and scale must share one batch stride");
+        }
+    }
+    let mod_stride = shift.as_ref().or(scale.as_ref()).map_or(0, |(_, s)| *s);
+    let ptrs = [
+        ptr(w.as_ref().map(|(v, _)| v), dev),
+        ptr(b.as_ref().map(|(v, _)| v), dev),
+        ptr(shift.as_ref().map(|(v, _)| v), dev),
+        ptr(scale.as_ref().map(|(v, _)| v), dev),
+    ];
+    let (cols_i, rpg, eps) = (cols as i32, op.rows_per_group.max(1) as i32, op.eps);
+    let mut launch = func.builder();
+    launch.arg(&x).arg(&out);
+    for p in &ptrs {
+        launch.arg(p);
+    }
+    launch.arg(&cols_i).arg(&rpg).arg(&mod_stride).arg(&eps);
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { launch.launch(cfg) }.w()?;
+    drop((w, b, shift, scale));
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        l.shape().clone(),
+    ))
+}
+
+pub(super) fn qk_norm_rope(
+    op: &QkNormRopeOp,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    match s.dtype() {
+        DType::F32 => qk_norm_rope_t::<f32>(op, s, l),
+        DType::BF16 => qk_norm_rope_t::<half::bf16>(op, s, l),
+        DType::F16 => qk_norm_rope_t::<half::f16>(op, s, l),
+        other => bail!("fused q/k norm takes f32, bf16 or f16, not {other:?}"),
+    }
+}
+
+fn qk_norm_rope_t<T: CudaDType + DeviceRepr>(
+    op: &QkNormRopeOp,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &s.device;
+    let (b, len, _width) = l.shape().dims3()?;
+    let (h, d) = (op.heads, op.dim);
+    let func = kernel!(
+        dev,
+        Kernels::Norm,
+        format!("tt_qk_norm_rope_{}", suffix(s.dtype())?)
+    );
+    let out: CudaSlice<T> = unsafe { dev.alloc::<T>(3 * b * len * h * d)? };
+    let x = view::<T>(s, l)?;
+    let row_stride = l.stride()[1] as i64;
+    with_cuda(&op.q_weight, |qs, ql| {
+        with_cuda(&op.k_weight, |kst, kl| {
+            with_cuda(&op.cos, |cs, cl| {
+                with_cuda(&op.sin, |ss, sl| {
+                    let (qw, kw) = (view::<T>(qs, ql)?, view::<T>(kst, kl)?);
+                    let (cos, sin) = (view::<f32>(cs, cl)?, view::<f32>(ss, sl)?);
+                    let (pos, bi, li, hi, di) = (
+                        op.pos_offset as i32,
+                        b as i32,
+                        len as i32,
+                        h as i32,
+                        d as i32,
+                    );
+                    let eps = op.eps;
+                    let mut launch = func.builder();
+                    launch.arg(&x).arg(&row_stride).arg(&out).arg(&qw).arg(&kw);
+                    launch
+                        .arg(&cos)
+                        .arg(&sin)
+                        .arg(&pos)
+                        .arg(&bi)
+                        .arg(&li)
+                        .arg(&hi)
+                        .arg(&di);
+                    launch.arg(&eps);
+                    let items = (b * len * h) as u32;
+                    let cfg = LaunchConfig {
+                        grid_dim: (items.div_ceil(8), 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    unsafe { launch.launch(cfg) }.w()?;
+                    Ok(())
+                })
+            })
+        })
+    })?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from((3, b, len, h, d)),
+    ))
+}
+
+pub(super) fn gelu(op: &GeluOp, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    match s.dtype() {
+        DType::F32 => gelu_t::<f32>(op, s, l),
+        DType::BF16 => gelu_t::<half::bf16>(op, s, l),
+        DType::F16 => gelu_t::<half::f16>(op, s, l),
+        other => bail!("fused GELU takes f32, bf16 or f16, not {other:?}"),
+    }
+}
+
+fn gelu_t<T: CudaDType + DeviceRepr>(
+    op: &GeluOp,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &s.device;
+    let sfx = suffix(s.dtype())?;
+    let n = l.shape().elem_count();
+    let x = view::<T>(s, l)?;
+    let blocks = |work: usize| (work.div_ceil(256).clamp(1, 65_535)) as u32;
+    let (out, shape, grid) = match op {
+        GeluOp::Tanh => {
+            let out: CudaSlice<T> = unsafe { dev.alloc::<T>(n)? };
+            (out, l.shape().clone(), blocks(n))
+        }
+        GeluOp::Geglu => {
+            let mut dims = l.dims().to_vec();
+            let two = dims.last().copied().unwrap_or(0);
+            if let Some(last) = dims.last_mut() {
+                *last = two / 2;
+            }
+            let out: CudaSlice<T> = unsafe { dev.alloc::<T>(n / 2)? };
+            (out, Shape::from(dims), blocks(n / 2))
+        }
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    match op {
+        GeluOp::Tanh => {
+            let func = kernel!(dev, Kernels::Norm, format!("tt_gelu_tanh_{sfx}"));
+            let count = n as i64;
+            let mut launch = func.builder();
+            launch.arg(&x).arg(&out).arg(&count);
+            unsafe { launch.launch(cfg) }.w()?;
+        }
+        GeluOp::Geglu => {
+            let func = kernel!(dev, Kernels::Norm, format!("tt_geglu_{sfx}"));
+            let inner = (l.dims().last().copied().unwrap_or(0) / 2) as i32;
+            let rows = (n / 2 / (inner.max(1) as usize)) as i64;
+            let mut launch = func.builder();
+            launch.arg(&x).arg(&out).arg(&rows).arg(&inner);
+            unsafe { launch.launch(cfg) }.w()?;
+        }
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+}
+
+fn lt_error(e: cublaslt::result::CublasError) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cuBLASLt: {e:?}"))
+}
+
+/// One cuBLASLt handle (with its workspace) per device.
+fn blas_lt(dev: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
+    static HANDLES: OnceLock<Mutex<HashMap<DeviceId, Arc<CudaBlasLT>>>> = OnceLock::new();
+    let mut map = HANDLES
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(h) = map.get(&dev.id()) {
+        return Ok(h.clone());
+    }
+    let handle = Arc::new(CudaBlasLT::new(dev.cuda_stream()).map_err(lt_error)?);
+    map.insert(dev.id(), handle.clone());
+    Ok(handle)
+}
+
+pub(super) fn linear(op: &LinearOp, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    match s.dtype() {
+        DType::BF16 => linear_t::<half::bf16>(op, s, l),
+        DType::F16 => linear_t::<half::f16>(op, s, l),
+        other => bail!("the cuBLASLt linear takes bf16 or f16, not {other:?}"),
+    }
+}
+
+fn linear_t<T: CudaDType + DeviceRepr>(
+    op: &LinearOp,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<(CudaStorage, Shape)>
+where
+    CudaBlasLT: Matmul<T>,
+{
+    let dev = &s.device;
+    let (n, k) = op.weight.dims2()?;
+    let m = l.shape().elem_count() / k.max(1);
+    let lt = blas_lt(dev)?;
+    let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(m * n)? };
+    let x = view::<T>(s, l)?;
+    with_cuda(&op.weight, |ws, wl| {
+        let w = view::<T>(ws, wl)?;
+        let bias_guard = op.bias.as_ref().map(|b| {
+            let (st, lay) = b.storage_and_layout();
+            (st, lay.clone())
+        });
+        let bias = held::<T>(&bias_guard)?.map(|(v, _)| v);
+        // Row-major out (m, n) = x (m, k) · wᵀ is column-major outᵀ (n, m) = w (n, k) · xᵀ.
+        let cfg = MatmulConfig {
+            transa: true,
+            transb: false,
+            transc: false,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            alpha: 1.0,
+            lda: k as i64,
+            ldb: k as i64,
+            beta: 0.0,
+            ldc: n as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        let act = op.activation.map(|a| match a {
+            Activation::GeluTanh => cublaslt::Activation::Gelu,
+        });
+        unsafe { lt.matmul(cfg, &w, &x, &mut out, bias.as_ref(), act.as_ref()) }
+            .map_err(lt_error)?;
+        Ok(())
+    })?;
+    let mut dims = l.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from(dims),
+    ))
+}

@@ -1,0 +1,612 @@
+//! The fused operations as candle custom ops: each runs the project's CUDA kernel on a CUDA
+//! device and a plain float32 implementation of the same function on the CPU (the reference the
+//! GPU tests compare against). These functions always take the fused path; models go through
+//! the dispatching helpers of [`super`].
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+/// The activation fused into [`linear`]'s epilogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// GELU, tanh approximation (`0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))`).
+    GeluTanh,
+}
+
+/// Scaled-dot-product attention without a materialised score matrix.
+///
+/// `q` (B, H, Lq, D), `k` and `v` (B, H, Lk, D), any strides; `scale` multiplies the scores
+/// (usually `1/sqrt(D)`); `key_lens` (B values) keeps only the first `key_lens[b]` keys of batch
+/// row `b` (text padding). Returns (B, H, Lq, D), a transposed view of a contiguous
+/// (B, Lq, H, D) tensor, so that `.transpose(1, 2)?.reshape((B, Lq, H·D))` is free.
+/// On CUDA: bf16/f16, D in [`super::ATTENTION_HEAD_DIMS`], strides and offsets multiples of 8.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    key_lens: Option<&[u32]>,
+) -> Result<Tensor> {
+    let (b, h, _lq, d) = q.dims4()?;
+    let (kb, kh, lk, kd) = k.dims4()?;
+    if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() {
+        bail!(
+            "attention: q {:?}, k {:?} and v {:?} do not fit (B, H, L, D)",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        bail!("attention: q, k and v must share one dtype");
+    }
+    if let Some(lens) = key_lens {
+        if lens.len() != b {
+            bail!("attention: {} key lengths for a batch of {b}", lens.len());
+        }
+    }
+    let op = AttentionOp {
+        scale: scale as f32,
+        key_lens: key_lens.map(|l| l.iter().map(|&n| n.min(lk as u32)).collect()),
+    };
+    q.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2)
+}
+
+/// Layer norm over the last dimension fused with its optional affine parameters and the adaLN
+/// modulation: `((x - mean)/sqrt(var + eps) · weight + bias) · (1 + scale) + shift`.
+///
+/// `x` (B, L, C); `weight`, `bias` (C); `shift`, `scale` (B, 1, C) or (B, C), any batch stride
+/// (e.g. chunks of one modulation vector). Returns (B, L, C) in `x`'s dtype; float32 inside.
+pub fn layer_norm_modulate(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    shift: Option<&Tensor>,
+    scale: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let (b, l, c) = x.dims3()?;
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if let Some(t) = t {
+            if t.dims() != [c] {
+                bail!("layer_norm_modulate: {name} {:?} is not ({c})", t.dims());
+            }
+        }
+    }
+    let modulation = |name: &str, t: Option<&Tensor>| -> Result<Option<Tensor>> {
+        let Some(t) = t else { return Ok(None) };
+        let t = match t.rank() {
+            3 if t.dim(1)? == 1 => t.squeeze(1)?,
+            _ => t.clone(),
+        };
+        if t.dims() != [b, c] {
+            bail!(
+                "layer_norm_modulate: {name} {:?} is not (B, 1, C) = ({b}, 1, {c})",
+                t.dims()
+            );
+        }
+        Ok(Some(t))
+    };
+    for t in [weight, bias, shift, scale].into_iter().flatten() {
+        if t.dtype() != x.dtype() {
+            bail!("layer_norm_modulate: every operand must have x's dtype");
+        }
+    }
+    let op = LayerNormModOp {
+        weight: weight.cloned(),
+        bias: bias.cloned(),
+        shift: modulation("shift", shift)?,
+        scale: modulation("scale", scale)?,
+        eps: eps as f32,
+        rows_per_group: l,
+    };
+    x.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+/// Flux's query/key preparation in one pass. `qkv` (B, L, ≥ 3·H·D) holds q, k and v at columns
+/// 0, H·D and 2·H·D (rows may be longer, as in Flux's single blocks); `q_weight`, `k_weight`
+/// (D) are the RMS norms' scales; `cos`, `sin` (P, D/2) float32 rotary tables whose rows
+/// `pos_offset..pos_offset + L` belong to these tokens. Returns (3, B, L, H, D):
+/// rope(rms_norm(q)), rope(rms_norm(k)), v; pairs (2i, 2i+1) rotate by angle i.
+#[allow(clippy::too_many_arguments)]
+pub fn qk_norm_rope(
+    qkv: &Tensor,
+    heads: usize,
+    q_weight: &Tensor,
+    k_weight: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    pos_offset: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    let (_b, l, width) = qkv.dims3()?;
+    let d = q_weight.dim(0)?;
+    if d % 2 != 0 || 3 * heads * d > width || k_weight.dims() != [d] {
+        bail!(
+            "qk_norm_rope: qkv {:?} cannot hold 3 x {heads} heads of {d}",
+            qkv.dims()
+        );
+    }
+    let (p, half) = cos.dims2()?;
+    if half != d / 2 || sin.dims() != cos.dims() || pos_offset + l > p {
+        bail!(
+            "qk_norm_rope: rotary tables {:?} do not cover positions {pos_offset}..{} of head size {d}",
+            cos.dims(),
+            pos_offset + l
+        );
+    }
+    if cos.dtype() != DType::F32 || sin.dtype() != DType::F32 {
+        bail!("qk_norm_rope: the rotary tables must be float32");
+    }
+    // The kernel wants rows of qkv contiguous inside (any row stride) and contiguous tables.
+    let qkv = if qkv.stride()[2] == 1 && qkv.stride()[0] == l * qkv.stride()[1] {
+        qkv.clone()
+    } else {
+        qkv.contiguous()?
+    };
+    let op = QkNormRopeOp {
+        heads,
+        dim: d,
+        q_weight: q_weight.contiguous()?,
+        k_weight: k_weight.contiguous()?,
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        pos_offset,
+        eps: eps as f32,
+    };
+    qkv.apply_op1_no_bwd(&op)
+}
+
+/// GELU, tanh approximation, elementwise (float32 inside).
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&GeluOp::Tanh)
+}
+
+/// diffusers' GEGLU: `x` (…, 2·I) -> (…, I) = `x[.., :I] · gelu_erf(x[.., I:])`.
+pub fn geglu(x: &Tensor) -> Result<Tensor> {
+    if x.dim(candle_core::D::Minus1)? % 2 != 0 {
+        bail!("geglu: the last dimension of {:?} is odd", x.dims());
+    }
+    x.contiguous()?.apply_op1_no_bwd(&GeluOp::Geglu)
+}
+
+/// `x · weightᵀ + bias`, then `activation`, as one 2-D product over all leading dimensions
+/// (cuBLASLt with the bias and the activation in its epilogue on CUDA).
+///
+/// `x` (…, K), `weight` (N, K), `bias` (N). Returns (…, N). On CUDA: bf16/f16.
+pub fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    activation: Option<Activation>,
+) -> Result<Tensor> {
+    let k = x.dim(candle_core::D::Minus1)?;
+    let (n, wk) = weight.dims2()?;
+    if wk != k {
+        bail!(
+            "linear: input {:?} does not fit weight {:?}",
+            x.dims(),
+            weight.dims()
+        );
+    }
+    if let Some(b) = bias {
+        if b.dims() != [n] {
+            bail!("linear: bias {:?} is not ({n})", b.dims());
+        }
+    }
+    let op = LinearOp {
+        weight: weight.contiguous()?,
+        bias: bias.map(|b| b.contiguous()).transpose()?,
+        activation,
+    };
+    x.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The custom ops.
+
+pub(crate) struct AttentionOp {
+    pub(crate) scale: f32,
+    pub(crate) key_lens: Option<Vec<u32>>,
+}
+
+pub(crate) struct LayerNormModOp {
+    pub(crate) weight: Option<Tensor>,
+    pub(crate) bias: Option<Tensor>,
+    pub(crate) shift: Option<Tensor>,
+    pub(crate) scale: Option<Tensor>,
+    pub(crate) eps: f32,
+    pub(crate) rows_per_group: usize,
+}
+
+pub(crate) struct QkNormRopeOp {
+    pub(crate) heads: usize,
+    pub(crate) dim: usize,
+    pub(crate) q_weight: Tensor,
+    pub(crate) k_weight: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    pub(crate) pos_offset: usize,
+    pub(crate) eps: f32,
+}
+
+pub(crate) enum GeluOp {
+    Tanh,
+    Geglu,
+}
+
+pub(crate) struct LinearOp {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
+    pub(crate) activation: Option<Activation>,
+}
+
+/// GELU, tanh approximation, in float32.
+pub(crate) fn gelu_tanh_f32(a: f32) -> f32 {
+    0.5 * a * (1.0 + (0.797_884_6_f32 * (a + 0.044715 * a * a * a)).tanh())
+}
+
+fn gelu_erf_f32(a: f32) -> f32 {
+    (0.5 * a as f64 * (1.0 + erf(a as f64 / std::f64::consts::SQRT_2))) as f32
+}
+
+/// The error function (Abramowitz-Stegun 7.1.26 is too coarse; this is a series/continued
+/// fraction pair accurate to ~1e-15).
+fn erf(x: f64) -> f64 {
+    if x < 0.0 {
+        return -erf(-x);
+    }
+    if x < 2.5 {
+        // Maclaurin series.
+        let mut term = x;
+        let mut sum = x;
+        let x2 = x * x;
+        for n in 1..200 {
+            term *= -x2 / n as f64;
+            let add = term / (2 * n + 1) as f64;
+            sum += add;
+            if add.abs() < 1e-17 * sum.abs() {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // Continued fraction for erfc.
+        let mut f = 0.0;
+        for n in (1..60).rev() {
+            f = n as f64 / 2.0 / (x + f);
+        }
+        1.0 - (-x * x).exp() / std::f64::consts::PI.sqrt() / (x + f)
+    }
+}
+
+/// `x` rounded to `dtype` and back (the roundings the kernels make between steps).
+fn round_to(dtype: DType, x: f32) -> f32 {
+    match dtype {
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+/// A tensor's values in logical (row-major) order, as float32.
+fn gather(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+    fn go<T: Copy>(data: &[T], l: &Layout, f: impl Fn(T) -> f32) -> Vec<f32> {
+        let dims = l.dims();
+        let strides = l.stride();
+        let n = l.shape().elem_count();
+        let mut out = Vec::with_capacity(n);
+        let mut idx = vec![0usize; dims.len()];
+        let mut off = l.start_offset();
+        for _ in 0..n {
+            out.push(f(data[off]));
+            for d in (0..dims.len()).rev() {
+                idx[d] += 1;
+                off += strides[d];
+                if idx[d] < dims[d] {
+                    break;
+                }
+                off -= strides[d] * dims[d];
+                idx[d] = 0;
+            }
+        }
+        out
+    }
+    Ok(match s {
+        CpuStorage::F32(v) => go(v, l, |x| x),
+        CpuStorage::BF16(v) => go(v, l, |x| x.to_f32()),
+        CpuStorage::F16(v) => go(v, l, |x| x.to_f32()),
+        CpuStorage::F64(v) => go(v, l, |x| x as f32),
+        other => bail!("fused ops take float tensors, not {:?}", other.dtype()),
+    })
+}
+
+fn store(values: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(values),
+        DType::BF16 => CpuStorage::BF16(values.into_iter().map(half::bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(values.into_iter().map(half::f16::from_f32).collect()),
+        DType::F64 => CpuStorage::F64(values.into_iter().map(f64::from).collect()),
+        other => bail!("fused ops take float tensors, not {other:?}"),
+    })
+}
+
+/// A held operand's values (CPU tensors only).
+fn gather_tensor(t: &Tensor) -> Result<Vec<f32>> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => gather(s, layout),
+        _ => bail!("fused op: an operand is not on the CPU"),
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "tt-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, h, lq, d) = l1.shape().dims4()?;
+        let lk = l2.dims()[2];
+        let (q, k, v) = (gather(s1, l1)?, gather(s2, l2)?, gather(s3, l3)?);
+        let mut out = vec![0f32; b * lq * h * d];
+        let mut scores = vec![0f32; lk];
+        for bi in 0..b {
+            let kv = self.key_lens.as_ref().map_or(lk, |l| l[bi] as usize);
+            for hi in 0..h {
+                let base_q = (bi * h + hi) * lq * d;
+                let base_k = (bi * h + hi) * lk * d;
+                for i in 0..lq {
+                    let qi = &q[base_q + i * d..base_q + (i + 1) * d];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, s) in scores.iter_mut().enumerate().take(kv) {
+                        let kj = &k[base_k + j * d..base_k + (j + 1) * d];
+                        let dot: f64 = qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        *s = dot as f32 * self.scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0f64;
+                    let mut acc = vec![0f64; d];
+                    for (j, s) in scores.iter().enumerate().take(kv) {
+                        let p = ((*s - max) as f64).exp();
+                        sum += p;
+                        let vj = &v[base_k + j * d..base_k + (j + 1) * d];
+                        for (a, x) in acc.iter_mut().zip(vj) {
+                            *a += p * *x as f64;
+                        }
+                    }
+                    let o = ((bi * lq + i) * h + hi) * d;
+                    for (c, a) in acc.iter().enumerate() {
+                        out[o + c] = if sum > 0.0 { (a / sum) as f32 } else { 0.0 };
+                    }
+                }
+            }
+        }
+        Ok((store(out, s1.dtype())?, Shape::from((b, lq, h, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::attention(self, s1, l1, s2, l2, s3, l3)
+    }
+}
+
+impl CustomOp1 for LayerNormModOp {
+    fn name(&self) -> &'static str {
+        "tt-layer-norm-modulate"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = gather(s, l)?;
+        let c = *l.dims().last().unwrap_or(&1);
+        let held = |t: &Option<Tensor>| t.as_ref().map(gather_tensor).transpose();
+        let (w, bias) = (held(&self.weight)?, held(&self.bias)?);
+        let (shift, scale) = (held(&self.shift)?, held(&self.scale)?);
+        let mut out = vec![0f32; x.len()];
+        for (r, (xr, yr)) in x.chunks(c).zip(out.chunks_mut(c)).enumerate() {
+            let g = r / self.rows_per_group;
+            let mean = xr.iter().map(|&a| a as f64).sum::<f64>() / c as f64;
+            let var = xr.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+            let rstd = 1.0 / (var + self.eps as f64).sqrt();
+            for (i, (a, y)) in xr.iter().zip(yr.iter_mut()).enumerate() {
+                let mut v = ((*a as f64 - mean) * rstd) as f32;
+                if let Some(w) = &w {
+                    v *= w[i];
+                }
+                if let Some(b) = &bias {
+                    v += b[i];
+                }
+                if let Some(s) = &scale {
+                    v *= 1.0 + s[g * c + i];
+                }
+                if let Some(s) = &shift {
+                    v += s[g * c + i];
+                }
+                *y = v;
+            }
+        }
+        Ok((store(out, s.dtype())?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::layer_norm_modulate(self, s, l)
+    }
+}
+
+impl CustomOp1 for QkNormRopeOp {
+    fn name(&self) -> &'static str {
+        "tt-qk-norm-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, len, width) = l.shape().dims3()?;
+        let dtype = s.dtype();
+        let x = gather(s, l)?;
+        let (qw, kw) = (
+            gather_tensor(&self.q_weight)?,
+            gather_tensor(&self.k_weight)?,
+        );
+        let (cos, sin) = (gather_tensor(&self.cos)?, gather_tensor(&self.sin)?);
+        let (h, d) = (self.heads, self.dim);
+        let hd = h * d;
+        let plane = b * len * hd;
+        let mut out = vec![0f32; 3 * plane];
+        for bl in 0..b * len {
+            let pos = self.pos_offset + bl % len;
+            let row = &x[bl * width..(bl + 1) * width];
+            for hi in 0..h {
+                for (which, w) in [(0, &qw), (1, &kw)] {
+                    let src = &row[which * hd + hi * d..which * hd + (hi + 1) * d];
+                    let ss: f32 = src.iter().map(|a| a * a).sum();
+                    let rstd = 1.0 / (ss / d as f32 + self.eps).sqrt();
+                    let dst = which * plane + bl * hd + hi * d;
+                    for p in 0..d / 2 {
+                        let n = |i: usize| round_to(dtype, round_to(dtype, src[i] * rstd) * w[i]);
+                        let (a, bb) = (n(2 * p), n(2 * p + 1));
+                        let (c, sn) = (cos[pos * d / 2 + p], sin[pos * d / 2 + p]);
+                        out[dst + 2 * p] = a * c - bb * sn;
+                        out[dst + 2 * p + 1] = a * sn + bb * c;
+                    }
+                }
+                let dst = 2 * plane + bl * hd + hi * d;
+                out[dst..dst + d].copy_from_slice(&row[2 * hd + hi * d..2 * hd + (hi + 1) * d]);
+            }
+        }
+        Ok((store(out, dtype)?, Shape::from((3, b, len, h, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::qk_norm_rope(self, s, l)
+    }
+}
+
+impl CustomOp1 for GeluOp {
+    fn name(&self) -> &'static str {
+        match self {
+            GeluOp::Tanh => "tt-gelu-tanh",
+            GeluOp::Geglu => "tt-geglu",
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = gather(s, l)?;
+        let dtype = s.dtype();
+        match self {
+            GeluOp::Tanh => Ok((
+                store(x.into_iter().map(gelu_tanh_f32).collect(), dtype)?,
+                l.shape().clone(),
+            )),
+            GeluOp::Geglu => {
+                let two = *l.dims().last().unwrap_or(&0);
+                let inner = two / 2;
+                let mut out = Vec::with_capacity(x.len() / 2);
+                for row in x.chunks(two.max(1)) {
+                    for c in 0..inner {
+                        out.push(row[c] * round_to(dtype, gelu_erf_f32(row[inner + c])));
+                    }
+                }
+                let mut dims = l.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = inner;
+                }
+                Ok((store(out, dtype)?, Shape::from(dims)))
+            }
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::gelu(self, s, l)
+    }
+}
+
+impl CustomOp1 for LinearOp {
+    fn name(&self) -> &'static str {
+        "tt-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = gather(s, l)?;
+        let w = gather_tensor(&self.weight)?;
+        let bias = self.bias.as_ref().map(gather_tensor).transpose()?;
+        let (n, k) = self.weight.dims2()?;
+        let m = x.len() / k.max(1);
+        let mut out = vec![0f32; m * n];
+        for (xr, yr) in x.chunks(k.max(1)).zip(out.chunks_mut(n.max(1))) {
+            for (j, y) in yr.iter_mut().enumerate() {
+                let wr = &w[j * k..(j + 1) * k];
+                let mut acc: f64 = xr.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                if let Some(b) = &bias {
+                    acc += b[j] as f64;
+                }
+                *y = match self.activation {
+                    Some(Activation::GeluTanh) => gelu_tanh_f32(acc as f32),
+                    None => acc as f32,
+                };
+            }
+        }
+        let mut dims = l.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((store(out, s.dtype())?, Shape::from(dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::linear(self, s, l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_matches_known_values() {
+        for (x, want) in [
+            (0.0, 0.0),
+            (0.5, 0.520_499_877_813_046_5),
+            (1.0, 0.842_700_792_949_714_9),
+            (2.0, 0.995_322_265_018_952_7),
+            (3.0, 0.999_977_909_503_001_4),
+            (-1.0, -0.842_700_792_949_714_9),
+        ] {
+            assert!((erf(x) - want).abs() < 1e-13, "erf({x}) = {}", erf(x));
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Fused operations of the denoisers: the project's own CUDA kernels (`kernels/*.cu`, compiled
+//! to PTX by build.rs) and cuBLASLt, behind candle custom ops ([`fused`]), each with a CPU
+//! implementation of the same function.
+//!
+//! Models ask [`fused_on`] (or [`attention_fused_ok`]) whether the fused path applies to a
+//! tensor: on a CUDA device, for the dtypes and shapes the kernels cover, unless the environment
+//! sets `TT_SCALE_FUSED=0` (the escape hatch, and how the benchmarks time both paths). Otherwise
+//! the model's own composition of candle operations runs, unchanged: CPU results do not depend
+//! on this module.
+
+pub mod fused;
+
+#[cfg(feature = "cuda")]
+mod cuda;
+
+use std::sync::OnceLock;
+
+use candle_core::{DType, Module, Result, Tensor};
+
+pub use fused::Activation;
+
+/// Head sizes the fused attention kernel is instantiated for (SD 1.5: 40, 80, 160; SDXL: 64;
+/// PixArt-Sigma: 72; Flux: 128).
+pub const ATTENTION_HEAD_DIMS: [usize; 6] = [40, 64, 72, 80, 128, 160];
+
+thread_local! {
+    static OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether the fused kernels are switched on: `TT_SCALE_FUSED` unset, or not `0`/`off`/
+/// `false`/`no`, unless [`with_fused`] overrides it on this thread.
+pub fn fused_enabled() -> bool {
+    static FROM_ENV: OnceLock<bool> = OnceLock::new();
+    OVERRIDE.with(|o| o.get()).unwrap_or_else(|| {
+        *FROM_ENV.get_or_init(|| {
+            !matches!(
+                std::env::var("TT_SCALE_FUSED")
+                    .unwrap_or_default()
+                    .to_ascii_lowercase()
+                    .as_str(),
+                "0" | "off" | "false" | "no"
+            )
+        })
+    })
+}
+
+/// Runs `f` with the fused kernels switched on or off on this thread (tests and benchmarks
+/// compare both paths in one process).
+pub fn with_fused<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OVERRIDE.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(OVERRIDE.with(|o| o.replace(Some(on))));
+    f()
+}
+
+/// Whether the fused path applies to `t`: a CUDA tensor of a float dtype the kernels take
+/// (f32, bf16, f16), with the fused kernels enabled.
+pub fn fused_on(t: &Tensor) -> bool {
+    t.device().is_cuda()
+        && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && fused_enabled()
+}
+
+/// Whether a (B, H, L, D) layout suits the attention kernel: unit innermost stride, other
+/// strides and the start offset multiples of 8 elements (16-byte vector loads).
+pub(crate) fn attention_layout_ok(stride: &[usize], offset: usize) -> bool {
+    stride.len() == 4 && stride[3] == 1 && stride[..3].iter().all(|s| s % 8 == 0) && offset % 8 == 0
+}
+
+/// Whether [`fused::attention`] can run `q`, `k`, `v` (B, H, L, D) on their device: CUDA,
+/// bf16/f16, a head size of [`ATTENTION_HEAD_DIMS`], kernel-friendly layouts.
+pub fn attention_fused_ok(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    fused_on(q)
+        && matches!(q.dtype(), DType::BF16 | DType::F16)
+        && q.rank() == 4
+        && ATTENTION_HEAD_DIMS.contains(&q.dims()[3])
+        && [q, k, v].iter().all(|t| {
+            let (_, layout) = t.storage_and_layout();
+            attention_layout_ok(layout.stride(), layout.start_offset())
+        })
+}
+
+/// A linear layer that runs as one cuBLASLt product with the bias (and optionally GELU) in the
+/// epilogue where [`fused_on`] its input in bf16/f16, and as `candle_nn::Linear` otherwise.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    /// Wraps a loaded `candle_nn::Linear` (weight (out, in), optional bias (out)).
+    pub fn new(inner: candle_nn::Linear) -> Self {
+        Self { inner }
+    }
+
+    /// The weight, (out, in).
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    /// The bias, (out), if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+
+    fn fused(&self, x: &Tensor) -> bool {
+        fused_on(x) && matches!(x.dtype(), DType::BF16 | DType::F16)
+    }
+
+    /// `gelu_tanh(x · Wᵀ + b)`.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        if self.fused(x) {
+            fused::linear(x, self.weight(), self.bias(), Some(Activation::GeluTanh))
+        } else {
+            self.inner.forward(x)?.gelu()
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.fused(x) {
+            fused::linear(x, self.weight(), self.bias(), None)
+        } else {
+            self.inner.forward(x)
+        }
+    }
+}
+
+/// `candle_nn::linear` (with bias), wrapped.
+pub fn linear(i: usize, o: usize, vb: candle_nn::VarBuilder) -> Result<Linear> {
+    Ok(Linear::new(candle_nn::linear(i, o, vb)?))
+}
+
+/// `candle_nn::linear_no_bias`, wrapped.
+pub fn linear_no_bias(i: usize, o: usize, vb: candle_nn::VarBuilder) -> Result<Linear> {
+    Ok(Linear::new(candle_nn::linear_no_bias(i, o, vb)?))
+}
+
+/// `candle_nn::linear_b` (bias when `bias`), wrapped.
+pub fn linear_b(i: usize, o: usize, bias: bool, vb: candle_nn::VarBuilder) -> Result<Linear> {
+    Ok(Linear::new(candle_nn::linear_b(i, o, bias, vb)?))
+}

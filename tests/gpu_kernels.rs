@@ -1,0 +1,337 @@
+//! The project's CUDA kernels (kernels/*.cu) and cuBLASLt linear against their CPU
+//! implementations (`tt_scale::ops::fused` on the CPU, which tests/ops.rs checks against candle's
+//! compositions), and the fused model paths against the unfused ones on the same GPU.
+//!
+//! Random inputs, odd sizes, strided views, every head size the attention kernel has. Bounds are
+//! relative to the largest magnitude of the reference: float32 1e-4 (the kernels accumulate in
+//! float32, the CPU in float64), bf16 2e-2 and f16 4e-3 (16-bit roundings of inputs,
+//! probabilities and outputs). Model paths (random weights, bf16): fused vs unfused within 5e-2.
+//!
+//! Compiled only with `--features cuda`; needs a GPU to run (`bench/gpu-check.sh`).
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, IndexOp, Tensor, D};
+use tt_scale::ops::{self, fused, Activation};
+
+fn cuda() -> Device {
+    Device::new_cuda(0).expect("these tests need a CUDA GPU (device 0)")
+}
+
+fn randn(seed: u64, shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let values: Vec<f32> = (0..n)
+        .map(|_| {
+            let (u, v) = (next(), next());
+            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let f = |t: &Tensor| {
+        t.to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let (a, b) = (f(a), f(b));
+    let scale = b.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+    let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| {
+        if x.is_finite() && y.is_finite() {
+            m.max((x - y).abs())
+        } else {
+            f32::INFINITY
+        }
+    });
+    diff / scale
+}
+
+fn bound(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::BF16 => 2e-2,
+        _ => 4e-3,
+    }
+}
+
+fn on(t: &Tensor, dev: &Device) -> Tensor {
+    t.to_device(dev).unwrap()
+}
+
+#[test]
+fn fused_attention_matches_the_cpu_for_every_head_size_dtype_layout_and_mask() {
+    let dev = cuda();
+    let (b, h) = (2, 3);
+    for (i, &d) in ops::ATTENTION_HEAD_DIMS.iter().enumerate() {
+        for &(lq, lk) in &[(1, 1), (77, 77), (130, 200), (65, 333)] {
+            for dtype in [DType::BF16, DType::F16] {
+                let seed = 1000 * i as u64 + lq as u64;
+                let q = randn(seed, &[b, h, lq, d]).to_dtype(dtype).unwrap();
+                let kv = randn(seed + 1, &[b, lk, 3, h, d]).to_dtype(dtype).unwrap();
+                let k = kv.i((.., .., 1)).unwrap().transpose(1, 2).unwrap();
+                let v = kv.i((.., .., 2)).unwrap().transpose(1, 2).unwrap();
+                let scale = 1.0 / (d as f64).sqrt();
+                for lens in [None, Some(vec![(lk as u32).min(5), lk as u32])] {
+                    let want = fused::attention(&q, &k, &v, scale, lens.as_deref()).unwrap();
+                    let kv_gpu = on(&kv, &dev);
+                    let kg = kv_gpu.i((.., .., 1)).unwrap().transpose(1, 2).unwrap();
+                    let vg = kv_gpu.i((.., .., 2)).unwrap().transpose(1, 2).unwrap();
+                    let qg = on(&q, &dev);
+                    assert!(ops::attention_fused_ok(&qg, &kg, &vg));
+                    let ours = fused::attention(&qg, &kg, &vg, scale, lens.as_deref()).unwrap();
+                    let err = rel_err(&ours, &want);
+                    assert!(
+                        err <= bound(dtype),
+                        "attention {dtype:?} d={d} lq={lq} lk={lk} lens={lens:?}: {err}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_attention_survives_large_logits_and_empty_key_sets() {
+    let dev = cuda();
+    let q = (randn(5, &[2, 2, 100, 64]) * 8.0)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let k = (randn(6, &[2, 2, 300, 64]) * 8.0)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let want = fused::attention(&q, &k, &k, 0.125, Some(&[0, 300])).unwrap();
+    let ours = fused::attention(
+        &on(&q, &dev),
+        &on(&k, &dev),
+        &on(&k, &dev),
+        0.125,
+        Some(&[0, 300]),
+    )
+    .unwrap();
+    let err = rel_err(&ours, &want);
+    assert!(err <= 2e-2, "large logits: {err}");
+    let empty = ours.i(0).unwrap().to_dtype(DType::F32).unwrap();
+    let empty = empty.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(empty.iter().all(|&x| x == 0.0));
+}
+
+#[test]
+fn fused_layer_norm_modulate_matches_the_cpu() {
+    let dev = cuda();
+    for &(b, l, c) in &[(1, 1, 1), (2, 77, 31), (2, 300, 3072), (1, 4096, 1152)] {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let x = (randn(c as u64, &[b, l, c]) * 3.0)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let w = randn(2, &[c]).to_dtype(dtype).unwrap();
+            let bias = randn(3, &[c]).to_dtype(dtype).unwrap();
+            let modv = randn(4, &[b, 1, 6 * c]).to_dtype(dtype).unwrap();
+            let chunks = modv.chunk(6, D::Minus1).unwrap();
+            for affine in [false, true] {
+                let (wo, bo) = if affine {
+                    (Some(&w), Some(&bias))
+                } else {
+                    (None, None)
+                };
+                let want = fused::layer_norm_modulate(
+                    &x,
+                    wo,
+                    bo,
+                    Some(&chunks[0]),
+                    Some(&chunks[1]),
+                    1e-6,
+                )
+                .unwrap();
+                let g = |t: Option<&Tensor>| t.map(|t| on(t, &dev));
+                let gm = on(&modv, &dev).chunk(6, D::Minus1).unwrap();
+                let ours = fused::layer_norm_modulate(
+                    &on(&x, &dev),
+                    g(wo).as_ref(),
+                    g(bo).as_ref(),
+                    Some(&gm[0]),
+                    Some(&gm[1]),
+                    1e-6,
+                )
+                .unwrap();
+                let err = rel_err(&ours, &want);
+                assert!(
+                    err <= bound(dtype),
+                    "ln-mod {dtype:?} ({b},{l},{c}) affine={affine}: {err}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_qk_norm_rope_matches_the_cpu() {
+    let dev = cuda();
+    let (b, l, heads) = (2, 37, 3);
+    for d in [16, 128] {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for (extra, offset) in [(0, 0), (24, 5)] {
+                let width = 3 * heads * d + extra;
+                let qkv = randn(d as u64, &[b, l, width]).to_dtype(dtype).unwrap();
+                let qw = randn(7, &[d])
+                    .affine(0.5, 1.0)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let kw = randn(8, &[d])
+                    .affine(0.5, 1.0)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let angles = (randn(9, &[offset + l, d / 2]) * 3.0).unwrap();
+                let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+                let want =
+                    fused::qk_norm_rope(&qkv, heads, &qw, &kw, &cos, &sin, offset, 1e-6).unwrap();
+                let ours = fused::qk_norm_rope(
+                    &on(&qkv, &dev),
+                    heads,
+                    &on(&qw, &dev),
+                    &on(&kw, &dev),
+                    &on(&cos, &dev),
+                    &on(&sin, &dev),
+                    offset,
+                    1e-6,
+                )
+                .unwrap();
+                let err = rel_err(&ours, &want);
+                assert!(err <= bound(dtype), "qk-norm-rope {dtype:?} d={d}: {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_gelu_and_geglu_match_the_cpu() {
+    let dev = cuda();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let x = (randn(21, &[3, 701, 74]) * 3.0)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let xg = on(&x, &dev);
+        let err = rel_err(
+            &fused::gelu_tanh(&xg).unwrap(),
+            &fused::gelu_tanh(&x).unwrap(),
+        );
+        assert!(err <= bound(dtype), "gelu {dtype:?}: {err}");
+        let err = rel_err(&fused::geglu(&xg).unwrap(), &fused::geglu(&x).unwrap());
+        assert!(err <= bound(dtype), "geglu {dtype:?}: {err}");
+    }
+}
+
+#[test]
+fn cublaslt_linear_matches_the_cpu_with_bias_and_gelu_epilogues() {
+    let dev = cuda();
+    for dtype in [DType::BF16, DType::F16] {
+        for &(m, k, n) in &[(1, 8, 8), (77, 320, 640), (333, 1152, 4608)] {
+            let x = randn(31, &[1, m, k]).to_dtype(dtype).unwrap();
+            let w = (randn(32, &[n, k]) * (1.0 / (k as f64).sqrt()))
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let b = randn(33, &[n]).to_dtype(dtype).unwrap();
+            for bias in [None, Some(&b)] {
+                for act in [None, Some(Activation::GeluTanh)] {
+                    let want = fused::linear(&x, &w, bias, act).unwrap();
+                    let gb = bias.map(|b| on(b, &dev));
+                    let ours =
+                        fused::linear(&on(&x, &dev), &on(&w, &dev), gb.as_ref(), act).unwrap();
+                    let err = rel_err(&ours, &want);
+                    assert!(
+                        err <= bound(dtype),
+                        "linear {dtype:?} ({m},{k},{n}) bias={} act={act:?}: {err}",
+                        bias.is_some()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The Flux transformer at head size 128 (2 heads, one double and two single blocks, random
+/// weights, bf16): the fused path agrees with candle's composition on the same GPU.
+#[test]
+fn flux_fused_path_matches_the_unfused_path_on_the_gpu() {
+    use tt_scale::models::flux_transformer::{latent_image_ids, FluxConfig, FluxTransformer, Rope};
+    let dev = cuda();
+    let mut c = FluxConfig::dev();
+    c.hidden_size = 256;
+    c.num_heads = 2;
+    c.depth = 1;
+    c.depth_single_blocks = 2;
+    c.context_in_dim = 64;
+    c.vec_in_dim = 32;
+    let (vb, _) = tt_scale::bench::RandomWeights::var_builder(DType::BF16, &dev);
+    let model = FluxTransformer::new(&c, vb).unwrap();
+    let (rows, cols, nt) = (12, 10, 17);
+    let img = on(&randn(1, &[2, rows * cols, c.in_channels]), &dev);
+    let txt = on(&randn(2, &[2, nt, c.context_in_dim]), &dev);
+    let pooled = on(&randn(3, &[2, c.vec_in_dim]), &dev);
+    let mut ids = vec![[0f32; 3]; nt];
+    ids.extend(latent_image_ids(rows, cols));
+    let rope = Rope::new(&ids, &c.axes_dim, c.theta, &dev).unwrap();
+    let run = |fused_on: bool| {
+        ops::with_fused(fused_on, || {
+            let vec = model
+                .conditioning(&[500.0, 20.0], Some(&[3500.0, 3500.0]), &pooled)
+                .unwrap();
+            model.forward(&img, &txt, &vec, &rope).unwrap()
+        })
+    };
+    let err = rel_err(&run(true), &run(false));
+    assert!(err <= 5e-2, "flux fused vs unfused: {err}");
+}
+
+/// PixArt at head size 72 (2 heads, 2 blocks, random weights, bf16) with a padded caption
+/// mask: the fused path (key lengths) agrees with the additive-bias composition.
+#[test]
+fn pixart_fused_path_matches_the_unfused_path_on_the_gpu() {
+    use tt_scale::models::pixart::{PixArtConfig, PixArtTransformer};
+    let dev = cuda();
+    let mut c = PixArtConfig::sigma_xl_1024();
+    c.num_attention_heads = 2;
+    c.num_layers = 2;
+    c.caption_channels = 64;
+    c.cross_attention_dim = c.num_attention_heads * c.attention_head_dim;
+    let (vb, _) = tt_scale::bench::RandomWeights::var_builder(DType::BF16, &dev);
+    let model = PixArtTransformer::new(&c, vb).unwrap();
+    let xs = on(&randn(1, &[2, c.in_channels, 16, 16]), &dev)
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let context = on(&randn(2, &[2, 20, c.caption_channels]), &dev)
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let mut mask = vec![0f32; 40];
+    mask[..7].iter_mut().for_each(|m| *m = 1.0);
+    mask[20..40].iter_mut().for_each(|m| *m = 1.0);
+    let mask = Tensor::from_vec(mask, (2, 20), &dev).unwrap();
+    let run = |fused_on: bool| {
+        ops::with_fused(fused_on, || {
+            model
+                .forward(&xs, &[500.0, 20.0], &context, Some(&mask))
+                .unwrap()
+        })
+    };
+    let err = rel_err(&run(true), &run(false));
+    assert!(err <= 5e-2, "pixart fused vs unfused: {err}");
+}

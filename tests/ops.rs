@@ -1,0 +1,441 @@
+//! The fused operations' CPU implementations (`tt_scale::ops::fused`, the reference the CUDA
+//! kernels are tested against in tests/gpu.rs) compute the same functions as the candle
+//! compositions the models use on the CPU: random inputs, odd sizes, strided views, every
+//! optional operand, float32 and the 16-bit dtypes. Bounds are relative to the largest
+//! magnitude of the composite result: 1e-5 in float32; in bf16/f16 one rounding of the output
+//! and the compositions' own intermediate roundings (2e-2 bf16, 4e-3 f16).
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use tt_scale::ops::{self, fused, Activation};
+
+fn randn(seed: u64, shape: &[usize]) -> Tensor {
+    // A small deterministic generator (xorshift + Box-Muller), independent of candle's RNG.
+    let n: usize = shape.iter().product();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let values: Vec<f32> = (0..n)
+        .map(|_| {
+            let (u, v) = (next(), next());
+            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+/// max |a - b| / max(1e-6, max |b|), both read as float32.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let a = a.to_vec1::<f32>().unwrap();
+    let b = b.to_vec1::<f32>().unwrap();
+    let scale = b.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+    let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| {
+        if x.is_nan() || y.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max((x - y).abs())
+        }
+    });
+    diff / scale
+}
+
+fn bound(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::BF16 => 2e-2,
+        _ => 4e-3,
+    }
+}
+
+const DTYPES: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+/// softmax(scale · q kᵀ + mask) v in float32 with candle ops, (B, H, Lq, D).
+fn attention_composite(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    lens: Option<&[u32]>,
+) -> Tensor {
+    let (q, k, v) = (
+        q.to_dtype(DType::F32).unwrap(),
+        k.to_dtype(DType::F32).unwrap(),
+        v.to_dtype(DType::F32).unwrap(),
+    );
+    let (b, _, _, _) = q.dims4().unwrap();
+    let lk = k.dim(2).unwrap();
+    let mut scores = (q
+        .contiguous()
+        .unwrap()
+        .matmul(&k.t().unwrap().contiguous().unwrap())
+        .unwrap()
+        * scale)
+        .unwrap();
+    if let Some(lens) = lens {
+        let mask: Vec<f32> = (0..b)
+            .flat_map(|bi| {
+                (0..lk).map(move |j| {
+                    if (j as u32) < lens[bi] {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, 1, 1, lk), &Device::Cpu).unwrap();
+        scores = scores.broadcast_add(&mask).unwrap();
+    }
+    candle_nn::ops::softmax_last_dim(&scores)
+        .unwrap()
+        .matmul(&v.contiguous().unwrap())
+        .unwrap()
+}
+
+#[test]
+fn attention_matches_softmax_attention_for_every_dtype_layout_and_mask() {
+    let (b, h) = (2, 3);
+    for (case, &(lq, lk, d)) in [(1, 1, 8), (77, 77, 40), (65, 129, 64), (13, 200, 72)]
+        .iter()
+        .enumerate()
+    {
+        for dtype in DTYPES {
+            let seed = 10 * case as u64;
+            // Heads-major q; token-major k and v as views of one fused (B, Lk, 3, H, D) buffer.
+            let q = randn(seed, &[b, h, lq, d]).to_dtype(dtype).unwrap();
+            let kv = randn(seed + 1, &[b, lk, 3, h, d]).to_dtype(dtype).unwrap();
+            let k = kv.i((.., .., 1)).unwrap().transpose(1, 2).unwrap();
+            let v = kv.i((.., .., 2)).unwrap().transpose(1, 2).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            for lens in [None, Some(vec![lk.min(5) as u32, lk as u32])] {
+                let ours = fused::attention(&q, &k, &v, scale, lens.as_deref()).unwrap();
+                assert_eq!(ours.dims(), [b, h, lq, d]);
+                let want = attention_composite(&q, &k, &v, scale, lens.as_deref());
+                let err = rel_err(&ours, &want);
+                assert!(
+                    err <= bound(dtype),
+                    "attention {dtype:?} lq={lq} lk={lk} d={d} lens={lens:?}: {err}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_output_is_a_free_view_of_token_major_rows() {
+    let q = randn(1, &[1, 2, 5, 8]);
+    let out = fused::attention(&q, &q, &q, 0.3, None).unwrap();
+    // (B, H, L, D) as the transpose of a contiguous (B, L, H, D): back to rows without a copy.
+    let rows = out.transpose(1, 2).unwrap();
+    assert!(rows.is_contiguous());
+}
+
+#[test]
+fn attention_with_no_keys_is_zero_and_never_nan() {
+    let q = randn(2, &[2, 1, 4, 8]);
+    let k = randn(3, &[2, 1, 6, 8]);
+    let out = fused::attention(&q, &k, &k, 0.5, Some(&[0, 6])).unwrap();
+    let first = out
+        .i(0)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(first.iter().all(|&x| x == 0.0));
+    let second = out
+        .i(1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(second.iter().all(|x| x.is_finite()) && second.iter().any(|&x| x != 0.0));
+}
+
+#[test]
+fn attention_rejects_mismatched_operands() {
+    let q = randn(1, &[1, 2, 5, 8]);
+    let k = randn(2, &[1, 2, 5, 16]);
+    assert!(fused::attention(&q, &k, &k, 1.0, None).is_err());
+    let k = randn(2, &[1, 3, 5, 8]);
+    assert!(fused::attention(&q, &k, &k, 1.0, None).is_err());
+    assert!(fused::attention(&q, &q, &q, 1.0, Some(&[1, 2, 3])).is_err());
+    let half = q.to_dtype(DType::BF16).unwrap();
+    assert!(fused::attention(&q, &half, &half, 1.0, None).is_err());
+}
+
+/// layer_norm(x) (float32 statistics) · w + b, then · (1 + scale) + shift, with candle ops.
+fn layer_norm_mod_composite(
+    x: &Tensor,
+    w: Option<&Tensor>,
+    b: Option<&Tensor>,
+    shift: Option<&Tensor>,
+    scale: Option<&Tensor>,
+    eps: f64,
+) -> Tensor {
+    let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let xf = f(x);
+    let mean = xf.mean_keepdim(D::Minus1).unwrap();
+    let centered = xf.broadcast_sub(&mean).unwrap();
+    let var = centered.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    let mut y = centered
+        .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+        .unwrap();
+    if let Some(w) = w {
+        y = y.broadcast_mul(&f(w)).unwrap();
+    }
+    if let Some(b) = b {
+        y = y.broadcast_add(&f(b)).unwrap();
+    }
+    if let Some(s) = scale {
+        y = y.broadcast_mul(&(f(s) + 1.0).unwrap()).unwrap();
+    }
+    if let Some(s) = shift {
+        y = y.broadcast_add(&f(s)).unwrap();
+    }
+    y
+}
+
+#[test]
+fn layer_norm_modulate_matches_the_composition_with_every_operand_combination() {
+    for (i, &(b, l, c)) in [(1, 1, 1), (2, 3, 31), (3, 7, 300)].iter().enumerate() {
+        for dtype in DTYPES {
+            let seed = 100 + i as u64;
+            let x = (randn(seed, &[b, l, c]) * 3.0)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let w = randn(seed + 1, &[c]).to_dtype(dtype).unwrap();
+            let bias = randn(seed + 2, &[c]).to_dtype(dtype).unwrap();
+            // shift and scale as chunks of one modulation vector (B, 1, 6C), as in Flux.
+            let modv = randn(seed + 3, &[b, 1, 6 * c]).to_dtype(dtype).unwrap();
+            let chunks = modv.chunk(6, D::Minus1).unwrap();
+            let (shift, scale) = (&chunks[0], &chunks[1]);
+            for mask in 0..16u32 {
+                let pick = |bit: u32, t: &Tensor| (mask & (1 << bit) != 0).then(|| t.clone());
+                let (w, bias, shift, scale) =
+                    (pick(0, &w), pick(1, &bias), pick(2, shift), pick(3, scale));
+                let ours = fused::layer_norm_modulate(
+                    &x,
+                    w.as_ref(),
+                    bias.as_ref(),
+                    shift.as_ref(),
+                    scale.as_ref(),
+                    1e-6,
+                )
+                .unwrap();
+                let want = layer_norm_mod_composite(
+                    &x,
+                    w.as_ref(),
+                    bias.as_ref(),
+                    shift.as_ref(),
+                    scale.as_ref(),
+                    1e-6,
+                );
+                let err = rel_err(&ours, &want);
+                assert!(
+                    err <= bound(dtype),
+                    "ln-mod {dtype:?} ({b},{l},{c}) operands {mask:04b}: {err}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn layer_norm_modulate_rejects_bad_operands() {
+    let x = randn(1, &[2, 3, 8]);
+    let bad_w = randn(2, &[7]);
+    assert!(fused::layer_norm_modulate(&x, Some(&bad_w), None, None, None, 1e-6).is_err());
+    let bad_shift = randn(3, &[3, 1, 8]);
+    assert!(fused::layer_norm_modulate(&x, None, None, Some(&bad_shift), None, 1e-6).is_err());
+    let other_dtype = randn(4, &[8]).to_dtype(DType::BF16).unwrap();
+    assert!(fused::layer_norm_modulate(&x, Some(&other_dtype), None, None, None, 1e-6).is_err());
+}
+
+/// Flux's composition: RMS norm (candle_nn::ops::rms_norm) then the interleaved rotation.
+fn qk_norm_rope_composite(
+    qkv: &Tensor,
+    heads: usize,
+    qw: &Tensor,
+    kw: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    offset: usize,
+) -> Tensor {
+    let (b, l, _) = qkv.dims3().unwrap();
+    let d = qw.dim(0).unwrap();
+    let hd = heads * d;
+    let part = |i: usize| {
+        qkv.narrow(2, i * hd, hd)
+            .unwrap()
+            .reshape((b, l, heads, d))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let rot = |x: Tensor| {
+        let xf = x
+            .to_dtype(DType::F32)
+            .unwrap()
+            .reshape((b, l, heads, d / 2, 2))
+            .unwrap();
+        let c = cos
+            .narrow(0, offset, l)
+            .unwrap()
+            .reshape((1, l, 1, d / 2))
+            .unwrap();
+        let s = sin
+            .narrow(0, offset, l)
+            .unwrap()
+            .reshape((1, l, 1, d / 2))
+            .unwrap();
+        let x0 = xf.narrow(4, 0, 1).unwrap().squeeze(4).unwrap();
+        let x1 = xf.narrow(4, 1, 1).unwrap().squeeze(4).unwrap();
+        let o0 = (x0.broadcast_mul(&c).unwrap() - x1.broadcast_mul(&s).unwrap()).unwrap();
+        let o1 = (x0.broadcast_mul(&s).unwrap() + x1.broadcast_mul(&c).unwrap()).unwrap();
+        Tensor::stack(&[o0, o1], 4)
+            .unwrap()
+            .reshape((b, l, heads, d))
+            .unwrap()
+    };
+    let q = rot(candle_nn::ops::rms_norm(&part(0), qw, 1e-6).unwrap());
+    let k = rot(candle_nn::ops::rms_norm(&part(1), kw, 1e-6).unwrap());
+    let v = part(2).to_dtype(DType::F32).unwrap();
+    Tensor::stack(&[q, k, v], 0).unwrap()
+}
+
+#[test]
+fn qk_norm_rope_matches_flux_rms_norm_and_rotation() {
+    let (b, l, heads) = (2, 5, 3);
+    for d in [16, 128] {
+        for dtype in DTYPES {
+            for (extra, offset) in [(0, 0), (24, 2)] {
+                let width = 3 * heads * d + extra;
+                let qkv = randn(d as u64 + extra as u64, &[b, l, width])
+                    .to_dtype(dtype)
+                    .unwrap();
+                let qw = randn(7, &[d])
+                    .affine(0.5, 1.0)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let kw = randn(8, &[d])
+                    .affine(0.5, 1.0)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let angles = (randn(9, &[offset + l, d / 2]) * 3.0).unwrap();
+                let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+                // A narrow view, as Flux's single blocks hand over the q/k/v columns.
+                let view = qkv.narrow(2, 0, width).unwrap();
+                let ours =
+                    fused::qk_norm_rope(&view, heads, &qw, &kw, &cos, &sin, offset, 1e-6).unwrap();
+                assert_eq!(ours.dims(), [3, b, l, heads, d]);
+                let want = qk_norm_rope_composite(&qkv, heads, &qw, &kw, &cos, &sin, offset);
+                let err = rel_err(&ours, &want);
+                assert!(
+                    err <= bound(dtype),
+                    "qk-norm-rope {dtype:?} d={d} offset={offset}: {err}"
+                );
+                // v passes through untouched.
+                let v_ours = ours.i(2).unwrap().to_dtype(DType::F32).unwrap();
+                let v_want = want.i(2).unwrap();
+                assert_eq!(rel_err(&v_ours, &v_want), 0.0);
+            }
+        }
+    }
+}
+
+#[test]
+fn qk_norm_rope_rejects_tables_that_do_not_cover_the_tokens() {
+    let qkv = randn(1, &[1, 4, 3 * 2 * 8]);
+    let w = randn(2, &[8]);
+    let short = randn(3, &[3, 4]);
+    assert!(fused::qk_norm_rope(&qkv, 2, &w, &w, &short, &short, 0, 1e-6).is_err());
+    let wide = randn(3, &[8, 4]);
+    assert!(fused::qk_norm_rope(&qkv, 2, &w, &w, &wide, &wide, 5, 1e-6).is_err());
+    assert!(fused::qk_norm_rope(&qkv, 3, &w, &w, &wide, &wide, 0, 1e-6).is_err());
+}
+
+#[test]
+fn gelu_tanh_and_geglu_match_candle() {
+    for dtype in DTYPES {
+        let x = (randn(21, &[3, 7, 74]) * 3.0)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let err = rel_err(&fused::gelu_tanh(&x).unwrap(), &x.gelu().unwrap());
+        assert!(err <= bound(dtype), "gelu {dtype:?}: {err}");
+        let geglu = fused::geglu(&x).unwrap();
+        let want = (x.narrow(2, 0, 37).unwrap() * x.narrow(2, 37, 37).unwrap().gelu_erf().unwrap())
+            .unwrap();
+        let err = rel_err(&geglu, &want);
+        assert!(err <= bound(dtype), "geglu {dtype:?}: {err}");
+    }
+    assert!(fused::geglu(&randn(1, &[2, 5])).is_err());
+}
+
+#[test]
+fn linear_matches_candle_linear_with_and_without_bias_and_gelu() {
+    for dtype in DTYPES {
+        let x = randn(31, &[2, 9, 33]).to_dtype(dtype).unwrap();
+        let w = (randn(32, &[17, 33]) * 0.2)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let b = randn(33, &[17]).to_dtype(dtype).unwrap();
+        for bias in [None, Some(&b)] {
+            let reference = candle_nn::Linear::new(
+                w.to_dtype(DType::F32).unwrap(),
+                bias.map(|b| b.to_dtype(DType::F32).unwrap()),
+            );
+            let want = reference.forward(&x.to_dtype(DType::F32).unwrap()).unwrap();
+            let ours = fused::linear(&x, &w, bias, None).unwrap();
+            let err = rel_err(&ours, &want);
+            assert!(
+                err <= bound(dtype),
+                "linear {dtype:?} bias={}: {err}",
+                bias.is_some()
+            );
+            let ours = fused::linear(&x, &w, bias, Some(Activation::GeluTanh)).unwrap();
+            let err = rel_err(&ours, &want.gelu().unwrap());
+            assert!(err <= bound(dtype), "linear+gelu {dtype:?}: {err}");
+        }
+    }
+    let x = randn(1, &[2, 4]);
+    assert!(fused::linear(&x, &randn(2, &[3, 5]), None, None).is_err());
+    assert!(fused::linear(&x, &randn(2, &[3, 4]), Some(&randn(3, &[4])), None).is_err());
+}
+
+#[test]
+fn the_cpu_never_takes_the_fused_path() {
+    let x = randn(1, &[1, 2, 4, 64]).to_dtype(DType::BF16).unwrap();
+    assert!(!ops::fused_on(&x));
+    assert!(!ops::attention_fused_ok(&x, &x, &x));
+    // The wrapper's CPU path is candle_nn::Linear itself.
+    let w = randn(2, &[3, 64]);
+    let lin = ops::Linear::new(candle_nn::Linear::new(w.clone(), None));
+    let xf = randn(3, &[2, 64]);
+    let ours = lin.forward(&xf).unwrap();
+    let want = candle_nn::Linear::new(w, None).forward(&xf).unwrap();
+    assert_eq!(rel_err(&ours, &want), 0.0);
+}
+
+#[test]
+fn with_fused_overrides_the_switch_on_this_thread_only() {
+    let before = ops::fused_enabled();
+    ops::with_fused(!before, || {
+        assert_eq!(ops::fused_enabled(), !before);
+        let other = std::thread::spawn(ops::fused_enabled).join().unwrap();
+        assert_eq!(other, before);
+    });
+    assert_eq!(ops::fused_enabled(), before);
+}
