@@ -11,7 +11,9 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
+
+use crate::ops::{self, fused, Linear};
 use serde_json::Value;
 
 use crate::pipelines::PipelineError;
@@ -347,7 +349,52 @@ impl SimpleBackend for DiffusersFluxWeights {
 }
 
 fn linear(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    candle_nn::linear(i, o, vb)
+    ops::linear(i, o, vb)
+}
+
+/// Whether a forward over `x` takes the fused CUDA path (bf16/f16 on a CUDA device, a head size
+/// the attention kernel has; see [`crate::ops`]). Otherwise the candle composition below runs.
+fn fused_path(x: &Tensor, head_dim: usize) -> bool {
+    ops::fused_on(x)
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && ops::ATTENTION_HEAD_DIMS.contains(&head_dim)
+}
+
+/// `layer_norm(x) · (1 + scale) + shift`, fused on CUDA.
+fn norm_mod(
+    ln: &PlainLayerNorm,
+    x: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+) -> candle_core::Result<Tensor> {
+    if ops::fused_on(x) {
+        fused::layer_norm_modulate(x, None, None, Some(shift), Some(scale), 1e-6)
+    } else {
+        scale_shift(&ln.forward(x)?, shift, scale)
+    }
+}
+
+/// Fused path: q, k, v of a fused projection `qkv` (B, L, ≥ 3·H·D), normalised and rotated by
+/// the rope rows from `offset` on, as (3, B, L, H, D).
+fn fused_prep(
+    qkv: &Tensor,
+    heads: usize,
+    norm: &QkNorm,
+    rope: &Rope,
+    offset: usize,
+) -> candle_core::Result<Tensor> {
+    fused::qk_norm_rope(
+        qkv, heads, &norm.q, &norm.k, &rope.cos, &rope.sin, offset, 1e-6,
+    )
+}
+
+/// Fused path: attention over prepared (3, B, L, H, D) q, k, v → (B, L, H·D).
+fn fused_attention(prep: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, b, l, h, d) = prep.dims5()?;
+    let get = |i: usize| prep.get(i)?.transpose(1, 2);
+    fused::attention(&get(0)?, &get(1)?, &get(2)?, 1.0 / (d as f64).sqrt(), None)?
+        .transpose(1, 2)?
+        .reshape((b, l, h * d))
 }
 
 /// Layer norm without affine parameters (eps 1e-6), accumulated in float32.
@@ -498,7 +545,7 @@ impl Mlp {
         })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.apply(&self.l0)?.gelu()?.apply(&self.l2)
+        self.l0.forward_gelu(x)?.apply(&self.l2)
     }
 }
 
@@ -541,24 +588,32 @@ impl DoubleBlock {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let im = modulation(&self.img.modulation, vec, 6)?;
         let tm = modulation(&self.txt.modulation, vec, 6)?;
-        let img_in = scale_shift(&ln.forward(img)?, &im[0], &im[1])?;
-        let txt_in = scale_shift(&ln.forward(txt)?, &tm[0], &tm[1])?;
-        let (iq, ik, iv) = split_qkv(&img_in.apply(&self.img.qkv)?, self.heads, &self.img.norm)?;
-        let (tq, tk, tv) = split_qkv(&txt_in.apply(&self.txt.qkv)?, self.heads, &self.txt.norm)?;
-        let q = Tensor::cat(&[tq, iq], 2)?;
-        let k = Tensor::cat(&[tk, ik], 2)?;
-        let v = Tensor::cat(&[tv, iv], 2)?;
-        let attn = attention(&q, &k, &v, rope)?;
+        let img_in = norm_mod(ln, img, &im[0], &im[1])?;
+        let txt_in = norm_mod(ln, txt, &tm[0], &tm[1])?;
         let nt = txt.dim(1)?;
+        let img_qkv = img_in.apply(&self.img.qkv)?;
+        let txt_qkv = txt_in.apply(&self.txt.qkv)?;
+        let attn = if fused_path(img, self.img.norm.q.dim(0)?) {
+            let tp = fused_prep(&txt_qkv, self.heads, &self.txt.norm, rope, 0)?;
+            let ip = fused_prep(&img_qkv, self.heads, &self.img.norm, rope, nt)?;
+            fused_attention(&Tensor::cat(&[tp, ip], 2)?)?
+        } else {
+            let (iq, ik, iv) = split_qkv(&img_qkv, self.heads, &self.img.norm)?;
+            let (tq, tk, tv) = split_qkv(&txt_qkv, self.heads, &self.txt.norm)?;
+            let q = Tensor::cat(&[tq, iq], 2)?;
+            let k = Tensor::cat(&[tk, ik], 2)?;
+            let v = Tensor::cat(&[tv, iv], 2)?;
+            attention(&q, &k, &v, rope)?
+        };
         let txt_attn = attn.narrow(1, 0, nt)?;
         let img_attn = attn.narrow(1, nt, attn.dim(1)? - nt)?;
 
         let img = (img + im[2].broadcast_mul(&img_attn.apply(&self.img.proj)?)?)?;
-        let img_ff = scale_shift(&ln.forward(&img)?, &im[3], &im[4])?;
+        let img_ff = norm_mod(ln, &img, &im[3], &im[4])?;
         let img = (&img + im[5].broadcast_mul(&self.img.mlp.forward(&img_ff)?)?)?;
 
         let txt = (txt + tm[2].broadcast_mul(&txt_attn.apply(&self.txt.proj)?)?)?;
-        let txt_ff = scale_shift(&ln.forward(&txt)?, &tm[3], &tm[4])?;
+        let txt_ff = norm_mod(ln, &txt, &tm[3], &tm[4])?;
         let txt = (&txt + tm[5].broadcast_mul(&self.txt.mlp.forward(&txt_ff)?)?)?;
         Ok((img, txt))
     }
@@ -597,12 +652,28 @@ impl SingleBlock {
         ln: &PlainLayerNorm,
     ) -> candle_core::Result<Tensor> {
         let m = modulation(&self.modulation, vec, 3)?;
-        let xm = scale_shift(&ln.forward(x)?, &m[0], &m[1])?.apply(&self.linear1)?;
-        let qkv = xm.narrow(D::Minus1, 0, 3 * self.hidden)?;
-        let mlp = xm.narrow(D::Minus1, 3 * self.hidden, self.mlp)?;
-        let (q, k, v) = split_qkv(&qkv.contiguous()?, self.heads, &self.norm)?;
-        let attn = attention(&q, &k, &v, rope)?;
-        let out = Tensor::cat(&[attn, mlp.gelu()?], 2)?.apply(&self.linear2)?;
+        let xn = norm_mod(ln, x, &m[0], &m[1])?;
+        let h3 = 3 * self.hidden;
+        let (attn, mlp) = if fused_path(x, self.norm.q.dim(0)?) {
+            // linear1 as two products: q/k/v, and the MLP input with GELU in the epilogue.
+            let w = self.linear1.weight();
+            let b = self.linear1.bias();
+            let part = |start: usize, len: usize, act| -> candle_core::Result<Tensor> {
+                let bias = b.map(|b| b.narrow(0, start, len)).transpose()?;
+                fused::linear(&xn, &w.narrow(0, start, len)?, bias.as_ref(), act)
+            };
+            let qkv = part(0, h3, None)?;
+            let mlp = part(h3, self.mlp, Some(ops::Activation::GeluTanh))?;
+            let prep = fused_prep(&qkv, self.heads, &self.norm, rope, 0)?;
+            (fused_attention(&prep)?, mlp)
+        } else {
+            let xm = xn.apply(&self.linear1)?;
+            let qkv = xm.narrow(D::Minus1, 0, h3)?;
+            let mlp = xm.narrow(D::Minus1, h3, self.mlp)?;
+            let (q, k, v) = split_qkv(&qkv.contiguous()?, self.heads, &self.norm)?;
+            (attention(&q, &k, &v, rope)?, mlp.gelu()?)
+        };
+        let out = Tensor::cat(&[attn, mlp], 2)?.apply(&self.linear2)?;
         x + m[2].broadcast_mul(&out)?
     }
 }
@@ -748,7 +819,7 @@ impl FluxTransformer {
         }
         let img = x.narrow(1, nt, x.dim(1)? - nt)?;
         let m = modulation(&self.final_norm_mod, vec, 2)?;
-        scale_shift(&self.ln.forward(&img)?, &m[0], &m[1])?.apply(&self.final_linear)
+        norm_mod(&self.ln, &img, &m[0], &m[1])?.apply(&self.final_linear)
     }
 
     /// Whether the model embeds the guidance scale.

@@ -5,9 +5,10 @@
 //! `out_channels` (8 with learned sigma).
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
 use serde_json::Value;
 
+use crate::ops::{self, fused, linear, Linear};
 use crate::pipelines::PipelineError;
 
 /// The `transformer/config.json` fields the model needs.
@@ -197,6 +198,31 @@ fn timestep_embedding(
     Tensor::from_vec(data, (timesteps.len(), dim), device)
 }
 
+/// `layer_norm(xs) · (1 + scale) + shift` (no affine parameters, float32 statistics), fused on
+/// CUDA; `shift`, `scale` (B, 1, D).
+fn norm_mod(xs: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if ops::fused_on(xs) {
+        fused::layer_norm_modulate(xs, None, None, Some(shift), Some(scale), eps)
+    } else {
+        layer_norm(xs, eps)?
+            .broadcast_mul(&(scale + 1.0)?)?
+            .broadcast_add(shift)
+    }
+}
+
+/// Key lengths from a caption mask (B, S) of ones then zeros, for the fused attention's key
+/// masking; `None` when a row is not of that form (the additive bias handles it then).
+fn prefix_lengths(mask: &Tensor) -> candle_core::Result<Option<Vec<u32>>> {
+    let rows = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let n = row.iter().take_while(|&&m| m > 0.5).count();
+            row[n..].iter().all(|&m| m <= 0.5).then_some(n as u32)
+        })
+        .collect())
+}
+
 /// LayerNorm without affine parameters, computed in float32.
 fn layer_norm(xs: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let dtype = xs.dtype();
@@ -221,11 +247,7 @@ fn maybe_bias_linear(
     bias: bool,
     vb: VarBuilder,
 ) -> candle_core::Result<Linear> {
-    if bias {
-        linear(i, o, vb)
-    } else {
-        candle_nn::linear_no_bias(i, o, vb)
-    }
+    ops::linear_b(i, o, bias, vb)
 }
 
 impl Attention {
@@ -246,34 +268,32 @@ impl Attention {
     }
 
     /// `xs` (B, N, D) attending to `context` (B, S, Dc); `bias` (B, 1, 1, S) is added to the
-    /// scores (0 keep, -10000 masked).
+    /// scores (0 keep, -10000 masked); on the fused path `key_lens` (the mask's lengths) masks
+    /// the keys instead.
     fn forward(
         &self,
         xs: &Tensor,
         context: &Tensor,
         bias: Option<&Tensor>,
+        key_lens: Option<&[u32]>,
     ) -> candle_core::Result<Tensor> {
         let (b, n, d) = xs.dims3()?;
         let s = context.dim(1)?;
         let hd = d / self.heads;
-        let q = self
-            .to_q
-            .forward(xs)?
-            .reshape((b, n, self.heads, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = self
-            .to_k
-            .forward(context)?
-            .reshape((b, s, self.heads, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = self
-            .to_v
-            .forward(context)?
-            .reshape((b, s, self.heads, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let split = |x: Tensor, m: usize| -> candle_core::Result<Tensor> {
+            x.reshape((b, m, self.heads, hd))?.transpose(1, 2)
+        };
+        let q = split(self.to_q.forward(xs)?, n)?;
+        let k = split(self.to_k.forward(context)?, s)?;
+        let v = split(self.to_v.forward(context)?, s)?;
+        if (bias.is_none() || key_lens.is_some()) && ops::attention_fused_ok(&q, &k, &v) {
+            let scale = 1.0 / (hd as f64).sqrt();
+            let out = fused::attention(&q, &k, &v, scale, key_lens)?;
+            return self
+                .to_out
+                .forward(&out.transpose(1, 2)?.reshape((b, n, d))?);
+        }
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
         let scores = match bias {
             Some(bias) => scores.broadcast_add(bias)?,
@@ -326,22 +346,19 @@ impl Block {
         xs: &Tensor,
         context: &Tensor,
         bias: Option<&Tensor>,
+        key_lens: Option<&[u32]>,
         t6: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let mods = self.scale_shift_table.unsqueeze(0)?.broadcast_add(t6)?;
         let m = |i: usize| mods.narrow(1, i, 1);
         let (shift_msa, scale_msa, gate_msa) = (m(0)?, m(1)?, m(2)?);
         let (shift_mlp, scale_mlp, gate_mlp) = (m(3)?, m(4)?, m(5)?);
-        let normed = layer_norm(xs, self.eps)?
-            .broadcast_mul(&(scale_msa + 1.0)?)?
-            .broadcast_add(&shift_msa)?;
-        let attn = self.attn1.forward(&normed, &normed, None)?;
+        let normed = norm_mod(xs, &shift_msa, &scale_msa, self.eps)?;
+        let attn = self.attn1.forward(&normed, &normed, None, None)?;
         let xs = (xs + attn.broadcast_mul(&gate_msa)?)?;
-        let xs = (&xs + self.attn2.forward(&xs, context, bias)?)?;
-        let normed = layer_norm(&xs, self.eps)?
-            .broadcast_mul(&(scale_mlp + 1.0)?)?
-            .broadcast_add(&shift_mlp)?;
-        let ff = self.ff_out.forward(&self.ff_in.forward(&normed)?.gelu()?)?;
+        let xs = (&xs + self.attn2.forward(&xs, context, bias, key_lens)?)?;
+        let normed = norm_mod(&xs, &shift_mlp, &scale_mlp, self.eps)?;
+        let ff = self.ff_out.forward(&self.ff_in.forward_gelu(&normed)?)?;
         xs + ff.broadcast_mul(&gate_mlp)?
     }
 }
@@ -456,17 +473,19 @@ impl PixArtTransformer {
             }
             None => None,
         };
+        let key_lens = match mask {
+            Some(mask) if ops::fused_on(&hidden) => prefix_lengths(mask)?,
+            _ => None,
+        };
         for block in &self.blocks {
-            hidden = block.forward(&hidden, &context, bias.as_ref(), &t6)?;
+            hidden = block.forward(&hidden, &context, bias.as_ref(), key_lens.as_deref(), &t6)?;
         }
         let mods = self
             .scale_shift_table
             .unsqueeze(0)?
             .broadcast_add(&embedded.unsqueeze(1)?)?;
         let (shift, scale) = (mods.narrow(1, 0, 1)?, mods.narrow(1, 1, 1)?);
-        let hidden = layer_norm(&hidden, 1e-6)?
-            .broadcast_mul(&(scale + 1.0)?)?
-            .broadcast_add(&shift)?;
+        let hidden = norm_mod(&hidden, &shift, &scale, 1e-6)?;
         let out = self.proj_out.forward(&hidden)?;
         let oc = c.out_channels;
         // (B, gh, gw, p, p, C) -> (B, C, gh, p, gw, p)

@@ -9,11 +9,11 @@
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{
-    conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, GroupNorm,
-    LayerNorm, Linear, VarBuilder,
+    conv2d, group_norm, layer_norm, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, VarBuilder,
 };
 use serde_json::Value;
 
+use crate::ops::{self, fused, linear, linear_no_bias, Linear};
 use crate::pipelines::PipelineError;
 
 /// The UNet's architecture, read from `unet/config.json` (diffusers' names).
@@ -139,7 +139,7 @@ fn require(value: &Value, key: &str, allowed: &[Value]) -> Result<(), PipelineEr
         None => Ok(()),
         Some(v) if allowed.contains(v) => Ok(()),
         Some(v) => Err(PipelineError::Unsupported(format!(
-            "{FILE}: {key} = {v} is not supported by the SDXL UNet (supported: {})",
+            "{FILE}: {key} = {v} is not supported by the UNet (supported: {})",
             if allowed.is_empty() {
                 "null".to_string()
             } else {
@@ -445,14 +445,19 @@ impl Attention {
         let head_dim = dim / self.heads;
         let split = |x: Tensor| -> candle_core::Result<Tensor> {
             let m = x.dim(1)?;
-            x.reshape((b, m, self.heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+            x.reshape((b, m, self.heads, head_dim))?.transpose(1, 2)
         };
         let q = split(self.to_q.forward(xs)?)?;
         let k = split(self.to_k.forward(context)?)?;
         let v = split(self.to_v.forward(context)?)?;
         let scale = (head_dim as f64).powf(-0.5);
+        if ops::attention_fused_ok(&q, &k, &v) {
+            let out = fused::attention(&q, &k, &v, scale, None)?;
+            return self
+                .to_out
+                .forward(&out.transpose(1, 2)?.reshape((b, n, dim))?);
+        }
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
             .to_dtype(xs.dtype())?;
@@ -498,8 +503,11 @@ impl TransformerBlock {
         let xs = (self.attn2.forward(&h, context)? + xs)?;
         let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
         let inner = h.dim(D::Minus1)? / 2;
-        let gated =
-            (h.narrow(D::Minus1, 0, inner)? * h.narrow(D::Minus1, inner, inner)?.gelu_erf()?)?;
+        let gated = if ops::fused_on(&h) {
+            fused::geglu(&h)?
+        } else {
+            (h.narrow(D::Minus1, 0, inner)? * h.narrow(D::Minus1, inner, inner)?.gelu_erf()?)?
+        };
         self.ff_out.forward(&gated)? + xs
     }
 }

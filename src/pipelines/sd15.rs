@@ -2,14 +2,12 @@
 //! classifier-free guidance, the scheduler named in `scheduler/scheduler_config.json`, and the
 //! VAE decoder, all sized from the components' `config.json` files.
 //!
-//! The UNet and VAE are candle-transformers' `stable_diffusion::{unet_2d, vae}`, which match
-//! diffusers for this architecture (`attention_head_dim` read as the number of heads, as
-//! diffusers does for SD 1.x); the tokenizer and the text encoder are ours ([`crate::models`]).
+//! The UNet is ours ([`crate::models::unet_sdxl`], the one SDXL uses, without the text-time
+//! embedding; `attention_head_dim` read as the number of heads, as diffusers does for SD 1.x),
+//! so it runs the fused CUDA kernels ([`crate::ops`]) and any `norm_num_groups`; the VAE is
+//! candle-transformers' `stable_diffusion::vae`; the tokenizer and the text encoder are ours.
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::unet_2d::{
-    BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig,
-};
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use image::RgbImage;
 use serde_json::Value;
@@ -17,6 +15,7 @@ use serde_json::Value;
 use crate::config::Dtype;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::clip_tokenizer::ClipTokenizer;
+use crate::models::unet_sdxl::{UNetSdxl, UNetSdxlConfig};
 use crate::noise::Noise;
 use crate::pipelines::hub::ModelSource;
 use crate::pipelines::schedulers::{Scheduler, SchedulerConfig};
@@ -50,7 +49,7 @@ pub type SchedulerFactory = Box<dyn Fn(usize) -> Result<Box<dyn Scheduler>, Pipe
 pub struct Sd15Pipeline {
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModel,
-    unet: UNet2DConditionModel,
+    unet: UNetSdxl,
     vae: AutoEncoderKL,
     scheduler: SchedulerFactory,
     dtype: DType,
@@ -133,21 +132,6 @@ impl Json<'_> {
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| self.err(key, "a list of strings"))
     }
-    /// An integer or a per-block list (diffusers accepts both), as one value per block.
-    fn per_block(&self, key: &str, n: usize) -> Result<Vec<usize>, PipelineError> {
-        match self.present(key) {
-            Some(Value::Array(_)) => {
-                let list = self.usize_list(key)?;
-                if list.len() == n {
-                    Ok(list)
-                } else {
-                    Err(self.err(key, &format!("an integer or a list of {n} integers")))
-                }
-            }
-            Some(_) => Ok(vec![self.usize(key)?; n]),
-            None => Err(self.err(key, "an integer or a list of integers")),
-        }
-    }
     /// Fails with `Unsupported` unless `key` is absent/null or equal to `expected`.
     fn require(&self, key: &str, expected: &Value) -> Result<(), PipelineError> {
         match self.present(key) {
@@ -170,137 +154,19 @@ impl Json<'_> {
     }
 }
 
-/// The UNet's candle config, its input/output channels and `sample_size`.
-struct UNetSpec {
-    config: UNet2DConditionModelConfig,
-    in_channels: usize,
-    out_channels: usize,
-    sample_size: usize,
-}
-
-fn unet_spec(value: &Value) -> Result<UNetSpec, PipelineError> {
+/// The UNet's config from `unet/config.json`: what [`UNetSdxlConfig::from_json`] accepts,
+/// without an addition embedding (an SD 1.x UNet) and without input centring.
+fn unet_spec(value: &Value) -> Result<UNetSdxlConfig, PipelineError> {
     let j = Json {
         value,
         file: "unet/config.json",
     };
-    for key in [
-        "class_embed_type",
-        "addition_embed_type",
-        "time_cond_proj_dim",
-        "encoder_hid_dim",
-        "num_class_embeds",
-    ] {
-        j.require_null(key)?;
-    }
-    j.require("act_fn", &"silu".into())?;
-    j.require("resnet_time_scale_shift", &"default".into())?;
-    j.require("time_embedding_type", &"positional".into())?;
-    j.require("mid_block_type", &"UNetMidBlock2DCrossAttn".into())?;
-    j.require("conv_in_kernel", &3.into())?;
-    j.require("conv_out_kernel", &3.into())?;
-    j.require("only_cross_attention", &false.into())?;
-    j.require("dual_cross_attention", &false.into())?;
-    j.require("attention_type", &"default".into())?;
-    j.require("resnet_skip_time_act", &false.into())?;
-    j.require("resnet_out_scale_factor", &1.0.into())?;
-
-    let channels = j.usize_list("block_out_channels")?;
-    let n = channels.len();
-    if n == 0 {
-        return Err(j.err("block_out_channels", "a non-empty list"));
-    }
-    let down = j.str_list("down_block_types")?;
-    let up = j.str_list("up_block_types")?;
-    if down.len() != n || up.len() != n {
-        return Err(j.err(
-            "down_block_types",
-            &format!("{n} down and {n} up block types (one per block_out_channels)"),
-        ));
-    }
-    // diffusers reads attention_head_dim as the number of heads unless num_attention_heads is set.
-    let heads = match j.present("num_attention_heads") {
-        Some(_) => j.per_block("num_attention_heads", n)?,
-        None => j.per_block("attention_head_dim", n)?,
-    };
-    let transformer_layers = match j.present("transformer_layers_per_block") {
-        None => vec![1; n],
-        Some(_) => j.per_block("transformer_layers_per_block", n)?,
-    };
-    let mut blocks = Vec::with_capacity(n);
-    for i in 0..n {
-        let cross = match down[i].as_str() {
-            "CrossAttnDownBlock2D" => true,
-            "DownBlock2D" => false,
-            other => {
-                return Err(PipelineError::Unsupported(format!(
-                    "unet/config.json: down block type {other:?} is not supported \
-                     (CrossAttnDownBlock2D, DownBlock2D)"
-                )))
-            }
-        };
-        let expected_up = if cross {
-            "CrossAttnUpBlock2D"
-        } else {
-            "UpBlock2D"
-        };
-        if up[n - 1 - i] != expected_up {
-            return Err(PipelineError::Unsupported(format!(
-                "unet/config.json: up_block_types[{}] = {:?} does not mirror down_block_types[{i}] \
-                 = {:?} (expected {expected_up:?})",
-                n - 1 - i,
-                up[n - 1 - i],
-                down[i]
-            )));
-        }
-        if heads[i] == 0 || channels[i] % heads[i] != 0 {
-            return Err(j.err(
-                "attention_head_dim",
-                &format!(
-                    "a head count dividing block_out_channels[{i}] = {}",
-                    channels[i]
-                ),
-            ));
-        }
-        blocks.push(BlockConfig {
-            out_channels: channels[i],
-            use_cross_attn: cross.then_some(transformer_layers[i]),
-            attention_head_dim: heads[i],
-        });
-    }
-    let cross_attention_dim = match j.present("cross_attention_dim") {
-        Some(Value::Array(_)) => {
-            return Err(PipelineError::Unsupported(
-                "unet/config.json: per-block cross_attention_dim is not supported".into(),
-            ))
-        }
-        _ => j.usize("cross_attention_dim")?,
-    };
-    // candle-transformers' DownBlock2D/UpBlock2D always use 32 groups in their resnets.
-    j.require("norm_num_groups", &32.into())?;
-    let groups = 32;
-    if channels.iter().any(|c| c % groups != 0) {
-        return Err(j.err("block_out_channels", "multiples of norm_num_groups (32)"));
-    }
-    let config = UNet2DConditionModelConfig {
-        center_input_sample: j.bool_or("center_input_sample", false)?,
-        flip_sin_to_cos: j.bool_or("flip_sin_to_cos", true)?,
-        freq_shift: j.f64_or("freq_shift", 0.0)?,
-        blocks,
-        layers_per_block: j.usize_or("layers_per_block", 2)?,
-        downsample_padding: j.usize_or("downsample_padding", 1)?,
-        mid_block_scale_factor: j.f64_or("mid_block_scale_factor", 1.0)?,
-        norm_num_groups: groups,
-        norm_eps: j.f64_or("norm_eps", 1e-5)?,
-        cross_attention_dim,
-        sliced_attention_size: None,
-        use_linear_projection: j.bool_or("use_linear_projection", false)?,
-    };
-    Ok(UNetSpec {
-        config,
-        in_channels: j.usize_or("in_channels", 4)?,
-        out_channels: j.usize_or("out_channels", 4)?,
-        sample_size: j.usize_or("sample_size", 64)?,
-    })
+    j.require_null("addition_embed_type")?;
+    j.require("center_input_sample", &false.into())?;
+    let mut config = UNetSdxlConfig::from_json(value)?;
+    // diffusers' UNet2DConditionModel defaults sample_size to None; SD 1.x configs set it (64).
+    config.sample_size = j.usize_or("sample_size", 64)?;
+    Ok(config)
 }
 
 /// The VAE's candle config and `in/out_channels`, `scaling_factor`, `shift_factor`.
@@ -419,9 +285,7 @@ impl Sd15Pipeline {
         let unet = unet_spec(&source.read_json("unet/config.json")?)?;
         let vb = var_builder(source, "unet", dtype, candle_dtype(dtype), device)?;
         let sample_size = unet.sample_size;
-        let unet_model =
-            UNet2DConditionModel::new(vb, unet.in_channels, unet.out_channels, false, unet.config)
-                .map_err(|e| weights_error(source, "unet", e))?;
+        let unet_model = UNetSdxl::new(vb, &unet).map_err(|e| weights_error(source, "unet", e))?;
 
         let vae = vae_spec(&source.read_json("vae/config.json")?)?;
         let vae_scale_factor = 1usize << (vae.config.block_out_channels.len() - 1);
@@ -517,7 +381,9 @@ impl Sd15Pipeline {
         timestep: f64,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor, PipelineError> {
-        Ok(self.unet.forward(sample, timestep, encoder_hidden_states)?)
+        Ok(self
+            .unet
+            .forward(sample, timestep, encoder_hidden_states, None)?)
     }
 
     /// VAE decode of denoised `latents` (B, C, h, w): `decode(latents / scaling_factor +
@@ -560,7 +426,7 @@ impl Sd15Pipeline {
                 latents.clone()
             };
             let input = scheduler.scale_model_input(&input, t)?;
-            let pred = self.unet.forward(&input, t, &context)?;
+            let pred = self.unet.forward(&input, t, &context, None)?;
             let pred = if guided {
                 let uncond = pred.narrow(0, 0, b)?;
                 let cond = pred.narrow(0, b, b)?;
@@ -680,8 +546,7 @@ pub fn bench_unet_step(
 ) -> Result<crate::bench::BenchReport, PipelineError> {
     let spec = unet_spec(&sd15_reference_unet_config())?;
     let (vb, params) = crate::bench::RandomWeights::var_builder(opts.dtype, &opts.device);
-    let unet =
-        UNet2DConditionModel::new(vb, spec.in_channels, spec.out_channels, false, spec.config)?;
+    let unet = UNetSdxl::new(vb, &spec)?;
     let (h, w) = (opts.height / 8, opts.width / 8);
     if h == 0 || w == 0 {
         return Err(PipelineError::InvalidArgument(format!(
@@ -699,7 +564,7 @@ pub fn bench_unet_step(
         opts,
         params.get(),
         details,
-        || unet.forward(&sample, 981.0, &context).map(|_| ()),
+        || unet.forward(&sample, 981.0, &context, None).map(|_| ()),
     )
 }
 
@@ -714,42 +579,44 @@ mod tests {
 
     #[test]
     fn sd15_unet_config_maps_attention_head_dim_to_head_count() {
-        let spec = unet_spec(&sd15_unet()).unwrap();
-        let c = &spec.config;
-        assert_eq!(spec.sample_size, 64);
+        let c = unet_spec(&sd15_unet()).unwrap();
+        assert_eq!(c.sample_size, 64);
         assert_eq!(c.cross_attention_dim, 768);
         assert_eq!(c.layers_per_block, 2);
         assert!(c.flip_sin_to_cos);
-        let blocks: Vec<_> = c
-            .blocks
-            .iter()
-            .map(|b| (b.out_channels, b.use_cross_attn, b.attention_head_dim))
-            .collect();
-        assert_eq!(
-            blocks,
-            vec![
-                (320, Some(1), 8),
-                (640, Some(1), 8),
-                (1280, Some(1), 8),
-                (1280, None, 8)
-            ]
-        );
+        assert!(!c.use_linear_projection);
+        assert_eq!(c.text_time, None);
+        assert_eq!(c.block_out_channels, [320, 640, 1280, 1280]);
+        assert_eq!(c.down_cross_attention, [true, true, true, false]);
+        assert_eq!(c.up_cross_attention, [false, true, true, true]);
+        assert_eq!(c.num_attention_heads, [8, 8, 8, 8]);
+        assert_eq!(c.transformer_layers_per_block, [1, 1, 1, 1]);
+        assert_eq!(c.norm_num_groups, 32);
     }
 
     #[test]
     fn num_attention_heads_takes_precedence_over_attention_head_dim() {
         let mut cfg = sd15_unet();
         cfg["num_attention_heads"] = json!([5, 10, 20, 20]);
-        let spec = unet_spec(&cfg).unwrap();
-        assert_eq!(spec.config.blocks[1].attention_head_dim, 10);
+        let c = unet_spec(&cfg).unwrap();
+        assert_eq!(c.num_attention_heads, [5, 10, 20, 20]);
     }
 
     #[test]
-    fn up_blocks_that_do_not_mirror_the_down_blocks_are_unsupported() {
+    fn unknown_block_types_are_unsupported_by_name() {
         let mut cfg = sd15_unet();
-        cfg["up_block_types"][0] = json!("CrossAttnUpBlock2D");
+        cfg["up_block_types"][0] = json!("AttnUpBlock2D");
         let err = unet_spec(&cfg).err().unwrap();
-        assert!(err.to_string().contains("up_block_types[0]"), "{err}");
+        assert!(matches!(err, PipelineError::Unsupported(_)));
+        assert!(err.to_string().contains("up_block_types"), "{err}");
+    }
+
+    #[test]
+    fn centred_input_is_unsupported_by_name() {
+        let mut cfg = sd15_unet();
+        cfg["center_input_sample"] = json!(true);
+        let err = unet_spec(&cfg).err().unwrap();
+        assert!(err.to_string().contains("center_input_sample"), "{err}");
     }
 
     #[test]
