@@ -24,10 +24,11 @@ SHARED_GPU=${SHARED_GPU:-$ROOT/../shared/gpu}
 BUDGET_MIB=${KIT_BUDGET_MIB:-64}
 PY=${PYTHON:-python3}
 
-# The parity tests that run on the CPU there (a check that the cuda build did not change the CPU
-# path), and tests/gpu.rs (the CUDA-vs-CPU checks). Listed by priority: when the kit would not fit
-# the device tool's limit, the last ones are left out (and the manifest says so).
-WANT_TESTS=(gpu noise sd15_parity flux_parity pixart_parity sdxl_parity qwen)
+# tests/gpu.rs (the CUDA-vs-CPU checks), tests/gpu_kernels.rs (the fused kernels against their CPU
+# implementations) and the parity tests that run on the CPU there (a check that the cuda build did
+# not change the CPU path). Listed by priority: when the kit would not fit the device tool's limit,
+# the last ones are left out (and the manifest says so).
+WANT_TESTS=(gpu gpu_kernels noise sd15_parity flux_parity pixart_parity sdxl_parity qwen)
 TESTS=()
 for t in "${WANT_TESTS[@]}"; do
   [ -f "tests/$t.rs" ] && TESTS+=("$t")

@@ -203,6 +203,12 @@ pub struct BenchArgs {
     /// Build only this many blocks/layers (to fit a small machine); default: the real depth.
     #[arg(long, value_parser = parse_positive)]
     pub layers: Option<usize>,
+    /// `--model search`: denoiser steps per image.
+    #[arg(long, default_value = "28", value_parser = parse_positive)]
+    pub steps: usize,
+    /// `--model search`: the stand-in API verifier's latency per call, in milliseconds.
+    #[arg(long, value_name = "MS", default_value = "3000")]
+    pub verifier_latency_ms: u64,
     /// Also write the reports as JSON to this file.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,

@@ -93,6 +93,8 @@ fn bench(a: BenchArgs) -> ExitCode {
         warmup: a.warmup,
         iters: a.iters,
         layers: a.layers,
+        search_steps: a.steps,
+        verifier_latency_ms: a.verifier_latency_ms,
     };
     let mut reports = Vec::new();
     for model in &a.models {

@@ -395,6 +395,8 @@ fn bench_real_size_transformer_step_on_cpu() {
             warmup: 1,
             iters: 3,
             layers: Some(layers),
+            search_steps: 1,
+            verifier_latency_ms: 0,
         };
         let r = tt_scale::pipelines::flux::bench_transformer_step(&opts).unwrap();
         eprintln!("{r:?}");

@@ -1,8 +1,11 @@
 //! `tt-scale bench`: times one denoiser step of each model's real-size architecture with random
 //! weights (nothing is downloaded), on the chosen device and dtype.
 //!
-//! Each model family provides a [`StepBench`]: it builds its network from a [`RandomWeights`]
+//! Each model family provides a step benchmark: it builds its network from a [`RandomWeights`]
 //! var builder and runs one step; this module times it (warm-up, then the median of repeats).
+//! [`search`] times a whole default search end to end (generation overlapped with grading).
+
+pub mod search;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -35,6 +38,10 @@ pub struct BenchOptions {
     /// Run only this many transformer blocks / layers where the model allows it (to fit a
     /// small machine); `None` for the real depth.
     pub layers: Option<usize>,
+    /// `search`: denoiser steps per image (the default config's Flux.1-dev: 28).
+    pub search_steps: usize,
+    /// `search`: the stand-in API verifier's latency per call, milliseconds.
+    pub verifier_latency_ms: u64,
 }
 
 /// The timing of one benchmark.
@@ -159,7 +166,7 @@ pub fn time_steps(
 }
 
 /// The benchmarks `tt-scale bench --model` can run.
-pub const MODELS: &[&str] = &["sd15", "flux", "pixart-sigma", "sdxl", "qwen"];
+pub const MODELS: &[&str] = &["sd15", "flux", "pixart-sigma", "sdxl", "qwen", "search"];
 
 /// Runs the step benchmark of `model` (one of [`MODELS`]).
 pub fn run_model(model: &str, opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError> {
@@ -169,6 +176,7 @@ pub fn run_model(model: &str, opts: &BenchOptions) -> Result<Vec<BenchReport>, P
         "sdxl" => crate::pipelines::sdxl::bench_unet_step(opts),
         "pixart-sigma" => crate::pipelines::pixart::bench_transformer_step(opts),
         "qwen" => crate::verifiers::qwen_bench::bench_score_image(opts),
+        "search" => search::bench_search(opts),
         other => Err(PipelineError::InvalidArgument(format!(
             "no benchmark named {other}; choose one of: {}",
             MODELS.join(", ")
@@ -213,6 +221,8 @@ mod tests {
             warmup: 2,
             iters: 5,
             layers: None,
+            search_steps: 1,
+            verifier_latency_ms: 0,
         };
         let mut calls = 0;
         let r = time_steps("noop", &opts, 0, String::new(), || {
