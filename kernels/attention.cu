@@ -3,7 +3,9 @@
 // out[b, i, h, :] = sum_j softmax_j(scale * q[b, h, i, :] . k[b, h, j, :]) v[b, h, j, :]
 // over the keys j < key_lens[b] (all Lk keys when key_lens is null). The score matrix is never
 // materialised: each warp keeps 16 query rows, streams 64-key tiles of K and V through shared
-// memory, and keeps a running maximum and sum per row (online softmax), all in float32.
+// memory, and keeps a running maximum and sum per row (online softmax), all in float32. K and V
+// reach the tensor cores through ldmatrix (V transposed on the way), the probabilities straight
+// from the score accumulators (their layout is the A fragment's).
 //
 // q, k, v: 16-bit (bf16 or f16), innermost dimension contiguous, any batch/head/sequence strides
 // that are multiples of 8 elements, 16-byte aligned bases. out: contiguous (B, Lq, H, D).
@@ -90,19 +92,27 @@ __device__ __forceinline__ void tt_attention_impl(
     }
     __syncthreads();
 
-    // Scores of this warp's 16 rows against the tile's 64 keys.
+    // Scores of this warp's 16 rows against the tile's 64 keys, two 8-key n-tiles at a time:
+    // one ldmatrix.x4 gives the B fragments (keys as n, head dims as k) of both.
     float s[ST][4];
 #pragma unroll
-    for (int j = 0; j < ST; ++j) {
+    for (int j = 0; j < ST; j += 2) {
       s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+      s[j + 1][0] = s[j + 1][1] = s[j + 1][2] = s[j + 1][3] = 0.0f;
 #pragma unroll
       for (int kk = 0; kk < KT; ++kk) {
-        const T *kr = &ks[(j * 8 + g) * SROW + kk * 16 + 2 * t];
-        uint32_t bf[2];
-        bf[0] = *reinterpret_cast<const uint32_t *>(kr);
-        bf[1] = *reinterpret_cast<const uint32_t *>(kr + 8);
-        tt_mma_16816<T>(s[j], qf[kk], bf);
+        // Matrix m = lane / 8: keys (j + m / 2)·8.., head dims kk·16 + (m % 2)·8..
+        const int m = lane >> 3;
+        uint32_t kf[4];
+        tt_ldmatrix_x4(kf, &ks[((j + (m >> 1)) * 8 + (lane & 7)) * SROW + kk * 16 + (m & 1) * 8]);
+        const uint32_t b0[2] = {kf[0], kf[1]};
+        const uint32_t b1[2] = {kf[2], kf[3]};
+        tt_mma_16816<T>(s[j], qf[kk], b0);
+        tt_mma_16816<T>(s[j + 1], qf[kk], b1);
       }
+    }
+#pragma unroll
+    for (int j = 0; j < ST; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = kb + j * 8 + 2 * t + (e & 1);
@@ -144,14 +154,23 @@ __device__ __forceinline__ void tt_attention_impl(
       pf[1] = tt_pack2<T>(s[2 * kk][2], s[2 * kk][3]);
       pf[2] = tt_pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
       pf[3] = tt_pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      const T *v0 = &vs[(kk * 16 + 2 * t) * SROW + g];
+      // B fragments of V (keys as k, head dims as n) by transposing ldmatrix, two n-tiles per
+      // x4: matrix m = lane / 8 holds keys kk·16 + (m % 2)·8.., head dims (n + m / 2)·8..
+      const int m = lane >> 3;
+      const T *vrow = &vs[(kk * 16 + (m & 1) * 8 + (lane & 7)) * SROW];
 #pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        const T *vc = v0 + n * 8;
-        uint32_t bf[2];
-        bf[0] = tt_pack2_raw<T>(vc[0], vc[SROW]);
-        bf[1] = tt_pack2_raw<T>(vc[8 * SROW], vc[9 * SROW]);
-        tt_mma_16816<T>(acc[n], pf, bf);
+      for (int n = 0; n + 1 < NT; n += 2) {
+        uint32_t vf[4];
+        tt_ldmatrix_x4_trans(vf, vrow + (n + (m >> 1)) * 8);
+        const uint32_t b0[2] = {vf[0], vf[1]};
+        const uint32_t b1[2] = {vf[2], vf[3]};
+        tt_mma_16816<T>(acc[n], pf, b0);
+        tt_mma_16816<T>(acc[n + 1], pf, b1);
+      }
+      if (NT & 1) {  // an odd number of n-tiles (D = 40, 72): the last one alone
+        uint32_t vf[2];
+        tt_ldmatrix_x2_trans(vf, vrow + (NT - 1) * 8);
+        tt_mma_16816<T>(acc[NT - 1], pf, vf);
       }
     }
   }

@@ -84,6 +84,45 @@ __device__ __forceinline__ float tt_block_sum(float v, float *scratch) {
 template <typename T>
 __device__ __forceinline__ void tt_mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2]);
 
+// ldmatrix: four (x4) or two (x2) 8x8 matrices of 16-bit elements from shared memory, one
+// 16-byte row per address: lanes 8i..8i+7 give the rows of matrix i (x2: lanes 0-15). Lane
+// (g = lane / 4, t = lane % 4) receives r[i] = M_i[g][2t, 2t+1]; with `_trans`, the transpose:
+// r[i] = (M_i[2t][g], M_i[2t+1][g]). Rows must be 16-byte aligned.
+__device__ __forceinline__ void tt_ldmatrix_x4(uint32_t r[4], const void *row);
+__device__ __forceinline__ void tt_ldmatrix_x4_trans(uint32_t r[4], const void *row);
+__device__ __forceinline__ void tt_ldmatrix_x2_trans(uint32_t r[2], const void *row);
+
+#ifdef TT_CUDA_EMU
+__device__ __forceinline__ void tt_ldmatrix_x4(uint32_t r[4], const void *row) {
+  tt_emu_ldmatrix(r, row, 4, false);
+}
+__device__ __forceinline__ void tt_ldmatrix_x4_trans(uint32_t r[4], const void *row) {
+  tt_emu_ldmatrix(r, row, 4, true);
+}
+__device__ __forceinline__ void tt_ldmatrix_x2_trans(uint32_t r[2], const void *row) {
+  tt_emu_ldmatrix(r, row, 2, true);
+}
+#else
+__device__ __forceinline__ uint32_t tt_smem_addr(const void *p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void tt_ldmatrix_x4(uint32_t r[4], const void *row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(tt_smem_addr(row)));
+}
+__device__ __forceinline__ void tt_ldmatrix_x4_trans(uint32_t r[4], const void *row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(tt_smem_addr(row)));
+}
+__device__ __forceinline__ void tt_ldmatrix_x2_trans(uint32_t r[2], const void *row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(tt_smem_addr(row)));
+}
+#endif
+
 #ifdef TT_CUDA_EMU
 template <>
 __device__ __forceinline__ void tt_mma_16816<tt_bf16>(float d[4], const uint32_t a[4],
