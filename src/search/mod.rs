@@ -421,6 +421,8 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
         for batch in noises.chunks(settings.batch_size.max(1)) {
             let t = Instant::now();
             let images = pipeline.generate(batch)?;
+            // Generation only: without overlap, grading below runs on this thread.
+            let generation_s = t.elapsed().as_secs_f64();
             if images.len() != batch.len() {
                 return Err(SearchError::ImageCount {
                     expected: batch.len(),
@@ -435,7 +437,7 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
                 Batch::Done(grade(verifier, prompt, images))
             };
             if let Some(p) = self.pending.back_mut() {
-                p.generation_s += t.elapsed().as_secs_f64();
+                p.generation_s += generation_s;
                 p.batches.push(graded);
             }
             if let Some(f) = finish.as_deref_mut() {
@@ -620,6 +622,8 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         rounds: Vec<(usize, Option<usize>, Vec<Option<f64>>)>,
+        generation_s: f64,
+        verification_s: f64,
     }
 
     impl SearchObserver for Recorder {
@@ -630,6 +634,8 @@ mod tests {
                 .map(|c| c.score("overall_score"))
                 .collect();
             self.rounds.push((r.round, r.best, scores));
+            self.generation_s += r.generation_s;
+            self.verification_s += r.verification_s;
             Ok(())
         }
     }
@@ -685,6 +691,13 @@ mod tests {
         assert_eq!(gave_up, 6);
         let (overlapped, _) = run(SearchMethod::Random, true, Duration::from_secs(20), 7);
         assert_eq!(serial.rounds, overlapped.rounds);
+        // Grading ran on the search's thread (6 waits of 50 ms); it is not generation time.
+        assert!(serial.verification_s >= 0.3, "{}", serial.verification_s);
+        assert!(
+            serial.generation_s < serial.verification_s / 2.0,
+            "generation {} s includes grading",
+            serial.generation_s
+        );
     }
 
     #[test]
