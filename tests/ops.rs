@@ -416,6 +416,23 @@ fn linear_matches_candle_linear_with_and_without_bias_and_gelu() {
 }
 
 #[test]
+fn the_plain_linear_fallback_equals_candle_linear() {
+    let x = randn(41, &[2, 3, 5]);
+    let w = randn(42, &[4, 5]);
+    let b = randn(43, &[4]);
+    let want = candle_nn::Linear::new(w.clone(), Some(b.clone()))
+        .forward(&x)
+        .unwrap();
+    let ours = ops::linear_plain(&x, &w, Some(&b), None).unwrap();
+    assert!(rel_err(&ours, &want) <= 1e-6);
+    let ours = ops::linear_plain(&x, &w, Some(&b), Some(Activation::GeluTanh)).unwrap();
+    assert!(rel_err(&ours, &want.gelu().unwrap()) <= 1e-6);
+    // On the CPU the fused op is the reference implementation; the wrapper agrees with it.
+    let fused = ops::linear_fused_or_plain(&x, &w, Some(&b), None).unwrap();
+    assert!(rel_err(&fused, &want) <= 1e-5);
+}
+
+#[test]
 fn the_cpu_never_takes_the_fused_path() {
     let x = randn(1, &[1, 2, 4, 64]).to_dtype(DType::BF16).unwrap();
     assert!(!ops::fused_on(&x));

@@ -660,7 +660,7 @@ impl SingleBlock {
             let b = self.linear1.bias();
             let part = |start: usize, len: usize, act| -> candle_core::Result<Tensor> {
                 let bias = b.map(|b| b.narrow(0, start, len)).transpose()?;
-                fused::linear(&xn, &w.narrow(0, start, len)?, bias.as_ref(), act)
+                ops::linear_fused_or_plain(&xn, &w.narrow(0, start, len)?, bias.as_ref(), act)
             };
             let qkv = part(0, h3, None)?;
             let mlp = part(h3, self.mlp, Some(ops::Activation::GeluTanh))?;

@@ -114,7 +114,7 @@ impl Linear {
     /// `gelu_tanh(x · Wᵀ + b)`.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
         if self.fused(x) {
-            fused::linear(x, self.weight(), self.bias(), Some(Activation::GeluTanh))
+            linear_fused_or_plain(x, self.weight(), self.bias(), Some(Activation::GeluTanh))
         } else {
             self.inner.forward(x)?.gelu()
         }
@@ -124,11 +124,56 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.fused(x) {
-            fused::linear(x, self.weight(), self.bias(), None)
+            linear_fused_or_plain(x, self.weight(), self.bias(), None)
         } else {
             self.inner.forward(x)
         }
     }
+}
+
+/// [`fused::linear`], and where cuBLASLt refuses the problem (no algorithm for a shape or an
+/// alignment), the same product with candle's matmul (one 2-D GEMM), logged once.
+pub fn linear_fused_or_plain(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    activation: Option<Activation>,
+) -> Result<Tensor> {
+    match fused::linear(x, weight, bias, activation) {
+        Ok(y) => Ok(y),
+        Err(e) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!("cuBLASLt linear failed ({e}); using candle's matmul instead")
+            });
+            linear_plain(x, weight, bias, activation)
+        }
+    }
+}
+
+/// `x · weightᵀ + bias` (then `activation`) with candle operations, as one 2-D product over the
+/// leading dimensions.
+pub fn linear_plain(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    activation: Option<Activation>,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let rows = x.elem_count() / k.max(1);
+    let mut y = x.reshape((rows, k))?.matmul(&weight.t()?)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    if activation == Some(Activation::GeluTanh) {
+        y = y.gelu()?;
+    }
+    let mut out = dims;
+    if let Some(last) = out.last_mut() {
+        *last = weight.dim(0)?;
+    }
+    y.reshape(out)
 }
 
 /// `candle_nn::linear` (with bias), wrapped.
