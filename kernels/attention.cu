@@ -3,8 +3,9 @@
 // out[b, i, h, :] = sum_j softmax_j(scale * q[b, h, i, :] . k[b, h, j, :]) v[b, h, j, :]
 // over the keys j < key_lens[b] (all Lk keys when key_lens is null). The score matrix is never
 // materialised: each warp keeps 16 query rows, streams 64-key tiles of K and V through shared
-// memory, and keeps a running maximum and sum per row (online softmax), all in float32. K and V
-// reach the tensor cores through ldmatrix (V transposed on the way), the probabilities straight
+// memory, and keeps a running maximum and sum per row (online softmax), all in float32. Tiles
+// arrive by cp.async, V(t) overlapping the scores of K(t) and K(t+1) the product with V(t); K and
+// V reach the tensor cores through ldmatrix (V transposed on the way), the probabilities straight
 // from the score accumulators (their layout is the A fragment's).
 //
 // q, k, v: 16-bit (bf16 or f16), innermost dimension contiguous, any batch/head/sequence strides
@@ -75,21 +76,29 @@ __device__ __forceinline__ void tt_attention_impl(
 #pragma unroll
   for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
 
-  for (int kb = 0; kb < kv_len; kb += TT_ATT_BN) {
-    __syncthreads();  // the previous tile has been consumed
+  // One 64-key tile of K or V into shared memory with cp.async, zeros past the keys and the head.
+  auto load_tile = [&](T *buf, const T *base, long long sl, int kb) {
     for (int i = tid; i < TT_ATT_BN * CH; i += TT_ATT_THREADS) {
       const int row = i / CH;
       const int c = (i % CH) * 8;
       const int key = kb + row;
-      uint4 kc = make_uint4(0, 0, 0, 0);
-      uint4 vc = make_uint4(0, 0, 0, 0);
-      if (key < kv_len && c < D) {
-        kc = *reinterpret_cast<const uint4 *>(kp + key * k_sl + c);
-        vc = *reinterpret_cast<const uint4 *>(vp + key * v_sl + c);
-      }
-      *reinterpret_cast<uint4 *>(&ks[row * SROW + c]) = kc;
-      *reinterpret_cast<uint4 *>(&vs[row * SROW + c]) = vc;
+      const bool valid = key < kv_len && c < D;
+      tt_cp_async16(&buf[row * SROW + c], valid ? base + key * sl + c : base, valid);
     }
+  };
+
+  // Pipeline: V(t) streams in while the scores of K(t) are computed, K(t+1) while V(t) is
+  // multiplied. One buffer each; barriers separate a buffer's readers from its next writer.
+  const int tiles = (kv_len + TT_ATT_BN - 1) / TT_ATT_BN;
+  if (tiles > 0) {
+    load_tile(ks, kp, k_sl, 0);
+    tt_cp_async_commit();
+  }
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int kb = tile * TT_ATT_BN;
+    load_tile(vs, vp, v_sl, kb);  // vs is free: the previous P·V ended with a barrier
+    tt_cp_async_commit();
+    tt_cp_async_wait<1>();  // K(tile) has landed (V(tile) may still be in flight)
     __syncthreads();
 
     // Scores of this warp's 16 rows against the tile's 64 keys, two 8-key n-tiles at a time:
@@ -146,6 +155,16 @@ __device__ __forceinline__ void tt_attention_impl(
       }
     }
 
+    __syncthreads();  // every warp is done with K(tile)
+    if (tile + 1 < tiles) {
+      load_tile(ks, kp, k_sl, kb + TT_ATT_BN);
+      tt_cp_async_commit();
+      tt_cp_async_wait<1>();  // V(tile) has landed (K(tile + 1) may still be in flight)
+    } else {
+      tt_cp_async_wait<0>();
+    }
+    __syncthreads();
+
     // acc += P·V; the score accumulators are already laid out as A fragments.
 #pragma unroll
     for (int kk = 0; kk < TT_ATT_BN / 16; ++kk) {
@@ -173,6 +192,7 @@ __device__ __forceinline__ void tt_attention_impl(
         tt_mma_16816<T>(acc[NT - 1], pf, vf);
       }
     }
+    __syncthreads();  // every warp is done with V(tile) before the next tile overwrites it
   }
 
 #pragma unroll

@@ -66,7 +66,8 @@ __device__ __forceinline__ void tt_qk_norm_rope_impl(
     const T *__restrict__ q_weight, const T *__restrict__ k_weight, const float *__restrict__ cos_t,
     const float *__restrict__ sin_t, int pos_offset, int batch, int len, int heads, int dim,
     float eps) {
-  const long long item = static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const long long item =
+      static_cast<long long>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   const long long items = static_cast<long long>(batch) * len * heads;
   if (item >= items) return;  // whole warps only: no block-wide synchronisation below

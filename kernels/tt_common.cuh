@@ -92,6 +92,35 @@ __device__ __forceinline__ void tt_ldmatrix_x4(uint32_t r[4], const void *row);
 __device__ __forceinline__ void tt_ldmatrix_x4_trans(uint32_t r[4], const void *row);
 __device__ __forceinline__ void tt_ldmatrix_x2_trans(uint32_t r[2], const void *row);
 
+// cp.async (Ampere+): 16 bytes from global to shared memory without passing through registers;
+// with `valid` false nothing is read and the 16 bytes are zero-filled (`src` must still be a
+// valid global address, e.g. the tensor's base). Copies belong to the group the next commit closes;
+// tt_cp_async_wait<N>() waits until at most N of the committed groups are still in flight (then
+// a __syncthreads() makes other threads' copies visible). Both addresses 16-byte aligned.
+__device__ __forceinline__ void tt_cp_async16(void *smem, const void *src, bool valid);
+__device__ __forceinline__ void tt_cp_async_commit();
+template <int N> __device__ __forceinline__ void tt_cp_async_wait();
+
+#ifdef TT_CUDA_EMU
+__device__ __forceinline__ void tt_cp_async16(void *smem, const void *src, bool valid) {
+  tt_emu_cp_async16(smem, valid ? src : nullptr);
+}
+__device__ __forceinline__ void tt_cp_async_commit() { tt_emu_cp_async_commit(); }
+template <int N> __device__ __forceinline__ void tt_cp_async_wait() { tt_emu_cp_async_wait(N); }
+#else
+__device__ __forceinline__ void tt_cp_async16(void *smem, const void *src, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int bytes = valid ? 16 : 0;  // src-size 0: nothing read, 16 zero bytes written
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void tt_cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+template <int N> __device__ __forceinline__ void tt_cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+#endif
+
 #ifdef TT_CUDA_EMU
 __device__ __forceinline__ void tt_ldmatrix_x4(uint32_t r[4], const void *row) {
   tt_emu_ldmatrix(r, row, 4, false);

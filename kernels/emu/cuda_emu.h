@@ -16,11 +16,13 @@
 //     gives wrong results in some blocks. Set tt_emu::g.fixed_policy to pin one.
 //   * __syncthreads() waits for every thread of the block that has not exited (an exiting thread
 //     drops out of the barrier, like arrive_and_drop).
-//   * Warp collectives (__shfl_xor_sync, the m16n8k16 tensor-core product) are one warp barrier
-//     each: lanes publish their operands to a per-warp exchange area, wait for the 32 lanes, then
-//     read what they need. Two exchange areas are used alternately, so a lane that runs ahead into
-//     the next collective never overwrites operands that a slower lane still has to read (it would
-//     first have to pass the next barrier, which the slow lane has not reached).
+//   * cp.async copies land either at their wait (lazy) or at issue (eager), alternating every
+//     four blocks: the two extremes of what the hardware may do (see tt_emu_cp_async16).
+//   * Warp collectives (__shfl_xor_sync, the m16n8k16 tensor-core product, ldmatrix) are one
+//     warp barrier each: lanes publish their operands to a per-warp exchange area, wait for the
+//     32 lanes, then read what they need. Two exchange areas are used alternately, so a lane that
+//     runs ahead into the next collective never overwrites operands that a slower lane still has
+//     to read (it would first have to pass the next barrier, which the slow lane has not reached).
 //   * Misuse is reported and aborts: a warp collective with lanes that have exited, a lane exiting
 //     while its warp waits in a collective, a block where no thread can make progress (divergent
 //     __syncthreads), unsupported masks, launch shapes or nested launches.
@@ -194,7 +196,16 @@ constexpr size_t kStackBytes = 256 * 1024;
   abort();
 }
 
+// A cp.async copy of 16 bytes that has been issued but not performed yet.
+struct AsyncCopy {
+  void *dst;
+  const void *src;  // null: zero-fill
+  unsigned group;   // the commit group it belongs to
+};
+
 struct Fiber {
+  std::vector<AsyncCopy> copies;  // cp.async: issued, not yet performed
+  unsigned committed = 0;         // cp.async commit groups closed so far
   void *sp = nullptr;                  // saved stack pointer (assembly switch)
   const unsigned *wait_gen = nullptr;  // blocked while *wait_gen == wait_val
   unsigned wait_val = 0;
@@ -230,6 +241,7 @@ struct State {
   const void *body = nullptr;
   int policy = 0;        // scheduling order of the running block, see candidate()
   int fixed_policy = -1;  // 0-3: use it for every block; -1: block i uses policy i % 4
+  int fixed_copy_mode = -1;  // cp.async: 0 lazy, 1 eager; -1: block i is eager when (i / 4) % 2
   unsigned long long switches = 0, warp_barriers = 0, block_barriers = 0, blocks = 0;
 };
 
@@ -360,6 +372,7 @@ inline unsigned next_phase() {
 [[noreturn]] inline void thread_exit() {
   State &s = g;
   Fiber &f = s.fibers[s.cur];
+  if (!f.copies.empty()) fatal("a thread exited with cp.async copies never waited for");
   f.done = true;
   --s.live;
   Warp &w = s.warps[s.cur >> 5];
@@ -550,7 +563,8 @@ inline void tt_emu_ldmatrix(uint32_t *r, const void *row, int count, bool trans)
   const unsigned p = tt_emu::next_phase();
   const int lane = tt_emu::g.cur & 31;
   if (count == 4 || lane < 16) {
-    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) tt_emu::fatal("ldmatrix row not 16-byte aligned");
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0)
+      tt_emu::fatal("ldmatrix row not 16-byte aligned");
   }
   w.rows[p][lane] = row;
   tt_emu::warp_barrier(w);
@@ -568,4 +582,59 @@ inline void tt_emu_ldmatrix(uint32_t *r, const void *row, int count, bool trans)
     }
     r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
+}
+
+// cp.async.cg.shared.global (16 bytes) with commit_group / wait_group. The hardware may land a
+// copy at any time between its issue and the wait for its group; the emulator takes the two
+// extremes, alternating every four blocks (so each extreme meets every scheduling order): lazy,
+// the copy is performed when the issuing thread waits for its group (a kernel that reads shared
+// memory before waiting, or before the barrier after the others' waits, reads stale data), and
+// eager, performed at issue (a kernel that issues a copy into a buffer other warps may still be
+// reading, without a barrier in between, corrupts what they read). `src` null: zero-fill (PTX
+// src-size 0).
+inline void tt_emu_cp_async16(void *dst, const void *src) {
+  tt_emu::State &s = tt_emu::g;
+  if (s.cur < 0) tt_emu::fatal("cp.async outside a kernel launch");
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0)
+    tt_emu::fatal("cp.async destination not 16-byte aligned");
+  if (src != nullptr && reinterpret_cast<uintptr_t>(src) % 16 != 0)
+    tt_emu::fatal("cp.async source not 16-byte aligned");
+  const bool eager = s.fixed_copy_mode >= 0 ? s.fixed_copy_mode == 1
+                                            : (((s.blocks - 1) >> 2) & 1) != 0;
+  if (eager) {
+    if (src != nullptr)
+      memcpy(dst, src, 16);
+    else
+      memset(dst, 0, 16);
+    return;
+  }
+  tt_emu::Fiber &f = s.fibers[s.cur];
+  f.copies.push_back(tt_emu::AsyncCopy{dst, src, f.committed});
+}
+
+inline void tt_emu_cp_async_commit() {
+  tt_emu::State &s = tt_emu::g;
+  if (s.cur < 0) tt_emu::fatal("cp.async.commit_group outside a kernel launch");
+  ++s.fibers[s.cur].committed;
+}
+
+// Performs every copy of the committed groups but the `n` most recent.
+inline void tt_emu_cp_async_wait(unsigned n) {
+  tt_emu::State &s = tt_emu::g;
+  if (s.cur < 0) tt_emu::fatal("cp.async.wait_group outside a kernel launch");
+  tt_emu::Fiber &f = s.fibers[s.cur];
+  const unsigned limit = f.committed >= n ? f.committed - n : 0;
+  size_t kept = 0;
+  for (size_t i = 0; i < f.copies.size(); ++i) {
+    const tt_emu::AsyncCopy c = f.copies[i];
+    if (c.group < limit) {
+      if (c.src != nullptr)
+        memcpy(c.dst, c.src, 16);
+      else
+        memset(c.dst, 0, 16);
+    } else {
+      f.copies[kept++] = c;
+    }
+  }
+  f.copies.resize(kept);
 }
