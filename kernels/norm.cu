@@ -53,6 +53,55 @@ TT_LAYER_NORM_MOD(tt_layer_norm_mod_f32, float)
 TT_LAYER_NORM_MOD(tt_layer_norm_mod_bf16, tt_bf16)
 TT_LAYER_NORM_MOD(tt_layer_norm_mod_f16, tt_f16)
 
+// Group norm of an (N, C, spatial...) contiguous tensor, one block per (group, sample), float32
+// statistics, the affine parameters and optionally SiLU fused:
+//   y = act((x - mean_g) / sqrt(var_g + eps) * weight[c] + bias[c]),  act = SiLU when `silu`
+// over the channels/groups channels of group g times `hw` positions (contiguous in memory).
+// weight, bias: (C) or null. Grid (groups, N), a multiple of 32 threads (512);
+// (C / groups) · hw < 2^31.
+template <typename T>
+__device__ __forceinline__ void tt_group_norm_impl(const T *__restrict__ x, T *__restrict__ y,
+                                                   const T *__restrict__ weight,
+                                                   const T *__restrict__ bias, int channels,
+                                                   int hw, int groups, float eps, int silu) {
+  __shared__ float scratch[32];
+  const int per_group = channels / groups;
+  const int n = per_group * hw;
+  const long long base =
+      (static_cast<long long>(blockIdx.y) * channels + static_cast<long long>(blockIdx.x) * per_group) *
+      hw;
+  const T *xg = x + base;
+  T *yg = y + base;
+  float sum = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) sum += tt_to_float(xg[i]);
+  const float mean = tt_block_sum(sum, scratch) / n;
+  float sq = 0.0f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const float d = tt_to_float(xg[i]) - mean;
+    sq += d * d;
+  }
+  const float rstd = rsqrtf(tt_block_sum(sq, scratch) / n + eps);
+  const int c0 = blockIdx.x * per_group;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int c = c0 + i / hw;
+    float v = (tt_to_float(xg[i]) - mean) * rstd;
+    if (weight != nullptr) v *= tt_to_float(weight[c]);
+    if (bias != nullptr) v += tt_to_float(bias[c]);
+    if (silu) v = v / (1.0f + expf(-v));
+    yg[i] = tt_from_float<T>(v);
+  }
+}
+
+#define TT_GROUP_NORM(NAME, T)                                                                 \
+  extern "C" __global__ void NAME(const T *x, T *y, const T *weight, const T *bias,          \
+                                  int channels, int hw, int groups, float eps, int silu) {     \
+    tt_group_norm_impl<T>(x, y, weight, bias, channels, hw, groups, eps, silu);               \
+  }
+
+TT_GROUP_NORM(tt_group_norm_f32, float)
+TT_GROUP_NORM(tt_group_norm_bf16, tt_bf16)
+TT_GROUP_NORM(tt_group_norm_f16, tt_f16)
+
 // Flux's query/key preparation in one pass: from the fused projection qkv (B, L, >= 3·H·D, rows
 // `row_stride` elements apart; q, k, v at columns 0, H·D, 2·H·D), writes out (3, B, L, H, D):
 //   out[0] = rope(rms_norm(q) * q_weight), out[1] = rope(rms_norm(k) * k_weight), out[2] = v.

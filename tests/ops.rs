@@ -366,6 +366,52 @@ fn qk_norm_rope_rejects_tables_that_do_not_cover_the_tokens() {
 }
 
 #[test]
+fn group_norm_matches_candle_group_norm_with_and_without_silu() {
+    for dtype in DTYPES {
+        for &(n, c, groups, h, w) in &[(1, 4, 2, 1, 1), (2, 12, 3, 5, 7), (2, 64, 32, 8, 9)] {
+            let x = randn(c as u64 + 50, &[n, c, h, w])
+                .affine(2.0, 1.5)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let wt = randn(51, &[c])
+                .affine(0.5, 1.0)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let bt = randn(52, &[c])
+                .affine(0.5, 0.0)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let gn = candle_nn::GroupNorm::new(
+                wt.to_dtype(DType::F32).unwrap(),
+                bt.to_dtype(DType::F32).unwrap(),
+                c,
+                groups,
+                1e-5,
+            )
+            .unwrap();
+            let want = gn.forward(&x.to_dtype(DType::F32).unwrap()).unwrap();
+            let ours = fused::group_norm(&x, groups, Some(&wt), Some(&bt), 1e-5, false).unwrap();
+            let err = rel_err(&ours, &want);
+            assert!(
+                err <= bound(dtype),
+                "group norm {dtype:?} ({n},{c},{h},{w})/{groups}: {err}"
+            );
+            let ours = fused::group_norm(&x, groups, Some(&wt), Some(&bt), 1e-5, true).unwrap();
+            let err = rel_err(&ours, &want.silu().unwrap());
+            assert!(err <= bound(dtype), "group norm + silu {dtype:?}: {err}");
+        }
+    }
+    let x = randn(1, &[1, 6, 2, 2]);
+    assert!(fused::group_norm(&x, 4, None, None, 1e-5, false).is_err());
+    assert!(fused::group_norm(&x, 0, None, None, 1e-5, false).is_err());
+    assert!(fused::group_norm(&x, 3, Some(&randn(2, &[5])), None, 1e-5, false).is_err());
+    assert!(fused::group_norm(&randn(3, &[6]), 3, None, None, 1e-5, false).is_err());
+}
+
+#[test]
 fn gelu_tanh_and_geglu_match_candle() {
     for dtype in DTYPES {
         let x = (randn(21, &[3, 7, 74]) * 3.0)

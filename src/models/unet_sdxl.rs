@@ -8,12 +8,10 @@
 //! embeds and the size/crop time ids) and its plain blocks always use 32 norm groups.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{
-    conv2d, group_norm, layer_norm, Conv2d, Conv2dConfig, GroupNorm, LayerNorm, VarBuilder,
-};
+use candle_nn::{conv2d, layer_norm, Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
 use serde_json::Value;
 
-use crate::ops::{self, fused, linear, linear_no_bias, Linear};
+use crate::ops::{self, fused, group_norm, linear, linear_no_bias, GroupNorm, Linear};
 use crate::pipelines::PipelineError;
 
 /// The UNet's architecture, read from `unet/config.json` (diffusers' names).
@@ -393,14 +391,14 @@ impl ResnetBlock {
     }
 
     fn forward(&self, xs: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         let t = self
             .time_emb_proj
             .forward(&temb.silu()?)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
@@ -863,7 +861,7 @@ impl UNetSdxl {
                 xs = up.forward(&xs.upsample_nearest2d(h, w)?)?;
             }
         }
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

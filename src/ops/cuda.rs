@@ -11,7 +11,9 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::fused::{Activation, AttentionOp, GeluOp, LayerNormModOp, LinearOp, QkNormRopeOp};
+use super::fused::{
+    Activation, AttentionOp, GeluOp, GroupNormOp, LayerNormModOp, LinearOp, QkNormRopeOp,
+};
 
 const ATTENTION_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_sm80.ptx"));
 const ATTENTION_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_sm90.ptx"));
@@ -266,6 +268,64 @@ fn layer_norm_modulate_t<T: CudaDType + DeviceRepr>(
     };
     unsafe { launch.launch(cfg) }.w()?;
     drop((w, b, shift, scale));
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        l.shape().clone(),
+    ))
+}
+
+pub(super) fn group_norm(
+    op: &GroupNormOp,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    match s.dtype() {
+        DType::F32 => group_norm_t::<f32>(op, s, l),
+        DType::BF16 => group_norm_t::<half::bf16>(op, s, l),
+        DType::F16 => group_norm_t::<half::f16>(op, s, l),
+        other => bail!("fused group norm takes f32, bf16 or f16, not {other:?}"),
+    }
+}
+
+fn group_norm_t<T: CudaDType + DeviceRepr>(
+    op: &GroupNormOp,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &s.device;
+    let dims = l.dims();
+    let (n, c) = (dims[0], dims[1]);
+    let hw: usize = dims[2..].iter().product();
+    let func = kernel!(
+        dev,
+        Kernels::Norm,
+        format!("tt_group_norm_{}", suffix(s.dtype())?)
+    );
+    let out: CudaSlice<T> = unsafe { dev.alloc::<T>(l.shape().elem_count())? };
+    let x = view::<T>(s, l)?;
+    let (wg, bg) = (lock(&op.weight), lock(&op.bias));
+    let (w, b) = (held::<T>(&wg)?, held::<T>(&bg)?);
+    let ptrs = [
+        ptr(w.as_ref().map(|(v, _)| v), dev),
+        ptr(b.as_ref().map(|(v, _)| v), dev),
+    ];
+    let (ci, hwi, gi, eps, silu) = (
+        c as i32,
+        hw as i32,
+        op.groups as i32,
+        op.eps,
+        i32::from(op.silu),
+    );
+    let mut launch = func.builder();
+    launch.arg(&x).arg(&out).arg(&ptrs[0]).arg(&ptrs[1]);
+    launch.arg(&ci).arg(&hwi).arg(&gi).arg(&eps).arg(&silu);
+    let cfg = LaunchConfig {
+        grid_dim: (op.groups as u32, n as u32, 1),
+        block_dim: (512, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { launch.launch(cfg) }.w()?;
+    drop((w, b));
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         l.shape().clone(),

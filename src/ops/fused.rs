@@ -157,6 +157,48 @@ pub fn qk_norm_rope(
     qkv.apply_op1_no_bwd(&op)
 }
 
+/// Group norm of `x` (N, C, spatial...) over `groups` groups of channels, float32 statistics,
+/// with the affine `weight`, `bias` (C) when given and SiLU after when `silu`:
+/// `act((x - mean_g) / sqrt(var_g + eps) · weight + bias)`. Returns `x`'s shape and dtype.
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    if x.rank() < 2 {
+        bail!("group_norm: {:?} has no channel dimension", x.dims());
+    }
+    let c = x.dim(1)?;
+    if groups == 0 || c % groups != 0 {
+        bail!("group_norm: {groups} groups do not divide {c} channels");
+    }
+    let per_group = (c / groups) * x.dims()[2..].iter().product::<usize>();
+    if per_group >= i32::MAX as usize {
+        bail!("group_norm: groups of {per_group} elements are too large");
+    }
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if let Some(t) = t {
+            if t.dims() != [c] || t.dtype() != x.dtype() {
+                bail!(
+                    "group_norm: {name} {:?} is not ({c}) of x's dtype",
+                    t.dims()
+                );
+            }
+        }
+    }
+    let op = GroupNormOp {
+        groups,
+        weight: weight.map(|t| t.contiguous()).transpose()?,
+        bias: bias.map(|t| t.contiguous()).transpose()?,
+        eps: eps as f32,
+        silu,
+    };
+    x.contiguous()?.apply_op1_no_bwd(&op)
+}
+
 /// GELU, tanh approximation, elementwise (float32 inside).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&GeluOp::Tanh)
@@ -228,6 +270,14 @@ pub(crate) struct QkNormRopeOp {
     pub(crate) sin: Tensor,
     pub(crate) pos_offset: usize,
     pub(crate) eps: f32,
+}
+
+pub(crate) struct GroupNormOp {
+    pub(crate) groups: usize,
+    pub(crate) weight: Option<Tensor>,
+    pub(crate) bias: Option<Tensor>,
+    pub(crate) eps: f32,
+    pub(crate) silu: bool,
 }
 
 pub(crate) enum GeluOp {
@@ -451,6 +501,57 @@ impl CustomOp1 for LayerNormModOp {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::cuda::layer_norm_modulate(self, s, l)
+    }
+}
+
+impl CustomOp1 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "tt-group-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = gather(s, l)?;
+        let dims = l.dims();
+        let c = dims[1];
+        let hw: usize = dims[2..].iter().product();
+        let per = c / self.groups * hw;
+        let held = |t: &Option<Tensor>| t.as_ref().map(gather_tensor).transpose();
+        let (w, b) = (held(&self.weight)?, held(&self.bias)?);
+        let mut out = vec![0f32; x.len()];
+        for (gi, (xg, yg)) in x
+            .chunks(per.max(1))
+            .zip(out.chunks_mut(per.max(1)))
+            .enumerate()
+        {
+            let mean = xg.iter().map(|&a| a as f64).sum::<f64>() / per as f64;
+            let var = xg.iter().map(|&a| (a as f64 - mean).powi(2)).sum::<f64>() / per as f64;
+            let rstd = 1.0 / (var + self.eps as f64).sqrt();
+            let c0 = (gi % self.groups) * (c / self.groups);
+            for (i, (a, y)) in xg.iter().zip(yg.iter_mut()).enumerate() {
+                let ch = c0 + i / hw.max(1);
+                let mut v = ((*a as f64 - mean) * rstd) as f32;
+                if let Some(w) = &w {
+                    v *= w[ch];
+                }
+                if let Some(b) = &b {
+                    v += b[ch];
+                }
+                if self.silu {
+                    v /= 1.0 + (-v).exp();
+                }
+                *y = v;
+            }
+        }
+        Ok((store(out, s.dtype())?, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::group_norm(self, s, l)
     }
 }
 

@@ -176,6 +176,72 @@ pub fn linear_plain(
     y.reshape(out)
 }
 
+/// A group norm (affine) that runs as one kernel, optionally fused with the SiLU that follows
+/// it, where [`fused_on`] its input, and as `candle_nn::GroupNorm` otherwise.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// `silu(group_norm(x))`.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        if fused_on(x) {
+            fused::group_norm(
+                x,
+                self.groups,
+                Some(&self.weight),
+                Some(&self.bias),
+                self.eps,
+                true,
+            )
+        } else {
+            self.inner.forward(x)?.silu()
+        }
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fused_on(x) {
+            fused::group_norm(
+                x,
+                self.groups,
+                Some(&self.weight),
+                Some(&self.bias),
+                self.eps,
+                false,
+            )
+        } else {
+            self.inner.forward(x)
+        }
+    }
+}
+
+/// A group norm of `channels` in `groups` groups with `weight` and `bias` from `vb` (the
+/// names and initial values of `candle_nn::group_norm`).
+pub fn group_norm(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    vb: candle_nn::VarBuilder,
+) -> Result<GroupNorm> {
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?;
+    let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+    Ok(GroupNorm {
+        inner,
+        weight,
+        bias,
+        groups,
+        eps,
+    })
+}
+
 /// `candle_nn::linear` (with bias), wrapped.
 pub fn linear(i: usize, o: usize, vb: candle_nn::VarBuilder) -> Result<Linear> {
     Ok(Linear::new(candle_nn::linear(i, o, vb)?))
