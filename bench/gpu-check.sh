@@ -159,12 +159,12 @@ main() {
   merge_tt_reports
 
   # The default search end to end (issue 7's overlap target: wall within 5% of pure generation):
-  # 30 images through the real search code, each image 10 steps of an 8-double/16-single-block
-  # Flux (24 of 57 blocks), with a stand-in API verifier whose latency is 3 s scaled the same way
-  # (3000 ms x 24/57 x 10/28 = 451 ms), so the latency/generation ratio is the real config's.
-  echo "-- search: --model search --layers 8 --steps 10 --verifier-latency-ms 451"
-  step 150 170 "$W/bin/tt-scale" bench --model search --height 1024 --width 1024 --layers 8 \
-    --steps 10 --verifier-latency-ms 451 --dtype bf16 --device cuda --warmup 1 --iters 1 \
+  # 30 images through the real search code, each image 10 steps of a 4-double/8-single-block
+  # Flux (12 of 57 blocks), with a stand-in API verifier whose latency is 3 s scaled the same way
+  # (3000 ms x 12/57 x 10/28 = 226 ms), so the latency/generation ratio is the real config's.
+  echo "-- search: --model search --layers 4 --steps 10 --verifier-latency-ms 226"
+  step 90 230 "$W/bin/tt-scale" bench --model search --height 1024 --width 1024 --layers 4 \
+    --steps 10 --verifier-latency-ms 226 --dtype bf16 --device cuda --warmup 1 --iters 1 \
     --json "$OUT/tt-search.json"
   echo "   (exit $?)"
 
