@@ -344,18 +344,24 @@ fn unet_config_our_unet_cannot_run_is_unsupported_naming_the_key() {
 }
 
 #[test]
-fn unet_with_other_group_counts_loads() {
-    // candle-transformers' UNet forced 32 groups; ours reads norm_num_groups.
+fn unet_group_count_comes_from_the_config() {
+    // candle-transformers' UNet forced 32 groups; ours reads norm_num_groups (the fixture has 4),
+    // and a count that does not divide the channels is a config error naming the key.
     let dir = model_copy();
     let path = dir.path().join("unet/config.json");
-    let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
-        text.replace("\"norm_num_groups\": 32", "\"norm_num_groups\": 16"),
-    )
-    .unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(json["norm_num_groups"], 4);
+    json["norm_num_groups"] = serde_json::json!(8);
+    std::fs::write(&path, json.to_string()).unwrap();
     let source = ModelSource::Local(dir.path().to_path_buf());
     assert!(Sd15Pipeline::load(&source, Dtype::F32, &Device::Cpu, &call_args(None)).is_ok());
+    json["norm_num_groups"] = serde_json::json!(5);
+    std::fs::write(&path, json.to_string()).unwrap();
+    let err = Sd15Pipeline::load(&source, Dtype::F32, &Device::Cpu, &call_args(None))
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("norm_num_groups"), "{err}");
 }
 
 #[test]

@@ -212,13 +212,13 @@ def build_model():
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        # norm_num_groups must stay 32: candle-transformers' DownBlock2D/UpBlock2D ignore it.
-        block_out_channels=(32, 32),
+        # Our UNet honours norm_num_groups (candle-transformers' forced 32 and 32-wide blocks).
+        block_out_channels=(16, 16),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=(2, 4),  # per block: 2 heads in the first, 4 in the mid block
-        norm_num_groups=32,
+        norm_num_groups=4,
     ).eval()
 
     torch.manual_seed(2)
