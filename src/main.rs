@@ -102,7 +102,9 @@ fn bench(a: BenchArgs) -> ExitCode {
             Ok(r) => reports.extend(r),
             Err(e) => {
                 eprintln!("error: bench {model}: {e}");
-                return ExitCode::from(1);
+                // A name or size the benchmark cannot take is a usage error.
+                let usage = matches!(e, tt_scale::pipelines::PipelineError::InvalidArgument(_));
+                return ExitCode::from(if usage { 2 } else { 1 });
             }
         }
     }

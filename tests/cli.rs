@@ -406,3 +406,34 @@ fn collage_of_a_folder_without_results_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no per-round results"), "{stderr}");
 }
+
+#[test]
+fn bench_rejects_unknown_models_and_sizes_as_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tt_scale(&["bench", "--model", "nope", "--device", "cpu"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no benchmark named nope") && err.contains("search"),
+        "{err}"
+    );
+
+    let out = tt_scale(
+        &[
+            "bench", "--model", "search", "--height", "24", "--device", "cpu",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("multiples of 16"), "{err}");
+
+    let out = tt_scale(
+        &[
+            "bench", "--model", "search", "--steps", "0", "--device", "cpu",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--steps"));
+}
