@@ -374,7 +374,7 @@ fn pixart_fused_path_matches_the_unfused_path_on_the_gpu() {
 /// composition on the same GPU.
 #[test]
 fn sdxl_unet_fused_path_matches_the_unfused_path_on_the_gpu() {
-    use tt_scale::models::unet_sdxl::{sdxl_base_unet_json, UNetSdxl, UNetSdxlConfig};
+    use tt_scale::models::unet::{sdxl_base_unet_json, UNet, UNetConfig};
     let dev = cuda();
     let mut json = sdxl_base_unet_json();
     json["block_out_channels"] = serde_json::json!([64, 128]);
@@ -386,9 +386,9 @@ fn sdxl_unet_fused_path_matches_the_unfused_path_on_the_gpu() {
     json["cross_attention_dim"] = serde_json::json!(64);
     json["addition_time_embed_dim"] = serde_json::json!(8);
     json["projection_class_embeddings_input_dim"] = serde_json::json!(64 + 6 * 8);
-    let config = UNetSdxlConfig::from_json(&json).unwrap();
+    let config = UNetConfig::from_json(&json).unwrap();
     let (vb, _) = tt_scale::bench::RandomWeights::var_builder(DType::BF16, &dev);
-    let unet = UNetSdxl::new(vb, &config).unwrap();
+    let unet = UNet::new(vb, &config).unwrap();
     let bf = |t: Tensor| t.to_device(&dev).unwrap().to_dtype(DType::BF16).unwrap();
     let sample = bf(randn(1, &[2, 4, 16, 16]));
     let context = bf(randn(2, &[2, 77, 64]));

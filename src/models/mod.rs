@@ -8,4 +8,4 @@ pub mod flux_transformer;
 pub mod pixart;
 pub mod qwen2_5_vl;
 pub mod t5;
-pub mod unet_sdxl;
+pub mod unet;

@@ -2,7 +2,7 @@
 //! classifier-free guidance, the scheduler named in `scheduler/scheduler_config.json`, and the
 //! VAE decoder, all sized from the components' `config.json` files.
 //!
-//! The UNet is ours ([`crate::models::unet_sdxl`], the one SDXL uses, without the text-time
+//! The UNet is ours ([`crate::models::unet`], the one SDXL uses, without the text-time
 //! embedding; `attention_head_dim` read as the number of heads, as diffusers does for SD 1.x),
 //! so it runs the fused CUDA kernels ([`crate::ops`]) and any `norm_num_groups`; the VAE is
 //! candle-transformers' `stable_diffusion::vae`; the tokenizer and the text encoder are ours.
@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::config::Dtype;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::clip_tokenizer::ClipTokenizer;
-use crate::models::unet_sdxl::{UNetSdxl, UNetSdxlConfig};
+use crate::models::unet::{UNet, UNetConfig};
 use crate::noise::Noise;
 use crate::pipelines::hub::ModelSource;
 use crate::pipelines::schedulers::{Scheduler, SchedulerConfig};
@@ -49,7 +49,7 @@ pub type SchedulerFactory = Box<dyn Fn(usize) -> Result<Box<dyn Scheduler>, Pipe
 pub struct Sd15Pipeline {
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModel,
-    unet: UNetSdxl,
+    unet: UNet,
     vae: AutoEncoderKL,
     scheduler: SchedulerFactory,
     dtype: DType,
@@ -154,16 +154,16 @@ impl Json<'_> {
     }
 }
 
-/// The UNet's config from `unet/config.json`: what [`UNetSdxlConfig::from_json`] accepts,
+/// The UNet's config from `unet/config.json`: what [`UNetConfig::from_json`] accepts,
 /// without an addition embedding (an SD 1.x UNet) and without input centring.
-fn unet_spec(value: &Value) -> Result<UNetSdxlConfig, PipelineError> {
+fn unet_spec(value: &Value) -> Result<UNetConfig, PipelineError> {
     let j = Json {
         value,
         file: "unet/config.json",
     };
     j.require_null("addition_embed_type")?;
     j.require("center_input_sample", &false.into())?;
-    let mut config = UNetSdxlConfig::from_json(value)?;
+    let mut config = UNetConfig::from_json(value)?;
     // diffusers' UNet2DConditionModel defaults sample_size to None; SD 1.x configs set it (64).
     config.sample_size = j.usize_or("sample_size", 64)?;
     Ok(config)
@@ -285,7 +285,7 @@ impl Sd15Pipeline {
         let unet = unet_spec(&source.read_json("unet/config.json")?)?;
         let vb = var_builder(source, "unet", dtype, candle_dtype(dtype), device)?;
         let sample_size = unet.sample_size;
-        let unet_model = UNetSdxl::new(vb, &unet).map_err(|e| weights_error(source, "unet", e))?;
+        let unet_model = UNet::new(vb, &unet).map_err(|e| weights_error(source, "unet", e))?;
 
         let vae = vae_spec(&source.read_json("vae/config.json")?)?;
         let vae_scale_factor = 1usize << (vae.config.block_out_channels.len() - 1);
@@ -546,7 +546,7 @@ pub fn bench_unet_step(
 ) -> Result<crate::bench::BenchReport, PipelineError> {
     let spec = unet_spec(&sd15_reference_unet_config())?;
     let (vb, params) = crate::bench::RandomWeights::var_builder(opts.dtype, &opts.device);
-    let unet = UNetSdxl::new(vb, &spec)?;
+    let unet = UNet::new(vb, &spec)?;
     let (h, w) = (opts.height / 8, opts.width / 8);
     if h == 0 || w == 0 {
         return Err(PipelineError::InvalidArgument(format!(

@@ -6,7 +6,7 @@
 //! `force_zeros_for_empty_prompt`), the scheduler of `scheduler/scheduler_config.json`, and the
 //! VAE decode with its `scaling_factor`, upcast to fp32 when `force_upcast` and the dtype is fp16.
 //!
-//! The UNet is ours ([`crate::models::unet_sdxl`]); the VAE is candle-transformers' (decoded row
+//! The UNet is ours ([`crate::models::unet`]); the VAE is candle-transformers' (decoded row
 //! by row, as in [`crate::pipelines::sd15`]). No invisible watermark is applied (diffusers adds
 //! one only when the optional `invisible-watermark` package is installed).
 
@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::config::Dtype;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::models::clip_tokenizer::ClipTokenizer;
-use crate::models::unet_sdxl::{sdxl_base_unet_json, UNetSdxl, UNetSdxlConfig};
+use crate::models::unet::{sdxl_base_unet_json, UNet, UNetConfig};
 use crate::noise::Noise;
 use crate::pipelines::hub::ModelSource;
 use crate::pipelines::sd15::{scheduler_from_file, SchedulerFactory, Sd15Pipeline};
@@ -61,7 +61,7 @@ pub struct SdxlPipeline {
     tokenizer_2: ClipTokenizer,
     text_encoder: ClipTextModel,
     text_encoder_2: ClipTextModelWithProjection,
-    unet: UNetSdxl,
+    unet: UNet,
     vae: AutoEncoderKL,
     vae_dtype: DType,
     scheduler: SchedulerFactory,
@@ -313,7 +313,7 @@ impl SdxlPipeline {
             ));
         }
 
-        let unet_config = UNetSdxlConfig::from_json(&source.read_json("unet/config.json")?)?;
+        let unet_config = UNetConfig::from_json(&source.read_json("unet/config.json")?)?;
         let width = config_1.hidden_size + config_2.hidden_size;
         if unet_config.cross_attention_dim != width {
             return Err(PipelineError::ModelFile {
@@ -344,7 +344,7 @@ impl SdxlPipeline {
             }
         }
         let vb = var_builder(source, "unet", dtype, compute, device)?;
-        let unet = UNetSdxl::new(vb, &unet_config).map_err(|e| weights_error(source, "unet", e))?;
+        let unet = UNet::new(vb, &unet_config).map_err(|e| weights_error(source, "unet", e))?;
 
         let vae = vae_spec(&source.read_json("vae/config.json")?)?;
         let vae_scale_factor = 1usize << (vae.config.block_out_channels.len() - 1);
@@ -619,7 +619,7 @@ impl ImagePipeline for SdxlPipeline {
 pub fn bench_unet_step(
     opts: &crate::bench::BenchOptions,
 ) -> Result<Vec<crate::bench::BenchReport>, PipelineError> {
-    let mut config = UNetSdxlConfig::from_json(&sdxl_base_unet_json())?;
+    let mut config = UNetConfig::from_json(&sdxl_base_unet_json())?;
     if let Some(cap) = opts.layers {
         for l in &mut config.transformer_layers_per_block {
             *l = (*l).min(cap.max(1));
@@ -633,7 +633,7 @@ pub fn bench_unet_step(
         )));
     }
     let (vb, params) = crate::bench::RandomWeights::var_builder(opts.dtype, &opts.device);
-    let unet = UNetSdxl::new(vb, &config)?;
+    let unet = UNet::new(vb, &config)?;
     let rows = 2 * opts.batch.max(1);
     let randn = |shape: &[usize]| -> candle_core::Result<Tensor> {
         Tensor::randn(0f32, 1.0, shape, &opts.device)?.to_dtype(opts.dtype)

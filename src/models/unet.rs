@@ -1,11 +1,14 @@
-//! diffusers' `UNet2DConditionModel` as SDXL configures it: `DownBlock2D` /
-//! `CrossAttnDownBlock2D` (and their up mirrors) with per-block `transformer_layers_per_block`
-//! and head counts, linear (or 1×1 conv) transformer projections, any `norm_num_groups`, and the
-//! `addition_embed_type: "text_time"` conditioning: `add_embedding(concat(text_embeds,
-//! add_time_proj(time_ids)))` added to the timestep embedding.
+//! diffusers' `UNet2DConditionModel` as SDXL and Stable Diffusion 1.x configure it:
+//! `DownBlock2D` / `CrossAttnDownBlock2D` (and their up blocks) with per-block
+//! `transformer_layers_per_block` and head counts, linear (SDXL) or 1×1 conv (SD 1.x)
+//! transformer projections, any `norm_num_groups`, and optionally the `addition_embed_type:
+//! "text_time"` conditioning of SDXL: `add_embedding(concat(text_embeds, add_time_proj(time_ids)))`
+//! added to the timestep embedding. On CUDA its attention, group norms (+ SiLU), GEGLU and linear
+//! layers take the fused path ([`crate::ops`]).
 //!
 //! Own code because candle-transformers' UNet has no `add_embedding` (it ignores the pooled text
-//! embeds and the size/crop time ids) and its plain blocks always use 32 norm groups.
+//! embeds and the size/crop time ids), its plain blocks always use 32 norm groups, and our fused
+//! kernels need to be wired in.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{conv2d, layer_norm, Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
@@ -16,7 +19,7 @@ use crate::pipelines::PipelineError;
 
 /// The UNet's architecture, read from `unet/config.json` (diffusers' names).
 #[derive(Clone, Debug, PartialEq)]
-pub struct UNetSdxlConfig {
+pub struct UNetConfig {
     /// Latent channels in (`in_channels`).
     pub in_channels: usize,
     /// Latent channels out (`out_channels`).
@@ -151,7 +154,7 @@ fn require(value: &Value, key: &str, allowed: &[Value]) -> Result<(), PipelineEr
     }
 }
 
-impl UNetSdxlConfig {
+impl UNetConfig {
     /// Parses `unet/config.json`; keys naming features this UNet lacks fail with
     /// [`PipelineError::Unsupported`] naming the key, malformed keys with
     /// [`PipelineError::ModelFile`] naming the file and key.
@@ -371,7 +374,7 @@ impl ResnetBlock {
         cin: usize,
         cout: usize,
         temb: usize,
-        c: &UNetSdxlConfig,
+        c: &UNetConfig,
         output_scale_factor: f64,
     ) -> candle_core::Result<Self> {
         let g = c.norm_num_groups;
@@ -530,7 +533,7 @@ impl Transformer2D {
         channels: usize,
         heads: usize,
         layers: usize,
-        c: &UNetSdxlConfig,
+        c: &UNetConfig,
     ) -> candle_core::Result<Self> {
         let proj = |name: &str| -> candle_core::Result<Projection> {
             Ok(if c.use_linear_projection {
@@ -590,9 +593,9 @@ struct Block {
     resampler: Option<Conv2d>,
 }
 
-/// The SDXL-style UNet (see the module docs); weights in diffusers' names.
-pub struct UNetSdxl {
-    config: UNetSdxlConfig,
+/// The UNet (see the module docs); weights in diffusers' names.
+pub struct UNet {
+    config: UNetConfig,
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
     add_embedding: Option<TimestepEmbedding>,
@@ -604,9 +607,9 @@ pub struct UNetSdxl {
     conv_out: Conv2d,
 }
 
-impl UNetSdxl {
+impl UNet {
     /// Builds the UNet from its config and a var builder over `unet/` weights.
-    pub fn new(vb: VarBuilder, c: &UNetSdxlConfig) -> candle_core::Result<Self> {
+    pub fn new(vb: VarBuilder, c: &UNetConfig) -> candle_core::Result<Self> {
         let ch = &c.block_out_channels;
         let n = ch.len();
         let temb = 4 * ch[0];
@@ -758,7 +761,7 @@ impl UNetSdxl {
     }
 
     /// The config the UNet was built from.
-    pub fn config(&self) -> &UNetSdxlConfig {
+    pub fn config(&self) -> &UNetConfig {
         &self.config
     }
 
@@ -914,7 +917,7 @@ mod tests {
 
     #[test]
     fn sdxl_base_config_reads_heads_layers_and_text_time_dims() {
-        let c = UNetSdxlConfig::from_json(&sdxl_base()).unwrap();
+        let c = UNetConfig::from_json(&sdxl_base()).unwrap();
         assert_eq!(c.num_attention_heads, vec![5, 10, 20]);
         assert_eq!(c.transformer_layers_per_block, vec![1, 2, 10]);
         assert_eq!(c.down_cross_attention, vec![false, true, true]);
@@ -928,7 +931,7 @@ mod tests {
     fn unsupported_unet_features_are_named() {
         let mut cfg = sdxl_base();
         cfg["class_embed_type"] = json!("timestep");
-        let err = UNetSdxlConfig::from_json(&cfg).unwrap_err();
+        let err = UNetConfig::from_json(&cfg).unwrap_err();
         assert!(matches!(err, PipelineError::Unsupported(_)));
         assert!(err.to_string().contains("class_embed_type"), "{err}");
     }
@@ -937,7 +940,7 @@ mod tests {
     fn a_transformer_layer_list_of_the_wrong_length_names_the_key() {
         let mut cfg = sdxl_base();
         cfg["transformer_layers_per_block"] = json!([1, 2]);
-        let err = UNetSdxlConfig::from_json(&cfg).unwrap_err();
+        let err = UNetConfig::from_json(&cfg).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("unet/config.json") && msg.contains("transformer_layers_per_block"),
