@@ -1,5 +1,5 @@
 //! The fused operations' CPU implementations (`tt_scale::ops::fused`, the reference the CUDA
-//! kernels are tested against in tests/gpu.rs) compute the same functions as the candle
+//! kernels are tested against in tests/gpu_kernels.rs) compute the same functions as the candle
 //! compositions the models use on the CPU: random inputs, odd sizes, strided views, every
 //! optional operand, float32 and the 16-bit dtypes. Bounds are relative to the largest
 //! magnitude of the composite result: 1e-5 in float32; in bf16/f16 one rounding of the output
@@ -8,42 +8,9 @@
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use tt_scale::ops::{self, fused, Activation};
 
-fn randn(seed: u64, shape: &[usize]) -> Tensor {
-    // A small deterministic generator (xorshift + Box-Muller), independent of candle's RNG.
-    let n: usize = shape.iter().product();
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    let values: Vec<f32> = (0..n)
-        .map(|_| {
-            let (u, v) = (next(), next());
-            ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
-        })
-        .collect();
-    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-}
-
-/// max |a - b| / max(1e-6, max |b|), both read as float32.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let a = a.to_vec1::<f32>().unwrap();
-    let b = b.to_vec1::<f32>().unwrap();
-    let scale = b.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
-    let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| {
-        if x.is_nan() || y.is_nan() {
-            f32::INFINITY
-        } else {
-            m.max((x - y).abs())
-        }
-    });
-    diff / scale
-}
+#[path = "common/tensors.rs"]
+mod tensors;
+use tensors::{randn, rel_err};
 
 fn bound(dtype: DType) -> f32 {
     match dtype {

@@ -57,6 +57,38 @@ macro_rules! kernel {
     }};
 }
 
+/// Calls the `f32`/`bf16`/`f16` instance of a generic launcher for a storage dtype.
+macro_rules! float_dispatch {
+    ($dtype:expr, $what:literal, $f:ident($($arg:expr),*)) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::BF16 => $f::<half::bf16>($($arg),*),
+            DType::F16 => $f::<half::f16>($($arg),*),
+            other => bail!("{} takes f32, bf16 or f16, not {other:?}", $what),
+        }
+    };
+}
+
+/// Calls the `bf16`/`f16` instance of a generic launcher (tensor-core kernels, cuBLASLt).
+macro_rules! half_dispatch {
+    ($dtype:expr, $what:literal, $f:ident($($arg:expr),*)) => {
+        match $dtype {
+            DType::BF16 => $f::<half::bf16>($($arg),*),
+            DType::F16 => $f::<half::f16>($($arg),*),
+            other => bail!("{} takes bf16 or f16, not {other:?}", $what),
+        }
+    };
+}
+
+/// A launch of `grid` blocks of `threads` threads, no dynamic shared memory.
+fn launch_config(grid: (u32, u32, u32), threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 fn suffix(dtype: DType) -> Result<&'static str> {
     Ok(match dtype {
         DType::F32 => "f32",
@@ -103,11 +135,11 @@ pub(super) fn attention(
     s3: &CudaStorage,
     l3: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    match s1.dtype() {
-        DType::BF16 => attention_t::<half::bf16>(op, s1, l1, s2, l2, s3, l3),
-        DType::F16 => attention_t::<half::f16>(op, s1, l1, s2, l2, s3, l3),
-        other => bail!("fused attention takes bf16 or f16, not {other:?}"),
-    }
+    half_dispatch!(
+        s1.dtype(),
+        "fused attention takes bf16 or f16",
+        attention_t(op, s1, l1, s2, l2, s3, l3)
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -128,7 +160,12 @@ fn attention_t<T: CudaDType + DeviceRepr>(
     }
     for l in [l1, l2, l3] {
         if !super::attention_layout_ok(l.stride(), l.start_offset()) {
-            bail!("fused attention needs unit inner strides and 8-element aligned strides and offsets, got {:?} at {}", l.stride(), l.start_offset());
+            bail!(
+                "fused attention needs unit inner strides and 8-element aligned strides and \
+                 offsets, got {:?} at {}",
+                l.stride(),
+                l.start_offset()
+            );
         }
     }
     let func = kernel!(
@@ -161,13 +198,8 @@ fn attention_t<T: CudaDType + DeviceRepr>(
         launch.arg(&s[0]).arg(&s[1]).arg(&s[2]);
     }
     launch.arg(&scale_log2);
-    let cfg = LaunchConfig {
-        grid_dim: (lq.div_ceil(64) as u32, h as u32, b as u32),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = launch_config((lq.div_ceil(64) as u32, h as u32, b as u32), 128);
     unsafe { launch.launch(cfg) }.w()?;
-    drop(lens_view);
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         Shape::from((b, lq, h, d)),
@@ -179,12 +211,11 @@ pub(super) fn layer_norm_modulate(
     s: &CudaStorage,
     l: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    match s.dtype() {
-        DType::F32 => layer_norm_modulate_t::<f32>(op, s, l),
-        DType::BF16 => layer_norm_modulate_t::<half::bf16>(op, s, l),
-        DType::F16 => layer_norm_modulate_t::<half::f16>(op, s, l),
-        other => bail!("fused layer norm takes f32, bf16 or f16, not {other:?}"),
-    }
+    float_dispatch!(
+        s.dtype(),
+        "fused layer norm takes f32, bf16 or f16",
+        layer_norm_modulate_t(op, s, l)
+    )
 }
 
 /// The held operand's view, if any, and the batch stride of a (B, C) modulation operand.
@@ -261,13 +292,8 @@ fn layer_norm_modulate_t<T: CudaDType + DeviceRepr>(
         launch.arg(p);
     }
     launch.arg(&cols_i).arg(&rpg).arg(&mod_stride).arg(&eps);
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = launch_config((rows as u32, 1, 1), 256);
     unsafe { launch.launch(cfg) }.w()?;
-    drop((w, b, shift, scale));
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         l.shape().clone(),
@@ -279,12 +305,11 @@ pub(super) fn group_norm(
     s: &CudaStorage,
     l: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    match s.dtype() {
-        DType::F32 => group_norm_t::<f32>(op, s, l),
-        DType::BF16 => group_norm_t::<half::bf16>(op, s, l),
-        DType::F16 => group_norm_t::<half::f16>(op, s, l),
-        other => bail!("fused group norm takes f32, bf16 or f16, not {other:?}"),
-    }
+    float_dispatch!(
+        s.dtype(),
+        "fused group norm takes f32, bf16 or f16",
+        group_norm_t(op, s, l)
+    )
 }
 
 fn group_norm_t<T: CudaDType + DeviceRepr>(
@@ -319,13 +344,8 @@ fn group_norm_t<T: CudaDType + DeviceRepr>(
     let mut launch = func.builder();
     launch.arg(&x).arg(&out).arg(&ptrs[0]).arg(&ptrs[1]);
     launch.arg(&ci).arg(&hwi).arg(&gi).arg(&eps).arg(&silu);
-    let cfg = LaunchConfig {
-        grid_dim: (op.groups as u32, n as u32, 1),
-        block_dim: (512, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = launch_config((op.groups as u32, n as u32, 1), 512);
     unsafe { launch.launch(cfg) }.w()?;
-    drop((w, b));
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         l.shape().clone(),
@@ -337,12 +357,11 @@ pub(super) fn qk_norm_rope(
     s: &CudaStorage,
     l: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    match s.dtype() {
-        DType::F32 => qk_norm_rope_t::<f32>(op, s, l),
-        DType::BF16 => qk_norm_rope_t::<half::bf16>(op, s, l),
-        DType::F16 => qk_norm_rope_t::<half::f16>(op, s, l),
-        other => bail!("fused q/k norm takes f32, bf16 or f16, not {other:?}"),
-    }
+    float_dispatch!(
+        s.dtype(),
+        "fused q/k norm takes f32, bf16 or f16",
+        qk_norm_rope_t(op, s, l)
+    )
 }
 
 fn qk_norm_rope_t<T: CudaDType + DeviceRepr>(
@@ -387,11 +406,7 @@ fn qk_norm_rope_t<T: CudaDType + DeviceRepr>(
                         .arg(&di);
                     launch.arg(&eps);
                     let items = (b * len * h) as u32;
-                    let cfg = LaunchConfig {
-                        grid_dim: (items.div_ceil(8), 1, 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
+                    let cfg = launch_config((items.div_ceil(8), 1, 1), 256);
                     unsafe { launch.launch(cfg) }.w()?;
                     Ok(())
                 })
@@ -405,12 +420,11 @@ fn qk_norm_rope_t<T: CudaDType + DeviceRepr>(
 }
 
 pub(super) fn gelu(op: &GeluOp, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-    match s.dtype() {
-        DType::F32 => gelu_t::<f32>(op, s, l),
-        DType::BF16 => gelu_t::<half::bf16>(op, s, l),
-        DType::F16 => gelu_t::<half::f16>(op, s, l),
-        other => bail!("fused GELU takes f32, bf16 or f16, not {other:?}"),
-    }
+    float_dispatch!(
+        s.dtype(),
+        "fused GELU takes f32, bf16 or f16",
+        gelu_t(op, s, l)
+    )
 }
 
 fn gelu_t<T: CudaDType + DeviceRepr>(
@@ -438,11 +452,7 @@ fn gelu_t<T: CudaDType + DeviceRepr>(
             (out, Shape::from(dims), blocks(n / 2))
         }
     };
-    let cfg = LaunchConfig {
-        grid_dim: (grid, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = launch_config((grid, 1, 1), 256);
     match op {
         GeluOp::Tanh => {
             let func = kernel!(dev, Kernels::Norm, format!("tt_gelu_tanh_{sfx}"));
@@ -483,11 +493,11 @@ fn blas_lt(dev: &CudaDevice) -> Result<Arc<CudaBlasLT>> {
 }
 
 pub(super) fn linear(op: &LinearOp, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-    match s.dtype() {
-        DType::BF16 => linear_t::<half::bf16>(op, s, l),
-        DType::F16 => linear_t::<half::f16>(op, s, l),
-        other => bail!("the cuBLASLt linear takes bf16 or f16, not {other:?}"),
-    }
+    half_dispatch!(
+        s.dtype(),
+        "the cuBLASLt linear takes bf16 or f16",
+        linear_t(op, s, l)
+    )
 }
 
 fn linear_t<T: CudaDType + DeviceRepr>(

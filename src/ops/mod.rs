@@ -190,35 +190,24 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// `silu(group_norm(x))`.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         if fused_on(x) {
-            fused::group_norm(
-                x,
-                self.groups,
-                Some(&self.weight),
-                Some(&self.bias),
-                self.eps,
-                true,
-            )
-        } else {
+            let (w, b) = (Some(&self.weight), Some(&self.bias));
+            fused::group_norm(x, self.groups, w, b, self.eps, silu)
+        } else if silu {
             self.inner.forward(x)?.silu()
+        } else {
+            self.inner.forward(x)
         }
     }
 }
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if fused_on(x) {
-            fused::group_norm(
-                x,
-                self.groups,
-                Some(&self.weight),
-                Some(&self.bias),
-                self.eps,
-                false,
-            )
-        } else {
-            self.inner.forward(x)
-        }
+        self.apply(x, false)
     }
 }
 
