@@ -14,6 +14,20 @@
 
 #define TT_FULL_MASK 0xffffffffu
 
+// The kernel's dynamic shared memory as `unsigned char name[]` (16-byte aligned; its size is
+// the launch's), and that size in bytes.
+#ifdef TT_CUDA_EMU
+#define TT_DYNAMIC_SMEM(name) unsigned char *name = tt_emu::dynamic_smem()
+__device__ __forceinline__ unsigned tt_dynamic_smem_bytes() { return tt_emu::dynamic_smem_size(); }
+#else
+#define TT_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+__device__ __forceinline__ unsigned tt_dynamic_smem_bytes() {
+  unsigned n;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
+  return n;
+}
+#endif
+
 typedef __nv_bfloat16 tt_bf16;
 typedef __half tt_f16;
 

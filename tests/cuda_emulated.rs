@@ -166,4 +166,43 @@ fn cuda_kernels_match_references_on_the_cpu_emulator() {
         ran.stderr,
         ran.stdout
     );
+    check_attention_launch_shapes(&ran.stdout);
+}
+
+/// The Rust launcher (`ops::AttentionTile`) must launch each attention kernel with the rows,
+/// threads and dynamic shared memory the kernel source defines (`TtAttnTile`), which the program
+/// prints as `tile w4r32 d=128 rows=128 threads=128 smem=69632`; and every tile the launcher
+/// claims for a head size must be one the program ran.
+fn check_attention_launch_shapes(stdout: &str) {
+    use tt_scale::ops::{AttentionTile, ATTENTION_HEAD_DIMS};
+    let mut seen = std::collections::HashSet::new();
+    for line in stdout.lines().filter(|l| l.starts_with("tile ")) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let field = |key: &str| -> usize {
+            words
+                .iter()
+                .find_map(|w| w.strip_prefix(key))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        };
+        let tile = AttentionTile::parse(words[1]).unwrap_or_else(|| panic!("tile in {line:?}"));
+        let d = field("d=");
+        assert!(tile.supports(d), "{line:?}: the launcher does not know it");
+        assert_eq!(field("rows="), tile.block_rows(), "{line:?}");
+        assert_eq!(field("threads="), 32 * tile.warps(), "{line:?}");
+        assert_eq!(field("smem="), tile.smem_bytes(d), "{line:?}");
+        seen.insert((tile, d));
+    }
+    for tile in AttentionTile::ALL {
+        for d in ATTENTION_HEAD_DIMS
+            .into_iter()
+            .filter(|&d| tile.supports(d))
+        {
+            assert!(
+                seen.contains(&(tile, d)),
+                "the emulated tests never ran attention {} d={d}",
+                tile.name()
+            );
+        }
+    }
 }

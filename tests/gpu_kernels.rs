@@ -11,7 +11,7 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, IndexOp, Tensor, D};
-use tt_scale::ops::{self, fused, Activation};
+use tt_scale::ops::{self, fused, Activation, AttentionTile};
 
 #[path = "common/tensors.rs"]
 mod tensors;
@@ -53,12 +53,38 @@ fn fused_attention_matches_the_cpu_for_every_head_size_dtype_layout_and_mask() {
                     let vg = kv_gpu.i((.., .., 2)).unwrap().transpose(1, 2).unwrap();
                     let qg = on(&q, &dev);
                     assert!(ops::attention_fused_ok(&qg, &kg, &vg));
-                    let ours = fused::attention(&qg, &kg, &vg, scale, lens.as_deref()).unwrap();
-                    let err = rel_err(&ours, &want);
-                    assert!(
-                        err <= bound(dtype),
-                        "attention {dtype:?} d={d} lq={lq} lk={lk} lens={lens:?}: {err}"
-                    );
+                    // Every block tile the kernel has for d: within the bound of the CPU, and
+                    // bit-identical to each other (each row takes the same operations).
+                    let mut first: Option<(AttentionTile, Vec<f32>)> = None;
+                    for tile in AttentionTile::ALL.into_iter().filter(|t| t.supports(d)) {
+                        let ours = ops::with_attention_tile(tile, || {
+                            fused::attention(&qg, &kg, &vg, scale, lens.as_deref()).unwrap()
+                        });
+                        let err = rel_err(&ours, &want);
+                        assert!(
+                            err <= bound(dtype),
+                            "attention {} {dtype:?} d={d} lq={lq} lk={lk} lens={lens:?}: {err}",
+                            tile.name()
+                        );
+                        let bits = ours
+                            .to_dtype(DType::F32)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap();
+                        match &first {
+                            None => first = Some((tile, bits)),
+                            Some((t0, b0)) => assert!(
+                                b0.iter()
+                                    .zip(&bits)
+                                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "attention {} and {} differ: {dtype:?} d={d} lq={lq} lk={lk}",
+                                t0.name(),
+                                tile.name()
+                            ),
+                        }
+                    }
                 }
             }
         }

@@ -14,6 +14,10 @@
 //     each warp running as far as it can), so that code relying on one interleaving, such as a
 //     missing __syncthreads that lets a warp overwrite shared data that another still reads,
 //     gives wrong results in some blocks. Set tt_emu::g.fixed_policy to pin one.
+//   * Dynamic shared memory (`extern __shared__`, see TT_DYNAMIC_SMEM in tt_common.cuh) is one
+//     buffer of the launch's size, ending at a guard page and refilled with 0xff bytes (a NaN in
+//     bf16 and f16) before each block, so reads past it fault and reads of what the block never
+//     wrote show up in the results.
 //   * __syncthreads() waits for every thread of the block that has not exited (an exiting thread
 //     drops out of the barrier, like arrive_and_drop).
 //   * cp.async copies land either at their wait (lazy) or at issue (eager), alternating every
@@ -243,6 +247,8 @@ struct State {
   int fixed_policy = -1;  // 0-3: use it for every block; -1: block i uses policy i % 4
   int fixed_copy_mode = -1;  // cp.async: 0 lazy, 1 eager; -1: block i is eager when (i / 4) % 2
   unsigned long long switches = 0, warp_barriers = 0, block_barriers = 0, blocks = 0;
+  unsigned char *dyn = nullptr;  // the launch's dynamic shared memory (null: none)
+  size_t dyn_bytes = 0;
 };
 
 inline State g;
@@ -422,7 +428,23 @@ inline void start_fiber(Fiber &f) {
 #endif
 }
 
-inline void launch(dim3 grid, dim3 block, void (*invoke)(const void *), const void *body) {
+// Maps `bytes` (> 0) of dynamic shared memory ending at an inaccessible page; returns the
+// mapping's start and length through `base`/`len` for unmap_dynamic_smem.
+inline unsigned char *map_dynamic_smem(size_t bytes, void **base, size_t *len) {
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t data_pages = (bytes + page - 1) / page;
+  *len = (data_pages + 1) * page;
+  void *m = mmap(nullptr, *len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED) fatal("cannot map dynamic shared memory");
+  char *end = static_cast<char *>(m) + data_pages * page;
+  if (mprotect(end, page, PROT_NONE) != 0) fatal("cannot protect the dynamic shared memory guard");
+  *base = m;
+  // 16-byte aligned, as CUDA's dynamic shared memory base is (at least).
+  return reinterpret_cast<unsigned char *>(reinterpret_cast<uintptr_t>(end - bytes) & ~uintptr_t{15});
+}
+
+inline void launch(dim3 grid, dim3 block, void (*invoke)(const void *), const void *body,
+                   size_t smem_bytes) {
   State &s = g;
   if (s.cur != -1) fatal("kernel launch from inside a kernel");
   if (block.y != 1 || block.z != 1 || block.x < 32 || block.x > kMaxThreads || block.x % 32 != 0)
@@ -441,10 +463,15 @@ inline void launch(dim3 grid, dim3 block, void (*invoke)(const void *), const vo
   s.invoke = invoke;
   s.body = body;
   s.nthreads = n;
+  void *dyn_map = nullptr;
+  size_t dyn_len = 0;
+  s.dyn = smem_bytes > 0 ? map_dynamic_smem(smem_bytes, &dyn_map, &dyn_len) : nullptr;
+  s.dyn_bytes = smem_bytes;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = uint3{x, y, z};
+        if (s.dyn != nullptr) memset(s.dyn, 0xff, smem_bytes);
         for (int i = 0; i < n; ++i) start_fiber(s.fibers[i]);
         for (int w = 0; w < n / 32; ++w) {
           s.warps[w].count = 0;
@@ -460,17 +487,32 @@ inline void launch(dim3 grid, dim3 block, void (*invoke)(const void *), const vo
         switch_fibers(s.main, s.fibers[s.cur]);
         if (s.live != 0 || s.cur != -1) fatal("a block ended with live threads");
       }
+  if (dyn_map != nullptr) munmap(dyn_map, dyn_len);
+  s.dyn = nullptr;
+  s.dyn_bytes = 0;
 }
+
+// The running launch's dynamic shared memory (TT_DYNAMIC_SMEM) and its size in bytes.
+inline unsigned char *dynamic_smem() {
+  if (g.cur < 0) fatal("dynamic shared memory outside a kernel launch");
+  if (g.dyn == nullptr) fatal("the kernel uses dynamic shared memory but its launch gave none");
+  return g.dyn;
+}
+inline unsigned dynamic_smem_size() { return static_cast<unsigned>(g.dyn_bytes); }
 
 }  // namespace tt_emu
 
-// Runs `body` (typically a lambda calling an extern "C" kernel) as the kernel of a launch.
-template <class F> void tt_emu_launch(dim3 grid, dim3 block, F &&body) {
+// Runs `body` (typically a lambda calling an extern "C" kernel) as the kernel of a launch with
+// `smem_bytes` of dynamic shared memory.
+template <class F> void tt_emu_launch(dim3 grid, dim3 block, F &&body, size_t smem_bytes = 0) {
   using Fn = std::remove_reference_t<F>;
   tt_emu::launch(
       grid, block, [](const void *p) { (*static_cast<const Fn *>(p))(); },
-      static_cast<const void *>(&body));
+      static_cast<const void *>(&body), smem_bytes);
 }
+
+// __trap(): the kernel aborts (on a GPU, the launch fails with an error).
+[[noreturn]] inline void __trap() { tt_emu::fatal("__trap() in a kernel"); }
 
 // ---------------------------------------------------------------------------------------------
 // Synchronisation and warp collectives.

@@ -5,6 +5,10 @@
 //   c++ -std=c++20 -O2 -pthread -DTT_CUDA_EMU -fno-strict-aliasing -Wall -Wno-unknown-pragmas
 //       -I kernels kernels/emu/emu_tests.cpp -o emu_tests
 //
+// Attention runs each of its block tiles (w4r16, w8r16, w4r32) on the same inputs: the first is
+// checked against the reference, the others must be bit-identical to it; a "tile" line per
+// kernel gives its launch shape.
+//
 // Inputs are deterministic (xorshift). Whatever a kernel must not read (padding of strided rows,
 // keys beyond key_lens, other chunks of the modulation vector, cos/sin rows before pos_offset) is
 // NaN, and every output starts as NaN, so a wrong index, a leaking mask or a missed store shows up
@@ -34,6 +38,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -313,8 +318,25 @@ View token_major(int B, int H, int L, int D) {
   return {0, 1LL * L * H * D, D, 1LL * H * D, static_cast<size_t>(B) * L * H * D};
 }
 
+// One block tile of an attention kernel (see attention.cu): its function and launch shape.
+template <class T> struct AttnKernel {
+  const char *tile;  // "w4r16", ...
+  AttnFn<T> fn;
+  int rows;     // query rows of a block
+  int threads;  // threads of a block
+  int smem;     // dynamic shared memory, bytes
+};
+#define ATTN_KERNEL(TN, T, D, W, R)                                                 \
+  AttnKernel<T> {                                                                   \
+    "w" #W "r" #R, tt_attention_##TN##_d##D##_w##W##r##R, W * R, W * 32,              \
+        TtAttnTile<T, D, W, R / 16>::SMEM_BYTES                                     \
+  }
+
+// Runs every tile of `kernels` on the same inputs: the first is checked against the reference,
+// the others must give bit-identical outputs (every row takes the same operations in every tile).
 template <class T, int D>
-void test_attention(const char *kname, AttnFn<T> fn, const AttnCase &c, double bound, Rng &rng) {
+void test_attention(const char *kname, const std::vector<AttnKernel<T>> &kernels,
+                    const AttnCase &c, double bound, Rng &rng) {
   constexpr int B = 2, H = 3;
   const int lq = c.lq, lk = c.lk;
   const long long HD = 1LL * H * D;
@@ -345,7 +367,7 @@ void test_attention(const char *kname, AttnFn<T> fn, const AttnCase &c, double b
   int kv_len[B];
   for (int b = 0; b < B; ++b) kv_len[b] = std::clamp(raw_lens[b], 0, lk);
 
-  Buf<T> qb(qv.size), kb(kv.size), vb(vv.size), ob(static_cast<size_t>(B) * lq * HD);
+  Buf<T> qb(qv.size), kb(kv.size), vb(vv.size);
   Buf<int> lens(B);
   for (int b = 0; b < B; ++b) lens[b] = raw_lens[b];
   auto at = [](const View &w, int b, int h, int l, int d) {
@@ -368,10 +390,27 @@ void test_attention(const char *kname, AttnFn<T> fn, const AttnCase &c, double b
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   const float scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   const int *lens_ptr = c.lens == Lens::None ? nullptr : lens.data();
-  tt_emu_launch(dim3((lq + 63) / 64, H, B), dim3(128), [&] {
-    fn(qb.data() + qv.off, kb.data() + kv.off, vb.data() + vv.off, ob.data(), lens_ptr, H, lq, lk,
-       qv.sb, qv.sh, qv.sl, kv.sb, kv.sh, kv.sl, vv.sb, vv.sh, vv.sl, scale_log2);
-  });
+  const size_t out_elems = static_cast<size_t>(B) * lq * HD;
+  std::vector<std::unique_ptr<Buf<T>>> outs;
+  for (const AttnKernel<T> &kn : kernels) {
+    outs.push_back(std::make_unique<Buf<T>>(out_elems));
+    T *o = outs.back()->data();
+    tt_emu_launch(
+        dim3((lq + kn.rows - 1) / kn.rows, H, B), dim3(kn.threads),
+        [&] {
+          kn.fn(qb.data() + qv.off, kb.data() + kv.off, vb.data() + vv.off, o, lens_ptr, H, lq, lk,
+                qv.sb, qv.sh, qv.sl, kv.sb, kv.sh, kv.sl, vv.sb, vv.sh, vv.sl, scale_log2);
+        },
+        kn.smem);
+  }
+  Buf<T> &ob = *outs[0];
+  std::string same;  // the other tiles, each "=" (bit-identical) or "DIFFERS"
+  bool all_same = true;
+  for (size_t i = 1; i < kernels.size(); ++i) {
+    const bool eq = memcmp(outs[i]->data(), ob.data(), out_elems * sizeof(T)) == 0;
+    all_same = all_same && eq;
+    same += fmt(", %s %s", kernels[i].tile, eq ? "=" : "DIFFERS");
+  }
 
   ErrTracker et;
   bool empty_rows_zero = true;
@@ -410,8 +449,10 @@ void test_attention(const char *kname, AttnFn<T> fn, const AttnCase &c, double b
   std::string ln = lens_name ? lens_name : fmt("{%d,%d}", raw_lens[0], raw_lens[1]);
   report(fmt("%s Lq=%d Lk=%d lens=%s %s", kname, lq, lk, ln.c_str(), layout_name(c.layout)),
          empty_rows_zero ? et.rel() : INFINITY, bound,
-         fmt("%s, max|logit| %.0f%s", et.note().c_str(), max_logit,
-             empty_rows_zero ? "" : ", rows without keys are not zero"));
+         fmt("%s, max|logit| %.0f%s; %s%s", et.note().c_str(), max_logit,
+             empty_rows_zero ? "" : ", rows without keys are not zero", kernels[0].tile,
+             same.c_str()),
+         all_same);
 }
 
 const AttnCase kAttnCases[] = {
@@ -422,11 +463,17 @@ const AttnCase kAttnCases[] = {
     {65, 129, Layout::Mixed, Lens::FiveAll, 1.0},
     {33, 50, Layout::Mixed, Lens::Clamp, 1.0},
     {65, 129, Layout::TokenMajor, Lens::None, 12.0},  // logits of about ±50
+    {300, 70, Layout::Mixed, Lens::FiveAll, 1.0},  // several 128-row blocks, a partial last one
 };
 
 template <class T, int D>
-void attention_suite(const char *name, AttnFn<T> fn, double bound, Rng &rng) {
-  for (const AttnCase &c : kAttnCases) test_attention<T, D>(name, fn, c, bound, rng);
+void attention_suite(const char *name, const std::vector<AttnKernel<T>> &kernels, double bound,
+                     Rng &rng) {
+  // The launch shapes, which tests/cuda_emulated.rs compares with the Rust launcher's
+  // (ops::AttentionTile).
+  for (const AttnKernel<T> &k : kernels)
+    printf("tile %s d=%d rows=%d threads=%d smem=%d\n", k.tile, D, k.rows, k.threads, k.smem);
+  for (const AttnCase &c : kAttnCases) test_attention<T, D>(name, kernels, c, bound, rng);
 }
 
 // Least shares of 16-bit outputs equal to the rounded reference (measured: layer norm and
@@ -700,18 +747,18 @@ int main() {
   section("16-bit conversions", [&] { test_conversions(); });
   section("attention", [&] {
     const double bf = 8e-3, hf = 1.5e-3;
-    attention_suite<tt_bf16, 40>("attention bf16 d=40", tt_attention_bf16_d40, bf, rng);
-    attention_suite<tt_bf16, 64>("attention bf16 d=64", tt_attention_bf16_d64, bf, rng);
-    attention_suite<tt_bf16, 72>("attention bf16 d=72", tt_attention_bf16_d72, bf, rng);
-    attention_suite<tt_bf16, 80>("attention bf16 d=80", tt_attention_bf16_d80, bf, rng);
-    attention_suite<tt_bf16, 128>("attention bf16 d=128", tt_attention_bf16_d128, bf, rng);
-    attention_suite<tt_bf16, 160>("attention bf16 d=160", tt_attention_bf16_d160, bf, rng);
-    attention_suite<tt_f16, 40>("attention f16 d=40", tt_attention_f16_d40, hf, rng);
-    attention_suite<tt_f16, 64>("attention f16 d=64", tt_attention_f16_d64, hf, rng);
-    attention_suite<tt_f16, 72>("attention f16 d=72", tt_attention_f16_d72, hf, rng);
-    attention_suite<tt_f16, 80>("attention f16 d=80", tt_attention_f16_d80, hf, rng);
-    attention_suite<tt_f16, 128>("attention f16 d=128", tt_attention_f16_d128, hf, rng);
-    attention_suite<tt_f16, 160>("attention f16 d=160", tt_attention_f16_d160, hf, rng);
+    attention_suite<tt_bf16, 40>("attention bf16 d=40", {ATTN_KERNEL(bf16, tt_bf16, 40, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 40, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 40, 4, 32)}, bf, rng);
+    attention_suite<tt_bf16, 64>("attention bf16 d=64", {ATTN_KERNEL(bf16, tt_bf16, 64, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 64, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 64, 4, 32)}, bf, rng);
+    attention_suite<tt_bf16, 72>("attention bf16 d=72", {ATTN_KERNEL(bf16, tt_bf16, 72, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 72, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 72, 4, 32)}, bf, rng);
+    attention_suite<tt_bf16, 80>("attention bf16 d=80", {ATTN_KERNEL(bf16, tt_bf16, 80, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 80, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 80, 4, 32)}, bf, rng);
+    attention_suite<tt_bf16, 128>("attention bf16 d=128", {ATTN_KERNEL(bf16, tt_bf16, 128, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 128, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 128, 4, 32)}, bf, rng);
+    attention_suite<tt_bf16, 160>("attention bf16 d=160", {ATTN_KERNEL(bf16, tt_bf16, 160, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 160, 8, 16)}, bf, rng);
+    attention_suite<tt_f16, 40>("attention f16 d=40", {ATTN_KERNEL(f16, tt_f16, 40, 4, 16), ATTN_KERNEL(f16, tt_f16, 40, 8, 16), ATTN_KERNEL(f16, tt_f16, 40, 4, 32)}, hf, rng);
+    attention_suite<tt_f16, 64>("attention f16 d=64", {ATTN_KERNEL(f16, tt_f16, 64, 4, 16), ATTN_KERNEL(f16, tt_f16, 64, 8, 16), ATTN_KERNEL(f16, tt_f16, 64, 4, 32)}, hf, rng);
+    attention_suite<tt_f16, 72>("attention f16 d=72", {ATTN_KERNEL(f16, tt_f16, 72, 4, 16), ATTN_KERNEL(f16, tt_f16, 72, 8, 16), ATTN_KERNEL(f16, tt_f16, 72, 4, 32)}, hf, rng);
+    attention_suite<tt_f16, 80>("attention f16 d=80", {ATTN_KERNEL(f16, tt_f16, 80, 4, 16), ATTN_KERNEL(f16, tt_f16, 80, 8, 16), ATTN_KERNEL(f16, tt_f16, 80, 4, 32)}, hf, rng);
+    attention_suite<tt_f16, 128>("attention f16 d=128", {ATTN_KERNEL(f16, tt_f16, 128, 4, 16), ATTN_KERNEL(f16, tt_f16, 128, 8, 16), ATTN_KERNEL(f16, tt_f16, 128, 4, 32)}, hf, rng);
+    attention_suite<tt_f16, 160>("attention f16 d=160", {ATTN_KERNEL(f16, tt_f16, 160, 4, 16), ATTN_KERNEL(f16, tt_f16, 160, 8, 16)}, hf, rng);
   });
   section("layer_norm_mod", [&] {
     layer_norm_suite<float>(tt_layer_norm_mod_f32, 6e-7, rng);

@@ -168,11 +168,28 @@ fn attention_t<T: CudaDType + DeviceRepr>(
             );
         }
     }
+    let tile = op.tile;
+    if !tile.supports(d) {
+        bail!(
+            "fused attention has no {} tile for head size {d}",
+            tile.name()
+        );
+    }
     let func = kernel!(
         dev,
         Kernels::Attention,
-        format!("tt_attention_{}_d{d}", suffix(s1.dtype())?)
+        format!("tt_attention_{}_d{d}_{}", suffix(s1.dtype())?, tile.name())
     );
+    let smem = tile.smem_bytes(d) as u32;
+    if smem > 48 * 1024 {
+        // Above 48 KiB a kernel must opt in to its dynamic shared memory.
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+        func.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .w()?;
+    }
     let out: CudaSlice<T> = unsafe { dev.alloc::<T>(b * lq * h * d)? };
     let (q, k, v) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?, view::<T>(s3, l3)?);
     let lens: Option<CudaSlice<i32>> = match &op.key_lens {
@@ -198,7 +215,11 @@ fn attention_t<T: CudaDType + DeviceRepr>(
         launch.arg(&s[0]).arg(&s[1]).arg(&s[2]);
     }
     launch.arg(&scale_log2);
-    let cfg = launch_config((lq.div_ceil(64) as u32, h as u32, b as u32), 128);
+    let mut cfg = launch_config(
+        (lq.div_ceil(tile.block_rows()) as u32, h as u32, b as u32),
+        32 * tile.warps() as u32,
+    );
+    cfg.shared_mem_bytes = smem;
     unsafe { launch.launch(cfg) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),

@@ -46,6 +46,7 @@ pub fn attention(
         }
     }
     let op = AttentionOp {
+        tile: super::AttentionTile::choose(d, q.dims()[2]),
         scale: scale as f32,
         key_lens: key_lens.map(|l| l.iter().map(|&n| n.min(lk as u32)).collect()),
     };
@@ -248,6 +249,9 @@ pub fn linear(
 // The custom ops.
 
 pub(crate) struct AttentionOp {
+    /// The CUDA kernel's block tile (no effect on the CPU, nor on the result).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) tile: super::AttentionTile,
     pub(crate) scale: f32,
     pub(crate) key_lens: Option<Vec<u32>>,
 }

@@ -25,6 +25,116 @@ pub const ATTENTION_HEAD_DIMS: [usize; 6] = [40, 64, 72, 80, 128, 160];
 
 thread_local! {
     static OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    static TILE_OVERRIDE: std::cell::Cell<Option<AttentionTile>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// The block tile of the fused attention kernel (`kernels/attention.cu`): how many warps a block
+/// has and how many query rows each warp owns. All tiles give bit-identical outputs; they differ
+/// only in speed, so the choice never changes an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttentionTile {
+    /// 4 warps of 16 rows (64 rows a block); Q fragments held in registers.
+    W4R16,
+    /// 8 warps of 16 rows (128 rows): each K/V tile serves twice the rows.
+    W8R16,
+    /// 4 warps of 32 rows (128 rows; FlashAttention-2's tile for head sizes 64 and 128): each
+    /// K/V fragment feeds two products, the Q tile sits in shared memory. Head sizes up to 128.
+    W4R32,
+}
+
+impl AttentionTile {
+    /// Every tile, in the order the benchmarks list them.
+    pub const ALL: [AttentionTile; 3] = [Self::W4R16, Self::W8R16, Self::W4R32];
+
+    /// The kernel-name suffix, also the `TT_SCALE_ATTN_TILE` value: `w4r16`, `w8r16`, `w4r32`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::W4R16 => "w4r16",
+            Self::W8R16 => "w8r16",
+            Self::W4R32 => "w4r32",
+        }
+    }
+
+    /// Parses [`AttentionTile::name`] (case-insensitive).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s.trim()))
+    }
+
+    /// Warps of a block.
+    pub fn warps(self) -> usize {
+        match self {
+            Self::W4R16 | Self::W4R32 => 4,
+            Self::W8R16 => 8,
+        }
+    }
+
+    /// Query rows of a block.
+    pub fn block_rows(self) -> usize {
+        match self {
+            Self::W4R16 => 64,
+            Self::W8R16 | Self::W4R32 => 128,
+        }
+    }
+
+    /// Whether the kernel is instantiated for head size `d`.
+    pub fn supports(self, d: usize) -> bool {
+        ATTENTION_HEAD_DIMS.contains(&d) && (self != Self::W4R32 || d <= 128)
+    }
+
+    /// Dynamic shared memory of a block, bytes, for head size `d` and 16-bit elements: the K and
+    /// V tiles (64 keys each), plus the Q tile for [`AttentionTile::W4R32`], rows of
+    /// `ceil(d/16)·16 + 8` elements (`TtAttnTile::SMEM_BYTES` in the kernel, which checks it).
+    pub fn smem_bytes(self, d: usize) -> usize {
+        let row = d.div_ceil(16) * 16 + 8;
+        let q_rows = if self == Self::W4R32 {
+            self.block_rows()
+        } else {
+            0
+        };
+        (2 * 64 + q_rows) * row * 2
+    }
+
+    /// The tile used for `lq` query rows of head size `d`: the thread's override
+    /// ([`with_attention_tile`]), else `TT_SCALE_ATTN_TILE`, where the kernel has that tile for
+    /// `d`; else [`AttentionTile::W4R32`] (FlashAttention-2's choice) where it applies and there
+    /// are more than 64 rows, else [`AttentionTile::W4R16`].
+    pub fn choose(d: usize, lq: usize) -> Self {
+        static FROM_ENV: OnceLock<Option<AttentionTile>> = OnceLock::new();
+        let asked = TILE_OVERRIDE.with(|o| o.get()).or_else(|| {
+            *FROM_ENV.get_or_init(|| {
+                let v = std::env::var("TT_SCALE_ATTN_TILE").ok()?;
+                let tile = Self::parse(&v);
+                if tile.is_none() {
+                    tracing::warn!(
+                        "TT_SCALE_ATTN_TILE={v:?} is not a tile (w4r16, w8r16, w4r32); \
+                         using the default"
+                    );
+                }
+                tile
+            })
+        });
+        match asked {
+            Some(t) if t.supports(d) => t,
+            _ if Self::W4R32.supports(d) && lq > 64 => Self::W4R32,
+            _ => Self::W4R16,
+        }
+    }
+}
+
+/// Runs `f` with the fused attention using `tile` on this thread where the kernel has it for the
+/// head size (benchmarks and tests compare the tiles in one process).
+pub fn with_attention_tile<R>(tile: AttentionTile, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<AttentionTile>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            TILE_OVERRIDE.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(TILE_OVERRIDE.with(|o| o.replace(Some(tile))));
+    f()
 }
 
 /// Whether the fused kernels are switched on: `TT_SCALE_FUSED` unset, or not `0`/`off`/
@@ -244,4 +354,37 @@ pub fn linear_no_bias(i: usize, o: usize, vb: candle_nn::VarBuilder) -> Result<L
 /// `candle_nn::linear_b` (bias when `bias`), wrapped.
 pub fn linear_b(i: usize, o: usize, bias: bool, vb: candle_nn::VarBuilder) -> Result<Linear> {
     Ok(Linear::new(candle_nn::linear_b(i, o, bias, vb)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_tiles_parse_their_names_and_pick_by_head_size_and_length() {
+        for t in AttentionTile::ALL {
+            assert_eq!(AttentionTile::parse(t.name()), Some(t));
+            assert_eq!(AttentionTile::parse(&t.name().to_uppercase()), Some(t));
+        }
+        assert_eq!(AttentionTile::parse("w2r64"), None);
+        assert!(AttentionTile::W4R32.supports(128));
+        assert!(!AttentionTile::W4R32.supports(160));
+        assert!(!AttentionTile::W4R16.supports(96));
+        // Flux's 4096+512 tokens at D = 128 take the 128-row tile; a single row or D = 160
+        // (no w4r32 kernel) the 64-row one.
+        assert_eq!(AttentionTile::choose(128, 4608), AttentionTile::W4R32);
+        assert_eq!(AttentionTile::choose(128, 1), AttentionTile::W4R16);
+        assert_eq!(AttentionTile::choose(160, 4096), AttentionTile::W4R16);
+        // An override applies where the kernel has it, else the default stands.
+        with_attention_tile(AttentionTile::W8R16, || {
+            assert_eq!(AttentionTile::choose(72, 10), AttentionTile::W8R16);
+        });
+        with_attention_tile(AttentionTile::W4R32, || {
+            assert_eq!(AttentionTile::choose(160, 4096), AttentionTile::W4R16);
+        });
+        assert_eq!(AttentionTile::choose(72, 10), AttentionTile::W4R16);
+        // K and V tiles of 64 rows (+ the 128-row Q tile), rows padded to 16 plus 8 elements.
+        assert_eq!(AttentionTile::W4R16.smem_bytes(128), 128 * 136 * 2);
+        assert_eq!(AttentionTile::W4R32.smem_bytes(72), 256 * 88 * 2);
+    }
 }
