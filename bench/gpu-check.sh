@@ -10,8 +10,9 @@
 #         PYTHON             the Python that has PyTorch (default python3)
 #
 # Exits 1 when a test binary failed (or timed out), else 0; missing benchmarks show as n/a.
-# Writes (7 files, what the device tool brings back): gpu-check.log (everything printed),
+# Writes (9 files, what the device tool brings back): gpu-check.log (everything printed),
 # tests.log (test binaries' output), tt-bench.json (tt-scale's reports per benchmark),
+# tt-ops.json (the operations one by one), tt-search.json (the search end to end),
 # diffusers.json, diffusers-compile.json and transformers-qwen.json ({name: median_ms}),
 # table.md (the final table).
 set -uo pipefail
@@ -158,6 +159,13 @@ main() {
   done
   merge_tt_reports
 
+  # The hot operations one by one at the 1024x1024 shapes: each attention block tile, cuBLASLt,
+  # the norm kernels, against candle's compositions (where the step's time goes).
+  echo "-- ops: --model ops (warm-up 3, median of 10)"
+  step 60 280 "$W/bin/tt-scale" bench --model ops --height 1024 --width 1024 --batch 1 \
+    --dtype bf16 --device cuda --warmup 3 --iters 10 --json "$OUT/tt-ops.json"
+  echo "   (exit $?)"
+
   # The default search end to end (issue 7's overlap target: wall within 5% of pure generation):
   # 30 images through the real search code, each image 10 steps of a 4-double/8-single-block
   # Flux (12 of 57 blocks), with a stand-in API verifier whose latency is 3 s scaled the same way
@@ -284,6 +292,22 @@ if gen and wall:
         "|---|---|---|---|---|---|---|",
         f"| search | {ms(gen)} | {ms(wall)} | {over:.1f}% | {ms(seq)} | <= 5% | {'yes' if over <= 5.0 else 'no'} |",
     ]
+ops = load("tt-ops.json")
+if isinstance(ops, list) and ops:
+    # Each fused row against the candle composition of the same operation.
+    candle = {r["name"].rsplit(" ", 1)[0]: r["median_ms"] for r in ops if r["name"].endswith(" candle")}
+    lines += [
+        "",
+        "| operation (1024x1024 shapes, batch 1) | ms | rate | candle ms | speed-up |",
+        "|---|---|---|---|---|",
+    ]
+    for r in ops:
+        base = r["name"].rsplit(" ", 1)[0]
+        c = candle.get(base)
+        rate = (f"{r['tflop_s']:.0f} TFLOP/s" if r.get("tflop_s") is not None
+                else f"{r['gb_s']:.0f} GB/s" if r.get("gb_s") is not None else "n/a")
+        up = f"{c / r['median_ms']:.1f}x" if c and r["median_ms"] > 0 else "n/a"
+        lines.append(f"| {r['name']} | {r['median_ms']:.3f} | {rate} | {ms(c)} | {up} |")
 text = "\n".join(lines)
 open(os.path.join(out, "table.md"), "w").write(text + "\n")
 print(text)

@@ -123,9 +123,26 @@ fn bench(a: BenchArgs) -> ExitCode {
             "{:<48} {:>11.2} {:>11.2} {:>11.2} {:>6} {:>14}",
             r.name, r.median_ms, r.min_ms, r.max_ms, r.iters, r.parameters
         );
-        if !r.details.is_empty() {
-            println!("    {}", r.details);
+        let rate = match (r.tflop_s, r.gb_s) {
+            (Some(t), _) => format!("{} TFLOP/s; ", three_digits(t)),
+            (None, Some(g)) => format!("{} GB/s; ", three_digits(g)),
+            (None, None) => String::new(),
+        };
+        if !r.details.is_empty() || !rate.is_empty() {
+            println!("    {rate}{}", r.details);
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `x` with about three significant digits (`412`, `41.2`, `4.12`, `0.412`, `0.0412`).
+fn three_digits(x: f64) -> String {
+    let decimals = if x >= 100.0 {
+        0
+    } else if x > 0.0 {
+        (2.0 - x.log10().floor()).clamp(1.0, 6.0) as usize
+    } else {
+        1
+    };
+    format!("{x:.decimals$}")
 }

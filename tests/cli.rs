@@ -437,3 +437,68 @@ fn bench_rejects_unknown_models_and_sizes_as_usage_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--steps"));
 }
+
+#[test]
+fn bench_ops_times_the_candle_compositions_on_the_cpu_and_reports_rates() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("ops.json");
+    let out = tt_scale(
+        &[
+            "bench",
+            "--model",
+            "ops",
+            "--height",
+            "16",
+            "--width",
+            "16",
+            "--dtype",
+            "fp32",
+            "--device",
+            "cpu",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let names: Vec<&str> = reports
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    // No fused kernels on the CPU: one candle row per operation.
+    assert_eq!(
+        names,
+        [
+            "attention flux candle",
+            "attention sdxl candle",
+            "attention pixart-sigma candle",
+            "attention sd15 candle",
+            "linear flux qkv candle",
+            "linear flux mlp-in+gelu candle",
+            "linear flux out candle",
+            "layer_norm_modulate flux candle",
+            "group_norm+silu sdxl candle",
+        ]
+    );
+    for r in reports.as_array().unwrap() {
+        let rate = r["tflop_s"].as_f64().or(r["gb_s"].as_f64());
+        assert!(rate.is_some_and(|x| x > 0.0), "{r}");
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("TFLOP/s") && stdout.contains("GB/s"),
+        "{stdout}"
+    );
+}

@@ -3,8 +3,10 @@
 //!
 //! Each model family provides a step benchmark: it builds its network from a [`RandomWeights`]
 //! var builder and runs one step; this module times it (warm-up, then the median of repeats).
-//! [`search`] times a whole default search end to end (generation overlapped with grading).
+//! [`search`] times a whole default search end to end (generation overlapped with grading);
+//! [`ops`] times the denoisers' hot operations one by one, fused and unfused.
 
+pub mod ops;
 pub mod search;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -61,6 +63,14 @@ pub struct BenchReport {
     pub parameters: usize,
     /// Free-form details (shapes, depth).
     pub details: String,
+    /// Arithmetic rate at the median, 10^12 floating-point operations per second, where the
+    /// benchmark counts its operations (`ops`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tflop_s: Option<f64>,
+    /// Memory rate at the median, 10^9 bytes per second, where the benchmark counts the bytes it
+    /// must move (`ops`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gb_s: Option<f64>,
 }
 
 /// A var builder backend that makes every weight on demand: normal(0, 0.02) for matrices and
@@ -162,11 +172,21 @@ pub fn time_steps(
         iters: times.len(),
         parameters,
         details,
+        tflop_s: None,
+        gb_s: None,
     })
 }
 
 /// The benchmarks `tt-scale bench --model` can run.
-pub const MODELS: &[&str] = &["sd15", "flux", "pixart-sigma", "sdxl", "qwen", "search"];
+pub const MODELS: &[&str] = &[
+    "sd15",
+    "flux",
+    "pixart-sigma",
+    "sdxl",
+    "qwen",
+    "search",
+    "ops",
+];
 
 /// Runs the step benchmark of `model` (one of [`MODELS`]).
 pub fn run_model(model: &str, opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError> {
@@ -177,6 +197,7 @@ pub fn run_model(model: &str, opts: &BenchOptions) -> Result<Vec<BenchReport>, P
         "pixart-sigma" => crate::pipelines::pixart::bench_transformer_step(opts),
         "qwen" => crate::verifiers::qwen_bench::bench_score_image(opts),
         "search" => search::bench_search(opts),
+        "ops" => ops::bench_ops(opts),
         other => Err(PipelineError::InvalidArgument(format!(
             "no benchmark named {other}; choose one of: {}",
             MODELS.join(", ")

@@ -117,6 +117,8 @@ fn report(name: &str, ms: f64, parameters: usize, details: String) -> BenchRepor
         iters: 1,
         parameters,
         details,
+        tflop_s: None,
+        gb_s: None,
     }
 }
 

@@ -1,0 +1,320 @@
+//! `tt-scale bench --model ops`: the denoisers' hot operations one at a time, at the shapes the
+//! real models run them for the image size and batch asked, each as the fused kernel (every
+//! attention block tile, see [`AttentionTile`]) and as the candle composition the models fall
+//! back to, with the arithmetic rate (TFLOP/s) or memory rate (GB/s) of each. It shows where a
+//! denoiser step's time goes and what each kernel buys; a step benchmark only gives the sum.
+//!
+//! On the CPU only the compositions run: the fused ops' CPU implementations are references, not
+//! what the models use there.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{time_steps, BenchOptions, BenchReport};
+use crate::ops::{self, fused, AttentionTile};
+use crate::pipelines::PipelineError;
+
+/// Flux.1-dev's text tokens (T5 sequence length).
+const FLUX_TEXT_TOKENS: usize = 512;
+
+/// One attention of a model: batch rows (classifier-free guidance counted), heads, tokens, head
+/// size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Which model's attention (`flux`, `sdxl`, `pixart-sigma`, `sd15`).
+    pub model: &'static str,
+    /// Batch rows.
+    pub batch: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Query and key tokens (self-attention).
+    pub tokens: usize,
+    /// Head size.
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    /// Floating-point operations of one attention: two products of 2·L·L·D each per head.
+    pub fn flops(&self) -> f64 {
+        4.0 * (self.batch * self.heads) as f64
+            * self.tokens as f64
+            * self.tokens as f64
+            * self.head_dim as f64
+    }
+}
+
+/// The largest self-attention of each model for `height` x `width` images and `batch` images
+/// (doubled where the model runs guidance as a batch): Flux's joint image+text attention, the
+/// first attention level of the SDXL and SD 1.5 UNets, PixArt-Sigma's self-attention. SD 1.5 is
+/// taken at half the size (its native 512x512 for 1024x1024), as the step benchmarks run it.
+pub fn attention_shapes(height: usize, width: usize, batch: usize) -> Vec<AttentionShape> {
+    let b = batch.max(1);
+    let tokens16 = (height / 16) * (width / 16);
+    vec![
+        AttentionShape {
+            model: "flux",
+            batch: b,
+            heads: 24,
+            tokens: tokens16 + FLUX_TEXT_TOKENS,
+            head_dim: 128,
+        },
+        AttentionShape {
+            model: "sdxl",
+            batch: 2 * b,
+            heads: 10,
+            tokens: tokens16,
+            head_dim: 64,
+        },
+        AttentionShape {
+            model: "pixart-sigma",
+            batch: 2 * b,
+            heads: 16,
+            tokens: tokens16,
+            head_dim: 72,
+        },
+        AttentionShape {
+            model: "sd15",
+            batch: 2 * b,
+            heads: 8,
+            tokens: tokens16,
+            head_dim: 40,
+        },
+    ]
+}
+
+/// One of Flux's linear layers over all of a single block's tokens: `inputs` → `outputs`, with
+/// GELU fused where the block applies it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinearShape {
+    /// Which layer (`qkv`, `mlp-in+gelu`, `out`).
+    pub name: &'static str,
+    /// Rows of the product (batch x tokens).
+    pub rows: usize,
+    /// Input features.
+    pub inputs: usize,
+    /// Output features.
+    pub outputs: usize,
+    /// GELU (tanh) after the bias.
+    pub gelu: bool,
+}
+
+impl LinearShape {
+    /// Floating-point operations: 2·rows·inputs·outputs.
+    pub fn flops(&self) -> f64 {
+        2.0 * self.rows as f64 * self.inputs as f64 * self.outputs as f64
+    }
+}
+
+/// The linear layers of a Flux single block (hidden 3072, MLP 12288) for `tokens` tokens of
+/// `batch` images: the q/k/v projection, the MLP input with GELU (one `linear1` split in two
+/// products), and `linear2` over attention output and MLP together.
+pub fn flux_linear_shapes(tokens: usize, batch: usize) -> Vec<LinearShape> {
+    let rows = tokens * batch.max(1);
+    vec![
+        LinearShape {
+            name: "qkv",
+            rows,
+            inputs: 3072,
+            outputs: 3 * 3072,
+            gelu: false,
+        },
+        LinearShape {
+            name: "mlp-in+gelu",
+            rows,
+            inputs: 3072,
+            outputs: 12288,
+            gelu: true,
+        },
+        LinearShape {
+            name: "out",
+            rows,
+            inputs: 3072 + 12288,
+            outputs: 3072,
+            gelu: false,
+        },
+    ]
+}
+
+/// Times the operations (see the module documentation). Height and width must be positive
+/// multiples of 16.
+pub fn bench_ops(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError> {
+    if opts.height % 16 != 0 || opts.width % 16 != 0 || opts.height == 0 || opts.width == 0 {
+        return Err(PipelineError::InvalidArgument(format!(
+            "bench height/width {}x{} must be positive multiples of 16 for the ops benchmark",
+            opts.height, opts.width
+        )));
+    }
+    let dev = &opts.device;
+    let dtype = opts.dtype;
+    let cuda = dev.is_cuda();
+    let b = opts.batch.max(1);
+    let mut reports = Vec::new();
+
+    for shape in attention_shapes(opts.height, opts.width, b) {
+        let (q, k, v) = attention_inputs(&shape, dtype, dev)?;
+        let scale = 1.0 / (shape.head_dim as f64).sqrt();
+        let details = format!(
+            "{} rows x {} heads, {} tokens, head size {}, {dtype:?}",
+            shape.batch, shape.heads, shape.tokens, shape.head_dim
+        );
+        let fused_ok = cuda && ops::attention_fused_ok(&q, &k, &v);
+        for tile in AttentionTile::ALL
+            .into_iter()
+            .filter(|t| fused_ok && t.supports(shape.head_dim))
+        {
+            let name = format!("attention {} {}", shape.model, tile.name());
+            let r = ops::with_attention_tile(tile, || {
+                time_steps(&name, opts, 0, details.clone(), || {
+                    fused::attention(&q, &k, &v, scale, None).map(drop)
+                })
+            })?;
+            reports.push(with_rate(r, Some(shape.flops()), None));
+        }
+        let name = format!("attention {} candle", shape.model);
+        let r = time_steps(&name, opts, 0, details.clone(), || {
+            attention_composition(&q, &k, &v, scale).map(drop)
+        })?;
+        reports.push(with_rate(r, Some(shape.flops()), None));
+    }
+
+    let flux_tokens = (opts.height / 16) * (opts.width / 16) + FLUX_TEXT_TOKENS;
+    for shape in flux_linear_shapes(flux_tokens, b) {
+        let x = randn(&[b, flux_tokens, shape.inputs], dtype, dev)?;
+        let w = (randn(&[shape.outputs, shape.inputs], dtype, dev)? * 0.02)?;
+        let bias = randn(&[shape.outputs], dtype, dev)?;
+        let layer = ops::Linear::new(candle_nn::Linear::new(w, Some(bias)));
+        let details = format!(
+            "{} rows, {} -> {}{}, {dtype:?}",
+            shape.rows,
+            shape.inputs,
+            shape.outputs,
+            if shape.gelu { ", GELU" } else { "" }
+        );
+        let run = |layer: &ops::Linear| -> candle_core::Result<()> {
+            if shape.gelu {
+                layer.forward_gelu(&x).map(drop)
+            } else {
+                candle_core::Module::forward(layer, &x).map(drop)
+            }
+        };
+        for fused_path in [true, false].into_iter().filter(|&f| cuda || !f) {
+            let what = if fused_path { "cublaslt" } else { "candle" };
+            let name = format!("linear flux {} {what}", shape.name);
+            let r = ops::with_fused(fused_path, || {
+                time_steps(&name, opts, 0, details.clone(), || run(&layer))
+            })?;
+            reports.push(with_rate(r, Some(shape.flops()), None));
+        }
+    }
+
+    // Flux's adaLN: layer norm of a block's tokens with shift and scale.
+    let x = randn(&[b, flux_tokens, 3072], dtype, dev)?;
+    let shift = (randn(&[b, 1, 3072], dtype, dev)? * 0.1)?;
+    let scale = (randn(&[b, 1, 3072], dtype, dev)? * 0.1)?;
+    let ones = Tensor::ones(3072, dtype, dev)?;
+    let zeros = Tensor::zeros(3072, dtype, dev)?;
+    let bytes = 2.0 * (x.elem_count() * dtype.size_in_bytes()) as f64; // read x, write out
+    let details = format!("{b} x {flux_tokens} x 3072, {dtype:?}");
+    if cuda && ops::fused_on(&x) {
+        let r = time_steps(
+            "layer_norm_modulate flux fused",
+            opts,
+            0,
+            details.clone(),
+            || {
+                fused::layer_norm_modulate(&x, None, None, Some(&shift), Some(&scale), 1e-6)
+                    .map(drop)
+            },
+        )?;
+        reports.push(with_rate(r, None, Some(bytes)));
+    }
+    let r = time_steps("layer_norm_modulate flux candle", opts, 0, details, || {
+        let n = candle_nn::ops::layer_norm(&x, &ones, &zeros, 1e-6)?;
+        n.broadcast_mul(&(&scale + 1.0)?)?
+            .broadcast_add(&shift)
+            .map(drop)
+    })?;
+    reports.push(with_rate(r, None, Some(bytes)));
+
+    // The UNets' GroupNorm + SiLU at SDXL's largest resolution (320 channels, 32 groups).
+    let (gh, gw) = (opts.height / 8, opts.width / 8);
+    let x = randn(&[2 * b, 320, gh, gw], dtype, dev)?;
+    let (vb, _) = super::RandomWeights::var_builder(dtype, dev);
+    let gn = ops::group_norm(32, 320, 1e-5, vb.pp("norm"))?;
+    let bytes = 2.0 * (x.elem_count() * dtype.size_in_bytes()) as f64;
+    let details = format!("{} x 320 x {gh} x {gw}, 32 groups, {dtype:?}", 2 * b);
+    for fused_path in [true, false].into_iter().filter(|&f| cuda || !f) {
+        let what = if fused_path { "fused" } else { "candle" };
+        let name = format!("group_norm+silu sdxl {what}");
+        let r = ops::with_fused(fused_path, || {
+            time_steps(&name, opts, 0, details.clone(), || {
+                gn.forward_silu(&x).map(drop)
+            })
+        })?;
+        reports.push(with_rate(r, None, Some(bytes)));
+    }
+    Ok(reports)
+}
+
+/// q, k, v as the models hand them to attention: views (B, H, L, D) of token-major (B, L, H, D)
+/// projections (Flux: of one (3, B, L, H, D) tensor).
+fn attention_inputs(
+    s: &AttentionShape,
+    dtype: DType,
+    dev: &Device,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let qkv = randn(&[3, s.batch, s.tokens, s.heads, s.head_dim], dtype, dev)?;
+    let get = |i: usize| qkv.get(i)?.transpose(1, 2);
+    Ok((get(0)?, get(1)?, get(2)?))
+}
+
+/// The unfused attention the models run without the kernel: scaled scores, softmax, product.
+fn attention_composition(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let q = (q * scale)?.contiguous()?;
+    let k = k.contiguous()?;
+    let v = v.contiguous()?;
+    let w = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+    w.matmul(&v)
+}
+
+fn randn(shape: &[usize], dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dtype)
+}
+
+/// Adds the rates of `flops` floating-point operations or `bytes` moved per step.
+fn with_rate(mut r: BenchReport, flops: Option<f64>, bytes: Option<f64>) -> BenchReport {
+    let secs = r.median_ms * 1e-3;
+    if secs > 0.0 {
+        r.tflop_s = flops.map(|f| f / secs / 1e12);
+        r.gb_s = bytes.map(|b| b / secs / 1e9);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_follow_the_models_at_1024() {
+        let a = attention_shapes(1024, 1024, 1);
+        assert_eq!(a[0].tokens, 4096 + 512);
+        // Flux at 1024x1024: 24 heads x 4608^2 x 128 x 4 = 261 GFLOP per attention, 57 of
+        // them a step (the 14.9 TFLOP of issue 7).
+        assert!(
+            (a[0].flops() * 57.0 / 1e12 - 14.9).abs() < 0.1,
+            "{}",
+            a[0].flops()
+        );
+        assert_eq!((a[1].batch, a[1].heads, a[1].tokens), (2, 10, 4096));
+        assert_eq!(a[3].tokens, 64 * 64);
+        let l = flux_linear_shapes(4608, 2);
+        assert_eq!(l[0].rows, 9216);
+        assert_eq!(l[2].inputs, 15360);
+        assert_eq!(l[1].flops(), 2.0 * 9216.0 * 3072.0 * 12288.0);
+    }
+}
