@@ -1,14 +1,18 @@
 //! Compiles the project's CUDA kernels (`kernels/*.cu`) to PTX with nvcc when the `cuda` feature
 //! is on: one PTX per kernel file for compute capability 8.0 (Ampere, also JIT-compiled by newer
-//! drivers) and one for 9.0 (Hopper). `src/ops/cuda.rs` embeds them and picks one at run time.
+//! drivers) and one for 9.0 (Hopper), and for attention one for 9.0a (Hopper's wgmma).
+//! `src/ops/cuda.rs` embeds them and picks one at run time.
 //! nvcc comes from `$NVCC`, else `$CUDA_HOME/bin/nvcc` when that exists, else `PATH`
 //! (`../shared/gpu/setup-cuda-toolchain.sh` sets a CUDA 13.0 toolchain up without a GPU).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const KERNELS: [&str; 2] = ["attention", "norm"];
-const ARCHS: [&str; 2] = ["80", "90"];
+/// Each kernel file and the virtual architectures it is compiled for: 8.0 and 9.0, and for
+/// attention also 9.0a (Hopper's arch-specific features, wgmma: runs on compute capability 9.0
+/// exactly).
+const KERNELS: [(&str, &[&str]); 2] =
+    [("attention", &["80", "90", "90a"]), ("norm", &["80", "90"])];
 
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
@@ -19,9 +23,9 @@ fn main() {
     }
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = nvcc();
-    for kernel in KERNELS {
+    for (kernel, archs) in KERNELS {
         let source = Path::new("kernels").join(format!("{kernel}.cu"));
-        for arch in ARCHS {
+        for &arch in archs {
             let ptx = out_dir.join(format!("{kernel}_sm{arch}.ptx"));
             let output = Command::new(&nvcc)
                 .args(["--ptx", "-O3", "-std=c++17"])

@@ -120,9 +120,10 @@ main() {
   for bin in "$W"/bin/*; do
     t=$(basename "$bin")
     [ "$t" = tt-scale ] && continue
-    # tests/gpu.rs prints the differences it measured (--nocapture); the others only on failure.
+    # tests/gpu.rs and gpu_kernels.rs print what they measured (--nocapture: differences, whether
+    # the wgmma attention tile is bit-identical); the others print only on failure.
     extra=()
-    [ "$t" = gpu ] && extra=(--nocapture)
+    [ "$t" = gpu ] || [ "$t" = gpu_kernels ] && extra=(--nocapture)
     step 200 300 "$bin" --test-threads=4 "${extra[@]}" >"$W/test-$t.log" 2>&1 &
     pids+=($!)
     names+=("$t")

@@ -317,3 +317,222 @@ __device__ __forceinline__ void tt_attention_impl(
 
 TT_ATTENTION_ALL(bf16, tt_bf16)
 TT_ATTENTION_ALL(f16, tt_f16)
+
+#ifdef TT_HAVE_WGMMA
+// ---------------------------------------------------------------------------------------------
+// The wg2 tile (Hopper, sm_90a): 2 warpgroups of 64 query rows (128 rows, 256 threads), both
+// products on wgmma. Each warp still owns 16 rows with the same fragments as w8r16 (Q from
+// registers as the A operand, the score accumulators as mma's), so the softmax is the same code;
+// the tensor cores read K and V straight from shared memory through descriptors, no ldmatrix.
+// K and V tiles are stored as 8x8 core matrices (8 rows of 16 bytes, 128 contiguous bytes): the
+// 16-byte chunk c of row r at byte ((r / 8)·CH + c)·128 + (r % 8)·16, CH = D / 8, which reads as
+// K-major for K (keys as N) and MN-major for V (head dims as N). Head sizes 64 and 128.
+
+template <typename T, int D>
+struct TtAttnWgTile {
+  static constexpr int CH = D / 8;  // 16-byte chunks of a row
+  static constexpr int BM = 128;
+  static constexpr int THREADS = 256;
+  static constexpr int SMEM_BYTES = 2 * TT_ATT_BN * D * static_cast<int>(sizeof(T));
+};
+
+template <typename T, int D>
+__device__ __forceinline__ void tt_attention_wg_impl(
+    const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, T *__restrict__ out,
+    const int *__restrict__ key_lens, int heads, int lq, int lk, long long q_sb, long long q_sh,
+    long long q_sl, long long k_sb, long long k_sh, long long k_sl, long long v_sb,
+    long long v_sh, long long v_sl, float scale_log2) {
+  static_assert(D % 16 == 0 && D <= 256, "wgmma attention takes head sizes that are multiples of 16");
+  using Tile = TtAttnWgTile<T, D>;
+  constexpr int CH = Tile::CH;
+  constexpr int KT = D / 16;
+  constexpr int NT = D / 8;
+  constexpr int ST = TT_ATT_BN / 8;
+  TT_DYNAMIC_SMEM(smem);
+  if (tt_dynamic_smem_bytes() < static_cast<unsigned>(Tile::SMEM_BYTES)) __trap();  // launcher bug
+  T *ks = reinterpret_cast<T *>(smem);
+  T *vs = ks + TT_ATT_BN * D;
+
+  const int b = blockIdx.z;
+  const int h = blockIdx.y;
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  int kv_len = lk;
+  if (key_lens != nullptr) {
+    kv_len = key_lens[b];
+    if (kv_len > lk) kv_len = lk;
+    if (kv_len < 0) kv_len = 0;
+  }
+  const T *qp = q + b * q_sb + h * q_sh;
+  const T *kp = k + b * k_sb + h * k_sh;
+  const T *vp = v + b * v_sb + h * v_sh;
+  const int r0 = blockIdx.x * Tile::BM + warp * 16 + g;  // this thread's rows: r0 and r0 + 8
+  const T zero = tt_from_float<T>(0.0f);
+
+  // 64 rows from `first` (zeros from `limit` on) as core matrices; consecutive threads take
+  // consecutive rows of a core matrix, so each 8 of them fill 128 contiguous bytes.
+  auto load_tile = [&](T *buf, const T *base, long long sl, int first, int limit) {
+    for (int i = tid; i < TT_ATT_BN * CH; i += Tile::THREADS) {
+      const int r8 = i & 7;
+      const int c = (i >> 3) % CH;
+      const int rb = (i >> 3) / CH;
+      const int r = first + rb * 8 + r8;
+      const bool valid = r < limit;
+      tt_cp_async16(&buf[(rb * CH + c) * 64 + r8 * 8], valid ? base + r * sl + c * 8 : base, valid);
+    }
+  };
+
+  uint32_t qf[KT][4];
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = r0 + ((r & 1) ? 8 : 0);
+      const int col = kk * 16 + 2 * t + ((r & 2) ? 8 : 0);
+      T lo = zero, hi = zero;
+      if (row < lq) {
+        lo = qp[row * q_sl + col];
+        hi = qp[row * q_sl + col + 1];
+      }
+      qf[kk][r] = tt_pack2_raw<T>(lo, hi);
+    }
+  }
+
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.0f, 0.0f};
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+
+  const int tiles = (kv_len + TT_ATT_BN - 1) / TT_ATT_BN;
+  if (tiles > 0) {
+    load_tile(ks, kp, k_sl, 0, kv_len);
+    tt_cp_async_commit();
+  }
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int kb = tile * TT_ATT_BN;
+    load_tile(vs, vp, v_sl, kb, kv_len);
+    tt_cp_async_commit();
+    tt_cp_async_wait<1>();   // K(tile) has landed
+    tt_fence_proxy_async();  // ... and is visible to the tensor cores' (async) reads
+    __syncthreads();
+
+    // S = Q·Kᵀ for the warpgroup's 64 rows and the tile's 64 keys: K-major B, one k-step of 16
+    // head dims per product (chunks 2kk and 2kk + 1 of each key).
+    float s[ST][4];
+#pragma unroll
+    for (int j = 0; j < ST; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+    tt_wgmma_fence_regs(&s[0][0], 4 * ST);
+    tt_wgmma_fence_regs(&qf[0][0], 4 * KT);
+    tt_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk)
+      tt_wgmma_rs<T, TT_ATT_BN, 0>(&s[0][0], qf[kk],
+                                   tt_wgmma_desc(ks + 2 * kk * 64, 128, CH * 128));
+    tt_wgmma_commit();
+    tt_wgmma_wait<0>();
+    tt_wgmma_fence_regs(&s[0][0], 4 * ST);
+
+#pragma unroll
+    for (int j = 0; j < ST; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = kb + j * 8 + 2 * t + (e & 1);
+        s[j][e] = key < kv_len ? s[j][e] * scale_log2 : -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < ST; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * rr], s[j][2 * rr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(TT_FULL_MASK, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(TT_FULL_MASK, mx, 2));
+      const float new_max = fmaxf(row_max[rr], mx);
+      const float alpha = exp2f(row_max[rr] - new_max);
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < ST; ++j) {
+        s[j][2 * rr] = exp2f(s[j][2 * rr] - new_max);
+        s[j][2 * rr + 1] = exp2f(s[j][2 * rr + 1] - new_max);
+        sum += s[j][2 * rr] + s[j][2 * rr + 1];
+      }
+      row_sum[rr] = row_sum[rr] * alpha + sum;
+      row_max[rr] = new_max;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        acc[n][2 * rr] *= alpha;
+        acc[n][2 * rr + 1] *= alpha;
+      }
+    }
+
+    __syncthreads();  // both warpgroups are done with K(tile) (their products have completed)
+    if (tile + 1 < tiles) {
+      load_tile(ks, kp, k_sl, kb + TT_ATT_BN, kv_len);
+      tt_cp_async_commit();
+      tt_cp_async_wait<1>();  // V(tile) has landed
+    } else {
+      tt_cp_async_wait<0>();
+    }
+    tt_fence_proxy_async();
+    __syncthreads();
+
+    // acc += P·V: the probabilities as A fragments, V as an MN-major B (head dims as N), one
+    // k-step of 16 keys (core-matrix rows 2kk and 2kk + 1) per product.
+    uint32_t pf[TT_ATT_BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < TT_ATT_BN / 16; ++kk) {
+      pf[kk][0] = tt_pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+      pf[kk][1] = tt_pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+      pf[kk][2] = tt_pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pf[kk][3] = tt_pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+    tt_wgmma_fence_regs(&acc[0][0], 4 * NT);
+    tt_wgmma_fence_regs(&pf[0][0], 4 * (TT_ATT_BN / 16));
+    tt_wgmma_fence();  // acc was rescaled and pf written since the last product
+#pragma unroll
+    for (int kk = 0; kk < TT_ATT_BN / 16; ++kk)
+      tt_wgmma_rs<T, D, 1>(&acc[0][0], pf[kk], tt_wgmma_desc(vs + 2 * kk * CH * 64, CH * 128, 128));
+    tt_wgmma_commit();
+    tt_wgmma_wait<0>();
+    tt_wgmma_fence_regs(&acc[0][0], 4 * NT);
+    __syncthreads();  // both warpgroups are done with V(tile) before the next tile overwrites it
+  }
+
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float l = row_sum[rr];
+    l += __shfl_xor_sync(TT_FULL_MASK, l, 1);
+    l += __shfl_xor_sync(TT_FULL_MASK, l, 2);
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const int row = r0 + 8 * rr;
+    if (row < lq) {
+      T *op = out + ((static_cast<long long>(b) * lq + row) * heads + h) * D;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const int col = n * 8 + 2 * t;
+        op[col] = tt_from_float<T>(acc[n][2 * rr] * inv);
+        op[col + 1] = tt_from_float<T>(acc[n][2 * rr + 1] * inv);
+      }
+    }
+  }
+}
+
+// tt_attention_<dtype>_d<D>_wg2
+#define TT_ATTENTION_WG(TN, T, D)                                                                \
+  extern "C" __global__ void __launch_bounds__(256) tt_attention_##TN##_d##D##_wg2(              \
+      const T *q, const T *k, const T *v, T *out, const int *key_lens, int heads, int lq,        \
+      int lk, long long q_sb, long long q_sh, long long q_sl, long long k_sb, long long k_sh,    \
+      long long k_sl, long long v_sb, long long v_sh, long long v_sl, float scale_log2) {        \
+    tt_attention_wg_impl<T, D>(q, k, v, out, key_lens, heads, lq, lk, q_sb, q_sh, q_sl, k_sb,    \
+                               k_sh, k_sl, v_sb, v_sh, v_sl, scale_log2);                        \
+  }
+
+TT_ATTENTION_WG(bf16, tt_bf16, 64)
+TT_ATTENTION_WG(bf16, tt_bf16, 128)
+TT_ATTENTION_WG(f16, tt_f16, 64)
+TT_ATTENTION_WG(f16, tt_f16, 128)
+#endif  // TT_HAVE_WGMMA

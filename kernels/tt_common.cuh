@@ -197,3 +197,192 @@ __device__ __forceinline__ void tt_mma_16816<tt_f16>(float d[4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 #endif
+
+// ---------------------------------------------------------------------------------------------
+// Hopper warpgroup MMA (sm_90a; TT_HAVE_WGMMA is defined where it exists, the emulator included).
+// A warpgroup is 4 consecutive warps (128 threads) starting at a multiple of 128.
+//
+// tt_wgmma_rs<T, N, TRANS_B>(d, a, desc): D (64 x N, float32) += A (64 x 16) · B (16 x N), A from
+// registers (thread of warp w, g = lane / 4, t = lane % 4: the mma.m16n8k16 A fragment of rows
+// 16w + g and 16w + g + 8), B from shared memory through `desc` (tt_wgmma_desc), K-major
+// (TRANS_B 0: element (k, n) at (n % 8)·16 + (n / 8)·SBO + (k % 8)·2 + (k / 8)·LBO bytes) or
+// MN-major (TRANS_B 1: (n % 8)·2 + (n / 8)·SBO + (k % 8)·16 + (k / 8)·LBO), no swizzling.
+// d[4j + e] = D[16w + g + 8·(e / 2)][8j + 2t + e % 2] (the mma.m16n8 accumulator, n-tile j).
+// Asynchronous: tt_wgmma_fence() before the first product that reads registers written since
+// the last one, tt_wgmma_commit() after the products, tt_wgmma_wait<0>() before d is read; shared
+// memory written by ordinary stores or cp.async needs tt_fence_proxy_async() by the writers,
+// then a barrier, before a product reads it.
+#if defined(TT_CUDA_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define TT_HAVE_WGMMA 1
+
+template <typename T, int N, int TRANS_B>
+__device__ __forceinline__ void tt_wgmma_rs(float *d, const uint32_t a[4], uint64_t desc);
+
+// The descriptor of a no-swizzle operand starting at `smem` with leading / stride byte offsets.
+__device__ __forceinline__ uint64_t tt_wgmma_desc(const void *smem, uint32_t lbo, uint32_t sbo);
+
+#ifdef TT_CUDA_EMU
+template <typename T, int N, int TRANS_B>
+__device__ __forceinline__ void tt_wgmma_rs(float *d, const uint32_t a[4], uint64_t desc) {
+  tt_emu_wgmma(d, N, a, desc, std::is_same_v<T, tt_bf16>, TRANS_B != 0);
+}
+__device__ __forceinline__ uint64_t tt_wgmma_desc(const void *smem, uint32_t lbo, uint32_t sbo) {
+  auto e = [](uint32_t x) { return static_cast<uint64_t>((x & 0x3FFFF) >> 4); };
+  return e(tt_emu_smem_addr(smem)) | e(lbo) << 16 | e(sbo) << 32;
+}
+__device__ __forceinline__ void tt_wgmma_fence() {}
+__device__ __forceinline__ void tt_wgmma_commit() {}
+template <int N> __device__ __forceinline__ void tt_wgmma_wait() {}
+__device__ __forceinline__ void tt_fence_proxy_async() {}
+#else
+__device__ __forceinline__ uint64_t tt_wgmma_desc(const void *smem, uint32_t lbo, uint32_t sbo) {
+  auto e = [](uint32_t x) { return static_cast<uint64_t>((x & 0x3FFFF) >> 4); };
+  return e(static_cast<uint32_t>(__cvta_generic_to_shared(smem))) | e(lbo) << 16 | e(sbo) << 32;
+}
+__device__ __forceinline__ void tt_wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void tt_wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void tt_wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void tt_fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+template <>
+__device__ __forceinline__ void tt_wgmma_rs<tt_bf16, 64, 0>(float *d, const uint32_t a[4],
+                                                          uint64_t desc) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+        "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+
+template <>
+__device__ __forceinline__ void tt_wgmma_rs<tt_bf16, 64, 1>(float *d, const uint32_t a[4],
+                                                          uint64_t desc) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+        "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+
+template <>
+__device__ __forceinline__ void tt_wgmma_rs<tt_bf16, 128, 1>(float *d, const uint32_t a[4],
+                                                          uint64_t desc) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+        "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),
+        "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+        "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),
+        "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+
+template <>
+__device__ __forceinline__ void tt_wgmma_rs<tt_f16, 64, 0>(float *d, const uint32_t a[4],
+                                                          uint64_t desc) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+        "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+
+template <>
+__device__ __forceinline__ void tt_wgmma_rs<tt_f16, 64, 1>(float *d, const uint32_t a[4],
+                                                          uint64_t desc) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+        "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+
+template <>
+__device__ __forceinline__ void tt_wgmma_rs<tt_f16, 128, 1>(float *d, const uint32_t a[4],
+                                                          uint64_t desc) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+        "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),
+        "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+        "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),
+        "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+#endif  // TT_CUDA_EMU
+
+// Pins register values in program order against the asm statements around them: after
+// tt_wgmma_wait, so that the accumulators are not read before the products complete; before
+// tt_wgmma_fence, so that the accumulators and A fragments are written before the fence (the
+// asm statements above only tie the registers to the issue of a product).
+__device__ __forceinline__ void tt_wgmma_fence_regs(float *d, int n) {
+#ifndef TT_CUDA_EMU
+  for (int i = 0; i < n; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#else
+  (void)d;
+  (void)n;
+#endif
+}
+__device__ __forceinline__ void tt_wgmma_fence_regs(uint32_t *r, int n) {
+#ifndef TT_CUDA_EMU
+  for (int i = 0; i < n; ++i) asm volatile("" : "+r"(r[i])::"memory");
+#else
+  (void)r;
+  (void)n;
+#endif
+}
+#endif  // wgmma

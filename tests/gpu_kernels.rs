@@ -54,9 +54,10 @@ fn fused_attention_matches_the_cpu_for_every_head_size_dtype_layout_and_mask() {
                     let qg = on(&q, &dev);
                     assert!(ops::attention_fused_ok(&qg, &kg, &vg));
                     // Every block tile the kernel has for d: within the bound of the CPU, and
-                    // bit-identical to each other (each row takes the same operations).
+                    // the mma.sync tiles bit-identical to each other (each row takes the same
+                    // operations); wg2 (wgmma, Hopper) says whether it is too.
                     let mut first: Option<(AttentionTile, Vec<f32>)> = None;
-                    for tile in AttentionTile::ALL.into_iter().filter(|t| t.supports(d)) {
+                    for tile in AttentionTile::ALL.into_iter().filter(|t| t.runs_on(&qg)) {
                         let ours = ops::with_attention_tile(tile, || {
                             fused::attention(&qg, &kg, &vg, scale, lens.as_deref()).unwrap()
                         });
@@ -75,14 +76,27 @@ fn fused_attention_matches_the_cpu_for_every_head_size_dtype_layout_and_mask() {
                             .unwrap();
                         match &first {
                             None => first = Some((tile, bits)),
-                            Some((t0, b0)) => assert!(
-                                b0.iter()
+                            Some((t0, b0)) => {
+                                let same = b0
+                                    .iter()
                                     .zip(&bits)
-                                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                                "attention {} and {} differ: {dtype:?} d={d} lq={lq} lk={lk}",
-                                t0.name(),
-                                tile.name()
-                            ),
+                                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                                if tile == AttentionTile::Wg2 {
+                                    println!(
+                                        "attention wg2 on cuda {dtype:?} d={d} lq={lq} lk={lk}: \
+                                         error {err:.2e}, bit-identical to {}: {same}",
+                                        t0.name()
+                                    );
+                                } else {
+                                    assert!(
+                                        same,
+                                        "attention {} and {} differ: {dtype:?} d={d} lq={lq} \
+                                         lk={lk}",
+                                        t0.name(),
+                                        tile.name()
+                                    );
+                                }
+                            }
                         }
                     }
                 }

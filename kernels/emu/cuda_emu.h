@@ -22,6 +22,12 @@
 //     drops out of the barrier, like arrive_and_drop).
 //   * cp.async copies land either at their wait (lazy) or at issue (eager), alternating every
 //     four blocks: the two extremes of what the hardware may do (see tt_emu_cp_async16).
+//   * wgmma.mma_async (m64nNk16, A from registers, B from shared memory through a descriptor
+//     without swizzling) is a collective of the 4 warps of a warpgroup, computed at issue: the
+//     fence / commit / wait instructions around it have nothing left to order. B is read through
+//     the descriptor's start address, leading and stride byte offsets exactly as the PTX ISA
+//     defines the canonical K-major and MN-major layouts, from the launch's dynamic shared memory
+//     (shared-window addresses are offsets into it), and a read outside it is reported.
 //   * Warp collectives (__shfl_xor_sync, the m16n8k16 tensor-core product, ldmatrix) are one
 //     warp barrier each: lanes publish their operands to a per-warp exchange area, wait for the
 //     32 lanes, then read what they need. Two exchange areas are used alternately, so a lane that
@@ -214,6 +220,7 @@ struct Fiber {
   const unsigned *wait_gen = nullptr;  // blocked while *wait_gen == wait_val
   unsigned wait_val = 0;
   unsigned phase = 0;  // which of the two warp exchange areas the next collective uses
+  unsigned wg_phase = 0;  // the same for warpgroup collectives (wgmma)
   bool done = true;
   char *stack = nullptr;  // kStackBytes, the lowest page a guard page
 #ifdef TT_EMU_UCONTEXT
@@ -232,9 +239,21 @@ struct Warp {
   const void *rows[2][32];  // ldmatrix: the row address each lane gives
 };
 
+// Four consecutive warps (128 threads from a multiple of 128): the unit of wgmma. Its exchange
+// areas hold each thread's operands, alternately, as the warps' do.
+struct WarpGroup {
+  int count = 0;
+  int expected = 128;
+  unsigned gen = 0;
+  uint32_t a[2][128][4];  // the A fragments of the 128 threads
+  uint64_t desc[2][128];  // the B descriptors (must agree)
+  int shape[2][128];      // N | bf16 << 16 | trans-b << 17 (must agree)
+};
+
 struct State {
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
+  std::vector<WarpGroup> groups;
   Fiber main;
   int nthreads = 0;
   int cur = -1;  // running fiber, -1 outside a launch
@@ -368,6 +387,17 @@ inline void warp_barrier(Warp &w) {
   wait_while(&w.gen, gen);
 }
 
+inline void group_barrier(WarpGroup &w) {
+  ++g.warp_barriers;
+  const unsigned gen = w.gen;
+  if (++w.count == w.expected) {
+    w.count = 0;
+    ++w.gen;
+    return;
+  }
+  wait_while(&w.gen, gen);
+}
+
 inline unsigned next_phase() {
   Fiber &f = g.fibers[g.cur];
   const unsigned p = f.phase;
@@ -384,6 +414,9 @@ inline unsigned next_phase() {
   Warp &w = s.warps[s.cur >> 5];
   --w.expected;
   if (w.count > 0) fatal("a lane exited while other lanes of its warp wait in a collective");
+  WarpGroup &wg = s.groups[s.cur >> 7];
+  --wg.expected;
+  if (wg.count > 0) fatal("a thread exited while its warpgroup waits in a wgmma");
   --s.blk_expected;
   if (s.blk_count > 0 && s.blk_count >= s.blk_expected) {  // the others need not wait for it
     s.blk_count = 0;
@@ -455,6 +488,7 @@ inline void launch(dim3 grid, dim3 block, void (*invoke)(const void *), const vo
     s.fibers.reserve(kMaxThreads);  // never reallocated while fibers run
     s.fibers.resize(n);
     s.warps.resize(kMaxThreads / 32);
+    s.groups.resize(kMaxThreads / 128);
   }
   for (int i = 0; i < n; ++i)
     if (s.fibers[i].stack == nullptr) s.fibers[i].stack = new_stack();
@@ -476,6 +510,10 @@ inline void launch(dim3 grid, dim3 block, void (*invoke)(const void *), const vo
         for (int w = 0; w < n / 32; ++w) {
           s.warps[w].count = 0;
           s.warps[w].expected = 32;
+        }
+        for (int w = 0; w < (n + 127) / 128; ++w) {
+          s.groups[w].count = 0;
+          s.groups[w].expected = n - 128 * w < 128 ? n - 128 * w : 128;
         }
         s.blk_count = 0;
         s.blk_expected = n;
@@ -679,4 +717,72 @@ inline void tt_emu_cp_async_wait(unsigned n) {
     }
   }
   f.copies.resize(kept);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hopper warpgroup MMA.
+
+// The shared-window address of a pointer into the dynamic shared memory (its offset there).
+inline uint32_t tt_emu_smem_addr(const void *p) {
+  const tt_emu::State &s = tt_emu::g;
+  const unsigned char *c = static_cast<const unsigned char *>(p);
+  if (s.dyn == nullptr || c < s.dyn || c >= s.dyn + s.dyn_bytes)
+    tt_emu::fatal("shared-memory address of a pointer outside the dynamic shared memory");
+  return static_cast<uint32_t>(c - s.dyn);
+}
+
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.{bf16,f16}.{bf16,f16} with A in registers:
+// D (64 x N) += A (64 x 16) · B (16 x N). Thread (warp w of its warpgroup, g = lane / 4,
+// t = lane % 4) holds the A fragment of rows 16w + g and 16w + g + 8 as mma.m16n8k16 does, and
+// d[4j + e] = D[16w + g + 8·(e / 2)][8j + 2t + e % 2]. B's element (k, n) lies at the descriptor's
+// start address plus, K-major (trans_b 0): (n % 8)·16 + (n / 8)·SBO + (k % 8)·2 + (k / 8)·LBO
+// bytes; MN-major (trans_b 1): (n % 8)·2 + (n / 8)·SBO + (k % 8)·16 + (k / 8)·LBO. Each output
+// sums its 16 products in order, then adds them to the accumulator (as the mma emulation).
+inline void tt_emu_wgmma(float *d, int n, const uint32_t a[4], uint64_t desc, bool bf16,
+                         bool trans_b) {
+  tt_emu::State &s = tt_emu::g;
+  if (s.cur < 0) tt_emu::fatal("wgmma outside a kernel launch");
+  if (n < 8 || n > 256 || n % 8 != 0) tt_emu::fatal("wgmma N must be a multiple of 8 up to 256");
+  tt_emu::WarpGroup &w = s.groups[s.cur >> 7];
+  if (w.expected != 128) tt_emu::fatal("wgmma in an incomplete warpgroup");
+  tt_emu::Fiber &f = s.fibers[s.cur];
+  const unsigned p = f.wg_phase;
+  f.wg_phase = p ^ 1u;
+  const int tw = s.cur & 127;
+  for (int r = 0; r < 4; ++r) w.a[p][tw][r] = a[r];
+  w.desc[p][tw] = desc;
+  const int shape = n | (bf16 ? 1 << 16 : 0) | (trans_b ? 1 << 17 : 0);
+  w.shape[p][tw] = shape;
+  tt_emu::group_barrier(w);
+  for (int o = 0; o < 128; ++o)
+    if (w.desc[p][o] != desc || w.shape[p][o] != shape)
+      tt_emu::fatal("wgmma operands differ across the warpgroup (descriptor, shape or types)");
+  if ((desc >> 62) != 0) tt_emu::fatal("the wgmma emulation knows only the no-swizzle layout");
+  if (((desc >> 49) & 7) != 0) tt_emu::fatal("wgmma base offset must be 0 without swizzling");
+  const size_t start = (desc & 0x3FFF) << 4;
+  const size_t lbo = ((desc >> 16) & 0x3FFF) << 4;
+  const size_t sbo = ((desc >> 32) & 0x3FFF) << 4;
+  auto cv = [bf16](uint16_t h) { return bf16 ? tt_emu::bf16_to_float(h) : tt_emu::half_to_float(h); };
+  auto a_at = [&](int row, int k) {  // A[row][k] from the owner's fragment
+    const int owner = (row / 16) * 32 + (row % 8) * 4 + (k % 8) / 2;
+    const uint32_t bits = w.a[p][owner][(row % 16) / 8 + 2 * (k / 8)];
+    return cv(static_cast<uint16_t>((k % 2) ? bits >> 16 : bits));
+  };
+  auto b_at = [&](int k, int col) {
+    const size_t off = trans_b ? (col % 8) * 2 + (col / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo
+                               : (col % 8) * 16 + (col / 8) * sbo + (k % 8) * 2 + (k / 8) * lbo;
+    if (start + off + 2 > s.dyn_bytes) tt_emu::fatal("wgmma reads B outside the shared memory");
+    uint16_t h;
+    memcpy(&h, s.dyn + start + off, 2);
+    return cv(h);
+  };
+  const int warp = tw >> 5, lane = tw & 31, gq = lane >> 2, tq = lane & 3;
+  for (int j = 0; j < n / 8; ++j)
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * warp + gq + ((e & 2) ? 8 : 0);
+      const int col = 8 * j + 2 * tq + (e & 1);
+      float sum = 0.0f;
+      for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, col);
+      d[4 * j + e] += sum;
+    }
 }

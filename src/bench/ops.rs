@@ -159,7 +159,7 @@ pub fn bench_ops(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError>
         let fused_ok = cuda && ops::attention_fused_ok(&q, &k, &v);
         for tile in AttentionTile::ALL
             .into_iter()
-            .filter(|t| fused_ok && t.supports(shape.head_dim))
+            .filter(|t| fused_ok && t.runs_on(&q))
         {
             let name = format!("attention {} {}", shape.model, tile.name());
             let r = ops::with_attention_tile(tile, || {

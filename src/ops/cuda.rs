@@ -17,29 +17,107 @@ use super::fused::{
 
 const ATTENTION_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_sm80.ptx"));
 const ATTENTION_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_sm90.ptx"));
+const ATTENTION_SM90A: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_sm90a.ptx"));
 const NORM_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/norm_sm80.ptx"));
 const NORM_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/norm_sm90.ptx"));
 
-/// Whether the device is Hopper or newer (picks the compute_90 PTX).
-fn hopper(dev: &CudaDevice) -> bool {
-    static MAJOR: OnceLock<i32> = OnceLock::new();
-    *MAJOR.get_or_init(|| {
+/// The device's compute capability (major, minor); (8, 0) if the driver cannot tell.
+fn compute_capability(dev: &CudaDevice) -> (i32, i32) {
+    static CC: OnceLock<(i32, i32)> = OnceLock::new();
+    *CC.get_or_init(|| {
         dev.cuda_stream()
             .context()
             .compute_capability()
-            .map(|(major, _)| major)
-            .unwrap_or(8)
-    }) >= 9
+            .unwrap_or((8, 0))
+    })
+}
+
+/// Whether the device is Hopper or newer (picks the compute_90 PTX).
+fn hopper(dev: &CudaDevice) -> bool {
+    compute_capability(dev).0 >= 9
+}
+
+/// Whether the device runs compute_90a code (wgmma): compute capability 9.0 exactly.
+pub(super) fn sm90a(dev: &CudaDevice) -> bool {
+    compute_capability(dev) == (9, 0)
 }
 
 /// The PTX of a kernel file for this device, and the name candle caches its module under.
 fn module(dev: &CudaDevice, file: Kernels) -> (&'static str, &'static str) {
-    match (file, hopper(dev)) {
-        (Kernels::Attention, false) => (ATTENTION_SM80, "tt-attention-sm80"),
-        (Kernels::Attention, true) => (ATTENTION_SM90, "tt-attention-sm90"),
-        (Kernels::Norm, false) => (NORM_SM80, "tt-norm-sm80"),
-        (Kernels::Norm, true) => (NORM_SM90, "tt-norm-sm90"),
+    match file {
+        Kernels::Attention if sm90a(dev) => (ATTENTION_SM90A, "tt-attention-sm90a"),
+        Kernels::Attention if hopper(dev) => (ATTENTION_SM90, "tt-attention-sm90"),
+        Kernels::Attention => (ATTENTION_SM80, "tt-attention-sm80"),
+        Kernels::Norm if hopper(dev) => (NORM_SM90, "tt-norm-sm90"),
+        Kernels::Norm => (NORM_SM80, "tt-norm-sm80"),
     }
+}
+
+/// Whether the wgmma attention tile ([`AttentionTile::Wg2`]) can be the default for `dtype` and
+/// head size `d` on this device: compute capability 9.0, and, checked once per device, dtype and
+/// head size, it agrees with the `w4r32` tile on a random problem (a guard for a kernel whose
+/// shared-memory descriptors only a Hopper GPU can confirm). A disagreement or a failed launch is
+/// logged once and leaves the mma.sync tiles in use.
+pub(super) fn wgmma_attention_ok(dev: &CudaDevice, dtype: DType, d: usize) -> bool {
+    use super::{with_attention_tile, AttentionTile};
+    if !sm90a(dev) || !AttentionTile::Wg2.supports(d) {
+        return false;
+    }
+    type Verdicts = Mutex<HashMap<(DeviceId, DType, usize), bool>>;
+    static CHECKED: OnceLock<Verdicts> = OnceLock::new();
+    let key = (dev.id(), dtype, d);
+    let checked = CHECKED.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(&ok) = checked.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return ok;
+    }
+    let check = || -> Result<f32> {
+        let device = candle_core::Device::Cuda(dev.clone());
+        // (1, 2 heads, 200 tokens, d), as token-major views, and 300 keys with the last 37 masked.
+        let qkv = |l: usize| -> Result<Tensor> {
+            Tensor::randn(0f32, 1.0, (1, l, 2, d), &device)?
+                .to_dtype(dtype)?
+                .transpose(1, 2)
+        };
+        let (q, k, v) = (qkv(200)?, qkv(300)?, qkv(300)?);
+        let scale = 1.0 / (d as f64).sqrt();
+        let run = |tile| {
+            with_attention_tile(tile, || {
+                super::fused::attention(&q, &k, &v, scale, Some(&[263]))?.to_dtype(DType::F32)
+            })
+        };
+        let want = run(AttentionTile::W4R32)?;
+        let got = run(AttentionTile::Wg2)?;
+        let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let norm = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        Ok(if diff.is_finite() {
+            diff / norm.max(1e-6)
+        } else {
+            f32::INFINITY
+        })
+    };
+    let bound = if dtype == DType::F16 { 4e-3 } else { 2e-2 };
+    let ok = match check() {
+        Ok(err) if err <= bound => true,
+        Ok(err) => {
+            tracing::warn!(
+                "the Hopper attention kernel (wg2, {dtype:?}, head size {d}) disagrees with w4r32 \
+                 (relative error {err:.2e}); using w4r32"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(
+                "the Hopper attention kernel (wg2, {dtype:?}, head size {d}) failed ({e}); using \
+                 w4r32"
+            );
+            false
+        }
+    };
+    checked
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, ok);
+    ok
 }
 
 /// The kernel files (kernels/*.cu).
@@ -174,6 +252,9 @@ fn attention_t<T: CudaDType + DeviceRepr>(
             "fused attention has no {} tile for head size {d}",
             tile.name()
         );
+    }
+    if tile == super::AttentionTile::Wg2 && !sm90a(dev) {
+        bail!("the wg2 attention tile needs compute capability 9.0 (wgmma)");
     }
     let func = kernel!(
         dev,

@@ -46,7 +46,7 @@ pub fn attention(
         }
     }
     let op = AttentionOp {
-        tile: super::AttentionTile::choose(d, q.dims()[2]),
+        tile: super::AttentionTile::choose(q),
         scale: scale as f32,
         key_lens: key_lens.map(|l| l.iter().map(|&n| n.min(lk as u32)).collect()),
     };

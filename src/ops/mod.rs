@@ -41,18 +41,23 @@ pub enum AttentionTile {
     /// 4 warps of 32 rows (128 rows; FlashAttention-2's tile for head sizes 64 and 128): each
     /// K/V fragment feeds two products, the Q tile sits in shared memory. Head sizes up to 128.
     W4R32,
+    /// 2 warpgroups of 64 rows (128 rows) on Hopper's wgmma: the tensor cores read K and V from
+    /// shared memory themselves. Compute capability 9.0 only; head sizes 64 and 128.
+    Wg2,
 }
 
 impl AttentionTile {
     /// Every tile, in the order the benchmarks list them.
-    pub const ALL: [AttentionTile; 3] = [Self::W4R16, Self::W8R16, Self::W4R32];
+    pub const ALL: [AttentionTile; 4] = [Self::W4R16, Self::W8R16, Self::W4R32, Self::Wg2];
 
-    /// The kernel-name suffix, also the `TT_SCALE_ATTN_TILE` value: `w4r16`, `w8r16`, `w4r32`.
+    /// The kernel-name suffix, also the `TT_SCALE_ATTN_TILE` value: `w4r16`, `w8r16`, `w4r32`,
+    /// `wg2`.
     pub fn name(self) -> &'static str {
         match self {
             Self::W4R16 => "w4r16",
             Self::W8R16 => "w8r16",
             Self::W4R32 => "w4r32",
+            Self::Wg2 => "wg2",
         }
     }
 
@@ -67,7 +72,7 @@ impl AttentionTile {
     pub fn warps(self) -> usize {
         match self {
             Self::W4R16 | Self::W4R32 => 4,
-            Self::W8R16 => 8,
+            Self::W8R16 | Self::Wg2 => 8,
         }
     }
 
@@ -75,19 +80,33 @@ impl AttentionTile {
     pub fn block_rows(self) -> usize {
         match self {
             Self::W4R16 => 64,
-            Self::W8R16 | Self::W4R32 => 128,
+            Self::W8R16 | Self::W4R32 | Self::Wg2 => 128,
         }
     }
 
     /// Whether the kernel is instantiated for head size `d`.
     pub fn supports(self, d: usize) -> bool {
-        ATTENTION_HEAD_DIMS.contains(&d) && (self != Self::W4R32 || d <= 128)
+        match self {
+            Self::W4R16 | Self::W8R16 => ATTENTION_HEAD_DIMS.contains(&d),
+            Self::W4R32 => ATTENTION_HEAD_DIMS.contains(&d) && d <= 128,
+            Self::Wg2 => d == 64 || d == 128,
+        }
+    }
+
+    /// Whether the tile can run attention over `q` (B, H, L, D) on `q`'s device: the head size,
+    /// and for [`AttentionTile::Wg2`] a CUDA device of compute capability 9.0.
+    pub fn runs_on(self, q: &Tensor) -> bool {
+        let d = q.dims().last().copied().unwrap_or(0);
+        self.supports(d) && (self != Self::Wg2 || sm90a_device(q.device()))
     }
 
     /// Dynamic shared memory of a block, bytes, for head size `d` and 16-bit elements: the K and
     /// V tiles (64 keys each), plus the Q tile for [`AttentionTile::W4R32`], rows of
     /// `ceil(d/16)·16 + 8` elements (`TtAttnTile::SMEM_BYTES` in the kernel, which checks it).
     pub fn smem_bytes(self, d: usize) -> usize {
+        if self == Self::Wg2 {
+            return 2 * 64 * d * 2; // K and V tiles as unpadded core matrices
+        }
         let row = d.div_ceil(16) * 16 + 8;
         let q_rows = if self == Self::W4R32 {
             self.block_rows()
@@ -97,30 +116,75 @@ impl AttentionTile {
         (2 * 64 + q_rows) * row * 2
     }
 
-    /// The tile used for `lq` query rows of head size `d`: the thread's override
-    /// ([`with_attention_tile`]), else `TT_SCALE_ATTN_TILE`, where the kernel has that tile for
-    /// `d`; else [`AttentionTile::W4R32`] (FlashAttention-2's choice) where it applies and there
-    /// are more than 64 rows, else [`AttentionTile::W4R16`].
-    pub fn choose(d: usize, lq: usize) -> Self {
+    /// The tile for attention over `q` (B, H, Lq, D): the thread's override
+    /// ([`with_attention_tile`]), else `TT_SCALE_ATTN_TILE`, where that tile
+    /// [runs](AttentionTile::runs_on) on `q`; else, with more than 64 query rows,
+    /// [`AttentionTile::Wg2`] where it runs and has passed its one-time check against `w4r32` on
+    /// this device, else [`AttentionTile::W4R32`] (FlashAttention-2's choice) where it applies;
+    /// else [`AttentionTile::W4R16`].
+    pub fn choose(q: &Tensor) -> Self {
+        let dims = q.dims();
+        let d = dims.last().copied().unwrap_or(0);
+        let lq = if dims.len() >= 2 {
+            dims[dims.len() - 2]
+        } else {
+            1
+        };
+        match Self::asked() {
+            Some(t) if t.runs_on(q) => t,
+            _ if lq > 64 && Self::Wg2.runs_on(q) && wgmma_checked(q) => Self::Wg2,
+            _ => Self::choose_mma(d, lq),
+        }
+    }
+
+    /// The mma.sync tile for `lq` query rows of head size `d`, the override or
+    /// `TT_SCALE_ATTN_TILE` aside: [`AttentionTile::W4R32`] where it applies and there are more
+    /// than 64 rows, else [`AttentionTile::W4R16`].
+    pub fn choose_mma(d: usize, lq: usize) -> Self {
+        if Self::W4R32.supports(d) && lq > 64 {
+            Self::W4R32
+        } else {
+            Self::W4R16
+        }
+    }
+
+    /// The thread's override, else `TT_SCALE_ATTN_TILE` (read once; an unknown value is logged
+    /// and ignored).
+    fn asked() -> Option<Self> {
         static FROM_ENV: OnceLock<Option<AttentionTile>> = OnceLock::new();
-        let asked = TILE_OVERRIDE.with(|o| o.get()).or_else(|| {
+        TILE_OVERRIDE.with(|o| o.get()).or_else(|| {
             *FROM_ENV.get_or_init(|| {
                 let v = std::env::var("TT_SCALE_ATTN_TILE").ok()?;
                 let tile = Self::parse(&v);
                 if tile.is_none() {
                     tracing::warn!(
-                        "TT_SCALE_ATTN_TILE={v:?} is not a tile (w4r16, w8r16, w4r32); \
+                        "TT_SCALE_ATTN_TILE={v:?} is not a tile (w4r16, w8r16, w4r32, wg2); \
                          using the default"
                     );
                 }
                 tile
             })
-        });
-        match asked {
-            Some(t) if t.supports(d) => t,
-            _ if Self::W4R32.supports(d) && lq > 64 => Self::W4R32,
-            _ => Self::W4R16,
+        })
+    }
+}
+
+/// Whether `dev` is a CUDA device of compute capability 9.0 (runs wgmma).
+fn sm90a_device(dev: &candle_core::Device) -> bool {
+    match dev {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(c) => cuda::sm90a(c),
+        _ => false,
+    }
+}
+
+/// Whether the wgmma tile has passed its one-time check for `q`'s device, dtype and head size.
+fn wgmma_checked(q: &Tensor) -> bool {
+    match q.device() {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(c) => {
+            cuda::wgmma_attention_ok(c, q.dtype(), q.dims().last().copied().unwrap_or(0))
         }
+        _ => false,
     }
 }
 
@@ -359,6 +423,7 @@ pub fn linear_b(i: usize, o: usize, bias: bool, vb: candle_nn::VarBuilder) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn attention_tiles_parse_their_names_and_pick_by_head_size_and_length() {
@@ -370,21 +435,30 @@ mod tests {
         assert!(AttentionTile::W4R32.supports(128));
         assert!(!AttentionTile::W4R32.supports(160));
         assert!(!AttentionTile::W4R16.supports(96));
+        assert!(AttentionTile::Wg2.supports(64) && !AttentionTile::Wg2.supports(72));
+        let q = |lq: usize, d: usize| Tensor::zeros((1, 2, lq, d), DType::F32, &Device::Cpu);
+        let q = |lq, d| q(lq, d).unwrap();
         // Flux's 4096+512 tokens at D = 128 take the 128-row tile; a single row or D = 160
-        // (no w4r32 kernel) the 64-row one.
-        assert_eq!(AttentionTile::choose(128, 4608), AttentionTile::W4R32);
-        assert_eq!(AttentionTile::choose(128, 1), AttentionTile::W4R16);
-        assert_eq!(AttentionTile::choose(160, 4096), AttentionTile::W4R16);
-        // An override applies where the kernel has it, else the default stands.
+        // (no w4r32 kernel) the 64-row one. Never wg2 off a Hopper GPU.
+        assert_eq!(AttentionTile::choose(&q(4608, 128)), AttentionTile::W4R32);
+        assert_eq!(AttentionTile::choose(&q(1, 128)), AttentionTile::W4R16);
+        assert_eq!(AttentionTile::choose(&q(4096, 160)), AttentionTile::W4R16);
+        assert!(!AttentionTile::Wg2.runs_on(&q(4608, 128)));
+        // An override applies where the tile runs, else the default stands.
         with_attention_tile(AttentionTile::W8R16, || {
-            assert_eq!(AttentionTile::choose(72, 10), AttentionTile::W8R16);
+            assert_eq!(AttentionTile::choose(&q(10, 72)), AttentionTile::W8R16);
         });
         with_attention_tile(AttentionTile::W4R32, || {
-            assert_eq!(AttentionTile::choose(160, 4096), AttentionTile::W4R16);
+            assert_eq!(AttentionTile::choose(&q(4096, 160)), AttentionTile::W4R16);
         });
-        assert_eq!(AttentionTile::choose(72, 10), AttentionTile::W4R16);
-        // K and V tiles of 64 rows (+ the 128-row Q tile), rows padded to 16 plus 8 elements.
+        with_attention_tile(AttentionTile::Wg2, || {
+            assert_eq!(AttentionTile::choose(&q(4608, 128)), AttentionTile::W4R32);
+        });
+        assert_eq!(AttentionTile::choose(&q(10, 72)), AttentionTile::W4R16);
+        // K and V tiles of 64 rows (+ the 128-row Q tile), rows padded to 16 plus 8 elements;
+        // wg2's unpadded.
         assert_eq!(AttentionTile::W4R16.smem_bytes(128), 128 * 136 * 2);
         assert_eq!(AttentionTile::W4R32.smem_bytes(72), 256 * 88 * 2);
+        assert_eq!(AttentionTile::Wg2.smem_bytes(128), 128 * 128 * 2);
     }
 }
