@@ -39,6 +39,85 @@ struct TtAttnTile {
       (2 * TT_ATT_BN + (Q_IN_SMEM ? BM : 0)) * SROW * static_cast<int>(sizeof(T));
 };
 
+// One tile of the online softmax for a thread's two rows of one m-tile (rr = 0: the row of
+// elements 0-1 of each score n-tile; rr = 1: 8 rows further, elements 2-3): scales the scores to
+// log2 units, masks the keys from kv_len on, turns the scores into probabilities against the
+// running maximum (shared by the quad of lanes that hold a row), and rescales the running sum
+// and the output accumulators by the change of maximum.
+template <int ST, int NT>
+__device__ __forceinline__ void tt_online_softmax(float (&s)[ST][4], float (&row_max)[2],
+                                                  float (&row_sum)[2], float (&acc)[NT][4],
+                                                  int kb, int kv_len, int t, float scale_log2) {
+#pragma unroll
+  for (int j = 0; j < ST; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = kb + j * 8 + 2 * t + (e & 1);
+      s[j][e] = key < kv_len ? s[j][e] * scale_log2 : -INFINITY;
+    }
+  }
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < ST; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * rr], s[j][2 * rr + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(TT_FULL_MASK, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(TT_FULL_MASK, mx, 2));
+    const float new_max = fmaxf(row_max[rr], mx);
+    const float alpha = exp2f(row_max[rr] - new_max);
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < ST; ++j) {
+      s[j][2 * rr] = exp2f(s[j][2 * rr] - new_max);
+      s[j][2 * rr + 1] = exp2f(s[j][2 * rr + 1] - new_max);
+      sum += s[j][2 * rr] + s[j][2 * rr + 1];
+    }
+    row_sum[rr] = row_sum[rr] * alpha + sum;
+    row_max[rr] = new_max;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      acc[n][2 * rr] *= alpha;
+      acc[n][2 * rr + 1] *= alpha;
+    }
+  }
+}
+
+// The probabilities of keys 16kk..16kk+15 of a score tile as the A fragment of the P·V product
+// (the score accumulators' layout is the A fragment's).
+template <typename T, int ST>
+__device__ __forceinline__ void tt_probability_fragment(const float (&s)[ST][4], int kk,
+                                                        uint32_t (&pf)[4]) {
+  pf[0] = tt_pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+  pf[1] = tt_pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+  pf[2] = tt_pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  pf[3] = tt_pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// Writes a thread's two output rows of one m-tile, row0 and row0 + 8 (those below lq): the
+// accumulators over the row's sum (summed over the quad), zeros for a row without keys.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void tt_attention_store(const float (&acc)[NT][4],
+                                                   const float (&row_sum)[2], T *out, int b,
+                                                   int h, int heads, int lq, int row0, int t) {
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float l = row_sum[rr];
+    l += __shfl_xor_sync(TT_FULL_MASK, l, 1);
+    l += __shfl_xor_sync(TT_FULL_MASK, l, 2);
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const int row = row0 + 8 * rr;
+    if (row < lq) {
+      T *op = out + ((static_cast<long long>(b) * lq + row) * heads + h) * D;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const int col = n * 8 + 2 * t;
+        op[col] = tt_from_float<T>(acc[n][2 * rr] * inv);
+        op[col + 1] = tt_from_float<T>(acc[n][2 * rr + 1] * inv);
+      }
+    }
+  }
+}
+
 template <typename T, int D, int WARPS, int MT>
 __device__ __forceinline__ void tt_attention_impl(
     const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, T *__restrict__ out,
@@ -174,46 +253,11 @@ __device__ __forceinline__ void tt_attention_impl(
         }
       }
     }
+    // Online softmax, per m-tile.
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int j = 0; j < ST; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = kb + j * 8 + 2 * t + (e & 1);
-          s[mt][j][e] = key < kv_len ? s[mt][j][e] * scale_log2 : -INFINITY;
-        }
-      }
-
-    // Online softmax, per row (rr = 0: row r0 + 16 mt, elements 0-1; rr = 1: 8 rows further,
-    // elements 2-3).
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < ST; ++j) mx = fmaxf(mx, fmaxf(s[mt][j][2 * rr], s[mt][j][2 * rr + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(TT_FULL_MASK, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(TT_FULL_MASK, mx, 2));
-        const float new_max = fmaxf(row_max[mt][rr], mx);
-        const float alpha = exp2f(row_max[mt][rr] - new_max);
-        float sum = 0.0f;
-#pragma unroll
-        for (int j = 0; j < ST; ++j) {
-          s[mt][j][2 * rr] = exp2f(s[mt][j][2 * rr] - new_max);
-          s[mt][j][2 * rr + 1] = exp2f(s[mt][j][2 * rr + 1] - new_max);
-          sum += s[mt][j][2 * rr] + s[mt][j][2 * rr + 1];
-        }
-        row_sum[mt][rr] = row_sum[mt][rr] * alpha + sum;
-        row_max[mt][rr] = new_max;
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          acc[mt][n][2 * rr] *= alpha;
-          acc[mt][n][2 * rr + 1] *= alpha;
-        }
-      }
-    }
+      tt_online_softmax<ST, NT>(s[mt], row_max[mt], row_sum[mt], acc[mt], kb, kv_len, t,
+                                scale_log2);
 
     __syncthreads();  // every warp is done with K(tile)
     if (tile + 1 < tiles) {
@@ -230,12 +274,7 @@ __device__ __forceinline__ void tt_attention_impl(
     for (int kk = 0; kk < TT_ATT_BN / 16; ++kk) {
       uint32_t pf[MT][4];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        pf[mt][0] = tt_pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        pf[mt][1] = tt_pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        pf[mt][2] = tt_pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        pf[mt][3] = tt_pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-      }
+      for (int mt = 0; mt < MT; ++mt) tt_probability_fragment<T, ST>(s[mt], kk, pf[mt]);
       // B fragments of V (keys as k, head dims as n) by transposing ldmatrix, two n-tiles per
       // x4: matrix m = lane / 8 holds keys kk·16 + (m % 2)·8.., head dims (n + m / 2)·8..
       const int m = lane >> 3;
@@ -263,25 +302,8 @@ __device__ __forceinline__ void tt_attention_impl(
   }
 
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float l = row_sum[mt][rr];
-      l += __shfl_xor_sync(TT_FULL_MASK, l, 1);
-      l += __shfl_xor_sync(TT_FULL_MASK, l, 2);
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-      const int row = r0 + 16 * mt + 8 * rr;
-      if (row < lq) {
-        T *op = out + ((static_cast<long long>(b) * lq + row) * heads + h) * D;
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          const int col = n * 8 + 2 * t;
-          op[col] = tt_from_float<T>(acc[mt][n][2 * rr] * inv);
-          op[col + 1] = tt_from_float<T>(acc[mt][n][2 * rr + 1] * inv);
-        }
-      }
-    }
-  }
+  for (int mt = 0; mt < MT; ++mt)
+    tt_attention_store<T, D, NT>(acc[mt], row_sum[mt], out, b, h, heads, lq, r0 + 16 * mt, t);
 }
 
 // tt_attention_<dtype>_d<D>_w<WARPS>r<rows per warp>
@@ -436,38 +458,7 @@ __device__ __forceinline__ void tt_attention_wg_impl(
     tt_wgmma_wait<0>();
     tt_wgmma_fence_regs(&s[0][0], 4 * ST);
 
-#pragma unroll
-    for (int j = 0; j < ST; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = kb + j * 8 + 2 * t + (e & 1);
-        s[j][e] = key < kv_len ? s[j][e] * scale_log2 : -INFINITY;
-      }
-    }
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < ST; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * rr], s[j][2 * rr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(TT_FULL_MASK, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(TT_FULL_MASK, mx, 2));
-      const float new_max = fmaxf(row_max[rr], mx);
-      const float alpha = exp2f(row_max[rr] - new_max);
-      float sum = 0.0f;
-#pragma unroll
-      for (int j = 0; j < ST; ++j) {
-        s[j][2 * rr] = exp2f(s[j][2 * rr] - new_max);
-        s[j][2 * rr + 1] = exp2f(s[j][2 * rr + 1] - new_max);
-        sum += s[j][2 * rr] + s[j][2 * rr + 1];
-      }
-      row_sum[rr] = row_sum[rr] * alpha + sum;
-      row_max[rr] = new_max;
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        acc[n][2 * rr] *= alpha;
-        acc[n][2 * rr + 1] *= alpha;
-      }
-    }
+    tt_online_softmax<ST, NT>(s, row_max, row_sum, acc, kb, kv_len, t, scale_log2);
 
     __syncthreads();  // both warpgroups are done with K(tile) (their products have completed)
     if (tile + 1 < tiles) {
@@ -484,12 +475,7 @@ __device__ __forceinline__ void tt_attention_wg_impl(
     // k-step of 16 keys (core-matrix rows 2kk and 2kk + 1) per product.
     uint32_t pf[TT_ATT_BN / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < TT_ATT_BN / 16; ++kk) {
-      pf[kk][0] = tt_pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      pf[kk][1] = tt_pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      pf[kk][2] = tt_pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pf[kk][3] = tt_pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
+    for (int kk = 0; kk < TT_ATT_BN / 16; ++kk) tt_probability_fragment<T, ST>(s, kk, pf[kk]);
     tt_wgmma_fence_regs(&acc[0][0], 4 * NT);
     tt_wgmma_fence_regs(&pf[0][0], 4 * (TT_ATT_BN / 16));
     tt_wgmma_fence();  // acc was rescaled and pf written since the last product
@@ -502,23 +488,7 @@ __device__ __forceinline__ void tt_attention_wg_impl(
     __syncthreads();  // both warpgroups are done with V(tile) before the next tile overwrites it
   }
 
-#pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    float l = row_sum[rr];
-    l += __shfl_xor_sync(TT_FULL_MASK, l, 1);
-    l += __shfl_xor_sync(TT_FULL_MASK, l, 2);
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    const int row = r0 + 8 * rr;
-    if (row < lq) {
-      T *op = out + ((static_cast<long long>(b) * lq + row) * heads + h) * D;
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        const int col = n * 8 + 2 * t;
-        op[col] = tt_from_float<T>(acc[n][2 * rr] * inv);
-        op[col + 1] = tt_from_float<T>(acc[n][2 * rr + 1] * inv);
-      }
-    }
-  }
+  tt_attention_store<T, D, NT>(acc, row_sum, out, b, h, heads, lq, r0, t);
 }
 
 // tt_attention_<dtype>_d<D>_wg2
