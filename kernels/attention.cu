@@ -39,6 +39,35 @@ struct TtAttnTile {
       (2 * TT_ATT_BN + (Q_IN_SMEM ? BM : 0)) * SROW * static_cast<int>(sizeof(T));
 };
 
+// The keys batch row b attends to: key_lens[b] clamped to [0, lk], all lk without key_lens.
+__device__ __forceinline__ int tt_key_count(const int *key_lens, int b, int lk) {
+  if (key_lens == nullptr) return lk;
+  const int n = key_lens[b];
+  return n > lk ? lk : (n < 0 ? 0 : n);
+}
+
+// The A fragments of a warp's 16 query rows (this thread's rows r0 and r0 + 8), one per 16 head
+// dimensions, straight from global memory: zeros past lq and past the head size D.
+template <typename T, int D, int KT>
+__device__ __forceinline__ void tt_load_q_fragments(uint32_t (&qf)[KT][4], const T *qp,
+                                                    long long q_sl, int r0, int lq, int t) {
+  const T zero = tt_from_float<T>(0.0f);
+#pragma unroll
+  for (int kk = 0; kk < KT; ++kk) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int row = r0 + ((r & 1) ? 8 : 0);
+      const int col = kk * 16 + 2 * t + ((r & 2) ? 8 : 0);
+      T lo = zero, hi = zero;
+      if (row < lq && col < D) {
+        lo = qp[row * q_sl + col];
+        hi = qp[row * q_sl + col + 1];
+      }
+      qf[kk][r] = tt_pack2_raw<T>(lo, hi);
+    }
+  }
+}
+
 // One tile of the online softmax for a thread's two rows of one m-tile (rr = 0: the row of
 // elements 0-1 of each score n-tile; rr = 1: 8 rows further, elements 2-3): scales the scores to
 // log2 units, masks the keys from kv_len on, turns the scores into probabilities against the
@@ -145,18 +174,12 @@ __device__ __forceinline__ void tt_attention_impl(
   const int lane = tid & 31;
   const int g = lane >> 2;
   const int t = lane & 3;
-  int kv_len = lk;
-  if (key_lens != nullptr) {
-    kv_len = key_lens[b];
-    if (kv_len > lk) kv_len = lk;
-    if (kv_len < 0) kv_len = 0;
-  }
+  const int kv_len = tt_key_count(key_lens, b, lk);
   const T *qp = q + b * q_sb + h * q_sh;
   const T *kp = k + b * k_sb + h * k_sh;
   const T *vp = v + b * v_sb + h * v_sh;
   const int wrow = warp * 16 * MT;           // the warp's first row within the block
   const int r0 = blockIdx.x * BM + wrow + g;  // this thread's rows: r0 + 16 mt and r0 + 16 mt + 8
-  const T zero = tt_from_float<T>(0.0f);
 
   // `rows` rows of K, V or Q from row `first` into shared memory with cp.async, zeros past
   // `limit` rows and past the head.
@@ -173,22 +196,7 @@ __device__ __forceinline__ void tt_attention_impl(
   // With one m-tile, the warp's 16 query rows as A fragments, straight from global memory
   // (read once); with more, the Q tile goes to shared memory with the first K tile.
   uint32_t qf[Tile::Q_IN_SMEM ? 1 : KT][4];
-  if constexpr (!Tile::Q_IN_SMEM) {
-#pragma unroll
-    for (int kk = 0; kk < KT; ++kk) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int row = r0 + ((r & 1) ? 8 : 0);
-        const int col = kk * 16 + 2 * t + ((r & 2) ? 8 : 0);
-        T lo = zero, hi = zero;
-        if (row < lq && col < D) {
-          lo = qp[row * q_sl + col];
-          hi = qp[row * q_sl + col + 1];
-        }
-        qf[kk][r] = tt_pack2_raw<T>(lo, hi);
-      }
-    }
-  }
+  if constexpr (!Tile::Q_IN_SMEM) tt_load_q_fragments<T, D, KT>(qf, qp, q_sl, r0, lq, t);
 
   float row_max[MT][2];
   float row_sum[MT][2];  // this thread's share; summed over the quad at the end
@@ -382,17 +390,11 @@ __device__ __forceinline__ void tt_attention_wg_impl(
   const int lane = tid & 31;
   const int g = lane >> 2;
   const int t = lane & 3;
-  int kv_len = lk;
-  if (key_lens != nullptr) {
-    kv_len = key_lens[b];
-    if (kv_len > lk) kv_len = lk;
-    if (kv_len < 0) kv_len = 0;
-  }
+  const int kv_len = tt_key_count(key_lens, b, lk);
   const T *qp = q + b * q_sb + h * q_sh;
   const T *kp = k + b * k_sb + h * k_sh;
   const T *vp = v + b * v_sb + h * v_sh;
   const int r0 = blockIdx.x * Tile::BM + warp * 16 + g;  // this thread's rows: r0 and r0 + 8
-  const T zero = tt_from_float<T>(0.0f);
 
   // 64 rows from `first` (zeros from `limit` on) as core matrices; consecutive threads take
   // consecutive rows of a core matrix, so each 8 of them fill 128 contiguous bytes.
@@ -408,20 +410,7 @@ __device__ __forceinline__ void tt_attention_wg_impl(
   };
 
   uint32_t qf[KT][4];
-#pragma unroll
-  for (int kk = 0; kk < KT; ++kk) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int row = r0 + ((r & 1) ? 8 : 0);
-      const int col = kk * 16 + 2 * t + ((r & 2) ? 8 : 0);
-      T lo = zero, hi = zero;
-      if (row < lq) {
-        lo = qp[row * q_sl + col];
-        hi = qp[row * q_sl + col + 1];
-      }
-      qf[kk][r] = tt_pack2_raw<T>(lo, hi);
-    }
-  }
+  tt_load_q_fragments<T, D, KT>(qf, qp, q_sl, r0, lq, t);
 
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};

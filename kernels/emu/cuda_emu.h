@@ -376,7 +376,9 @@ inline Warp &enter_warp_collective(unsigned mask) {
   return w;
 }
 
-inline void warp_barrier(Warp &w) {
+// Barrier of a warp or a warpgroup (anything with count / expected / gen): the last thread to
+// arrive opens it and runs on.
+template <class Group> inline void group_barrier(Group &w) {
   ++g.warp_barriers;
   const unsigned gen = w.gen;
   if (++w.count == w.expected) {
@@ -387,16 +389,7 @@ inline void warp_barrier(Warp &w) {
   wait_while(&w.gen, gen);
 }
 
-inline void group_barrier(WarpGroup &w) {
-  ++g.warp_barriers;
-  const unsigned gen = w.gen;
-  if (++w.count == w.expected) {
-    w.count = 0;
-    ++w.gen;
-    return;
-  }
-  wait_while(&w.gen, gen);
-}
+inline void warp_barrier(Warp &w) { group_barrier(w); }
 
 inline unsigned next_phase() {
   Fiber &f = g.fibers[g.cur];

@@ -191,14 +191,7 @@ fn wgmma_checked(q: &Tensor) -> bool {
 /// Runs `f` with the fused attention using `tile` on this thread where the kernel has it for the
 /// head size (benchmarks and tests compare the tiles in one process).
 pub fn with_attention_tile<R>(tile: AttentionTile, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<AttentionTile>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            TILE_OVERRIDE.with(|o| o.set(self.0));
-        }
-    }
-    let _restore = Restore(TILE_OVERRIDE.with(|o| o.replace(Some(tile))));
-    f()
+    with_override(&TILE_OVERRIDE, tile, f)
 }
 
 /// Whether the fused kernels are switched on: `TT_SCALE_FUSED` unset, or not `0`/`off`/
@@ -221,13 +214,26 @@ pub fn fused_enabled() -> bool {
 /// Runs `f` with the fused kernels switched on or off on this thread (tests and benchmarks
 /// compare both paths in one process).
 pub fn with_fused<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<bool>);
-    impl Drop for Restore {
+    with_override(&OVERRIDE, on, f)
+}
+
+/// Runs `f` with the thread-local override `key` set to `value`, restoring the previous value
+/// afterwards (also when `f` panics).
+fn with_override<T: Copy + 'static, R>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<Option<T>>>,
+    value: T,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore<T: Copy + 'static>(
+        &'static std::thread::LocalKey<std::cell::Cell<Option<T>>>,
+        Option<T>,
+    );
+    impl<T: Copy + 'static> Drop for Restore<T> {
         fn drop(&mut self) {
-            OVERRIDE.with(|o| o.set(self.0));
+            self.0.with(|o| o.set(self.1));
         }
     }
-    let _restore = Restore(OVERRIDE.with(|o| o.replace(Some(on))));
+    let _restore = Restore(key, key.with(|o| o.replace(Some(value))));
     f()
 }
 
