@@ -355,15 +355,17 @@ TT_ATTENTION_ALL(f16, tt_f16)
 // registers as the A operand, the score accumulators as mma's), so the softmax is the same code;
 // the tensor cores read K and V straight from shared memory through descriptors, no ldmatrix.
 // K and V tiles are stored as 8x8 core matrices (8 rows of 16 bytes, 128 contiguous bytes): the
-// 16-byte chunk c of row r at byte ((r / 8)·CH + c)·128 + (r % 8)·16, CH = D / 8, which reads as
-// K-major for K (keys as N) and MN-major for V (head dims as N). Head sizes 64 and 128.
+// 16-byte chunk c of row r at byte ((r / 8)·CH + c)·128 + (r % 8)·16, CH = ceil(D / 16)·2 (the
+// chunks past the head size are zeros, for the k-steps of Q·Kᵀ), which reads as K-major for K
+// (keys as N) and MN-major for V (head dims as N, the product m64nDk16). Every head size.
 
 template <typename T, int D>
 struct TtAttnWgTile {
-  static constexpr int CH = D / 8;  // 16-byte chunks of a row
+  static constexpr int DP = (D + 15) / 16 * 16;  // padded head size: the k extent of Q·Kᵀ
+  static constexpr int CH = DP / 8;              // 16-byte chunks of a row
   static constexpr int BM = 128;
   static constexpr int THREADS = 256;
-  static constexpr int SMEM_BYTES = 2 * TT_ATT_BN * D * static_cast<int>(sizeof(T));
+  static constexpr int SMEM_BYTES = 2 * TT_ATT_BN * DP * static_cast<int>(sizeof(T));
 };
 
 template <typename T, int D>
@@ -372,16 +374,16 @@ __device__ __forceinline__ void tt_attention_wg_impl(
     const int *__restrict__ key_lens, int heads, int lq, int lk, long long q_sb, long long q_sh,
     long long q_sl, long long k_sb, long long k_sh, long long k_sl, long long v_sb,
     long long v_sh, long long v_sl, float scale_log2) {
-  static_assert(D % 16 == 0 && D <= 256, "wgmma attention takes head sizes that are multiples of 16");
+  static_assert(D % 8 == 0 && D <= 256, "wgmma attention takes head sizes that are multiples of 8");
   using Tile = TtAttnWgTile<T, D>;
   constexpr int CH = Tile::CH;
-  constexpr int KT = D / 16;
+  constexpr int KT = Tile::DP / 16;
   constexpr int NT = D / 8;
   constexpr int ST = TT_ATT_BN / 8;
   TT_DYNAMIC_SMEM(smem);
   if (tt_dynamic_smem_bytes() < static_cast<unsigned>(Tile::SMEM_BYTES)) __trap();  // launcher bug
   T *ks = reinterpret_cast<T *>(smem);
-  T *vs = ks + TT_ATT_BN * D;
+  T *vs = ks + TT_ATT_BN * Tile::DP;
 
   const int b = blockIdx.z;
   const int h = blockIdx.y;
@@ -396,15 +398,16 @@ __device__ __forceinline__ void tt_attention_wg_impl(
   const T *vp = v + b * v_sb + h * v_sh;
   const int r0 = blockIdx.x * Tile::BM + warp * 16 + g;  // this thread's rows: r0 and r0 + 8
 
-  // 64 rows from `first` (zeros from `limit` on) as core matrices; consecutive threads take
-  // consecutive rows of a core matrix, so each 8 of them fill 128 contiguous bytes.
+  // 64 rows from `first` (zeros from `limit` on, and past the head) as core matrices;
+  // consecutive threads take consecutive rows of a core matrix, so each 8 of them fill 128
+  // contiguous bytes.
   auto load_tile = [&](T *buf, const T *base, long long sl, int first, int limit) {
     for (int i = tid; i < TT_ATT_BN * CH; i += Tile::THREADS) {
       const int r8 = i & 7;
       const int c = (i >> 3) % CH;
       const int rb = (i >> 3) / CH;
       const int r = first + rb * 8 + r8;
-      const bool valid = r < limit;
+      const bool valid = r < limit && c * 8 < D;
       tt_cp_async16(&buf[(rb * CH + c) * 64 + r8 * 8], valid ? base + r * sl + c * 8 : base, valid);
     }
   };
@@ -490,8 +493,16 @@ __device__ __forceinline__ void tt_attention_wg_impl(
                                k_sh, k_sl, v_sb, v_sh, v_sl, scale_log2);                        \
   }
 
+TT_ATTENTION_WG(bf16, tt_bf16, 40)
 TT_ATTENTION_WG(bf16, tt_bf16, 64)
+TT_ATTENTION_WG(bf16, tt_bf16, 72)
+TT_ATTENTION_WG(bf16, tt_bf16, 80)
 TT_ATTENTION_WG(bf16, tt_bf16, 128)
+TT_ATTENTION_WG(bf16, tt_bf16, 160)
+TT_ATTENTION_WG(f16, tt_f16, 40)
 TT_ATTENTION_WG(f16, tt_f16, 64)
+TT_ATTENTION_WG(f16, tt_f16, 72)
+TT_ATTENTION_WG(f16, tt_f16, 80)
 TT_ATTENTION_WG(f16, tt_f16, 128)
+TT_ATTENTION_WG(f16, tt_f16, 160)
 #endif  // TT_HAVE_WGMMA

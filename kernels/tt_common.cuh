@@ -253,7 +253,17 @@ __device__ __forceinline__ void tt_fence_proxy_async() {
 }
 
 // The accumulator operands of an m64nNk16 product: N/2 float registers, as the asm template's
-// register list and as the output constraints.
+// register list and as the output constraints (N = 40, 64, 72, 80, 128, 160).
+#define TT_WGMMA_D20_REGS \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19" \
+  "}"
+#define TT_WGMMA_D20_OUTS \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), \
+  "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), \
+  "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), \
+  "+f"(d[19])
 #define TT_WGMMA_D32_REGS \
   "{" \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
@@ -266,6 +276,33 @@ __device__ __forceinline__ void tt_fence_proxy_async() {
   "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), \
   "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), \
   "+f"(d[31])
+#define TT_WGMMA_D36_REGS \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35" \
+  "}"
+#define TT_WGMMA_D36_OUTS \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), \
+  "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), \
+  "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), \
+  "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), \
+  "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), \
+  "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35])
+#define TT_WGMMA_D40_REGS \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39" \
+  "}"
+#define TT_WGMMA_D40_OUTS \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), \
+  "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), \
+  "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), \
+  "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), \
+  "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), \
+  "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), \
+  "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
 #define TT_WGMMA_D64_REGS \
   "{" \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
@@ -285,6 +322,29 @@ __device__ __forceinline__ void tt_fence_proxy_async() {
   "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), \
   "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), \
   "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define TT_WGMMA_D80_REGS \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79" \
+  "}"
+#define TT_WGMMA_D80_OUTS \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), \
+  "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), \
+  "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), \
+  "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), \
+  "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), \
+  "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), \
+  "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), \
+  "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), \
+  "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), \
+  "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), \
+  "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), \
+  "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), \
+  "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), \
+  "+f"(d[79])
 
 // tt_wgmma_rs<T, N, TRANS_B> for one element type, N and transpose flag; REGS/OUTS the
 // accumulator operands (N / 2 of them), A0-A3 and DESC the asm operand numbers that follow.
@@ -298,14 +358,35 @@ __device__ __forceinline__ void tt_fence_proxy_async() {
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));                      \
   }
 
-// QKᵀ with 64 keys (K-major K), P·V for head sizes 64 and 128 (MN-major V).
-TT_WGMMA_RS(bf16, tt_bf16, 64, 0, TT_WGMMA_D32_REGS, TT_WGMMA_D32_OUTS, "%32", "%33", "%34", "%35", "%36")
-TT_WGMMA_RS(bf16, tt_bf16, 64, 1, TT_WGMMA_D32_REGS, TT_WGMMA_D32_OUTS, "%32", "%33", "%34", "%35", "%36")
-TT_WGMMA_RS(bf16, tt_bf16, 128, 1, TT_WGMMA_D64_REGS, TT_WGMMA_D64_OUTS, "%64", "%65", "%66", "%67", "%68")
-TT_WGMMA_RS(f16, tt_f16, 64, 0, TT_WGMMA_D32_REGS, TT_WGMMA_D32_OUTS, "%32", "%33", "%34", "%35", "%36")
-TT_WGMMA_RS(f16, tt_f16, 64, 1, TT_WGMMA_D32_REGS, TT_WGMMA_D32_OUTS, "%32", "%33", "%34", "%35", "%36")
-TT_WGMMA_RS(f16, tt_f16, 128, 1, TT_WGMMA_D64_REGS, TT_WGMMA_D64_OUTS, "%64", "%65", "%66", "%67", "%68")
-
+// QKᵀ with 64 keys (K-major K); P·V for each head size (MN-major V).
+TT_WGMMA_RS(bf16, tt_bf16, 64, 0, TT_WGMMA_D32_REGS, TT_WGMMA_D32_OUTS, "%32", "%33", "%34", "%35",
+            "%36")
+TT_WGMMA_RS(bf16, tt_bf16, 40, 1, TT_WGMMA_D20_REGS, TT_WGMMA_D20_OUTS, "%20", "%21", "%22", "%23",
+            "%24")
+TT_WGMMA_RS(bf16, tt_bf16, 64, 1, TT_WGMMA_D32_REGS, TT_WGMMA_D32_OUTS, "%32", "%33", "%34", "%35",
+            "%36")
+TT_WGMMA_RS(bf16, tt_bf16, 72, 1, TT_WGMMA_D36_REGS, TT_WGMMA_D36_OUTS, "%36", "%37", "%38", "%39",
+            "%40")
+TT_WGMMA_RS(bf16, tt_bf16, 80, 1, TT_WGMMA_D40_REGS, TT_WGMMA_D40_OUTS, "%40", "%41", "%42", "%43",
+            "%44")
+TT_WGMMA_RS(bf16, tt_bf16, 128, 1, TT_WGMMA_D64_REGS, TT_WGMMA_D64_OUTS, "%64", "%65", "%66", "%67",
+            "%68")
+TT_WGMMA_RS(bf16, tt_bf16, 160, 1, TT_WGMMA_D80_REGS, TT_WGMMA_D80_OUTS, "%80", "%81", "%82", "%83",
+            "%84")
+TT_WGMMA_RS(f16, tt_f16, 64, 0, TT_WGMMA_D32_REGS, TT_WGMMA_D32_OUTS, "%32", "%33", "%34", "%35",
+            "%36")
+TT_WGMMA_RS(f16, tt_f16, 40, 1, TT_WGMMA_D20_REGS, TT_WGMMA_D20_OUTS, "%20", "%21", "%22", "%23",
+            "%24")
+TT_WGMMA_RS(f16, tt_f16, 64, 1, TT_WGMMA_D32_REGS, TT_WGMMA_D32_OUTS, "%32", "%33", "%34", "%35",
+            "%36")
+TT_WGMMA_RS(f16, tt_f16, 72, 1, TT_WGMMA_D36_REGS, TT_WGMMA_D36_OUTS, "%36", "%37", "%38", "%39",
+            "%40")
+TT_WGMMA_RS(f16, tt_f16, 80, 1, TT_WGMMA_D40_REGS, TT_WGMMA_D40_OUTS, "%40", "%41", "%42", "%43",
+            "%44")
+TT_WGMMA_RS(f16, tt_f16, 128, 1, TT_WGMMA_D64_REGS, TT_WGMMA_D64_OUTS, "%64", "%65", "%66", "%67",
+            "%68")
+TT_WGMMA_RS(f16, tt_f16, 160, 1, TT_WGMMA_D80_REGS, TT_WGMMA_D80_OUTS, "%80", "%81", "%82", "%83",
+            "%84")
 #endif  // TT_CUDA_EMU
 
 // Pins register values in program order against the asm statements around them: after

@@ -751,22 +751,30 @@ int main() {
   section("16-bit conversions", [&] { test_conversions(); });
   section("attention", [&] {
     const double bf = 8e-3, hf = 1.5e-3;
-    attention_suite<tt_bf16, 40>("attention bf16 d=40", {ATTN_KERNEL(bf16, tt_bf16, 40, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 40, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 40, 4, 32)}, bf, rng);
+    attention_suite<tt_bf16, 40>("attention bf16 d=40", {ATTN_KERNEL(bf16, tt_bf16, 40, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 40, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 40, 4, 32),
+                                       ATTN_KERNEL_WG(bf16, tt_bf16, 40)}, bf, rng);
     attention_suite<tt_bf16, 64>("attention bf16 d=64", {ATTN_KERNEL(bf16, tt_bf16, 64, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 64, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 64, 4, 32),
                                        ATTN_KERNEL_WG(bf16, tt_bf16, 64)}, bf, rng);
-    attention_suite<tt_bf16, 72>("attention bf16 d=72", {ATTN_KERNEL(bf16, tt_bf16, 72, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 72, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 72, 4, 32)}, bf, rng);
-    attention_suite<tt_bf16, 80>("attention bf16 d=80", {ATTN_KERNEL(bf16, tt_bf16, 80, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 80, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 80, 4, 32)}, bf, rng);
+    attention_suite<tt_bf16, 72>("attention bf16 d=72", {ATTN_KERNEL(bf16, tt_bf16, 72, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 72, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 72, 4, 32),
+                                       ATTN_KERNEL_WG(bf16, tt_bf16, 72)}, bf, rng);
+    attention_suite<tt_bf16, 80>("attention bf16 d=80", {ATTN_KERNEL(bf16, tt_bf16, 80, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 80, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 80, 4, 32),
+                                       ATTN_KERNEL_WG(bf16, tt_bf16, 80)}, bf, rng);
     attention_suite<tt_bf16, 128>("attention bf16 d=128", {ATTN_KERNEL(bf16, tt_bf16, 128, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 128, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 128, 4, 32),
                                        ATTN_KERNEL_WG(bf16, tt_bf16, 128)}, bf, rng);
-    attention_suite<tt_bf16, 160>("attention bf16 d=160", {ATTN_KERNEL(bf16, tt_bf16, 160, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 160, 8, 16)}, bf, rng);
-    attention_suite<tt_f16, 40>("attention f16 d=40", {ATTN_KERNEL(f16, tt_f16, 40, 4, 16), ATTN_KERNEL(f16, tt_f16, 40, 8, 16), ATTN_KERNEL(f16, tt_f16, 40, 4, 32)}, hf, rng);
+    attention_suite<tt_bf16, 160>("attention bf16 d=160", {ATTN_KERNEL(bf16, tt_bf16, 160, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 160, 8, 16),
+                                       ATTN_KERNEL_WG(bf16, tt_bf16, 160)}, bf, rng);
+    attention_suite<tt_f16, 40>("attention f16 d=40", {ATTN_KERNEL(f16, tt_f16, 40, 4, 16), ATTN_KERNEL(f16, tt_f16, 40, 8, 16), ATTN_KERNEL(f16, tt_f16, 40, 4, 32),
+                                       ATTN_KERNEL_WG(f16, tt_f16, 40)}, hf, rng);
     attention_suite<tt_f16, 64>("attention f16 d=64", {ATTN_KERNEL(f16, tt_f16, 64, 4, 16), ATTN_KERNEL(f16, tt_f16, 64, 8, 16), ATTN_KERNEL(f16, tt_f16, 64, 4, 32),
                                        ATTN_KERNEL_WG(f16, tt_f16, 64)}, hf, rng);
-    attention_suite<tt_f16, 72>("attention f16 d=72", {ATTN_KERNEL(f16, tt_f16, 72, 4, 16), ATTN_KERNEL(f16, tt_f16, 72, 8, 16), ATTN_KERNEL(f16, tt_f16, 72, 4, 32)}, hf, rng);
-    attention_suite<tt_f16, 80>("attention f16 d=80", {ATTN_KERNEL(f16, tt_f16, 80, 4, 16), ATTN_KERNEL(f16, tt_f16, 80, 8, 16), ATTN_KERNEL(f16, tt_f16, 80, 4, 32)}, hf, rng);
+    attention_suite<tt_f16, 72>("attention f16 d=72", {ATTN_KERNEL(f16, tt_f16, 72, 4, 16), ATTN_KERNEL(f16, tt_f16, 72, 8, 16), ATTN_KERNEL(f16, tt_f16, 72, 4, 32),
+                                       ATTN_KERNEL_WG(f16, tt_f16, 72)}, hf, rng);
+    attention_suite<tt_f16, 80>("attention f16 d=80", {ATTN_KERNEL(f16, tt_f16, 80, 4, 16), ATTN_KERNEL(f16, tt_f16, 80, 8, 16), ATTN_KERNEL(f16, tt_f16, 80, 4, 32),
+                                       ATTN_KERNEL_WG(f16, tt_f16, 80)}, hf, rng);
     attention_suite<tt_f16, 128>("attention f16 d=128", {ATTN_KERNEL(f16, tt_f16, 128, 4, 16), ATTN_KERNEL(f16, tt_f16, 128, 8, 16), ATTN_KERNEL(f16, tt_f16, 128, 4, 32),
                                        ATTN_KERNEL_WG(f16, tt_f16, 128)}, hf, rng);
-    attention_suite<tt_f16, 160>("attention f16 d=160", {ATTN_KERNEL(f16, tt_f16, 160, 4, 16), ATTN_KERNEL(f16, tt_f16, 160, 8, 16)}, hf, rng);
+    attention_suite<tt_f16, 160>("attention f16 d=160", {ATTN_KERNEL(f16, tt_f16, 160, 4, 16), ATTN_KERNEL(f16, tt_f16, 160, 8, 16),
+                                       ATTN_KERNEL_WG(f16, tt_f16, 160)}, hf, rng);
   });
   section("layer_norm_mod", [&] {
     layer_norm_suite<float>(tt_layer_norm_mod_f32, 6e-7, rng);

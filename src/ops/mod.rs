@@ -42,7 +42,7 @@ pub enum AttentionTile {
     /// K/V fragment feeds two products, the Q tile sits in shared memory. Head sizes up to 128.
     W4R32,
     /// 2 warpgroups of 64 rows (128 rows) on Hopper's wgmma: the tensor cores read K and V from
-    /// shared memory themselves. Compute capability 9.0 only; head sizes 64 and 128.
+    /// shared memory themselves. Compute capability 9.0 only.
     Wg2,
 }
 
@@ -89,7 +89,7 @@ impl AttentionTile {
         match self {
             Self::W4R16 | Self::W8R16 => ATTENTION_HEAD_DIMS.contains(&d),
             Self::W4R32 => ATTENTION_HEAD_DIMS.contains(&d) && d <= 128,
-            Self::Wg2 => d == 64 || d == 128,
+            Self::Wg2 => ATTENTION_HEAD_DIMS.contains(&d),
         }
     }
 
@@ -104,10 +104,11 @@ impl AttentionTile {
     /// V tiles (64 keys each), plus the Q tile for [`AttentionTile::W4R32`], rows of
     /// `ceil(d/16)·16 + 8` elements (`TtAttnTile::SMEM_BYTES` in the kernel, which checks it).
     pub fn smem_bytes(self, d: usize) -> usize {
+        let padded = d.div_ceil(16) * 16;
         if self == Self::Wg2 {
-            return 2 * 64 * d * 2; // K and V tiles as unpadded core matrices
+            return 2 * 64 * padded * 2; // K and V tiles as core matrices, rows not padded
         }
-        let row = d.div_ceil(16) * 16 + 8;
+        let row = padded + 8;
         let q_rows = if self == Self::W4R32 {
             self.block_rows()
         } else {
@@ -441,7 +442,7 @@ mod tests {
         assert!(AttentionTile::W4R32.supports(128));
         assert!(!AttentionTile::W4R32.supports(160));
         assert!(!AttentionTile::W4R16.supports(96));
-        assert!(AttentionTile::Wg2.supports(64) && !AttentionTile::Wg2.supports(72));
+        assert!(AttentionTile::Wg2.supports(160) && !AttentionTile::Wg2.supports(96));
         let q = |lq: usize, d: usize| Tensor::zeros((1, 2, lq, d), DType::F32, &Device::Cpu);
         let q = |lq, d| q(lq, d).unwrap();
         // Flux's 4096+512 tokens at D = 128 take the 128-row tile; a single row or D = 160
@@ -466,5 +467,6 @@ mod tests {
         assert_eq!(AttentionTile::W4R16.smem_bytes(128), 128 * 136 * 2);
         assert_eq!(AttentionTile::W4R32.smem_bytes(72), 256 * 88 * 2);
         assert_eq!(AttentionTile::Wg2.smem_bytes(128), 128 * 128 * 2);
+        assert_eq!(AttentionTile::Wg2.smem_bytes(72), 128 * 80 * 2);
     }
 }
