@@ -231,8 +231,8 @@ __device__ __forceinline__ uint64_t tt_wgmma_desc(const void *smem, uint32_t lbo
   return e(tt_emu_smem_addr(smem)) | e(lbo) << 16 | e(sbo) << 32;
 }
 __device__ __forceinline__ void tt_wgmma_fence() {}
-__device__ __forceinline__ void tt_wgmma_commit() {}
-template <int N> __device__ __forceinline__ void tt_wgmma_wait() {}
+__device__ __forceinline__ void tt_wgmma_commit() { tt_emu_wgmma_commit(); }
+template <int N> __device__ __forceinline__ void tt_wgmma_wait() { tt_emu_wgmma_wait(N); }
 __device__ __forceinline__ void tt_fence_proxy_async() {}
 #else
 __device__ __forceinline__ uint64_t tt_wgmma_desc(const void *smem, uint32_t lbo, uint32_t sbo) {

@@ -23,8 +23,11 @@
 //   * cp.async copies land either at their wait (lazy) or at issue (eager), alternating every
 //     four blocks: the two extremes of what the hardware may do (see tt_emu_cp_async16).
 //   * wgmma.mma_async (m64nNk16, A from registers, B from shared memory through a descriptor
-//     without swizzling) is a collective of the 4 warps of a warpgroup, computed at issue: the
-//     fence / commit / wait instructions around it have nothing left to order. B is read through
+//     without swizzling) is a collective of the 4 warps of a warpgroup. The product is computed
+//     at issue (from the accumulators as they are then, or as a still pending product into the
+//     same registers leaves them: chained products), but delivered to the accumulator registers
+//     only by the wgmma.wait_group that covers its commit group, so a kernel that reads or
+//     modifies the accumulators before waiting, or never commits, gets wrong results. B is read through
 //     the descriptor's start address, leading and stride byte offsets exactly as the PTX ISA
 //     defines the canonical K-major and MN-major layouts, from the launch's dynamic shared memory
 //     (shared-window addresses are offsets into it), and a read outside it is reported.
@@ -207,6 +210,15 @@ constexpr size_t kStackBytes = 256 * 1024;
 }
 
 // A cp.async copy of 16 bytes that has been issued but not performed yet.
+// A wgmma result not yet delivered: the accumulator registers it goes to and their values
+// (the registers at issue plus the products chained into them since).
+struct PendingMma {
+  float *d;
+  int n;  // registers
+  float v[128];
+  unsigned group;  // the wgmma commit group of its last product (committed count at issue)
+};
+
 struct AsyncCopy {
   void *dst;
   const void *src;  // null: zero-fill
@@ -221,6 +233,8 @@ struct Fiber {
   unsigned wait_val = 0;
   unsigned phase = 0;  // which of the two warp exchange areas the next collective uses
   unsigned wg_phase = 0;  // the same for warpgroup collectives (wgmma)
+  std::vector<PendingMma> mmas;  // wgmma: issued, results not yet delivered
+  unsigned mma_committed = 0;    // wgmma commit groups closed so far
   bool done = true;
   char *stack = nullptr;  // kStackBytes, the lowest page a guard page
 #ifdef TT_EMU_UCONTEXT
@@ -402,6 +416,7 @@ inline unsigned next_phase() {
   State &s = g;
   Fiber &f = s.fibers[s.cur];
   if (!f.copies.empty()) fatal("a thread exited with cp.async copies never waited for");
+  if (!f.mmas.empty()) fatal("a thread exited with wgmma results never waited for");
   f.done = true;
   --s.live;
   Warp &w = s.warps[s.cur >> 5];
@@ -434,6 +449,8 @@ inline char *new_stack() {
 
 inline void start_fiber(Fiber &f) {
   f.done = false;
+  f.mmas.clear();
+  f.mma_committed = 0;
   f.wait_gen = nullptr;
   f.phase = 0;
 #ifdef TT_EMU_UCONTEXT
@@ -769,6 +786,17 @@ inline void tt_emu_wgmma(float *d, int n, const uint32_t a[4], uint64_t desc, bo
     memcpy(&h, s.dyn + start + off, 2);
     return cv(h);
   };
+  // The pending product into the same registers, else a new one from their current values.
+  tt_emu::PendingMma *pm = nullptr;
+  for (tt_emu::PendingMma &m : f.mmas)
+    if (m.d == d) pm = &m;
+  if (pm != nullptr && pm->n != n / 2) tt_emu::fatal("chained wgmma products of different shapes");
+  if (pm == nullptr) {
+    f.mmas.push_back(tt_emu::PendingMma{d, n / 2, {}, 0});
+    pm = &f.mmas.back();
+    for (int i = 0; i < n / 2; ++i) pm->v[i] = d[i];
+  }
+  pm->group = f.mma_committed;
   const int warp = tw >> 5, lane = tw & 31, gq = lane >> 2, tq = lane & 3;
   for (int j = 0; j < n / 8; ++j)
     for (int e = 0; e < 4; ++e) {
@@ -776,6 +804,31 @@ inline void tt_emu_wgmma(float *d, int n, const uint32_t a[4], uint64_t desc, bo
       const int col = 8 * j + 2 * tq + (e & 1);
       float sum = 0.0f;
       for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, col);
-      d[4 * j + e] += sum;
+      pm->v[4 * j + e] += sum;
     }
+}
+
+// wgmma.commit_group: closes the group of the products issued since the last commit.
+inline void tt_emu_wgmma_commit() {
+  tt_emu::State &s = tt_emu::g;
+  if (s.cur < 0) tt_emu::fatal("wgmma.commit_group outside a kernel launch");
+  ++s.fibers[s.cur].mma_committed;
+}
+
+// wgmma.wait_group n: delivers the results of every committed group but the n most recent.
+inline void tt_emu_wgmma_wait(unsigned n) {
+  tt_emu::State &s = tt_emu::g;
+  if (s.cur < 0) tt_emu::fatal("wgmma.wait_group outside a kernel launch");
+  tt_emu::Fiber &f = s.fibers[s.cur];
+  const unsigned limit = f.mma_committed >= n ? f.mma_committed - n : 0;
+  size_t kept = 0;
+  for (size_t i = 0; i < f.mmas.size(); ++i) {
+    const tt_emu::PendingMma &m = f.mmas[i];
+    if (m.group < limit) {
+      for (int r = 0; r < m.n; ++r) m.d[r] = m.v[r];
+    } else {
+      f.mmas[kept++] = m;
+    }
+  }
+  f.mmas.resize(kept);
 }
