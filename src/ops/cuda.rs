@@ -60,7 +60,8 @@ fn module(dev: &CudaDevice, file: Kernels) -> (&'static str, &'static str) {
 /// logged once and leaves the mma.sync tiles in use.
 pub(super) fn wgmma_attention_ok(dev: &CudaDevice, dtype: DType, d: usize) -> bool {
     use super::{with_attention_tile, AttentionTile};
-    if !sm90a(dev) || !AttentionTile::Wg2.supports(d) {
+    if !sm90a(dev) || !AttentionTile::Wg2.supports(d) || !matches!(dtype, DType::BF16 | DType::F16)
+    {
         return false;
     }
     type Verdicts = Mutex<HashMap<(DeviceId, DType, usize), bool>>;
