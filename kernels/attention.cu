@@ -350,8 +350,9 @@ TT_ATTENTION_ALL(f16, tt_f16)
 
 #ifdef TT_HAVE_WGMMA
 // ---------------------------------------------------------------------------------------------
-// The wg2 tile (Hopper, sm_90a): 2 warpgroups of 64 query rows (128 rows, 256 threads), both
-// products on wgmma. Each warp still owns 16 rows with the same fragments as w8r16 (Q from
+// The wg2 and wg1 tiles (Hopper, sm_90a): 2 warpgroups of 64 query rows (128 rows, 256 threads:
+// a K/V tile serves twice the rows) or 1 (64 rows, 128 threads: two blocks fit an SM, and their
+// warpgroups never wait for each other at a barrier), both products on wgmma. Each warp still owns 16 rows with the same fragments as w8r16 (Q from
 // registers as the A operand, the score accumulators as mma's), so the softmax is the same code;
 // the tensor cores read K and V straight from shared memory through descriptors, no ldmatrix.
 // K and V tiles are stored as 8x8 core matrices (8 rows of 16 bytes, 128 contiguous bytes): the
@@ -359,23 +360,23 @@ TT_ATTENTION_ALL(f16, tt_f16)
 // chunks past the head size are zeros, for the k-steps of Q·Kᵀ), which reads as K-major for K
 // (keys as N) and MN-major for V (head dims as N, the product m64nDk16). Every head size.
 
-template <typename T, int D>
+template <typename T, int D, int WG>
 struct TtAttnWgTile {
   static constexpr int DP = (D + 15) / 16 * 16;  // padded head size: the k extent of Q·Kᵀ
   static constexpr int CH = DP / 8;              // 16-byte chunks of a row
-  static constexpr int BM = 128;
-  static constexpr int THREADS = 256;
+  static constexpr int BM = 64 * WG;
+  static constexpr int THREADS = 128 * WG;
   static constexpr int SMEM_BYTES = 2 * TT_ATT_BN * DP * static_cast<int>(sizeof(T));
 };
 
-template <typename T, int D>
+template <typename T, int D, int WG>
 __device__ __forceinline__ void tt_attention_wg_impl(
     const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, T *__restrict__ out,
     const int *__restrict__ key_lens, int heads, int lq, int lk, long long q_sb, long long q_sh,
     long long q_sl, long long k_sb, long long k_sh, long long k_sl, long long v_sb,
     long long v_sh, long long v_sl, float scale_log2) {
   static_assert(D % 8 == 0 && D <= 256, "wgmma attention takes head sizes that are multiples of 8");
-  using Tile = TtAttnWgTile<T, D>;
+  using Tile = TtAttnWgTile<T, D, WG>;
   constexpr int CH = Tile::CH;
   constexpr int KT = Tile::DP / 16;
   constexpr int NT = D / 8;
@@ -452,7 +453,7 @@ __device__ __forceinline__ void tt_attention_wg_impl(
 
     tt_online_softmax<ST, NT>(s, row_max, row_sum, acc, kb, kv_len, t, scale_log2);
 
-    __syncthreads();  // both warpgroups are done with K(tile) (their products have completed)
+    __syncthreads();  // the warpgroups are done with K(tile) (their products have completed)
     if (tile + 1 < tiles) {
       load_tile(ks, kp, k_sl, kb + TT_ATT_BN, kv_len);
       tt_cp_async_commit();
@@ -477,32 +478,36 @@ __device__ __forceinline__ void tt_attention_wg_impl(
     tt_wgmma_commit();
     tt_wgmma_wait<0>();
     tt_wgmma_fence_regs(&acc[0][0], 4 * NT);
-    __syncthreads();  // both warpgroups are done with V(tile) before the next tile overwrites it
+    __syncthreads();  // the warpgroups are done with V(tile) before the next tile overwrites it
   }
 
   tt_attention_store<T, D, NT>(acc, row_sum, out, b, h, heads, lq, r0, t);
 }
 
-// tt_attention_<dtype>_d<D>_wg2
-#define TT_ATTENTION_WG(TN, T, D)                                                                \
-  extern "C" __global__ void __launch_bounds__(256) tt_attention_##TN##_d##D##_wg2(              \
+// tt_attention_<dtype>_d<D>_wg<warpgroups>
+#define TT_ATTENTION_WG(TN, T, D, WG)                                                            \
+  extern "C" __global__ void __launch_bounds__(128 * WG) tt_attention_##TN##_d##D##_wg##WG(     \
       const T *q, const T *k, const T *v, T *out, const int *key_lens, int heads, int lq,        \
       int lk, long long q_sb, long long q_sh, long long q_sl, long long k_sb, long long k_sh,    \
       long long k_sl, long long v_sb, long long v_sh, long long v_sl, float scale_log2) {        \
-    tt_attention_wg_impl<T, D>(q, k, v, out, key_lens, heads, lq, lk, q_sb, q_sh, q_sl, k_sb,    \
-                               k_sh, k_sl, v_sb, v_sh, v_sl, scale_log2);                        \
+    tt_attention_wg_impl<T, D, WG>(q, k, v, out, key_lens, heads, lq, lk, q_sb, q_sh, q_sl,      \
+                                   k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, scale_log2);              \
   }
 
-TT_ATTENTION_WG(bf16, tt_bf16, 40)
-TT_ATTENTION_WG(bf16, tt_bf16, 64)
-TT_ATTENTION_WG(bf16, tt_bf16, 72)
-TT_ATTENTION_WG(bf16, tt_bf16, 80)
-TT_ATTENTION_WG(bf16, tt_bf16, 128)
-TT_ATTENTION_WG(bf16, tt_bf16, 160)
-TT_ATTENTION_WG(f16, tt_f16, 40)
-TT_ATTENTION_WG(f16, tt_f16, 64)
-TT_ATTENTION_WG(f16, tt_f16, 72)
-TT_ATTENTION_WG(f16, tt_f16, 80)
-TT_ATTENTION_WG(f16, tt_f16, 128)
-TT_ATTENTION_WG(f16, tt_f16, 160)
+#define TT_ATTENTION_WG_ALL(TN, T) \
+  TT_ATTENTION_WG(TN, T, 40, 1)    \
+  TT_ATTENTION_WG(TN, T, 64, 1)    \
+  TT_ATTENTION_WG(TN, T, 72, 1)    \
+  TT_ATTENTION_WG(TN, T, 80, 1)    \
+  TT_ATTENTION_WG(TN, T, 128, 1)   \
+  TT_ATTENTION_WG(TN, T, 160, 1)   \
+  TT_ATTENTION_WG(TN, T, 40, 2)    \
+  TT_ATTENTION_WG(TN, T, 64, 2)    \
+  TT_ATTENTION_WG(TN, T, 72, 2)    \
+  TT_ATTENTION_WG(TN, T, 80, 2)    \
+  TT_ATTENTION_WG(TN, T, 128, 2)   \
+  TT_ATTENTION_WG(TN, T, 160, 2)
+
+TT_ATTENTION_WG_ALL(bf16, tt_bf16)
+TT_ATTENTION_WG_ALL(f16, tt_f16)
 #endif  // TT_HAVE_WGMMA

@@ -55,7 +55,7 @@ fn fused_attention_matches_the_cpu_for_every_head_size_dtype_layout_and_mask() {
                     assert!(ops::attention_fused_ok(&qg, &kg, &vg));
                     // Every block tile the kernel has for d: within the bound of the CPU, and
                     // the mma.sync tiles bit-identical to each other (each row takes the same
-                    // operations); wg2 (wgmma, Hopper) says whether it is too.
+                    // operations); the wgmma tiles (Hopper) say whether they are too.
                     let mut first: Option<(AttentionTile, Vec<f32>)> = None;
                     for tile in AttentionTile::ALL.into_iter().filter(|t| t.runs_on(&qg)) {
                         let ours = ops::with_attention_tile(tile, || {
@@ -81,10 +81,11 @@ fn fused_attention_matches_the_cpu_for_every_head_size_dtype_layout_and_mask() {
                                     .iter()
                                     .zip(&bits)
                                     .all(|(a, b)| a.to_bits() == b.to_bits());
-                                if tile == AttentionTile::Wg2 {
+                                if tile.uses_wgmma() {
                                     println!(
-                                        "attention wg2 on cuda {dtype:?} d={d} lq={lq} lk={lk}: \
+                                        "attention {} on cuda {dtype:?} d={d} lq={lq} lk={lk}: \
                                          error {err:.2e}, bit-identical to {}: {same}",
+                                        tile.name(),
                                         t0.name()
                                     );
                                 } else {

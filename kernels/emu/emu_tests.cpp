@@ -5,7 +5,7 @@
 //   c++ -std=c++20 -O2 -pthread -DTT_CUDA_EMU -fno-strict-aliasing -Wall -Wno-unknown-pragmas
 //       -I kernels kernels/emu/emu_tests.cpp -o emu_tests
 //
-// Attention runs each of its block tiles (w4r16, w8r16, w4r32, and the wgmma tile wg2) on the same inputs: the first is
+// Attention runs each of its block tiles (w4r16, w8r16, w4r32, and the wgmma tiles wg2 and wg1) on the same inputs: the first is
 // checked against the reference, the others must be bit-identical to it; a "tile" line per
 // kernel gives its launch shape.
 //
@@ -326,9 +326,10 @@ template <class T> struct AttnKernel {
   int threads;  // threads of a block
   int smem;     // dynamic shared memory, bytes
 };
-#define ATTN_KERNEL_WG(TN, T, D)                                                              \
+#define ATTN_KERNEL_WG(TN, T, D, WG)                                                          \
   AttnKernel<T> {                                                                               \
-    "wg2", tt_attention_##TN##_d##D##_wg2, 128, 256, TtAttnWgTile<T, D>::SMEM_BYTES             \
+    "wg" #WG, tt_attention_##TN##_d##D##_wg##WG, 64 * WG, 128 * WG,                              \
+        TtAttnWgTile<T, D, WG>::SMEM_BYTES                                                      \
   }
 #define ATTN_KERNEL(TN, T, D, W, R)                                                 \
   AttnKernel<T> {                                                                   \
@@ -752,29 +753,41 @@ int main() {
   section("attention", [&] {
     const double bf = 8e-3, hf = 1.5e-3;
     attention_suite<tt_bf16, 40>("attention bf16 d=40", {ATTN_KERNEL(bf16, tt_bf16, 40, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 40, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 40, 4, 32),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 40)}, bf, rng);
+                                       ATTN_KERNEL_WG(bf16, tt_bf16, 40, 2),
+                                       ATTN_KERNEL_WG(bf16, tt_bf16, 40, 1)}, bf, rng);
     attention_suite<tt_bf16, 64>("attention bf16 d=64", {ATTN_KERNEL(bf16, tt_bf16, 64, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 64, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 64, 4, 32),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 64)}, bf, rng);
+                                       ATTN_KERNEL_WG(bf16, tt_bf16, 64, 2),
+                                       ATTN_KERNEL_WG(bf16, tt_bf16, 64, 1)}, bf, rng);
     attention_suite<tt_bf16, 72>("attention bf16 d=72", {ATTN_KERNEL(bf16, tt_bf16, 72, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 72, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 72, 4, 32),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 72)}, bf, rng);
+                                       ATTN_KERNEL_WG(bf16, tt_bf16, 72, 2),
+                                       ATTN_KERNEL_WG(bf16, tt_bf16, 72, 1)}, bf, rng);
     attention_suite<tt_bf16, 80>("attention bf16 d=80", {ATTN_KERNEL(bf16, tt_bf16, 80, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 80, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 80, 4, 32),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 80)}, bf, rng);
+                                       ATTN_KERNEL_WG(bf16, tt_bf16, 80, 2),
+                                       ATTN_KERNEL_WG(bf16, tt_bf16, 80, 1)}, bf, rng);
     attention_suite<tt_bf16, 128>("attention bf16 d=128", {ATTN_KERNEL(bf16, tt_bf16, 128, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 128, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 128, 4, 32),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 128)}, bf, rng);
+                                       ATTN_KERNEL_WG(bf16, tt_bf16, 128, 2),
+                                       ATTN_KERNEL_WG(bf16, tt_bf16, 128, 1)}, bf, rng);
     attention_suite<tt_bf16, 160>("attention bf16 d=160", {ATTN_KERNEL(bf16, tt_bf16, 160, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 160, 8, 16),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 160)}, bf, rng);
+                                       ATTN_KERNEL_WG(bf16, tt_bf16, 160, 2),
+                                       ATTN_KERNEL_WG(bf16, tt_bf16, 160, 1)}, bf, rng);
     attention_suite<tt_f16, 40>("attention f16 d=40", {ATTN_KERNEL(f16, tt_f16, 40, 4, 16), ATTN_KERNEL(f16, tt_f16, 40, 8, 16), ATTN_KERNEL(f16, tt_f16, 40, 4, 32),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 40)}, hf, rng);
+                                       ATTN_KERNEL_WG(f16, tt_f16, 40, 2),
+                                       ATTN_KERNEL_WG(f16, tt_f16, 40, 1)}, hf, rng);
     attention_suite<tt_f16, 64>("attention f16 d=64", {ATTN_KERNEL(f16, tt_f16, 64, 4, 16), ATTN_KERNEL(f16, tt_f16, 64, 8, 16), ATTN_KERNEL(f16, tt_f16, 64, 4, 32),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 64)}, hf, rng);
+                                       ATTN_KERNEL_WG(f16, tt_f16, 64, 2),
+                                       ATTN_KERNEL_WG(f16, tt_f16, 64, 1)}, hf, rng);
     attention_suite<tt_f16, 72>("attention f16 d=72", {ATTN_KERNEL(f16, tt_f16, 72, 4, 16), ATTN_KERNEL(f16, tt_f16, 72, 8, 16), ATTN_KERNEL(f16, tt_f16, 72, 4, 32),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 72)}, hf, rng);
+                                       ATTN_KERNEL_WG(f16, tt_f16, 72, 2),
+                                       ATTN_KERNEL_WG(f16, tt_f16, 72, 1)}, hf, rng);
     attention_suite<tt_f16, 80>("attention f16 d=80", {ATTN_KERNEL(f16, tt_f16, 80, 4, 16), ATTN_KERNEL(f16, tt_f16, 80, 8, 16), ATTN_KERNEL(f16, tt_f16, 80, 4, 32),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 80)}, hf, rng);
+                                       ATTN_KERNEL_WG(f16, tt_f16, 80, 2),
+                                       ATTN_KERNEL_WG(f16, tt_f16, 80, 1)}, hf, rng);
     attention_suite<tt_f16, 128>("attention f16 d=128", {ATTN_KERNEL(f16, tt_f16, 128, 4, 16), ATTN_KERNEL(f16, tt_f16, 128, 8, 16), ATTN_KERNEL(f16, tt_f16, 128, 4, 32),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 128)}, hf, rng);
+                                       ATTN_KERNEL_WG(f16, tt_f16, 128, 2),
+                                       ATTN_KERNEL_WG(f16, tt_f16, 128, 1)}, hf, rng);
     attention_suite<tt_f16, 160>("attention f16 d=160", {ATTN_KERNEL(f16, tt_f16, 160, 4, 16), ATTN_KERNEL(f16, tt_f16, 160, 8, 16),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 160)}, hf, rng);
+                                       ATTN_KERNEL_WG(f16, tt_f16, 160, 2),
+                                       ATTN_KERNEL_WG(f16, tt_f16, 160, 1)}, hf, rng);
   });
   section("layer_norm_mod", [&] {
     layer_norm_suite<float>(tt_layer_norm_mod_f32, 6e-7, rng);

@@ -260,8 +260,11 @@ fn attention_t<T: CudaDType + DeviceRepr>(
             tile.name()
         );
     }
-    if tile == super::AttentionTile::Wg2 && !sm90a(dev) {
-        bail!("the wg2 attention tile needs compute capability 9.0 (wgmma)");
+    if tile.uses_wgmma() && !sm90a(dev) {
+        bail!(
+            "the {} attention tile needs compute capability 9.0 (wgmma)",
+            tile.name()
+        );
     }
     let func = kernel!(
         dev,

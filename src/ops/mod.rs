@@ -44,20 +44,25 @@ pub enum AttentionTile {
     /// 2 warpgroups of 64 rows (128 rows) on Hopper's wgmma: the tensor cores read K and V from
     /// shared memory themselves. Compute capability 9.0 only.
     Wg2,
+    /// 1 warpgroup of 64 rows on wgmma: two blocks fit an SM and never wait for each other.
+    /// Compute capability 9.0 only.
+    Wg1,
 }
 
 impl AttentionTile {
     /// Every tile, in the order the benchmarks list them.
-    pub const ALL: [AttentionTile; 4] = [Self::W4R16, Self::W8R16, Self::W4R32, Self::Wg2];
+    pub const ALL: [AttentionTile; 5] =
+        [Self::W4R16, Self::W8R16, Self::W4R32, Self::Wg2, Self::Wg1];
 
     /// The kernel-name suffix, also the `TT_SCALE_ATTN_TILE` value: `w4r16`, `w8r16`, `w4r32`,
-    /// `wg2`.
+    /// `wg2`, `wg1`.
     pub fn name(self) -> &'static str {
         match self {
             Self::W4R16 => "w4r16",
             Self::W8R16 => "w8r16",
             Self::W4R32 => "w4r32",
             Self::Wg2 => "wg2",
+            Self::Wg1 => "wg1",
         }
     }
 
@@ -71,7 +76,7 @@ impl AttentionTile {
     /// Warps of a block.
     pub fn warps(self) -> usize {
         match self {
-            Self::W4R16 | Self::W4R32 => 4,
+            Self::W4R16 | Self::W4R32 | Self::Wg1 => 4,
             Self::W8R16 | Self::Wg2 => 8,
         }
     }
@@ -79,7 +84,7 @@ impl AttentionTile {
     /// Query rows of a block.
     pub fn block_rows(self) -> usize {
         match self {
-            Self::W4R16 => 64,
+            Self::W4R16 | Self::Wg1 => 64,
             Self::W8R16 | Self::W4R32 | Self::Wg2 => 128,
         }
     }
@@ -87,17 +92,21 @@ impl AttentionTile {
     /// Whether the kernel is instantiated for head size `d`.
     pub fn supports(self, d: usize) -> bool {
         match self {
-            Self::W4R16 | Self::W8R16 => ATTENTION_HEAD_DIMS.contains(&d),
+            Self::W4R16 | Self::W8R16 | Self::Wg2 | Self::Wg1 => ATTENTION_HEAD_DIMS.contains(&d),
             Self::W4R32 => ATTENTION_HEAD_DIMS.contains(&d) && d <= 128,
-            Self::Wg2 => ATTENTION_HEAD_DIMS.contains(&d),
         }
     }
 
+    /// Whether the tile runs on Hopper's wgmma (compute capability 9.0 only).
+    pub fn uses_wgmma(self) -> bool {
+        matches!(self, Self::Wg2 | Self::Wg1)
+    }
+
     /// Whether the tile can run attention over `q` (B, H, L, D) on `q`'s device: the head size,
-    /// and for [`AttentionTile::Wg2`] a CUDA device of compute capability 9.0.
+    /// and for the wgmma tiles a CUDA device of compute capability 9.0.
     pub fn runs_on(self, q: &Tensor) -> bool {
         let d = q.dims().last().copied().unwrap_or(0);
-        self.supports(d) && (self != Self::Wg2 || sm90a_device(q.device()))
+        self.supports(d) && (!self.uses_wgmma() || sm90a_device(q.device()))
     }
 
     /// Dynamic shared memory of a block, bytes, for head size `d` and 16-bit elements: the K and
@@ -105,7 +114,7 @@ impl AttentionTile {
     /// `ceil(d/16)·16 + 8` elements (`TtAttnTile::SMEM_BYTES` in the kernel, which checks it).
     pub fn smem_bytes(self, d: usize) -> usize {
         let padded = d.div_ceil(16) * 16;
-        if self == Self::Wg2 {
+        if self.uses_wgmma() {
             return 2 * 64 * padded * 2; // K and V tiles as core matrices, rows not padded
         }
         let row = padded + 8;
@@ -159,8 +168,8 @@ impl AttentionTile {
                 let tile = Self::parse(&v);
                 if tile.is_none() {
                     tracing::warn!(
-                        "TT_SCALE_ATTN_TILE={v:?} is not a tile (w4r16, w8r16, w4r32, wg2); \
-                         using the default"
+                        "TT_SCALE_ATTN_TILE={v:?} is not a tile (w4r16, w8r16, w4r32, wg2, \
+                         wg1); using the default"
                     );
                 }
                 tile
@@ -451,6 +460,11 @@ mod tests {
         assert_eq!(AttentionTile::choose(&q(1, 128)), AttentionTile::W4R16);
         assert_eq!(AttentionTile::choose(&q(4096, 160)), AttentionTile::W4R16);
         assert!(!AttentionTile::Wg2.runs_on(&q(4608, 128)));
+        assert!(!AttentionTile::Wg1.runs_on(&q(4608, 128)));
+        assert_eq!(
+            AttentionTile::Wg1.smem_bytes(72),
+            AttentionTile::Wg2.smem_bytes(72)
+        );
         // An override applies where the tile runs, else the default stands.
         with_attention_tile(AttentionTile::W8R16, || {
             assert_eq!(AttentionTile::choose(&q(10, 72)), AttentionTile::W8R16);
