@@ -14,7 +14,8 @@
 // twice the rows); w4r32, 4 warps of 32 rows (128 rows, FlashAttention-2's tile for head sizes
 // 64 and 128: every K and V fragment read from shared memory feeds two products, the Q tile sits
 // in shared memory). Every row is computed by the same sequence of operations in every tile, so
-// the three give bit-identical outputs; they differ only in speed.
+// the three give bit-identical outputs; they differ only in speed. On Hopper (the compute_90a
+// PTX), the wg2 and wg1 tiles at the end of this file run both products on wgmma instead.
 //
 // q, k, v: 16-bit (bf16 or f16), innermost dimension contiguous, any batch/head/sequence strides
 // that are multiples of 8 elements, 16-byte aligned bases. out: contiguous (B, Lq, H, D).
