@@ -1,6 +1,6 @@
 // Fused scaled-dot-product attention (FlashAttention-2 style) on tensor cores.
 //
-// out[b, i, h, :] = sum_j softmax_j(scale * q[b, h, i, :] . k[b, h, j, :]) v[b, h, j, :]
+// out[b, i, h, :] = sum_j softmax_j(scale * q[b, h, i, :] . k[b, h, j, :]) v[b, h, j, :], scale > 0,
 // over the keys j < key_lens[b] (all Lk keys when key_lens is null). The score matrix is never
 // materialised: each warp keeps 16 query rows per m-tile (one or two m-tiles), streams 64-key
 // tiles of K and V through shared memory, and keeps a running maximum and sum per row (online
@@ -70,20 +70,24 @@ __device__ __forceinline__ void tt_load_q_fragments(uint32_t (&qf)[KT][4], const
 }
 
 // One tile of the online softmax for a thread's two rows of one m-tile (rr = 0: the row of
-// elements 0-1 of each score n-tile; rr = 1: 8 rows further, elements 2-3): scales the scores to
-// log2 units, masks the keys from kv_len on, turns the scores into probabilities against the
-// running maximum (shared by the quad of lanes that hold a row), and rescales the running sum
-// and the output accumulators by the change of maximum.
+// elements 0-1 of each score n-tile; rr = 1: 8 rows further, elements 2-3): masks the keys from
+// kv_len on (only the last tile has any), turns the raw scores into probabilities against the
+// running maximum in log2 units (shared by the quad of lanes that hold a row; one fused
+// multiply-add and one exp2 per score), and rescales the running sum and the output accumulators
+// by the change of maximum. scale_log2 must be positive (the maximum of the scaled scores is then
+// the scaled maximum).
 template <int ST, int NT>
 __device__ __forceinline__ void tt_online_softmax(float (&s)[ST][4], float (&row_max)[2],
                                                   float (&row_sum)[2], float (&acc)[NT][4],
                                                   int kb, int kv_len, int t, float scale_log2) {
+  if (kb + ST * 8 > kv_len) {
 #pragma unroll
-  for (int j = 0; j < ST; ++j) {
+    for (int j = 0; j < ST; ++j) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int key = kb + j * 8 + 2 * t + (e & 1);
-      s[j][e] = key < kv_len ? s[j][e] * scale_log2 : -INFINITY;
+      for (int e = 0; e < 4; ++e) {
+        const int key = kb + j * 8 + 2 * t + (e & 1);
+        if (key >= kv_len) s[j][e] = -INFINITY;
+      }
     }
   }
 #pragma unroll
@@ -93,13 +97,14 @@ __device__ __forceinline__ void tt_online_softmax(float (&s)[ST][4], float (&row
     for (int j = 0; j < ST; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * rr], s[j][2 * rr + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(TT_FULL_MASK, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(TT_FULL_MASK, mx, 2));
-    const float new_max = fmaxf(row_max[rr], mx);
+    const float new_max = fmaxf(row_max[rr], mx * scale_log2);
     const float alpha = exp2f(row_max[rr] - new_max);
+    const float shift = -new_max;
     float sum = 0.0f;
 #pragma unroll
     for (int j = 0; j < ST; ++j) {
-      s[j][2 * rr] = exp2f(s[j][2 * rr] - new_max);
-      s[j][2 * rr + 1] = exp2f(s[j][2 * rr + 1] - new_max);
+      s[j][2 * rr] = exp2f(fmaf(s[j][2 * rr], scale_log2, shift));
+      s[j][2 * rr + 1] = exp2f(fmaf(s[j][2 * rr + 1], scale_log2, shift));
       sum += s[j][2 * rr] + s[j][2 * rr + 1];
     }
     row_sum[rr] = row_sum[rr] * alpha + sum;

@@ -136,6 +136,12 @@ fn attention_rejects_mismatched_operands() {
     assert!(fused::attention(&q, &q, &q, 1.0, Some(&[1, 2, 3])).is_err());
     let half = q.to_dtype(DType::BF16).unwrap();
     assert!(fused::attention(&q, &half, &half, 1.0, None).is_err());
+    // The kernel takes the maximum of the raw scores, so the scale must be positive.
+    for scale in [0.0, -0.5, f64::NAN, f64::INFINITY] {
+        let err = fused::attention(&q, &q, &q, scale, None).unwrap_err();
+        assert!(err.to_string().contains("positive"), "{err}");
+    }
+    assert!(fused::attention(&q, &q, &q, 0.5, None).is_ok());
 }
 
 /// layer_norm(x) (float32 statistics) · w + b, then · (1 + scale) + shift, with candle ops.

@@ -15,8 +15,8 @@ pub enum Activation {
 
 /// Scaled-dot-product attention without a materialised score matrix.
 ///
-/// `q` (B, H, Lq, D), `k` and `v` (B, H, Lk, D), any strides; `scale` multiplies the scores
-/// (usually `1/sqrt(D)`); `key_lens` (B values) keeps only the first `key_lens[b]` keys of batch
+/// `q` (B, H, Lq, D), `k` and `v` (B, H, Lk, D), any strides; `scale` (> 0) multiplies the
+/// scores (usually `1/sqrt(D)`); `key_lens` (B values) keeps only the first `key_lens[b]` keys of batch
 /// row `b` (text padding). Returns (B, H, Lq, D), a transposed view of a contiguous
 /// (B, Lq, H, D) tensor, so that `.transpose(1, 2)?.reshape((B, Lq, H·D))` is free.
 /// On CUDA: bf16/f16, D in [`super::ATTENTION_HEAD_DIMS`], strides and offsets multiples of 8.
@@ -39,6 +39,9 @@ pub fn attention(
     }
     if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
         bail!("attention: q, k and v must share one dtype");
+    }
+    if !(scale > 0.0 && scale.is_finite()) {
+        bail!("attention: the scale must be positive and finite (usually 1/sqrt(D)), got {scale}");
     }
     if let Some(lens) = key_lens {
         if lens.len() != b {
