@@ -28,7 +28,7 @@ fn main() {
         for &arch in archs {
             let ptx = out_dir.join(format!("{kernel}_sm{arch}.ptx"));
             let output = Command::new(&nvcc)
-                .args(["--ptx", "-O3", "-std=c++17"])
+                .args(["--ptx", "-O3", "-std=c++20"])
                 .arg(format!("-arch=compute_{arch}"))
                 .arg("-o")
                 .arg(&ptx)

@@ -47,6 +47,36 @@ __device__ __forceinline__ int tt_key_count(const int *key_lens, int b, int lk) 
   return n > lk ? lk : (n < 0 ? 0 : n);
 }
 
+// Where a thread of an attention block works: batch row b (blockIdx.z), head h (blockIdx.y), its
+// thread index, warp, lane and fragment coordinates (g = lane / 4, t = lane % 4), the keys of its batch
+// row, and the (b, h) slices of q, k and v.
+template <typename T>
+struct TtAttnPlace {
+  int b, h, tid, warp, lane, g, t, kv_len;
+  const T *qp, *kp, *vp;
+};
+
+template <typename T>
+__device__ __forceinline__ TtAttnPlace<T> tt_attention_place(
+    const T *q, const T *k, const T *v, const int *key_lens, int lk, long long q_sb,
+    long long q_sh, long long k_sb, long long k_sh, long long v_sb, long long v_sh) {
+  const int b = blockIdx.z;
+  const int h = blockIdx.y;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  return TtAttnPlace<T>{b,
+                        h,
+                        tid,
+                        tid >> 5,
+                        lane,
+                        lane >> 2,
+                        lane & 3,
+                        tt_key_count(key_lens, b, lk),
+                        q + b * q_sb + h * q_sh,
+                        k + b * k_sb + h * k_sh,
+                        v + b * v_sb + h * v_sh};
+}
+
 // The A fragments of a warp's 16 query rows (this thread's rows r0 and r0 + 8), one per 16 head
 // dimensions, straight from global memory: zeros past lq and past the head size D.
 template <typename T, int D, int KT>
@@ -173,17 +203,8 @@ __device__ __forceinline__ void tt_attention_impl(
   T *vs = ks + TT_ATT_BN * SROW;
   T *qs = vs + TT_ATT_BN * SROW;  // (Q_IN_SMEM) the block's BM query rows
 
-  const int b = blockIdx.z;
-  const int h = blockIdx.y;
-  const int tid = threadIdx.x;
-  const int warp = tid >> 5;
-  const int lane = tid & 31;
-  const int g = lane >> 2;
-  const int t = lane & 3;
-  const int kv_len = tt_key_count(key_lens, b, lk);
-  const T *qp = q + b * q_sb + h * q_sh;
-  const T *kp = k + b * k_sb + h * k_sh;
-  const T *vp = v + b * v_sb + h * v_sh;
+  const auto [b, h, tid, warp, lane, g, t, kv_len, qp, kp, vp] =
+      tt_attention_place(q, k, v, key_lens, lk, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh);
   const int wrow = warp * 16 * MT;           // the warp's first row within the block
   const int r0 = blockIdx.x * BM + wrow + g;  // this thread's rows: r0 + 16 mt and r0 + 16 mt + 8
 
@@ -392,17 +413,8 @@ __device__ __forceinline__ void tt_attention_wg_impl(
   T *ks = reinterpret_cast<T *>(smem);
   T *vs = ks + TT_ATT_BN * Tile::DP;
 
-  const int b = blockIdx.z;
-  const int h = blockIdx.y;
-  const int tid = threadIdx.x;
-  const int warp = tid >> 5;
-  const int lane = tid & 31;
-  const int g = lane >> 2;
-  const int t = lane & 3;
-  const int kv_len = tt_key_count(key_lens, b, lk);
-  const T *qp = q + b * q_sb + h * q_sh;
-  const T *kp = k + b * k_sb + h * k_sh;
-  const T *vp = v + b * v_sb + h * v_sh;
+  const auto [b, h, tid, warp, lane, g, t, kv_len, qp, kp, vp] =
+      tt_attention_place(q, k, v, key_lens, lk, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh);
   const int r0 = blockIdx.x * Tile::BM + warp * 16 + g;  // this thread's rows: r0 and r0 + 8
 
   // 64 rows from `first` (zeros from `limit` on, and past the head) as core matrices;

@@ -373,6 +373,22 @@ inline int candidate(int policy, int n, int from, int i) {
   fatal("deadlock: no thread of the block can proceed (divergent __syncthreads or collective?)");
 }
 
+// Completes, in issue order, the pending operations (cp.async copies, wgmma results) of every
+// committed group but the `n` most recent, and keeps the others pending.
+template <class Op, class Complete>
+inline void complete_groups(std::vector<Op> &pending, unsigned committed, unsigned n,
+                            Complete complete) {
+  const unsigned limit = committed >= n ? committed - n : 0;
+  size_t kept = 0;
+  for (size_t i = 0; i < pending.size(); ++i) {
+    if (pending[i].group < limit)
+      complete(pending[i]);
+    else
+      pending[kept++] = pending[i];
+  }
+  pending.resize(kept);
+}
+
 inline void wait_while(const unsigned *gen, unsigned val) {
   Fiber &f = g.fibers[g.cur];
   f.wait_gen = gen;
@@ -713,20 +729,12 @@ inline void tt_emu_cp_async_wait(unsigned n) {
   tt_emu::State &s = tt_emu::g;
   if (s.cur < 0) tt_emu::fatal("cp.async.wait_group outside a kernel launch");
   tt_emu::Fiber &f = s.fibers[s.cur];
-  const unsigned limit = f.committed >= n ? f.committed - n : 0;
-  size_t kept = 0;
-  for (size_t i = 0; i < f.copies.size(); ++i) {
-    const tt_emu::AsyncCopy c = f.copies[i];
-    if (c.group < limit) {
-      if (c.src != nullptr)
-        memcpy(c.dst, c.src, 16);
-      else
-        memset(c.dst, 0, 16);
-    } else {
-      f.copies[kept++] = c;
-    }
-  }
-  f.copies.resize(kept);
+  tt_emu::complete_groups(f.copies, f.committed, n, [](const tt_emu::AsyncCopy &c) {
+    if (c.src != nullptr)
+      memcpy(c.dst, c.src, 16);
+    else
+      memset(c.dst, 0, 16);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -820,15 +828,7 @@ inline void tt_emu_wgmma_wait(unsigned n) {
   tt_emu::State &s = tt_emu::g;
   if (s.cur < 0) tt_emu::fatal("wgmma.wait_group outside a kernel launch");
   tt_emu::Fiber &f = s.fibers[s.cur];
-  const unsigned limit = f.mma_committed >= n ? f.mma_committed - n : 0;
-  size_t kept = 0;
-  for (size_t i = 0; i < f.mmas.size(); ++i) {
-    const tt_emu::PendingMma &m = f.mmas[i];
-    if (m.group < limit) {
-      for (int r = 0; r < m.n; ++r) m.d[r] = m.v[r];
-    } else {
-      f.mmas[kept++] = m;
-    }
-  }
-  f.mmas.resize(kept);
+  tt_emu::complete_groups(f.mmas, f.mma_committed, n, [](const tt_emu::PendingMma &m) {
+    for (int r = 0; r < m.n; ++r) m.d[r] = m.v[r];
+  });
 }
