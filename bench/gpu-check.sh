@@ -121,7 +121,8 @@ main() {
     t=$(basename "$bin")
     [ "$t" = tt-scale ] && continue
     # tests/gpu.rs and gpu_kernels.rs print what they measured (--nocapture: differences, whether
-    # the wgmma attention tile is bit-identical); the others print only on failure.
+    # the wgmma attention tiles are bit-identical to the mma.sync ones); the others print only on
+    # failure.
     extra=()
     [ "$t" = gpu ] || [ "$t" = gpu_kernels ] && extra=(--nocapture)
     step 200 300 "$bin" --test-threads=4 "${extra[@]}" >"$W/test-$t.log" 2>&1 &

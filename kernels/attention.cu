@@ -15,7 +15,8 @@
 // 64 and 128: every K and V fragment read from shared memory feeds two products, the Q tile sits
 // in shared memory). Every row is computed by the same sequence of operations in every tile, so
 // the three give bit-identical outputs; they differ only in speed. On Hopper (the compute_90a
-// PTX), the wg2 and wg1 tiles at the end of this file run both products on wgmma instead.
+// PTX), the wgmma tiles at the end of this file (wg2, wg1 and their pipelined wg2p, wg1p) run both
+// products on wgmma instead.
 //
 // q, k, v: 16-bit (bf16 or f16), innermost dimension contiguous, any batch/head/sequence strides
 // that are multiples of 8 elements, 16-byte aligned bases. out: contiguous (B, Lq, H, D).
@@ -103,13 +104,14 @@ __device__ __forceinline__ void tt_load_q_fragments(uint32_t (&qf)[KT][4], const
 // elements 0-1 of each score n-tile; rr = 1: 8 rows further, elements 2-3): masks the keys from
 // kv_len on (only the last tile has any), turns the raw scores into probabilities against the
 // running maximum in log2 units (shared by the quad of lanes that hold a row; one fused
-// multiply-add and one exp2 per score), and rescales the running sum and the output accumulators
-// by the change of maximum. scale_log2 must be positive (the maximum of the scaled scores is then
+// multiply-add and one exp2 per score), and updates the running sum. alpha receives each row's
+// factor exp2(old max - new max), by which the output accumulators must be rescaled before the
+// tile's P·V (tt_rescale). scale_log2 must be positive (the maximum of the scaled scores is then
 // the scaled maximum).
-template <int ST, int NT>
-__device__ __forceinline__ void tt_online_softmax(float (&s)[ST][4], float (&row_max)[2],
-                                                  float (&row_sum)[2], float (&acc)[NT][4],
-                                                  int kb, int kv_len, int t, float scale_log2) {
+template <int ST>
+__device__ __forceinline__ void tt_softmax_tile(float (&s)[ST][4], float (&row_max)[2],
+                                                float (&row_sum)[2], float (&alpha)[2], int kb,
+                                                int kv_len, int t, float scale_log2) {
   if (kb + ST * 8 > kv_len) {
 #pragma unroll
     for (int j = 0; j < ST; ++j) {
@@ -128,7 +130,7 @@ __device__ __forceinline__ void tt_online_softmax(float (&s)[ST][4], float (&row
     mx = fmaxf(mx, __shfl_xor_sync(TT_FULL_MASK, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(TT_FULL_MASK, mx, 2));
     const float new_max = fmaxf(row_max[rr], mx * scale_log2);
-    const float alpha = exp2f(row_max[rr] - new_max);
+    alpha[rr] = exp2f(row_max[rr] - new_max);
     const float shift = -new_max;
     float sum = 0.0f;
 #pragma unroll
@@ -137,14 +139,31 @@ __device__ __forceinline__ void tt_online_softmax(float (&s)[ST][4], float (&row
       s[j][2 * rr + 1] = exp2f(fmaf(s[j][2 * rr + 1], scale_log2, shift));
       sum += s[j][2 * rr] + s[j][2 * rr + 1];
     }
-    row_sum[rr] = row_sum[rr] * alpha + sum;
+    row_sum[rr] = row_sum[rr] * alpha[rr] + sum;
     row_max[rr] = new_max;
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      acc[n][2 * rr] *= alpha;
-      acc[n][2 * rr + 1] *= alpha;
-    }
   }
+}
+
+// Rescales a thread's output accumulators (two rows of one m-tile) by their rows' alpha.
+template <int NT>
+__device__ __forceinline__ void tt_rescale(float (&acc)[NT][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    acc[n][0] *= alpha[0];
+    acc[n][1] *= alpha[0];
+    acc[n][2] *= alpha[1];
+    acc[n][3] *= alpha[1];
+  }
+}
+
+// tt_softmax_tile, then tt_rescale: the whole online-softmax step for one tile.
+template <int ST, int NT>
+__device__ __forceinline__ void tt_online_softmax(float (&s)[ST][4], float (&row_max)[2],
+                                                  float (&row_sum)[2], float (&acc)[NT][4],
+                                                  int kb, int kv_len, int t, float scale_log2) {
+  float alpha[2];
+  tt_softmax_tile<ST>(s, row_max, row_sum, alpha, kb, kv_len, t, scale_log2);
+  tt_rescale<NT>(acc, alpha);
 }
 
 // The probabilities of keys 16kk..16kk+15 of a score tile as the A fragment of the P·V product
@@ -377,58 +396,126 @@ TT_ATTENTION_ALL(f16, tt_f16)
 
 #ifdef TT_HAVE_WGMMA
 // ---------------------------------------------------------------------------------------------
-// The wg2 and wg1 tiles (Hopper, sm_90a): 2 warpgroups of 64 query rows (128 rows, 256 threads:
-// a K/V tile serves twice the rows) or 1 (64 rows, 128 threads: two blocks fit an SM, and their
-// warpgroups never wait for each other at a barrier), both products on wgmma. Each warp still owns 16 rows with the same fragments as w8r16 (Q from
-// registers as the A operand, the score accumulators as mma's), so the softmax is the same code;
-// the tensor cores read K and V straight from shared memory through descriptors, no ldmatrix.
-// K and V tiles are stored as 8x8 core matrices (8 rows of 16 bytes, 128 contiguous bytes): the
-// 16-byte chunk c of row r at byte ((r / 8)·CH + c)·128 + (r % 8)·16, CH = ceil(D / 16)·2 (the
-// chunks past the head size are zeros, for the k-steps of Q·Kᵀ), which reads as K-major for K
-// (keys as N) and MN-major for V (head dims as N, the product m64nDk16). Every head size.
+// The wgmma tiles (Hopper, sm_90a): 2 warpgroups of 64 query rows (128 rows, 256 threads: a K/V
+// tile serves twice the rows) or 1 (64 rows, 128 threads: two blocks fit an SM, and their
+// warpgroups never wait for each other at a barrier), both products on wgmma. Each warp still
+// owns 16 rows with the same fragments as w8r16 (Q from registers as the A operand, the score
+// accumulators as mma's), so the softmax is the same code; the tensor cores read K and V straight
+// from shared memory through descriptors, no ldmatrix. K and V tiles are stored as 8x8 core
+// matrices (8 rows of 16 bytes, 128 contiguous bytes): the 16-byte chunk c of row r at byte
+// ((r / 8)·CH + c)·128 + (r % 8)·16, CH = ceil(D / 16)·2 (the chunks past the head size are
+// zeros, for the k-steps of Q·Kᵀ), which reads as K-major for K (keys as N) and MN-major for V
+// (head dims as N, the product m64nDk16). Every head size.
+//
+// Two schedules (the kernel name's suffix):
+//   wg2, wg1: one K and one V buffer; per tile S = Q·Kᵀ, wait, softmax, P·V, wait, with V(t)
+//     arriving during S and K(t+1) during P·V; four block barriers a tile.
+//   wg2p, wg1p (pipelined, FlashAttention-3's intra-warpgroup overlap): two K and two V buffers;
+//     per tile the products S(t) = Q·K(t)ᵀ and acc += P(t-1)·V(t-1) are issued together, the
+//     softmax of S(t) runs while P(t-1)·V(t-1) is still on the tensor cores, and the rescale of
+//     acc waits for it; K(t+1) and V(t) arrive during the whole tile; one block barrier a tile.
+// Each row's accumulators see the same products, rescales and roundings in the same order in
+// both schedules (acc = acc·alpha(t) + P(t)·V(t)), so all four give bit-identical outputs.
 
-template <typename T, int D, int WG>
+template <typename T, int D, int WG, bool PIPE>
 struct TtAttnWgTile {
   static constexpr int DP = (D + 15) / 16 * 16;  // padded head size: the k extent of Q·Kᵀ
   static constexpr int CH = DP / 8;              // 16-byte chunks of a row
   static constexpr int BM = 64 * WG;
   static constexpr int THREADS = 128 * WG;
-  static constexpr int SMEM_BYTES = 2 * TT_ATT_BN * DP * static_cast<int>(sizeof(T));
+  static constexpr int TILE_ELEMS = TT_ATT_BN * DP;  // one K or V tile
+  static constexpr int BUFFERS = PIPE ? 2 : 1;       // of K and of V
+  static constexpr int SMEM_BYTES = 2 * BUFFERS * TILE_ELEMS * static_cast<int>(sizeof(T));
 };
 
-template <typename T, int D, int WG>
+// Copies (cp.async) 64 rows of K or V from `first` into `buf` as core matrices, zeros from row
+// `limit` on and past the head size; consecutive threads take consecutive rows of a core matrix,
+// so each 8 of them fill 128 contiguous bytes.
+template <typename T, int D, int THREADS>
+__device__ __forceinline__ void tt_wg_load_tile(T *buf, const T *base, long long sl, int first,
+                                                int limit, int tid) {
+  constexpr int CH = (D + 15) / 16 * 2;
+  for (int i = tid; i < TT_ATT_BN * CH; i += THREADS) {
+    const int r8 = i & 7;
+    const int c = (i >> 3) % CH;
+    const int rb = (i >> 3) / CH;
+    const int r = first + rb * 8 + r8;
+    const bool valid = r < limit && c * 8 < D;
+    tt_cp_async16(&buf[(rb * CH + c) * 64 + r8 * 8], valid ? base + r * sl + c * 8 : base, valid);
+  }
+}
+
+// Issues S = Q·Kᵀ for the warpgroup's 64 rows and a tile's 64 keys in `ks` (K-major B, one k-step
+// of 16 head dims per product: chunks 2kk and 2kk + 1 of each key); s must have been zeroed and
+// fenced (tt_wgmma_fence). Does not commit.
+template <typename T, int D>
+__device__ __forceinline__ void tt_wg_scores(float (&s)[TT_ATT_BN / 8][4],
+                                             const uint32_t (&qf)[(D + 15) / 16][4],
+                                             const T *ks) {
+  constexpr int CH = (D + 15) / 16 * 2;
+#pragma unroll
+  for (int kk = 0; kk < (D + 15) / 16; ++kk)
+    tt_wgmma_rs<T, TT_ATT_BN, 0>(&s[0][0], qf[kk], tt_wgmma_desc(ks + 2 * kk * 64, 128, CH * 128));
+}
+
+// Issues acc += P·V for a tile: the probabilities as A fragments, V in `vs` as an MN-major B (head
+// dims as N), one k-step of 16 keys (core-matrix rows 2kk and 2kk + 1) per product. Does not
+// commit.
+template <typename T, int D>
+__device__ __forceinline__ void tt_wg_pv(float (&acc)[D / 8][4],
+                                         const uint32_t (&pf)[TT_ATT_BN / 16][4], const T *vs) {
+  constexpr int CH = (D + 15) / 16 * 2;
+#pragma unroll
+  for (int kk = 0; kk < TT_ATT_BN / 16; ++kk)
+    tt_wgmma_rs<T, D, 1>(&acc[0][0], pf[kk], tt_wgmma_desc(vs + 2 * kk * CH * 64, CH * 128, 128));
+}
+
+// The probabilities of a whole score tile as the A fragments of P·V.
+template <typename T>
+__device__ __forceinline__ void tt_wg_probabilities(const float (&s)[TT_ATT_BN / 8][4],
+                                                    uint32_t (&pf)[TT_ATT_BN / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < TT_ATT_BN / 16; ++kk)
+    tt_probability_fragment<T, TT_ATT_BN / 8>(s, kk, pf[kk]);
+}
+
+template <typename T, int D, int WG, bool PIPE>
 __device__ __forceinline__ void tt_attention_wg_impl(
     const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, T *__restrict__ out,
     const int *__restrict__ key_lens, int heads, int lq, int lk, long long q_sb, long long q_sh,
     long long q_sl, long long k_sb, long long k_sh, long long k_sl, long long v_sb,
     long long v_sh, long long v_sl, float scale_log2) {
   static_assert(D % 8 == 0 && D <= 256, "wgmma attention takes head sizes that are multiples of 8");
-  using Tile = TtAttnWgTile<T, D, WG>;
-  constexpr int CH = Tile::CH;
+  using Tile = TtAttnWgTile<T, D, WG, PIPE>;
   constexpr int KT = Tile::DP / 16;
   constexpr int NT = D / 8;
   constexpr int ST = TT_ATT_BN / 8;
+  constexpr int PT = TT_ATT_BN / 16;
   TT_DYNAMIC_SMEM(smem);
   if (tt_dynamic_smem_bytes() < static_cast<unsigned>(Tile::SMEM_BYTES)) __trap();  // launcher bug
-  T *ks = reinterpret_cast<T *>(smem);
-  T *vs = ks + TT_ATT_BN * Tile::DP;
+  // K buffers, then V buffers.
+  T *const kbuf = reinterpret_cast<T *>(smem);
+  T *const vbuf = kbuf + Tile::BUFFERS * Tile::TILE_ELEMS;
 
   const auto [b, h, tid, warp, lane, g, t, kv_len, qp, kp, vp] =
       tt_attention_place(q, k, v, key_lens, lk, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh);
   const int r0 = blockIdx.x * Tile::BM + warp * 16 + g;  // this thread's rows: r0 and r0 + 8
-
-  // 64 rows from `first` (zeros from `limit` on, and past the head) as core matrices;
-  // consecutive threads take consecutive rows of a core matrix, so each 8 of them fill 128
-  // contiguous bytes.
-  auto load_tile = [&](T *buf, const T *base, long long sl, int first, int limit) {
-    for (int i = tid; i < TT_ATT_BN * CH; i += Tile::THREADS) {
-      const int r8 = i & 7;
-      const int c = (i >> 3) % CH;
-      const int rb = (i >> 3) / CH;
-      const int r = first + rb * 8 + r8;
-      const bool valid = r < limit && c * 8 < D;
-      tt_cp_async16(&buf[(rb * CH + c) * 64 + r8 * 8], valid ? base + r * sl + c * 8 : base, valid);
-    }
+  auto load_k = [&](int tile) {
+    tt_wg_load_tile<T, D, Tile::THREADS>(kbuf + (tile % Tile::BUFFERS) * Tile::TILE_ELEMS, kp,
+                                         k_sl, tile * TT_ATT_BN, kv_len, tid);
+    tt_cp_async_commit();
+  };
+  auto load_v = [&](int tile) {
+    tt_wg_load_tile<T, D, Tile::THREADS>(vbuf + (tile % Tile::BUFFERS) * Tile::TILE_ELEMS, vp,
+                                         v_sl, tile * TT_ATT_BN, kv_len, tid);
+    tt_cp_async_commit();
+  };
+  auto k_tile = [&](int tile) { return kbuf + (tile % Tile::BUFFERS) * Tile::TILE_ELEMS; };
+  auto v_tile = [&](int tile) { return vbuf + (tile % Tile::BUFFERS) * Tile::TILE_ELEMS; };
+  // The block's copies have landed and are visible to the tensor cores' (async proxy) reads.
+  auto landed = [&] {
+    tt_fence_proxy_async();
+    __syncthreads();
   };
 
   uint32_t qf[KT][4];
@@ -439,92 +526,160 @@ __device__ __forceinline__ void tt_attention_wg_impl(
   float acc[NT][4];
 #pragma unroll
   for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-
-  const int tiles = (kv_len + TT_ATT_BN - 1) / TT_ATT_BN;
-  if (tiles > 0) {
-    load_tile(ks, kp, k_sl, 0, kv_len);
-    tt_cp_async_commit();
-  }
-  for (int tile = 0; tile < tiles; ++tile) {
-    const int kb = tile * TT_ATT_BN;
-    load_tile(vs, vp, v_sl, kb, kv_len);
-    tt_cp_async_commit();
-    tt_cp_async_wait<1>();   // K(tile) has landed
-    tt_fence_proxy_async();  // ... and is visible to the tensor cores' (async) reads
-    __syncthreads();
-
-    // S = Q·Kᵀ for the warpgroup's 64 rows and the tile's 64 keys: K-major B, one k-step of 16
-    // head dims per product (chunks 2kk and 2kk + 1 of each key).
-    float s[ST][4];
+  float s[ST][4];
+  uint32_t pf[PT][4];
+  auto zero_scores = [&] {
 #pragma unroll
     for (int j = 0; j < ST; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+  };
+
+  const int tiles = (kv_len + TT_ATT_BN - 1) / TT_ATT_BN;
+  if constexpr (!PIPE) {
+    if (tiles > 0) load_k(0);
+    for (int tile = 0; tile < tiles; ++tile) {
+      load_v(tile);
+      tt_cp_async_wait<1>();  // K(tile) has landed
+      landed();
+
+      zero_scores();
+      tt_wgmma_fence_regs(&s[0][0], 4 * ST);
+      tt_wgmma_fence_regs(&qf[0][0], 4 * KT);
+      tt_wgmma_fence();
+      tt_wg_scores<T, D>(s, qf, k_tile(tile));
+      tt_wgmma_commit();
+      tt_wgmma_wait<0>();
+      tt_wgmma_fence_regs(&s[0][0], 4 * ST);
+
+      tt_online_softmax<ST, NT>(s, row_max, row_sum, acc, tile * TT_ATT_BN, kv_len, t,
+                                scale_log2);
+
+      __syncthreads();  // the warpgroups are done with K(tile) (their products have completed)
+      if (tile + 1 < tiles) {
+        load_k(tile + 1);
+        tt_cp_async_wait<1>();  // V(tile) has landed
+      } else {
+        tt_cp_async_wait<0>();
+      }
+      landed();
+
+      tt_wg_probabilities<T>(s, pf);
+      tt_wgmma_fence_regs(&acc[0][0], 4 * NT);
+      tt_wgmma_fence_regs(&pf[0][0], 4 * PT);
+      tt_wgmma_fence();  // acc was rescaled and pf written since the last product
+      tt_wg_pv<T, D>(acc, pf, v_tile(tile));
+      tt_wgmma_commit();
+      tt_wgmma_wait<0>();
+      tt_wgmma_fence_regs(&acc[0][0], 4 * NT);
+      __syncthreads();  // the warpgroups are done with V(tile) before the next tile overwrites it
+    }
+  } else if (tiles > 0) {
+    // S(0) and its softmax alone; K(1) and V(0) arrive meanwhile.
+    load_k(0);
+    load_v(0);
+    if (tiles > 1) {
+      load_k(1);
+      tt_cp_async_wait<2>();  // K(0) has landed
+    } else {
+      tt_cp_async_wait<1>();
+    }
+    landed();
+    zero_scores();
     tt_wgmma_fence_regs(&s[0][0], 4 * ST);
     tt_wgmma_fence_regs(&qf[0][0], 4 * KT);
     tt_wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < KT; ++kk)
-      tt_wgmma_rs<T, TT_ATT_BN, 0>(&s[0][0], qf[kk],
-                                   tt_wgmma_desc(ks + 2 * kk * 64, 128, CH * 128));
+    tt_wg_scores<T, D>(s, qf, k_tile(0));
     tt_wgmma_commit();
     tt_wgmma_wait<0>();
     tt_wgmma_fence_regs(&s[0][0], 4 * ST);
+    float alpha[2];
+    tt_softmax_tile<ST>(s, row_max, row_sum, alpha, 0, kv_len, t, scale_log2);
+    tt_rescale<NT>(acc, alpha);
+    tt_wg_probabilities<T>(s, pf);
 
-    tt_online_softmax<ST, NT>(s, row_max, row_sum, acc, kb, kv_len, t, scale_log2);
-
-    __syncthreads();  // the warpgroups are done with K(tile) (their products have completed)
-    if (tile + 1 < tiles) {
-      load_tile(ks, kp, k_sl, kb + TT_ATT_BN, kv_len);
-      tt_cp_async_commit();
-      tt_cp_async_wait<1>();  // V(tile) has landed
-    } else {
+    // Tile t issues S(t) and P(t-1)·V(t-1), waits for S(t) only and runs its softmax while
+    // P(t-1)·V(t-1) is still on the tensor cores. The wait for that product, the rescale and the
+    // probabilities of S(t) open the next iteration, behind a branch: ptxas moves a
+    // wgmma.wait_group to the start of its basic block, and the softmax must stay before it.
+    for (int tile = 1; tile < tiles; ++tile) {
+      if (tile > 1) {
+        tt_wgmma_wait<0>();  // P(tile-2)·V(tile-2)
+        tt_wgmma_fence_regs(&acc[0][0], 4 * NT);
+        tt_rescale<NT>(acc, alpha);
+        tt_wg_probabilities<T>(s, pf);
+      }
+      // K(tile) and V(tile - 1) have landed; past this barrier every warpgroup is done with
+      // K(tile - 1) and V(tile - 2), whose buffers the next copies take.
       tt_cp_async_wait<0>();
-    }
-    tt_fence_proxy_async();
-    __syncthreads();
+      landed();
+      load_v(tile);
+      if (tile + 1 < tiles) load_k(tile + 1);
 
-    // acc += P·V: the probabilities as A fragments, V as an MN-major B (head dims as N), one
-    // k-step of 16 keys (core-matrix rows 2kk and 2kk + 1) per product.
-    uint32_t pf[TT_ATT_BN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < TT_ATT_BN / 16; ++kk) tt_probability_fragment<T, ST>(s, kk, pf[kk]);
+      zero_scores();
+      tt_wgmma_fence_regs(&s[0][0], 4 * ST);
+      tt_wgmma_fence_regs(&qf[0][0], 4 * KT);
+      tt_wgmma_fence_regs(&acc[0][0], 4 * NT);
+      tt_wgmma_fence_regs(&pf[0][0], 4 * PT);
+      tt_wgmma_fence();  // s zeroed, acc rescaled and pf written since the last products
+      tt_wg_scores<T, D>(s, qf, k_tile(tile));
+      tt_wgmma_commit();
+      tt_wg_pv<T, D>(acc, pf, v_tile(tile - 1));
+      tt_wgmma_commit();
+
+      tt_wgmma_wait<1>();  // S(tile); P(tile - 1)·V(tile - 1) may still run
+      tt_wgmma_fence_regs(&s[0][0], 4 * ST);
+      tt_softmax_tile<ST>(s, row_max, row_sum, alpha, tile * TT_ATT_BN, kv_len, t, scale_log2);
+    }
+    if (tiles > 1) {
+      tt_wgmma_wait<0>();
+      tt_wgmma_fence_regs(&acc[0][0], 4 * NT);
+      tt_rescale<NT>(acc, alpha);
+      tt_wg_probabilities<T>(s, pf);
+    }
+
+    // The last P·V.
+    tt_cp_async_wait<0>();
+    landed();
     tt_wgmma_fence_regs(&acc[0][0], 4 * NT);
-    tt_wgmma_fence_regs(&pf[0][0], 4 * (TT_ATT_BN / 16));
-    tt_wgmma_fence();  // acc was rescaled and pf written since the last product
-#pragma unroll
-    for (int kk = 0; kk < TT_ATT_BN / 16; ++kk)
-      tt_wgmma_rs<T, D, 1>(&acc[0][0], pf[kk], tt_wgmma_desc(vs + 2 * kk * CH * 64, CH * 128, 128));
+    tt_wgmma_fence_regs(&pf[0][0], 4 * PT);
+    tt_wgmma_fence();
+    tt_wg_pv<T, D>(acc, pf, v_tile(tiles - 1));
     tt_wgmma_commit();
     tt_wgmma_wait<0>();
     tt_wgmma_fence_regs(&acc[0][0], 4 * NT);
-    __syncthreads();  // the warpgroups are done with V(tile) before the next tile overwrites it
   }
 
   tt_attention_store<T, D, NT>(acc, row_sum, out, b, h, heads, lq, r0, t);
 }
 
-// tt_attention_<dtype>_d<D>_wg<warpgroups>
-#define TT_ATTENTION_WG(TN, T, D, WG)                                                            \
-  extern "C" __global__ void __launch_bounds__(128 * WG) tt_attention_##TN##_d##D##_wg##WG(     \
-      const T *q, const T *k, const T *v, T *out, const int *key_lens, int heads, int lq,        \
-      int lk, long long q_sb, long long q_sh, long long q_sl, long long k_sb, long long k_sh,    \
-      long long k_sl, long long v_sb, long long v_sh, long long v_sl, float scale_log2) {        \
-    tt_attention_wg_impl<T, D, WG>(q, k, v, out, key_lens, heads, lq, lk, q_sb, q_sh, q_sl,      \
-                                   k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, scale_log2);              \
+// tt_attention_<dtype>_d<D>_wg<warpgroups>[p]
+#define TT_ATTENTION_WG(TN, T, D, WG, SUFFIX, PIPE)                                               \
+  extern "C" __global__ void __launch_bounds__(128 * WG)                                         \
+      tt_attention_##TN##_d##D##_wg##WG##SUFFIX(                                                 \
+          const T *q, const T *k, const T *v, T *out, const int *key_lens, int heads, int lq,    \
+          int lk, long long q_sb, long long q_sh, long long q_sl, long long k_sb, long long k_sh, \
+          long long k_sl, long long v_sb, long long v_sh, long long v_sl, float scale_log2) {    \
+    tt_attention_wg_impl<T, D, WG, PIPE>(q, k, v, out, key_lens, heads, lq, lk, q_sb, q_sh,      \
+                                         q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, scale_log2);  \
   }
 
-#define TT_ATTENTION_WG_ALL(TN, T) \
-  TT_ATTENTION_WG(TN, T, 40, 1)    \
-  TT_ATTENTION_WG(TN, T, 64, 1)    \
-  TT_ATTENTION_WG(TN, T, 72, 1)    \
-  TT_ATTENTION_WG(TN, T, 80, 1)    \
-  TT_ATTENTION_WG(TN, T, 128, 1)   \
-  TT_ATTENTION_WG(TN, T, 160, 1)   \
-  TT_ATTENTION_WG(TN, T, 40, 2)    \
-  TT_ATTENTION_WG(TN, T, 64, 2)    \
-  TT_ATTENTION_WG(TN, T, 72, 2)    \
-  TT_ATTENTION_WG(TN, T, 80, 2)    \
-  TT_ATTENTION_WG(TN, T, 128, 2)   \
-  TT_ATTENTION_WG(TN, T, 160, 2)
+// Both schedules of one head size and warpgroup count.
+#define TT_ATTENTION_WG_BOTH(TN, T, D, WG) \
+  TT_ATTENTION_WG(TN, T, D, WG, , false)   \
+  TT_ATTENTION_WG(TN, T, D, WG, p, true)
+
+#define TT_ATTENTION_WG_ALL(TN, T)     \
+  TT_ATTENTION_WG_BOTH(TN, T, 40, 1)   \
+  TT_ATTENTION_WG_BOTH(TN, T, 64, 1)   \
+  TT_ATTENTION_WG_BOTH(TN, T, 72, 1)   \
+  TT_ATTENTION_WG_BOTH(TN, T, 80, 1)   \
+  TT_ATTENTION_WG_BOTH(TN, T, 128, 1)  \
+  TT_ATTENTION_WG_BOTH(TN, T, 160, 1)  \
+  TT_ATTENTION_WG_BOTH(TN, T, 40, 2)   \
+  TT_ATTENTION_WG_BOTH(TN, T, 64, 2)   \
+  TT_ATTENTION_WG_BOTH(TN, T, 72, 2)   \
+  TT_ATTENTION_WG_BOTH(TN, T, 80, 2)   \
+  TT_ATTENTION_WG_BOTH(TN, T, 128, 2)  \
+  TT_ATTENTION_WG_BOTH(TN, T, 160, 2)
 
 TT_ATTENTION_WG_ALL(bf16, tt_bf16)
 TT_ATTENTION_WG_ALL(f16, tt_f16)

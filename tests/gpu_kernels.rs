@@ -54,9 +54,11 @@ fn fused_attention_matches_the_cpu_for_every_head_size_dtype_layout_and_mask() {
                     let qg = on(&q, &dev);
                     assert!(ops::attention_fused_ok(&qg, &kg, &vg));
                     // Every block tile the kernel has for d: within the bound of the CPU, and
-                    // the mma.sync tiles bit-identical to each other (each row takes the same
-                    // operations); the wgmma tiles (Hopper) say whether they are too.
-                    let mut first: Option<(AttentionTile, Vec<f32>)> = None;
+                    // bit-identical to the first tile of its family (mma.sync, wgmma on
+                    // Hopper): each row takes the same operations in each. Whether the two
+                    // families agree bit for bit is printed.
+                    let mut firsts: Vec<(AttentionTile, Vec<u32>)> = Vec::new();
+                    let mut outputs: Vec<(AttentionTile, Vec<u32>)> = Vec::new();
                     for tile in AttentionTile::ALL.into_iter().filter(|t| t.runs_on(&qg)) {
                         let ours = ops::with_attention_tile(tile, || {
                             fused::attention(&qg, &kg, &vg, scale, lens.as_deref()).unwrap()
@@ -67,43 +69,59 @@ fn fused_attention_matches_the_cpu_for_every_head_size_dtype_layout_and_mask() {
                             "attention {} {dtype:?} d={d} lq={lq} lk={lk} lens={lens:?}: {err}",
                             tile.name()
                         );
-                        let bits = ours
-                            .to_dtype(DType::F32)
-                            .unwrap()
-                            .flatten_all()
-                            .unwrap()
-                            .to_vec1::<f32>()
-                            .unwrap();
-                        match &first {
-                            None => first = Some((tile, bits)),
-                            Some((t0, b0)) => {
-                                let same = b0
-                                    .iter()
-                                    .zip(&bits)
-                                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                                if tile.uses_wgmma() {
-                                    println!(
-                                        "attention {} on cuda {dtype:?} d={d} lq={lq} lk={lk}: \
-                                         error {err:.2e}, bit-identical to {}: {same}",
-                                        tile.name(),
-                                        t0.name()
-                                    );
-                                } else {
-                                    assert!(
-                                        same,
-                                        "attention {} and {} differ: {dtype:?} d={d} lq={lq} \
-                                         lk={lk}",
-                                        t0.name(),
-                                        tile.name()
-                                    );
-                                }
+                        let bits = f32_bits(&ours);
+                        match firsts
+                            .iter()
+                            .find(|(t, _)| t.uses_wgmma() == tile.uses_wgmma())
+                        {
+                            None => firsts.push((tile, bits.clone())),
+                            Some((t0, b0)) => assert!(
+                                *b0 == bits,
+                                "attention {} and {} differ: {dtype:?} d={d} lq={lq} lk={lk}",
+                                t0.name(),
+                                tile.name()
+                            ),
+                        }
+                        if let [(t0, b0), (t1, b1)] = &firsts[..] {
+                            if *t1 == tile {
+                                println!(
+                                    "attention {} on cuda {dtype:?} d={d} lq={lq} lk={lk}: error \
+                                     {err:.2e}, bit-identical to {}: {}",
+                                    t1.name(),
+                                    t0.name(),
+                                    b0 == b1
+                                );
                             }
                         }
+                        outputs.push((tile, bits));
                     }
+                    // Without a tile asked for, the default (tuned among the identical tiles)
+                    // gives the default tile's bits.
+                    let default = AttentionTile::choose(&qg);
+                    let auto = fused::attention(&qg, &kg, &vg, scale, lens.as_deref()).unwrap();
+                    let want_bits = &outputs.iter().find(|(t, _)| *t == default).unwrap().1;
+                    assert!(
+                        f32_bits(&auto) == *want_bits,
+                        "tuned attention differs from {}: {dtype:?} d={d} lq={lq} lk={lk}",
+                        default.name()
+                    );
                 }
             }
         }
     }
+}
+
+/// The values of `t` as float32 (exact for 16-bit floats), for bitwise comparisons.
+fn f32_bits(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
 }
 
 #[test]

@@ -23,12 +23,15 @@
 //   * cp.async copies land either at their wait (lazy) or at issue (eager), alternating every
 //     four blocks: the two extremes of what the hardware may do (see tt_emu_cp_async16).
 //   * wgmma.mma_async (m64nNk16, A from registers, B from shared memory through a descriptor
-//     without swizzling) is a collective of the 4 warps of a warpgroup. The product is computed
-//     at issue (from the accumulators as they are then, or as a still pending product into the
-//     same registers leaves them: chained products), but delivered to the accumulator registers
-//     only by the wgmma.wait_group that covers its commit group, so a kernel that reads or
-//     modifies the accumulators before waiting, or never commits, gets wrong results. B is read through
-//     the descriptor's start address, leading and stride byte offsets exactly as the PTX ISA
+//     without swizzling) is a collective of the 4 warps of a warpgroup. Its result is delivered
+//     to the accumulator registers only by the wgmma.wait_group that covers its commit group, so
+//     a kernel that reads or modifies the accumulators before waiting, or never commits, gets
+//     wrong results; chained products into the same registers accumulate. A is taken at issue;
+//     B is read either at issue or at that wait, alternating every eight blocks (independently
+//     of the cp.async mode): the two extremes of when the tensor cores may read shared memory,
+//     so a kernel that issues a product before its operand has landed, or overwrites an operand
+//     before the product has been waited for, gets wrong results. B is read through the
+//     descriptor's start address, leading and stride byte offsets exactly as the PTX ISA
 //     defines the canonical K-major and MN-major layouts, from the launch's dynamic shared memory
 //     (shared-window addresses are offsets into it), and a read outside it is reported.
 //   * Warp collectives (__shfl_xor_sync, the m16n8k16 tensor-core product, ldmatrix) are one
@@ -210,13 +213,23 @@ constexpr size_t kStackBytes = 256 * 1024;
 }
 
 // A cp.async copy of 16 bytes that has been issued but not performed yet.
+// A wgmma product whose shared-memory operand is read at the wait: the thread's two rows of A
+// (16w + g and 16w + g + 8, converted to float at issue) and B's descriptor and layout.
+struct DeferredMma {
+  float a[2][16];
+  uint64_t desc;
+  bool bf16, trans_b;
+};
+
 // A wgmma result not yet delivered: the accumulator registers it goes to and their values
-// (the registers at issue plus the products chained into them since).
+// (the registers at issue plus the products chained into them since, except the deferred ones,
+// which are added in order at the wait).
 struct PendingMma {
   float *d;
   int n;  // registers
   float v[128];
   unsigned group;  // the wgmma commit group of its last product (committed count at issue)
+  std::vector<DeferredMma> deferred;
 };
 
 struct AsyncCopy {
@@ -279,6 +292,7 @@ struct State {
   int policy = 0;        // scheduling order of the running block, see candidate()
   int fixed_policy = -1;  // 0-3: use it for every block; -1: block i uses policy i % 4
   int fixed_copy_mode = -1;  // cp.async: 0 lazy, 1 eager; -1: block i is eager when (i / 4) % 2
+  int fixed_mma_mode = -1;   // wgmma B: 0 at issue, 1 at the wait; -1: at the wait when (i / 8) % 2
   unsigned long long switches = 0, warp_barriers = 0, block_barriers = 0, blocks = 0;
   unsigned char *dyn = nullptr;  // the launch's dynamic shared memory (null: none)
   size_t dyn_bytes = 0;
@@ -749,13 +763,41 @@ inline uint32_t tt_emu_smem_addr(const void *p) {
   return static_cast<uint32_t>(c - s.dyn);
 }
 
+namespace tt_emu {
+// Adds a thread's share of A (64 x 16, its rows given) · B (16 x N, read now from the dynamic
+// shared memory through `desc`) to its accumulator values v: v[4j + e] is D[row e / 2][8j + 2t +
+// e % 2]. Each output sums its 16 products in order, then adds them to the accumulator (as the
+// mma emulation).
+inline void wgmma_accumulate(float *v, int n, const float (&a)[2][16], uint64_t desc, bool bf16,
+                             bool trans_b, int tq) {
+  State &s = g;
+  const size_t start = (desc & 0x3FFF) << 4;
+  const size_t lbo = ((desc >> 16) & 0x3FFF) << 4;
+  const size_t sbo = ((desc >> 32) & 0x3FFF) << 4;
+  auto b_at = [&](int k, int col) {
+    const size_t off = trans_b ? (col % 8) * 2 + (col / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo
+                               : (col % 8) * 16 + (col / 8) * sbo + (k % 8) * 2 + (k / 8) * lbo;
+    if (start + off + 2 > s.dyn_bytes) fatal("wgmma reads B outside the shared memory");
+    uint16_t h;
+    memcpy(&h, s.dyn + start + off, 2);
+    return bf16 ? bf16_to_float(h) : half_to_float(h);
+  };
+  for (int j = 0; j < n / 8; ++j)
+    for (int e = 0; e < 4; ++e) {
+      const int col = 8 * j + 2 * tq + (e & 1);
+      float sum = 0.0f;
+      for (int k = 0; k < 16; ++k) sum += a[e >> 1][k] * b_at(k, col);
+      v[4 * j + e] += sum;
+    }
+}
+}  // namespace tt_emu
+
 // wgmma.mma_async.sync.aligned.m64nNk16.f32.{bf16,f16}.{bf16,f16} with A in registers:
 // D (64 x N) += A (64 x 16) · B (16 x N). Thread (warp w of its warpgroup, g = lane / 4,
 // t = lane % 4) holds the A fragment of rows 16w + g and 16w + g + 8 as mma.m16n8k16 does, and
 // d[4j + e] = D[16w + g + 8·(e / 2)][8j + 2t + e % 2]. B's element (k, n) lies at the descriptor's
 // start address plus, K-major (trans_b 0): (n % 8)·16 + (n / 8)·SBO + (k % 8)·2 + (k / 8)·LBO
-// bytes; MN-major (trans_b 1): (n % 8)·2 + (n / 8)·SBO + (k % 8)·16 + (k / 8)·LBO. Each output
-// sums its 16 products in order, then adds them to the accumulator (as the mma emulation).
+// bytes; MN-major (trans_b 1): (n % 8)·2 + (n / 8)·SBO + (k % 8)·16 + (k / 8)·LBO.
 inline void tt_emu_wgmma(float *d, int n, const uint32_t a[4], uint64_t desc, bool bf16,
                          bool trans_b) {
   tt_emu::State &s = tt_emu::g;
@@ -777,43 +819,37 @@ inline void tt_emu_wgmma(float *d, int n, const uint32_t a[4], uint64_t desc, bo
       tt_emu::fatal("wgmma operands differ across the warpgroup (descriptor, shape or types)");
   if ((desc >> 62) != 0) tt_emu::fatal("the wgmma emulation knows only the no-swizzle layout");
   if (((desc >> 49) & 7) != 0) tt_emu::fatal("wgmma base offset must be 0 without swizzling");
-  const size_t start = (desc & 0x3FFF) << 4;
-  const size_t lbo = ((desc >> 16) & 0x3FFF) << 4;
-  const size_t sbo = ((desc >> 32) & 0x3FFF) << 4;
-  auto cv = [bf16](uint16_t h) { return bf16 ? tt_emu::bf16_to_float(h) : tt_emu::half_to_float(h); };
-  auto a_at = [&](int row, int k) {  // A[row][k] from the owner's fragment
-    const int owner = (row / 16) * 32 + (row % 8) * 4 + (k % 8) / 2;
-    const uint32_t bits = w.a[p][owner][(row % 16) / 8 + 2 * (k / 8)];
-    return cv(static_cast<uint16_t>((k % 2) ? bits >> 16 : bits));
-  };
-  auto b_at = [&](int k, int col) {
-    const size_t off = trans_b ? (col % 8) * 2 + (col / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo
-                               : (col % 8) * 16 + (col / 8) * sbo + (k % 8) * 2 + (k / 8) * lbo;
-    if (start + off + 2 > s.dyn_bytes) tt_emu::fatal("wgmma reads B outside the shared memory");
-    uint16_t h;
-    memcpy(&h, s.dyn + start + off, 2);
-    return cv(h);
-  };
+  // The thread's two rows of A, from their owners' fragments.
+  const int warp = tw >> 5, lane = tw & 31, gq = lane >> 2, tq = lane & 3;
+  tt_emu::DeferredMma op{};
+  for (int rr = 0; rr < 2; ++rr)
+    for (int k = 0; k < 16; ++k) {
+      const int row = 16 * warp + gq + 8 * rr;
+      const int owner = (row / 16) * 32 + (row % 8) * 4 + (k % 8) / 2;
+      const uint32_t bits = w.a[p][owner][(row % 16) / 8 + 2 * (k / 8)];
+      const uint16_t h = static_cast<uint16_t>((k % 2) ? bits >> 16 : bits);
+      op.a[rr][k] = bf16 ? tt_emu::bf16_to_float(h) : tt_emu::half_to_float(h);
+    }
+  op.desc = desc;
+  op.bf16 = bf16;
+  op.trans_b = trans_b;
   // The pending product into the same registers, else a new one from their current values.
   tt_emu::PendingMma *pm = nullptr;
   for (tt_emu::PendingMma &m : f.mmas)
     if (m.d == d) pm = &m;
   if (pm != nullptr && pm->n != n / 2) tt_emu::fatal("chained wgmma products of different shapes");
   if (pm == nullptr) {
-    f.mmas.push_back(tt_emu::PendingMma{d, n / 2, {}, 0});
+    f.mmas.push_back(tt_emu::PendingMma{d, n / 2, {}, 0, {}});
     pm = &f.mmas.back();
     for (int i = 0; i < n / 2; ++i) pm->v[i] = d[i];
   }
   pm->group = f.mma_committed;
-  const int warp = tw >> 5, lane = tw & 31, gq = lane >> 2, tq = lane & 3;
-  for (int j = 0; j < n / 8; ++j)
-    for (int e = 0; e < 4; ++e) {
-      const int row = 16 * warp + gq + ((e & 2) ? 8 : 0);
-      const int col = 8 * j + 2 * tq + (e & 1);
-      float sum = 0.0f;
-      for (int k = 0; k < 16; ++k) sum += a_at(row, k) * b_at(k, col);
-      pm->v[4 * j + e] += sum;
-    }
+  const bool at_wait = s.fixed_mma_mode >= 0 ? s.fixed_mma_mode == 1
+                                             : (((s.blocks - 1) >> 3) & 1) != 0;
+  if (at_wait || !pm->deferred.empty())  // keep the chain's order once one product is deferred
+    pm->deferred.push_back(op);
+  else
+    tt_emu::wgmma_accumulate(pm->v, n, op.a, desc, bf16, trans_b, tq);
 }
 
 // wgmma.commit_group: closes the group of the products issued since the last commit.
@@ -828,7 +864,10 @@ inline void tt_emu_wgmma_wait(unsigned n) {
   tt_emu::State &s = tt_emu::g;
   if (s.cur < 0) tt_emu::fatal("wgmma.wait_group outside a kernel launch");
   tt_emu::Fiber &f = s.fibers[s.cur];
-  tt_emu::complete_groups(f.mmas, f.mma_committed, n, [](const tt_emu::PendingMma &m) {
+  const int tq = (s.cur & 127) & 3;
+  tt_emu::complete_groups(f.mmas, f.mma_committed, n, [tq](tt_emu::PendingMma &m) {
+    for (const tt_emu::DeferredMma &op : m.deferred)
+      tt_emu::wgmma_accumulate(m.v, 2 * m.n, op.a, op.desc, op.bf16, op.trans_b, tq);
     for (int r = 0; r < m.n; ++r) m.d[r] = m.v[r];
   });
 }

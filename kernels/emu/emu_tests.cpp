@@ -5,9 +5,9 @@
 //   c++ -std=c++20 -O2 -pthread -DTT_CUDA_EMU -fno-strict-aliasing -Wall -Wno-unknown-pragmas
 //       -I kernels kernels/emu/emu_tests.cpp -o emu_tests
 //
-// Attention runs each of its block tiles (w4r16, w8r16, w4r32, and the wgmma tiles wg2 and wg1) on the same inputs: the first is
-// checked against the reference, the others must be bit-identical to it; a "tile" line per
-// kernel gives its launch shape.
+// Attention runs each of its block tiles (w4r16, w8r16, w4r32, and the wgmma tiles wg2, wg1,
+// wg2p and wg1p) on the same inputs: the first is checked against the reference, the others
+// must be bit-identical to it; a "tile" line per kernel gives its launch shape.
 //
 // Inputs are deterministic (xorshift). Whatever a kernel must not read (padding of strided rows,
 // keys beyond key_lens, other chunks of the modulation vector, cos/sin rows before pos_offset) is
@@ -326,16 +326,34 @@ template <class T> struct AttnKernel {
   int threads;  // threads of a block
   int smem;     // dynamic shared memory, bytes
 };
-#define ATTN_KERNEL_WG(TN, T, D, WG)                                                          \
-  AttnKernel<T> {                                                                               \
-    "wg" #WG, tt_attention_##TN##_d##D##_wg##WG, 64 * WG, 128 * WG,                              \
-        TtAttnWgTile<T, D, WG>::SMEM_BYTES                                                      \
-  }
 #define ATTN_KERNEL(TN, T, D, W, R)                                                 \
   AttnKernel<T> {                                                                   \
     "w" #W "r" #R, tt_attention_##TN##_d##D##_w##W##r##R, W * R, W * 32,              \
         TtAttnTile<T, D, W, R / 16>::SMEM_BYTES                                     \
   }
+#define ATTN_KERNEL_WG(TN, T, D, WG, SUFFIX, PIPE)                                              \
+  AttnKernel<T> {                                                                               \
+    "wg" #WG #SUFFIX, tt_attention_##TN##_d##D##_wg##WG##SUFFIX, 64 * WG, 128 * WG,              \
+        TtAttnWgTile<T, D, WG, PIPE>::SMEM_BYTES                                                \
+  }
+// The four wgmma tiles of a head size.
+#define ATTN_KERNELS_WG(TN, T, D)                                                   \
+  ATTN_KERNEL_WG(TN, T, D, 2, , false), ATTN_KERNEL_WG(TN, T, D, 1, , false),       \
+      ATTN_KERNEL_WG(TN, T, D, 2, p, true), ATTN_KERNEL_WG(TN, T, D, 1, p, true)
+// Every tile of a head size up to 128 (w4r32 stops there), then of a larger one.
+#define ATTN_KERNELS(TN, T, D)                                                      \
+  {ATTN_KERNEL(TN, T, D, 4, 16), ATTN_KERNEL(TN, T, D, 8, 16), ATTN_KERNEL(TN, T, D, 4, 32), \
+   ATTN_KERNELS_WG(TN, T, D)}
+#define ATTN_KERNELS_LARGE(TN, T, D) \
+  {ATTN_KERNEL(TN, T, D, 4, 16), ATTN_KERNEL(TN, T, D, 8, 16), ATTN_KERNELS_WG(TN, T, D)}
+// The attention cases of every head size of one dtype (inside main: uses its rng).
+#define ATTENTION_SUITES(TN, T, BOUND)                                                     \
+  attention_suite<T, 40>("attention " #TN " d=40", ATTN_KERNELS(TN, T, 40), BOUND, rng);    \
+  attention_suite<T, 64>("attention " #TN " d=64", ATTN_KERNELS(TN, T, 64), BOUND, rng);    \
+  attention_suite<T, 72>("attention " #TN " d=72", ATTN_KERNELS(TN, T, 72), BOUND, rng);    \
+  attention_suite<T, 80>("attention " #TN " d=80", ATTN_KERNELS(TN, T, 80), BOUND, rng);    \
+  attention_suite<T, 128>("attention " #TN " d=128", ATTN_KERNELS(TN, T, 128), BOUND, rng); \
+  attention_suite<T, 160>("attention " #TN " d=160", ATTN_KERNELS_LARGE(TN, T, 160), BOUND, rng);
 
 // Runs every tile of `kernels` on the same inputs: the first is checked against the reference,
 // the others must give bit-identical outputs (every row takes the same operations in every tile).
@@ -752,42 +770,8 @@ int main() {
   section("16-bit conversions", [&] { test_conversions(); });
   section("attention", [&] {
     const double bf = 8e-3, hf = 1.5e-3;
-    attention_suite<tt_bf16, 40>("attention bf16 d=40", {ATTN_KERNEL(bf16, tt_bf16, 40, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 40, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 40, 4, 32),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 40, 2),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 40, 1)}, bf, rng);
-    attention_suite<tt_bf16, 64>("attention bf16 d=64", {ATTN_KERNEL(bf16, tt_bf16, 64, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 64, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 64, 4, 32),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 64, 2),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 64, 1)}, bf, rng);
-    attention_suite<tt_bf16, 72>("attention bf16 d=72", {ATTN_KERNEL(bf16, tt_bf16, 72, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 72, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 72, 4, 32),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 72, 2),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 72, 1)}, bf, rng);
-    attention_suite<tt_bf16, 80>("attention bf16 d=80", {ATTN_KERNEL(bf16, tt_bf16, 80, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 80, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 80, 4, 32),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 80, 2),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 80, 1)}, bf, rng);
-    attention_suite<tt_bf16, 128>("attention bf16 d=128", {ATTN_KERNEL(bf16, tt_bf16, 128, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 128, 8, 16), ATTN_KERNEL(bf16, tt_bf16, 128, 4, 32),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 128, 2),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 128, 1)}, bf, rng);
-    attention_suite<tt_bf16, 160>("attention bf16 d=160", {ATTN_KERNEL(bf16, tt_bf16, 160, 4, 16), ATTN_KERNEL(bf16, tt_bf16, 160, 8, 16),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 160, 2),
-                                       ATTN_KERNEL_WG(bf16, tt_bf16, 160, 1)}, bf, rng);
-    attention_suite<tt_f16, 40>("attention f16 d=40", {ATTN_KERNEL(f16, tt_f16, 40, 4, 16), ATTN_KERNEL(f16, tt_f16, 40, 8, 16), ATTN_KERNEL(f16, tt_f16, 40, 4, 32),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 40, 2),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 40, 1)}, hf, rng);
-    attention_suite<tt_f16, 64>("attention f16 d=64", {ATTN_KERNEL(f16, tt_f16, 64, 4, 16), ATTN_KERNEL(f16, tt_f16, 64, 8, 16), ATTN_KERNEL(f16, tt_f16, 64, 4, 32),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 64, 2),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 64, 1)}, hf, rng);
-    attention_suite<tt_f16, 72>("attention f16 d=72", {ATTN_KERNEL(f16, tt_f16, 72, 4, 16), ATTN_KERNEL(f16, tt_f16, 72, 8, 16), ATTN_KERNEL(f16, tt_f16, 72, 4, 32),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 72, 2),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 72, 1)}, hf, rng);
-    attention_suite<tt_f16, 80>("attention f16 d=80", {ATTN_KERNEL(f16, tt_f16, 80, 4, 16), ATTN_KERNEL(f16, tt_f16, 80, 8, 16), ATTN_KERNEL(f16, tt_f16, 80, 4, 32),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 80, 2),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 80, 1)}, hf, rng);
-    attention_suite<tt_f16, 128>("attention f16 d=128", {ATTN_KERNEL(f16, tt_f16, 128, 4, 16), ATTN_KERNEL(f16, tt_f16, 128, 8, 16), ATTN_KERNEL(f16, tt_f16, 128, 4, 32),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 128, 2),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 128, 1)}, hf, rng);
-    attention_suite<tt_f16, 160>("attention f16 d=160", {ATTN_KERNEL(f16, tt_f16, 160, 4, 16), ATTN_KERNEL(f16, tt_f16, 160, 8, 16),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 160, 2),
-                                       ATTN_KERNEL_WG(f16, tt_f16, 160, 1)}, hf, rng);
+    ATTENTION_SUITES(bf16, tt_bf16, bf)
+    ATTENTION_SUITES(f16, tt_f16, hf)
   });
   section("layer_norm_mod", [&] {
     layer_norm_suite<float>(tt_layer_norm_mod_f32, 6e-7, rng);

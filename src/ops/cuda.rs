@@ -53,14 +53,14 @@ fn module(dev: &CudaDevice, file: Kernels) -> (&'static str, &'static str) {
     }
 }
 
-/// Whether the wgmma attention tile ([`AttentionTile::Wg2`]) can be the default for `dtype` and
+/// Whether the wgmma attention tile ([`AttentionTile::Wg2p`]) can be the default for `dtype` and
 /// head size `d` on this device: compute capability 9.0, and, checked once per device, dtype and
 /// head size, it agrees with the `w4r32` tile on a random problem (a guard for a kernel whose
 /// shared-memory descriptors only a Hopper GPU can confirm). A disagreement or a failed launch is
 /// logged once and leaves the mma.sync tiles in use.
 pub(super) fn wgmma_attention_ok(dev: &CudaDevice, dtype: DType, d: usize) -> bool {
-    use super::{with_attention_tile, AttentionTile};
-    if !sm90a(dev) || !AttentionTile::Wg2.supports(d) || !matches!(dtype, DType::BF16 | DType::F16)
+    use super::AttentionTile;
+    if !sm90a(dev) || !AttentionTile::Wg2p.supports(d) || !matches!(dtype, DType::BF16 | DType::F16)
     {
         return false;
     }
@@ -72,22 +72,9 @@ pub(super) fn wgmma_attention_ok(dev: &CudaDevice, dtype: DType, d: usize) -> bo
         return ok;
     }
     let check = || -> Result<f32> {
-        let device = candle_core::Device::Cuda(dev.clone());
-        // (1, 2 heads, 200 tokens, d), as token-major views, and 300 keys with the last 37 masked.
-        let qkv = |l: usize| -> Result<Tensor> {
-            Tensor::randn(0f32, 1.0, (1, l, 2, d), &device)?
-                .to_dtype(dtype)?
-                .transpose(1, 2)
-        };
-        let (q, k, v) = (qkv(200)?, qkv(300)?, qkv(300)?);
-        let scale = 1.0 / (d as f64).sqrt();
-        let run = |tile| {
-            with_attention_tile(tile, || {
-                super::fused::attention(&q, &k, &v, scale, Some(&[263]))?.to_dtype(DType::F32)
-            })
-        };
+        let run = check_problem(dev, dtype, d)?;
         let want = run(AttentionTile::W4R32)?;
-        let got = run(AttentionTile::Wg2)?;
+        let got = run(AttentionTile::Wg2p)?;
         let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         let norm = want.abs()?.max_all()?.to_scalar::<f32>()?;
         Ok(if diff.is_finite() {
@@ -100,21 +87,21 @@ pub(super) fn wgmma_attention_ok(dev: &CudaDevice, dtype: DType, d: usize) -> bo
     let ok = match check() {
         Ok(err) if err <= bound => {
             tracing::info!(
-                "attention: the Hopper kernel (wg2, {dtype:?}, head size {d}) matches w4r32 \
+                "attention: the Hopper kernel (wg2p, {dtype:?}, head size {d}) matches w4r32 \
                  (relative difference {err:.1e}); using it"
             );
             true
         }
         Ok(err) => {
             tracing::warn!(
-                "the Hopper attention kernel (wg2, {dtype:?}, head size {d}) disagrees with w4r32 \
+                "the Hopper attention kernel (wg2p, {dtype:?}, head size {d}) disagrees with w4r32 \
                  (relative error {err:.2e}); using w4r32"
             );
             false
         }
         Err(e) => {
             tracing::warn!(
-                "the Hopper attention kernel (wg2, {dtype:?}, head size {d}) failed ({e}); using \
+                "the Hopper attention kernel (wg2p, {dtype:?}, head size {d}) failed ({e}); using \
                  w4r32"
             );
             false
@@ -125,6 +112,169 @@ pub(super) fn wgmma_attention_ok(dev: &CudaDevice, dtype: DType, d: usize) -> bo
         .unwrap_or_else(|e| e.into_inner())
         .insert(key, ok);
     ok
+}
+
+/// A random attention problem for the tile checks on `dev`: (1, 2 heads, 200 queries, `d`) against
+/// 300 keys with the last 37 masked, as token-major views like the models'. Returns a function
+/// that runs it with a given tile and returns the output in float32.
+fn check_problem(
+    dev: &CudaDevice,
+    dtype: DType,
+    d: usize,
+) -> Result<impl Fn(super::AttentionTile) -> Result<Tensor>> {
+    let device = candle_core::Device::Cuda(dev.clone());
+    let qkv = |l: usize| -> Result<Tensor> {
+        Tensor::randn(0f32, 1.0, (1, l, 2, d), &device)?
+            .to_dtype(dtype)?
+            .transpose(1, 2)
+    };
+    let (q, k, v) = (qkv(200)?, qkv(300)?, qkv(300)?);
+    let scale = 1.0 / (d as f64).sqrt();
+    Ok(move |tile| {
+        super::with_attention_tile(tile, || {
+            super::fused::attention(&q, &k, &v, scale, Some(&[263]))?.to_dtype(DType::F32)
+        })
+    })
+}
+
+/// The tiles of `default`'s family (mma.sync or wgmma) for head size `d` whose outputs are bit
+/// for bit `default`'s on this device, `default` first: checked once per device, dtype, head size
+/// and default on [`check_problem`]. The tiles are built to be identical (every query row takes
+/// the same operations in each); this confirms it before tuning may switch between them.
+fn identical_tiles(
+    dev: &CudaDevice,
+    dtype: DType,
+    d: usize,
+    default: super::AttentionTile,
+) -> Vec<super::AttentionTile> {
+    use super::AttentionTile;
+    type Families = Mutex<HashMap<(DeviceId, DType, usize, AttentionTile), Vec<AttentionTile>>>;
+    static CHECKED: OnceLock<Families> = OnceLock::new();
+    let key = (dev.id(), dtype, d, default);
+    let checked = CHECKED.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(tiles) = checked.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return tiles.clone();
+    }
+    let family: Vec<AttentionTile> = AttentionTile::ALL
+        .into_iter()
+        .filter(|t| {
+            *t != default
+                && t.supports(d)
+                && t.uses_wgmma() == default.uses_wgmma()
+                && (!t.uses_wgmma() || sm90a(dev))
+        })
+        .collect();
+    let check = || -> Result<Vec<AttentionTile>> {
+        let run = check_problem(dev, dtype, d)?;
+        let want = run(default)?;
+        let mut same = vec![default];
+        for tile in family {
+            let equal = match run(tile) {
+                Ok(got) => (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0,
+                Err(e) => {
+                    tracing::debug!("attention tile {} failed its check: {e}", tile.name());
+                    false
+                }
+            };
+            if equal {
+                same.push(tile);
+            } else {
+                tracing::info!(
+                    "attention: the {} tile is not bit-identical to {} ({dtype:?}, head size \
+                     {d}); it is left out of tuning",
+                    tile.name(),
+                    default.name()
+                );
+            }
+        }
+        Ok(same)
+    };
+    let tiles = check().unwrap_or_else(|e| {
+        tracing::warn!("attention: the tile check failed ({e}); not tuning");
+        vec![default]
+    });
+    checked
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, tiles.clone());
+    tiles
+}
+
+/// [`super::tuned_attention_tile`] on CUDA: the fastest of [`identical_tiles`] for `default`,
+/// each timed (one warm-up, best of three, synchronised) on the problem itself the first time a
+/// (device, dtype, q shape, k shape, masked or not) is seen, and remembered for the process.
+pub(super) fn tuned_attention_tile(
+    dev: &CudaDevice,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    op: &AttentionOp,
+    default: super::AttentionTile,
+) -> super::AttentionTile {
+    use super::AttentionTile;
+    type Key = (DeviceId, DType, Vec<usize>, Vec<usize>, bool);
+    static TUNED: OnceLock<Mutex<HashMap<Key, AttentionTile>>> = OnceLock::new();
+    let key = (
+        dev.id(),
+        q.dtype(),
+        q.dims().to_vec(),
+        k.dims().to_vec(),
+        op.key_lens.is_some(),
+    );
+    let tuned = TUNED.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(&tile) = tuned.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return tile;
+    }
+    let d = q.dims().last().copied().unwrap_or(0);
+    let candidates: Vec<AttentionTile> = identical_tiles(dev, q.dtype(), d, default)
+        .into_iter()
+        .filter(|t| t.runs_on(q))
+        .collect();
+    let chosen = if candidates.len() < 2 {
+        default
+    } else {
+        let device = candle_core::Device::Cuda(dev.clone());
+        let time = |tile: AttentionTile| -> Result<f64> {
+            let op = AttentionOp {
+                tile,
+                scale: op.scale,
+                key_lens: op.key_lens.clone(),
+            };
+            drop(q.apply_op3_no_bwd(k, v, &op)?);
+            device.synchronize()?;
+            let mut best = f64::INFINITY;
+            for _ in 0..3 {
+                let start = std::time::Instant::now();
+                drop(q.apply_op3_no_bwd(k, v, &op)?);
+                device.synchronize()?;
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            Ok(best)
+        };
+        let timed: Vec<(AttentionTile, f64)> = candidates
+            .iter()
+            .map(|&t| (t, time(t).unwrap_or(f64::INFINITY)))
+            .collect();
+        let chosen = super::fastest_tile(&timed).unwrap_or(default);
+        let list: Vec<String> = timed
+            .iter()
+            .map(|(t, s)| format!("{} {:.3} ms", t.name(), s * 1e3))
+            .collect();
+        tracing::info!(
+            "attention tuned for q {:?} k {:?} ({:?}): {}; using {}",
+            q.dims(),
+            k.dims(),
+            q.dtype(),
+            list.join(", "),
+            chosen.name()
+        );
+        chosen
+    };
+    tuned
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, chosen);
+    chosen
 }
 
 /// The kernel files (kernels/*.cu).

@@ -48,11 +48,12 @@ pub fn attention(
             bail!("attention: {} key lengths for a batch of {b}", lens.len());
         }
     }
-    let op = AttentionOp {
+    let mut op = AttentionOp {
         tile: super::AttentionTile::choose(q),
         scale: scale as f32,
         key_lens: key_lens.map(|l| l.iter().map(|&n| n.min(lk as u32)).collect()),
     };
+    op.tile = super::tuned_attention_tile(q, k, v, &op);
     q.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2)
 }
 

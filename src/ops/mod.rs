@@ -47,15 +47,28 @@ pub enum AttentionTile {
     /// 1 warpgroup of 64 rows on wgmma: two blocks fit an SM and never wait for each other.
     /// Compute capability 9.0 only.
     Wg1,
+    /// [`AttentionTile::Wg2`] pipelined (FlashAttention-3's intra-warpgroup overlap): two K and
+    /// two V buffers, one block barrier a tile, each tile's softmax running while the previous
+    /// tile's P·V is on the tensor cores. Compute capability 9.0 only.
+    Wg2p,
+    /// [`AttentionTile::Wg1`] pipelined as [`AttentionTile::Wg2p`]. Compute capability 9.0 only.
+    Wg1p,
 }
 
 impl AttentionTile {
     /// Every tile, in the order the benchmarks list them.
-    pub const ALL: [AttentionTile; 5] =
-        [Self::W4R16, Self::W8R16, Self::W4R32, Self::Wg2, Self::Wg1];
+    pub const ALL: [AttentionTile; 7] = [
+        Self::W4R16,
+        Self::W8R16,
+        Self::W4R32,
+        Self::Wg2,
+        Self::Wg1,
+        Self::Wg2p,
+        Self::Wg1p,
+    ];
 
     /// The kernel-name suffix, also the `TT_SCALE_ATTN_TILE` value: `w4r16`, `w8r16`, `w4r32`,
-    /// `wg2`, `wg1`.
+    /// `wg2`, `wg1`, `wg2p`, `wg1p`.
     pub fn name(self) -> &'static str {
         match self {
             Self::W4R16 => "w4r16",
@@ -63,6 +76,8 @@ impl AttentionTile {
             Self::W4R32 => "w4r32",
             Self::Wg2 => "wg2",
             Self::Wg1 => "wg1",
+            Self::Wg2p => "wg2p",
+            Self::Wg1p => "wg1p",
         }
     }
 
@@ -76,30 +91,35 @@ impl AttentionTile {
     /// Warps of a block.
     pub fn warps(self) -> usize {
         match self {
-            Self::W4R16 | Self::W4R32 | Self::Wg1 => 4,
-            Self::W8R16 | Self::Wg2 => 8,
+            Self::W4R16 | Self::W4R32 | Self::Wg1 | Self::Wg1p => 4,
+            Self::W8R16 | Self::Wg2 | Self::Wg2p => 8,
         }
     }
 
     /// Query rows of a block.
     pub fn block_rows(self) -> usize {
         match self {
-            Self::W4R16 | Self::Wg1 => 64,
-            Self::W8R16 | Self::W4R32 | Self::Wg2 => 128,
+            Self::W4R16 | Self::Wg1 | Self::Wg1p => 64,
+            Self::W8R16 | Self::W4R32 | Self::Wg2 | Self::Wg2p => 128,
         }
     }
 
     /// Whether the kernel is instantiated for head size `d`.
     pub fn supports(self, d: usize) -> bool {
         match self {
-            Self::W4R16 | Self::W8R16 | Self::Wg2 | Self::Wg1 => ATTENTION_HEAD_DIMS.contains(&d),
             Self::W4R32 => ATTENTION_HEAD_DIMS.contains(&d) && d <= 128,
+            _ => ATTENTION_HEAD_DIMS.contains(&d),
         }
     }
 
     /// Whether the tile runs on Hopper's wgmma (compute capability 9.0 only).
     pub fn uses_wgmma(self) -> bool {
-        matches!(self, Self::Wg2 | Self::Wg1)
+        matches!(self, Self::Wg2 | Self::Wg1 | Self::Wg2p | Self::Wg1p)
+    }
+
+    /// Whether the tile double-buffers K and V ([`AttentionTile::Wg2p`], [`AttentionTile::Wg1p`]).
+    pub fn pipelined(self) -> bool {
+        matches!(self, Self::Wg2p | Self::Wg1p)
     }
 
     /// Whether the tile can run attention over `q` (B, H, L, D) on `q`'s device: the head size,
@@ -111,11 +131,14 @@ impl AttentionTile {
 
     /// Dynamic shared memory of a block, bytes, for head size `d` and 16-bit elements: the K and
     /// V tiles (64 keys each), plus the Q tile for [`AttentionTile::W4R32`], rows of
-    /// `ceil(d/16)·16 + 8` elements (`TtAttnTile::SMEM_BYTES` in the kernel, which checks it).
+    /// `ceil(d/16)·16 + 8` elements; the wgmma tiles' rows are not padded, and the pipelined
+    /// ones hold two K and two V tiles (`TtAttnTile::SMEM_BYTES`, `TtAttnWgTile::SMEM_BYTES` in
+    /// the kernel, which checks it).
     pub fn smem_bytes(self, d: usize) -> usize {
         let padded = d.div_ceil(16) * 16;
         if self.uses_wgmma() {
-            return 2 * 64 * padded * 2; // K and V tiles as core matrices, rows not padded
+            let buffers = if self.pipelined() { 2 } else { 1 };
+            return 2 * buffers * 64 * padded * 2; // K and V tiles as core matrices
         }
         let row = padded + 8;
         let q_rows = if self == Self::W4R32 {
@@ -129,9 +152,9 @@ impl AttentionTile {
     /// The tile for attention over `q` (B, H, Lq, D): the thread's override
     /// ([`with_attention_tile`]), else `TT_SCALE_ATTN_TILE`, where that tile
     /// [runs](AttentionTile::runs_on) on `q`; else, with more than 64 query rows,
-    /// [`AttentionTile::Wg2`] where it runs and has passed its one-time check against `w4r32` on
-    /// this device, else [`AttentionTile::W4R32`] (FlashAttention-2's choice) where it applies;
-    /// else [`AttentionTile::W4R16`].
+    /// [`AttentionTile::Wg2p`] where it runs and has passed its one-time check against `w4r32`
+    /// on this device, else [`AttentionTile::W4R32`] (FlashAttention-2's choice) where it
+    /// applies; else [`AttentionTile::W4R16`].
     pub fn choose(q: &Tensor) -> Self {
         let dims = q.dims();
         let d = dims.last().copied().unwrap_or(0);
@@ -142,7 +165,7 @@ impl AttentionTile {
         };
         match Self::asked() {
             Some(t) if t.runs_on(q) => t,
-            _ if lq > 64 && Self::Wg2.runs_on(q) && wgmma_checked(q) => Self::Wg2,
+            _ if lq > 64 && Self::Wg2p.runs_on(q) && wgmma_checked(q) => Self::Wg2p,
             _ => Self::choose_mma(d, lq),
         }
     }
@@ -169,13 +192,74 @@ impl AttentionTile {
                 if tile.is_none() {
                     tracing::warn!(
                         "TT_SCALE_ATTN_TILE={v:?} is not a tile (w4r16, w8r16, w4r32, wg2, \
-                         wg1); using the default"
+                         wg1, wg2p, wg1p); using the default"
                     );
                 }
                 tile
             })
         })
     }
+}
+
+/// Whether attention tiles are tuned on CUDA: `TT_SCALE_ATTN_TUNE` unset, or not `0`/`off`/
+/// `false`/`no`. See [`tuned_attention_tile`].
+pub fn attention_tuning_enabled() -> bool {
+    static FROM_ENV: OnceLock<bool> = OnceLock::new();
+    *FROM_ENV.get_or_init(|| !env_says_off("TT_SCALE_ATTN_TUNE"))
+}
+
+/// Whether environment variable `name` is `0`, `off`, `false` or `no` (any case).
+fn env_says_off(name: &str) -> bool {
+    matches!(
+        std::env::var(name)
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+            .as_str(),
+        "0" | "off" | "false" | "no"
+    )
+}
+
+/// The tile [`fused::attention`] runs with, `op.tile` being [`AttentionTile::choose`]'s: that
+/// tile where one was asked for ([`with_attention_tile`], `TT_SCALE_ATTN_TILE`); else, on CUDA
+/// with tuning on ([`attention_tuning_enabled`]), the fastest of the tiles whose outputs are
+/// bit-identical to the default's on this device (checked once per device, dtype and head size),
+/// timed once per problem shape on the problem itself. So tuning never changes a result, only
+/// the time it takes.
+pub(crate) fn tuned_attention_tile(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    op: &fused::AttentionOp,
+) -> AttentionTile {
+    let default = op.tile;
+    if AttentionTile::asked().is_some() || !attention_tuning_enabled() {
+        return default;
+    }
+    match q.device() {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(c) => cuda::tuned_attention_tile(c, q, k, v, op, default),
+        _ => {
+            let _ = (k, v, op);
+            default
+        }
+    }
+}
+
+/// The fastest of `timed` (tile, seconds), the first on ties; `None` when empty or no time is
+/// finite.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn fastest_tile(timed: &[(AttentionTile, f64)]) -> Option<AttentionTile> {
+    timed
+        .iter()
+        .filter(|(_, t)| t.is_finite())
+        .fold(
+            None::<(AttentionTile, f64)>,
+            |best, &(tile, t)| match best {
+                Some((_, bt)) if bt <= t => best,
+                _ => Some((tile, t)),
+            },
+        )
+        .map(|(tile, _)| tile)
 }
 
 /// Whether `dev` is a CUDA device of compute capability 9.0 (runs wgmma).
@@ -208,17 +292,9 @@ pub fn with_attention_tile<R>(tile: AttentionTile, f: impl FnOnce() -> R) -> R {
 /// `false`/`no`, unless [`with_fused`] overrides it on this thread.
 pub fn fused_enabled() -> bool {
     static FROM_ENV: OnceLock<bool> = OnceLock::new();
-    OVERRIDE.with(|o| o.get()).unwrap_or_else(|| {
-        *FROM_ENV.get_or_init(|| {
-            !matches!(
-                std::env::var("TT_SCALE_FUSED")
-                    .unwrap_or_default()
-                    .to_ascii_lowercase()
-                    .as_str(),
-                "0" | "off" | "false" | "no"
-            )
-        })
-    })
+    OVERRIDE
+        .with(|o| o.get())
+        .unwrap_or_else(|| *FROM_ENV.get_or_init(|| !env_says_off("TT_SCALE_FUSED")))
 }
 
 /// Runs `f` with the fused kernels switched on or off on this thread (tests and benchmarks
@@ -460,10 +536,16 @@ mod tests {
         assert_eq!(AttentionTile::choose(&q(1, 128)), AttentionTile::W4R16);
         assert_eq!(AttentionTile::choose(&q(4096, 160)), AttentionTile::W4R16);
         assert!(!AttentionTile::Wg2.runs_on(&q(4608, 128)));
-        assert!(!AttentionTile::Wg1.runs_on(&q(4608, 128)));
+        for t in [AttentionTile::Wg1, AttentionTile::Wg2p, AttentionTile::Wg1p] {
+            assert!(!t.runs_on(&q(4608, 128)), "{t:?}");
+        }
         assert_eq!(
             AttentionTile::Wg1.smem_bytes(72),
             AttentionTile::Wg2.smem_bytes(72)
+        );
+        assert_eq!(
+            AttentionTile::Wg1p.smem_bytes(72),
+            AttentionTile::Wg2p.smem_bytes(72)
         );
         // An override applies where the tile runs, else the default stands.
         with_attention_tile(AttentionTile::W8R16, || {
@@ -472,15 +554,40 @@ mod tests {
         with_attention_tile(AttentionTile::W4R32, || {
             assert_eq!(AttentionTile::choose(&q(4096, 160)), AttentionTile::W4R16);
         });
-        with_attention_tile(AttentionTile::Wg2, || {
+        with_attention_tile(AttentionTile::Wg2p, || {
             assert_eq!(AttentionTile::choose(&q(4608, 128)), AttentionTile::W4R32);
         });
         assert_eq!(AttentionTile::choose(&q(10, 72)), AttentionTile::W4R16);
         // K and V tiles of 64 rows (+ the 128-row Q tile), rows padded to 16 plus 8 elements;
-        // wg2's unpadded.
+        // wg2's unpadded, wg2p's twice as many.
         assert_eq!(AttentionTile::W4R16.smem_bytes(128), 128 * 136 * 2);
         assert_eq!(AttentionTile::W4R32.smem_bytes(72), 256 * 88 * 2);
         assert_eq!(AttentionTile::Wg2.smem_bytes(128), 128 * 128 * 2);
         assert_eq!(AttentionTile::Wg2.smem_bytes(72), 128 * 80 * 2);
+        assert_eq!(AttentionTile::Wg2p.smem_bytes(128), 256 * 128 * 2);
+        assert!(AttentionTile::Wg2p.pipelined() && !AttentionTile::Wg2.pipelined());
+    }
+
+    #[test]
+    fn tuning_keeps_the_fastest_finite_time_and_the_first_on_ties() {
+        use AttentionTile::*;
+        assert_eq!(fastest_tile(&[]), None);
+        assert_eq!(fastest_tile(&[(Wg2p, f64::NAN)]), None);
+        let timed = [
+            (Wg2p, 2e-3),
+            (Wg1p, 1.5e-3),
+            (Wg2, f64::INFINITY),
+            (Wg1, 1.5e-3),
+        ];
+        assert_eq!(fastest_tile(&timed), Some(Wg1p));
+        assert_eq!(fastest_tile(&[(Wg2p, 1e-3), (Wg1p, 1e-3)]), Some(Wg2p));
+        // On the CPU there is nothing to tune: the default stands.
+        let q = Tensor::zeros((1, 2, 300, 64), DType::F32, &Device::Cpu).unwrap();
+        let op = fused::AttentionOp {
+            tile: AttentionTile::choose(&q),
+            scale: 0.125,
+            key_lens: None,
+        };
+        assert_eq!(tuned_attention_tile(&q, &q, &q, &op), AttentionTile::W4R32);
     }
 }
