@@ -211,3 +211,46 @@ __device__ __forceinline__ void tt_geglu_impl(const T *__restrict__ x, T *__rest
 TT_GELU(tt_gelu_tanh_f32, tt_geglu_f32, float)
 TT_GELU(tt_gelu_tanh_bf16, tt_geglu_bf16, tt_bf16)
 TT_GELU(tt_gelu_tanh_f16, tt_geglu_f16, tt_f16)
+
+// The gated residual of Flux's blocks: out = x + gate ⊙ y, x, y, out contiguous (rows, cols),
+// gate (groups, cols) with rows gate_stride elements apart, row r of x taking gate row
+// r / rows_per_group (a batch row's tokens). One fused multiply-add in float32 and one rounding
+// per element. Each thread moves 16 bytes of x, y and out at a time: cols must be a multiple of
+// 16 / sizeof(T) and x, y, out 16-byte aligned (the launcher checks).
+template <typename T>
+__device__ __forceinline__ void tt_gated_residual_impl(const T *__restrict__ x,
+                                                       const T *__restrict__ gate,
+                                                       long long gate_stride,
+                                                       const T *__restrict__ y, T *__restrict__ out,
+                                                       long long rows, int cols,
+                                                       long long rows_per_group) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  struct alignas(16) Pack {
+    T v[V];
+  };
+  const long long packs = rows * cols / V;
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long p = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
+       p += stride) {
+    const long long i = p * V;
+    const long long r = i / cols;
+    const T *g = gate + (r / rows_per_group) * gate_stride + (i - r * cols);
+    const Pack a = reinterpret_cast<const Pack *>(x)[p];
+    const Pack b = reinterpret_cast<const Pack *>(y)[p];
+    Pack o;
+#pragma unroll
+    for (int e = 0; e < V; ++e)
+      o.v[e] = tt_from_float<T>(fmaf(tt_to_float(g[e]), tt_to_float(b.v[e]), tt_to_float(a.v[e])));
+    reinterpret_cast<Pack *>(out)[p] = o;
+  }
+}
+
+#define TT_GATED_RESIDUAL(NAME, T)                                                             \
+  extern "C" __global__ void NAME(const T *x, const T *gate, long long gate_stride, const T *y, \
+                                  T *out, long long rows, int cols, long long rows_per_group) {  \
+    tt_gated_residual_impl<T>(x, gate, gate_stride, y, out, rows, cols, rows_per_group);        \
+  }
+
+TT_GATED_RESIDUAL(tt_gated_residual_f32, float)
+TT_GATED_RESIDUAL(tt_gated_residual_bf16, tt_bf16)
+TT_GATED_RESIDUAL(tt_gated_residual_f16, tt_f16)

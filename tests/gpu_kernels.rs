@@ -322,6 +322,68 @@ fn cublaslt_linear_matches_the_cpu_with_bias_and_gelu_epilogues() {
     }
 }
 
+#[test]
+fn cublaslt_linear_sum_and_strided_weights_match_the_cpu() {
+    // Flux's single-block linear2 at 1024x1024 (4608 tokens, 3072 + 12288 inputs, 3072 outputs)
+    // scaled down in rows, and a small odd case: the second product accumulates into the first's
+    // output, both weights column ranges of one weight (leading dimension K1 + K2).
+    let dev = cuda();
+    for dtype in [DType::BF16, DType::F16] {
+        for &(m, k1, k2, n) in &[(5, 8, 24, 16), (333, 3072, 12288, 3072)] {
+            let x1 = randn(41, &[1, m, k1]).to_dtype(dtype).unwrap();
+            let x2 = randn(42, &[1, m, k2]).to_dtype(dtype).unwrap();
+            let w = (randn(43, &[n, k1 + k2]) * (1.0 / ((k1 + k2) as f64).sqrt()))
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let b = randn(44, &[n]).to_dtype(dtype).unwrap();
+            let (w1, w2) = (w.narrow(1, 0, k1).unwrap(), w.narrow(1, k1, k2).unwrap());
+            let want = fused::linear_sum(&x1, &w1, &x2, &w2, Some(&b)).unwrap();
+            let wg = on(&w, &dev);
+            let (wg1, wg2) = (wg.narrow(1, 0, k1).unwrap(), wg.narrow(1, k1, k2).unwrap());
+            let (xg1, xg2, bg) = (on(&x1, &dev), on(&x2, &dev), on(&b, &dev));
+            let ours = fused::linear_sum(&xg1, &wg1, &xg2, &wg2, Some(&bg)).unwrap();
+            let err = rel_err(&ours, &want);
+            assert!(
+                err <= bound(dtype),
+                "linear_sum {dtype:?} ({m},{k1}+{k2},{n}): {err}"
+            );
+            let ours = fused::linear(&xg2, &wg2, None, None).unwrap();
+            let want = fused::linear(&x2, &w2, None, None).unwrap();
+            let err = rel_err(&ours, &want);
+            assert!(
+                err <= bound(dtype),
+                "strided-weight linear {dtype:?}: {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_gated_residual_matches_the_cpu() {
+    let dev = cuda();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for &(b, l, c) in &[(1, 1, 8), (2, 333, 72), (2, 4608, 3072)] {
+            let x = randn(51, &[b, l, c]).to_dtype(dtype).unwrap();
+            let y = (randn(52, &[b, l, c]) * 3.0)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            // The gate as a chunk of a (B, 1, 3·C) modulation vector.
+            let modulation = randn(53, &[b, 1, 3 * c]).to_dtype(dtype).unwrap();
+            let gate = modulation.narrow(2, c, c).unwrap();
+            let want = fused::gated_residual(&x, &gate, &y).unwrap();
+            let gate_gpu = on(&modulation, &dev).narrow(2, c, c).unwrap();
+            let ours = fused::gated_residual(&on(&x, &dev), &gate_gpu, &on(&y, &dev)).unwrap();
+            let err = rel_err(&ours, &want);
+            assert!(
+                err <= bound(dtype),
+                "gated_residual {dtype:?} ({b},{l},{c}): {err}"
+            );
+        }
+    }
+}
+
 /// The Flux transformer at head size 128 (2 heads, one double and two single blocks, random
 /// weights, bf16): the fused path agrees with candle's composition on the same GPU.
 #[test]

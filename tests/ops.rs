@@ -475,3 +475,70 @@ fn with_fused_overrides_the_switch_on_this_thread_only() {
     });
     assert_eq!(ops::fused_enabled(), before);
 }
+
+#[test]
+fn linear_sum_equals_the_linear_of_the_concatenated_inputs() {
+    // Flux's single-block linear2 over [attention, MLP]: the weight's two column ranges are
+    // strided views of one (N, K1 + K2) weight, used without copies.
+    for dtype in DTYPES {
+        let x1 = randn(51, &[2, 7, 24]).to_dtype(dtype).unwrap();
+        let x2 = randn(52, &[2, 7, 40]).to_dtype(dtype).unwrap();
+        let w = (randn(53, &[16, 64]) * 0.2)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let b = randn(54, &[16]).to_dtype(dtype).unwrap();
+        let (w1, w2) = (w.narrow(1, 0, 24).unwrap(), w.narrow(1, 24, 40).unwrap());
+        for bias in [None, Some(&b)] {
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            let reference = candle_nn::Linear::new(f32(&w), bias.map(f32));
+            let cat = Tensor::cat(&[f32(&x1), f32(&x2)], 2).unwrap();
+            let want = reference.forward(&cat).unwrap();
+            let ours = fused::linear_sum(&x1, &w1, &x2, &w2, bias).unwrap();
+            let err = rel_err(&ours, &want);
+            assert!(err <= bound(dtype), "linear_sum {dtype:?}: {err}");
+            let plain = ops::linear_sum_fused_or_plain(&x1, &w1, &x2, &w2, bias).unwrap();
+            assert!(rel_err(&plain, &want) <= bound(dtype));
+            // One product with a column range of the weight equals it with a contiguous copy.
+            let ours = fused::linear(&x2, &w2, bias, None).unwrap();
+            let want = fused::linear(&x2, &w2.contiguous().unwrap(), bias, None).unwrap();
+            assert_eq!(rel_err(&ours, &want), 0.0, "strided weight {dtype:?}");
+        }
+    }
+    let (x1, x2) = (randn(1, &[2, 3, 4]), randn(2, &[2, 3, 5]));
+    let (w1, w2) = (randn(3, &[6, 4]), randn(4, &[6, 5]));
+    assert!(fused::linear_sum(&x1, &w1, &x2, &w2, None).is_ok());
+    // Rows that differ, a weight that does not fit its input or the other weight, mixed dtypes.
+    assert!(fused::linear_sum(&x1, &w1, &randn(5, &[2, 4, 5]), &w2, None).is_err());
+    assert!(fused::linear_sum(&x1, &w1, &x2, &randn(6, &[6, 4]), None).is_err());
+    assert!(fused::linear_sum(&x1, &w1, &x2, &randn(7, &[5, 5]), None).is_err());
+    let x2_bf16 = x2.to_dtype(DType::BF16).unwrap();
+    assert!(fused::linear_sum(&x1, &w1, &x2_bf16, &w2, None).is_err());
+}
+
+#[test]
+fn gated_residual_matches_the_multiply_and_add() {
+    for dtype in DTYPES {
+        let x = randn(61, &[2, 5, 24]).to_dtype(dtype).unwrap();
+        let y = randn(62, &[2, 5, 24]).to_dtype(dtype).unwrap();
+        // The gate as Flux hands it: a chunk of a (B, 1, 3·C) modulation vector.
+        let modulation = randn(63, &[2, 1, 72]).to_dtype(dtype).unwrap();
+        let gate = modulation.narrow(2, 24, 24).unwrap();
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let want = (f32(&x) + f32(&gate).broadcast_mul(&f32(&y)).unwrap()).unwrap();
+        let ours = fused::gated_residual(&x, &gate, &y).unwrap();
+        assert_eq!(ours.dtype(), dtype);
+        let err = rel_err(&ours, &want);
+        assert!(err <= bound(dtype) / 4.0, "gated_residual {dtype:?}: {err}");
+        // (B, C) gates are taken as well.
+        let flat = fused::gated_residual(&x, &gate.squeeze(1).unwrap(), &y).unwrap();
+        assert_eq!(rel_err(&flat, &ours), 0.0);
+    }
+    let (x, y) = (randn(1, &[2, 3, 8]), randn(2, &[2, 3, 8]));
+    assert!(fused::gated_residual(&x, &randn(3, &[2, 1, 8]), &y).is_ok());
+    assert!(fused::gated_residual(&x, &randn(3, &[3, 1, 8]), &y).is_err());
+    assert!(fused::gated_residual(&x, &randn(3, &[2, 1, 7]), &y).is_err());
+    assert!(fused::gated_residual(&x, &randn(3, &[2, 1, 8]), &randn(4, &[2, 4, 8])).is_err());
+    let bf16_gate = randn(3, &[2, 1, 8]).to_dtype(DType::BF16).unwrap();
+    assert!(fused::gated_residual(&x, &bf16_gate, &y).is_err());
+}

@@ -22,6 +22,7 @@
 //   gelu_tanh       f32 7.1e-8 (3e-7)    bf16 1.3e-3 (5e-3)   f16 1.6e-4 (6e-4)
 //   geglu           f32 6.1e-8 (3e-7)    bf16 2.2e-3 (5e-3)   f16 3.2e-4 (6e-4)
 //   group_norm      f32 1.7e-7 (6e-7)    bf16 3.0e-3 (5e-3)   f16 3.5e-4 (6e-4)
+//   gated_residual  f32 4.3e-8 (3e-7)    bf16 2.8e-3 (5e-3)   f16 3.1e-4 (6e-4)
 // (gelu_tanh is measured against max(max|ref|, 1), see test_gelu.)
 // The 16-bit bounds of the norms and activations are about 1.25 units of roundoff (2^-8 for bf16,
 // 2^-11 for f16): their outputs are one rounding away from the reference, relative to |out| <=
@@ -698,6 +699,44 @@ void gelu_suite(GeluFn<T> gelu, GegluFn<T> geglu, double gelu_bound, double gegl
 }
 
 // ---------------------------------------------------------------------------------------------
+// Gated residual.
+
+template <class T>
+using GrFn = void (*)(const T *, const T *, long long, const T *, T *, long long, int, long long);
+
+// x, y (batch·len, cols) and a gate row per batch row at a padded stride (the padding NaN: it must
+// not be read); the reference rounds once, as the kernel does.
+template <class T>
+void test_gated_residual(GrFn<T> fn, int batch, int len, int cols, double bound, Rng &rng) {
+  const long long rows = 1LL * batch * len, gstride = cols + 24;
+  Buf<T> x(rows * cols), y(rows * cols), out(rows * cols), gate(batch * gstride);
+  for (long long i = 0; i < rows * cols; ++i) {
+    x[i] = make<T>(rng.normal());
+    y[i] = make<T>(3.0 * rng.normal());
+  }
+  for (int b = 0; b < batch; ++b)
+    for (int c = 0; c < cols; ++c) gate[b * gstride + c] = make<T>(rng.normal());
+  const dim3 grid(3), block(64);  // fewer threads than packs: the grid-stride loop runs
+  tt_emu_launch(grid, block, [&] {
+    fn(x.data(), gate.data(), gstride, y.data(), out.data(), rows, cols, len);
+  });
+  ErrTracker et;
+  for (long long r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) {
+      const long long i = r * cols + c;
+      et.add(out[i], val(x[i]) + val(gate[(r / len) * gstride + c]) * val(y[i]));
+    }
+  report(fmt("gated_residual %s batch=%d len=%d cols=%d", tname<T>(), batch, len, cols), et.rel(),
+         bound, et.note(kMinSameGeglu), et.same_ok(kMinSameGeglu));
+}
+
+template <class T> void gated_residual_suite(GrFn<T> fn, double bound, Rng &rng) {
+  test_gated_residual<T>(fn, 1, 1, 16, bound, rng);
+  test_gated_residual<T>(fn, 2, 37, 72, bound, rng);
+  test_gated_residual<T>(fn, 3, 50, 3072, bound, rng);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Group norm (+ SiLU).
 
 template <class T>
@@ -787,6 +826,11 @@ int main() {
     group_norm_suite<float>(tt_group_norm_f32, 6e-7, rng);
     group_norm_suite<tt_bf16>(tt_group_norm_bf16, 5e-3, rng);
     group_norm_suite<tt_f16>(tt_group_norm_f16, 6e-4, rng);
+  });
+  section("gated_residual", [&] {
+    gated_residual_suite<float>(tt_gated_residual_f32, 3e-7, rng);
+    gated_residual_suite<tt_bf16>(tt_gated_residual_bf16, 5e-3, rng);
+    gated_residual_suite<tt_f16>(tt_gated_residual_f16, 6e-4, rng);
   });
   section("gelu_tanh / geglu", [&] {
     gelu_suite<float>(tt_gelu_tanh_f32, tt_geglu_f32, 3e-7, 3e-7, rng);

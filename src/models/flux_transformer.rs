@@ -374,6 +374,16 @@ fn norm_mod(
     }
 }
 
+/// `x + gate · y`, the gated residual of every block (`gate` (B, 1, C)): one fused pass on CUDA,
+/// else candle's multiply and add.
+fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+    if ops::fused_on(x) && x.dim(D::Minus1)? % 8 == 0 {
+        fused::gated_residual(x, gate, y)
+    } else {
+        x + gate.broadcast_mul(y)?
+    }
+}
+
 /// Fused path: q, k, v of a fused projection `qkv` (B, L, ≥ 3·H·D), normalised and rotated by
 /// the rope rows from `offset` on, as (3, B, L, H, D).
 fn fused_prep(
@@ -608,13 +618,13 @@ impl DoubleBlock {
         let txt_attn = attn.narrow(1, 0, nt)?;
         let img_attn = attn.narrow(1, nt, attn.dim(1)? - nt)?;
 
-        let img = (img + im[2].broadcast_mul(&img_attn.apply(&self.img.proj)?)?)?;
+        let img = gated_add(img, &im[2], &img_attn.apply(&self.img.proj)?)?;
         let img_ff = norm_mod(ln, &img, &im[3], &im[4])?;
-        let img = (&img + im[5].broadcast_mul(&self.img.mlp.forward(&img_ff)?)?)?;
+        let img = gated_add(&img, &im[5], &self.img.mlp.forward(&img_ff)?)?;
 
-        let txt = (txt + tm[2].broadcast_mul(&txt_attn.apply(&self.txt.proj)?)?)?;
+        let txt = gated_add(txt, &tm[2], &txt_attn.apply(&self.txt.proj)?)?;
         let txt_ff = norm_mod(ln, &txt, &tm[3], &tm[4])?;
-        let txt = (&txt + tm[5].broadcast_mul(&self.txt.mlp.forward(&txt_ff)?)?)?;
+        let txt = gated_add(&txt, &tm[5], &self.txt.mlp.forward(&txt_ff)?)?;
         Ok((img, txt))
     }
 }
@@ -654,7 +664,7 @@ impl SingleBlock {
         let m = modulation(&self.modulation, vec, 3)?;
         let xn = norm_mod(ln, x, &m[0], &m[1])?;
         let h3 = 3 * self.hidden;
-        let (attn, mlp) = if fused_path(x, self.norm.q.dim(0)?) {
+        let out = if fused_path(x, self.norm.q.dim(0)?) {
             // linear1 as two products: q/k/v, and the MLP input with GELU in the epilogue.
             let w = self.linear1.weight();
             let b = self.linear1.bias();
@@ -665,16 +675,25 @@ impl SingleBlock {
             let qkv = part(0, h3, None)?;
             let mlp = part(h3, self.mlp, Some(ops::Activation::GeluTanh))?;
             let prep = fused_prep(&qkv, self.heads, &self.norm, rope, 0)?;
-            (fused_attention(&prep)?, mlp)
+            let attn = fused_attention(&prep)?;
+            // linear2 over [attn, mlp] as two products into one output: no concatenation.
+            let w2 = self.linear2.weight();
+            ops::linear_sum_fused_or_plain(
+                &attn,
+                &w2.narrow(1, 0, self.hidden)?,
+                &mlp,
+                &w2.narrow(1, self.hidden, self.mlp)?,
+                self.linear2.bias(),
+            )?
         } else {
             let xm = xn.apply(&self.linear1)?;
             let qkv = xm.narrow(D::Minus1, 0, h3)?;
             let mlp = xm.narrow(D::Minus1, h3, self.mlp)?;
             let (q, k, v) = split_qkv(&qkv.contiguous()?, self.heads, &self.norm)?;
-            (attention(&q, &k, &v, rope)?, mlp.gelu()?)
+            let attn = attention(&q, &k, &v, rope)?;
+            Tensor::cat(&[attn, mlp.gelu()?], 2)?.apply(&self.linear2)?
         };
-        let out = Tensor::cat(&[attn, mlp], 2)?.apply(&self.linear2)?;
-        x + m[2].broadcast_mul(&out)?
+        gated_add(x, &m[2], &out)
     }
 }
 

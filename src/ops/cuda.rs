@@ -12,7 +12,8 @@ use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::fused::{
-    Activation, AttentionOp, GeluOp, GroupNormOp, LayerNormModOp, LinearOp, QkNormRopeOp,
+    Activation, AttentionOp, GatedResidualOp, GeluOp, GroupNormOp, LayerNormModOp, LinearOp,
+    QkNormRopeOp,
 };
 
 const ATTENTION_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_sm80.ptx"));
@@ -735,6 +736,69 @@ fn gelu_t<T: CudaDType + DeviceRepr>(
     Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
 }
 
+pub(super) fn gated_residual(
+    op: &GatedResidualOp,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    float_dispatch!(
+        s1.dtype(),
+        "the fused gated residual takes f32, bf16 or f16",
+        gated_residual_t(op, s1, l1, s2, l2)
+    )
+}
+
+fn gated_residual_t<T: CudaDType + DeviceRepr>(
+    op: &GatedResidualOp,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &s1.device;
+    let cols = *l1.dims().last().unwrap_or(&1);
+    let n = l1.shape().elem_count();
+    // 16 bytes of each operand per thread: whole packs per row, packs aligned.
+    let pack = 16 / std::mem::size_of::<T>();
+    if cols % pack != 0 || l1.start_offset() % pack != 0 || l2.start_offset() % pack != 0 {
+        bail!(
+            "the fused gated residual needs rows of a multiple of {pack} elements and aligned \
+             operands, got {cols} columns at offsets {} and {}",
+            l1.start_offset(),
+            l2.start_offset()
+        );
+    }
+    let func = kernel!(
+        dev,
+        Kernels::Norm,
+        format!("tt_gated_residual_{}", suffix(s1.dtype())?)
+    );
+    let out: CudaSlice<T> = unsafe { dev.alloc::<T>(n)? };
+    let (x, y) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?);
+    let gate_held = Some(op.gate.clone());
+    let gate_guard = lock(&gate_held);
+    let (gate, gate_stride) = held::<T>(&gate_guard)?
+        .ok_or_else(|| candle_core::Error::Msg("gated residual without a gate".into()))?;
+    let rows = (n / cols.max(1)) as i64;
+    let (cols_i, rows_per_group) = (cols as i32, op.rows_per_group.max(1) as i64);
+    let mut launch = func.builder();
+    launch
+        .arg(&x)
+        .arg(&gate)
+        .arg(&gate_stride)
+        .arg(&y)
+        .arg(&out);
+    launch.arg(&rows).arg(&cols_i).arg(&rows_per_group);
+    let grid = (n / pack).div_ceil(256).clamp(1, 65_535) as u32;
+    unsafe { launch.launch(launch_config((grid, 1, 1), 256)) }.w()?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        l1.shape().clone(),
+    ))
+}
+
 fn lt_error(e: cublaslt::result::CublasError) -> candle_core::Error {
     candle_core::Error::Msg(format!("cuBLASLt: {e:?}"))
 }
@@ -776,15 +840,14 @@ where
     let lt = blas_lt(dev)?;
     let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(m * n)? };
     let x = view::<T>(s, l)?;
-    with_cuda(&op.weight, |ws, wl| {
-        let w = view::<T>(ws, wl)?;
-        let bias_guard = op.bias.as_ref().map(|b| {
-            let (st, lay) = b.storage_and_layout();
-            (st, lay.clone())
-        });
-        let bias = held::<T>(&bias_guard)?.map(|(v, _)| v);
-        // Row-major out (m, n) = x (m, k) · wᵀ is column-major outᵀ (n, m) = w (n, k) · xᵀ.
-        let cfg = MatmulConfig {
+    // Row-major out (m, n) = x (m, k) · wᵀ is column-major outᵀ (n, m) = w (n, k) · xᵀ; w's rows
+    // may lie further apart than k (a column range of a wider weight): its leading dimension.
+    let config = |k: usize, wl: &Layout, beta: f32| -> Result<MatmulConfig> {
+        let row_stride = wl.stride()[0];
+        if wl.stride()[1] != 1 || row_stride < k {
+            bail!("the cuBLASLt linear needs weight rows contiguous in memory");
+        }
+        Ok(MatmulConfig {
             transa: true,
             transb: false,
             transc: false,
@@ -792,23 +855,44 @@ where
             n: m as u64,
             k: k as u64,
             alpha: 1.0,
-            lda: k as i64,
+            lda: row_stride as i64,
             ldb: k as i64,
-            beta: 0.0,
+            beta,
             ldc: n as i64,
             stride_a: None,
             stride_b: None,
             stride_c: None,
             stride_bias: None,
             batch_size: None,
-        };
+        })
+    };
+    with_cuda(&op.weight, |ws, wl| {
+        let w = view::<T>(ws, wl)?;
+        let bias_guard = op.bias.as_ref().map(|b| {
+            let (st, lay) = b.storage_and_layout();
+            (st, lay.clone())
+        });
+        let bias = held::<T>(&bias_guard)?.map(|(v, _)| v);
         let act = op.activation.map(|a| match a {
             Activation::GeluTanh => cublaslt::Activation::Gelu,
         });
-        unsafe { lt.matmul(cfg, &w, &x, &mut out, bias.as_ref(), act.as_ref()) }
-            .map_err(lt_error)?;
-        Ok(())
+        let cfg = config(k, wl, 0.0)?;
+        unsafe { lt.matmul(cfg, &w, &x, &mut out, bias.as_ref(), act.as_ref()) }.map_err(lt_error)
     })?;
+    if let Some((x2, w2)) = &op.then {
+        // out += x2 · w2ᵀ: the second product reads the first's output as C (beta 1).
+        let k2 = w2.dim(1)?;
+        if x2.elem_count() != m * k2 {
+            bail!("linear_sum: the second input does not have the first's rows");
+        }
+        with_cuda(w2, |w2s, w2l| {
+            with_cuda(x2, |x2s, x2l| {
+                let (w2v, x2v) = (view::<T>(w2s, w2l)?, view::<T>(x2s, x2l)?);
+                let cfg = config(k2, w2l, 1.0)?;
+                unsafe { lt.matmul(cfg, &w2v, &x2v, &mut out, None, None) }.map_err(lt_error)
+            })
+        })?;
+    }
     let mut dims = l.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = n;

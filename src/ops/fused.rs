@@ -4,7 +4,9 @@
 //! the dispatching helpers of [`super`].
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 
 /// The activation fused into [`linear`]'s epilogue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,18 +81,8 @@ pub fn layer_norm_modulate(
         }
     }
     let modulation = |name: &str, t: Option<&Tensor>| -> Result<Option<Tensor>> {
-        let Some(t) = t else { return Ok(None) };
-        let t = match t.rank() {
-            3 if t.dim(1)? == 1 => t.squeeze(1)?,
-            _ => t.clone(),
-        };
-        if t.dims() != [b, c] {
-            bail!(
-                "layer_norm_modulate: {name} {:?} is not (B, 1, C) = ({b}, 1, {c})",
-                t.dims()
-            );
-        }
-        Ok(Some(t))
+        t.map(|t| modulation_rows("layer_norm_modulate", name, t, b, c))
+            .transpose()
     };
     for t in [weight, bias, shift, scale].into_iter().flatten() {
         if t.dtype() != x.dtype() {
@@ -242,11 +234,106 @@ pub fn linear(
         }
     }
     let op = LinearOp {
-        weight: weight.contiguous()?,
+        weight: rows_contiguous(weight)?,
         bias: bias.map(|b| b.contiguous()).transpose()?,
         activation,
+        then: None,
     };
     x.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+/// `x1 · w1ᵀ + x2 · w2ᵀ + bias` without concatenating the inputs: Flux's single-block `linear2`
+/// over [attention output, MLP activations] as two products into one output (on CUDA the second
+/// cuBLASLt product accumulates into the first's output). `x1` (…, K1), `x2` (…, K2) with the
+/// same leading dimensions; `w1` (N, K1), `w2` (N, K2), e.g. column ranges of one (N, K1 + K2)
+/// weight (rows need not be contiguous, only their elements); `bias` (N). Returns (…, N).
+pub fn linear_sum(
+    x1: &Tensor,
+    w1: &Tensor,
+    x2: &Tensor,
+    w2: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (lead1, lead2) = (x1.dims(), x2.dims());
+    let same_rows = lead1.len() == lead2.len()
+        && lead1.len() >= 2
+        && lead1[..lead1.len() - 1] == lead2[..lead2.len() - 1];
+    if !same_rows {
+        bail!(
+            "linear_sum: inputs {:?} and {:?} differ in their leading dimensions",
+            x1.dims(),
+            x2.dims()
+        );
+    }
+    let (n, k2) = w2.dims2()?;
+    if w1.dim(0)? != n || x2.dim(candle_core::D::Minus1)? != k2 {
+        bail!(
+            "linear_sum: input {:?} does not fit weight {:?} next to weight {:?}",
+            x2.dims(),
+            w2.dims(),
+            w1.dims()
+        );
+    }
+    if x2.dtype() != x1.dtype() || w2.dtype() != w1.dtype() {
+        bail!("linear_sum: both products must share one dtype");
+    }
+    let op = LinearOp {
+        weight: rows_contiguous(w1)?,
+        bias: bias.map(|b| b.contiguous()).transpose()?,
+        activation: None,
+        then: Some((x2.contiguous()?, rows_contiguous(w2)?)),
+    };
+    x1.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+/// A modulation operand (B, 1, C) or (B, C) as (B, C) rows (a view); `op` and `name` for the
+/// error when it has another shape.
+fn modulation_rows(op: &str, name: &str, t: &Tensor, b: usize, c: usize) -> Result<Tensor> {
+    let t = match t.rank() {
+        3 if t.dim(1)? == 1 => t.squeeze(1)?,
+        _ => t.clone(),
+    };
+    if t.dims() != [b, c] {
+        bail!(
+            "{op}: {name} {:?} is not (B, 1, C) = ({b}, 1, {c})",
+            t.dims()
+        );
+    }
+    Ok(t)
+}
+
+/// `t` (2-D) itself where its rows are contiguous in memory (unit column stride, as a column
+/// range of a wider weight), else a contiguous copy.
+fn rows_contiguous(t: &Tensor) -> Result<Tensor> {
+    let (_, layout) = t.storage_and_layout();
+    if t.rank() == 2 && layout.stride()[1] == 1 {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
+/// Flux's gated residual `x + gate · y` in one pass (one fused multiply-add and one rounding per
+/// element). `x`, `y` (B, L, C); `gate` (B, 1, C) or (B, C), any batch stride (a chunk of the
+/// modulation vector). Returns (B, L, C) in `x`'s dtype.
+pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let (b, l, c) = x.dims3()?;
+    if y.dims() != x.dims() {
+        bail!(
+            "gated_residual: y {:?} is not x's shape {:?}",
+            y.dims(),
+            x.dims()
+        );
+    }
+    let gate = modulation_rows("gated_residual", "gate", gate, b, c)?;
+    if gate.dtype() != x.dtype() || y.dtype() != x.dtype() {
+        bail!("gated_residual: x, gate and y must share one dtype");
+    }
+    let op = GatedResidualOp {
+        gate,
+        rows_per_group: l,
+    };
+    x.contiguous()?.apply_op2_no_bwd(&y.contiguous()?, &op)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -294,9 +381,19 @@ pub(crate) enum GeluOp {
 }
 
 pub(crate) struct LinearOp {
+    /// (N, K), rows contiguous (any row stride).
     pub(crate) weight: Tensor,
     pub(crate) bias: Option<Tensor>,
     pub(crate) activation: Option<Activation>,
+    /// A second product added to the output: its input (…, K2), contiguous, and weight (N, K2).
+    pub(crate) then: Option<(Tensor, Tensor)>,
+}
+
+pub(crate) struct GatedResidualOp {
+    /// (B, C), rows contiguous.
+    pub(crate) gate: Tensor,
+    /// Rows of x per gate row (the tokens of a batch row).
+    pub(crate) rows_per_group: usize,
 }
 
 /// GELU, tanh approximation, in float32.
@@ -670,11 +767,20 @@ impl CustomOp1 for LinearOp {
         let bias = self.bias.as_ref().map(gather_tensor).transpose()?;
         let (n, k) = self.weight.dims2()?;
         let m = x.len() / k.max(1);
+        let then = match &self.then {
+            Some((x2, w2)) => Some((gather_tensor(x2)?, gather_tensor(w2)?, w2.dim(1)?)),
+            None => None,
+        };
+        let dot = |a: &[f32], b: &[f32]| -> f64 {
+            a.iter().zip(b).map(|(a, b)| *a as f64 * *b as f64).sum()
+        };
         let mut out = vec![0f32; m * n];
-        for (xr, yr) in x.chunks(k.max(1)).zip(out.chunks_mut(n.max(1))) {
+        for (r, (xr, yr)) in x.chunks(k.max(1)).zip(out.chunks_mut(n.max(1))).enumerate() {
             for (j, y) in yr.iter_mut().enumerate() {
-                let wr = &w[j * k..(j + 1) * k];
-                let mut acc: f64 = xr.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let mut acc = dot(xr, &w[j * k..(j + 1) * k]);
+                if let Some((x2, w2, k2)) = &then {
+                    acc += dot(&x2[r * k2..(r + 1) * k2], &w2[j * k2..(j + 1) * k2]);
+                }
                 if let Some(b) = &bias {
                     acc += b[j] as f64;
                 }
@@ -698,6 +804,48 @@ impl CustomOp1 for LinearOp {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::cuda::linear(self, s, l)
+    }
+}
+
+impl CustomOp2 for GatedResidualOp {
+    fn name(&self) -> &'static str {
+        "tt-gated-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, y) = (gather(s1, l1)?, gather(s2, l2)?);
+        let gate = gather_tensor(&self.gate)?;
+        let c = *l1.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; x.len()];
+        for (r, ((xr, yr), or)) in x
+            .chunks(c.max(1))
+            .zip(y.chunks(c.max(1)))
+            .zip(out.chunks_mut(c.max(1)))
+            .enumerate()
+        {
+            let g = &gate[(r / self.rows_per_group.max(1)) * c..][..c];
+            for (((o, a), b), g) in or.iter_mut().zip(xr).zip(yr).zip(g) {
+                *o = g.mul_add(*b, *a);
+            }
+        }
+        Ok((store(out, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::gated_residual(self, s1, l1, s2, l2)
     }
 }
 

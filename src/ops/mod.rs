@@ -417,6 +417,27 @@ pub fn linear_fused_or_plain(
     }
 }
 
+/// [`fused::linear_sum`], and where cuBLASLt refuses the problem, the same sum with candle's
+/// matmuls, logged once.
+pub fn linear_sum_fused_or_plain(
+    x1: &Tensor,
+    w1: &Tensor,
+    x2: &Tensor,
+    w2: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    match fused::linear_sum(x1, w1, x2, w2, bias) {
+        Ok(y) => Ok(y),
+        Err(e) => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!("cuBLASLt linear sum failed ({e}); using candle's matmuls instead")
+            });
+            linear_plain(x1, w1, bias, None)? + linear_plain(x2, w2, None, None)?
+        }
+    }
+}
+
 /// `x · weightᵀ + bias` (then `activation`) with candle operations, as one 2-D product over the
 /// leading dimensions.
 pub fn linear_plain(
