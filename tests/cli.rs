@@ -488,6 +488,7 @@ fn bench_ops_times_the_candle_compositions_on_the_cpu_and_reports_rates() {
             "linear flux qkv candle",
             "linear flux mlp-in+gelu candle",
             "linear flux out candle",
+            "gated_residual flux candle",
             "layer_norm_modulate flux candle",
             "group_norm+silu sdxl candle",
         ]

@@ -206,6 +206,54 @@ pub fn bench_ops(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError>
         }
     }
 
+    // Flux's single-block linear2: the concatenation of attention output and MLP activations
+    // then one product, against two products into one output (ops::fused::linear_sum).
+    if cuda && ops::fused_on(&randn(&[1], dtype, dev)?) {
+        let attn = randn(&[b, flux_tokens, 3072], dtype, dev)?;
+        let mlp = randn(&[b, flux_tokens, 12288], dtype, dev)?;
+        let w = (randn(&[3072, 3072 + 12288], dtype, dev)? * 0.02)?;
+        let bias = randn(&[3072], dtype, dev)?;
+        let (w1, w2) = (w.narrow(1, 0, 3072)?, w.narrow(1, 3072, 12288)?);
+        let flops = 2.0 * (b * flux_tokens) as f64 * (3072.0 + 12288.0) * 3072.0;
+        let details = format!("{} rows, 3072 + 12288 -> 3072, {dtype:?}", b * flux_tokens);
+        let r = time_steps(
+            "linear2 flux cat+cublaslt",
+            opts,
+            0,
+            details.clone(),
+            || {
+                let x = Tensor::cat(&[&attn, &mlp], 2)?;
+                fused::linear(&x, &w, Some(&bias), None).map(drop)
+            },
+        )?;
+        reports.push(with_rate(r, Some(flops), None));
+        let r = time_steps("linear2 flux sum cublaslt", opts, 0, details, || {
+            fused::linear_sum(&attn, &w1, &mlp, &w2, Some(&bias)).map(drop)
+        })?;
+        reports.push(with_rate(r, Some(flops), None));
+    }
+
+    // Flux's gated residual x + gate · y over a block's tokens.
+    let x = randn(&[b, flux_tokens, 3072], dtype, dev)?;
+    let y = randn(&[b, flux_tokens, 3072], dtype, dev)?;
+    let gate = (randn(&[b, 1, 3072], dtype, dev)? * 0.1)?;
+    let bytes = 3.0 * (x.elem_count() * dtype.size_in_bytes()) as f64; // read x, y, write out
+    let details = format!("{b} x {flux_tokens} x 3072, {dtype:?}");
+    if cuda && ops::fused_on(&x) {
+        let r = time_steps(
+            "gated_residual flux fused",
+            opts,
+            0,
+            details.clone(),
+            || fused::gated_residual(&x, &gate, &y).map(drop),
+        )?;
+        reports.push(with_rate(r, None, Some(bytes)));
+    }
+    let r = time_steps("gated_residual flux candle", opts, 0, details, || {
+        (&x + gate.broadcast_mul(&y)?).map(drop)
+    })?;
+    reports.push(with_rate(r, None, Some(bytes)));
+
     // Flux's adaLN: layer norm of a block's tokens with shift and scale.
     let x = randn(&[b, flux_tokens, 3072], dtype, dev)?;
     let shift = (randn(&[b, 1, 3072], dtype, dev)? * 0.1)?;
