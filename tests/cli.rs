@@ -491,6 +491,7 @@ fn bench_ops_times_the_candle_compositions_on_the_cpu_and_reports_rates() {
             "gated_residual flux candle",
             "layer_norm_modulate flux candle",
             "group_norm+silu sdxl candle",
+            "conv2d sdxl 3x3 candle",
         ]
     );
     for r in reports.as_array().unwrap() {

@@ -300,6 +300,21 @@ pub fn bench_ops(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError>
         })?;
         reports.push(with_rate(r, None, Some(bytes)));
     }
+
+    // The UNets' 3x3 convolution at SDXL's largest level (320 -> 320 channels): candle's conv2d,
+    // which on CUDA without cuDNN (this build) is an unfold and a GEMM. Its rate against the
+    // linears' says whether the UNets need another convolution.
+    let conv_cfg = candle_nn::Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    let conv = candle_nn::conv2d(320, 320, 3, conv_cfg, vb.pp("conv"))?;
+    let flops = 2.0 * (2 * b * gh * gw) as f64 * 320.0 * 320.0 * 9.0;
+    let details = format!("{} x 320 x {gh} x {gw} -> 320, 3x3, {dtype:?}", 2 * b);
+    let r = time_steps("conv2d sdxl 3x3 candle", opts, 0, details, || {
+        candle_core::Module::forward(&conv, &x).map(drop)
+    })?;
+    reports.push(with_rate(r, Some(flops), None));
     Ok(reports)
 }
 
