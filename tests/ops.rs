@@ -533,6 +533,10 @@ fn gated_residual_matches_the_multiply_and_add() {
         // (B, C) gates are taken as well.
         let flat = fused::gated_residual(&x, &gate.squeeze(1).unwrap(), &y).unwrap();
         assert_eq!(rel_err(&flat, &ours), 0.0);
+        // The models' dispatcher takes candle's multiply and add on the CPU.
+        let plain = ops::gated_residual(&x, &gate, &y).unwrap();
+        let composed = (&x + gate.broadcast_mul(&y).unwrap()).unwrap();
+        assert_eq!(rel_err(&plain, &composed), 0.0);
     }
     let (x, y) = (randn(1, &[2, 3, 8]), randn(2, &[2, 3, 8]));
     assert!(fused::gated_residual(&x, &randn(3, &[2, 1, 8]), &y).is_ok());

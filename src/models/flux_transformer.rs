@@ -374,16 +374,6 @@ fn norm_mod(
     }
 }
 
-/// `x + gate · y`, the gated residual of every block (`gate` (B, 1, C)): one fused pass on CUDA,
-/// else candle's multiply and add.
-fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
-    if ops::fused_on(x) && x.dim(D::Minus1)? % 8 == 0 {
-        fused::gated_residual(x, gate, y)
-    } else {
-        x + gate.broadcast_mul(y)?
-    }
-}
-
 /// Fused path: q, k, v of a fused projection `qkv` (B, L, ≥ 3·H·D), normalised and rotated by
 /// the rope rows from `offset` on, as (3, B, L, H, D).
 fn fused_prep(
@@ -618,13 +608,13 @@ impl DoubleBlock {
         let txt_attn = attn.narrow(1, 0, nt)?;
         let img_attn = attn.narrow(1, nt, attn.dim(1)? - nt)?;
 
-        let img = gated_add(img, &im[2], &img_attn.apply(&self.img.proj)?)?;
+        let img = ops::gated_residual(img, &im[2], &img_attn.apply(&self.img.proj)?)?;
         let img_ff = norm_mod(ln, &img, &im[3], &im[4])?;
-        let img = gated_add(&img, &im[5], &self.img.mlp.forward(&img_ff)?)?;
+        let img = ops::gated_residual(&img, &im[5], &self.img.mlp.forward(&img_ff)?)?;
 
-        let txt = gated_add(txt, &tm[2], &txt_attn.apply(&self.txt.proj)?)?;
+        let txt = ops::gated_residual(txt, &tm[2], &txt_attn.apply(&self.txt.proj)?)?;
         let txt_ff = norm_mod(ln, &txt, &tm[3], &tm[4])?;
-        let txt = gated_add(&txt, &tm[5], &self.txt.mlp.forward(&txt_ff)?)?;
+        let txt = ops::gated_residual(&txt, &tm[5], &self.txt.mlp.forward(&txt_ff)?)?;
         Ok((img, txt))
     }
 }
@@ -693,7 +683,7 @@ impl SingleBlock {
             let attn = attention(&q, &k, &v, rope)?;
             Tensor::cat(&[attn, mlp.gelu()?], 2)?.apply(&self.linear2)?
         };
-        gated_add(x, &m[2], &out)
+        ops::gated_residual(x, &m[2], &out)
     }
 }
 

@@ -355,11 +355,11 @@ impl Block {
         let (shift_mlp, scale_mlp, gate_mlp) = (m(3)?, m(4)?, m(5)?);
         let normed = norm_mod(xs, &shift_msa, &scale_msa, self.eps)?;
         let attn = self.attn1.forward(&normed, &normed, None, None)?;
-        let xs = (xs + attn.broadcast_mul(&gate_msa)?)?;
+        let xs = ops::gated_residual(xs, &gate_msa, &attn)?;
         let xs = (&xs + self.attn2.forward(&xs, context, bias, key_lens)?)?;
         let normed = norm_mod(&xs, &shift_mlp, &scale_mlp, self.eps)?;
         let ff = self.ff_out.forward(&self.ff_in.forward_gelu(&normed)?)?;
-        xs + ff.broadcast_mul(&gate_mlp)?
+        ops::gated_residual(&xs, &gate_mlp, &ff)
     }
 }
 

@@ -417,6 +417,17 @@ pub fn linear_fused_or_plain(
     }
 }
 
+/// `x + gate · y`, the gated residual of the Flux and PixArt blocks (`x`, `y` (B, L, C), `gate`
+/// (B, 1, C)): one fused pass ([`fused::gated_residual`]) where the fused path applies and C is a
+/// multiple of 8, else candle's multiply and add.
+pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
+    if fused_on(x) && x.dim(candle_core::D::Minus1)? % 8 == 0 {
+        fused::gated_residual(x, gate, y)
+    } else {
+        x + gate.broadcast_mul(y)?
+    }
+}
+
 /// [`fused::linear_sum`], and where cuBLASLt refuses the problem, the same sum with candle's
 /// matmuls, logged once.
 pub fn linear_sum_fused_or_plain(
