@@ -219,27 +219,41 @@ pub fn linear(
     bias: Option<&Tensor>,
     activation: Option<Activation>,
 ) -> Result<Tensor> {
+    let op = linear_op("linear", x, weight, bias, activation, None)?;
+    x.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+/// The [`LinearOp`] of `x · weightᵀ + bias` (then `activation`, then plus `then`'s product),
+/// after checking that `weight` (N, K) fits `x` (…, K) and `bias` is (N); `what` names the
+/// operation in errors.
+fn linear_op(
+    what: &str,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    activation: Option<Activation>,
+    then: Option<(Tensor, Tensor)>,
+) -> Result<LinearOp> {
     let k = x.dim(candle_core::D::Minus1)?;
     let (n, wk) = weight.dims2()?;
     if wk != k {
         bail!(
-            "linear: input {:?} does not fit weight {:?}",
+            "{what}: input {:?} does not fit weight {:?}",
             x.dims(),
             weight.dims()
         );
     }
     if let Some(b) = bias {
         if b.dims() != [n] {
-            bail!("linear: bias {:?} is not ({n})", b.dims());
+            bail!("{what}: bias {:?} is not ({n})", b.dims());
         }
     }
-    let op = LinearOp {
+    Ok(LinearOp {
         weight: rows_contiguous(weight)?,
         bias: bias.map(|b| b.contiguous()).transpose()?,
         activation,
-        then: None,
-    };
-    x.contiguous()?.apply_op1_no_bwd(&op)
+        then,
+    })
 }
 
 /// `x1 · w1ᵀ + x2 · w2ᵀ + bias` without concatenating the inputs: Flux's single-block `linear2`
@@ -277,12 +291,8 @@ pub fn linear_sum(
     if x2.dtype() != x1.dtype() || w2.dtype() != w1.dtype() {
         bail!("linear_sum: both products must share one dtype");
     }
-    let op = LinearOp {
-        weight: rows_contiguous(w1)?,
-        bias: bias.map(|b| b.contiguous()).transpose()?,
-        activation: None,
-        then: Some((x2.contiguous()?, rows_contiguous(w2)?)),
-    };
+    let then = Some((x2.contiguous()?, rows_contiguous(w2)?));
+    let op = linear_op("linear_sum", x1, w1, bias, None, then)?;
     x1.contiguous()?.apply_op1_no_bwd(&op)
 }
 
