@@ -74,6 +74,14 @@ trap 'rm -f "$MSGS"; rm -rf "$STAGE"' EXIT
 
 echo "== packing"
 cp "$SHARED_GPU/device-env.sh" "$KIT/device-env.sh"
+cat >>"$KIT/device-env.sh" <<'EOF'
+# cuDNN, which tt-scale's convolutions open at run time (dlopen libcudnn.so.9): the copy that
+# ships with the machine's PyTorch (nvidia-cudnn-cu13), where there is one.
+C=$(find /opt /usr/local /usr/lib -name 'libcudnn.so.9' 2>/dev/null | head -1)
+if [ -n "$C" ]; then
+  export LD_LIBRARY_PATH="$(dirname "$C"):$LD_LIBRARY_PATH"
+fi
+EOF
 "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
   diffusers==0.42.1 importlib_metadata -d "$KIT/wheels"
 

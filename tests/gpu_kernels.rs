@@ -15,7 +15,7 @@ use tt_scale::ops::{self, fused, Activation, AttentionTile};
 
 #[path = "common/tensors.rs"]
 mod tensors;
-use tensors::{randn, rel_err};
+use tensors::{randn, rel_err, ConvCase};
 
 fn cuda() -> Device {
     Device::new_cuda(0).expect("these tests need a CUDA GPU (device 0)")
@@ -320,6 +320,61 @@ fn cublaslt_linear_matches_the_cpu_with_bias_and_gelu_epilogues() {
             }
         }
     }
+}
+
+/// cuDNN's convolution (loaded at run time: these tests need it, as PyTorch's wheels ship it; see
+/// bench/README.md) against the CPU reference: the UNets' 3×3 (stride 1 and 2) and 1×1
+/// convolutions at real channel counts on small images, odd sizes, dilation and groups; and the
+/// models' wrapper takes it (its one-time check against candle's convolution passed).
+#[test]
+fn cudnn_conv2d_matches_the_cpu_and_serves_the_models() {
+    let dev = cuda();
+    let cases: [ConvCase; 6] = [
+        ([2, 320, 24, 20], 320, 3, 1, 1, 1, 1),
+        ([2, 640, 16, 16], 640, 3, 1, 2, 1, 1),
+        ([2, 640, 12, 12], 1280, 1, 0, 1, 1, 1),
+        ([1, 4, 33, 31], 320, 3, 1, 1, 1, 1),
+        ([1, 6, 17, 13], 5, 3, 2, 1, 2, 1),
+        ([1, 8, 9, 7], 6, 3, 1, 1, 1, 2),
+    ];
+    for (i, &(dims, k, kernel, padding, stride, dilation, groups)) in cases.iter().enumerate() {
+        let cfg = candle_nn::Conv2dConfig {
+            padding,
+            stride,
+            dilation,
+            groups,
+            ..Default::default()
+        };
+        let seed = 700 + 10 * i as u64;
+        let fan_in = (dims[1] / groups * kernel * kernel) as f64;
+        let x = randn(seed, &dims);
+        let w = (randn(seed + 1, &[k, dims[1] / groups, kernel, kernel]) / fan_in.sqrt()).unwrap();
+        let b = randn(seed + 2, &[k]);
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let (x, w, b) = (
+                x.to_dtype(dtype).unwrap(),
+                w.to_dtype(dtype).unwrap(),
+                b.to_dtype(dtype).unwrap(),
+            );
+            let want = fused::conv2d(&x, &w, Some(&b), &cfg).unwrap();
+            let ours = fused::conv2d(&on(&x, &dev), &on(&w, &dev), Some(&on(&b, &dev)), &cfg)
+                .unwrap_or_else(|e| panic!("cuDNN convolution {dims:?} {dtype:?}: {e}"));
+            let err = rel_err(&ours, &want);
+            assert!(
+                err <= bound(dtype),
+                "conv2d {dims:?} -> {k}, {kernel}x{kernel} p{padding} s{stride} d{dilation} \
+                 g{groups} {dtype:?}: {err}"
+            );
+        }
+    }
+    let x = on(
+        &randn(1, &[1, 8, 8, 8]).to_dtype(DType::BF16).unwrap(),
+        &dev,
+    );
+    assert!(
+        ops::conv_cudnn_ok(&x),
+        "the models' convolution wrapper does not take cuDNN (see the log for why)"
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@ use tt_scale::ops::{self, fused, Activation};
 
 #[path = "common/tensors.rs"]
 mod tensors;
-use tensors::{randn, rel_err};
+use tensors::{randn, rel_err, ConvCase};
 
 fn bound(dtype: DType) -> f32 {
     match dtype {
@@ -545,4 +545,112 @@ fn gated_residual_matches_the_multiply_and_add() {
     assert!(fused::gated_residual(&x, &randn(3, &[2, 1, 8]), &randn(4, &[2, 4, 8])).is_err());
     let bf16_gate = randn(3, &[2, 1, 8]).to_dtype(DType::BF16).unwrap();
     assert!(fused::gated_residual(&x, &bf16_gate, &y).is_err());
+}
+
+/// The convolutions the UNets, the VAE and PixArt's patch embedding run, and odd ones.
+const CONVS: [ConvCase; 7] = [
+    ([2, 6, 9, 11], 5, 3, 1, 1, 1, 1),
+    ([2, 6, 9, 11], 5, 3, 1, 2, 1, 1),
+    ([1, 6, 8, 8], 7, 1, 0, 1, 1, 1),
+    ([1, 4, 8, 12], 6, 2, 0, 2, 1, 1),
+    ([2, 6, 10, 7], 4, 3, 2, 1, 2, 1),
+    ([1, 6, 7, 9], 4, 3, 1, 1, 1, 2),
+    ([1, 3, 5, 5], 2, 5, 0, 3, 1, 1),
+];
+
+#[test]
+fn conv2d_matches_candle_conv2d_for_every_dtype_stride_dilation_and_group_count() {
+    for (seed, &(dims, k, kernel, padding, stride, dilation, groups)) in CONVS.iter().enumerate() {
+        let seed = seed as u64 * 10;
+        let cfg = candle_nn::Conv2dConfig {
+            padding,
+            stride,
+            dilation,
+            groups,
+            ..Default::default()
+        };
+        let x = randn(seed + 1, &dims);
+        let w = (randn(seed + 2, &[k, dims[1] / groups, kernel, kernel]) * 0.3).unwrap();
+        let b = randn(seed + 3, &[k]);
+        for dtype in DTYPES {
+            let (x, w, b) = (
+                x.to_dtype(dtype).unwrap(),
+                w.to_dtype(dtype).unwrap(),
+                b.to_dtype(dtype).unwrap(),
+            );
+            for bias in [None, Some(&b)] {
+                let f32_of = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                let reference = candle_nn::Conv2d::new(f32_of(&w), bias.map(f32_of), cfg);
+                let want = reference.forward(&f32_of(&x)).unwrap();
+                let ours = fused::conv2d(&x, &w, bias, &cfg).unwrap();
+                assert_eq!(ours.dtype(), dtype);
+                let err = rel_err(&ours, &want);
+                assert!(
+                    err <= bound(dtype),
+                    "conv2d {dims:?} k{k} {kernel}x{kernel} p{padding} s{stride} d{dilation} \
+                     g{groups} {dtype:?} bias={}: {err}",
+                    bias.is_some()
+                );
+            }
+        }
+    }
+    // A strided input view gives the same result as its contiguous copy.
+    let cfg = candle_nn::Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    let x = randn(91, &[2, 9, 11, 6]).permute((0, 3, 1, 2)).unwrap();
+    let w = randn(92, &[5, 6, 3, 3]);
+    let a = fused::conv2d(&x, &w, None, &cfg).unwrap();
+    let b = fused::conv2d(&x.contiguous().unwrap(), &w, None, &cfg).unwrap();
+    assert_eq!(rel_err(&a, &b), 0.0);
+}
+
+#[test]
+fn conv2d_rejects_operands_that_do_not_fit() {
+    let cfg = candle_nn::Conv2dConfig::default();
+    let x = randn(1, &[1, 4, 6, 6]);
+    let err = |x: &Tensor, w: &Tensor, b: Option<&Tensor>, cfg: &candle_nn::Conv2dConfig| {
+        fused::conv2d(x, w, b, cfg).unwrap_err().to_string()
+    };
+    // Channels that the weight (in its groups) does not take.
+    let e = err(&x, &randn(2, &[3, 5, 3, 3]), None, &cfg);
+    assert!(e.contains("does not fit weight"), "{e}");
+    let grouped = candle_nn::Conv2dConfig { groups: 3, ..cfg };
+    let e = err(&x, &randn(2, &[3, 2, 3, 3]), None, &grouped);
+    assert!(e.contains("in 3 groups"), "{e}");
+    // Output channels the groups do not divide.
+    let two = candle_nn::Conv2dConfig { groups: 2, ..cfg };
+    let e = err(&x, &randn(2, &[3, 2, 3, 3]), None, &two);
+    assert!(e.contains("2 groups do not divide"), "{e}");
+    // A filter larger than the padded input.
+    let e = err(&x, &randn(2, &[3, 4, 7, 7]), None, &cfg);
+    assert!(e.contains("larger than the padded input"), "{e}");
+    // A zero stride.
+    let still = candle_nn::Conv2dConfig { stride: 0, ..cfg };
+    let e = err(&x, &randn(2, &[3, 4, 3, 3]), None, &still);
+    assert!(e.contains("zero"), "{e}");
+    // A bias of the wrong length; mixed dtypes; an input that is not 4-D.
+    let w = randn(2, &[3, 4, 3, 3]);
+    let e = err(&x, &w, Some(&randn(3, &[4])), &cfg);
+    assert!(e.contains("bias [4] is not (3)"), "{e}");
+    let e = err(&x.to_dtype(DType::BF16).unwrap(), &w, None, &cfg);
+    assert!(e.contains("one dtype"), "{e}");
+    assert!(fused::conv2d(&randn(1, &[4, 6, 6]), &w, None, &cfg).is_err());
+}
+
+#[test]
+fn the_conv2d_wrapper_is_candle_conv2d_on_the_cpu() {
+    let cfg = candle_nn::Conv2dConfig {
+        padding: 1,
+        stride: 2,
+        ..Default::default()
+    };
+    let inner = candle_nn::Conv2d::new(randn(5, &[4, 3, 3, 3]), Some(randn(6, &[4])), cfg);
+    let x = randn(7, &[2, 3, 9, 8]);
+    assert!(!ops::conv_cudnn_ok(&x));
+    assert!(!ops::conv_cudnn_ok(&x.to_dtype(DType::BF16).unwrap()));
+    let ours = ops::Conv2d::new(inner.clone()).forward(&x).unwrap();
+    let want = inner.forward(&x).unwrap();
+    assert_eq!(rel_err(&ours, &want), 0.0);
 }

@@ -301,20 +301,27 @@ pub fn bench_ops(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError>
         reports.push(with_rate(r, None, Some(bytes)));
     }
 
-    // The UNets' 3x3 convolution at SDXL's largest level (320 -> 320 channels): candle's conv2d,
-    // which on CUDA without cuDNN (this build) is an unfold and a GEMM. Its rate against the
-    // linears' says whether the UNets need another convolution.
+    // The UNets' 3x3 convolution at SDXL's largest level (320 -> 320 channels): cuDNN (loaded at
+    // run time; the row is missing where it is not found) against candle's conv2d, which on CUDA
+    // is an unfold into a column matrix nine times the input, one GEMM and a transposing copy.
     let conv_cfg = candle_nn::Conv2dConfig {
         padding: 1,
         ..Default::default()
     };
-    let conv = candle_nn::conv2d(320, 320, 3, conv_cfg, vb.pp("conv"))?;
+    let conv = ops::conv2d(320, 320, 3, conv_cfg, vb.pp("conv"))?;
     let flops = 2.0 * (2 * b * gh * gw) as f64 * 320.0 * 320.0 * 9.0;
     let details = format!("{} x 320 x {gh} x {gw} -> 320, 3x3, {dtype:?}", 2 * b);
-    let r = time_steps("conv2d sdxl 3x3 candle", opts, 0, details, || {
-        candle_core::Module::forward(&conv, &x).map(drop)
-    })?;
-    reports.push(with_rate(r, Some(flops), None));
+    let with_cudnn = cuda && ops::conv_cudnn_ok(&x);
+    for fused_path in [true, false].into_iter().filter(|&f| with_cudnn || !f) {
+        let what = if fused_path { "cudnn" } else { "candle" };
+        let name = format!("conv2d sdxl 3x3 {what}");
+        let r = ops::with_fused(fused_path, || {
+            time_steps(&name, opts, 0, details.clone(), || {
+                candle_core::Module::forward(&conv, &x).map(drop)
+            })
+        })?;
+        reports.push(with_rate(r, Some(flops), None));
+    }
     Ok(reports)
 }
 

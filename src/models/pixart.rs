@@ -5,10 +5,10 @@
 //! `out_channels` (8 with learned sigma).
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde_json::Value;
 
-use crate::ops::{self, fused, linear, Linear};
+use crate::ops::{self, conv2d, fused, linear, Conv2d, Linear};
 use crate::pipelines::PipelineError;
 
 /// The `transformer/config.json` fields the model needs.

@@ -11,10 +11,12 @@
 //! kernels need to be wired in.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{conv2d, layer_norm, Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
+use candle_nn::{layer_norm, Conv2dConfig, LayerNorm, VarBuilder};
 use serde_json::Value;
 
-use crate::ops::{self, fused, group_norm, linear, linear_no_bias, GroupNorm, Linear};
+use crate::ops::{
+    self, conv2d, fused, group_norm, linear, linear_no_bias, Conv2d, GroupNorm, Linear,
+};
 use crate::pipelines::PipelineError;
 
 /// The UNet's architecture, read from `unet/config.json` (diffusers' names).
@@ -155,6 +157,18 @@ fn require(value: &Value, key: &str, allowed: &[Value]) -> Result<(), PipelineEr
 }
 
 impl UNetConfig {
+    /// The shape of one of this UNet's resnet blocks.
+    fn resnet(&self, cin: usize, cout: usize, temb: usize, scale: f64) -> ResnetShape {
+        ResnetShape {
+            cin,
+            cout,
+            temb: Some(temb),
+            groups: self.norm_num_groups,
+            eps: self.norm_eps,
+            output_scale_factor: scale,
+        }
+    }
+
     /// Parses `unet/config.json`; keys naming features this UNet lacks fail with
     /// [`PipelineError::Unsupported`] naming the key, malformed keys with
     /// [`PipelineError::ModelFile`] naming the file and key.
@@ -341,7 +355,8 @@ impl TimestepEmbedding {
     }
 }
 
-fn conv(
+/// A `kernel`×`kernel` convolution `cin` -> `cout` with bias, loaded from `vb`.
+pub(crate) fn conv(
     vb: VarBuilder,
     cin: usize,
     cout: usize,
@@ -357,50 +372,61 @@ fn conv(
     conv2d(cin, cout, kernel, cfg, vb)
 }
 
-/// diffusers' `ResnetBlock2D` (default time scale-shift, SiLU).
-struct ResnetBlock {
+/// diffusers' `ResnetBlock2D` (default time scale-shift, SiLU), with a time embedding (the
+/// UNets) or without one (the VAE decoder).
+pub(crate) struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: Linear,
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
     output_scale_factor: f64,
 }
 
+/// The shape of a [`ResnetBlock`]: channels in and out, the time embedding's width (none for
+/// the VAE), group norms' groups and epsilon, and the factor the output is divided by.
+pub(crate) struct ResnetShape {
+    pub(crate) cin: usize,
+    pub(crate) cout: usize,
+    pub(crate) temb: Option<usize>,
+    pub(crate) groups: usize,
+    pub(crate) eps: f64,
+    pub(crate) output_scale_factor: f64,
+}
+
 impl ResnetBlock {
-    fn new(
-        vb: VarBuilder,
-        cin: usize,
-        cout: usize,
-        temb: usize,
-        c: &UNetConfig,
-        output_scale_factor: f64,
-    ) -> candle_core::Result<Self> {
-        let g = c.norm_num_groups;
+    pub(crate) fn new(vb: VarBuilder, s: ResnetShape) -> candle_core::Result<Self> {
+        let (g, cin, cout) = (s.groups, s.cin, s.cout);
         Ok(Self {
-            norm1: group_norm(g, cin, c.norm_eps, vb.pp("norm1"))?,
+            norm1: group_norm(g, cin, s.eps, vb.pp("norm1"))?,
             conv1: conv(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
-            time_emb_proj: linear(temb, cout, vb.pp("time_emb_proj"))?,
-            norm2: group_norm(g, cout, c.norm_eps, vb.pp("norm2"))?,
+            time_emb_proj: s
+                .temb
+                .map(|t| linear(t, cout, vb.pp("time_emb_proj")))
+                .transpose()?,
+            norm2: group_norm(g, cout, s.eps, vb.pp("norm2"))?,
             conv2: conv(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
             conv_shortcut: if cin != cout {
                 Some(conv(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
             } else {
                 None
             },
-            output_scale_factor,
+            output_scale_factor: s.output_scale_factor,
         })
     }
 
-    fn forward(&self, xs: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        let t = self
-            .time_emb_proj
-            .forward(&temb.silu()?)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
+    /// `xs` (B, C_in, H, W), `temb` (B, T) where the block has a time embedding.
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        temb: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
+            h = h.broadcast_add(&t)?;
+        }
         let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
@@ -628,7 +654,7 @@ impl UNet {
             let resnets = (0..layers)
                 .map(|j| {
                     let cin = if j == 0 { in_ch } else { out_ch };
-                    ResnetBlock::new(bvb.pp("resnets").pp(j), cin, out_ch, temb, c, 1.0)
+                    ResnetBlock::new(bvb.pp("resnets").pp(j), c.resnet(cin, out_ch, temb, 1.0))
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let attentions = if c.down_cross_attention[i] {
@@ -671,11 +697,7 @@ impl UNet {
             .map(|j| {
                 ResnetBlock::new(
                     mvb.pp("resnets").pp(j),
-                    last,
-                    last,
-                    temb,
-                    c,
-                    c.mid_block_scale_factor,
+                    c.resnet(last, last, temb, c.mid_block_scale_factor),
                 )
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -704,7 +726,10 @@ impl UNet {
                 .map(|j| {
                     let skip = if j == layers { in_ch } else { out_ch };
                     let cin = if j == 0 { prev } else { out_ch };
-                    ResnetBlock::new(bvb.pp("resnets").pp(j), cin + skip, out_ch, temb, c, 1.0)
+                    ResnetBlock::new(
+                        bvb.pp("resnets").pp(j),
+                        c.resnet(cin + skip, out_ch, temb, 1.0),
+                    )
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let attentions = if c.up_cross_attention[i] {
@@ -829,7 +854,7 @@ impl UNet {
         let mut skips = vec![xs.clone()];
         for block in &self.down {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                xs = resnet.forward(&xs, &emb)?;
+                xs = resnet.forward(&xs, Some(&emb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     xs = attn.forward(&xs, ctx)?;
                 }
@@ -841,16 +866,16 @@ impl UNet {
             }
         }
 
-        xs = self.mid_resnets[0].forward(&xs, &emb)?;
+        xs = self.mid_resnets[0].forward(&xs, Some(&emb))?;
         xs = self.mid_attention.forward(&xs, ctx)?;
-        xs = self.mid_resnets[1].forward(&xs, &emb)?;
+        xs = self.mid_resnets[1].forward(&xs, Some(&emb))?;
 
         for block in &self.up {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| candle_core::Error::Msg("UNet skip stack underflow".into()))?;
-                xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, &emb)?;
+                xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(&emb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     xs = attn.forward(&xs, ctx)?;
                 }

@@ -11,9 +11,10 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
+use super::cudnn::{Cudnn, CudnnError, Session};
 use super::fused::{
-    Activation, AttentionOp, GatedResidualOp, GeluOp, GroupNormOp, LayerNormModOp, LinearOp,
-    QkNormRopeOp,
+    Activation, AttentionOp, ConvOp, GatedResidualOp, GeluOp, GroupNormOp, LayerNormModOp,
+    LinearOp, QkNormRopeOp,
 };
 
 const ATTENTION_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_sm80.ptx"));
@@ -901,4 +902,178 @@ where
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         Shape::from(dims),
     ))
+}
+
+fn cudnn_error(e: CudnnError) -> candle_core::Error {
+    candle_core::Error::wrap(e)
+}
+
+/// Runs `f` with this device's cuDNN session (created on first use, on the device's context).
+fn with_cudnn<R>(
+    dev: &CudaDevice,
+    f: impl FnOnce(&mut Session) -> std::result::Result<R, CudnnError>,
+) -> Result<R> {
+    static SESSIONS: OnceLock<Mutex<HashMap<DeviceId, Session>>> = OnceLock::new();
+    let lib = Cudnn::global().map_err(cudnn_error)?;
+    dev.cuda_stream().context().bind_to_thread().w()?;
+    let mut map = SESSIONS
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let session = match map.entry(dev.id()) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            e.insert(Session::new(lib).map_err(cudnn_error)?)
+        }
+    };
+    f(session).map_err(cudnn_error)
+}
+
+pub(super) fn conv2d(op: &ConvOp, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    match s.dtype() {
+        DType::BF16 => conv2d_t::<half::bf16>(op, s, l),
+        DType::F16 => conv2d_t::<half::f16>(op, s, l),
+        DType::F32 => conv2d_t::<f32>(op, s, l),
+        other => bail!("the cuDNN convolution takes bf16, f16 or f32, not {other:?}"),
+    }
+}
+
+fn conv2d_t<T: CudaDType + DeviceRepr>(
+    op: &ConvOp,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let p = op.problem(l.dims(), s.dtype())?;
+    if !l.is_contiguous() {
+        bail!("the cuDNN convolution takes a contiguous input");
+    }
+    let (oh, ow) = p.output_hw().map_err(cudnn_error)?;
+    let dev = &s.device;
+    let stream = dev.cuda_stream();
+    let len = p.output_len().map_err(cudnn_error)?;
+    let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(len)? };
+    let x = view::<T>(s, l)?;
+    with_cuda(&op.weight, |ws, wl| {
+        let w = view::<T>(ws, wl)?;
+        let plan = with_cudnn(dev, |session| session.plan(&p))?;
+        let mut workspace: Option<CudaSlice<u8>> = match plan.workspace {
+            0 => None,
+            bytes => Some(unsafe { dev.alloc::<u8>(bytes)? }),
+        };
+        // The guards record the stream's use of each buffer when they drop, after the call.
+        let (xp, _xg) = x.device_ptr(&stream);
+        let (wp, _wg) = w.device_ptr(&stream);
+        let (yp, _yg) = out.device_ptr_mut(&stream);
+        let (sp, _sg) = match workspace.as_mut() {
+            Some(ws) => {
+                let (p, g) = ws.device_ptr_mut(&stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        with_cudnn(dev, |session| {
+            // SAFETY: contiguous NCHW buffers of `p`'s shapes and dtype on this device, a
+            // workspace of the plan's size, candle's stream of the same context; all outlive
+            // the call's place in the stream (candle frees through the same stream).
+            unsafe { session.forward(stream.cu_stream().cast(), &p, xp, wp, yp, sp) }
+        })
+    })?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from((p.n, p.k, oh, ow)),
+    ))
+}
+
+/// Whether cuDNN's convolution can serve `dtype` on this device: the library loads (the
+/// outcome is logged once), a session opens, and, checked once per device and dtype, it agrees
+/// with candle's convolution on random problems like the UNets' (3×3 stride 1 and 2, 1×1, odd
+/// sizes, with a bias). `TT_SCALE_CUDNN=0` answers no.
+pub(super) fn cudnn_conv_ok(dev: &CudaDevice, dtype: DType) -> bool {
+    if super::env_says_off("TT_SCALE_CUDNN") {
+        return false;
+    }
+    type Verdicts = Mutex<HashMap<(DeviceId, DType), bool>>;
+    static CHECKED: OnceLock<Verdicts> = OnceLock::new();
+    let key = (dev.id(), dtype);
+    let checked = CHECKED.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(&ok) = checked.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return ok;
+    }
+    let ok = match cudnn_check(dev, dtype) {
+        Ok(err) => {
+            let bound = match dtype {
+                DType::F32 => 1e-4,
+                DType::F16 => 4e-3,
+                _ => 2e-2,
+            };
+            if err <= bound {
+                let lib = Cudnn::global().map(|l| (l.path().to_string(), l.version()));
+                if let Ok((path, version)) = lib {
+                    tracing::info!(
+                        "conv2d: cuDNN {version} ({path}) matches candle's convolution                          ({dtype:?}, relative difference {err:.1e}); using it"
+                    );
+                }
+                true
+            } else {
+                tracing::warn!(
+                    "conv2d: cuDNN disagrees with candle's convolution ({dtype:?}, relative                      error {err:.2e}); using candle's"
+                );
+                false
+            }
+        }
+        Err(e) => {
+            tracing::warn!("conv2d: cuDNN unavailable ({e}); using candle's convolution");
+            false
+        }
+    };
+    checked
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, ok);
+    ok
+}
+
+/// The largest relative difference (to the largest magnitude) between cuDNN's and candle's
+/// convolution over a few random problems on `dev`, in `dtype`.
+fn cudnn_check(dev: &CudaDevice, dtype: DType) -> Result<f32> {
+    let device = candle_core::Device::Cuda(dev.clone());
+    let cfg = |padding, stride| candle_nn::Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    let mut worst = 0f32;
+    for (c, k, kernel, conv) in [
+        (20, 24, 3, cfg(1, 1)),
+        (20, 24, 3, cfg(1, 2)),
+        (24, 16, 1, cfg(0, 1)),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (2, c, 13, 11), &device)?.to_dtype(dtype)?;
+        let w = (Tensor::randn(0f32, 1.0, (k, c, kernel, kernel), &device)?
+            / ((c * kernel * kernel) as f64).sqrt())?
+        .to_dtype(dtype)?;
+        let b = Tensor::randn(0f32, 1.0, k, &device)?.to_dtype(dtype)?;
+        let got = super::fused::conv2d(&x, &w, Some(&b), &conv)?.to_dtype(DType::F32)?;
+        let want = x
+            .conv2d(&w, conv.padding, conv.stride, conv.dilation, conv.groups)?
+            .broadcast_add(&b.reshape((1, k, 1, 1))?)?
+            .to_dtype(DType::F32)?;
+        if got.dims() != want.dims() {
+            bail!(
+                "cuDNN gave {:?} where candle gives {:?}",
+                got.dims(),
+                want.dims()
+            );
+        }
+        let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let norm = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        let err = if diff.is_finite() {
+            diff / norm.max(1e-6)
+        } else {
+            f32::INFINITY
+        };
+        worst = worst.max(err);
+    }
+    Ok(worst)
 }

@@ -346,6 +346,48 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2_no_bwd(&y.contiguous()?, &op)
 }
 
+/// A 2-D convolution (cross-correlation, as PyTorch's `conv2d`) plus a per-channel bias: cuDNN
+/// on CUDA (loaded at run time, see [`super::cudnn`]; an error where it is missing), a direct
+/// float64-accumulated loop on the CPU.
+///
+/// `x` (N, C, H, W); `weight` (K, C / groups, R, S); `bias` (K). Returns (N, K, H', W') with
+/// PyTorch's output sizes. Square padding, stride and dilation, as `cfg` gives them.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    cfg: &candle_nn::Conv2dConfig,
+) -> Result<Tensor> {
+    let (k, cpg, _, _) = weight.dims4()?;
+    let (_, c, _, _) = x.dims4()?;
+    if cfg.groups == 0 || cpg * cfg.groups != c {
+        bail!(
+            "conv2d: input {:?} does not fit weight {:?} in {} groups",
+            x.dims(),
+            weight.dims(),
+            cfg.groups
+        );
+    }
+    if x.dtype() != weight.dtype() {
+        bail!("conv2d: input and weight must share one dtype");
+    }
+    let op = ConvOp {
+        weight: weight.contiguous()?,
+        padding: cfg.padding,
+        stride: cfg.stride,
+        dilation: cfg.dilation,
+        groups: cfg.groups,
+    };
+    // Checks the sizes before any kernel runs.
+    op.problem(x.dims(), x.dtype())?;
+    let y = x.contiguous()?.apply_op1_no_bwd(&op)?;
+    match bias {
+        None => Ok(y),
+        Some(b) if b.dims() == [k] => y.broadcast_add(&b.reshape((1, k, 1, 1))?),
+        Some(b) => bail!("conv2d: bias {:?} is not ({k})", b.dims()),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The custom ops.
 
@@ -397,6 +439,52 @@ pub(crate) struct LinearOp {
     pub(crate) activation: Option<Activation>,
     /// A second product added to the output: its input (…, K2), contiguous, and weight (N, K2).
     pub(crate) then: Option<(Tensor, Tensor)>,
+}
+
+pub(crate) struct ConvOp {
+    /// (K, C / groups, R, S), contiguous.
+    pub(crate) weight: Tensor,
+    pub(crate) padding: usize,
+    pub(crate) stride: usize,
+    pub(crate) dilation: usize,
+    pub(crate) groups: usize,
+}
+
+impl ConvOp {
+    /// The convolution of an input of `dims` (N, C, H, W), checked (sizes, groups, dtype).
+    pub(crate) fn problem(
+        &self,
+        dims: &[usize],
+        dtype: DType,
+    ) -> Result<super::cudnn::ConvProblem> {
+        use super::cudnn::{ConvDType, ConvProblem};
+        let (k, _, r, s) = self.weight.dims4()?;
+        let &[n, c, h, w] = dims else {
+            bail!("conv2d: input {dims:?} is not (N, C, H, W)");
+        };
+        let dtype = match dtype {
+            DType::BF16 => ConvDType::BF16,
+            DType::F16 => ConvDType::F16,
+            DType::F32 => ConvDType::F32,
+            other => bail!("conv2d takes bf16, f16 or f32, not {other:?}"),
+        };
+        let p = ConvProblem {
+            n,
+            c,
+            h,
+            w,
+            k,
+            r,
+            s,
+            padding: (self.padding, self.padding),
+            stride: (self.stride, self.stride),
+            dilation: (self.dilation, self.dilation),
+            groups: self.groups,
+            dtype,
+        };
+        p.output_hw().map_err(candle_core::Error::wrap)?;
+        Ok(p)
+    }
 }
 
 pub(crate) struct GatedResidualOp {
@@ -814,6 +902,54 @@ impl CustomOp1 for LinearOp {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::cuda::linear(self, s, l)
+    }
+}
+
+impl CustomOp1 for ConvOp {
+    fn name(&self) -> &'static str {
+        "tt-conv2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let p = self.problem(l.dims(), s.dtype())?;
+        let (oh, ow) = p.output_hw().map_err(candle_core::Error::wrap)?;
+        let x = gather(s, l)?;
+        let w = gather_tensor(&self.weight)?;
+        let (cpg, kpg) = (p.c / p.groups, p.k / p.groups);
+        let mut out = vec![0f32; p.n * p.k * oh * ow];
+        for (i, o) in out.iter_mut().enumerate() {
+            let (ox, oy) = (i % ow, (i / ow) % oh);
+            let (k, n) = ((i / (ow * oh)) % p.k, i / (ow * oh * p.k));
+            let c0 = (k / kpg) * cpg;
+            let mut acc = 0f64;
+            for cg in 0..cpg {
+                let plane = &x[(n * p.c + c0 + cg) * p.h * p.w..][..p.h * p.w];
+                let filter = &w[(k * cpg + cg) * p.r * p.s..][..p.r * p.s];
+                for ry in 0..p.r {
+                    let iy = (oy * p.stride.0 + ry * p.dilation.0).wrapping_sub(p.padding.0);
+                    if iy >= p.h {
+                        continue;
+                    }
+                    for sx in 0..p.s {
+                        let ix = (ox * p.stride.1 + sx * p.dilation.1).wrapping_sub(p.padding.1);
+                        if ix < p.w {
+                            acc += plane[iy * p.w + ix] as f64 * filter[ry * p.s + sx] as f64;
+                        }
+                    }
+                }
+            }
+            *o = acc as f32;
+        }
+        Ok((store(out, s.dtype())?, Shape::from((p.n, p.k, oh, ow))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::conv2d(self, s, l)
     }
 }
 

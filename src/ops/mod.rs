@@ -8,6 +8,7 @@
 //! the model's own composition of candle operations runs, unchanged: CPU results do not depend
 //! on this module.
 
+mod cudnn;
 pub mod fused;
 
 #[cfg(feature = "cuda")]
@@ -527,6 +528,75 @@ pub fn group_norm(
         groups,
         eps,
     })
+}
+
+/// A 2-D convolution with bias that runs on cuDNN ([`fused::conv2d`]) where
+/// [`conv_cudnn_ok`] its input, and as `candle_nn::Conv2d` (on CUDA an unfold and one GEMM)
+/// otherwise; where cuDNN fails on a problem, candle's convolution runs instead, logged once.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    inner: candle_nn::Conv2d,
+}
+
+impl Conv2d {
+    /// Wraps a loaded `candle_nn::Conv2d` (weight (K, C / groups, R, S), optional bias (K)).
+    pub fn new(inner: candle_nn::Conv2d) -> Self {
+        Self { inner }
+    }
+
+    /// The weight, (K, C / groups, R, S).
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !conv_cudnn_ok(x) {
+            return self.inner.forward(x);
+        }
+        let cfg = self.inner.config();
+        match fused::conv2d(x, self.inner.weight(), self.inner.bias(), cfg) {
+            Ok(y) => Ok(y),
+            Err(e) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!(
+                        "cuDNN convolution of {:?} failed ({e}); using candle's instead",
+                        x.dims()
+                    )
+                });
+                self.inner.forward(x)
+            }
+        }
+    }
+}
+
+/// `candle_nn::conv2d` (with bias), wrapped: `cin` -> `cout` channels, a `kernel`×`kernel`
+/// filter.
+pub fn conv2d(
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    cfg: candle_nn::Conv2dConfig,
+    vb: candle_nn::VarBuilder,
+) -> Result<Conv2d> {
+    Ok(Conv2d::new(candle_nn::conv2d(cin, cout, kernel, cfg, vb)?))
+}
+
+/// Whether [`Conv2d`] runs `x` on cuDNN: the fused path applies ([`fused_on`]: CUDA, bf16, f16
+/// or f32 (FMA math, no TF32)), `x` is 4-D, `TT_SCALE_CUDNN` is not `0`, and cuDNN loaded and
+/// passed its check against candle's convolution on this device (once per device and dtype; the
+/// outcome is logged).
+pub fn conv_cudnn_ok(x: &Tensor) -> bool {
+    if !(fused_on(x) && x.rank() == 4) {
+        return false;
+    }
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = x.device() {
+        return cuda::cudnn_conv_ok(dev, x.dtype());
+    }
+    false
 }
 
 /// `candle_nn::linear` (with bias), wrapped.

@@ -54,3 +54,7 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     });
     diff / scale
 }
+
+/// A convolution case of the fused-op tests: (input dims (N, C, H, W), output channels, square
+/// kernel size, padding, stride, dilation, groups).
+pub type ConvCase = ([usize; 4], usize, usize, usize, usize, usize, usize);
