@@ -15,6 +15,7 @@ with tt-scale's):
   sd15                    SD 1.5 UNet, CFG batch 2, 64x64 latents, 77x768 context
   pixart_sigma            PixArt-Sigma XL/2 transformer, CFG batch 2, 128x128 latents,
                           300 T5 tokens with a mask
+  vae_sdxl                SDXL's VAE decoding one 128x128 latent into a 1024x1024 image
   qwen_prefill            transformers' Qwen2_5_VLForConditionalGeneration (Qwen2.5-VL-7B-Instruct's
                           config), one 1024x1024 image (74x74 patches -> 1369 image tokens) between
                           QWEN_PREFIX_TOKENS and QWEN_SUFFIX_TOKENS text tokens: one forward pass
@@ -38,7 +39,7 @@ import time
 
 import torch
 
-ALL = ["flux_b1", "flux_b4", "sdxl", "sd15", "pixart_sigma", "qwen_prefill", "qwen_gen"]
+ALL = ["flux_b1", "flux_b4", "sdxl", "sd15", "pixart_sigma", "vae_sdxl", "qwen_prefill", "qwen_gen"]
 
 # Flux.1-dev transformer (black-forest-labs/FLUX.1-dev, transformer/config.json).
 FLUX_DEV = dict(
@@ -123,6 +124,20 @@ SD15 = dict(
 
 # PixArt-Sigma XL/2 1024-MS transformer (transformer/config.json); tt-scale's
 # `PixArtConfig::sigma_xl_1024` (src/models/pixart.rs).
+# SDXL's VAE (stabilityai/stable-diffusion-xl-base-1.0, vae/config.json); tt-scale's
+# `sdxl_vae_config` (src/pipelines/sdxl.rs).
+SDXL_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=1024,
+)
+
 PIXART_SIGMA = dict(
     num_attention_heads=16,
     attention_head_dim=72,
@@ -201,6 +216,7 @@ def shrink(small):
         return dict(
             flux=(FLUX_DEV, 1024, 512),
             sdxl=(SDXL_BASE, 1024),
+            vae=(SDXL_VAE, 1024),
             sd15=(SD15, 512),
             pixart=(PIXART_SIGMA, 1024, 300),
             qwen=(QWEN_7B, 1024),
@@ -234,7 +250,12 @@ def shrink(small):
         ),
     )
     return dict(
-        flux=(flux, 128, 32), sdxl=(sdxl, 128), sd15=(sd15, 64), pixart=(pixart, 128, 32), qwen=(qwen, 224)
+        flux=(flux, 128, 32),
+        sdxl=(sdxl, 128),
+        sd15=(sd15, 64),
+        pixart=(pixart, 128, 32),
+        vae=(dict(SDXL_VAE, block_out_channels=[32, 32, 64, 64], layers_per_block=1), 128),
+        qwen=(qwen, 224),
     )
 
 
@@ -457,6 +478,22 @@ def time_step(step, device, warmup, iters):
     return times
 
 
+def vae_case(cfg, device, dtype, batch):
+    from diffusers import AutoencoderKL
+
+    config, size = cfg
+    model = build(AutoencoderKL, config, device, dtype)
+    z = randn((batch, config["latent_channels"], size // 8, size // 8), device, dtype)
+
+    def step():
+        model.decode(z, return_dict=False)
+
+    details = f"latents {list(z.shape)} -> images [{batch}, 3, {size}, {size}]"
+    return model, step, sum(p.numel() for p in model.decoder.parameters()) + sum(
+        p.numel() for p in model.post_quant_conv.parameters()
+    ), details
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
@@ -505,8 +542,8 @@ def main():
         elif m.startswith("qwen") and not a.compile_only:
             cases.append((m, lambda g=(m == "qwen_gen"): qwen_case(cfg["qwen"], a.device, dtype, g)))
         elif not a.compile_only:
-            make = {"sdxl": sdxl_case, "sd15": sd15_case, "pixart_sigma": pixart_case}[m]
-            key = {"sdxl": "sdxl", "sd15": "sd15", "pixart_sigma": "pixart"}[m]
+            make = {"sdxl": sdxl_case, "sd15": sd15_case, "pixart_sigma": pixart_case, "vae_sdxl": vae_case}[m]
+            key = {"sdxl": "sdxl", "sd15": "sd15", "pixart_sigma": "pixart", "vae_sdxl": "vae"}[m]
             cases.append((m, lambda make=make, key=key: make(cfg[key], a.device, dtype, 1)))
 
     results = {}

@@ -55,6 +55,10 @@ BENCHES=(
   "sdxl|sdxl|1024|1|sdxl-base unet step (guided)|sdxl|1.0"
   "sd15|sd15|512|1|sd-v1.5 unet step (guided)|sd15|1.0"
   "pixart_sigma|pixart-sigma|1024|1|pixart-sigma-xl-2-1024 transformer step (guided)|pixart_sigma|1.0"
+  # What each image costs after its last step: the VAE decode (convolutions on cuDNN), and the
+  # same with candle's convolutions and group norms.
+  "vae_sdxl|sdxl-vae|1024|1|sdxl vae decode|vae_sdxl|1.0"
+  "vae_sdxl_unfused|sdxl-vae|1024|1|sdxl vae decode|vae_sdxl|-|TT_SCALE_FUSED=0"
   # The Qwen verifier (issue 6): one `tt-scale bench --model qwen` run gives both rows; it runs
   # last, after the diffusers parts, under its own timeouts (warm-up 1, median of 3).
   "qwen_prefill|qwen|1024|1|qwen2.5-vl-7b prefill (1024x1024 image)|qwen_prefill|1.0"
@@ -79,6 +83,7 @@ main() {
   # shellcheck disable=SC1091
   . "$KIT/device-env.sh"
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  echo "cuDNN for the convolutions: ${C:-not found, candle convolutions will run}"
   mkdir -p "$W/bin"
   if command -v xz >/dev/null; then
     xz -dc "$KIT/bin.tar.xz" | tar -C "$W/bin" -xf -
@@ -180,7 +185,7 @@ main() {
 
   echo "== diffusers (eager, bf16, same shapes)"
   step 200 220 "$PY" bench/diffusers_bench.py --device cuda --dtype bf16 --warmup 2 --iters 5 \
-    --models flux_b1,flux_b4,sdxl,sd15,pixart_sigma --json "$OUT/diffusers.json"
+    --models flux_b1,flux_b4,sdxl,sd15,pixart_sigma,vae_sdxl --json "$OUT/diffusers.json"
   echo "   (exit $?)"
 
   echo "== diffusers Flux B=1 under torch.compile (with the time left, less 200 s for the Qwen part)"

@@ -541,3 +541,32 @@ fn sdxl_unet_fused_path_matches_the_unfused_path_on_the_gpu() {
     let err = rel_err(&run(true), &run(false));
     assert!(err <= 5e-2, "sdxl unet fused vs unfused: {err}");
 }
+
+#[test]
+fn vae_decoder_fused_path_matches_the_unfused_path_on_the_gpu() {
+    // cuDNN convolutions and fused group norms (+ SiLU) against candle's, through our decoder.
+    use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
+    use tt_scale::models::vae::VaeDecoder;
+    let dev = cuda();
+    let config = AutoEncoderKLConfig {
+        block_out_channels: vec![32, 64],
+        layers_per_block: 1,
+        latent_channels: 4,
+        norm_num_groups: 8,
+        use_quant_conv: true,
+        use_post_quant_conv: true,
+    };
+    let map = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&map, DType::BF16, &dev);
+    let vae = VaeDecoder::new(vb, 3, config).unwrap();
+    let z = randn(5, &[2, 4, 24, 20])
+        .to_device(&dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let run = |fused_on: bool| ops::with_fused(fused_on, || vae.decode(&z).unwrap());
+    let (fused_out, plain) = (run(true), run(false));
+    assert_eq!(fused_out.dims(), [2, 3, 48, 40]);
+    let err = rel_err(&fused_out, &plain);
+    assert!(err <= 5e-2, "vae decoder fused vs unfused: {err}");
+}

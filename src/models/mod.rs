@@ -9,3 +9,4 @@ pub mod pixart;
 pub mod qwen2_5_vl;
 pub mod t5;
 pub mod unet;
+pub mod vae;

@@ -13,7 +13,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder};
 use candle_transformers::models::flux::autoencoder as bfl_vae;
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 use candle_transformers::models::t5;
 use image::RgbImage;
 use serde_json::Value;
@@ -24,6 +24,7 @@ use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::flux_transformer::{
     latent_image_ids, DiffusersFluxWeights, FluxConfig, FluxTransformer, Rope,
 };
+use crate::models::vae::VaeDecoder;
 use crate::noise::Noise;
 use crate::pipelines::hub::ModelSource;
 use crate::pipelines::schedulers::FlowMatchConfig;
@@ -124,7 +125,7 @@ pub fn unpack_latents(x: &Tensor, h: usize, w: usize) -> candle_core::Result<Ten
 /// The VAE decoder in either naming.
 enum Vae {
     /// diffusers `vae/` (`AutoencoderKL`).
-    Diffusers(Box<AutoEncoderKL>),
+    Diffusers(Box<VaeDecoder>),
     /// Black Forest Labs `ae.safetensors` (decoder half).
     Bfl(Box<bfl_vae::Decoder>),
 }
@@ -396,7 +397,7 @@ impl FluxPipeline {
                 use_post_quant_conv: vae_spec.use_post_quant_conv,
             };
             Vae::Diffusers(Box::new(
-                AutoEncoderKL::new(vb, 3, 3, cfg).map_err(|e| weights_error(&source, "vae", e))?,
+                VaeDecoder::new(vb, 3, cfg).map_err(|e| weights_error(&source, "vae", e))?,
             ))
         } else {
             let path = source

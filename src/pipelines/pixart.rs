@@ -5,13 +5,14 @@
 //! binning (the image is made at the closest aspect-ratio bin and resized back).
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 use image::RgbImage;
 use serde_json::Value;
 
 use crate::config::Dtype;
 use crate::models::pixart::{PixArtConfig, PixArtTransformer};
 use crate::models::t5::{T5Config, T5Encoder, T5Tokenizer};
+use crate::models::vae::VaeDecoder;
 use crate::noise::Noise;
 use crate::pipelines::caption::preprocess_caption;
 use crate::pipelines::hub::ModelSource;
@@ -154,7 +155,7 @@ pub struct PixArtPipeline {
     text_encoder_files: (Vec<std::path::PathBuf>, T5Config),
     low_vram: bool,
     transformer: PixArtTransformer,
-    vae: AutoEncoderKL,
+    vae: VaeDecoder,
     scheduler: SchedulerFactory,
     dtype: DType,
     device: Device,
@@ -268,9 +269,8 @@ impl PixArtPipeline {
                 message: format!("latent_channels {latent_channels} differs from the transformer's in_channels {}", tr_config.in_channels),
             });
         }
-        let vae = AutoEncoderKL::new(
+        let vae = VaeDecoder::new(
             var_builder(source, "vae", dtype, candle_dtype(dtype), device)?,
-            3,
             3,
             vae_cfg,
         )

@@ -8,7 +8,7 @@
 //! candle-transformers' `stable_diffusion::vae`; the tokenizer and the text encoder are ours.
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 use image::RgbImage;
 use serde_json::Value;
 
@@ -16,6 +16,7 @@ use crate::config::Dtype;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::unet::{UNet, UNetConfig};
+use crate::models::vae::VaeDecoder;
 use crate::noise::Noise;
 use crate::pipelines::hub::ModelSource;
 use crate::pipelines::schedulers::{Scheduler, SchedulerConfig};
@@ -50,7 +51,7 @@ pub struct Sd15Pipeline {
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModel,
     unet: UNet,
-    vae: AutoEncoderKL,
+    vae: VaeDecoder,
     scheduler: SchedulerFactory,
     dtype: DType,
     device: Device,
@@ -169,10 +170,9 @@ fn unet_spec(value: &Value) -> Result<UNetConfig, PipelineError> {
     Ok(config)
 }
 
-/// The VAE's candle config and `in/out_channels`, `scaling_factor`, `shift_factor`.
+/// The VAE's candle config and `out_channels`, `scaling_factor`, `shift_factor`.
 struct VaeSpec {
     config: AutoEncoderKLConfig,
-    in_channels: usize,
     out_channels: usize,
     scaling_factor: f64,
     shift_factor: f64,
@@ -219,7 +219,6 @@ fn vae_spec(value: &Value) -> Result<VaeSpec, PipelineError> {
             use_quant_conv: j.bool_or("use_quant_conv", true)?,
             use_post_quant_conv: j.bool_or("use_post_quant_conv", true)?,
         },
-        in_channels: j.usize_or("in_channels", 3)?,
         out_channels: j.usize_or("out_channels", 3)?,
         scaling_factor: j.f64_or("scaling_factor", 0.18215)?,
         shift_factor: j.f64_or("shift_factor", 0.0)?,
@@ -291,7 +290,7 @@ impl Sd15Pipeline {
         let vae_scale_factor = 1usize << (vae.config.block_out_channels.len() - 1);
         let latent_channels = vae.config.latent_channels;
         let vb = var_builder(source, "vae", dtype, candle_dtype(dtype), device)?;
-        let vae_model = AutoEncoderKL::new(vb, vae.in_channels, vae.out_channels, vae.config)
+        let vae_model = VaeDecoder::new(vb, vae.out_channels, vae.config)
             .map_err(|e| weights_error(source, "vae", e))?;
         if latent_channels != unet.in_channels {
             return Err(PipelineError::ModelFile {

@@ -11,7 +11,7 @@
 //! one only when the optional `invisible-watermark` package is installed).
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 use image::RgbImage;
 use serde_json::Value;
 
@@ -19,6 +19,7 @@ use crate::config::Dtype;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::unet::{sdxl_base_unet_json, UNet, UNetConfig};
+use crate::models::vae::VaeDecoder;
 use crate::noise::Noise;
 use crate::pipelines::hub::ModelSource;
 use crate::pipelines::sd15::{scheduler_from_file, SchedulerFactory, Sd15Pipeline};
@@ -62,7 +63,7 @@ pub struct SdxlPipeline {
     text_encoder: ClipTextModel,
     text_encoder_2: ClipTextModelWithProjection,
     unet: UNet,
-    vae: AutoEncoderKL,
+    vae: VaeDecoder,
     vae_dtype: DType,
     scheduler: SchedulerFactory,
     dtype: DType,
@@ -146,7 +147,6 @@ fn text_config(
 /// The VAE's candle config plus what the pipeline needs from `vae/config.json`.
 struct VaeSpec {
     config: AutoEncoderKLConfig,
-    in_channels: usize,
     out_channels: usize,
     scaling_factor: f64,
     force_upcast: bool,
@@ -258,7 +258,6 @@ fn vae_spec(value: &Value) -> Result<VaeSpec, PipelineError> {
             use_quant_conv: bool_or("use_quant_conv", true)?,
             use_post_quant_conv: bool_or("use_post_quant_conv", true)?,
         },
-        in_channels: usize_or("in_channels", 3)?,
         out_channels: usize_or("out_channels", 3)?,
         scaling_factor,
         force_upcast: bool_or("force_upcast", true)?,
@@ -364,7 +363,7 @@ impl SdxlPipeline {
             compute
         };
         let vb = var_builder(source, "vae", dtype, vae_dtype, device)?;
-        let vae_model = AutoEncoderKL::new(vb, vae.in_channels, vae.out_channels, vae.config)
+        let vae_model = VaeDecoder::new(vb, vae.out_channels, vae.config)
             .map_err(|e| weights_error(source, "vae", e))?;
 
         let scheduler = scheduler_from_file(&source.file("scheduler/scheduler_config.json")?)?;
@@ -665,6 +664,46 @@ pub fn bench_unet_step(
         },
     )?;
     Ok(vec![report])
+}
+
+/// The configuration of SDXL's VAE (`stabilityai/stable-diffusion-xl-base-1.0`, `vae/`): 83.7 M
+/// parameters, of which the decoder is 49.5 M.
+pub fn sdxl_vae_config() -> AutoEncoderKLConfig {
+    AutoEncoderKLConfig {
+        block_out_channels: vec![128, 256, 512, 512],
+        layers_per_block: 2,
+        latent_channels: 4,
+        norm_num_groups: 32,
+        use_quant_conv: true,
+        use_post_quant_conv: true,
+    }
+}
+
+/// Times one VAE decode of `opts.batch` latents (4 × height/8 × width/8) into images with random
+/// weights of SDXL's VAE decoder (SD 1.5's and PixArt's have the same architecture; Flux's
+/// differs only in its 16 latent channels): what each image costs after its last step.
+pub fn bench_vae_decode(
+    opts: &crate::bench::BenchOptions,
+) -> Result<crate::bench::BenchReport, PipelineError> {
+    let (vb, params) = crate::bench::RandomWeights::var_builder(opts.dtype, &opts.device);
+    let vae = VaeDecoder::new(vb, 3, sdxl_vae_config())?;
+    let (h, w) = (opts.height / 8, opts.width / 8);
+    if h == 0 || w == 0 {
+        return Err(PipelineError::InvalidArgument(format!(
+            "bench height/width {}x{} must be at least 8 pixels",
+            opts.height, opts.width
+        )));
+    }
+    let z = Tensor::randn(0f32, 1.0, (opts.batch.max(1), 4, h, w), &opts.device)?
+        .to_dtype(opts.dtype)?;
+    let details = format!(
+        "latents {:?} -> images {:?}",
+        z.dims(),
+        [z.dim(0)?, 3, 8 * h, 8 * w]
+    );
+    crate::bench::time_steps("sdxl vae decode", opts, params.get(), details, || {
+        vae.decode(&z).map(|_| ())
+    })
 }
 
 #[cfg(test)]
