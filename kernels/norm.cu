@@ -53,54 +53,183 @@ TT_LAYER_NORM_MOD(tt_layer_norm_mod_f32, float)
 TT_LAYER_NORM_MOD(tt_layer_norm_mod_bf16, tt_bf16)
 TT_LAYER_NORM_MOD(tt_layer_norm_mod_f16, tt_f16)
 
-// Group norm of an (N, C, spatial...) contiguous tensor, one block per (group, sample), float32
-// statistics, the affine parameters and optionally SiLU fused:
+// Group norm of an (N, C, spatial...) contiguous tensor with the affine parameters and
+// optionally SiLU fused, float32 statistics:
 //   y = act((x - mean_g) / sqrt(var_g + eps) * weight[c] + bias[c]),  act = SiLU when `silu`
-// over the channels/groups channels of group g times `hw` positions (contiguous in memory).
-// weight, bias: (C) or null. Grid (groups, N), a multiple of 32 threads (512);
-// (C / groups) · hw < 2^31.
-template <typename T>
-__device__ __forceinline__ void tt_group_norm_impl(const T *__restrict__ x, T *__restrict__ y,
-                                                   const T *__restrict__ weight,
-                                                   const T *__restrict__ bias, int channels,
-                                                   int hw, int groups, float eps, int silu) {
-  __shared__ float scratch[32];
-  const int per_group = channels / groups;
-  const int n = per_group * hw;
-  const long long base =
-      (static_cast<long long>(blockIdx.y) * channels + static_cast<long long>(blockIdx.x) * per_group) *
-      hw;
-  const T *xg = x + base;
-  T *yg = y + base;
-  float sum = 0.0f;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) sum += tt_to_float(xg[i]);
-  const float mean = tt_block_sum(sum, scratch) / n;
-  float sq = 0.0f;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const float d = tt_to_float(xg[i]) - mean;
-    sq += d * d;
+// over the C / groups channels of group g times `hw` positions (contiguous in memory).
+//
+// Two kernels, each on a grid (chunks, groups, N) of 256-thread blocks, so that a few large
+// groups (SDXL's 32 groups of 2 samples; the VAE's 32 groups of one 1024x1024 image) still fill
+// the GPU: block (k, g, s) covers elements [k * chunk, (k + 1) * chunk) of group g of sample s.
+//   tt_group_stats_*   each block's count, mean and sum of squared deviations (Welford within a
+//                      thread, Chan's merge across threads) -> partial[(s * groups + g) * chunks + k]
+//   tt_group_norm_*    each block merges its group's partials (in double) and normalises its chunk
+// Two reads and one write of x in all. With `vec` (hw and chunk multiples of 16 / sizeof(T),
+// 16-byte-aligned x and y), 16-byte loads and stores, one channel per load. weight, bias: (C)
+// or null; (C / groups) * hw < 2^31; chunk <= 2^24 (exact counts in float).
+
+// Running (count, mean, M2) of a set of values, and Chan's merge of two sets.
+struct TtMoments {
+  float n, mean, m2;
+};
+
+__device__ __forceinline__ TtMoments tt_merge(TtMoments a, TtMoments b) {
+  const float n = a.n + b.n;
+  if (n == 0.0f) return a;
+  const float delta = b.mean - a.mean;
+  const float fb = b.n / n;
+  return TtMoments{n, a.mean + delta * fb, a.m2 + b.m2 + delta * delta * a.n * fb};
+}
+
+// The moments of one thread's share of [begin, end) of `xg`, V elements (one pack) at a time.
+template <typename T, int V>
+__device__ __forceinline__ TtMoments tt_thread_moments(const T *__restrict__ xg, long long begin,
+                                                       long long end) {
+  struct alignas(sizeof(T) * V) Pack {
+    T v[V];
+  };
+  TtMoments acc{0.0f, 0.0f, 0.0f};
+  for (long long i = begin + static_cast<long long>(threadIdx.x) * V; i < end;
+       i += static_cast<long long>(blockDim.x) * V) {
+    const Pack p = *reinterpret_cast<const Pack *>(xg + i);
+    float sum = 0.0f;
+#pragma unroll
+    for (int e = 0; e < V; ++e) sum += tt_to_float(p.v[e]);
+    const float mean = sum / V;
+    float m2 = 0.0f;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const float d = tt_to_float(p.v[e]) - mean;
+      m2 += d * d;
+    }
+    acc = tt_merge(acc, TtMoments{static_cast<float>(V), mean, m2});
   }
-  const float rstd = rsqrtf(tt_block_sum(sq, scratch) / n + eps);
-  const int c0 = blockIdx.x * per_group;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const int c = c0 + i / hw;
-    float v = (tt_to_float(xg[i]) - mean) * rstd;
-    if (weight != nullptr) v *= tt_to_float(weight[c]);
-    if (bias != nullptr) v += tt_to_float(bias[c]);
-    if (silu) v = v / (1.0f + expf(-v));
-    yg[i] = tt_from_float<T>(v);
+  return acc;
+}
+
+template <typename T>
+__device__ __forceinline__ void tt_group_stats_impl(const T *__restrict__ x,
+                                                    float *__restrict__ partial, int channels,
+                                                    int hw, int groups, int chunk, int vec) {
+  __shared__ TtMoments scratch[32];
+  const int per_group = channels / groups;
+  const long long n = static_cast<long long>(per_group) * hw;
+  const long long base =
+      (static_cast<long long>(blockIdx.z) * channels + static_cast<long long>(blockIdx.y) * per_group) *
+      hw;
+  const long long begin = static_cast<long long>(blockIdx.x) * chunk;
+  const long long end = begin + chunk < n ? begin + chunk : n;
+  constexpr int VV = 16 / static_cast<int>(sizeof(T));
+  TtMoments m = vec ? tt_thread_moments<T, VV>(x + base, begin, end)
+                    : tt_thread_moments<T, 1>(x + base, begin, end);
+  for (int o = 16; o > 0; o >>= 1) {
+    const TtMoments other{__shfl_xor_sync(TT_FULL_MASK, m.n, o),
+                          __shfl_xor_sync(TT_FULL_MASK, m.mean, o),
+                          __shfl_xor_sync(TT_FULL_MASK, m.m2, o)};
+    m = tt_merge(m, other);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) scratch[warp] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    TtMoments total = scratch[0];
+    for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w) total = tt_merge(total, scratch[w]);
+    float *out = partial + 3 * ((static_cast<long long>(blockIdx.z) * groups + blockIdx.y) *
+                                    gridDim.x +
+                                blockIdx.x);
+    out[0] = total.n;
+    out[1] = total.mean;
+    out[2] = total.m2;
   }
 }
 
-#define TT_GROUP_NORM(NAME, T)                                                                 \
-  extern "C" __global__ void NAME(const T *x, T *y, const T *weight, const T *bias,          \
-                                  int channels, int hw, int groups, float eps, int silu) {     \
-    tt_group_norm_impl<T>(x, y, weight, bias, channels, hw, groups, eps, silu);               \
+// Normalises elements [begin, end) of one group, V at a time (a pack lies in one channel).
+template <typename T, int V>
+__device__ __forceinline__ void tt_group_apply(const T *__restrict__ xg, T *__restrict__ yg,
+                                               const T *__restrict__ weight,
+                                               const T *__restrict__ bias, int c0, int hw,
+                                               long long begin, long long end, float mean,
+                                               float rstd, int silu) {
+  struct alignas(sizeof(T) * V) Pack {
+    T v[V];
+  };
+  for (long long i = begin + static_cast<long long>(threadIdx.x) * V; i < end;
+       i += static_cast<long long>(blockDim.x) * V) {
+    const int c = c0 + static_cast<int>(i / hw);
+    // (x - mean) * (rstd * w) + b: one scale and one shift per channel.
+    const float scale = rstd * (weight != nullptr ? tt_to_float(weight[c]) : 1.0f);
+    const float shift = bias != nullptr ? tt_to_float(bias[c]) : 0.0f;
+    const Pack p = *reinterpret_cast<const Pack *>(xg + i);
+    Pack o;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      float v = fmaf(tt_to_float(p.v[e]) - mean, scale, shift);
+      if (silu) v = v / (1.0f + expf(-v));
+      o.v[e] = tt_from_float<T>(v);
+    }
+    *reinterpret_cast<Pack *>(yg + i) = o;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void tt_group_norm_impl(const T *__restrict__ x, T *__restrict__ y,
+                                                   const T *__restrict__ weight,
+                                                   const T *__restrict__ bias,
+                                                   const float *__restrict__ partial,
+                                                   int channels, int hw, int groups, int chunk,
+                                                   float eps, int silu, int vec) {
+  __shared__ float stats[2];
+  const int per_group = channels / groups;
+  const long long n = static_cast<long long>(per_group) * hw;
+  const long long base =
+      (static_cast<long long>(blockIdx.z) * channels + static_cast<long long>(blockIdx.y) * per_group) *
+      hw;
+  if (threadIdx.x == 0) {
+    // The group's chunks in order, merged in double: every block of the group gets the same
+    // mean and rstd.
+    const float *p =
+        partial + 3 * (static_cast<long long>(blockIdx.z) * groups + blockIdx.y) * gridDim.x;
+    double count = 0.0, mean = 0.0, m2 = 0.0;
+    for (unsigned k = 0; k < gridDim.x; ++k) {
+      const double nb = p[3 * k], mb = p[3 * k + 1], m2b = p[3 * k + 2];
+      const double total = count + nb;
+      if (total == 0.0) continue;
+      const double delta = mb - mean;
+      mean += delta * nb / total;
+      m2 += m2b + delta * delta * count * nb / total;
+      count = total;
+    }
+    stats[0] = static_cast<float>(mean);
+    stats[1] = static_cast<float>(1.0 / sqrt(m2 / (count > 0.0 ? count : 1.0) + eps));
+  }
+  __syncthreads();
+  const long long begin = static_cast<long long>(blockIdx.x) * chunk;
+  const long long end = begin + chunk < n ? begin + chunk : n;
+  const int c0 = blockIdx.y * per_group;
+  constexpr int VV = 16 / static_cast<int>(sizeof(T));
+  if (vec)
+    tt_group_apply<T, VV>(x + base, y + base, weight, bias, c0, hw, begin, end, stats[0], stats[1],
+                          silu);
+  else
+    tt_group_apply<T, 1>(x + base, y + base, weight, bias, c0, hw, begin, end, stats[0], stats[1],
+                         silu);
+}
+
+#define TT_GROUP_NORM(STATS, NAME, T)                                                          \
+  extern "C" __global__ void STATS(const T *x, float *partial, int channels, int hw, int groups, \
+                                   int chunk, int vec) {                                       \
+    tt_group_stats_impl<T>(x, partial, channels, hw, groups, chunk, vec);                      \
+  }                                                                                            \
+  extern "C" __global__ void NAME(const T *x, T *y, const T *weight, const T *bias,           \
+                                  const float *partial, int channels, int hw, int groups,      \
+                                  int chunk, float eps, int silu, int vec) {                   \
+    tt_group_norm_impl<T>(x, y, weight, bias, partial, channels, hw, groups, chunk, eps, silu, \
+                          vec);                                                                \
   }
 
-TT_GROUP_NORM(tt_group_norm_f32, float)
-TT_GROUP_NORM(tt_group_norm_bf16, tt_bf16)
-TT_GROUP_NORM(tt_group_norm_f16, tt_f16)
+TT_GROUP_NORM(tt_group_stats_f32, tt_group_norm_f32, float)
+TT_GROUP_NORM(tt_group_stats_bf16, tt_group_norm_bf16, tt_bf16)
+TT_GROUP_NORM(tt_group_stats_f16, tt_group_norm_f16, tt_f16)
 
 // Flux's query/key preparation in one pass: from the fused projection qkv (B, L, >= 3·H·D, rows
 // `row_stride` elements apart; q, k, v at columns 0, H·D, 2·H·D), writes out (3, B, L, H, D):

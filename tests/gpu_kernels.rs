@@ -244,7 +244,15 @@ fn fused_qk_norm_rope_matches_the_cpu() {
 #[test]
 fn fused_group_norm_matches_the_cpu() {
     let dev = cuda();
-    for &(n, c, groups, h, w) in &[(1, 4, 2, 1, 1), (2, 320, 32, 17, 19), (2, 1280, 32, 32, 32)] {
+    // Odd sizes (one element per thread, one chunk), and groups split over 8 and 16 blocks with
+    // 16-byte loads (SDXL's 64x64 level, a VAE level).
+    for &(n, c, groups, h, w) in &[
+        (1, 4, 2, 1, 1),
+        (2, 320, 32, 17, 19),
+        (2, 1280, 32, 32, 32),
+        (2, 320, 32, 64, 64),
+        (1, 128, 32, 256, 192),
+    ] {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let x = randn(c as u64, &[n, c, h, w])
                 .affine(2.0, 1.5)

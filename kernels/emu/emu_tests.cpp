@@ -740,30 +740,46 @@ template <class T> void gated_residual_suite(GrFn<T> fn, double bound, Rng &rng)
 // Group norm (+ SiLU).
 
 template <class T>
-using GnFn = void (*)(const T *, T *, const T *, const T *, int, int, int, float, int);
-
+using GnStatsFn = void (*)(const T *, float *, int, int, int, int, int);
 template <class T>
-void test_group_norm(GnFn<T> fn, int channels, int groups, int hw, bool affine, bool silu,
-                     double bound, Rng &rng) {
+using GnFn = void (*)(const T *, T *, const T *, const T *, const float *, int, int, int, int,
+                      float, int, int);
+
+// The two group-norm kernels over `chunks` blocks per group (the last one shorter where they do
+// not divide), with 16-byte packs where `vec`, as src/ops/cuda.rs launches them.
+template <class T>
+void test_group_norm(GnStatsFn<T> stats, GnFn<T> fn, int channels, int groups, int hw, bool affine,
+                     bool silu, int chunks, bool vec, double bound, Rng &rng,
+                     double offset = 1.5) {
   constexpr int batch = 2;
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
   const float eps = 1e-5f;
+  const int per_group = channels / groups;
+  const long long m = 1LL * per_group * hw;
+  long long chunk = (m + chunks - 1) / chunks;
+  if (vec) chunk = (chunk + V - 1) / V * V;
+  const int grid_x = static_cast<int>((m + chunk - 1) / chunk);
   const long long n = 1LL * batch * channels * hw;
   Buf<T> x(n), y(n), w(channels), b(channels);
-  for (long long i = 0; i < n; ++i) x[i] = make<T>(1.5 + 2.0 * rng.normal());
+  Buf<float> partial(3LL * batch * groups * grid_x);
+  for (long long i = 0; i < n; ++i) x[i] = make<T>(offset + 2.0 * rng.normal());
   for (int c = 0; c < channels; ++c) {
     w[c] = make<T>(1.0 + 0.5 * rng.normal());
     b[c] = make<T>(0.5 * rng.normal());
   }
-  tt_emu_launch(dim3(groups, batch), dim3(512), [&] {
-    fn(x.data(), y.data(), affine ? w.data() : nullptr, affine ? b.data() : nullptr, channels,
-       hw, groups, eps, silu ? 1 : 0);
+  const dim3 grid(grid_x, groups, batch);
+  tt_emu_launch(grid, dim3(256), [&] {
+    stats(x.data(), partial.data(), channels, hw, groups, static_cast<int>(chunk), vec ? 1 : 0);
+  });
+  tt_emu_launch(grid, dim3(256), [&] {
+    fn(x.data(), y.data(), affine ? w.data() : nullptr, affine ? b.data() : nullptr,
+       partial.data(), channels, hw, groups, static_cast<int>(chunk), eps, silu ? 1 : 0,
+       vec ? 1 : 0);
   });
   ErrTracker et;
-  const int per_group = channels / groups;
   for (int s = 0; s < batch; ++s)
     for (int g = 0; g < groups; ++g) {
       const long long base = (1LL * s * channels + 1LL * g * per_group) * hw;
-      const long long m = 1LL * per_group * hw;
       double mean = 0.0, var = 0.0;
       for (long long i = 0; i < m; ++i) mean += val(x[base + i]);
       mean /= m;
@@ -778,16 +794,23 @@ void test_group_norm(GnFn<T> fn, int channels, int groups, int hw, bool affine, 
         et.add(y[base + i], v);
       }
     }
-  report(fmt("group_norm %s C=%d groups=%d hw=%d%s%s", tname<T>(), channels, groups, hw,
-             affine ? " affine" : "", silu ? " silu" : ""),
+  report(fmt("group_norm %s C=%d groups=%d hw=%d%s%s chunks=%d%s", tname<T>(), channels, groups,
+             hw, affine ? " affine" : "", silu ? " silu" : "", grid_x, vec ? " vec" : ""),
          et.rel(), bound, et.note(kMinSameLn), et.same_ok(kMinSameLn));
 }
 
-template <class T> void group_norm_suite(GnFn<T> fn, double bound, Rng &rng) {
+template <class T>
+void group_norm_suite(GnStatsFn<T> stats, GnFn<T> fn, double bound, Rng &rng) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
   for (int hw : {1, 37, 300})
     for (int mode = 0; mode < 4; ++mode)
-      test_group_norm<T>(fn, 12, 3, hw, mode & 1, mode & 2, bound, rng);
-  test_group_norm<T>(fn, 64, 32, 64, true, true, bound, rng);
+      test_group_norm<T>(stats, fn, 12, 3, hw, mode & 1, mode & 2, 1 + mode, false, bound, rng);
+  // Packed loads: hw a multiple of the pack, one and several chunks (the last one shorter).
+  for (int chunks : {1, 3, 7})
+    test_group_norm<T>(stats, fn, 12, 3, 8 * V, true, chunks & 1, chunks, true, bound, rng);
+  test_group_norm<T>(stats, fn, 64, 32, 64, true, true, 2, true, bound, rng);
+  // Groups whose mean is ten standard deviations from zero, over 13 merged chunks.
+  test_group_norm<T>(stats, fn, 8, 2, 1024, true, false, 13, true, bound, rng, 20.0);
 }
 
 }  // namespace
@@ -823,9 +846,9 @@ int main() {
     qk_norm_rope_suite<tt_f16>(tt_qk_norm_rope_f16, 6e-4, rng);
   });
   section("group_norm", [&] {
-    group_norm_suite<float>(tt_group_norm_f32, 6e-7, rng);
-    group_norm_suite<tt_bf16>(tt_group_norm_bf16, 5e-3, rng);
-    group_norm_suite<tt_f16>(tt_group_norm_f16, 6e-4, rng);
+    group_norm_suite<float>(tt_group_stats_f32, tt_group_norm_f32, 6e-7, rng);
+    group_norm_suite<tt_bf16>(tt_group_stats_bf16, tt_group_norm_bf16, 5e-3, rng);
+    group_norm_suite<tt_f16>(tt_group_stats_f16, tt_group_norm_f16, 6e-4, rng);
   });
   section("gated_residual", [&] {
     gated_residual_suite<float>(tt_gated_residual_f32, 3e-7, rng);

@@ -585,12 +585,23 @@ fn group_norm_t<T: CudaDType + DeviceRepr>(
     let dims = l.dims();
     let (n, c) = (dims[0], dims[1]);
     let hw: usize = dims[2..].iter().product();
-    let func = kernel!(
-        dev,
-        Kernels::Norm,
-        format!("tt_group_norm_{}", suffix(s.dtype())?)
-    );
+    let per_group = c / op.groups.max(1);
+    let elems = per_group * hw;
+    if elems >= 1 << 31 || n > 65535 || op.groups > 65535 {
+        bail!(
+            "fused group norm: {dims:?} in {} groups is too large",
+            op.groups
+        );
+    }
+    let pack = 16 / std::mem::size_of::<T>();
+    let vec = hw % pack == 0 && (l.start_offset() * std::mem::size_of::<T>()) % 16 == 0;
+    let (chunk, chunks) =
+        super::group_norm_chunks(elems, op.groups * n, if vec { pack } else { 1 });
+    let suffix = suffix(s.dtype())?;
+    let stats_fn = kernel!(dev, Kernels::Norm, format!("tt_group_stats_{suffix}"));
+    let func = kernel!(dev, Kernels::Norm, format!("tt_group_norm_{suffix}"));
     let out: CudaSlice<T> = unsafe { dev.alloc::<T>(l.shape().elem_count())? };
+    let partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(3 * n * op.groups * chunks)? };
     let x = view::<T>(s, l)?;
     let (wg, bg) = (lock(&op.weight), lock(&op.bias));
     let (w, b) = (held::<T>(&wg)?, held::<T>(&bg)?);
@@ -598,18 +609,36 @@ fn group_norm_t<T: CudaDType + DeviceRepr>(
         ptr(w.as_ref().map(|(v, _)| v), dev),
         ptr(b.as_ref().map(|(v, _)| v), dev),
     ];
-    let (ci, hwi, gi, eps, silu) = (
+    let (ci, hwi, gi, chunk_i, eps, silu, vec_i) = (
         c as i32,
         hw as i32,
         op.groups as i32,
+        chunk as i32,
         op.eps,
         i32::from(op.silu),
+        i32::from(vec),
     );
+    let grid = (chunks as u32, op.groups as u32, n as u32);
+    let mut launch = stats_fn.builder();
+    launch.arg(&x).arg(&partial);
+    launch.arg(&ci).arg(&hwi).arg(&gi).arg(&chunk_i).arg(&vec_i);
+    unsafe { launch.launch(launch_config(grid, 256)) }.w()?;
     let mut launch = func.builder();
-    launch.arg(&x).arg(&out).arg(&ptrs[0]).arg(&ptrs[1]);
-    launch.arg(&ci).arg(&hwi).arg(&gi).arg(&eps).arg(&silu);
-    let cfg = launch_config((op.groups as u32, n as u32, 1), 512);
-    unsafe { launch.launch(cfg) }.w()?;
+    launch
+        .arg(&x)
+        .arg(&out)
+        .arg(&ptrs[0])
+        .arg(&ptrs[1])
+        .arg(&partial);
+    launch
+        .arg(&ci)
+        .arg(&hwi)
+        .arg(&gi)
+        .arg(&chunk_i)
+        .arg(&eps)
+        .arg(&silu)
+        .arg(&vec_i);
+    unsafe { launch.launch(launch_config(grid, 256)) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         l.shape().clone(),

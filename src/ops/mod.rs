@@ -475,6 +475,20 @@ pub fn linear_plain(
     y.reshape(out)
 }
 
+/// How the CUDA group norm splits each group of `n` elements over blocks: (chunk length,
+/// chunks). Enough blocks to fill a large GPU (about 512 over all `groups_x_batch` groups),
+/// chunks of at least 4096 elements, each a multiple of `pack` (the 16-byte vector's elements).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn group_norm_chunks(n: usize, groups_x_batch: usize, pack: usize) -> (usize, usize) {
+    const TARGET_BLOCKS: usize = 512;
+    const MIN_CHUNK: usize = 4096;
+    let pack = pack.max(1);
+    let want = TARGET_BLOCKS.div_ceil(groups_x_batch.max(1));
+    let chunks = want.min(n.div_ceil(MIN_CHUNK)).max(1);
+    let chunk = n.div_ceil(chunks).div_ceil(pack).max(1) * pack;
+    (chunk, n.div_ceil(chunk).max(1))
+}
+
 /// A group norm (affine) that runs as one kernel, optionally fused with the SiLU that follows
 /// it, where [`fused_on`] its input, and as `candle_nn::GroupNorm` otherwise.
 #[derive(Debug, Clone)]
@@ -618,6 +632,30 @@ pub fn linear_b(i: usize, o: usize, bias: bool, vb: candle_nn::VarBuilder) -> Re
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn group_norm_chunks_fill_the_gpu_and_cover_each_group_once() {
+        // SDXL's first level (2 x 32 groups of 10 x 128 x 128): 8 chunks a group, 512 blocks.
+        assert_eq!(group_norm_chunks(10 * 16384, 64, 8), (20480, 8));
+        // The VAE's last level at 1024x1024 (1 x 32 groups of 4 x 1024 x 1024): 16 chunks.
+        assert_eq!(group_norm_chunks(4 << 20, 32, 8), (262144, 16));
+        // Small groups stay one chunk; a group of one element too.
+        assert_eq!(group_norm_chunks(4096, 2, 8), (4096, 1));
+        assert_eq!(group_norm_chunks(1, 1, 1), (1, 1));
+        for (n, gb, pack) in [
+            (37 * 4, 6, 1),
+            (100_003, 3, 1),
+            (8 * 12345, 1, 8),
+            (64, 64, 8),
+        ] {
+            let (chunk, chunks) = group_norm_chunks(n, gb, pack);
+            assert_eq!(chunk % pack, 0);
+            assert!(
+                chunk * chunks >= n && chunk * (chunks - 1) < n,
+                "{n} {gb} {pack}"
+            );
+        }
+    }
 
     #[test]
     fn attention_tiles_parse_their_names_and_pick_by_head_size_and_length() {
