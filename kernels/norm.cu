@@ -237,11 +237,18 @@ TT_GROUP_NORM(tt_group_stats_f16, tt_group_norm_f16, tt_f16)
 // rms_norm: x / sqrt(mean(x²) + eps) rounded to T, times the weight rounded to T (diffusers'
 // RMSNorm). rope rotates pairs (2i, 2i+1) by the angle of row pos_offset + l of cos/sin
 // ((P, D/2) float32), in float32: (a, b) -> (a cos - b sin, a sin + b cos).
+// Joint attention (Flux's double blocks): the first len_a rows of each batch row come from
+// `qkv` (B, len_a, ...) with q_weight, k_weight, the other len - len_a from `qkv_b` (B, len -
+// len_a, ..., rows `row_stride_b` apart) with q_weight_b, k_weight_b, so that the text and image
+// streams land in one (3, B, L, H, D) tensor without a concatenation; len_a = len (qkv_b unused)
+// for one stream.
 // One warp per (b, l, h): grid (ceil(B·L·H / 8)), 256 threads.
 template <typename T>
 __device__ __forceinline__ void tt_qk_norm_rope_impl(
-    const T *__restrict__ qkv, long long row_stride, T *__restrict__ out,
-    const T *__restrict__ q_weight, const T *__restrict__ k_weight, const float *__restrict__ cos_t,
+    const T *__restrict__ qkv, long long row_stride, const T *__restrict__ qkv_b,
+    long long row_stride_b, int len_a, T *__restrict__ out, const T *__restrict__ q_weight,
+    const T *__restrict__ k_weight, const T *__restrict__ q_weight_b,
+    const T *__restrict__ k_weight_b, const float *__restrict__ cos_t,
     const float *__restrict__ sin_t, int pos_offset, int batch, int len, int heads, int dim,
     float eps) {
   const long long item =
@@ -252,16 +259,20 @@ __device__ __forceinline__ void tt_qk_norm_rope_impl(
   const int h = static_cast<int>(item % heads);
   const long long bl = item / heads;  // b * len + l
   const int l = static_cast<int>(bl % len);
+  const long long b = bl / len;
+  const bool second = l >= len_a;
   const int half = dim / 2;
   const long long hd = static_cast<long long>(heads) * dim;
-  const T *src = qkv + bl * row_stride + static_cast<long long>(h) * dim;
+  const T *src = second ? qkv_b + (b * (len - len_a) + (l - len_a)) * row_stride_b
+                        : qkv + (b * len_a + l) * row_stride;
+  src += static_cast<long long>(h) * dim;
   const long long plane = static_cast<long long>(batch) * len * hd;
   T *dst = out + bl * hd + static_cast<long long>(h) * dim;
   const float *cr = cos_t + static_cast<long long>(pos_offset + l) * half;
   const float *sr = sin_t + static_cast<long long>(pos_offset + l) * half;
   for (int which = 0; which < 2; ++which) {
     const T *xs = src + which * hd;
-    const T *w = which == 0 ? q_weight : k_weight;
+    const T *w = which == 0 ? (second ? q_weight_b : q_weight) : (second ? k_weight_b : k_weight);
     T *ys = dst + which * plane;
     float ss = 0.0f;
     for (int i = lane; i < dim; i += 32) {
@@ -285,12 +296,14 @@ __device__ __forceinline__ void tt_qk_norm_rope_impl(
 }
 
 #define TT_QK_NORM_ROPE(NAME, T)                                                                \
-  extern "C" __global__ void NAME(const T *qkv, long long row_stride, T *out, const T *q_weight, \
-                                  const T *k_weight, const float *cos_t, const float *sin_t,     \
-                                  int pos_offset, int batch, int len, int heads, int dim,        \
-                                  float eps) {                                                   \
-    tt_qk_norm_rope_impl<T>(qkv, row_stride, out, q_weight, k_weight, cos_t, sin_t, pos_offset, \
-                            batch, len, heads, dim, eps);                                        \
+  extern "C" __global__ void NAME(const T *qkv, long long row_stride, const T *qkv_b,           \
+                                  long long row_stride_b, int len_a, T *out, const T *q_weight, \
+                                  const T *k_weight, const T *q_weight_b, const T *k_weight_b,  \
+                                  const float *cos_t, const float *sin_t, int pos_offset,       \
+                                  int batch, int len, int heads, int dim, float eps) {          \
+    tt_qk_norm_rope_impl<T>(qkv, row_stride, qkv_b, row_stride_b, len_a, out, q_weight,        \
+                            k_weight, q_weight_b, k_weight_b, cos_t, sin_t, pos_offset, batch,  \
+                            len, heads, dim, eps);                                              \
   }
 
 TT_QK_NORM_ROPE(tt_qk_norm_rope_f32, float)

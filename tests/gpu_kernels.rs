@@ -242,6 +242,47 @@ fn fused_qk_norm_rope_matches_the_cpu() {
 }
 
 #[test]
+fn fused_joint_qk_norm_rope_matches_the_cpu() {
+    // Flux's double block: 11 text rows then 29 image rows (a narrow view of a wider projection),
+    // each stream with its own norm weights, into one joint (3, B, L, H, D).
+    let dev = cuda();
+    let (b, heads, d) = (2, 3, 128);
+    let hd = heads * d;
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let txt = randn(71, &[b, 11, 3 * hd]).to_dtype(dtype).unwrap();
+        let img = randn(72, &[b, 29, 3 * hd + 64])
+            .narrow(2, 0, 3 * hd)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let w = |seed| {
+            randn(seed, &[d])
+                .affine(0.5, 1.0)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let (tq, tk, iq, ik) = (w(73), w(74), w(75), w(76));
+        let angles = (randn(77, &[40, d / 2]) * 3.0).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let run = |dev: &Device| {
+            let g = |t: &Tensor| on(t, dev);
+            fused::qk_norm_rope_joint(
+                (&g(&txt), &g(&tq), &g(&tk)),
+                (&g(&img), &g(&iq), &g(&ik)),
+                heads,
+                (&g(&cos), &g(&sin)),
+                0,
+                1e-6,
+            )
+            .unwrap()
+        };
+        let err = rel_err(&run(&dev), &run(&Device::Cpu));
+        assert!(err <= bound(dtype), "joint qk-norm-rope {dtype:?}: {err}");
+    }
+}
+
+#[test]
 fn fused_group_norm_matches_the_cpu() {
     let dev = cuda();
     // Odd sizes (one element per thread, one chunk), and groups split over 8 and 16 blocks with

@@ -339,6 +339,56 @@ fn qk_norm_rope_rejects_tables_that_do_not_cover_the_tokens() {
 }
 
 #[test]
+fn joint_qk_norm_rope_equals_the_concatenation_of_each_stream() {
+    // Flux's double block: 3 text rows then 6 image rows (the image's q/k/v a narrow view of a
+    // wider projection), each stream with its own norm weights, positions over the joint rows.
+    let (b, heads, d) = (2, 3, 16);
+    let hd = heads * d;
+    for dtype in DTYPES {
+        let txt = randn(61, &[b, 3, 3 * hd]).to_dtype(dtype).unwrap();
+        let img_wide = randn(62, &[b, 6, 3 * hd + 40]).to_dtype(dtype).unwrap();
+        let img = img_wide.narrow(2, 0, 3 * hd).unwrap();
+        let w = |seed| {
+            randn(seed, &[d])
+                .affine(0.5, 1.0)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let (tq, tk, iq, ik) = (w(63), w(64), w(65), w(66));
+        let angles = (randn(67, &[2 + 9, d / 2]) * 3.0).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let joint = fused::qk_norm_rope_joint(
+            (&txt, &tq, &tk),
+            (&img, &iq, &ik),
+            heads,
+            (&cos, &sin),
+            2,
+            1e-6,
+        )
+        .unwrap();
+        let t = fused::qk_norm_rope(&txt, heads, &tq, &tk, &cos, &sin, 2, 1e-6).unwrap();
+        let i = fused::qk_norm_rope(&img, heads, &iq, &ik, &cos, &sin, 5, 1e-6).unwrap();
+        let want = Tensor::cat(&[t, i], 2).unwrap();
+        assert_eq!(joint.dims(), [3, b, 9, heads, d]);
+        assert_eq!(rel_err(&joint, &want), 0.0, "{dtype:?}");
+    }
+    // Streams that differ in batch or head size, and tables too short for the joint rows.
+    let (w8, w4) = (randn(1, &[8]), randn(1, &[4]));
+    let tables = randn(2, &[9, 4]);
+    let a = randn(3, &[1, 4, 3 * 2 * 8]);
+    let rope = (&tables, &tables);
+    let joint = |b: &Tensor, w: &Tensor, rope: (&Tensor, &Tensor)| {
+        fused::qk_norm_rope_joint((&a, &w8, &w8), (b, w, w), 2, rope, 0, 1e-6)
+    };
+    assert!(joint(&randn(4, &[2, 5, 48]), &w8, rope).is_err());
+    assert!(joint(&randn(4, &[1, 5, 48]), &w4, rope).is_err());
+    assert!(joint(&randn(4, &[1, 5, 48]), &w8, rope).is_ok());
+    let short = randn(2, &[8, 4]);
+    assert!(joint(&randn(4, &[1, 5, 48]), &w8, (&short, &short)).is_err());
+}
+
+#[test]
 fn group_norm_matches_candle_group_norm_with_and_without_silu() {
     for dtype in DTYPES {
         for &(n, c, groups, h, w) in &[(1, 4, 2, 1, 1), (2, 12, 3, 5, 7), (2, 64, 32, 8, 9)] {

@@ -576,27 +576,44 @@ template <class T> void layer_norm_suite(LnFn<T> fn, double bound, Rng &rng) {
 // Flux q/k RMS norm + RoPE.
 
 template <class T>
-using QkFn = void (*)(const T *, long long, T *, const T *, const T *, const float *,
-                      const float *, int, int, int, int, int, float);
+using QkFn = void (*)(const T *, long long, const T *, long long, int, T *, const T *, const T *,
+                      const T *, const T *, const float *, const float *, int, int, int, int, int,
+                      float);
 
+// One stream of q/k/v rows: (B, rows, 3·H·D + pad) and its q/k norm weights.
+template <class T> struct QkStream {
+  int rows;
+  long long row_stride;
+  Buf<T> qkv, qw, kw;
+  QkStream(int batch, int rows_, long long hd, int pad, int D, Rng &rng)
+      : rows(rows_), row_stride(3 * hd + pad), qkv(std::max<long long>(1, batch * rows_ * (3 * hd + pad))),
+        qw(D), kw(D) {
+    const int H = static_cast<int>(hd / D);
+    for (int bl = 0; bl < batch * rows; ++bl)
+      for (int part = 0; part < 3 * H; ++part) {  // row padding stays NaN
+        const double amp = rng.uniform(0.2, 3.0);  // RMS varies from head to head
+        for (int d = 0; d < D; ++d) qkv[bl * row_stride + part * D + d] = make<T>(amp * rng.normal());
+      }
+    for (int d = 0; d < D; ++d) {
+      qw[d] = make<T>(1.0 + 0.3 * rng.normal());
+      kw[d] = make<T>(1.0 + 0.3 * rng.normal());
+    }
+  }
+};
+
+// `La` rows of a first stream and, when `Lb` > 0, `Lb` rows of a second one (Flux's text and
+// image streams of a double block) into one (3, B, La + Lb, H, D) output.
 template <class T>
-void test_qk_norm_rope(QkFn<T> fn, int D, int row_pad, int pos_offset, double bound, Rng &rng) {
-  constexpr int B = 2, L = 5, H = 3;
+void test_qk_norm_rope(QkFn<T> fn, int D, int row_pad, int pos_offset, int La, int Lb,
+                       double bound, Rng &rng) {
+  constexpr int B = 2, H = 3;
+  const int L = La + Lb;
   const long long HD = 1LL * H * D;
-  const long long row_stride = 3 * HD + row_pad;
   const int half = D / 2, P = pos_offset + L;
   const float eps = 1e-6f;
-  Buf<T> qkv(B * L * row_stride), out(3 * B * L * HD), qw(D), kw(D);
+  QkStream<T> sa(B, La, HD, row_pad, D, rng), sb(B, Lb, HD, row_pad + 8, D, rng);
+  Buf<T> out(3 * B * L * HD);
   Buf<float> cos_t(1LL * P * half), sin_t(1LL * P * half);  // rows before pos_offset stay NaN
-  for (int bl = 0; bl < B * L; ++bl)
-    for (int part = 0; part < 3 * H; ++part) {  // rows padding stays NaN
-      const double amp = rng.uniform(0.2, 3.0);   // RMS varies from head to head
-      for (int d = 0; d < D; ++d) qkv[bl * row_stride + part * D + d] = make<T>(amp * rng.normal());
-    }
-  for (int d = 0; d < D; ++d) {
-    qw[d] = make<T>(1.0 + 0.3 * rng.normal());
-    kw[d] = make<T>(1.0 + 0.3 * rng.normal());
-  }
   for (int p = pos_offset; p < P; ++p)
     for (int i = 0; i < half; ++i) {
       const double angle = rng.uniform(-3.141592653589793, 3.141592653589793);
@@ -604,8 +621,9 @@ void test_qk_norm_rope(QkFn<T> fn, int D, int row_pad, int pos_offset, double bo
       sin_t[1LL * p * half + i] = static_cast<float>(std::sin(angle));
     }
   tt_emu_launch(dim3((B * L * H + 7) / 8), dim3(256), [&] {
-    fn(qkv.data(), row_stride, out.data(), qw.data(), kw.data(), cos_t.data(), sin_t.data(),
-       pos_offset, B, L, H, D, eps);
+    fn(sa.qkv.data(), sa.row_stride, Lb > 0 ? sb.qkv.data() : nullptr, sb.row_stride, La,
+       out.data(), sa.qw.data(), sa.kw.data(), Lb > 0 ? sb.qw.data() : nullptr,
+       Lb > 0 ? sb.kw.data() : nullptr, cos_t.data(), sin_t.data(), pos_offset, B, L, H, D, eps);
   });
 
   ErrTracker et;
@@ -615,12 +633,13 @@ void test_qk_norm_rope(QkFn<T> fn, int D, int row_pad, int pos_offset, double bo
   for (int b = 0; b < B; ++b)
     for (int l = 0; l < L; ++l)
       for (int h = 0; h < H; ++h) {
-        const long long bl = 1LL * b * L + l;
-        const T *src = qkv.data() + bl * row_stride + h * D;
-        const long long dst = bl * HD + h * D;
+        QkStream<T> &st = l < La ? sa : sb;
+        const int r = l < La ? l : l - La;
+        const T *src = st.qkv.data() + (1LL * b * st.rows + r) * st.row_stride + h * D;
+        const long long dst = (1LL * b * L + l) * HD + h * D;
         for (int which = 0; which < 2; ++which) {
           const T *x = src + which * HD;
-          const T *w = which == 0 ? qw.data() : kw.data();
+          const T *w = which == 0 ? st.qw.data() : st.kw.data();
           double ss = 0.0;
           for (int d = 0; d < D; ++d) ss += val(x[d]) * val(x[d]);
           const double rstd = 1.0 / std::sqrt(ss / D + static_cast<double>(eps));
@@ -635,8 +654,8 @@ void test_qk_norm_rope(QkFn<T> fn, int D, int row_pad, int pos_offset, double bo
         }
         if (memcmp(out.data() + 2 * plane + dst, src + 2 * HD, D * sizeof(T)) != 0) v_exact = false;
       }
-  report(fmt("qk_norm_rope %s B=%d L=%d H=%d D=%d row_stride=%lld pos_offset=%d", tname<T>(), B, L,
-             H, D, row_stride, pos_offset),
+  report(fmt("qk_norm_rope %s B=%d L=%d+%d H=%d D=%d row_stride=%lld pos_offset=%d", tname<T>(), B,
+             La, Lb, H, D, sa.row_stride, pos_offset),
          v_exact ? et.rel() : INFINITY, bound,
          et.note(kMinSameQk) + (v_exact ? ", v copied exactly" : ", v copy WRONG"),
          et.same_ok(kMinSameQk));
@@ -645,7 +664,12 @@ void test_qk_norm_rope(QkFn<T> fn, int D, int row_pad, int pos_offset, double bo
 template <class T> void qk_norm_rope_suite(QkFn<T> fn, double bound, Rng &rng) {
   for (int D : {16, 72, 128})
     for (int pad : {0, 24})
-      for (int pos_offset : {0, 2}) test_qk_norm_rope<T>(fn, D, pad, pos_offset, bound, rng);
+      for (int pos_offset : {0, 2}) test_qk_norm_rope<T>(fn, D, pad, pos_offset, 5, 0, bound, rng);
+  // Two streams (text then image rows), each with its own weights and row stride.
+  for (int D : {16, 128}) {
+    test_qk_norm_rope<T>(fn, D, 0, 0, 3, 4, bound, rng);
+    test_qk_norm_rope<T>(fn, D, 24, 1, 1, 6, bound, rng);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -594,9 +594,17 @@ impl DoubleBlock {
         let img_qkv = img_in.apply(&self.img.qkv)?;
         let txt_qkv = txt_in.apply(&self.txt.qkv)?;
         let attn = if fused_path(img, self.img.norm.q.dim(0)?) {
-            let tp = fused_prep(&txt_qkv, self.heads, &self.txt.norm, rope, 0)?;
-            let ip = fused_prep(&img_qkv, self.heads, &self.img.norm, rope, nt)?;
-            fused_attention(&Tensor::cat(&[tp, ip], 2)?)?
+            // Text then image rows straight into one (3, B, L, H, D) tensor: no concatenation.
+            let (tn, inorm) = (&self.txt.norm, &self.img.norm);
+            let joint = fused::qk_norm_rope_joint(
+                (&txt_qkv, &tn.q, &tn.k),
+                (&img_qkv, &inorm.q, &inorm.k),
+                self.heads,
+                (&rope.cos, &rope.sin),
+                0,
+                1e-6,
+            )?;
+            fused_attention(&joint)?
         } else {
             let (iq, ik, iv) = split_qkv(&img_qkv, self.heads, &self.img.norm)?;
             let (tq, tk, tv) = split_qkv(&txt_qkv, self.heads, &self.txt.norm)?;

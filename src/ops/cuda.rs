@@ -340,6 +340,23 @@ fn view<'a, T: CudaDType>(storage: &'a CudaStorage, layout: &Layout) -> Result<C
     Ok(storage.as_cuda_slice::<T>()?.slice(layout.start_offset()..))
 }
 
+/// A tensor's storage (read-locked) and layout.
+fn hold(t: &Tensor) -> (candle_core::StorageRef<'_>, Layout) {
+    let (storage, layout) = t.storage_and_layout();
+    (storage, layout.clone())
+}
+
+/// A held operand's view from its start offset (any layout; the caller checked it), or an
+/// error where it is not on the CUDA device.
+fn held_any<'a, T: CudaDType>(
+    guard: &'a (candle_core::StorageRef<'a>, Layout),
+) -> Result<Option<CudaView<'a, T>>> {
+    match &*guard.0 {
+        Storage::Cuda(s) => Ok(Some(view::<T>(s, &guard.1)?)),
+        _ => bail!("fused op: an operand is not on the CUDA device"),
+    }
+}
+
 /// Runs `f` with a held tensor's CUDA storage and layout.
 fn with_cuda<R>(t: &Tensor, f: impl FnOnce(&CudaStorage, &Layout) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
@@ -508,10 +525,7 @@ fn held<'a, T: CudaDType>(
 }
 
 fn lock(t: &Option<Tensor>) -> Option<(candle_core::StorageRef<'_>, Layout)> {
-    t.as_ref().map(|t| {
-        let (s, l) = t.storage_and_layout();
-        (s, l.clone())
-    })
+    t.as_ref().map(hold)
 }
 
 fn layer_norm_modulate_t<T: CudaDType + DeviceRepr>(
@@ -663,7 +677,12 @@ fn qk_norm_rope_t<T: CudaDType + DeviceRepr>(
     l: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     let dev = &s.device;
-    let (b, len, _width) = l.shape().dims3()?;
+    let (b, len_a, _width) = l.shape().dims3()?;
+    let len_b = match &op.second {
+        Some(st) => st.qkv.dim(1)?,
+        None => 0,
+    };
+    let len = len_a + len_b;
     let (h, d) = (op.heads, op.dim);
     let func = kernel!(
         dev,
@@ -673,22 +692,46 @@ fn qk_norm_rope_t<T: CudaDType + DeviceRepr>(
     let out: CudaSlice<T> = unsafe { dev.alloc::<T>(3 * b * len * h * d)? };
     let x = view::<T>(s, l)?;
     let row_stride = l.stride()[1] as i64;
-    with_cuda(&op.q_weight, |qs, ql| {
-        with_cuda(&op.k_weight, |kst, kl| {
+    // The second stream's rows, row stride and weights (null pointers without one).
+    let second = op
+        .second
+        .as_ref()
+        .map(|st| (hold(&st.qkv), hold(&st.q_weight), hold(&st.k_weight)));
+    let (qkv_b, qw_b, kw_b) = match &second {
+        Some((x2, q2, k2)) => (held_any::<T>(x2)?, held_any::<T>(q2)?, held_any::<T>(k2)?),
+        None => (None, None, None),
+    };
+    let row_stride_b = second
+        .as_ref()
+        .map_or(0, |(x2, _, _)| x2.1.stride()[1] as i64);
+    let ptrs_b = [
+        ptr(qkv_b.as_ref(), dev),
+        ptr(qw_b.as_ref(), dev),
+        ptr(kw_b.as_ref(), dev),
+    ];
+    with_cuda(&op.first.q_weight, |qs, ql| {
+        with_cuda(&op.first.k_weight, |kst, kl| {
             with_cuda(&op.cos, |cs, cl| {
                 with_cuda(&op.sin, |ss, sl| {
                     let (qw, kw) = (view::<T>(qs, ql)?, view::<T>(kst, kl)?);
                     let (cos, sin) = (view::<f32>(cs, cl)?, view::<f32>(ss, sl)?);
-                    let (pos, bi, li, hi, di) = (
+                    let (pos, bi, li, hi, di, la) = (
                         op.pos_offset as i32,
                         b as i32,
                         len as i32,
                         h as i32,
                         d as i32,
+                        len_a as i32,
                     );
                     let eps = op.eps;
                     let mut launch = func.builder();
-                    launch.arg(&x).arg(&row_stride).arg(&out).arg(&qw).arg(&kw);
+                    launch
+                        .arg(&x)
+                        .arg(&row_stride)
+                        .arg(&ptrs_b[0])
+                        .arg(&row_stride_b);
+                    launch.arg(&la).arg(&out).arg(&qw).arg(&kw);
+                    launch.arg(&ptrs_b[1]).arg(&ptrs_b[2]);
                     launch
                         .arg(&cos)
                         .arg(&sin)

@@ -116,13 +116,77 @@ pub fn qk_norm_rope(
     pos_offset: usize,
     eps: f64,
 ) -> Result<Tensor> {
-    let (_b, l, width) = qkv.dims3()?;
-    let d = q_weight.dim(0)?;
-    if d % 2 != 0 || 3 * heads * d > width || k_weight.dims() != [d] {
+    let first = QkStream::new(qkv, heads, q_weight, k_weight)?;
+    let op = qk_norm_rope_op(first, None, heads, cos, sin, pos_offset, eps)?;
+    op.first.qkv.apply_op1_no_bwd(&op)
+}
+
+/// [`qk_norm_rope`] of two streams into one joint sequence, as Flux's double blocks attend over
+/// text then image tokens: `a` = (qkv (B, La, ≥ 3·H·D), q_weight, k_weight) gives rows 0..La,
+/// `b` rows La..La + Lb, each with its own norm weights; positions `pos_offset..` run over the
+/// joint rows. Returns (3, B, La + Lb, H, D), what [`qk_norm_rope`] of each followed by a
+/// concatenation along L gives, without the concatenation's copy.
+pub fn qk_norm_rope_joint(
+    a: (&Tensor, &Tensor, &Tensor),
+    b: (&Tensor, &Tensor, &Tensor),
+    heads: usize,
+    rope: (&Tensor, &Tensor),
+    pos_offset: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    let first = QkStream::new(a.0, heads, a.1, a.2)?;
+    let second = QkStream::new(b.0, heads, b.1, b.2)?;
+    let (ba, bb) = (a.0.dim(0)?, b.0.dim(0)?);
+    if ba != bb || first.q_weight.dims() != second.q_weight.dims() || a.0.dtype() != b.0.dtype() {
         bail!(
-            "qk_norm_rope: qkv {:?} cannot hold 3 x {heads} heads of {d}",
-            qkv.dims()
+            "qk_norm_rope_joint: streams {:?} and {:?} differ in batch, head size or dtype",
+            a.0.dims(),
+            b.0.dims()
         );
+    }
+    let op = qk_norm_rope_op(first, Some(second), heads, rope.0, rope.1, pos_offset, eps)?;
+    op.first.qkv.apply_op1_no_bwd(&op)
+}
+
+impl QkStream {
+    /// One stream's rows (rows contiguous inside, any row stride) and norm weights, checked.
+    fn new(qkv: &Tensor, heads: usize, q_weight: &Tensor, k_weight: &Tensor) -> Result<Self> {
+        let (_b, l, width) = qkv.dims3()?;
+        let d = q_weight.dim(0)?;
+        if d % 2 != 0 || 3 * heads * d > width || k_weight.dims() != [d] || q_weight.rank() != 1 {
+            bail!(
+                "qk_norm_rope: qkv {:?} cannot hold 3 x {heads} heads of {d}",
+                qkv.dims()
+            );
+        }
+        // The kernel wants rows of qkv contiguous inside (any row stride).
+        let qkv = if qkv.stride()[2] == 1 && qkv.stride()[0] == l * qkv.stride()[1] {
+            qkv.clone()
+        } else {
+            qkv.contiguous()?
+        };
+        Ok(Self {
+            qkv,
+            q_weight: q_weight.contiguous()?,
+            k_weight: k_weight.contiguous()?,
+        })
+    }
+}
+
+/// The op over `first` (and `second`'s rows after them), after checking the rotary tables.
+fn qk_norm_rope_op(
+    first: QkStream,
+    second: Option<QkStream>,
+    heads: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+    pos_offset: usize,
+    eps: f64,
+) -> Result<QkNormRopeOp> {
+    let d = first.q_weight.dim(0)?;
+    let mut l = first.qkv.dim(1)?;
+    if let Some(s) = &second {
+        l += s.qkv.dim(1)?;
     }
     let (p, half) = cos.dims2()?;
     if half != d / 2 || sin.dims() != cos.dims() || pos_offset + l > p {
@@ -135,23 +199,16 @@ pub fn qk_norm_rope(
     if cos.dtype() != DType::F32 || sin.dtype() != DType::F32 {
         bail!("qk_norm_rope: the rotary tables must be float32");
     }
-    // The kernel wants rows of qkv contiguous inside (any row stride) and contiguous tables.
-    let qkv = if qkv.stride()[2] == 1 && qkv.stride()[0] == l * qkv.stride()[1] {
-        qkv.clone()
-    } else {
-        qkv.contiguous()?
-    };
-    let op = QkNormRopeOp {
+    Ok(QkNormRopeOp {
         heads,
         dim: d,
-        q_weight: q_weight.contiguous()?,
-        k_weight: k_weight.contiguous()?,
+        first,
+        second,
         cos: cos.contiguous()?,
         sin: sin.contiguous()?,
         pos_offset,
         eps: eps as f32,
-    };
-    qkv.apply_op1_no_bwd(&op)
+    })
 }
 
 /// Group norm of `x` (N, C, spatial...) over `groups` groups of channels, float32 statistics,
@@ -408,11 +465,21 @@ pub(crate) struct LayerNormModOp {
     pub(crate) rows_per_group: usize,
 }
 
+/// One stream of [`QkNormRopeOp`]: qkv (B, L, ≥ 3·H·D), rows contiguous inside, batch rows
+/// L rows apart (any row stride); its q/k norm weights (D).
+pub(crate) struct QkStream {
+    pub(crate) qkv: Tensor,
+    pub(crate) q_weight: Tensor,
+    pub(crate) k_weight: Tensor,
+}
+
 pub(crate) struct QkNormRopeOp {
     pub(crate) heads: usize,
     pub(crate) dim: usize,
-    pub(crate) q_weight: Tensor,
-    pub(crate) k_weight: Tensor,
+    /// The op's input (its rows come first); kept for its weights.
+    pub(crate) first: QkStream,
+    /// Rows after the first stream's (the joint sequence of Flux's double blocks).
+    pub(crate) second: Option<QkStream>,
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
     pub(crate) pos_offset: usize,
@@ -764,23 +831,40 @@ impl CustomOp1 for QkNormRopeOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, len, width) = l.shape().dims3()?;
+        let (b, len_a, width_a) = l.shape().dims3()?;
         let dtype = s.dtype();
-        let x = gather(s, l)?;
-        let (qw, kw) = (
-            gather_tensor(&self.q_weight)?,
-            gather_tensor(&self.k_weight)?,
-        );
+        // Each stream's rows (gathered), row width, row count and weights.
+        let mut streams = vec![(
+            gather(s, l)?,
+            width_a,
+            len_a,
+            gather_tensor(&self.first.q_weight)?,
+            gather_tensor(&self.first.k_weight)?,
+        )];
+        if let Some(st) = &self.second {
+            let (_, len_b, width_b) = st.qkv.dims3()?;
+            streams.push((
+                gather_tensor(&st.qkv)?,
+                width_b,
+                len_b,
+                gather_tensor(&st.q_weight)?,
+                gather_tensor(&st.k_weight)?,
+            ));
+        }
+        let len: usize = streams.iter().map(|s| s.2).sum();
         let (cos, sin) = (gather_tensor(&self.cos)?, gather_tensor(&self.sin)?);
         let (h, d) = (self.heads, self.dim);
         let hd = h * d;
         let plane = b * len * hd;
         let mut out = vec![0f32; 3 * plane];
         for bl in 0..b * len {
-            let pos = self.pos_offset + bl % len;
-            let row = &x[bl * width..(bl + 1) * width];
+            let (bi, li) = (bl / len, bl % len);
+            let pos = self.pos_offset + li;
+            let (x, width, rows, qw, kw) = if li < len_a { &streams[0] } else { &streams[1] };
+            let r = if li < len_a { li } else { li - len_a };
+            let row = &x[(bi * rows + r) * width..(bi * rows + r + 1) * width];
             for hi in 0..h {
-                for (which, w) in [(0, &qw), (1, &kw)] {
+                for (which, w) in [(0, qw), (1, kw)] {
                     let src = &row[which * hd + hi * d..which * hd + (hi + 1) * d];
                     let ss: f32 = src.iter().map(|a| a * a).sum();
                     let rstd = 1.0 / (ss / d as f32 + self.eps).sqrt();
