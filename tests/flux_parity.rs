@@ -300,6 +300,36 @@ fn fp32_pipeline_images_for_two_seeds_match_diffusers_within_2_of_255() {
 }
 
 #[test]
+fn each_step_modulation_is_computed_once_per_prompt_and_reused_for_every_image() {
+    let run = run_by_name("fp32");
+    let steps = run["steps"].as_u64().unwrap() as usize;
+    let mut p = pipeline_for(&fixtures().join("tiny-flux"), &run);
+    let noise = |seed| torch_randn(seed, &p.noise_shape(), RandnKernel::Vectorized);
+    let (a, b) = (noise(7), noise(8));
+    p.set_prompt(run["prompt"].as_str().unwrap()).unwrap();
+    assert_eq!(p.cached_modulations(), 0);
+    // A batch of two, then each image alone: the second and third calls find every step's
+    // modulations cached (one row, broadcast over the batch) and give the same images.
+    let pair = p.generate(&[a.clone(), b.clone()]).unwrap();
+    assert_eq!(p.cached_modulations(), steps);
+    let alone = [p.generate(&[a]).unwrap(), p.generate(&[b]).unwrap()];
+    assert_eq!(p.cached_modulations(), steps);
+    for (i, img) in alone.iter().enumerate() {
+        assert_eq!(max_pixel_diff(&img[0], &pair[i]), 0, "image {i}");
+    }
+    // The images match diffusers' as well (the pipeline test above, cached path).
+    let want = run_images(&mut p, &run);
+    assert_eq!(want.len(), run["seeds"].as_array().unwrap().len());
+    for (i, img) in want.iter().enumerate() {
+        let d = max_pixel_diff(img, &read_png(&format!("image_fp32_{i}.png")));
+        assert!(d <= 2, "image {i} differs by {d}/255");
+    }
+    // A new prompt starts an empty cache.
+    p.set_prompt("another prompt").unwrap();
+    assert_eq!(p.cached_modulations(), 0);
+}
+
+#[test]
 fn non_square_pipeline_image_from_the_bfl_layout_matches_diffusers() {
     let run = run_by_name("wide");
     let dir = bfl_folder();

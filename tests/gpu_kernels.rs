@@ -283,6 +283,37 @@ fn fused_joint_qk_norm_rope_matches_the_cpu() {
 }
 
 #[test]
+fn broadcast_modulations_match_the_cpu() {
+    // Flux's cached modulations reach the kernels as (B, 1, C) views of one row (batch stride
+    // 0): layer norm + modulation and the gated residual read that row for every batch row.
+    let dev = cuda();
+    let (b, l, c) = (3, 37, 3072);
+    for dtype in [DType::BF16, DType::F16] {
+        let x = randn(91, &[b, l, c]).to_dtype(dtype).unwrap();
+        let y = randn(92, &[b, l, c]).to_dtype(dtype).unwrap();
+        let one = |seed| randn(seed, &[1, 1, c]).to_dtype(dtype).unwrap();
+        let (shift, scale, gate) = (one(93), one(94), one(95));
+        let wide = |t: &Tensor, d: &Device| on(t, d).broadcast_as((b, 1, c)).unwrap();
+        let ln = |d: &Device| {
+            let (s, k) = (wide(&shift, d), wide(&scale, d));
+            fused::layer_norm_modulate(&on(&x, d), None, None, Some(&s), Some(&k), 1e-6).unwrap()
+        };
+        let err = rel_err(&ln(&dev), &ln(&Device::Cpu));
+        assert!(
+            err <= bound(dtype),
+            "layer norm, broadcast modulation {dtype:?}: {err}"
+        );
+        let gr =
+            |d: &Device| fused::gated_residual(&on(&x, d), &wide(&gate, d), &on(&y, d)).unwrap();
+        let err = rel_err(&gr(&dev), &gr(&Device::Cpu));
+        assert!(
+            err <= bound(dtype),
+            "gated residual, broadcast gate {dtype:?}: {err}"
+        );
+    }
+}
+
+#[test]
 fn fused_group_norm_matches_the_cpu() {
     let dev = cuda();
     // Odd sizes (one element per thread, one chunk), and groups split over 8 and 16 blocks with

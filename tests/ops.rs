@@ -389,6 +389,32 @@ fn joint_qk_norm_rope_equals_the_concatenation_of_each_stream() {
 }
 
 #[test]
+fn modulations_broadcast_from_one_row_equal_materialised_rows() {
+    // Flux's cached modulations: (1, 1, C) chunks broadcast over the batch (stride 0).
+    let (b, l, c) = (3, 5, 16);
+    for dtype in DTYPES {
+        let x = randn(81, &[b, l, c]).to_dtype(dtype).unwrap();
+        let y = randn(82, &[b, l, c]).to_dtype(dtype).unwrap();
+        let one = |seed| randn(seed, &[1, 1, c]).to_dtype(dtype).unwrap();
+        let (shift, scale, gate) = (one(83), one(84), one(85));
+        let wide = |t: &Tensor| t.broadcast_as((b, 1, c)).unwrap();
+        let copy = |t: &Tensor| wide(t).contiguous().unwrap();
+        let ln = |s: &Tensor, k: &Tensor| {
+            fused::layer_norm_modulate(&x, None, None, Some(s), Some(k), 1e-6).unwrap()
+        };
+        assert_eq!(
+            rel_err(
+                &ln(&wide(&shift), &wide(&scale)),
+                &ln(&copy(&shift), &copy(&scale))
+            ),
+            0.0
+        );
+        let gr = |g: &Tensor| fused::gated_residual(&x, g, &y).unwrap();
+        assert_eq!(rel_err(&gr(&wide(&gate)), &gr(&copy(&gate))), 0.0);
+    }
+}
+
+#[test]
 fn group_norm_matches_candle_group_norm_with_and_without_silu() {
     for dtype in DTYPES {
         for &(n, c, groups, h, w) in &[(1, 4, 2, 1, 1), (2, 12, 3, 5, 7), (2, 64, 32, 8, 9)] {

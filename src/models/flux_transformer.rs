@@ -523,6 +523,59 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, rope: &Rope) -> candle_core::Re
         .reshape((b, l, h * d))
 }
 
+/// Every block's adaLN modulation chunks for one conditioning vector (see
+/// [`FluxTransformer::modulations`]): each chunk (B, 1, hidden).
+#[derive(Debug, Clone)]
+pub struct Modulations {
+    batch: usize,
+    /// Per double block: the image stream's 6 chunks and the text stream's 6.
+    double: Vec<(Vec<Tensor>, Vec<Tensor>)>,
+    /// Per single block: 3 chunks.
+    single: Vec<Vec<Tensor>>,
+    /// The final layer's shift and scale.
+    last: Vec<Tensor>,
+}
+
+impl Modulations {
+    /// The batch these were computed for.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Modulations computed for one row, as views broadcast over `b` rows (no copies).
+    pub fn for_batch(&self, b: usize) -> candle_core::Result<Modulations> {
+        if self.batch != 1 {
+            candle_core::bail!(
+                "modulations for {} rows cannot serve a batch of {b}; compute them for 1 row",
+                self.batch
+            );
+        }
+        let wide = |chunks: &Vec<Tensor>| -> candle_core::Result<Vec<Tensor>> {
+            chunks
+                .iter()
+                .map(|c| {
+                    let (_, one, h) = c.dims3()?;
+                    c.broadcast_as((b, one, h))
+                })
+                .collect()
+        };
+        Ok(Modulations {
+            batch: b,
+            double: self
+                .double
+                .iter()
+                .map(|(i, t)| Ok((wide(i)?, wide(t)?)))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            single: self
+                .single
+                .iter()
+                .map(wide)
+                .collect::<candle_core::Result<_>>()?,
+            last: wide(&self.last)?,
+        })
+    }
+}
+
 /// `n` modulation chunks (each (B, 1, hidden)) from `silu(vec) @ lin`.
 fn modulation(lin: &Linear, vec: &Tensor, n: usize) -> candle_core::Result<Vec<Tensor>> {
     vec.silu()?.apply(lin)?.unsqueeze(1)?.chunk(n, D::Minus1)
@@ -582,12 +635,10 @@ impl DoubleBlock {
         &self,
         img: &Tensor,
         txt: &Tensor,
-        vec: &Tensor,
+        (im, tm): (&[Tensor], &[Tensor]),
         rope: &Rope,
         ln: &PlainLayerNorm,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let im = modulation(&self.img.modulation, vec, 6)?;
-        let tm = modulation(&self.txt.modulation, vec, 6)?;
         let img_in = norm_mod(ln, img, &im[0], &im[1])?;
         let txt_in = norm_mod(ln, txt, &tm[0], &tm[1])?;
         let nt = txt.dim(1)?;
@@ -655,11 +706,10 @@ impl SingleBlock {
     fn forward(
         &self,
         x: &Tensor,
-        vec: &Tensor,
+        m: &[Tensor],
         rope: &Rope,
         ln: &PlainLayerNorm,
     ) -> candle_core::Result<Tensor> {
-        let m = modulation(&self.modulation, vec, 3)?;
         let xn = norm_mod(ln, x, &m[0], &m[1])?;
         let h3 = 3 * self.hidden;
         let out = if fused_path(x, self.norm.q.dim(0)?) {
@@ -824,18 +874,66 @@ impl FluxTransformer {
         vec: &Tensor,
         rope: &Rope,
     ) -> candle_core::Result<Tensor> {
+        self.forward_modulated(img, txt, &self.modulations(vec)?, rope)
+    }
+
+    /// Every block's adaLN modulation for the conditioning `vec` (B, hidden): what
+    /// [`FluxTransformer::forward`] computes first. It depends on the timestep, the guidance and
+    /// the prompt only, not on the latents, so a pipeline computes it once per prompt and step
+    /// (with B = 1) and reuses it for every image of a search ([`Modulations::for_batch`]).
+    pub fn modulations(&self, vec: &Tensor) -> candle_core::Result<Modulations> {
+        let double = self
+            .double_blocks
+            .iter()
+            .map(|b| {
+                Ok((
+                    modulation(&b.img.modulation, vec, 6)?,
+                    modulation(&b.txt.modulation, vec, 6)?,
+                ))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let single = self
+            .single_blocks
+            .iter()
+            .map(|b| modulation(&b.modulation, vec, 3))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Modulations {
+            batch: vec.dim(0)?,
+            double,
+            single,
+            last: modulation(&self.final_norm_mod, vec, 2)?,
+        })
+    }
+
+    /// [`FluxTransformer::forward`] with the modulations already computed (their batch `img`'s,
+    /// or 1, broadcast).
+    pub fn forward_modulated(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        mods: &Modulations,
+        rope: &Rope,
+    ) -> candle_core::Result<Tensor> {
+        let b = img.dim(0)?;
+        let owned;
+        let mods = if mods.batch == b {
+            mods
+        } else {
+            owned = mods.for_batch(b)?;
+            &owned
+        };
         let mut img = img.to_dtype(self.dtype)?.apply(&self.img_in)?;
         let mut txt = txt.to_dtype(self.dtype)?.apply(&self.txt_in)?;
-        for block in &self.double_blocks {
-            (img, txt) = block.forward(&img, &txt, vec, rope, &self.ln)?;
+        for (block, (im, tm)) in self.double_blocks.iter().zip(&mods.double) {
+            (img, txt) = block.forward(&img, &txt, (im, tm), rope, &self.ln)?;
         }
         let nt = txt.dim(1)?;
         let mut x = Tensor::cat(&[&txt, &img], 1)?;
-        for block in &self.single_blocks {
-            x = block.forward(&x, vec, rope, &self.ln)?;
+        for (block, m) in self.single_blocks.iter().zip(&mods.single) {
+            x = block.forward(&x, m, rope, &self.ln)?;
         }
         let img = x.narrow(1, nt, x.dim(1)? - nt)?;
-        let m = modulation(&self.final_norm_mod, vec, 2)?;
+        let m = &mods.last;
         norm_mod(&self.ln, &img, &m[0], &m[1])?.apply(&self.final_linear)
     }
 

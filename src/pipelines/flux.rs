@@ -10,6 +10,9 @@
 //! Tensors are memory-mapped and converted to the configured dtype one at a time (no full
 //! float32 staging copy).
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Module, VarBuilder};
 use candle_transformers::models::flux::autoencoder as bfl_vae;
@@ -22,7 +25,7 @@ use crate::config::Dtype;
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::flux_transformer::{
-    latent_image_ids, DiffusersFluxWeights, FluxConfig, FluxTransformer, Rope,
+    latent_image_ids, DiffusersFluxWeights, FluxConfig, FluxTransformer, Modulations, Rope,
 };
 use crate::models::vae::VaeDecoder;
 use crate::noise::Noise;
@@ -227,6 +230,10 @@ pub struct FluxPipeline {
     max_sequence_length: usize,
     /// (T5 states (1, T, D), CLIP pooled (1, Dv)) of the current prompt.
     prompt: Option<(Tensor, Tensor)>,
+    /// The current prompt's modulations per denoising step (keyed by the timestep's and the
+    /// guidance's bits), computed for one row on first use and shared by every image of the
+    /// prompt; emptied by `set_prompt`.
+    modulations: std::sync::Mutex<HashMap<(u32, u32), Arc<Modulations>>>,
 }
 
 /// The VAE's `vae/config.json` values Flux needs.
@@ -503,6 +510,7 @@ impl FluxPipeline {
             guidance_scale,
             max_sequence_length,
             prompt: None,
+            modulations: Default::default(),
         };
         if !low_vram {
             pipeline.encoders = Some(pipeline.load_encoders()?);
@@ -701,7 +709,7 @@ impl FluxPipeline {
         let (h, w) = self.latent_hw();
         let (rows, cols) = (h / 2, w / 2);
         let txt = txt.repeat((b, 1, 1))?;
-        let pooled = pooled.repeat((b, 1))?;
+        let pooled_one = pooled;
         let rope = self.rope(txt.dim(1)?, rows, cols)?;
         let mut sched = self
             .scheduler
@@ -710,19 +718,45 @@ impl FluxPipeline {
             round_to(self.guidance_scale as f32, self.dtype)? * 1000.0,
             self.dtype,
         )?;
-        let guidance = vec![g; b];
-        let guidance = self
-            .transformer
-            .has_guidance()
-            .then_some(guidance.as_slice());
         let mut latents = packed.clone();
         for t in sched.timesteps().to_vec() {
-            let tv = vec![model_timestep(t, self.dtype)?; b];
-            let vec = self.transformer.conditioning(&tv, guidance, &pooled)?;
-            let pred = self.transformer.forward(&latents, &txt, &vec, &rope)?;
+            let mods = self.step_modulations(model_timestep(t, self.dtype)?, g, pooled_one)?;
+            let pred = self
+                .transformer
+                .forward_modulated(&latents, &txt, &mods, &rope)?;
             latents = sched.step(&pred, &latents)?;
         }
         Ok(unpack_latents(&latents, h, w)?)
+    }
+
+    /// The modulations of the step at model timestep `t` with guidance value `g` for the
+    /// prompt's pooled embedding `pooled` (1, Dv): from the cache, or computed for one row
+    /// and kept. Every row of a batch has the same conditioning, so one row serves all.
+    fn step_modulations(
+        &self,
+        t: f32,
+        g: f32,
+        pooled: &Tensor,
+    ) -> Result<Arc<Modulations>, PipelineError> {
+        let key = (t.to_bits(), g.to_bits());
+        let cache = || self.modulations.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = cache().get(&key) {
+            return Ok(m.clone());
+        }
+        let guidance = [g];
+        let guidance = self.transformer.has_guidance().then_some(&guidance[..]);
+        let vec = self.transformer.conditioning(&[t], guidance, pooled)?;
+        let mods = Arc::new(self.transformer.modulations(&vec)?);
+        cache().insert(key, mods.clone());
+        Ok(mods)
+    }
+
+    /// How many steps' modulations the current prompt has cached (see `step_modulations`).
+    pub fn cached_modulations(&self) -> usize {
+        self.modulations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Unpacked latent height and width, `2 · (H / (2 · vae_scale_factor))`.
@@ -753,6 +787,10 @@ impl ImagePipeline for FluxPipeline {
             tracing::debug!("--low-vram: text encoders freed after encoding the prompt");
         }
         self.prompt = Some((txt.to_dtype(self.dtype)?, pooled.to_dtype(self.dtype)?));
+        self.modulations
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         Ok(())
     }
 
