@@ -1062,7 +1062,8 @@ fn conv2d_t<T: CudaDType + DeviceRepr>(
 /// with candle's convolution on random problems like the UNets' (3×3 stride 1 and 2, 1×1, odd
 /// sizes, with a bias). `TT_SCALE_CUDNN=0` answers no.
 pub(super) fn cudnn_conv_ok(dev: &CudaDevice, dtype: DType) -> bool {
-    if super::env_says_off("TT_SCALE_CUDNN") {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    if *OFF.get_or_init(|| super::env_says_off("TT_SCALE_CUDNN")) {
         return false;
     }
     type Verdicts = Mutex<HashMap<(DeviceId, DType), bool>>;
