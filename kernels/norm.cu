@@ -68,6 +68,26 @@ TT_LAYER_NORM_MOD(tt_layer_norm_mod_f16, tt_f16)
 // 16-byte-aligned x and y), 16-byte loads and stores, one channel per load. weight, bias: (C)
 // or null; (C / groups) * hw < 2^31; chunk <= 2^24 (exact counts in float).
 
+// Where block (k, g, s) of a group-norm grid works: its group's first element in x (`base`),
+// the first channel of the group (`c0`) and its elements [begin, end) of the group.
+struct TtGroupChunk {
+  long long base, begin, end;
+  int c0;
+};
+
+__device__ __forceinline__ TtGroupChunk tt_group_chunk(int channels, int hw, int groups,
+                                                       int chunk) {
+  const int per_group = channels / groups;
+  const long long n = static_cast<long long>(per_group) * hw;
+  const long long begin = static_cast<long long>(blockIdx.x) * chunk;
+  TtGroupChunk r;
+  r.c0 = static_cast<int>(blockIdx.y) * per_group;
+  r.base = (static_cast<long long>(blockIdx.z) * channels + r.c0) * hw;
+  r.begin = begin;
+  r.end = begin + chunk < n ? begin + chunk : n;
+  return r;
+}
+
 // Running (count, mean, M2) of a set of values, and Chan's merge of two sets.
 struct TtMoments {
   float n, mean, m2;
@@ -112,16 +132,10 @@ __device__ __forceinline__ void tt_group_stats_impl(const T *__restrict__ x,
                                                     float *__restrict__ partial, int channels,
                                                     int hw, int groups, int chunk, int vec) {
   __shared__ TtMoments scratch[32];
-  const int per_group = channels / groups;
-  const long long n = static_cast<long long>(per_group) * hw;
-  const long long base =
-      (static_cast<long long>(blockIdx.z) * channels + static_cast<long long>(blockIdx.y) * per_group) *
-      hw;
-  const long long begin = static_cast<long long>(blockIdx.x) * chunk;
-  const long long end = begin + chunk < n ? begin + chunk : n;
+  const TtGroupChunk at = tt_group_chunk(channels, hw, groups, chunk);
   constexpr int VV = 16 / static_cast<int>(sizeof(T));
-  TtMoments m = vec ? tt_thread_moments<T, VV>(x + base, begin, end)
-                    : tt_thread_moments<T, 1>(x + base, begin, end);
+  TtMoments m = vec ? tt_thread_moments<T, VV>(x + at.base, at.begin, at.end)
+                    : tt_thread_moments<T, 1>(x + at.base, at.begin, at.end);
   for (int o = 16; o > 0; o >>= 1) {
     const TtMoments other{__shfl_xor_sync(TT_FULL_MASK, m.n, o),
                           __shfl_xor_sync(TT_FULL_MASK, m.mean, o),
@@ -179,11 +193,7 @@ __device__ __forceinline__ void tt_group_norm_impl(const T *__restrict__ x, T *_
                                                    int channels, int hw, int groups, int chunk,
                                                    float eps, int silu, int vec) {
   __shared__ float stats[2];
-  const int per_group = channels / groups;
-  const long long n = static_cast<long long>(per_group) * hw;
-  const long long base =
-      (static_cast<long long>(blockIdx.z) * channels + static_cast<long long>(blockIdx.y) * per_group) *
-      hw;
+  const TtGroupChunk at = tt_group_chunk(channels, hw, groups, chunk);
   if (threadIdx.x == 0) {
     // The group's chunks in order, merged in double: every block of the group gets the same
     // mean and rstd.
@@ -203,16 +213,13 @@ __device__ __forceinline__ void tt_group_norm_impl(const T *__restrict__ x, T *_
     stats[1] = static_cast<float>(1.0 / sqrt(m2 / (count > 0.0 ? count : 1.0) + eps));
   }
   __syncthreads();
-  const long long begin = static_cast<long long>(blockIdx.x) * chunk;
-  const long long end = begin + chunk < n ? begin + chunk : n;
-  const int c0 = blockIdx.y * per_group;
   constexpr int VV = 16 / static_cast<int>(sizeof(T));
   if (vec)
-    tt_group_apply<T, VV>(x + base, y + base, weight, bias, c0, hw, begin, end, stats[0], stats[1],
-                          silu);
+    tt_group_apply<T, VV>(x + at.base, y + at.base, weight, bias, at.c0, hw, at.begin, at.end,
+                          stats[0], stats[1], silu);
   else
-    tt_group_apply<T, 1>(x + base, y + base, weight, bias, c0, hw, begin, end, stats[0], stats[1],
-                         silu);
+    tt_group_apply<T, 1>(x + at.base, y + at.base, weight, bias, at.c0, hw, at.begin, at.end,
+                         stats[0], stats[1], silu);
 }
 
 #define TT_GROUP_NORM(STATS, NAME, T)                                                          \
