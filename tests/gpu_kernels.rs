@@ -314,6 +314,54 @@ fn broadcast_modulations_match_the_cpu() {
 }
 
 #[test]
+fn fused_attention_over_windows_of_a_head_major_tensor_matches_the_cpu() {
+    // Qwen2.5-VL's window attention: q/k/v (heads, seq, D 80) cut into windows of 64 tokens
+    // and viewed as (windows, heads, 64, 80): the batch stride (64·80) is smaller than the head
+    // stride (seq·80).
+    let dev = cuda();
+    let (heads, count, n, d) = (16, 5, 64, 80);
+    for dtype in [DType::BF16, DType::F16] {
+        let make = |seed| {
+            randn(seed, &[heads, count * n, d])
+                .to_dtype(dtype)
+                .unwrap()
+                .reshape((heads, count, n, d))
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap()
+        };
+        let (q, k, v) = (make(101), make(102), make(103));
+        let want = fused::attention(&q, &k, &v, 0.11, None).unwrap();
+        let (gq, gk, gv) = (on(&q, &dev), on(&k, &dev), on(&v, &dev));
+        let gq = gq
+            .transpose(0, 1)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap();
+        let gk = gk
+            .transpose(0, 1)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap();
+        let gv = gv
+            .transpose(0, 1)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap();
+        assert!(ops::attention_fused_ok(&gq, &gk, &gv));
+        let ours = fused::attention(&gq, &gk, &gv, 0.11, None).unwrap();
+        let err = rel_err(&ours, &want);
+        assert!(err <= bound(dtype), "window attention {dtype:?}: {err}");
+    }
+}
+
+#[test]
 fn fused_group_norm_matches_the_cpu() {
     let dev = cuda();
     // Odd sizes (one element per thread, one chunk), and groups split over 8 and 16 blocks with
