@@ -1,8 +1,11 @@
 // Fused scaled-dot-product attention (FlashAttention-2 style) on tensor cores.
 //
-// out[b, i, h, :] = sum_j softmax_j(scale * q[b, h, i, :] . k[b, h, j, :]) v[b, h, j, :], scale > 0,
-// over the keys j < key_lens[b] (all Lk keys when key_lens is null). The score matrix is never
-// materialised: each warp keeps 16 query rows per m-tile (one or two m-tiles), streams 64-key
+// out[b, i, h, :] = sum_j softmax_j(scale * q[b, h, i, :] . k[b, h/G, j, :]) v[b, h/G, j, :],
+// scale > 0, over the keys j that row i of batch row b sees (TtKeyMask: below an end, outside a
+// hole, at most causal_off past i; every key without key_ranges and causality). G = kv_group
+// query heads share one key/value head (grouped-query attention; 1 otherwise). A row that sees no
+// key comes out as zeros; a block's tiles stop at the last key its rows may see (causal
+// attention skips the tiles above the diagonal). The score matrix is never materialised: each warp keeps 16 query rows per m-tile (one or two m-tiles), streams 64-key
 // tiles of K and V through shared memory, and keeps a running maximum and sum per row (online
 // softmax), all in float32. Tiles arrive by cp.async, V(t) overlapping the scores of K(t) and
 // K(t+1) the product with V(t); K and V reach the tensor cores through ldmatrix (V transposed on
@@ -41,28 +44,63 @@ struct TtAttnTile {
       (2 * TT_ATT_BN + (Q_IN_SMEM ? BM : 0)) * SROW * static_cast<int>(sizeof(T));
 };
 
-// The keys batch row b attends to: key_lens[b] clamped to [0, lk], all lk without key_lens.
-__device__ __forceinline__ int tt_key_count(const int *key_lens, int b, int lk) {
-  if (key_lens == nullptr) return lk;
-  const int n = key_lens[b];
-  return n > lk ? lk : (n < 0 ? 0 : n);
+// Which keys a query row sees: key j is visible to row i when j < end (text padding at the end),
+// j lies outside the hole [hole_lo, hole_hi) (left padding after a cached prefix), and
+// j <= i + causal_off (causal attention, the queries being the last Lq of the keys: Lk - Lq;
+// without causality, Lk). Keys from end on and in the hole are never read (the tiles get zeros
+// there), so they may hold anything; keys hidden only by causality must be finite.
+struct TtKeyMask {
+  int end, hole_lo, hole_hi, causal_off;
+
+  // Whether a key row is loaded (not past the end, not in the hole).
+  __device__ __forceinline__ bool stored(int key) const {
+    return key < end && (key < hole_lo || key >= hole_hi);
+  }
+  // How many leading keys rows up to `last_row` may see.
+  __device__ __forceinline__ int keys_for(int last_row) const {
+    const int n = last_row + causal_off + 1;
+    return n < 0 ? 0 : (n < end ? n : end);
+  }
+  // Whether some key of [kb, kb + n) is hidden from row `row` or from a later row.
+  __device__ __forceinline__ bool any_hidden(int kb, int n, int row) const {
+    const int last = kb + n - 1;
+    return last >= end || (kb < hole_hi && last >= hole_lo) || last > row + causal_off;
+  }
+};
+
+// The key mask of batch row b: key_ranges (3 ints a batch row: end, clamped to [0, lk]; hole
+// start; hole end) or every key, and causal_off clamped to lk (no causality: anything >= lk).
+__device__ __forceinline__ TtKeyMask tt_key_mask(const int *key_ranges, int b, int lk,
+                                                 int causal_off) {
+  TtKeyMask m{lk, 0, 0, causal_off < lk ? causal_off : lk};
+  if (key_ranges != nullptr) {
+    const int n = key_ranges[3 * b];
+    m.end = n > lk ? lk : (n < 0 ? 0 : n);
+    m.hole_lo = key_ranges[3 * b + 1];
+    m.hole_hi = key_ranges[3 * b + 2];
+    if (m.hole_hi <= m.hole_lo) m.hole_lo = m.hole_hi = 0;
+  }
+  return m;
 }
 
 // Where a thread of an attention block works: batch row b (blockIdx.z), head h (blockIdx.y), its
-// thread index, warp, lane and fragment coordinates (g = lane / 4, t = lane % 4), the keys of its batch
-// row, and the (b, h) slices of q, k and v.
+// thread index, warp, lane and fragment coordinates (g = lane / 4, t = lane % 4), the keys of its
+// batch row, and the (b, h) slices of q and the (b, h / kv_group) slices of k and v.
 template <typename T>
 struct TtAttnPlace {
-  int b, h, tid, warp, lane, g, t, kv_len;
+  int b, h, tid, warp, lane, g, t;
+  TtKeyMask mask;
   const T *qp, *kp, *vp;
 };
 
 template <typename T>
 __device__ __forceinline__ TtAttnPlace<T> tt_attention_place(
-    const T *q, const T *k, const T *v, const int *key_lens, int lk, long long q_sb,
-    long long q_sh, long long k_sb, long long k_sh, long long v_sb, long long v_sh) {
+    const T *q, const T *k, const T *v, const int *key_ranges, int kv_group, int lk,
+    int causal_off, long long q_sb, long long q_sh, long long k_sb, long long k_sh, long long v_sb,
+    long long v_sh) {
   const int b = blockIdx.z;
   const int h = blockIdx.y;
+  const int hk = h / kv_group;
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   return TtAttnPlace<T>{b,
@@ -72,10 +110,10 @@ __device__ __forceinline__ TtAttnPlace<T> tt_attention_place(
                         lane,
                         lane >> 2,
                         lane & 3,
-                        tt_key_count(key_lens, b, lk),
+                        tt_key_mask(key_ranges, b, lk, causal_off),
                         q + b * q_sb + h * q_sh,
-                        k + b * k_sb + h * k_sh,
-                        v + b * v_sb + h * v_sh};
+                        k + b * k_sb + hk * k_sh,
+                        v + b * v_sb + hk * v_sh};
 }
 
 // The A fragments of a warp's 16 query rows (this thread's rows r0 and r0 + 8), one per 16 head
@@ -100,25 +138,32 @@ __device__ __forceinline__ void tt_load_q_fragments(uint32_t (&qf)[KT][4], const
   }
 }
 
-// One tile of the online softmax for a thread's two rows of one m-tile (rr = 0: the row of
-// elements 0-1 of each score n-tile; rr = 1: 8 rows further, elements 2-3): masks the keys from
-// kv_len on (only the last tile has any), turns the raw scores into probabilities against the
-// running maximum in log2 units (shared by the quad of lanes that hold a row; one fused
-// multiply-add and one exp2 per score), and updates the running sum. alpha receives each row's
-// factor exp2(old max - new max), by which the output accumulators must be rescaled before the
-// tile's P·V (tt_rescale). scale_log2 must be positive (the maximum of the scaled scores is then
-// the scaled maximum).
+// One tile of the online softmax for a thread's two rows of one m-tile, row0 (rr = 0: the row of
+// elements 0-1 of each score n-tile) and row0 + 8 (rr = 1: elements 2-3): masks the keys from kb
+// on that the rows do not see (tiles without such keys skip the check), turns the raw scores into
+// probabilities against the running maximum in log2 units (shared by the quad of lanes that hold
+// a row; one fused multiply-add and one exp2 per score), and updates the running sum. alpha
+// receives each row's factor exp2(old max - new max), by which the output accumulators must be
+// rescaled before the tile's P·V (tt_rescale). A row that has seen no key yet keeps the maximum
+// -inf, its probabilities and alpha 0 (not the NaNs of -inf - -inf). scale_log2 must be positive
+// (the maximum of the scaled scores is then the scaled maximum). (Starting the maxima at the
+// lowest finite float instead of -inf would need no select here, but makes ptxas spill in
+// w4r32 for sm_90a.)
 template <int ST>
 __device__ __forceinline__ void tt_softmax_tile(float (&s)[ST][4], float (&row_max)[2],
                                                 float (&row_sum)[2], float (&alpha)[2], int kb,
-                                                int kv_len, int t, float scale_log2) {
-  if (kb + ST * 8 > kv_len) {
+                                                const TtKeyMask &mask, int row0, int t,
+                                                float scale_log2) {
+  if (mask.any_hidden(kb, ST * 8, row0)) {
+    // Per row, the keys below its limit (end and causality) that lie outside the hole.
+    const int lo = mask.hole_lo, hi = mask.hole_hi;
+    const int limit[2] = {mask.keys_for(row0), mask.keys_for(row0 + 8)};
 #pragma unroll
     for (int j = 0; j < ST; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = kb + j * 8 + 2 * t + (e & 1);
-        if (key >= kv_len) s[j][e] = -INFINITY;
+        if (key >= limit[e >> 1] || (key >= lo && key < hi)) s[j][e] = -INFINITY;
       }
     }
   }
@@ -130,8 +175,9 @@ __device__ __forceinline__ void tt_softmax_tile(float (&s)[ST][4], float (&row_m
     mx = fmaxf(mx, __shfl_xor_sync(TT_FULL_MASK, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(TT_FULL_MASK, mx, 2));
     const float new_max = fmaxf(row_max[rr], mx * scale_log2);
-    alpha[rr] = exp2f(row_max[rr] - new_max);
-    const float shift = -new_max;
+    const float base = new_max == -INFINITY ? 0.0f : new_max;
+    alpha[rr] = exp2f(row_max[rr] - base);
+    const float shift = -base;
     float sum = 0.0f;
 #pragma unroll
     for (int j = 0; j < ST; ++j) {
@@ -160,9 +206,10 @@ __device__ __forceinline__ void tt_rescale(float (&acc)[NT][4], const float (&al
 template <int ST, int NT>
 __device__ __forceinline__ void tt_online_softmax(float (&s)[ST][4], float (&row_max)[2],
                                                   float (&row_sum)[2], float (&acc)[NT][4],
-                                                  int kb, int kv_len, int t, float scale_log2) {
+                                                  int kb, const TtKeyMask &mask, int row0, int t,
+                                                  float scale_log2) {
   float alpha[2];
-  tt_softmax_tile<ST>(s, row_max, row_sum, alpha, kb, kv_len, t, scale_log2);
+  tt_softmax_tile<ST>(s, row_max, row_sum, alpha, kb, mask, row0, t, scale_log2);
   tt_rescale<NT>(acc, alpha);
 }
 
@@ -205,9 +252,9 @@ __device__ __forceinline__ void tt_attention_store(const float (&acc)[NT][4],
 template <typename T, int D, int WARPS, int MT>
 __device__ __forceinline__ void tt_attention_impl(
     const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, T *__restrict__ out,
-    const int *__restrict__ key_lens, int heads, int lq, int lk, long long q_sb, long long q_sh,
-    long long q_sl, long long k_sb, long long k_sh, long long k_sl, long long v_sb,
-    long long v_sh, long long v_sl, float scale_log2) {
+    const int *__restrict__ key_ranges, int heads, int kv_group, int lq, int lk, int causal_off,
+    long long q_sb, long long q_sh, long long q_sl, long long k_sb, long long k_sh,
+    long long k_sl, long long v_sb, long long v_sh, long long v_sl, float scale_log2) {
   using Tile = TtAttnTile<T, D, WARPS, MT>;
   constexpr int SROW = Tile::SROW;
   constexpr int BM = Tile::BM;
@@ -222,19 +269,29 @@ __device__ __forceinline__ void tt_attention_impl(
   T *vs = ks + TT_ATT_BN * SROW;
   T *qs = vs + TT_ATT_BN * SROW;  // (Q_IN_SMEM) the block's BM query rows
 
-  const auto [b, h, tid, warp, lane, g, t, kv_len, qp, kp, vp] =
-      tt_attention_place(q, k, v, key_lens, lk, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh);
+  const auto [b, h, tid, warp, lane, g, t, mask, qp, kp, vp] = tt_attention_place(
+      q, k, v, key_ranges, kv_group, lk, causal_off, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh);
   const int wrow = warp * 16 * MT;           // the warp's first row within the block
   const int r0 = blockIdx.x * BM + wrow + g;  // this thread's rows: r0 + 16 mt and r0 + 16 mt + 8
+  // With two m-tiles (w4r32) the loop reads the mask from shared memory: the accumulators take
+  // nearly every register (ptxas spills there otherwise, and in w8r16 when it does so there).
+  __shared__ TtKeyMask shared_keys;
+  const TtKeyMask own_keys = mask;
+  if constexpr (MT > 1) {
+    if (tid == 0) shared_keys = mask;
+    __syncthreads();
+  }
+  const TtKeyMask &keys = MT > 1 ? shared_keys : own_keys;
 
-  // `rows` rows of K, V or Q from row `first` into shared memory with cp.async, zeros past
-  // `limit` rows and past the head.
-  auto load_rows = [&](T *buf, const T *base, long long sl, int first, int limit, int rows) {
+  // `rows` rows of K, V or Q from row `first` into shared memory with cp.async, zeros for the
+  // rows `rows_of` does not store and past the head.
+  auto load_rows = [&](T *buf, const T *base, long long sl, int first, const TtKeyMask &rows_of,
+                       int rows) {
     for (int i = tid; i < rows * CH; i += THREADS) {
       const int row = i / CH;
       const int c = (i % CH) * 8;
       const int r = first + row;
-      const bool valid = r < limit && c < D;
+      const bool valid = rows_of.stored(r) && c < D;
       tt_cp_async16(&buf[row * SROW + c], valid ? base + r * sl + c : base, valid);
     }
   };
@@ -257,15 +314,19 @@ __device__ __forceinline__ void tt_attention_impl(
 
   // Pipeline: V(t) streams in while the scores of K(t) are computed, K(t+1) while V(t) is
   // multiplied. One buffer each; barriers separate a buffer's readers from its next writer.
-  const int tiles = (kv_len + TT_ATT_BN - 1) / TT_ATT_BN;
+  const int block_end = static_cast<int>(blockIdx.x + 1) * BM;
+  const int last_row = (lq < block_end ? lq : block_end) - 1;
+  const int tiles = (mask.keys_for(last_row) + TT_ATT_BN - 1) / TT_ATT_BN;
   if (tiles > 0) {
-    load_rows(ks, kp, k_sl, 0, kv_len, TT_ATT_BN);
-    if constexpr (Tile::Q_IN_SMEM) load_rows(qs, qp, q_sl, blockIdx.x * BM, lq, BM);
+    load_rows(ks, kp, k_sl, 0, mask, TT_ATT_BN);
+    if constexpr (Tile::Q_IN_SMEM)
+      load_rows(qs, qp, q_sl, blockIdx.x * BM, TtKeyMask{lq, 0, 0, 0}, BM);  // rows below lq
     tt_cp_async_commit();
   }
   for (int tile = 0; tile < tiles; ++tile) {
     const int kb = tile * TT_ATT_BN;
-    load_rows(vs, vp, v_sl, kb, kv_len, TT_ATT_BN);  // vs is free: the last P·V ended with a barrier
+    // vs is free: the last P·V ended with a barrier.
+    load_rows(vs, vp, v_sl, kb, keys, TT_ATT_BN);
     tt_cp_async_commit();
     tt_cp_async_wait<1>();  // K(tile) (and Q) have landed (V(tile) may still be in flight)
     __syncthreads();
@@ -310,12 +371,12 @@ __device__ __forceinline__ void tt_attention_impl(
     // Online softmax, per m-tile.
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-      tt_online_softmax<ST, NT>(s[mt], row_max[mt], row_sum[mt], acc[mt], kb, kv_len, t,
-                                scale_log2);
+      tt_online_softmax<ST, NT>(s[mt], row_max[mt], row_sum[mt], acc[mt], kb, keys, r0 + 16 * mt,
+                                t, scale_log2);
 
     __syncthreads();  // every warp is done with K(tile)
     if (tile + 1 < tiles) {
-      load_rows(ks, kp, k_sl, kb + TT_ATT_BN, kv_len, TT_ATT_BN);
+      load_rows(ks, kp, k_sl, kb + TT_ATT_BN, keys, TT_ATT_BN);
       tt_cp_async_commit();
       tt_cp_async_wait<1>();  // V(tile) has landed (K(tile + 1) may still be in flight)
     } else {
@@ -363,11 +424,13 @@ __device__ __forceinline__ void tt_attention_impl(
 // tt_attention_<dtype>_d<D>_w<WARPS>r<rows per warp>
 #define TT_ATTENTION(TN, T, D, W, R)                                                             \
   extern "C" __global__ void __launch_bounds__(W * 32) tt_attention_##TN##_d##D##_w##W##r##R(    \
-      const T *q, const T *k, const T *v, T *out, const int *key_lens, int heads, int lq,        \
-      int lk, long long q_sb, long long q_sh, long long q_sl, long long k_sb, long long k_sh,    \
-      long long k_sl, long long v_sb, long long v_sh, long long v_sl, float scale_log2) {        \
-    tt_attention_impl<T, D, W, R / 16>(q, k, v, out, key_lens, heads, lq, lk, q_sb, q_sh, q_sl, \
-                                       k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, scale_log2);          \
+      const T *q, const T *k, const T *v, T *out, const int *key_ranges, int heads,             \
+      int kv_group, int lq, int lk, int causal_off, long long q_sb, long long q_sh,              \
+      long long q_sl, long long k_sb, long long k_sh, long long k_sl, long long v_sb,            \
+      long long v_sh, long long v_sl, float scale_log2) {                                        \
+    tt_attention_impl<T, D, W, R / 16>(q, k, v, out, key_ranges, heads, kv_group, lq, lk,        \
+                                       causal_off, q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb,     \
+                                       v_sh, v_sl, scale_log2);                                  \
   }
 
 // Every head size in the w4r16 and w8r16 tiles; w4r32 where its accumulators fit the registers
@@ -428,19 +491,19 @@ struct TtAttnWgTile {
   static constexpr int SMEM_BYTES = 2 * BUFFERS * TILE_ELEMS * static_cast<int>(sizeof(T));
 };
 
-// Copies (cp.async) 64 rows of K or V from `first` into `buf` as core matrices, zeros from row
-// `limit` on and past the head size; consecutive threads take consecutive rows of a core matrix,
-// so each 8 of them fill 128 contiguous bytes.
+// Copies (cp.async) 64 rows of K or V from `first` into `buf` as core matrices, zeros for the
+// rows `mask` does not store and past the head size; consecutive threads take consecutive rows
+// of a core matrix, so each 8 of them fill 128 contiguous bytes.
 template <typename T, int D, int THREADS>
 __device__ __forceinline__ void tt_wg_load_tile(T *buf, const T *base, long long sl, int first,
-                                                int limit, int tid) {
+                                                const TtKeyMask &mask, int tid) {
   constexpr int CH = (D + 15) / 16 * 2;
   for (int i = tid; i < TT_ATT_BN * CH; i += THREADS) {
     const int r8 = i & 7;
     const int c = (i >> 3) % CH;
     const int rb = (i >> 3) / CH;
     const int r = first + rb * 8 + r8;
-    const bool valid = r < limit && c * 8 < D;
+    const bool valid = mask.stored(r) && c * 8 < D;
     tt_cp_async16(&buf[(rb * CH + c) * 64 + r8 * 8], valid ? base + r * sl + c * 8 : base, valid);
   }
 }
@@ -482,9 +545,9 @@ __device__ __forceinline__ void tt_wg_probabilities(const float (&s)[TT_ATT_BN /
 template <typename T, int D, int WG, bool PIPE>
 __device__ __forceinline__ void tt_attention_wg_impl(
     const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v, T *__restrict__ out,
-    const int *__restrict__ key_lens, int heads, int lq, int lk, long long q_sb, long long q_sh,
-    long long q_sl, long long k_sb, long long k_sh, long long k_sl, long long v_sb,
-    long long v_sh, long long v_sl, float scale_log2) {
+    const int *__restrict__ key_ranges, int heads, int kv_group, int lq, int lk, int causal_off,
+    long long q_sb, long long q_sh, long long q_sl, long long k_sb, long long k_sh,
+    long long k_sl, long long v_sb, long long v_sh, long long v_sl, float scale_log2) {
   static_assert(D % 8 == 0 && D <= 256, "wgmma attention takes head sizes that are multiples of 8");
   using Tile = TtAttnWgTile<T, D, WG, PIPE>;
   constexpr int KT = Tile::DP / 16;
@@ -497,17 +560,21 @@ __device__ __forceinline__ void tt_attention_wg_impl(
   T *const kbuf = reinterpret_cast<T *>(smem);
   T *const vbuf = kbuf + Tile::BUFFERS * Tile::TILE_ELEMS;
 
-  const auto [b, h, tid, warp, lane, g, t, kv_len, qp, kp, vp] =
-      tt_attention_place(q, k, v, key_lens, lk, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh);
+  const auto [b, h, tid, warp, lane, g, t, mask, qp, kp, vp] = tt_attention_place(
+      q, k, v, key_ranges, kv_group, lk, causal_off, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh);
   const int r0 = blockIdx.x * Tile::BM + warp * 16 + g;  // this thread's rows: r0 and r0 + 8
+  // Inside the loop the mask is read from shared memory (registers are scarce).
+  __shared__ TtKeyMask keys;
+  if (tid == 0) keys = mask;
+  __syncthreads();
   auto load_k = [&](int tile) {
     tt_wg_load_tile<T, D, Tile::THREADS>(kbuf + (tile % Tile::BUFFERS) * Tile::TILE_ELEMS, kp,
-                                         k_sl, tile * TT_ATT_BN, kv_len, tid);
+                                         k_sl, tile * TT_ATT_BN, keys, tid);
     tt_cp_async_commit();
   };
   auto load_v = [&](int tile) {
     tt_wg_load_tile<T, D, Tile::THREADS>(vbuf + (tile % Tile::BUFFERS) * Tile::TILE_ELEMS, vp,
-                                         v_sl, tile * TT_ATT_BN, kv_len, tid);
+                                         v_sl, tile * TT_ATT_BN, keys, tid);
     tt_cp_async_commit();
   };
   auto k_tile = [&](int tile) { return kbuf + (tile % Tile::BUFFERS) * Tile::TILE_ELEMS; };
@@ -533,7 +600,9 @@ __device__ __forceinline__ void tt_attention_wg_impl(
     for (int j = 0; j < ST; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
   };
 
-  const int tiles = (kv_len + TT_ATT_BN - 1) / TT_ATT_BN;
+  const int block_end = static_cast<int>(blockIdx.x + 1) * Tile::BM;
+  const int last_row = (lq < block_end ? lq : block_end) - 1;
+  const int tiles = (mask.keys_for(last_row) + TT_ATT_BN - 1) / TT_ATT_BN;
   if constexpr (!PIPE) {
     if (tiles > 0) load_k(0);
     for (int tile = 0; tile < tiles; ++tile) {
@@ -550,7 +619,7 @@ __device__ __forceinline__ void tt_attention_wg_impl(
       tt_wgmma_wait<0>();
       tt_wgmma_fence_regs(&s[0][0], 4 * ST);
 
-      tt_online_softmax<ST, NT>(s, row_max, row_sum, acc, tile * TT_ATT_BN, kv_len, t,
+      tt_online_softmax<ST, NT>(s, row_max, row_sum, acc, tile * TT_ATT_BN, keys, r0, t,
                                 scale_log2);
 
       __syncthreads();  // the warpgroups are done with K(tile) (their products have completed)
@@ -592,7 +661,7 @@ __device__ __forceinline__ void tt_attention_wg_impl(
     tt_wgmma_wait<0>();
     tt_wgmma_fence_regs(&s[0][0], 4 * ST);
     float alpha[2];
-    tt_softmax_tile<ST>(s, row_max, row_sum, alpha, 0, kv_len, t, scale_log2);
+    tt_softmax_tile<ST>(s, row_max, row_sum, alpha, 0, keys, r0, t, scale_log2);
     tt_rescale<NT>(acc, alpha);
     tt_wg_probabilities<T>(s, pf);
 
@@ -627,7 +696,8 @@ __device__ __forceinline__ void tt_attention_wg_impl(
 
       tt_wgmma_wait<1>();  // S(tile); P(tile - 1)·V(tile - 1) may still run
       tt_wgmma_fence_regs(&s[0][0], 4 * ST);
-      tt_softmax_tile<ST>(s, row_max, row_sum, alpha, tile * TT_ATT_BN, kv_len, t, scale_log2);
+      tt_softmax_tile<ST>(s, row_max, row_sum, alpha, tile * TT_ATT_BN, keys, r0, t,
+                          scale_log2);
     }
     if (tiles > 1) {
       tt_wgmma_wait<0>();
@@ -655,11 +725,13 @@ __device__ __forceinline__ void tt_attention_wg_impl(
 #define TT_ATTENTION_WG(TN, T, D, WG, SUFFIX, PIPE)                                               \
   extern "C" __global__ void __launch_bounds__(128 * WG)                                         \
       tt_attention_##TN##_d##D##_wg##WG##SUFFIX(                                                 \
-          const T *q, const T *k, const T *v, T *out, const int *key_lens, int heads, int lq,    \
-          int lk, long long q_sb, long long q_sh, long long q_sl, long long k_sb, long long k_sh, \
-          long long k_sl, long long v_sb, long long v_sh, long long v_sl, float scale_log2) {    \
-    tt_attention_wg_impl<T, D, WG, PIPE>(q, k, v, out, key_lens, heads, lq, lk, q_sb, q_sh,      \
-                                         q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, scale_log2);  \
+          const T *q, const T *k, const T *v, T *out, const int *key_ranges, int heads,         \
+          int kv_group, int lq, int lk, int causal_off, long long q_sb, long long q_sh,          \
+          long long q_sl, long long k_sb, long long k_sh, long long k_sl, long long v_sb,        \
+          long long v_sh, long long v_sl, float scale_log2) {                                    \
+    tt_attention_wg_impl<T, D, WG, PIPE>(q, k, v, out, key_ranges, heads, kv_group, lq, lk,      \
+                                         causal_off, q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb,   \
+                                         v_sh, v_sl, scale_log2);                                \
   }
 
 // Both schedules of one head size and warpgroup count.

@@ -6,8 +6,9 @@
 //! user-level thread. The program prints one line per case (kernel, sizes, measured error, bound).
 //!
 //! What it catches: indexing and stride mistakes, tiling and tail handling (odd sizes, lengths that
-//! are not multiples of the tiles), masking (`key_lens`, padding that must not be read is NaN, and
-//! buffers end at an inaccessible page), the online softmax and its rescaling, the tensor-core
+//! are not multiples of the tiles), masking (key ends, holes, causality, grouped heads; keys and
+//! padding that must not be read are NaN, and buffers end at an inaccessible page), rows that
+//! see no key, the online softmax and its rescaling, the tensor-core
 //! fragment layouts of `mma.m16n8k16` (emulated lane by lane from the PTX layout), roundings to
 //! 16-bit types (16-bit outputs must mostly equal the rounded reference), grid-stride loops, early
 //! exits, warp shuffles, and shared-memory races that show up under some interleaving of warps

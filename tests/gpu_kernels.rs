@@ -125,6 +125,41 @@ fn f32_bits(t: &Tensor) -> Vec<u32> {
 }
 
 #[test]
+fn masked_grouped_attention_matches_the_cpu_on_every_tile() {
+    // The language model's prefill after a cached prefix of 9 keys (rows left-padded by 0 and
+    // 70: holes, causal) and a decode step, 28 query heads on 4 key/value heads (Qwen2.5-VL-7B);
+    // then causal self-attention with no prefix (the first tiles of the padded row see nothing).
+    let dev = cuda();
+    let (b, h, hk, d) = (2, 28, 4, 128);
+    for &(lq, lk, cached) in &[(200usize, 209usize, 9u32), (1, 300, 9), (150, 150, 0)] {
+        for dtype in [DType::BF16, DType::F16] {
+            let q = randn(lq as u64, &[b, h, lq, d]).to_dtype(dtype).unwrap();
+            let k = randn(7, &[b, hk, lk, d]).to_dtype(dtype).unwrap();
+            let v = randn(8, &[b, hk, lk, d]).to_dtype(dtype).unwrap();
+            let mask = fused::KeyMask {
+                lens: Some(vec![lk as u32, lk as u32 - 3]),
+                holes: Some(vec![(cached, cached), (cached, cached + 70)]),
+                causal: true,
+            };
+            let want = fused::attention_masked(&q, &k, &v, 0.088, &mask).unwrap();
+            let (qg, kg, vg) = (on(&q, &dev), on(&k, &dev), on(&v, &dev));
+            assert!(ops::attention_fused_ok(&qg, &kg, &vg));
+            for tile in AttentionTile::ALL.into_iter().filter(|t| t.runs_on(&qg)) {
+                let ours = ops::with_attention_tile(tile, || {
+                    fused::attention_masked(&qg, &kg, &vg, 0.088, &mask).unwrap()
+                });
+                let err = rel_err(&ours, &want);
+                assert!(
+                    err <= bound(dtype),
+                    "masked attention {} {dtype:?} lq={lq} lk={lk}: {err}",
+                    tile.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn fused_attention_survives_large_logits_and_empty_key_sets() {
     let dev = cuda();
     let q = (randn(5, &[2, 2, 100, 64]) * 8.0)

@@ -94,6 +94,131 @@ fn attention_matches_softmax_attention_for_every_dtype_layout_and_mask() {
     }
 }
 
+/// softmax(scale · q kᵀ) v in float32 with candle ops over the keys `sees(b, i, j)` says query `i`
+/// of batch row `b` sees, k and v heads repeated for grouped queries; (B, H, Lq, D). Every query
+/// must see some key.
+fn masked_attention_composite(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    sees: impl Fn(usize, usize, usize) -> bool,
+) -> Tensor {
+    let (b, h, lq, _) = q.dims4().unwrap();
+    let (_, hk, lk, _) = k.dims4().unwrap();
+    let repeat = |t: &Tensor| {
+        let t = t.to_dtype(DType::F32).unwrap();
+        let parts: Vec<Tensor> = (0..h).map(|hi| t.i((.., hi / (h / hk))).unwrap()).collect();
+        Tensor::stack(&parts, 1).unwrap().contiguous().unwrap()
+    };
+    let (k, v) = (repeat(k), repeat(v));
+    let q = q.to_dtype(DType::F32).unwrap().contiguous().unwrap();
+    let mut mask = vec![f32::NEG_INFINITY; b * lq * lk];
+    for bi in 0..b {
+        for i in 0..lq {
+            for j in 0..lk {
+                if sees(bi, i, j) {
+                    mask[(bi * lq + i) * lk + j] = 0.0;
+                }
+            }
+        }
+    }
+    let mask = Tensor::from_vec(mask, (b, 1, lq, lk), &Device::Cpu).unwrap();
+    let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale)
+        .unwrap()
+        .broadcast_add(&mask)
+        .unwrap();
+    candle_nn::ops::softmax_last_dim(&scores)
+        .unwrap()
+        .matmul(&v)
+        .unwrap()
+}
+
+#[test]
+fn masked_attention_matches_softmax_attention_with_holes_causality_and_grouped_heads() {
+    // A language model's batched prefill after a shared prefix of 3 cached keys: row 0 unpadded,
+    // row 1 left-padded by 4 (keys 3..7 hidden), causal; then one decode step over the cache; 4
+    // query heads on 2 key/value heads.
+    let (b, h, hk, d, cached) = (2, 4, 2, 16, 3usize);
+    let pads = [0usize, 4];
+    let in_hole = |bi: usize, j: usize| j >= cached && j < cached + pads[bi];
+    for dtype in DTYPES {
+        for (lq, lk) in [(7, 10), (1, 12), (9, 9)] {
+            let q = randn(40 + lq as u64, &[b, h, lq, d])
+                .to_dtype(dtype)
+                .unwrap();
+            let k = randn(41, &[b, hk, lk, d]).to_dtype(dtype).unwrap();
+            let v = randn(42, &[b, hk, lk, d]).to_dtype(dtype).unwrap();
+            let holes: Vec<(u32, u32)> = pads
+                .iter()
+                .map(|&p| (cached as u32, (cached + p) as u32))
+                .collect();
+            let mask = fused::KeyMask {
+                lens: None,
+                holes: Some(holes),
+                causal: true,
+            };
+            let ours = fused::attention_masked(&q, &k, &v, 0.25, &mask).unwrap();
+            assert_eq!(ours.dims(), [b, h, lq, d]);
+            let want = masked_attention_composite(&q, &k, &v, 0.25, |bi, i, j| {
+                !in_hole(bi, j) && j <= i + lk - lq
+            });
+            let err = rel_err(&ours, &want);
+            assert!(err <= bound(dtype), "{dtype:?} lq={lq} lk={lk}: {err}");
+        }
+    }
+}
+
+#[test]
+fn masked_attention_gives_zeros_to_queries_that_see_no_key() {
+    // No cached prefix: the left padding [0, 2) of row 0 hides every key from its first two
+    // queries (causal); row 1 also ends its keys at 5.
+    let q = randn(50, &[2, 2, 6, 8]);
+    let k = randn(51, &[2, 1, 6, 8]);
+    let mask = fused::KeyMask {
+        lens: Some(vec![6, 5]),
+        holes: Some(vec![(0, 2), (0, 0)]),
+        causal: true,
+    };
+    let out = fused::attention_masked(&q, &k, &k, 0.5, &mask).unwrap();
+    let rows = out.i(0).unwrap().i((.., 0..2)).unwrap();
+    let v = rows.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(v.iter().all(|&x| x == 0.0), "{v:?}");
+    let want = masked_attention_composite(
+        &q.i(1..).unwrap(),
+        &k.i(1..).unwrap(),
+        &k.i(1..).unwrap(),
+        0.5,
+        |_, i, j| j < 5 && j <= i,
+    );
+    assert!(rel_err(&out.i(1..).unwrap(), &want) <= 1e-5);
+    let rest = out
+        .i(0)
+        .unwrap()
+        .i((.., 2..))
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+    assert!(rest.to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()));
+    assert!(mask.sees(0, 2, 2, 6, 6) && !mask.sees(0, 2, 3, 6, 6) && !mask.sees(0, 5, 1, 6, 6));
+    assert!(!mask.is_empty() && fused::KeyMask::default().is_empty());
+}
+
+#[test]
+fn masked_attention_rejects_masks_and_heads_that_do_not_fit() {
+    let q = randn(1, &[2, 4, 5, 8]);
+    let k = randn(2, &[2, 2, 5, 8]);
+    let holes = fused::KeyMask {
+        holes: Some(vec![(0, 1)]),
+        ..Default::default()
+    };
+    let err = fused::attention_masked(&q, &k, &k, 0.5, &holes).unwrap_err();
+    assert!(err.to_string().contains("holes"), "{err}");
+    let k3 = randn(2, &[2, 3, 5, 8]);
+    assert!(fused::attention_masked(&q, &k3, &k3, 0.5, &Default::default()).is_err());
+    assert!(fused::attention_masked(&q, &k, &k, 0.5, &Default::default()).is_ok());
+}
+
 #[test]
 fn attention_output_is_a_free_view_of_token_major_rows() {
     let q = randn(1, &[1, 2, 5, 8]);

@@ -10,7 +10,7 @@
 // must be bit-identical to it; a "tile" line per kernel gives its launch shape.
 //
 // Inputs are deterministic (xorshift). Whatever a kernel must not read (padding of strided rows,
-// keys beyond key_lens, other chunks of the modulation vector, cos/sin rows before pos_offset) is
+// keys past a row's end or in its hole, other chunks of the modulation vector, cos/sin rows before pos_offset) is
 // NaN, and every output starts as NaN, so a wrong index, a leaking mask or a missed store shows up
 // as a NaN error. Buffers end at a page with no access rights, so reads past their end crash.
 //
@@ -35,6 +35,7 @@
 #include "../norm.cu"
 
 #include <algorithm>
+#include <climits>
 #include <cstdarg>
 #include <chrono>
 #include <cmath>
@@ -284,18 +285,28 @@ void test_conversions() {
 // Attention.
 
 template <class T>
-using AttnFn = void (*)(const T *, const T *, const T *, T *, const int *, int, int, int,
+using AttnFn = void (*)(const T *, const T *, const T *, T *, const int *, int, int, int, int, int,
                         long long, long long, long long, long long, long long, long long,
                         long long, long long, long long, float);
 
 enum class Layout { HeadsMajor, TokenMajor, Mixed };
-enum class Lens { None, FiveAll, ZeroMost, Clamp };
+// Which keys each row sees (key_ranges: end, hole start, hole end per batch row).
+enum class Keys {
+  All,       // key_ranges null
+  FiveAll,   // ends {5, lk}
+  ZeroMost,  // ends {0, lk - 1}
+  Clamp,     // ends {lk + 7, 3}: clamped to lk
+  Holes,     // ends {lk, lk - 2}, holes [2, 9) (left padding after a cached prefix) and
+             // [0, lk - 9) (no prefix: whole tiles that a row does not see, then a few keys)
+};
 
 struct AttnCase {
   int lq, lk;
   Layout layout;
-  Lens lens;
-  double qmul;  // scales q: 12 gives logits of about ±50
+  Keys keys;
+  double qmul;     // scales q: 12 gives logits of about ±50
+  bool causal = false;  // causal_off = lk - lq (else INT_MAX, no causality)
+  int group = 1;        // query heads per key/value head
 };
 
 const char *layout_name(Layout l) {
@@ -361,60 +372,80 @@ template <class T> struct AttnKernel {
 template <class T, int D>
 void test_attention(const char *kname, const std::vector<AttnKernel<T>> &kernels,
                     const AttnCase &c, double bound, Rng &rng) {
-  constexpr int B = 2, H = 3;
+  constexpr int B = 2;
+  const int G = c.group, H = 3 * G, HK = 3;  // query heads, key/value heads
   const int lq = c.lq, lk = c.lk;
-  const long long HD = 1LL * H * D;
+  const long long HD = 1LL * HK * D;
   View qv, kv, vv;
   switch (c.layout) {
     case Layout::HeadsMajor:
       qv = heads_major(B, H, lq, D);
-      kv = vv = heads_major(B, H, lk, D);
+      kv = vv = heads_major(B, HK, lk, D);
       break;
     case Layout::TokenMajor:
       qv = token_major(B, H, lq, D);
-      kv = vv = token_major(B, H, lk, D);
+      kv = vv = token_major(B, HK, lk, D);
       break;
     case Layout::Mixed: {
       qv = heads_major(B, H, lq, D);
-      // k: the k slot of a fused (B, Lk, 3, H, D) projection; v: (B, Lk, H, D) with rows padded
-      // by 8 elements, batches by 16 more, starting 8 elements into its buffer.
+      // k: the k slot of a fused (B, Lk, 3, HK, D) projection; v: (B, Lk, HK, D) with rows
+      // padded by 8 elements, batches by 16 more, starting 8 elements into its buffer.
       kv = {HD, 3 * HD * lk, D, 3 * HD, static_cast<size_t>(B * 3 * HD * lk)};
       const long long vsl = HD + 8, vsb = vsl * lk + 16;
       vv = {8, vsb, D, vsl, static_cast<size_t>(8 + B * vsb)};
       break;
     }
   }
-  int raw_lens[B] = {lk, lk};
-  if (c.lens == Lens::FiveAll) raw_lens[0] = 5;
-  if (c.lens == Lens::ZeroMost) raw_lens[0] = 0, raw_lens[1] = lk - 1;
-  if (c.lens == Lens::Clamp) raw_lens[0] = lk + 7, raw_lens[1] = 3;
-  int kv_len[B];
-  for (int b = 0; b < B; ++b) kv_len[b] = std::clamp(raw_lens[b], 0, lk);
+  int ranges[B][3] = {{lk, 0, 0}, {lk, 0, 0}};
+  switch (c.keys) {
+    case Keys::All: break;
+    case Keys::FiveAll: ranges[0][0] = 5; break;
+    case Keys::ZeroMost: ranges[0][0] = 0, ranges[1][0] = lk - 1; break;
+    case Keys::Clamp: ranges[0][0] = lk + 7, ranges[1][0] = 3; break;
+    case Keys::Holes:
+      ranges[0][0] = lk, ranges[0][1] = 2, ranges[0][2] = 9;
+      ranges[1][0] = lk - 2, ranges[1][1] = 0, ranges[1][2] = lk - 9;
+      break;
+  }
+  const int causal_off = c.causal ? lk - lq : INT_MAX;
+  // The reference's view of the mask, written independently of the kernel's TtKeyMask.
+  auto sees = [&](int b, int i, int j) {
+    const int end = std::clamp(ranges[b][0], 0, lk);
+    const bool in_hole = j >= ranges[b][1] && j < ranges[b][2];
+    return j < end && !in_hole && (!c.causal || j <= i + (lk - lq));
+  };
+  // Keys no row sees past the end or in a hole stay NaN: they must never count.
+  auto stored = [&](int b, int j) {
+    return j < std::clamp(ranges[b][0], 0, lk) && !(j >= ranges[b][1] && j < ranges[b][2]);
+  };
 
   Buf<T> qb(qv.size), kb(kv.size), vb(vv.size);
-  Buf<int> lens(B);
-  for (int b = 0; b < B; ++b) lens[b] = raw_lens[b];
+  Buf<int> ranges_buf(3 * B);
+  for (int b = 0; b < B; ++b)
+    for (int r = 0; r < 3; ++r) ranges_buf[3 * b + r] = ranges[b][r];
   auto at = [](const View &w, int b, int h, int l, int d) {
     return w.off + b * w.sb + h * w.sh + l * w.sl + d;
   };
   auto qi = [&](int b, int h, int i, int d) { return at(qv, b, h, i, d); };
-  auto ki = [&](int b, int h, int j, int d) { return at(kv, b, h, j, d); };
-  auto vi = [&](int b, int h, int j, int d) { return at(vv, b, h, j, d); };
-  for (int b = 0; b < B; ++b)
-    for (int h = 0; h < H; ++h) {
+  auto ki = [&](int b, int h, int j, int d) { return at(kv, b, h / G, j, d); };
+  auto vi = [&](int b, int h, int j, int d) { return at(vv, b, h / G, j, d); };
+  for (int b = 0; b < B; ++b) {
+    for (int h = 0; h < H; ++h)
       for (int i = 0; i < lq; ++i)
         for (int d = 0; d < D; ++d) qb[qi(b, h, i, d)] = make<T>(c.qmul * rng.normal());
-      for (int j = 0; j < kv_len[b]; ++j)  // keys past kv_len stay NaN: they must not count
-        for (int d = 0; d < D; ++d) {
-          kb[ki(b, h, j, d)] = make<T>(rng.normal());
-          vb[vi(b, h, j, d)] = make<T>(rng.normal());
-        }
-    }
+    for (int h = 0; h < H; h += G)
+      for (int j = 0; j < lk; ++j)
+        if (stored(b, j))
+          for (int d = 0; d < D; ++d) {
+            kb[ki(b, h, j, d)] = make<T>(rng.normal());
+            vb[vi(b, h, j, d)] = make<T>(rng.normal());
+          }
+  }
 
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   const float scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  const int *lens_ptr = c.lens == Lens::None ? nullptr : lens.data();
-  const size_t out_elems = static_cast<size_t>(B) * lq * HD;
+  const int *ranges_ptr = c.keys == Keys::All ? nullptr : ranges_buf.data();
+  const size_t out_elems = static_cast<size_t>(B) * lq * H * D;
   std::vector<std::unique_ptr<Buf<T>>> outs;
   for (const AttnKernel<T> &kn : kernels) {
     outs.push_back(std::make_unique<Buf<T>>(out_elems));
@@ -422,8 +453,9 @@ void test_attention(const char *kname, const std::vector<AttnKernel<T>> &kernels
     tt_emu_launch(
         dim3((lq + kn.rows - 1) / kn.rows, H, B), dim3(kn.threads),
         [&] {
-          kn.fn(qb.data() + qv.off, kb.data() + kv.off, vb.data() + vv.off, o, lens_ptr, H, lq, lk,
-                qv.sb, qv.sh, qv.sl, kv.sb, kv.sh, kv.sl, vv.sb, vv.sh, vv.sl, scale_log2);
+          kn.fn(qb.data() + qv.off, kb.data() + kv.off, vb.data() + vv.off, o, ranges_ptr, H, G,
+                lq, lk, causal_off, qv.sb, qv.sh, qv.sl, kv.sb, kv.sh, kv.sl, vv.sb, vv.sh, vv.sl,
+                scale_log2);
         },
         kn.smem);
   }
@@ -438,56 +470,75 @@ void test_attention(const char *kname, const std::vector<AttnKernel<T>> &kernels
 
   ErrTracker et;
   bool empty_rows_zero = true;
+  int empty_rows = 0;
   double max_logit = 0.0;
   std::vector<double> s(lk), acc(D);
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < H; ++h)
       for (int i = 0; i < lq; ++i) {
         const T *o = ob.data() + ((1LL * b * lq + i) * H + h) * D;
-        const int n = kv_len[b];
-        if (n == 0) {  // no keys: exactly zero
-          for (int d = 0; d < D; ++d) {
-            if (val(o[d]) != 0.0) empty_rows_zero = false;
-            et.add(o[d], 0.0);
-          }
-          continue;
-        }
         double mx = -INFINITY;
-        for (int j = 0; j < n; ++j) {
+        for (int j = 0; j < lk; ++j) {
+          if (!sees(b, i, j)) continue;
           double dot = 0.0;
           for (int d = 0; d < D; ++d) dot += val(qb[qi(b, h, i, d)]) * val(kb[ki(b, h, j, d)]);
           s[j] = dot * scale_log2;  // log2 units, as the kernel
           mx = std::max(mx, s[j]);
           max_logit = std::max(max_logit, std::fabs(s[j]) / 1.4426950408889634);
         }
+        if (mx == -INFINITY) {  // no keys: exactly zero
+          ++empty_rows;
+          for (int d = 0; d < D; ++d) {
+            if (val(o[d]) != 0.0) empty_rows_zero = false;
+            et.add(o[d], 0.0);
+          }
+          continue;
+        }
         double sum = 0.0;
         std::fill(acc.begin(), acc.end(), 0.0);
-        for (int j = 0; j < n; ++j) {
+        for (int j = 0; j < lk; ++j) {
+          if (!sees(b, i, j)) continue;
           const double p = std::exp2(s[j] - mx);
           sum += p;
           for (int d = 0; d < D; ++d) acc[d] += p * val(vb[vi(b, h, j, d)]);
         }
         for (int d = 0; d < D; ++d) et.add(o[d], acc[d] / sum);
       }
-  const char *lens_name = c.lens == Lens::None ? "null" : nullptr;
-  std::string ln = lens_name ? lens_name : fmt("{%d,%d}", raw_lens[0], raw_lens[1]);
-  report(fmt("%s Lq=%d Lk=%d lens=%s %s", kname, lq, lk, ln.c_str(), layout_name(c.layout)),
+  std::string keys = "all";
+  if (c.keys != Keys::All) {
+    keys.clear();
+    for (int b = 0; b < B; ++b) {
+      keys += fmt("%s<%d", b ? "," : "{", ranges[b][0]);
+      if (ranges[b][2] > ranges[b][1]) keys += fmt(" not [%d,%d)", ranges[b][1], ranges[b][2]);
+    }
+    keys += "}";
+  }
+  report(fmt("%s Lq=%d Lk=%d keys=%s%s%s %s", kname, lq, lk, keys.c_str(),
+             c.causal ? " causal" : "", G > 1 ? fmt(" group=%d", G).c_str() : "",
+             layout_name(c.layout)),
          empty_rows_zero ? et.rel() : INFINITY, bound,
-         fmt("%s, max|logit| %.0f%s; %s%s", et.note().c_str(), max_logit,
-             empty_rows_zero ? "" : ", rows without keys are not zero", kernels[0].tile,
-             same.c_str()),
+         fmt("%s, max|logit| %.0f, %d empty rows%s; %s%s", et.note().c_str(), max_logit,
+             empty_rows, empty_rows_zero ? "" : " (not zero)", kernels[0].tile, same.c_str()),
          all_same);
 }
 
 const AttnCase kAttnCases[] = {
-    {1, 1, Layout::HeadsMajor, Lens::None, 1.0},
-    {77, 77, Layout::TokenMajor, Lens::FiveAll, 1.0},
-    {130, 200, Layout::HeadsMajor, Lens::None, 1.0},
-    {64, 64, Layout::TokenMajor, Lens::ZeroMost, 1.0},
-    {65, 129, Layout::Mixed, Lens::FiveAll, 1.0},
-    {33, 50, Layout::Mixed, Lens::Clamp, 1.0},
-    {65, 129, Layout::TokenMajor, Lens::None, 12.0},  // logits of about ±50
-    {300, 70, Layout::Mixed, Lens::FiveAll, 1.0},  // several 128-row blocks, a partial last one
+    {1, 1, Layout::HeadsMajor, Keys::All, 1.0},
+    {77, 77, Layout::TokenMajor, Keys::FiveAll, 1.0},
+    {130, 200, Layout::HeadsMajor, Keys::All, 1.0},
+    {64, 64, Layout::TokenMajor, Keys::ZeroMost, 1.0},
+    {65, 129, Layout::Mixed, Keys::FiveAll, 1.0},
+    {33, 50, Layout::Mixed, Keys::Clamp, 1.0},
+    {65, 129, Layout::TokenMajor, Keys::All, 12.0},  // logits of about ±50
+    {300, 70, Layout::Mixed, Keys::FiveAll, 1.0},  // several 128-row blocks, a partial last one
+    // Causal self-attention over whole blocks and tiles (the tiles above the diagonal skipped).
+    {130, 130, Layout::TokenMajor, Keys::All, 1.0, true},
+    // A batched prefill after a cached prefix: left padding as holes, causal, grouped heads.
+    {70, 75, Layout::HeadsMajor, Keys::Holes, 12.0, true, 2},
+    // One decode step over the cache: a single query row sees every key but the holes.
+    {1, 140, Layout::Mixed, Keys::Holes, 1.0, true, 2},
+    // More queries than keys: the first rows see no key at all and must come out as zeros.
+    {100, 70, Layout::TokenMajor, Keys::FiveAll, 1.0, true},
 };
 
 template <class T, int D>

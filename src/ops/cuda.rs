@@ -204,7 +204,8 @@ fn identical_tiles(
 
 /// [`super::tuned_attention_tile`] on CUDA: the fastest of [`identical_tiles`] for `default`,
 /// each timed (one warm-up, best of three, synchronised) on the problem itself the first time a
-/// (device, dtype, q shape, k shape, masked or not) is seen, and remembered for the process.
+/// (device, dtype, q shape, k shape, masked or not, causal or not) is seen, and remembered for the
+/// process.
 pub(super) fn tuned_attention_tile(
     dev: &CudaDevice,
     q: &Tensor,
@@ -214,14 +215,15 @@ pub(super) fn tuned_attention_tile(
     default: super::AttentionTile,
 ) -> super::AttentionTile {
     use super::AttentionTile;
-    type Key = (DeviceId, DType, Vec<usize>, Vec<usize>, bool);
+    type Key = (DeviceId, DType, Vec<usize>, Vec<usize>, bool, bool);
     static TUNED: OnceLock<Mutex<HashMap<Key, AttentionTile>>> = OnceLock::new();
     let key = (
         dev.id(),
         q.dtype(),
         q.dims().to_vec(),
         k.dims().to_vec(),
-        op.key_lens.is_some(),
+        op.mask.lens.is_some() || op.mask.holes.is_some(),
+        op.mask.causal,
     );
     let tuned = TUNED.get_or_init(|| Mutex::new(HashMap::new()));
     if let Some(&tile) = tuned.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
@@ -240,7 +242,7 @@ pub(super) fn tuned_attention_tile(
             let op = AttentionOp {
                 tile,
                 scale: op.scale,
-                key_lens: op.key_lens.clone(),
+                mask: op.mask.clone(),
             };
             drop(q.apply_op3_no_bwd(k, v, &op)?);
             device.synchronize()?;
@@ -408,7 +410,10 @@ fn attention_t<T: CudaDType + DeviceRepr>(
 ) -> Result<(CudaStorage, Shape)> {
     let dev = &s1.device;
     let (b, h, lq, d) = l1.shape().dims4()?;
-    let lk = l2.dims()[2];
+    let (hk, lk) = (l2.dims()[1], l2.dims()[2]);
+    if hk == 0 || h % hk != 0 {
+        bail!("fused attention: {h} query heads are not a multiple of {hk} key heads");
+    }
     if !super::ATTENTION_HEAD_DIMS.contains(&d) {
         bail!("fused attention has no kernel for head size {d}");
     }
@@ -452,16 +457,23 @@ fn attention_t<T: CudaDType + DeviceRepr>(
     }
     let out: CudaSlice<T> = unsafe { dev.alloc::<T>(b * lq * h * d)? };
     let (q, k, v) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?, view::<T>(s3, l3)?);
-    let lens: Option<CudaSlice<i32>> = match &op.key_lens {
-        Some(l) => {
-            let host: Vec<i32> = l.iter().map(|&n| n as i32).collect();
+    let ranges: Option<CudaSlice<i32>> = match op.mask.ranges(b, lk) {
+        Some(r) => {
+            let host: Vec<i32> = r.into_iter().flatten().collect();
             Some(dev.cuda_stream().clone_htod(&host).w()?)
         }
         None => None,
     };
-    let lens_view = lens.as_ref().map(|l| l.slice(..));
-    let lens_ptr = ptr(lens_view.as_ref(), dev);
-    let (heads, lq_i, lk_i) = (h as i32, lq as i32, lk as i32);
+    let ranges_view = ranges.as_ref().map(|l| l.slice(..));
+    let ranges_ptr = ptr(ranges_view.as_ref(), dev);
+    let (heads, group, lq_i, lk_i) = (h as i32, (h / hk) as i32, lq as i32, lk as i32);
+    // Query i sees keys up to i + causal_off: Lk - Lq when causal, else any (the kernel clamps
+    // to Lk).
+    let causal_off = if op.mask.causal {
+        lk_i - lq_i
+    } else {
+        i32::MAX
+    };
     let st = |l: &Layout| -> [i64; 3] {
         let s = l.stride();
         [s[0] as i64, s[1] as i64, s[2] as i64]
@@ -469,8 +481,13 @@ fn attention_t<T: CudaDType + DeviceRepr>(
     let (qs, ks, vs) = (st(l1), st(l2), st(l3));
     let scale_log2 = op.scale * std::f32::consts::LOG2_E;
     let mut launch = func.builder();
-    launch.arg(&q).arg(&k).arg(&v).arg(&out).arg(&lens_ptr);
-    launch.arg(&heads).arg(&lq_i).arg(&lk_i);
+    launch.arg(&q).arg(&k).arg(&v).arg(&out).arg(&ranges_ptr);
+    launch
+        .arg(&heads)
+        .arg(&group)
+        .arg(&lq_i)
+        .arg(&lk_i)
+        .arg(&causal_off);
     for s in [&qs, &ks, &vs] {
         launch.arg(&s[0]).arg(&s[1]).arg(&s[2]);
     }

@@ -29,11 +29,84 @@ pub fn attention(
     scale: f64,
     key_lens: Option<&[u32]>,
 ) -> Result<Tensor> {
+    let mask = KeyMask {
+        lens: key_lens.map(<[u32]>::to_vec),
+        ..KeyMask::default()
+    };
+    attention_masked(q, k, v, scale, &mask)
+}
+
+/// Which keys each query of [`attention_masked`] sees: key `j` is visible to query `i` of batch
+/// row `b` when `j < lens[b]`, `j` lies outside `holes[b]`, and, with `causal`, `j <= i + Lk - Lq`
+/// (the queries are the last `Lq` positions of the keys). A query that sees no key gets zeros.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyMask {
+    /// Per batch row, the keys before which the row's keys end (text padding at the end);
+    /// `None`: all `Lk`.
+    pub lens: Option<Vec<u32>>,
+    /// Per batch row, a range `[start, end)` of hidden keys (left padding after a cached
+    /// prefix; empty when `start >= end`); `None`: no hole. Hidden keys are never read.
+    pub holes: Option<Vec<(u32, u32)>>,
+    /// Causal attention, aligned at the end: query `i` sees keys up to `i + Lk - Lq`.
+    pub causal: bool,
+}
+
+impl KeyMask {
+    /// Whether query `i` of batch row `b` sees key `j` (`lq`, `lk`: query and key counts).
+    pub fn sees(&self, b: usize, i: usize, j: usize, lq: usize, lk: usize) -> bool {
+        let end = self.lens.as_ref().map_or(lk, |l| (l[b] as usize).min(lk));
+        let in_hole = self
+            .holes
+            .as_ref()
+            .is_some_and(|h| j >= h[b].0 as usize && j < h[b].1 as usize);
+        j < end && !in_hole && (!self.causal || j + lq <= i + lk)
+    }
+
+    /// Whether the mask hides nothing.
+    pub fn is_empty(&self) -> bool {
+        self.lens.is_none() && self.holes.is_none() && !self.causal
+    }
+
+    /// The kernel's `key_ranges`: (end, hole start, hole end) per batch row, ends clamped to
+    /// `lk`; `None` without lengths and holes.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn ranges(&self, batch: usize, lk: usize) -> Option<Vec<[i32; 3]>> {
+        if self.lens.is_none() && self.holes.is_none() {
+            return None;
+        }
+        let clamp = |n: u32| n.min(lk as u32) as i32;
+        Some(
+            (0..batch)
+                .map(|b| {
+                    let end = self.lens.as_ref().map_or(lk as i32, |l| clamp(l[b]));
+                    let (lo, hi) = self
+                        .holes
+                        .as_ref()
+                        .map_or((0, 0), |h| (clamp(h[b].0), clamp(h[b].1)));
+                    [end, lo, hi]
+                })
+                .collect(),
+        )
+    }
+}
+
+/// [`attention`] with a general [`KeyMask`] and grouped-query attention: `q` (B, H, Lq, D), `k`
+/// and `v` (B, Hk, Lk, D) with `H` a multiple of `Hk` (query head `h` reads key/value head
+/// `h / (H / Hk)`), any strides. Returns (B, H, Lq, D) as [`attention`] does. Causal attention
+/// skips the key tiles above the diagonal on CUDA.
+pub fn attention_masked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &KeyMask,
+) -> Result<Tensor> {
     let (b, h, _lq, d) = q.dims4()?;
     let (kb, kh, lk, kd) = k.dims4()?;
-    if (kb, kh, kd) != (b, h, d) || v.dims() != k.dims() {
+    if (kb, kd) != (b, d) || kh == 0 || h % kh != 0 || v.dims() != k.dims() {
         bail!(
-            "attention: q {:?}, k {:?} and v {:?} do not fit (B, H, L, D)",
+            "attention: q {:?}, k {:?} and v {:?} do not fit (B, H, L, D) with H a multiple of \
+             k's heads",
             q.dims(),
             k.dims(),
             v.dims()
@@ -45,15 +118,24 @@ pub fn attention(
     if !(scale > 0.0 && scale.is_finite()) {
         bail!("attention: the scale must be positive and finite (usually 1/sqrt(D)), got {scale}");
     }
-    if let Some(lens) = key_lens {
+    if let Some(lens) = &mask.lens {
         if lens.len() != b {
             bail!("attention: {} key lengths for a batch of {b}", lens.len());
         }
     }
+    if let Some(holes) = &mask.holes {
+        if holes.len() != b {
+            bail!("attention: {} key holes for a batch of {b}", holes.len());
+        }
+    }
+    let mut mask = mask.clone();
+    if let Some(l) = mask.lens.as_mut() {
+        l.iter_mut().for_each(|n| *n = (*n).min(lk as u32));
+    }
     let mut op = AttentionOp {
         tile: super::AttentionTile::choose(q),
         scale: scale as f32,
-        key_lens: key_lens.map(|l| l.iter().map(|&n| n.min(lk as u32)).collect()),
+        mask,
     };
     op.tile = super::tuned_attention_tile(q, k, v, &op);
     q.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2)
@@ -453,7 +535,7 @@ pub(crate) struct AttentionOp {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) tile: super::AttentionTile,
     pub(crate) scale: f32,
-    pub(crate) key_lens: Option<Vec<u32>>,
+    pub(crate) mask: KeyMask,
 }
 
 pub(crate) struct LayerNormModOp {
@@ -675,19 +757,20 @@ impl CustomOp3 for AttentionOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, h, lq, d) = l1.shape().dims4()?;
-        let lk = l2.dims()[2];
+        let (hk, lk) = (l2.dims()[1], l2.dims()[2]);
+        let group = h / hk.max(1);
         let (q, k, v) = (gather(s1, l1)?, gather(s2, l2)?, gather(s3, l3)?);
         let mut out = vec![0f32; b * lq * h * d];
         let mut scores = vec![0f32; lk];
         for bi in 0..b {
-            let kv = self.key_lens.as_ref().map_or(lk, |l| l[bi] as usize);
             for hi in 0..h {
                 let base_q = (bi * h + hi) * lq * d;
-                let base_k = (bi * h + hi) * lk * d;
+                let base_k = (bi * hk + hi / group) * lk * d;
                 for i in 0..lq {
                     let qi = &q[base_q + i * d..base_q + (i + 1) * d];
+                    let sees = |j: usize| self.mask.sees(bi, i, j, lq, lk);
                     let mut max = f32::NEG_INFINITY;
-                    for (j, s) in scores.iter_mut().enumerate().take(kv) {
+                    for (j, s) in scores.iter_mut().enumerate().filter(|(j, _)| sees(*j)) {
                         let kj = &k[base_k + j * d..base_k + (j + 1) * d];
                         let dot: f64 = qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum();
                         *s = dot as f32 * self.scale;
@@ -695,7 +778,7 @@ impl CustomOp3 for AttentionOp {
                     }
                     let mut sum = 0f64;
                     let mut acc = vec![0f64; d];
-                    for (j, s) in scores.iter().enumerate().take(kv) {
+                    for (j, s) in scores.iter().enumerate().filter(|(j, _)| sees(*j)) {
                         let p = ((*s - max) as f64).exp();
                         sum += p;
                         let vj = &v[base_k + j * d..base_k + (j + 1) * d];

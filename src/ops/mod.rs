@@ -628,6 +628,34 @@ pub fn linear_b(i: usize, o: usize, bias: bool, vb: candle_nn::VarBuilder) -> Re
     Ok(Linear::new(candle_nn::linear_b(i, o, bias, vb)?))
 }
 
+/// One linear layer made of several that read the same input (q, k and v projections; gate and
+/// up projections): their weights (and biases) stacked along the output dimension, so that one
+/// product computes them all and `narrow` on the last dimension separates the parts. `parts`:
+/// each layer's `VarBuilder` and output size; `in_dim`: the shared input size.
+pub fn linear_concat(
+    parts: &[(candle_nn::VarBuilder, usize)],
+    in_dim: usize,
+    bias: bool,
+) -> Result<Linear> {
+    let weights = parts
+        .iter()
+        .map(|(vb, out)| vb.get((*out, in_dim), "weight"))
+        .collect::<Result<Vec<_>>>()?;
+    let bias = if bias {
+        let b = parts
+            .iter()
+            .map(|(vb, out)| vb.get(*out, "bias"))
+            .collect::<Result<Vec<_>>>()?;
+        Some(Tensor::cat(&b, 0)?)
+    } else {
+        None
+    };
+    Ok(Linear::new(candle_nn::Linear::new(
+        Tensor::cat(&weights, 0)?,
+        bias,
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -726,7 +754,7 @@ mod tests {
         let op = fused::AttentionOp {
             tile: AttentionTile::choose(&q),
             scale: 0.125,
-            key_lens: None,
+            mask: fused::KeyMask::default(),
         };
         assert_eq!(tuned_attention_tile(&q, &q, &q, &op), AttentionTile::W4R32);
     }
