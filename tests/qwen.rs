@@ -5,12 +5,13 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use image::RgbImage;
 use serde_json::Value;
 use tt_scale::config::VerifierArgs;
 use tt_scale::models::qwen2_5_vl::processor::{chat_parts, rope_positions};
-use tt_scale::models::qwen2_5_vl::{KvCache, Qwen25Vl};
+use tt_scale::models::qwen2_5_vl::{AttentionPath, KvCache, Qwen25Vl};
+use tt_scale::ops::fused::KeyMask;
 use tt_scale::verifiers::qwen::{Decoding, QwenOptions, QwenVerifier};
 use tt_scale::verifiers::{parse_grading, Verifier, VerifierError, VerifierInput, METRICS};
 
@@ -135,20 +136,12 @@ fn prompt_embeds(m: &Qwen25Vl, j: &Value) -> (Tensor, Vec<[i64; 3]>) {
     (x.unsqueeze(0).unwrap(), pos)
 }
 
-fn causal(s: usize, cached: usize) -> Tensor {
-    let t = cached + s;
-    let m: Vec<f32> = (0..s)
-        .flat_map(|q| {
-            (0..t).map(move |k| {
-                if k <= cached + q {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(m, (1, 1, s, t), &Device::Cpu).unwrap()
+/// A causal pass (the queries are the last positions of the keys).
+fn causal() -> KeyMask {
+    KeyMask {
+        causal: true,
+        ..KeyMask::default()
+    }
 }
 
 #[test]
@@ -156,11 +149,10 @@ fn logits_for_an_image_and_text_prompt_match_transformers() {
     let (r, j) = reference();
     let m = model();
     let (x, pos) = prompt_embeds(&m, &j);
-    let s = pos.len();
     let mut cache = KvCache::new(m.text.num_layers());
     let h = m
         .text
-        .forward_hidden(&x, &[pos], Some(&causal(s, 0)), &mut cache)
+        .forward_hidden(&x, &[pos], &causal(), &mut cache)
         .unwrap();
     let logits = m.text.logits(&h.squeeze(0).unwrap()).unwrap();
     let d = max_abs_diff(&logits, &r["logits"]);
@@ -169,15 +161,108 @@ fn logits_for_an_image_and_text_prompt_match_transformers() {
 }
 
 #[test]
+fn fused_and_composite_attention_agree_on_a_padded_batch_after_a_cached_prefix() {
+    // What the verifier runs: a shared prefix cached once, then two rows, the second left-padded
+    // by 3 zero embeddings (hidden keys), then a decode step. The fused attention (its CPU
+    // implementation here, the kernel's reference) must give the composite's hidden states on
+    // every real position.
+    let (_, j) = reference();
+    let m = model();
+    let (x, pos) = prompt_embeds(&m, &j);
+    let (p, pad) = (4, 3);
+    let n = pos.len() - p;
+    let hidden = x.dim(2).unwrap();
+    let rest = x.narrow(1, p, n).unwrap().squeeze(0).unwrap();
+    let padded = Tensor::cat(
+        &[
+            Tensor::zeros((pad, hidden), DType::F32, &Device::Cpu).unwrap(),
+            rest.narrow(0, 0, n - pad).unwrap(),
+        ],
+        0,
+    )
+    .unwrap();
+    let batch = Tensor::stack(&[rest, padded], 0).unwrap();
+    let mut pos1 = vec![[0i64; 3]; pad];
+    pos1.extend_from_slice(&pos[p..pos.len() - pad]);
+    let positions = vec![pos[p..].to_vec(), pos1];
+    let mask = KeyMask {
+        lens: None,
+        holes: Some(vec![(p as u32, p as u32), (p as u32, (p + pad) as u32)]),
+        causal: true,
+    };
+    let run = |path: AttentionPath| {
+        let mut cache = KvCache::new(m.text.num_layers());
+        m.text
+            .forward_hidden_with(
+                &x.narrow(1, 0, p).unwrap(),
+                &[pos[..p].to_vec()],
+                &causal(),
+                &mut cache,
+                path,
+            )
+            .unwrap();
+        let mut cache = cache.repeat_rows(2).unwrap();
+        let h = m
+            .text
+            .forward_hidden_with(&batch, &positions, &mask, &mut cache, path)
+            .unwrap();
+        let ids = Tensor::new(&[[7u32], [9]], &Device::Cpu).unwrap();
+        let step_pos = vec![vec![[500i64; 3]], vec![[497; 3]]];
+        let step = m
+            .text
+            .forward_hidden_with(
+                &m.text.embed(&ids).unwrap(),
+                &step_pos,
+                &mask,
+                &mut cache,
+                path,
+            )
+            .unwrap();
+        (h, step)
+    };
+    let (fh, fs) = run(AttentionPath::Fused);
+    let (ch, cs) = run(AttentionPath::Composite);
+    let real =
+        |h: &Tensor| Tensor::cat(&[h.i((0, ..)).unwrap(), h.i((1, pad..)).unwrap()], 0).unwrap();
+    let d = max_abs_diff(&real(&fh), &real(&ch));
+    assert!(d < 1e-4, "prefill hidden states differ by {d}");
+    let d = max_abs_diff(&fs, &cs);
+    assert!(d < 1e-4, "decode hidden states differ by {d}");
+    // The mask matters: without the holes the padded row's states change.
+    let mut cache = KvCache::new(m.text.num_layers());
+    m.text
+        .forward_hidden(
+            &x.narrow(1, 0, p).unwrap(),
+            &[pos[..p].to_vec()],
+            &causal(),
+            &mut cache,
+        )
+        .unwrap();
+    let mut cache = cache.repeat_rows(2).unwrap();
+    let leaky = m
+        .text
+        .forward_hidden_with(
+            &batch,
+            &positions,
+            &causal(),
+            &mut cache,
+            AttentionPath::Fused,
+        )
+        .unwrap();
+    let leak = max_abs_diff(&real(&leaky), &real(&fh));
+    eprintln!("fused vs composite {d}; without the holes {leak}");
+    assert!(leak > 1e-3);
+}
+
+#[test]
 fn decoding_with_the_kv_cache_matches_a_full_forward() {
     let (r, j) = reference();
     let m = model();
     let (x, pos) = prompt_embeds(&m, &j);
-    let s = pos.len();
     let next = pos.iter().flat_map(|p| p.iter()).copied().max().unwrap() + 1;
     let mut cache = KvCache::new(m.text.num_layers());
     m.text
-        .forward_hidden(&x, &[pos], Some(&causal(s, 0)), &mut cache)
+        .forward_hidden(&x, &[pos], &causal(), &mut cache)
         .unwrap();
     let extra: Vec<u32> = j["extra_tokens"]
         .as_array()
@@ -194,7 +279,7 @@ fn decoding_with_the_kv_cache_matches_a_full_forward() {
         let p = next + i as i64;
         let h = m
             .text
-            .forward_hidden(&e, &[vec![[p, p, p]]], None, &mut cache)
+            .forward_hidden(&e, &[vec![[p, p, p]]], &KeyMask::default(), &mut cache)
             .unwrap();
         rows.push(m.text.logits(&h.squeeze(0).unwrap()).unwrap());
     }
@@ -404,17 +489,12 @@ fn bench_prefill_and_decode_throughput() {
     let prefill = time(|| {
         let mut c = KvCache::new(m.text.num_layers());
         m.text
-            .forward_hidden(&x, std::slice::from_ref(&pos), Some(&causal(s, 0)), &mut c)
+            .forward_hidden(&x, std::slice::from_ref(&pos), &causal(), &mut c)
             .unwrap();
     });
     let mut cache = KvCache::new(m.text.num_layers());
     m.text
-        .forward_hidden(
-            &x,
-            std::slice::from_ref(&pos),
-            Some(&causal(s, 0)),
-            &mut cache,
-        )
+        .forward_hidden(&x, std::slice::from_ref(&pos), &causal(), &mut cache)
         .unwrap();
     let steps = 100;
     let t = std::time::Instant::now();
@@ -426,7 +506,7 @@ fn bench_prefill_and_decode_throughput() {
         let p = 100 + i as i64;
         let h = m
             .text
-            .forward_hidden(&e, &[vec![[p, p, p]]], None, &mut cache)
+            .forward_hidden(&e, &[vec![[p, p, p]]], &KeyMask::default(), &mut cache)
             .unwrap();
         m.text.logits(&h).unwrap();
     }
@@ -459,16 +539,16 @@ fn bench_prefill_and_decode_throughput() {
     let pos: Vec<[i64; 3]> = (0..n as i64).map(|i| [i, i, i]).collect();
     let layer_prefill = time(|| {
         let mut c = KvCache::new(1);
-        text.forward_hidden(&x, std::slice::from_ref(&pos), Some(&causal(n, 0)), &mut c)
+        text.forward_hidden(&x, std::slice::from_ref(&pos), &causal(), &mut c)
             .unwrap();
     });
     let mut c = KvCache::new(1);
-    text.forward_hidden(&x, std::slice::from_ref(&pos), Some(&causal(n, 0)), &mut c)
+    text.forward_hidden(&x, std::slice::from_ref(&pos), &causal(), &mut c)
         .unwrap();
     let e = Tensor::randn(0f32, 1.0, (1, 1, 3584), &Device::Cpu).unwrap();
     let layer_decode = time(|| {
         let mut c2 = c.clone();
-        text.forward_hidden(&e, &[vec![[300, 300, 300]]], None, &mut c2)
+        text.forward_hidden(&e, &[vec![[300, 300, 300]]], &KeyMask::default(), &mut c2)
             .unwrap();
     });
     let vision =

@@ -21,6 +21,7 @@ use super::{
 use crate::config::VerifierArgs;
 use crate::models::qwen2_5_vl::processor::{chat_parts, rope_positions};
 use crate::models::qwen2_5_vl::{KvCache, Qwen25Vl, QwenError};
+use crate::ops::fused::KeyMask;
 
 /// Model used when `verifier_args.model_name` is unset.
 pub const DEFAULT_MODEL: &str = "Qwen/Qwen2.5-VL-7B-Instruct";
@@ -302,11 +303,12 @@ impl QwenVerifier {
             let ids = Tensor::new(prefix_ids.as_slice(), &dev)?.unsqueeze(0)?;
             let emb = model.text.embed(&ids)?;
             let pos: Vec<[i64; 3]> = (0..p as i64).map(|i| [i, i, i]).collect();
-            let mask = causal_mask(&[vec![false; p]], 0, &dev)?;
+            let mask = KeyMask {
+                causal: true,
+                ..KeyMask::default()
+            };
             let mut cache = KvCache::new(model.text.num_layers());
-            model
-                .text
-                .forward_hidden(&emb, &[pos], Some(&mask), &mut cache)?;
+            model.text.forward_hidden(&emb, &[pos], &mask, &mut cache)?;
             loaded.prefix = Some((prefix_ids.clone(), cache));
         }
         let model = &loaded.model;
@@ -320,7 +322,7 @@ impl QwenVerifier {
         let hidden = model.config.text.hidden_size;
         let mut embeds = Vec::with_capacity(b);
         let mut positions = Vec::with_capacity(b);
-        let mut pads = Vec::with_capacity(b);
+        let mut pads = Vec::with_capacity(b); // left padding of each row
         for (r, &len) in rows.iter().zip(&lens) {
             let pad = lmax - len;
             let mut parts = Vec::new();
@@ -338,30 +340,30 @@ impl QwenVerifier {
             let mut pos = vec![[0i64; 3]; pad];
             pos.extend_from_slice(&r.3[own_start..]);
             positions.push(pos);
-            let mut pad_row = vec![true; pad];
-            pad_row.extend(std::iter::repeat_n(false, len));
-            pads.push(pad_row);
+            pads.push(pad);
         }
         let embeds = Tensor::stack(&embeds, 0)?;
         let mut cache = match (&loaded.prefix, share) {
             (Some((_, c)), true) => c.repeat_rows(b)?,
             _ => KvCache::new(model.text.num_layers()),
         };
+        // Every row sees the cached prefix, none sees a padded key, each its own keys causally;
+        // the decode steps keep the same holes.
         let cached = cache.len();
-        let mask = causal_mask(&pads, cached, &dev)?;
+        let mask = KeyMask {
+            lens: None,
+            holes: Some(
+                pads.iter()
+                    .map(|&pad| (cached as u32, (cached + pad) as u32))
+                    .collect(),
+            ),
+            causal: true,
+        };
         let h = model
             .text
-            .forward_hidden(&embeds, &positions, Some(&mask), &mut cache)?;
+            .forward_hidden(&embeds, &positions, &mask, &mut cache)?;
         let mut logits = model.text.logits(&h.i((.., lmax - 1, ..))?.contiguous()?)?;
         // Decode.
-        let mut key_pad: Vec<Vec<bool>> = pads
-            .iter()
-            .map(|row| {
-                let mut k = vec![false; cached];
-                k.extend_from_slice(row);
-                k
-            })
-            .collect();
         let mut next_pos: Vec<i64> = rows.iter().map(|r| r.3.len() as i64 + r.4).collect();
         let mut rngs: Vec<rand::rngs::StdRng> = (0..b)
             .map(|_| rand::rngs::StdRng::seed_from_u64(self.seed))
@@ -420,14 +422,8 @@ impl QwenVerifier {
             let ids = Tensor::new(step.as_slice(), &dev)?.unsqueeze(1)?;
             let emb = model.text.embed(&ids)?;
             let pos: Vec<Vec<[i64; 3]>> = next_pos.iter().map(|&q| vec![[q, q, q]]).collect();
-            for (k, q) in key_pad.iter_mut().zip(next_pos.iter_mut()) {
-                k.push(false);
-                *q += 1;
-            }
-            let mask = step_mask(&key_pad, &dev)?;
-            let h = model
-                .text
-                .forward_hidden(&emb, &pos, Some(&mask), &mut cache)?;
+            next_pos.iter_mut().for_each(|q| *q += 1);
+            let h = model.text.forward_hidden(&emb, &pos, &mask, &mut cache)?;
             logits = model.text.logits(&h.i((.., 0, ..))?.contiguous()?)?;
         }
         Ok(tokens
@@ -491,37 +487,6 @@ fn sample(logits: &[f32], allowed: &[u32], rng: &mut rand::rngs::StdRng) -> u32 
         u -= w;
     }
     allowed.last().copied().unwrap_or(0)
-}
-
-/// Additive mask (batch, 1, seq, cached + seq) for a prefill: cached keys visible, the row's
-/// own keys causal, padded keys hidden from every query but their own.
-fn causal_mask(pads: &[Vec<bool>], cached: usize, dev: &Device) -> candle_core::Result<Tensor> {
-    let b = pads.len();
-    let s = pads.first().map_or(0, Vec::len);
-    let t = cached + s;
-    let mut m = vec![0f32; b * s * t];
-    for (r, pad) in pads.iter().enumerate() {
-        for q in 0..s {
-            for k in 0..s {
-                let visible = k <= q && (!pad[k] || k == q);
-                if !visible {
-                    m[(r * s + q) * t + cached + k] = f32::NEG_INFINITY;
-                }
-            }
-        }
-    }
-    Tensor::from_vec(m, (b, 1, s, t), dev)
-}
-
-/// Additive mask (batch, 1, 1, keys) for one decode step: padded keys hidden.
-fn step_mask(key_pad: &[Vec<bool>], dev: &Device) -> candle_core::Result<Tensor> {
-    let b = key_pad.len();
-    let t = key_pad.first().map_or(0, Vec::len);
-    let m: Vec<f32> = key_pad
-        .iter()
-        .flat_map(|row| row.iter().map(|&p| if p { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(m, (b, 1, 1, t), dev)
 }
 
 impl Verifier for QwenVerifier {

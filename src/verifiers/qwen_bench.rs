@@ -3,7 +3,7 @@
 //! whole chat prompt (system rubric + image + prompt, vision tower included) and that prefill
 //! followed by 300 greedy decode steps. The peer of `bench/diffusers_bench.py`'s `qwen_*` cases.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use image::RgbImage;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -13,6 +13,7 @@ use crate::models::qwen2_5_vl::processor::rope_positions;
 use crate::models::qwen2_5_vl::{
     ImageProcessorConfig, KvCache, Qwen25VlConfig, TextModel, VisionModel,
 };
+use crate::ops::fused::KeyMask;
 use crate::pipelines::PipelineError;
 
 /// Text tokens before the image: the chat template's system turn with the grading rubric
@@ -134,13 +135,12 @@ pub fn bench_score_image(opts: &BenchOptions) -> Result<Vec<BenchReport>, Pipeli
             ],
             1,
         )?;
-        let mask = causal_mask(seq, dev)?;
-        let hidden = text.forward_hidden(
-            &embeds,
-            std::slice::from_ref(&positions),
-            Some(&mask),
-            cache,
-        )?;
+        let mask = KeyMask {
+            causal: true,
+            ..KeyMask::default()
+        };
+        let hidden =
+            text.forward_hidden(&embeds, std::slice::from_ref(&positions), &mask, cache)?;
         text.logits(&hidden.narrow(1, seq - 1, 1)?.squeeze(1)?)
     };
     let details = format!(
@@ -184,7 +184,7 @@ pub fn bench_score_image(opts: &BenchOptions) -> Result<Vec<BenchReport>, Pipeli
                 let hidden = text.forward_hidden(
                     &text.embed(&ids)?,
                     &[vec![[next, next, next]]],
-                    None,
+                    &KeyMask::default(),
                     &mut cache,
                 )?;
                 logits = text.logits(&hidden.squeeze(1)?)?;
@@ -206,19 +206,6 @@ fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// Additive causal mask (1, 1, seq, seq) in f32, made on `dev`.
-fn causal_mask(seq: usize, dev: &Device) -> candle_core::Result<Tensor> {
-    let idx = Tensor::arange(0u32, seq as u32, dev)?;
-    let visible = idx
-        .reshape((1, seq))?
-        .broadcast_le(&idx.reshape((seq, 1))?)?;
-    let zeros = Tensor::zeros((seq, seq), DType::F32, dev)?;
-    let hidden = Tensor::full(f32::NEG_INFINITY, (seq, seq), dev)?;
-    visible
-        .where_cond(&zeros, &hidden)?
-        .reshape((1, 1, seq, seq))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,19 +217,6 @@ mod tests {
         assert_eq!(c.text.num_hidden_layers, 28);
         assert_eq!(c.vision.depth, 32);
         assert_eq!(c.vision.fullatt_block_indexes, vec![7, 15, 23, 31]);
-    }
-
-    #[test]
-    fn the_causal_mask_hides_only_later_keys() {
-        let m: Vec<Vec<f32>> = causal_mask(3, &Device::Cpu)
-            .unwrap()
-            .reshape((3, 3))
-            .unwrap()
-            .to_vec2()
-            .unwrap();
-        assert_eq!(m[0], vec![0.0, f32::NEG_INFINITY, f32::NEG_INFINITY]);
-        assert_eq!(m[1], vec![0.0, 0.0, f32::NEG_INFINITY]);
-        assert_eq!(m[2], vec![0.0, 0.0, 0.0]);
     }
 
     #[test]

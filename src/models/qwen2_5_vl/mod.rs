@@ -17,7 +17,7 @@ use tokenizers::Tokenizer;
 use crate::pipelines::hub::ModelSource;
 use crate::pipelines::PipelineError;
 pub use processor::{ImageProcessorConfig, ProcessedImage};
-pub use text::{KvCache, TextModel};
+pub use text::{AttentionPath, KvCache, TextModel};
 pub use vision::VisionModel;
 
 /// Why the Qwen2.5-VL model could not be loaded or run.

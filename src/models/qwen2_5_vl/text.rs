@@ -3,7 +3,9 @@
 //! norm and the LM head, with a per-layer KV cache.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{linear, linear_no_bias, Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
+
+use crate::ops::{self, fused, fused::KeyMask, Linear};
 
 use super::TextConfig;
 
@@ -63,16 +65,36 @@ impl KvCache {
 struct Layer {
     input_norm: RmsNorm,
     post_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v projections as one product: (hidden) -> (heads + 2 kv_heads) · head_dim.
+    qkv: Linear,
     o: Linear,
-    gate: Linear,
-    up: Linear,
+    /// gate and up projections as one product: (hidden) -> 2 · intermediate.
+    gate_up: Linear,
     down: Linear,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    intermediate: usize,
+}
+
+/// Which attention [`TextModel::forward_hidden_with`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// The fused attention ([`fused::attention_masked`]) for a prefill where it applies (CUDA,
+    /// bf16/f16, a kernel head size), else the composite.
+    Auto,
+    /// Always the fused attention (its CPU implementation off CUDA).
+    Fused,
+    /// Always candle's softmax over an additive mask.
+    Composite,
+}
+
+/// How the queries of one forward pass see the keys: through the fused kernel with the mask
+/// itself, or through candle's softmax with the same mask as an additive f32 tensor (batch, 1,
+/// seq, keys) (`None`: nothing hidden).
+enum Attend<'a> {
+    Fused(&'a KeyMask),
+    Additive(Option<Tensor>),
 }
 
 impl Layer {
@@ -80,6 +102,7 @@ impl Layer {
         let hd = c.hidden_size / c.num_attention_heads;
         let a = vb.pp("self_attn");
         let m = vb.pp("mlp");
+        let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
         Ok(Self {
             input_norm: candle_nn::rms_norm(
                 c.hidden_size,
@@ -91,16 +114,29 @@ impl Layer {
                 c.rms_norm_eps,
                 vb.pp("post_attention_layernorm"),
             )?,
-            q: linear(c.hidden_size, c.num_attention_heads * hd, a.pp("q_proj"))?,
-            k: linear(c.hidden_size, c.num_key_value_heads * hd, a.pp("k_proj"))?,
-            v: linear(c.hidden_size, c.num_key_value_heads * hd, a.pp("v_proj"))?,
-            o: linear_no_bias(c.num_attention_heads * hd, c.hidden_size, a.pp("o_proj"))?,
-            gate: linear_no_bias(c.hidden_size, c.intermediate_size, m.pp("gate_proj"))?,
-            up: linear_no_bias(c.hidden_size, c.intermediate_size, m.pp("up_proj"))?,
-            down: linear_no_bias(c.intermediate_size, c.hidden_size, m.pp("down_proj"))?,
+            qkv: ops::linear_concat(
+                &[
+                    (a.pp("q_proj"), q_out),
+                    (a.pp("k_proj"), kv_out),
+                    (a.pp("v_proj"), kv_out),
+                ],
+                c.hidden_size,
+                true,
+            )?,
+            o: ops::linear_no_bias(q_out, c.hidden_size, a.pp("o_proj"))?,
+            gate_up: ops::linear_concat(
+                &[
+                    (m.pp("gate_proj"), c.intermediate_size),
+                    (m.pp("up_proj"), c.intermediate_size),
+                ],
+                c.hidden_size,
+                false,
+            )?,
+            down: ops::linear_no_bias(c.intermediate_size, c.hidden_size, m.pp("down_proj"))?,
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: hd,
+            intermediate: c.intermediate_size,
         })
     }
 
@@ -109,18 +145,22 @@ impl Layer {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
+        attend: &Attend,
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let hd = self.head_dim;
         let h = self.input_norm.forward(x)?;
-        let split = |t: Tensor, n: usize| -> Result<Tensor> {
-            t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()
+        let qkv = self.qkv.forward(&h)?;
+        let part = |first: usize, n: usize| -> Result<Tensor> {
+            qkv.narrow(2, first * hd, n * hd)?
+                .reshape((b, s, n, hd))?
+                .transpose(1, 2)?
+                .contiguous()
         };
-        let q = split(self.q.forward(&h)?, self.heads)?;
-        let k = split(self.k.forward(&h)?, self.kv_heads)?;
-        let v = split(self.v.forward(&h)?, self.kv_heads)?;
+        let q = part(0, self.heads)?;
+        let k = part(self.heads, self.kv_heads)?;
+        let v = part(self.heads + self.kv_heads, self.kv_heads)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k, v) = match &cache.kv {
@@ -128,37 +168,73 @@ impl Layer {
             None => (k, v),
         };
         cache.kv = Some((k.clone(), v.clone()));
-        let rep = self.heads / self.kv_heads;
-        let t = k.dim(2)?;
-        let expand = |x: &Tensor| -> Result<Tensor> {
-            if rep == 1 {
-                Ok(x.clone())
-            } else {
-                x.unsqueeze(2)?
-                    .expand((b, self.kv_heads, rep, t, hd))?
-                    .reshape((b, self.heads, t, hd))
+        let scale = 1.0 / (hd as f64).sqrt();
+        let o = match attend {
+            // Grouped heads read straight from the cache; (b, heads, s, hd) as a view of rows.
+            Attend::Fused(mask) => fused::attention_masked(&q, &k, &v, scale, mask)?,
+            Attend::Additive(mask) => {
+                let rep = self.heads / self.kv_heads;
+                let t = k.dim(2)?;
+                let expand = |x: &Tensor| -> Result<Tensor> {
+                    if rep == 1 {
+                        Ok(x.clone())
+                    } else {
+                        x.unsqueeze(2)?
+                            .expand((b, self.kv_heads, rep, t, hd))?
+                            .reshape((b, self.heads, t, hd))
+                    }
+                };
+                let (k, v) = (expand(&k)?, expand(&v)?);
+                let w = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+                let w = match mask {
+                    Some(m) => w.broadcast_add(m)?,
+                    None => w,
+                };
+                let w = candle_nn::ops::softmax_last_dim(&w)?.to_dtype(v.dtype())?;
+                w.matmul(&v.contiguous()?)?
             }
         };
-        let k = expand(&k)?;
-        let v = expand(&v)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let w = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let w = match mask {
-            Some(m) => w.broadcast_add(m)?,
-            None => w,
-        };
-        let w = candle_nn::ops::softmax_last_dim(&w)?.to_dtype(v.dtype())?;
-        let o = w
-            .matmul(&v.contiguous()?)?
-            .transpose(1, 2)?
-            .reshape((b, s, self.heads * hd))?;
+        let o = o.transpose(1, 2)?.reshape((b, s, self.heads * hd))?;
         let x = (x + self.o.forward(&o)?)?;
         let h = self.post_norm.forward(&x)?;
-        let m = self
-            .down
-            .forward(&(self.gate.forward(&h)?.silu()? * self.up.forward(&h)?)?)?;
-        x + m
+        let gate_up = self.gate_up.forward(&h)?;
+        let n = self.intermediate;
+        let act = (gate_up.narrow(2, 0, n)?.silu()? * gate_up.narrow(2, n, n)?)?;
+        x + self.down.forward(&act)?
     }
+}
+
+/// The additive f32 mask (batch, 1, seq, keys) of `mask` for `seq` queries over `keys` keys: 0
+/// where a query sees a key, -inf elsewhere; a query that sees no key (left padding without a
+/// cached prefix) sees its own position instead, so that its softmax stays finite (its output
+/// is never used). `None` when nothing is hidden.
+fn additive_mask(
+    mask: &KeyMask,
+    batch: usize,
+    seq: usize,
+    keys: usize,
+    dev: &Device,
+) -> Result<Option<Tensor>> {
+    if mask.is_empty() {
+        return Ok(None);
+    }
+    let mut m = vec![f32::NEG_INFINITY; batch * seq * keys];
+    for b in 0..batch {
+        for i in 0..seq {
+            let row = &mut m[(b * seq + i) * keys..(b * seq + i + 1) * keys];
+            for (j, x) in row.iter_mut().enumerate() {
+                if mask.sees(b, i, j, seq, keys) {
+                    *x = 0.0;
+                }
+            }
+            if row.iter().all(|x| x.is_infinite()) {
+                if let Some(own) = (i + keys).checked_sub(seq).and_then(|j| row.get_mut(j)) {
+                    *own = 0.0;
+                }
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(m, (batch, 1, seq, keys), dev)?))
 }
 
 /// The language model with its LM head.
@@ -182,8 +258,8 @@ impl TextModel {
             .collect::<Result<Vec<_>>>()?;
         let norm = candle_nn::rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?;
         let lm_head = match head {
-            Some(h) => linear_no_bias(cfg.hidden_size, cfg.vocab_size, h)?,
-            None => Linear::new(embed.embeddings().clone(), None),
+            Some(h) => ops::linear_no_bias(cfg.hidden_size, cfg.vocab_size, h)?,
+            None => Linear::new(candle_nn::Linear::new(embed.embeddings().clone(), None)),
         };
         Ok(Self {
             embed,
@@ -241,23 +317,56 @@ impl TextModel {
         Ok((cos, sin))
     }
 
-    /// Runs the decoder on `embeds` (batch, seq, hidden) at `positions` with an additive f32
-    /// `mask` (batch, 1, seq, cached + seq) (`None`: no masking, for a single causal-free
-    /// step), appending to `cache`; returns the final hidden states (batch, seq, hidden).
+    /// Runs the decoder on `embeds` (batch, seq, hidden) at `positions`, its queries seeing the
+    /// keys (cached + seq of them) that `mask` lets them (with `causal`, the queries being the
+    /// last seq positions), appending to `cache`; returns the final hidden states (batch, seq,
+    /// hidden). A prefill (seq > 1) runs the fused attention where it applies (CUDA, bf16/f16),
+    /// grouped heads reading the cache directly; decode steps and the CPU use candle's softmax
+    /// over an additive mask.
     pub fn forward_hidden(
         &self,
         embeds: &Tensor,
         positions: &[Vec<[i64; 3]>],
-        mask: Option<&Tensor>,
+        mask: &KeyMask,
         cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.forward_hidden_with(embeds, positions, mask, cache, AttentionPath::Auto)
+    }
+
+    /// [`TextModel::forward_hidden`] with the attention path chosen by the caller (tests compare
+    /// the two on the CPU).
+    pub fn forward_hidden_with(
+        &self,
+        embeds: &Tensor,
+        positions: &[Vec<[i64; 3]>],
+        mask: &KeyMask,
+        cache: &mut KvCache,
+        path: AttentionPath,
     ) -> Result<Tensor> {
         let (cos, sin) = self.rotary(positions)?;
         if cache.layers.len() != self.layers.len() {
             *cache = KvCache::new(self.layers.len());
         }
         let mut x = embeds.to_dtype(self.dtype)?;
+        let (b, s, _) = x.dims3()?;
+        let hd = self.cfg.hidden_size / self.cfg.num_attention_heads;
+        let fused = match path {
+            AttentionPath::Auto => {
+                s > 1
+                    && ops::fused_on(&x)
+                    && matches!(self.dtype, DType::BF16 | DType::F16)
+                    && ops::ATTENTION_HEAD_DIMS.contains(&hd)
+            }
+            AttentionPath::Fused => true,
+            AttentionPath::Composite => false,
+        };
+        let attend = if fused {
+            Attend::Fused(mask)
+        } else {
+            Attend::Additive(additive_mask(mask, b, s, cache.len() + s, &self.device)?)
+        };
         for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &cos, &sin, mask, c)?;
+            x = layer.forward(&x, &cos, &sin, &attend, c)?;
         }
         self.norm.forward(&x)
     }

@@ -3,31 +3,41 @@
 //! patch merger into the language model's width.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{linear, Linear, RmsNorm, VarBuilder};
+use candle_nn::{RmsNorm, VarBuilder};
 
 use super::VisionConfig;
+use crate::ops::{self, linear, Linear};
 
 /// Rows of queries per attention chunk in full-attention blocks (bounds the score matrix).
 const QUERY_CHUNK: usize = 1024;
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    /// gate and up projections as one product: (hidden) -> 2 · intermediate.
+    gate_up: Linear,
     down: Linear,
+    intermediate: usize,
 }
 
 impl Mlp {
     fn new(c: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let n = c.intermediate_size;
         Ok(Self {
-            gate: linear(c.hidden_size, c.intermediate_size, vb.pp("gate_proj"))?,
-            up: linear(c.hidden_size, c.intermediate_size, vb.pp("up_proj"))?,
-            down: linear(c.intermediate_size, c.hidden_size, vb.pp("down_proj"))?,
+            gate_up: ops::linear_concat(
+                &[(vb.pp("gate_proj"), n), (vb.pp("up_proj"), n)],
+                c.hidden_size,
+                true,
+            )?,
+            down: linear(n, c.hidden_size, vb.pp("down_proj"))?,
+            intermediate: n,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate.forward(x)?.silu()?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+        let gu = self.gate_up.forward(x)?;
+        let last = gu.rank() - 1;
+        let n = self.intermediate;
+        let g = gu.narrow(last, 0, n)?.silu()?;
+        self.down.forward(&(g * gu.narrow(last, n, n)?)?)
     }
 }
 
