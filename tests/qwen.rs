@@ -428,6 +428,55 @@ fn sharing_the_system_prefix_gives_the_same_replies() {
 }
 
 #[test]
+fn forced_runs_go_through_in_one_pass_each_and_change_no_reply() {
+    // The grading JSON's fixed text (keys, quotes, braces) is forced by the grammar; fed as one
+    // chunk per run it must give the replies of one decode step per token, in fewer passes, for
+    // one row and for a batch whose rows leave their forced runs at different times.
+    let imgs = images();
+    let inputs: Vec<VerifierInput> = imgs
+        .iter()
+        .zip(PROMPTS)
+        .map(|(image, prompt)| VerifierInput { prompt, image })
+        .collect();
+    for batch in [1, 3] {
+        // Seed 4 with a budget of 230 makes replies of 215, 211 and 215 tokens.
+        let mut a = args(230, 4);
+        a.concurrency = batch;
+        let fast = QwenVerifier::from_args(&a).unwrap();
+        let slow = QwenVerifier::new(
+            &a,
+            QwenOptions {
+                fast_forward: false,
+                ..QwenOptions::default()
+            },
+        )
+        .unwrap();
+        let f = fast.generate(&inputs, Decoding::Constrained);
+        let s = slow.generate(&inputs, Decoding::Constrained);
+        for i in 0..inputs.len() {
+            let (f, s) = (f[i].as_ref().unwrap(), s[i].as_ref().unwrap());
+            assert_eq!(
+                (&f.text, f.tokens),
+                (&s.text, s.tokens),
+                "batch {batch}, item {i}"
+            );
+            eprintln!(
+                "batch {batch}, item {i}: {} tokens, {} passes fast-forwarded, {} step by step",
+                f.tokens, f.decode_steps, s.decode_steps
+            );
+            assert!(f.decode_steps < s.decode_steps, "batch {batch}, item {i}");
+        }
+        let lengths: Vec<usize> = f.iter().map(|r| r.as_ref().unwrap().tokens).collect();
+        assert!(lengths.iter().any(|&n| n != lengths[0]), "{lengths:?}");
+        if batch == 1 {
+            // Step by step: one pass per token but the last.
+            let s0 = s[0].as_ref().unwrap();
+            assert_eq!(s0.decode_steps + 1, s0.tokens);
+        }
+    }
+}
+
+#[test]
 fn low_vram_mode_loads_the_model_only_while_scoring() {
     let imgs = images();
     let opts = QwenOptions {

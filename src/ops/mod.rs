@@ -224,8 +224,8 @@ fn env_says_off(name: &str) -> bool {
 /// tile where one was asked for ([`with_attention_tile`], `TT_SCALE_ATTN_TILE`); else, on CUDA
 /// with tuning on ([`attention_tuning_enabled`]), the fastest of the tiles whose outputs are
 /// bit-identical to the default's on this device (checked once per device, dtype and head size),
-/// timed once per problem shape on the problem itself. So tuning never changes a result, only
-/// the time it takes.
+/// timed once per problem shape on the problem itself (not with 64 query rows or fewer). So
+/// tuning never changes a result, only the time it takes.
 pub(crate) fn tuned_attention_tile(
     q: &Tensor,
     k: &Tensor,
@@ -233,7 +233,10 @@ pub(crate) fn tuned_attention_tile(
     op: &fused::AttentionOp,
 ) -> AttentionTile {
     let default = op.tile;
-    if AttentionTile::asked().is_some() || !attention_tuning_enabled() {
+    // With at most 64 query rows (a decode step, a short run of forced tokens) every tile runs
+    // one block per head, and the key count changes with every call: nothing worth timing.
+    let few_rows = q.dims().get(2).is_some_and(|&lq| lq <= 64);
+    if AttentionTile::asked().is_some() || !attention_tuning_enabled() || few_rows {
         return default;
     }
     match q.device() {

@@ -39,6 +39,10 @@ pub struct QwenOptions {
     pub share_prefix: bool,
     /// Compute dtype; `None`: bf16 on CUDA, f32 on CPU.
     pub dtype: Option<DType>,
+    /// Constrained decoding: feed a run of tokens that the grammar forces (the fixed JSON text
+    /// between the model's choices) as one forward pass, when every unfinished row of the batch
+    /// is in such a run, instead of one decode step per token.
+    pub fast_forward: bool,
 }
 
 impl Default for QwenOptions {
@@ -47,6 +51,7 @@ impl Default for QwenOptions {
             low_vram: false,
             share_prefix: true,
             dtype: None,
+            fast_forward: true,
         }
     }
 }
@@ -70,6 +75,9 @@ pub struct Reply {
     pub text: String,
     /// Tokens generated, the end-of-turn token included.
     pub tokens: usize,
+    /// Forward passes of the batch after the prefill (fewer than the tokens where forced runs
+    /// went through as one pass each, see [`QwenOptions::fast_forward`]).
+    pub decode_steps: usize,
 }
 
 struct Loaded {
@@ -375,12 +383,42 @@ impl QwenVerifier {
             Decoding::Constrained => self.grammar.max_new_tokens(),
             Decoding::Free { max_new_tokens } => max_new_tokens,
         };
-        for _ in 0..budget {
+        // Takes token `t` as row `i`'s next: appends it and advances the row's grammar (or, free,
+        // stops at an end token).
+        let accept = |i: usize,
+                      t: u32,
+                      tokens: &mut Vec<Vec<u32>>,
+                      states: &mut Vec<GrammarState>,
+                      done: &mut Vec<bool>| {
+            tokens[i].push(t);
+            match decoding {
+                Decoding::Constrained => {
+                    if self
+                        .grammar
+                        .advance(&self.vocab, &mut states[i], t)
+                        .is_err()
+                        || self.grammar.is_done(&states[i])
+                    {
+                        done[i] = true;
+                    }
+                }
+                Decoding::Free { .. } => {
+                    if self.end_tokens.contains(&t) {
+                        done[i] = true;
+                    }
+                }
+            }
+        };
+        let fast_forward = self.options.fast_forward && decoding == Decoding::Constrained;
+        let mut generated = 0;
+        let mut steps = 0;
+        while generated < budget {
+            // The next token of every row, from the logits.
             let host: Vec<Vec<f32>> = logits.to_vec2()?;
-            let mut step = Vec::with_capacity(b);
+            let mut chunk: Vec<Vec<u32>> = vec![Vec::new(); b];
             for i in 0..b {
                 if done[i] {
-                    step.push(self.end_tokens[0]);
+                    chunk[i].push(self.end_tokens[0]);
                     continue;
                 }
                 let t = match decoding {
@@ -394,37 +432,47 @@ impl QwenVerifier {
                         sample(&host[i], &all, &mut rngs[i])
                     }
                 };
-                tokens[i].push(t);
-                match decoding {
-                    Decoding::Constrained => {
-                        if self
-                            .grammar
-                            .advance(&self.vocab, &mut states[i], t)
-                            .is_err()
-                        {
-                            done[i] = true;
+                accept(i, t, &mut tokens, &mut states, &mut done);
+                chunk[i].push(t);
+            }
+            generated += 1;
+            // Then, while the grammar forces the next token of every unfinished row (fixed JSON
+            // text), those tokens too: no logits needed, one forward pass for the whole run.
+            while fast_forward && generated < budget && !done.iter().all(|d| *d) {
+                let forced: Option<Vec<Option<u32>>> = (0..b)
+                    .map(|i| match (done[i], self.grammar.allowed(&states[i])) {
+                        (true, _) => Some(None),
+                        (false, Allowed::Forced(t)) => Some(Some(t)),
+                        _ => None,
+                    })
+                    .collect();
+                let Some(forced) = forced else { break };
+                for (i, t) in forced.into_iter().enumerate() {
+                    match t {
+                        Some(t) => {
+                            accept(i, t, &mut tokens, &mut states, &mut done);
+                            chunk[i].push(t);
                         }
-                        if self.grammar.is_done(&states[i]) {
-                            done[i] = true;
-                        }
-                    }
-                    Decoding::Free { .. } => {
-                        if self.end_tokens.contains(&t) {
-                            done[i] = true;
-                        }
+                        None => chunk[i].push(self.end_tokens[0]),
                     }
                 }
-                step.push(t);
+                generated += 1;
             }
-            if done.iter().all(|d| *d) {
+            if done.iter().all(|d| *d) || generated >= budget {
                 break;
             }
-            let ids = Tensor::new(step.as_slice(), &dev)?.unsqueeze(1)?;
+            let k = chunk[0].len();
+            let ids: Vec<u32> = chunk.concat();
+            let ids = Tensor::from_vec(ids, (b, k), &dev)?;
             let emb = model.text.embed(&ids)?;
-            let pos: Vec<Vec<[i64; 3]>> = next_pos.iter().map(|&q| vec![[q, q, q]]).collect();
-            next_pos.iter_mut().for_each(|q| *q += 1);
+            let pos: Vec<Vec<[i64; 3]>> = next_pos
+                .iter()
+                .map(|&q| (q..q + k as i64).map(|p| [p, p, p]).collect())
+                .collect();
+            next_pos.iter_mut().for_each(|q| *q += k as i64);
             let h = model.text.forward_hidden(&emb, &pos, &mask, &mut cache)?;
-            logits = model.text.logits(&h.i((.., 0, ..))?.contiguous()?)?;
+            logits = model.text.logits(&h.i((.., k - 1, ..))?.contiguous()?)?;
+            steps += 1;
         }
         Ok(tokens
             .into_iter()
@@ -441,6 +489,7 @@ impl QwenVerifier {
                     Ok(Reply {
                         text,
                         tokens: toks.len(),
+                        decode_steps: steps,
                     })
                 } else {
                     Err(format!(
