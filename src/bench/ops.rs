@@ -81,6 +81,27 @@ pub fn attention_shapes(height: usize, width: usize, batch: usize) -> Vec<Attent
     ]
 }
 
+/// Text tokens of the Qwen2.5-VL grading chat around the image (the rubric before it, the
+/// prompt after it), as `tt-scale bench --model qwen` counts them.
+const QWEN_TEXT_TOKENS: usize = 520 + 40;
+
+/// Qwen2.5-VL-7B's language-model prefill for one `height` x `width` image per batch row: causal
+/// attention over the chat (image tokens: one per 28x28 pixels, each side rounded), 28 query
+/// heads on 4 key/value heads of size 128.
+pub fn qwen_prefill_shape(height: usize, width: usize, batch: usize) -> AttentionShape {
+    let side = |n: usize| ((n as f64 / 28.0).round() as usize).max(1);
+    AttentionShape {
+        model: "qwen-prefill",
+        batch: batch.max(1),
+        heads: 28,
+        tokens: side(height) * side(width) + QWEN_TEXT_TOKENS,
+        head_dim: 128,
+    }
+}
+
+/// Key/value heads of Qwen2.5-VL-7B's language model.
+const QWEN_KV_HEADS: usize = 4;
+
 /// One of Flux's linear layers over all of a single block's tokens: `inputs` → `outputs`, with
 /// GELU fused where the block applies it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,6 +196,48 @@ pub fn bench_ops(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError>
         })?;
         reports.push(with_rate(r, Some(shape.flops()), None));
     }
+
+    // The verifier's prefill: causal (half the products of a full attention), grouped heads
+    // read in place by the kernel, against the composite the CPU runs (K/V repeated per query
+    // head, an additive mask, the softmax in f32).
+    let shape = qwen_prefill_shape(opts.height, opts.width, b);
+    let (bq, l, d) = (shape.batch, shape.tokens, shape.head_dim);
+    let q = randn(&[bq, shape.heads, l, d], dtype, dev)?;
+    let k = randn(&[bq, QWEN_KV_HEADS, l, d], dtype, dev)?;
+    let v = randn(&[bq, QWEN_KV_HEADS, l, d], dtype, dev)?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let causal = fused::KeyMask {
+        causal: true,
+        ..fused::KeyMask::default()
+    };
+    let flops = shape.flops() / 2.0;
+    let details = format!(
+        "{bq} rows x {} heads on {QWEN_KV_HEADS} key/value heads, {l} tokens, causal, head size \
+         {d}, {dtype:?}",
+        shape.heads
+    );
+    let fused_ok = cuda && ops::attention_fused_ok(&q, &k, &v);
+    for tile in AttentionTile::ALL
+        .into_iter()
+        .filter(|t| fused_ok && t.runs_on(&q))
+    {
+        let name = format!("attention {} {}", shape.model, tile.name());
+        let r = ops::with_attention_tile(tile, || {
+            time_steps(&name, opts, 0, details.clone(), || {
+                fused::attention_masked(&q, &k, &v, scale, &causal).map(drop)
+            })
+        })?;
+        reports.push(with_rate(r, Some(flops), None));
+    }
+    let mask: Vec<f32> = (0..l)
+        .flat_map(|i| (0..l).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (1, 1, l, l), dev)?;
+    let name = format!("attention {} candle", shape.model);
+    let r = time_steps(&name, opts, 0, details, || {
+        grouped_causal_composition(&q, &k, &v, scale, &mask).map(drop)
+    })?;
+    reports.push(with_rate(r, Some(flops), None));
 
     let flux_tokens = (opts.height / 16) * (opts.width / 16) + FLUX_TEXT_TOKENS;
     for shape in flux_linear_shapes(flux_tokens, b) {
@@ -351,6 +414,32 @@ fn attention_composition(
     w.matmul(&v)
 }
 
+/// The language model's attention without the kernel (`models::qwen2_5_vl::text`'s composite):
+/// k and v (B, Hk, L, D) repeated for the (B, H, L, D) queries, scores in f32 plus the additive
+/// `mask` (1, 1, L, L), softmax, product.
+fn grouped_causal_composition(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (b, h, _, d) = q.dims4()?;
+    let (_, hk, l, _) = k.dims4()?;
+    let expand = |x: &Tensor| {
+        x.unsqueeze(2)?
+            .expand((b, hk, h / hk, l, d))?
+            .reshape((b, h, l, d))
+    };
+    let (k, v) = (expand(k)?, expand(v)?);
+    let w = (q.matmul(&k.t()?)? * scale)?
+        .to_dtype(DType::F32)?
+        .broadcast_add(mask)?;
+    candle_nn::ops::softmax_last_dim(&w)?
+        .to_dtype(v.dtype())?
+        .matmul(&v)
+}
+
 fn randn(shape: &[usize], dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
     Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(dtype)
 }
@@ -382,6 +471,9 @@ mod tests {
         );
         assert_eq!((a[1].batch, a[1].heads, a[1].tokens), (2, 10, 4096));
         assert_eq!(a[3].tokens, 64 * 64);
+        // Qwen's prefill at 1024x1024: 37 x 37 image tokens and 560 of text.
+        let qw = qwen_prefill_shape(1024, 1024, 1);
+        assert_eq!((qw.tokens, qw.heads, qw.head_dim), (37 * 37 + 560, 28, 128));
         let l = flux_linear_shapes(4608, 2);
         assert_eq!(l[0].rows, 9216);
         assert_eq!(l[2].inputs, 15360);
