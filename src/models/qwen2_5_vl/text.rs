@@ -173,25 +173,20 @@ impl Layer {
             // Grouped heads read straight from the cache; (b, heads, s, hd) as a view of rows.
             Attend::Fused(mask) => fused::attention_masked(&q, &k, &v, scale, mask)?,
             Attend::Additive(mask) => {
-                let rep = self.heads / self.kv_heads;
-                let t = k.dim(2)?;
-                let expand = |x: &Tensor| -> Result<Tensor> {
-                    if rep == 1 {
-                        Ok(x.clone())
-                    } else {
-                        x.unsqueeze(2)?
-                            .expand((b, self.kv_heads, rep, t, hd))?
-                            .reshape((b, self.heads, t, hd))
-                    }
-                };
-                let (k, v) = (expand(&k)?, expand(&v)?);
-                let w = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+                // The `rep` query heads of a key/value head as one (rep · s)-row problem against
+                // its keys: no copy of K and V per query head.
+                let (kvh, rep, t) = (self.kv_heads, self.heads / self.kv_heads, k.dim(2)?);
+                let qg = q.reshape((b, kvh, rep * s, hd))?;
+                let w = (qg.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
                 let w = match mask {
-                    Some(m) => w.broadcast_add(m)?,
+                    Some(m) => w
+                        .reshape((b, kvh, rep, s, t))?
+                        .broadcast_add(&m.unsqueeze(1)?)?
+                        .reshape((b, kvh, rep * s, t))?,
                     None => w,
                 };
                 let w = candle_nn::ops::softmax_last_dim(&w)?.to_dtype(v.dtype())?;
-                w.matmul(&v.contiguous()?)?
+                w.matmul(&v)?.reshape((b, self.heads, s, hd))?
             }
         };
         let o = o.transpose(1, 2)?.reshape((b, s, self.heads * hd))?;
