@@ -202,7 +202,7 @@ impl Layer {
 /// The additive f32 mask (batch, 1, seq, keys) of `mask` for `seq` queries over `keys` keys: 0
 /// where a query sees a key, -inf elsewhere; a query that sees no key (left padding without a
 /// cached prefix) sees its own position instead, so that its softmax stays finite (its output
-/// is never used). `None` when nothing is hidden.
+/// is never used). `None` when nothing is hidden (e.g. a causal decode step without padding).
 fn additive_mask(
     mask: &KeyMask,
     batch: usize,
@@ -228,6 +228,9 @@ fn additive_mask(
                 }
             }
         }
+    }
+    if m.iter().all(|&x| x == 0.0) {
+        return Ok(None);
     }
     Ok(Some(Tensor::from_vec(m, (batch, 1, seq, keys), dev)?))
 }
@@ -379,5 +382,49 @@ impl TextModel {
     /// The compute dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(mask: &KeyMask, batch: usize, seq: usize, keys: usize) -> Option<Vec<Vec<f32>>> {
+        additive_mask(mask, batch, seq, keys, &Device::Cpu)
+            .unwrap()
+            .map(|m| m.reshape((batch * seq, keys)).unwrap().to_vec2().unwrap())
+    }
+
+    #[test]
+    fn the_additive_mask_hides_holes_and_later_keys_and_keeps_every_row_finite() {
+        const X: f32 = f32::NEG_INFINITY;
+        // Row 0 after a cached key: unpadded; row 1: its first query is padding (key 1 hidden).
+        let mask = KeyMask {
+            lens: None,
+            holes: Some(vec![(1, 1), (1, 2)]),
+            causal: true,
+        };
+        let m = rows(&mask, 2, 2, 3).unwrap();
+        assert_eq!(m[0], vec![0.0, 0.0, X]);
+        assert_eq!(m[1], vec![0.0, 0.0, 0.0]);
+        assert_eq!(m[2], vec![0.0, X, X]);
+        assert_eq!(m[3], vec![0.0, X, 0.0]);
+        // Without a cached prefix a padded query sees nothing: it keeps its own key.
+        let mask = KeyMask {
+            lens: None,
+            holes: Some(vec![(0, 1)]),
+            causal: true,
+        };
+        assert_eq!(
+            rows(&mask, 1, 2, 2).unwrap(),
+            vec![vec![0.0, X], vec![X, 0.0]]
+        );
+        // A causal decode step without padding hides nothing: no mask at all.
+        let causal = KeyMask {
+            causal: true,
+            ..KeyMask::default()
+        };
+        assert!(rows(&causal, 2, 1, 5).is_none());
+        assert!(rows(&KeyMask::default(), 1, 3, 3).is_none());
     }
 }
