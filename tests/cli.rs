@@ -485,6 +485,7 @@ fn bench_ops_times_the_candle_compositions_on_the_cpu_and_reports_rates() {
             "attention sdxl candle",
             "attention pixart-sigma candle",
             "attention sd15 candle",
+            "attention qwen-prefill candle",
             "linear flux qkv candle",
             "linear flux mlp-in+gelu candle",
             "linear flux out candle",
