@@ -10,6 +10,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::{time_steps, BenchOptions, BenchReport};
+use crate::models::qwen2_5_vl::text;
 use crate::ops::{self, fused, AttentionTile};
 use crate::pipelines::PipelineError;
 
@@ -177,19 +178,14 @@ pub fn bench_ops(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError>
             "{} rows x {} heads, {} tokens, head size {}, {dtype:?}",
             shape.batch, shape.heads, shape.tokens, shape.head_dim
         );
-        let fused_ok = cuda && ops::attention_fused_ok(&q, &k, &v);
-        for tile in AttentionTile::ALL
-            .into_iter()
-            .filter(|t| fused_ok && t.runs_on(&q))
-        {
-            let name = format!("attention {} {}", shape.model, tile.name());
-            let r = ops::with_attention_tile(tile, || {
-                time_steps(&name, opts, 0, details.clone(), || {
-                    fused::attention(&q, &k, &v, scale, None).map(drop)
-                })
-            })?;
-            reports.push(with_rate(r, Some(shape.flops()), None));
-        }
+        let tiles = time_attention_tiles(shape.model, &q, &k, &v, cuda, opts, &details, || {
+            fused::attention(&q, &k, &v, scale, None).map(drop)
+        })?;
+        reports.extend(
+            tiles
+                .into_iter()
+                .map(|r| with_rate(r, Some(shape.flops()), None)),
+        );
         let name = format!("attention {} candle", shape.model);
         let r = time_steps(&name, opts, 0, details.clone(), || {
             attention_composition(&q, &k, &v, scale).map(drop)
@@ -198,8 +194,8 @@ pub fn bench_ops(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError>
     }
 
     // The verifier's prefill: causal (half the products of a full attention), grouped heads
-    // read in place by the kernel, against the composite the CPU runs (K/V repeated per query
-    // head, an additive mask, the softmax in f32).
+    // read in place by the kernel, against the model's composite (each key/value head's query
+    // heads as one product, an additive mask, the softmax in f32).
     let shape = qwen_prefill_shape(opts.height, opts.width, b);
     let (bq, l, d) = (shape.batch, shape.tokens, shape.head_dim);
     let q = randn(&[bq, shape.heads, l, d], dtype, dev)?;
@@ -216,26 +212,17 @@ pub fn bench_ops(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError>
          {d}, {dtype:?}",
         shape.heads
     );
-    let fused_ok = cuda && ops::attention_fused_ok(&q, &k, &v);
-    for tile in AttentionTile::ALL
-        .into_iter()
-        .filter(|t| fused_ok && t.runs_on(&q))
-    {
-        let name = format!("attention {} {}", shape.model, tile.name());
-        let r = ops::with_attention_tile(tile, || {
-            time_steps(&name, opts, 0, details.clone(), || {
-                fused::attention_masked(&q, &k, &v, scale, &causal).map(drop)
-            })
-        })?;
-        reports.push(with_rate(r, Some(flops), None));
-    }
+    let tiles = time_attention_tiles(shape.model, &q, &k, &v, cuda, opts, &details, || {
+        fused::attention_masked(&q, &k, &v, scale, &causal).map(drop)
+    })?;
+    reports.extend(tiles.into_iter().map(|r| with_rate(r, Some(flops), None)));
     let mask: Vec<f32> = (0..l)
         .flat_map(|i| (0..l).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     let mask = Tensor::from_vec(mask, (1, 1, l, l), dev)?;
     let name = format!("attention {} candle", shape.model);
     let r = time_steps(&name, opts, 0, details, || {
-        grouped_causal_composition(&q, &k, &v, scale, &mask).map(drop)
+        text::grouped_attention(&q, &k, &v, scale, Some(&mask)).map(drop)
     })?;
     reports.push(with_rate(r, Some(flops), None));
 
@@ -414,30 +401,32 @@ fn attention_composition(
     w.matmul(&v)
 }
 
-/// The language model's attention without the kernel (`models::qwen2_5_vl::text`'s composite):
-/// k and v (B, Hk, L, D) repeated for the (B, H, L, D) queries, scores in f32 plus the additive
-/// `mask` (1, 1, L, L), softmax, product.
-fn grouped_causal_composition(
+/// Times `step` once per fused attention tile that runs on `q` (none off CUDA or where the
+/// kernel does not take these inputs), each report named `attention <model> <tile>`.
+#[allow(clippy::too_many_arguments)]
+fn time_attention_tiles(
+    model: &str,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    scale: f64,
-    mask: &Tensor,
-) -> candle_core::Result<Tensor> {
-    let (b, h, _, d) = q.dims4()?;
-    let (_, hk, l, _) = k.dims4()?;
-    let expand = |x: &Tensor| {
-        x.unsqueeze(2)?
-            .expand((b, hk, h / hk, l, d))?
-            .reshape((b, h, l, d))
-    };
-    let (k, v) = (expand(k)?, expand(v)?);
-    let w = (q.matmul(&k.t()?)? * scale)?
-        .to_dtype(DType::F32)?
-        .broadcast_add(mask)?;
-    candle_nn::ops::softmax_last_dim(&w)?
-        .to_dtype(v.dtype())?
-        .matmul(&v)
+    cuda: bool,
+    opts: &BenchOptions,
+    details: &str,
+    mut step: impl FnMut() -> candle_core::Result<()>,
+) -> Result<Vec<BenchReport>, PipelineError> {
+    let fused_ok = cuda && ops::attention_fused_ok(q, k, v);
+    let mut reports = Vec::new();
+    for tile in AttentionTile::ALL
+        .into_iter()
+        .filter(|t| fused_ok && t.runs_on(q))
+    {
+        let name = format!("attention {model} {}", tile.name());
+        let r = ops::with_attention_tile(tile, || {
+            time_steps(&name, opts, 0, details.to_string(), &mut step)
+        })?;
+        reports.push(r);
+    }
+    Ok(reports)
 }
 
 fn randn(shape: &[usize], dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

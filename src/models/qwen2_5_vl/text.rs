@@ -172,22 +172,7 @@ impl Layer {
         let o = match attend {
             // Grouped heads read straight from the cache; (b, heads, s, hd) as a view of rows.
             Attend::Fused(mask) => fused::attention_masked(&q, &k, &v, scale, mask)?,
-            Attend::Additive(mask) => {
-                // The `rep` query heads of a key/value head as one (rep · s)-row problem against
-                // its keys: no copy of K and V per query head.
-                let (kvh, rep, t) = (self.kv_heads, self.heads / self.kv_heads, k.dim(2)?);
-                let qg = q.reshape((b, kvh, rep * s, hd))?;
-                let w = (qg.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-                let w = match mask {
-                    Some(m) => w
-                        .reshape((b, kvh, rep, s, t))?
-                        .broadcast_add(&m.unsqueeze(1)?)?
-                        .reshape((b, kvh, rep * s, t))?,
-                    None => w,
-                };
-                let w = candle_nn::ops::softmax_last_dim(&w)?.to_dtype(v.dtype())?;
-                w.matmul(&v)?.reshape((b, self.heads, s, hd))?
-            }
+            Attend::Additive(mask) => grouped_attention(&q, &k, &v, scale, mask.as_ref())?,
         };
         let o = o.transpose(1, 2)?.reshape((b, s, self.heads * hd))?;
         let x = (x + self.o.forward(&o)?)?;
@@ -197,6 +182,34 @@ impl Layer {
         let act = (gate_up.narrow(2, 0, n)?.silu()? * gate_up.narrow(2, n, n)?)?;
         x + self.down.forward(&act)?
     }
+}
+
+/// Attention of grouped query heads without the fused kernel (the path on the CPU and for
+/// dtypes the kernel lacks): q (B, H, S, D) over k and v (B, Hk, T, D) with H a multiple of Hk,
+/// scores scaled by `scale` and taken in f32 plus the additive `mask` (B or 1, 1, S, T) when
+/// given, softmax, product; returns (B, H, S, D). The H/Hk query heads of a key/value head are
+/// one (H/Hk · S)-row product against its keys: K and V are not copied per query head.
+pub fn grouped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, h, s, hd) = q.dims4()?;
+    let (_, kvh, t, _) = k.dims4()?;
+    let rep = h / kvh;
+    let qg = q.reshape((b, kvh, rep * s, hd))?;
+    let w = (qg.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let w = match mask {
+        Some(m) => w
+            .reshape((b, kvh, rep, s, t))?
+            .broadcast_add(&m.unsqueeze(1)?)?
+            .reshape((b, kvh, rep * s, t))?,
+        None => w,
+    };
+    let w = candle_nn::ops::softmax_last_dim(&w)?.to_dtype(v.dtype())?;
+    w.matmul(v)?.reshape((b, h, s, hd))
 }
 
 /// The additive f32 mask (batch, 1, seq, keys) of `mask` for `seq` queries over `keys` keys: 0
