@@ -299,6 +299,14 @@ fn args(max_new: u32, seed: u64) -> VerifierArgs {
     a
 }
 
+/// One verifier input per test image, each with the prompt of the same index.
+fn inputs_of(imgs: &[RgbImage]) -> Vec<VerifierInput<'_>> {
+    imgs.iter()
+        .zip(PROMPTS)
+        .map(|(image, prompt)| VerifierInput { prompt, image })
+        .collect()
+}
+
 fn images() -> Vec<RgbImage> {
     vec![
         test_image(),
@@ -322,11 +330,7 @@ fn constrained_replies_always_parse_for_many_seeds_and_prompts() {
     let imgs = images();
     for seed in [1994u64, 0, 1, 2, 3] {
         let v = QwenVerifier::from_args(&args(300, seed)).unwrap();
-        let inputs: Vec<VerifierInput> = imgs
-            .iter()
-            .zip(PROMPTS)
-            .map(|(image, prompt)| VerifierInput { prompt, image })
-            .collect();
+        let inputs = inputs_of(&imgs);
         for (i, r) in v.score(&inputs).into_iter().enumerate() {
             let g = r.unwrap_or_else(|e| panic!("seed {seed} item {i}: {e}"));
             assert_eq!(g.len(), METRICS.len());
@@ -386,11 +390,7 @@ fn an_unconstrained_reply_cut_short_is_a_recorded_failure() {
 #[test]
 fn batch_results_come_back_in_input_order() {
     let imgs = images();
-    let inputs: Vec<VerifierInput> = imgs
-        .iter()
-        .zip(PROMPTS)
-        .map(|(image, prompt)| VerifierInput { prompt, image })
-        .collect();
+    let inputs = inputs_of(&imgs);
     let v = QwenVerifier::from_args(&args(300, 5)).unwrap();
     let batched = v.generate(&inputs, Decoding::Constrained);
     for (i, input) in inputs.iter().enumerate() {
@@ -406,11 +406,7 @@ fn batch_results_come_back_in_input_order() {
 #[test]
 fn sharing_the_system_prefix_gives_the_same_replies() {
     let imgs = images();
-    let inputs: Vec<VerifierInput> = imgs
-        .iter()
-        .zip(PROMPTS)
-        .map(|(image, prompt)| VerifierInput { prompt, image })
-        .collect();
+    let inputs = inputs_of(&imgs);
     let shared = QwenVerifier::from_args(&args(300, 11)).unwrap();
     let own = QwenVerifier::new(
         &args(300, 11),
@@ -433,11 +429,7 @@ fn forced_runs_go_through_in_one_pass_each_and_change_no_reply() {
     // chunk per run it must give the replies of one decode step per token, in fewer passes, for
     // one row and for a batch whose rows leave their forced runs at different times.
     let imgs = images();
-    let inputs: Vec<VerifierInput> = imgs
-        .iter()
-        .zip(PROMPTS)
-        .map(|(image, prompt)| VerifierInput { prompt, image })
-        .collect();
+    let inputs = inputs_of(&imgs);
     for batch in [1, 3] {
         // Seed 4 with a budget of 230 makes replies of 215, 211 and 215 tokens.
         let mut a = args(230, 4);

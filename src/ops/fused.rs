@@ -102,7 +102,7 @@ pub fn attention_masked(
     mask: &KeyMask,
 ) -> Result<Tensor> {
     let (b, h, _lq, d) = q.dims4()?;
-    let (kb, kh, lk, kd) = k.dims4()?;
+    let (kb, kh, _, kd) = k.dims4()?;
     if (kb, kd) != (b, d) || kh == 0 || h % kh != 0 || v.dims() != k.dims() {
         bail!(
             "attention: q {:?}, k {:?} and v {:?} do not fit (B, H, L, D) with H a multiple of \
@@ -128,14 +128,11 @@ pub fn attention_masked(
             bail!("attention: {} key holes for a batch of {b}", holes.len());
         }
     }
-    let mut mask = mask.clone();
-    if let Some(l) = mask.lens.as_mut() {
-        l.iter_mut().for_each(|n| *n = (*n).min(lk as u32));
-    }
+    // Lengths past Lk need no clamping here: `KeyMask::sees` and `KeyMask::ranges` clamp them.
     let mut op = AttentionOp {
         tile: super::AttentionTile::choose(q),
         scale: scale as f32,
-        mask,
+        mask: mask.clone(),
     };
     op.tile = super::tuned_attention_tile(q, k, v, &op);
     q.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2)
@@ -1165,6 +1162,18 @@ impl CustomOp2 for GatedResidualOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_key_ranges_clamp_lengths_and_holes_to_the_keys() {
+        let mask = KeyMask {
+            lens: Some(vec![100, 3]),
+            holes: Some(vec![(5, 9), (1, 2)]),
+            causal: false,
+        };
+        assert_eq!(mask.ranges(2, 6), Some(vec![[6, 5, 6], [3, 1, 2]]));
+        assert!(mask.sees(0, 0, 4, 1, 6) && !mask.sees(0, 0, 5, 1, 6));
+        assert_eq!(KeyMask::default().ranges(2, 6), None);
+    }
 
     #[test]
     fn erf_matches_known_values() {
