@@ -125,7 +125,7 @@ SD15 = dict(
 # PixArt-Sigma XL/2 1024-MS transformer (transformer/config.json); tt-scale's
 # `PixArtConfig::sigma_xl_1024` (src/models/pixart.rs).
 # SDXL's VAE (stabilityai/stable-diffusion-xl-base-1.0, vae/config.json); tt-scale's
-# `sdxl_vae_config` (src/pipelines/sdxl.rs).
+# `sdxl_vae_config` (src/bench/models.rs).
 SDXL_VAE = dict(
     in_channels=3,
     out_channels=3,
@@ -165,7 +165,7 @@ PIXART_SIGMA = dict(
 
 # Qwen2.5-VL-7B-Instruct (Qwen/Qwen2.5-VL-7B-Instruct, config.json, flat transformers 4.x layout,
 # which transformers 5.x also reads); tt-scale's `qwen2_5_vl_7b_config_json`
-# (src/verifiers/qwen_bench.rs).
+# (src/bench/qwen.rs).
 QWEN_7B = dict(
     architectures=["Qwen2_5_VLForConditionalGeneration"],
     vocab_size=152064,
@@ -204,7 +204,7 @@ QWEN_7B = dict(
 )
 # Text tokens before the image (system turn with the grading rubric, an estimate: 2234 characters
 # at ~4.3 per token, + template) and after it (prompt + template); the same counts as tt-scale's
-# PREFIX_TOKENS / SUFFIX_TOKENS in src/verifiers/qwen_bench.rs.
+# PREFIX_TOKENS / SUFFIX_TOKENS in src/bench/qwen.rs.
 QWEN_PREFIX_TOKENS = 520
 QWEN_SUFFIX_TOKENS = 40
 QWEN_NEW_TOKENS = 300

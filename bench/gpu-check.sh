@@ -125,11 +125,10 @@ main() {
   for bin in "$W"/bin/*; do
     t=$(basename "$bin")
     [ "$t" = tt-scale ] && continue
-    # tests/gpu.rs and gpu_kernels.rs print what they measured (--nocapture: differences, whether
-    # the wgmma attention tiles are bit-identical to the mma.sync ones); the others print only on
-    # failure.
+    # tests/gpu prints what it measured (--nocapture: differences, whether the wgmma attention
+    # tiles are bit-identical to the mma.sync ones); the others print only on failure.
     extra=()
-    [ "$t" = gpu ] || [ "$t" = gpu_kernels ] && extra=(--nocapture)
+    [ "$t" = gpu ] && extra=(--nocapture)
     step 200 300 "$bin" --test-threads=4 "${extra[@]}" >"$W/test-$t.log" 2>&1 &
     pids+=($!)
     names+=("$t")

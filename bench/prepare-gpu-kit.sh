@@ -24,14 +24,14 @@ SHARED_GPU=${SHARED_GPU:-$ROOT/../shared/gpu}
 BUDGET_MIB=${KIT_BUDGET_MIB:-64}
 PY=${PYTHON:-python3}
 
-# tests/gpu.rs (the CUDA-vs-CPU checks), tests/gpu_kernels.rs (the fused kernels against their CPU
-# implementations) and the parity tests that run on the CPU there (a check that the cuda build did
+# tests/gpu (the CUDA-vs-CPU checks of the pipelines, and the fused kernels against their CPU
+# implementations) and tests/parity, which runs on the CPU there (a check that the cuda build did
 # not change the CPU path). Listed by priority: when the kit would not fit the device tool's limit,
 # the last ones are left out (and the manifest says so).
-WANT_TESTS=(gpu gpu_kernels noise sd15_parity flux_parity pixart_parity sdxl_parity qwen)
+WANT_TESTS=(gpu parity)
 TESTS=()
 for t in "${WANT_TESTS[@]}"; do
-  [ -f "tests/$t.rs" ] && TESTS+=("$t")
+  [ -f "tests/$t/main.rs" ] && TESTS+=("$t")
 done
 
 echo "== CUDA toolchain"

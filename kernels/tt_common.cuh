@@ -1,7 +1,7 @@
 // Shared device helpers of tt-scale's kernels: element conversions, warp reductions and the
 // tensor-core product. Compiled by nvcc (build.rs) for the GPU, and, with TT_CUDA_EMU defined, by a
 // host C++ compiler on top of kernels/emu/cuda_emu.h, which runs the same kernels on CPU threads
-// (tests/cuda_emulated.rs). Kernels use only what this header and the emulator both provide.
+// (tests/unit/cuda_emulated.rs). Kernels use only what this header and the emulator both provide.
 #pragma once
 
 #ifdef TT_CUDA_EMU

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{parse_device, DeviceSpec};
+use crate::device::{parse_device, DeviceSpec};
 use crate::prompts::NumPrompts;
 
 /// Inference-time scaling for text-to-image diffusion: search over starting noises and keep

@@ -3,23 +3,15 @@
 
 use std::path::PathBuf;
 
-/// Weight and compute precision (`torch_dtype`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dtype {
-    /// `"fp32"`
-    F32,
-    /// `"fp16"`
-    F16,
-    /// `"bf16"`
-    Bf16,
-}
+pub use crate::device::{parse_device, DeviceSpec};
+pub use crate::loading::Dtype;
 
 /// `verifier_args`: which judge, which metric, and how to call it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VerifierArgs {
     /// `name`: `gemini`, `openai` or `qwen`.
     pub name: String,
-    /// `choice_of_metric`: the metric selection uses (one of [`crate::verifiers::METRICS`]).
+    /// `choice_of_metric`: the metric selection uses (one of [`METRICS`]).
     pub choice_of_metric: String,
     /// `max_new_tokens`: the reply's token budget (Gemini: `maxOutputTokens`; OpenAI:
     /// `max_completion_tokens`).
@@ -80,7 +72,17 @@ const KNOWN_MODELS: [(&str, &str, usize); 5] = [
 ];
 
 /// The verifiers a config may name.
-pub const VERIFIER_NAMES: &[&str] = crate::verifiers::SUPPORTED;
+pub const VERIFIER_NAMES: &[&str] = &["gemini", "openai", "qwen"];
+
+/// The grading rubric's metrics: the valid values of `choice_of_metric`.
+pub const METRICS: [&str; 6] = [
+    "accuracy_to_prompt",
+    "creativity_and_originality",
+    "visual_quality_and_realism",
+    "consistency_and_cohesion",
+    "emotional_or_thematic_resonance",
+    "overall_score",
+];
 
 /// Top-level keys of a config file.
 const TOP_KEYS: [&str; 7] = [
@@ -259,17 +261,6 @@ pub struct Config {
     pub raw: Map<String, Value>,
     /// Non-fatal findings (unknown keys, ignored keys), one sentence each.
     pub warnings: Vec<String>,
-}
-
-impl Dtype {
-    /// The config spelling: `fp32`, `fp16` or `bf16`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Dtype::F32 => "fp32",
-            Dtype::F16 => "fp16",
-            Dtype::Bf16 => "bf16",
-        }
-    }
 }
 
 /// The output folder name the original tool uses for a known model id, if any.
@@ -633,10 +624,10 @@ impl Config {
                 format!("is \"{name}\"; {allowed_names}{hint}"),
             ));
         }
-        let metrics = crate::verifiers::METRICS.join(", ");
+        let metrics = METRICS.join(", ");
         let metric =
             r.required_string(va, "choice_of_metric", v, &format!("allowed: {metrics}"))?;
-        if !crate::verifiers::METRICS.contains(&metric.as_str()) {
+        if !METRICS.contains(&metric.as_str()) {
             return Err(r.invalid(
                 "verifier_args.choice_of_metric",
                 format!("is \"{metric}\"; the {name} verifier grades: {metrics}"),
@@ -797,27 +788,5 @@ impl Config {
             raw: root,
             warnings,
         })
-    }
-}
-
-/// A compute device named on the command line or in a config: `cpu`, `cuda` or `cuda:N`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeviceSpec {
-    /// The host CPU.
-    Cpu,
-    /// A CUDA GPU by ordinal.
-    Cuda(usize),
-}
-
-/// Parses `cpu`, `cuda`, `cuda:N` (case-insensitive); `None` when it is none of them.
-pub fn parse_device(s: &str) -> Option<DeviceSpec> {
-    let s = s.trim().to_ascii_lowercase();
-    match s.as_str() {
-        "cpu" => Some(DeviceSpec::Cpu),
-        "cuda" | "gpu" => Some(DeviceSpec::Cuda(0)),
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(DeviceSpec::Cuda),
     }
 }

@@ -1,18 +1,47 @@
 //! tt-scale: inference-time scaling for text-to-image diffusion models.
 //!
-//! Data flows one way: [`config`] -> [`prompts`] -> [`search`] (asks a [`pipelines`] pipeline for
-//! images of [`noise`] tensors, asks a [`verifiers`] verifier for scores) -> [`output`].
+//! The modules form layers; each imports only from the layers below it (a test,
+//! `tests/unit/architecture.rs`, reads every `crate::` path and fails on an upward one):
+//!
+//! ```text
+//!  bench                      benchmarks of every layer below (tt-scale bench)
+//!  cli, run                   the argument parser; a run: prompts -> search -> files
+//!  collage                    collages of a run folder
+//!  output                     every file format: run folders, PNGs, the per-round JSON
+//!  search                     random / zero-order search; its observer is the layer above
+//!  verifiers                  judges: Gemini, OpenAI(-compatible), local Qwen2.5-VL
+//!  pipelines                  Flux, SDXL, PixArt-Sigma, SD 1.5 on one shared denoise loop
+//!  config                     the experiment file, typed and validated
+//!  schedulers                 diffusers' schedulers
+//!  prompts                    prompt files and the Hub dataset
+//!  loading                    Hub / local files, weights mmap, the typed JSON-config reader
+//!  models                     the networks and their serde-derived configs
+//!  ops                        fused kernels (CUDA, cuDNN) and their CPU references
+//!  noise, device              torch-exact seeded noise; the one device parser
+//! ```
 
-pub mod bench;
-pub mod cli;
-pub mod collage;
-pub mod config;
-pub mod models;
+pub mod device;
 pub mod noise;
 pub mod ops;
-pub mod output;
-pub mod pipelines;
+
+pub mod models;
+
+pub mod loading;
 pub mod prompts;
-pub mod run;
+
+pub mod schedulers;
+
+pub mod config;
+
+pub mod pipelines;
+
 pub mod search;
 pub mod verifiers;
+
+pub mod collage;
+pub mod output;
+
+pub mod cli;
+pub mod run;
+
+pub mod bench;

@@ -285,6 +285,8 @@ fn vectorized_blocks_generic(data: &mut [f32]) {
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+// SAFETY: unsafe only for its target features: callers must ensure the CPU has AVX2 and FMA
+// (`vectorized_blocks` checks with is_x86_feature_detected!); the body is safe code.
 unsafe fn vectorized_blocks_fma(data: &mut [f32]) {
     vectorized_blocks_generic(data);
 }

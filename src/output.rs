@@ -5,7 +5,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
+
+use crate::search::{Candidate, RoundResult};
 
 /// A file could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -243,6 +246,174 @@ impl serde_json::ser::Formatter for PythonFormatter {
         }
         Ok(())
     }
+}
+
+/// Best candidate over all rounds of a prompt so far, for the per-round JSON.
+#[derive(Clone, Debug)]
+pub struct BestSoFar {
+    /// Its round.
+    pub round: usize,
+    /// Its root seed.
+    pub seed: u64,
+    /// Its seed label (`s@<seed>`, or `<seed>-n<direction>` for a zero-order neighbour).
+    pub label: String,
+    /// Its score on the selection metric.
+    pub score: f64,
+    /// Its PNG's path.
+    pub img_path: String,
+}
+
+/// What a round's files are named after and graded on.
+#[derive(Clone, Copy, Debug)]
+pub struct RoundContext<'a> {
+    /// The prompt, as written in the JSON.
+    pub prompt: &'a str,
+    /// The prompt's file-name part ([`prompt_to_filename`]).
+    pub prompt_name: &'a str,
+    /// The selection metric.
+    pub metric: &'a str,
+    /// Whether the search is zero-order (the JSON then has `neighbors_improvement`).
+    pub zero_order: bool,
+}
+
+/// What [`write_round`] wrote, for the run's tallies.
+#[derive(Clone, Debug, Default)]
+pub struct RoundWritten {
+    /// Images generated in this round (carried-over candidates excluded).
+    pub new_images: usize,
+    /// Gradings that failed in this round (carried-over candidates excluded).
+    pub failed_gradings: usize,
+    /// The round's JSON file.
+    pub json_path: PathBuf,
+}
+
+fn grading_score(c: &Candidate, metric: &str) -> Value {
+    match &c.grading {
+        Ok(g) => match g.get(metric) {
+            Some(s) => json!({"explanation": s.explanation, "score": s.score}),
+            None => Value::Null,
+        },
+        Err(_) => Value::Null,
+    }
+}
+
+/// Writes a finished round into `run_dir`: every candidate's PNG, then the round's JSON in the
+/// original's layout (its keys first, then `best_noise`, `best_so_far`, `num_failed`,
+/// `all_failed`, `candidates`, `timings`), named after the round's best image, or
+/// `..._i@<round>_failed.json` when no candidate could be graded. Updates `best` (the prompt's
+/// best over all rounds) first, so the JSON's `best_so_far` includes this round.
+pub fn write_round(
+    run_dir: &Path,
+    ctx: &RoundContext<'_>,
+    r: &RoundResult,
+    best: &mut Option<BestSoFar>,
+) -> Result<RoundWritten, OutputError> {
+    let path_string = |file: &str| run_dir.join(file).display().to_string();
+    let metric = ctx.metric;
+    let mut written = RoundWritten::default();
+    let mut candidates_json = Vec::with_capacity(r.candidates.len());
+    let mut file_names = Vec::with_capacity(r.candidates.len());
+    for c in &r.candidates {
+        let stem = candidate_stem(ctx.prompt_name, r.round, &c.origin.label());
+        let file = format!("{stem}.png");
+        write_png(&run_dir.join(&file), &c.image)?;
+        if !c.carried_over {
+            written.new_images += 1;
+        }
+        let mut cj = Map::new();
+        cj.insert("seed".into(), json!(c.origin.root_seed()));
+        cj.insert("label".into(), json!(c.origin.label()));
+        cj.insert(
+            "noise".into(),
+            serde_json::to_value(&c.origin).unwrap_or(Value::Null),
+        );
+        cj.insert("img_path".into(), json!(path_string(&file)));
+        cj.insert("score".into(), grading_score(c, metric));
+        match &c.grading {
+            Ok(g) => {
+                cj.insert(
+                    "grading".into(),
+                    serde_json::to_value(g).unwrap_or(Value::Null),
+                );
+            }
+            Err(e) => {
+                if !c.carried_over {
+                    written.failed_gradings += 1;
+                }
+                cj.insert("error".into(), json!(e.to_string()));
+            }
+        }
+        if c.carried_over {
+            cj.insert("carried_over".into(), json!(true));
+        }
+        candidates_json.push(Value::Object(cj));
+        file_names.push(file);
+    }
+
+    let mut d = Map::new();
+    d.insert("prompt".into(), json!(ctx.prompt));
+    d.insert("search_round".into(), json!(r.round));
+    d.insert("num_noises".into(), json!(r.candidates.len()));
+    let json_name = match r.best {
+        Some(i) => {
+            let chosen = &r.candidates[i];
+            let score = chosen.score(metric).unwrap_or(f64::NAN);
+            d.insert("best_noise_seed".into(), json!(chosen.origin.root_seed()));
+            d.insert("best_score".into(), grading_score(chosen, metric));
+            d.insert("choice_of_metric".into(), json!(metric));
+            d.insert("best_img_path".into(), json!(path_string(&file_names[i])));
+            if best.as_ref().is_none_or(|b| score > b.score) {
+                *best = Some(BestSoFar {
+                    round: r.round,
+                    seed: chosen.origin.root_seed(),
+                    label: chosen.origin.label(),
+                    score,
+                    img_path: path_string(&file_names[i]),
+                });
+            }
+            file_names[i].replace(".png", ".json")
+        }
+        None => {
+            d.insert("best_noise_seed".into(), Value::Null);
+            d.insert("best_score".into(), Value::Null);
+            d.insert("choice_of_metric".into(), json!(metric));
+            d.insert("best_img_path".into(), Value::Null);
+            format!("{}_i@{}_failed.json", ctx.prompt_name, r.round)
+        }
+    };
+    if let Some(imp) = r.neighbors_improvement.filter(|_| ctx.zero_order) {
+        d.insert("neighbors_improvement".into(), json!(imp));
+    }
+    if let Some(i) = r.best {
+        d.insert(
+            "best_noise".into(),
+            serde_json::to_value(&r.candidates[i].origin).unwrap_or(Value::Null),
+        );
+    }
+    d.insert(
+        "best_so_far".into(),
+        match best {
+            Some(b) => json!({
+                "search_round": b.round,
+                "seed": b.seed,
+                "label": b.label,
+                "score": b.score,
+                "img_path": b.img_path,
+            }),
+            None => Value::Null,
+        },
+    );
+    let failed = r.candidates.iter().filter(|c| c.grading.is_err()).count();
+    d.insert("num_failed".into(), json!(failed));
+    d.insert("all_failed".into(), json!(r.best.is_none()));
+    d.insert("candidates".into(), Value::Array(candidates_json));
+    d.insert(
+        "timings".into(),
+        json!({"generation_s": r.generation_s, "verification_s": r.verification_s}),
+    );
+    written.json_path = run_dir.join(json_name);
+    write_json(&written.json_path, &Value::Object(d))?;
+    Ok(written)
 }
 
 #[cfg(test)]

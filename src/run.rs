@@ -10,11 +10,14 @@ use std::time::Instant;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Map, Value};
 
-use crate::config::{Config, ConfigError, DeviceSpec, SearchMethod};
-use crate::output::{self, OutputError};
+use crate::config::{Config, ConfigError, SearchMethod};
+use crate::device::DeviceSpec;
+use crate::output::{self, BestSoFar, OutputError, RoundContext};
 use crate::pipelines::{ImagePipeline, PipelineError};
 use crate::prompts::{self, NumPrompts, PromptSource, PromptsError};
-use crate::search::{self, RoundResult, SearchError, SearchObserver, SearchSettings};
+use crate::search::{
+    self, ObserverError, RoundResult, SearchError, SearchObserver, SearchSettings,
+};
 use crate::verifiers::{self, Verifier, VerifierError};
 
 /// What `tt-scale run` was asked to do (the command line, parsed).
@@ -152,10 +155,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
     let mut verifier_args = config.verifier_args.clone();
     if verifier_args.device.is_none() {
         // A local verifier runs beside the diffusion model unless told otherwise.
-        verifier_args.device = opts.device.map(|d| match d {
-            DeviceSpec::Cpu => "cpu".to_string(),
-            DeviceSpec::Cuda(n) => format!("cuda:{n}"),
-        });
+        verifier_args.device = opts.device.map(|d| d.to_string());
     }
     let verifier = verifiers::build_for_run(&verifier_args, opts.low_vram)?;
     let prompts = prompts::load_prompts(&source.0, source.1)?;
@@ -257,20 +257,7 @@ fn prompt_source(opts: &RunOptions) -> Result<(PromptSource, NumPrompts), RunErr
 
 /// The candle device for `--device` (auto: CUDA when built with it and present).
 pub fn select_device(spec: Option<DeviceSpec>) -> Result<candle_core::Device, RunError> {
-    match spec {
-        None => Ok(candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu)),
-        Some(DeviceSpec::Cpu) => Ok(candle_core::Device::Cpu),
-        Some(DeviceSpec::Cuda(n)) => {
-            if !candle_core::utils::cuda_is_available() {
-                return Err(RunError::Device(format!(
-                    "--device cuda:{n}: this tt-scale was built without CUDA; rebuild with `cargo build --release --features cuda` or use --device cpu"
-                )));
-            }
-            candle_core::Device::new_cuda(n).map_err(|e| {
-                RunError::Device(format!("--device cuda:{n}: cannot open the GPU: {e}"))
-            })
-        }
-    }
+    crate::device::select_device(spec, "--device").map_err(|e| RunError::Device(e.0))
 }
 
 /// The run's `config.json`: the config as written (model id included), then the command-line
@@ -300,24 +287,12 @@ fn run_record(config: &Config, opts: &RunOptions, master_seed: u64) -> Value {
     rec.insert("seed".into(), json!(master_seed));
     rec.insert(
         "device".into(),
-        json!(match opts.device {
-            None => "auto".to_string(),
-            Some(DeviceSpec::Cpu) => "cpu".to_string(),
-            Some(DeviceSpec::Cuda(n)) => format!("cuda:{n}"),
-        }),
+        json!(opts
+            .device
+            .map_or_else(|| "auto".to_string(), |d| d.to_string())),
     );
     rec.insert("tt_scale_version".into(), json!(env!("CARGO_PKG_VERSION")));
     Value::Object(rec)
-}
-
-/// Best candidate over all rounds so far, for the per-round JSON.
-#[derive(Clone, Debug)]
-struct BestSoFar {
-    round: usize,
-    seed: u64,
-    label: String,
-    score: f64,
-    img_path: String,
 }
 
 /// Writes every round's images and JSON, drives the progress bars, and keeps the counts for
@@ -410,20 +385,6 @@ impl OutputWriter {
         self.bars.rounds.finish_and_clear();
         self.bars.prompts.finish_and_clear();
     }
-
-    fn path_string(&self, file: &str) -> String {
-        self.run_dir.join(file).display().to_string()
-    }
-}
-
-fn grading_score(c: &search::Candidate, metric: &str) -> Value {
-    match &c.grading {
-        Ok(g) => match g.get(metric) {
-            Some(s) => json!({"explanation": s.explanation, "score": s.score}),
-            None => Value::Null,
-        },
-        Err(_) => Value::Null,
-    }
 }
 
 impl SearchObserver for OutputWriter {
@@ -437,118 +398,29 @@ impl SearchObserver for OutputWriter {
         self.bars.images.inc(n as u64);
     }
 
-    fn round_finished(&mut self, prompt: &str, r: &RoundResult) -> Result<(), SearchError> {
-        let mut candidates_json = Vec::with_capacity(r.candidates.len());
-        let mut file_names = Vec::with_capacity(r.candidates.len());
-        for c in &r.candidates {
-            let stem = output::candidate_stem(&self.prompt_name, r.round, &c.origin.label());
-            let file = format!("{stem}.png");
-            output::write_png(&self.run_dir.join(&file), &c.image)?;
-            if !c.carried_over {
-                self.images += 1;
-            }
-            let mut cj = Map::new();
-            cj.insert("seed".into(), json!(c.origin.root_seed()));
-            cj.insert("label".into(), json!(c.origin.label()));
-            cj.insert(
-                "noise".into(),
-                serde_json::to_value(&c.origin).unwrap_or(Value::Null),
-            );
-            cj.insert("img_path".into(), json!(self.path_string(&file)));
-            cj.insert("score".into(), grading_score(c, &self.metric));
-            match &c.grading {
-                Ok(g) => {
-                    cj.insert(
-                        "grading".into(),
-                        serde_json::to_value(g).unwrap_or(Value::Null),
-                    );
-                }
-                Err(e) => {
-                    if !c.carried_over {
-                        self.failed_gradings += 1;
-                    }
-                    cj.insert("error".into(), json!(e.to_string()));
-                }
-            }
-            if c.carried_over {
-                cj.insert("carried_over".into(), json!(true));
-            }
-            candidates_json.push(Value::Object(cj));
-            file_names.push(file);
-        }
-        self.generation_s += r.generation_s;
-
-        let mut d = Map::new();
-        d.insert("prompt".into(), json!(prompt));
-        d.insert("search_round".into(), json!(r.round));
-        d.insert("num_noises".into(), json!(r.candidates.len()));
-        let json_name = match r.best {
-            Some(i) => {
-                let best = &r.candidates[i];
-                let score = best.score(&self.metric).unwrap_or(f64::NAN);
-                d.insert("best_noise_seed".into(), json!(best.origin.root_seed()));
-                d.insert("best_score".into(), grading_score(best, &self.metric));
-                d.insert("choice_of_metric".into(), json!(self.metric));
-                d.insert(
-                    "best_img_path".into(),
-                    json!(self.path_string(&file_names[i])),
-                );
-                if self.best.as_ref().is_none_or(|b| score > b.score) {
-                    self.best = Some(BestSoFar {
-                        round: r.round,
-                        seed: best.origin.root_seed(),
-                        label: best.origin.label(),
-                        score,
-                        img_path: self.path_string(&file_names[i]),
-                    });
-                }
-                file_names[i].replace(".png", ".json")
-            }
-            None => {
-                self.failed_rounds += 1;
-                tracing::warn!(
-                    "round {}: none of the {} candidates could be graded; see the round's JSON for the errors",
-                    r.round,
-                    r.candidates.len()
-                );
-                d.insert("best_noise_seed".into(), Value::Null);
-                d.insert("best_score".into(), Value::Null);
-                d.insert("choice_of_metric".into(), json!(self.metric));
-                d.insert("best_img_path".into(), Value::Null);
-                format!("{}_i@{}_failed.json", self.prompt_name, r.round)
-            }
-        };
-        if let Some(imp) = r.neighbors_improvement.filter(|_| self.zero_order) {
-            d.insert("neighbors_improvement".into(), json!(imp));
-        }
-        if let Some(i) = r.best {
-            d.insert(
-                "best_noise".into(),
-                serde_json::to_value(&r.candidates[i].origin).unwrap_or(Value::Null),
-            );
-        }
-        d.insert(
-            "best_so_far".into(),
-            match &self.best {
-                Some(b) => json!({
-                    "search_round": b.round,
-                    "seed": b.seed,
-                    "label": b.label,
-                    "score": b.score,
-                    "img_path": b.img_path,
-                }),
-                None => Value::Null,
+    fn round_finished(&mut self, prompt: &str, r: &RoundResult) -> Result<(), ObserverError> {
+        let written = output::write_round(
+            &self.run_dir,
+            &RoundContext {
+                prompt,
+                prompt_name: &self.prompt_name,
+                metric: &self.metric,
+                zero_order: self.zero_order,
             },
-        );
-        let failed = r.candidates.iter().filter(|c| c.grading.is_err()).count();
-        d.insert("num_failed".into(), json!(failed));
-        d.insert("all_failed".into(), json!(r.best.is_none()));
-        d.insert("candidates".into(), Value::Array(candidates_json));
-        d.insert(
-            "timings".into(),
-            json!({"generation_s": r.generation_s, "verification_s": r.verification_s}),
-        );
-        output::write_json(&self.run_dir.join(json_name), &Value::Object(d))?;
+            r,
+            &mut self.best,
+        )?;
+        self.images += written.new_images;
+        self.failed_gradings += written.failed_gradings;
+        self.generation_s += r.generation_s;
+        if r.best.is_none() {
+            self.failed_rounds += 1;
+            tracing::warn!(
+                "round {}: none of the {} candidates could be graded; see the round's JSON for the errors",
+                r.round,
+                r.candidates.len()
+            );
+        }
         self.bars.rounds.inc(1);
         if let Some(i) = r.best {
             let c = &r.candidates[i];

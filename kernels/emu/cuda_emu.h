@@ -1,6 +1,6 @@
 // A host C++ emulation of exactly the CUDA features tt-scale's kernels use, so that the same kernel
 // sources (kernels/*.cu, through tt_common.cuh with TT_CUDA_EMU defined) run on the CPU and can be
-// checked against references (kernels/emu/emu_tests.cpp, driven by tests/cuda_emulated.rs).
+// checked against references (kernels/emu/emu_tests.cpp, driven by tests/unit/cuda_emulated.rs).
 //
 // Execution model
 //   * Every emulated CUDA thread is a cooperative user-level thread (a fiber with its own stack),

@@ -1,7 +1,7 @@
 // Runs every extern "C" kernel of kernels/attention.cu and kernels/norm.cu on the CPU through the
 // CUDA emulator (cuda_emu.h) and compares it with a double-precision reference computed from the
 // same 16-bit-rounded inputs. One line per case: name, sizes, the measured error, the bound. Exits
-// with status 1 if any case fails. Built and run by tests/cuda_emulated.rs:
+// with status 1 if any case fails. Built and run by tests/unit/cuda_emulated.rs:
 //   c++ -std=c++20 -O2 -pthread -DTT_CUDA_EMU -fno-strict-aliasing -Wall -Wno-unknown-pragmas
 //       -I kernels kernels/emu/emu_tests.cpp -o emu_tests
 //
@@ -544,7 +544,7 @@ const AttnCase kAttnCases[] = {
 template <class T, int D>
 void attention_suite(const char *name, const std::vector<AttnKernel<T>> &kernels, double bound,
                      Rng &rng) {
-  // The launch shapes, which tests/cuda_emulated.rs compares with the Rust launcher's
+  // The launch shapes, which tests/unit/cuda_emulated.rs compares with the Rust launcher's
   // (ops::AttentionTile).
   for (const AttnKernel<T> &k : kernels)
     printf("tile %s d=%d rows=%d threads=%d smem=%d\n", k.tile, D, k.rows, k.threads, k.smem);

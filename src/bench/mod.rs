@@ -6,7 +6,9 @@
 //! [`search`] times a whole default search end to end (generation overlapped with grading);
 //! [`ops`] times the denoisers' hot operations one by one, fused and unfused.
 
+pub mod models;
 pub mod ops;
+pub mod qwen;
 pub mod search;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -192,12 +194,12 @@ pub const MODELS: &[&str] = &[
 /// Runs the step benchmark of `model` (one of [`MODELS`]).
 pub fn run_model(model: &str, opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError> {
     match model {
-        "sd15" => crate::pipelines::sd15::bench_unet_step(opts).map(|r| vec![r]),
-        "flux" => crate::pipelines::flux::bench_transformer_step(opts),
-        "sdxl" => crate::pipelines::sdxl::bench_unet_step(opts),
-        "sdxl-vae" => crate::pipelines::sdxl::bench_vae_decode(opts).map(|r| vec![r]),
-        "pixart-sigma" => crate::pipelines::pixart::bench_transformer_step(opts),
-        "qwen" => crate::verifiers::qwen_bench::bench_score_image(opts),
+        "sd15" => models::sd15_unet_step(opts).map(|r| vec![r]),
+        "flux" => models::flux_transformer_step(opts),
+        "sdxl" => models::sdxl_unet_step(opts),
+        "sdxl-vae" => models::sdxl_vae_decode(opts).map(|r| vec![r]),
+        "pixart-sigma" => models::pixart_transformer_step(opts),
+        "qwen" => qwen::bench_score_image(opts),
         "search" => search::bench_search(opts),
         "ops" => ops::bench_ops(opts),
         other => Err(PipelineError::InvalidArgument(format!(

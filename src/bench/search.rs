@@ -19,7 +19,9 @@ use crate::config::{NoiseKernel, SearchMethod};
 use crate::models::flux_transformer::{latent_image_ids, FluxConfig, FluxTransformer, Rope};
 use crate::noise::Noise;
 use crate::pipelines::{ImagePipeline, PipelineError};
-use crate::search::{search_prompt, RoundResult, SearchError, SearchObserver, SearchSettings};
+use crate::search::{
+    search_prompt, ObserverError, RoundResult, SearchError, SearchObserver, SearchSettings,
+};
 use crate::verifiers::{Grading, Score, ScoreFailure, Verifier, VerifierInput, METRICS};
 
 /// Rounds of the default config (`search_args.search_rounds`).
@@ -101,7 +103,7 @@ struct Totals {
 }
 
 impl SearchObserver for Totals {
-    fn round_finished(&mut self, _prompt: &str, result: &RoundResult) -> Result<(), SearchError> {
+    fn round_finished(&mut self, _prompt: &str, result: &RoundResult) -> Result<(), ObserverError> {
         self.generation_s += result.generation_s;
         self.images += result.candidates.len();
         Ok(())

@@ -12,7 +12,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
-use crate::pipelines::PipelineError;
+use crate::models::ModelError;
 
 /// CLIP's pre-tokenization pattern (transformers' `CLIPTokenizer`).
 const CLIP_SPLIT: &str =
@@ -37,11 +37,20 @@ fn token_content(value: &Value) -> Option<String> {
     }
 }
 
-fn read_json_if_exists(path: &Path) -> Result<Option<Value>, PipelineError> {
+fn read_json_if_exists(path: &Path) -> Result<Option<Value>, ModelError> {
     if !path.exists() {
         return Ok(None);
     }
-    crate::pipelines::hub::read_json_file(path).map(Some)
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::ModelFile {
+        path: path.display().to_string(),
+        message: format!("cannot read: {e}"),
+    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| ModelError::ModelFile {
+            path: path.display().to_string(),
+            message: format!("invalid JSON: {e}"),
+        })
 }
 
 impl ClipTokenizer {
@@ -54,7 +63,7 @@ impl ClipTokenizer {
         merges: &Path,
         tokenizer_config: Option<&Path>,
         special_tokens_map: Option<&Path>,
-    ) -> Result<Self, PipelineError> {
+    ) -> Result<Self, ModelError> {
         let mut bos = "<|startoftext|>".to_string();
         let mut eos = "<|endoftext|>".to_string();
         let mut pad: Option<String> = None;
@@ -80,7 +89,7 @@ impl ClipTokenizer {
             }
         }
         let pad = pad.unwrap_or_else(|| eos.clone());
-        let model_err = |path: &Path, e: String| PipelineError::ModelFile {
+        let model_err = |path: &Path, e: String| ModelError::ModelFile {
             path: path.display().to_string(),
             message: e,
         };
@@ -166,7 +175,7 @@ impl ClipTokenizer {
     }
 
     /// Builds the tokenizer from a diffusers `tokenizer/` folder on disk.
-    pub fn from_dir(dir: &Path) -> Result<Self, PipelineError> {
+    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
         let f = |name: &str| -> PathBuf { dir.join(name) };
         Self::from_files(
             &f("vocab.json"),
@@ -183,9 +192,9 @@ impl ClipTokenizer {
 
     /// Token ids of `prompt`: BOS, the tokens (truncated so the whole fits `max_length`), EOS,
     /// then the pad id up to `max_length`.
-    pub fn encode(&self, prompt: &str) -> Result<Vec<u32>, PipelineError> {
+    pub fn encode(&self, prompt: &str) -> Result<Vec<u32>, ModelError> {
         let encoding = self.tokenizer.encode(prompt, false).map_err(|e| {
-            PipelineError::InvalidArgument(format!("cannot tokenize the prompt {prompt:?}: {e}"))
+            ModelError::InvalidArgument(format!("cannot tokenize the prompt {prompt:?}: {e}"))
         })?;
         let body = encoding.get_ids();
         let keep = body.len().min(self.max_length - 2);

@@ -16,7 +16,7 @@ use candle_nn::{Init, VarBuilder};
 use crate::ops::{self, fused, Linear};
 use serde_json::Value;
 
-use crate::pipelines::PipelineError;
+use crate::models::ModelError;
 
 /// The architecture of a Flux transformer.
 #[derive(Clone, Debug, PartialEq)]
@@ -77,8 +77,8 @@ impl FluxConfig {
     }
 
     /// Reads diffusers' `transformer/config.json` (`file` names it in errors).
-    pub fn from_diffusers_json(value: &Value, file: &str) -> Result<Self, PipelineError> {
-        let err = |key: &str, expected: &str| PipelineError::ModelFile {
+    pub fn from_diffusers_json(value: &Value, file: &str) -> Result<Self, ModelError> {
+        let err = |key: &str, expected: &str| ModelError::ModelFile {
             path: file.to_string(),
             message: format!(
                 "key {key:?}: expected {expected}, found {}",
@@ -86,7 +86,7 @@ impl FluxConfig {
             ),
         };
         let present = |key: &str| value.get(key).filter(|v| !v.is_null());
-        let u = |key: &str, default: usize| -> Result<usize, PipelineError> {
+        let u = |key: &str, default: usize| -> Result<usize, ModelError> {
             match present(key) {
                 None => Ok(default),
                 Some(v) => v
@@ -97,13 +97,13 @@ impl FluxConfig {
         };
         let d = Self::dev();
         if u("patch_size", 1)? != 1 {
-            return Err(PipelineError::Unsupported(format!(
+            return Err(ModelError::Unsupported(format!(
                 "{file}: patch_size other than 1 is not supported"
             )));
         }
         if let Some(v) = present("out_channels") {
             if v.as_u64() != present("in_channels").and_then(Value::as_u64).or(Some(64)) {
-                return Err(PipelineError::Unsupported(format!(
+                return Err(ModelError::Unsupported(format!(
                     "{file}: out_channels = {v} differs from in_channels; not supported"
                 )));
             }

@@ -1,6 +1,8 @@
 //! Network code of our own, where candle-transformers lacks a piece or differs from
-//! diffusers/transformers: the CLIP tokenizer built from `vocab.json` + `merges.txt`, and the
-//! CLIP text encoder configured from its `config.json`.
+//! diffusers/transformers: the networks (UNet, Flux and PixArt transformers, VAE decoder, CLIP
+//! and T5 text encoders, Qwen2.5-VL), their tokenizers, and their configs as `serde`-derived
+//! structs. Models only build networks from a `VarBuilder` and a config value: where the files
+//! come from is [`crate::loading`]'s business, one layer up.
 
 pub mod clip_text;
 pub mod clip_tokenizer;
@@ -10,3 +12,26 @@ pub mod qwen2_5_vl;
 pub mod t5;
 pub mod unet;
 pub mod vae;
+
+/// Errors raised while configuring or running a network.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A model file (a `config.json`, a tokenizer file, a weights file) is missing, unreadable
+    /// or malformed.
+    #[error("model file {path}: {message}")]
+    ModelFile {
+        /// The file in question (or `component/config.json` as the pipeline names it).
+        path: String,
+        /// What went wrong and what to do.
+        message: String,
+    },
+    /// The model is of a kind this build cannot run (a config value we do not implement).
+    #[error("{0}")]
+    Unsupported(String),
+    /// An input is not valid for this model (a prompt that cannot be tokenized, a bad shape).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A tensor operation failed.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+}

@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use serde_json::Value;
 
+use crate::models::ModelError;
 use crate::ops::{self, conv2d, fused, linear, Conv2d, Linear};
-use crate::pipelines::PipelineError;
 
 /// The `transformer/config.json` fields the model needs.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,29 +40,29 @@ pub struct PixArtConfig {
     pub attention_bias: bool,
 }
 
-fn unsupported(key: &str, value: &Value, expected: &str) -> PipelineError {
-    PipelineError::Unsupported(format!(
+fn unsupported(key: &str, value: &Value, expected: &str) -> ModelError {
+    ModelError::Unsupported(format!(
         "transformer/config.json: {key} = {value} is not supported by the PixArt transformer (expected {expected})"
     ))
 }
 
 impl PixArtConfig {
     /// Reads diffusers' `transformer/config.json` (defaults as `PixArtTransformer2DModel`).
-    pub fn from_json(v: &Value) -> Result<Self, PipelineError> {
+    pub fn from_json(v: &Value) -> Result<Self, ModelError> {
         let get = |k: &str| v.get(k).filter(|x| !x.is_null());
-        let uint = |k: &str, default: usize| -> Result<usize, PipelineError> {
+        let uint = |k: &str, default: usize| -> Result<usize, ModelError> {
             match get(k) {
                 None => Ok(default),
                 Some(x) => x
                     .as_u64()
                     .map(|n| n as usize)
-                    .ok_or_else(|| PipelineError::ModelFile {
+                    .ok_or_else(|| ModelError::ModelFile {
                         path: "transformer/config.json".into(),
                         message: format!("key {k:?}: expected a non-negative integer, found {x}"),
                     }),
             }
         };
-        let check = |k: &str, expected: Value| -> Result<(), PipelineError> {
+        let check = |k: &str, expected: Value| -> Result<(), ModelError> {
             match get(k) {
                 Some(x) if *x != expected => Err(unsupported(k, x, &expected.to_string())),
                 _ => Ok(()),
@@ -79,7 +79,7 @@ impl PixArtConfig {
             None => sample_size == 128,
         };
         if extra {
-            return Err(PipelineError::Unsupported(
+            return Err(ModelError::Unsupported(
                 "transformer/config.json: use_additional_conditions (PixArt-alpha's resolution and aspect-ratio \
                  conditioning) is not supported; PixArt-Sigma models set it to false"
                     .into(),
@@ -90,7 +90,7 @@ impl PixArtConfig {
         let in_channels = uint("in_channels", 4)?;
         let caption_channels =
             match get("caption_channels") {
-                None => return Err(PipelineError::ModelFile {
+                None => return Err(ModelError::ModelFile {
                     path: "transformer/config.json".into(),
                     message:
                         "caption_channels is missing; PixArt-Sigma projects T5 embeddings (4096)"

@@ -12,7 +12,7 @@ use candle_nn::{embedding, linear_no_bias, Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::pipelines::PipelineError;
+use crate::models::ModelError;
 
 /// Number of `<extra_id_N>` sentinel tokens T5's tokenizer appends to the SentencePiece vocab.
 pub const T5_EXTRA_IDS: usize = 100;
@@ -114,8 +114,8 @@ impl SpmModel {
 
 impl T5Tokenizer {
     /// Builds the tokenizer from a SentencePiece model file (`tokenizer/spiece.model`).
-    pub fn from_spiece(path: &Path) -> Result<Self, PipelineError> {
-        let bad = |message: String| PipelineError::ModelFile {
+    pub fn from_spiece(path: &Path) -> Result<Self, ModelError> {
+        let bad = |message: String| ModelError::ModelFile {
             path: path.display().to_string(),
             message,
         };
@@ -191,9 +191,9 @@ impl T5Tokenizer {
         &self,
         text: &str,
         max_length: usize,
-    ) -> Result<(Vec<u32>, Vec<u32>), PipelineError> {
+    ) -> Result<(Vec<u32>, Vec<u32>), ModelError> {
         let enc = self.tokenizer.encode(text, false).map_err(|e| {
-            PipelineError::InvalidArgument(format!("cannot tokenize the prompt {text:?}: {e}"))
+            ModelError::InvalidArgument(format!("cannot tokenize the prompt {text:?}: {e}"))
         })?;
         let mut ids: Vec<u32> = enc.get_ids().to_vec();
         ids.truncate(max_length.saturating_sub(1));
@@ -304,13 +304,13 @@ pub struct T5Encoder {
 
 impl T5Encoder {
     /// Builds the encoder from `vb` (the root of `text_encoder/model.safetensors`).
-    pub fn new(vb: VarBuilder, config: &T5Config) -> Result<Self, PipelineError> {
+    pub fn new(vb: VarBuilder, config: &T5Config) -> Result<Self, ModelError> {
         let ff = match config.feed_forward_proj.as_str() {
             "relu" => FeedForward::Relu,
             "gated-gelu" => FeedForward::GatedGelu,
             "gated-relu" => FeedForward::GatedRelu,
             other => {
-                return Err(PipelineError::Unsupported(format!(
+                return Err(ModelError::Unsupported(format!(
                     "text_encoder/config.json: feed_forward_proj {other:?} is not supported (relu, gated-gelu, gated-relu)"
                 )))
             }

@@ -14,10 +14,10 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{layer_norm, Conv2dConfig, LayerNorm, VarBuilder};
 use serde_json::Value;
 
+use crate::models::ModelError;
 use crate::ops::{
     self, conv2d, fused, group_norm, linear, linear_no_bias, Conv2d, GroupNorm, Linear,
 };
-use crate::pipelines::PipelineError;
 
 /// The UNet's architecture, read from `unet/config.json` (diffusers' names).
 #[derive(Clone, Debug, PartialEq)]
@@ -65,8 +65,8 @@ pub struct UNetConfig {
 
 const FILE: &str = "unet/config.json";
 
-fn key_err(value: &Value, key: &str, expected: &str) -> PipelineError {
-    PipelineError::ModelFile {
+fn key_err(value: &Value, key: &str, expected: &str) -> ModelError {
+    ModelError::ModelFile {
         path: FILE.to_string(),
         message: format!(
             "key {key:?}: expected {expected}, found {}",
@@ -81,7 +81,7 @@ fn present<'a>(value: &'a Value, key: &str) -> Option<&'a Value> {
     value.get(key).filter(|v| !v.is_null())
 }
 
-fn get_usize(value: &Value, key: &str, default: Option<usize>) -> Result<usize, PipelineError> {
+fn get_usize(value: &Value, key: &str, default: Option<usize>) -> Result<usize, ModelError> {
     match (present(value, key), default) {
         (None, Some(d)) => Ok(d),
         (v, _) => v
@@ -91,14 +91,14 @@ fn get_usize(value: &Value, key: &str, default: Option<usize>) -> Result<usize, 
     }
 }
 
-fn get_f64(value: &Value, key: &str, default: f64) -> Result<f64, PipelineError> {
+fn get_f64(value: &Value, key: &str, default: f64) -> Result<f64, ModelError> {
     match present(value, key) {
         None => Ok(default),
         Some(v) => v.as_f64().ok_or_else(|| key_err(value, key, "a number")),
     }
 }
 
-fn get_bool(value: &Value, key: &str, default: bool) -> Result<bool, PipelineError> {
+fn get_bool(value: &Value, key: &str, default: bool) -> Result<bool, ModelError> {
     match present(value, key) {
         None => Ok(default),
         Some(v) => v
@@ -107,7 +107,7 @@ fn get_bool(value: &Value, key: &str, default: bool) -> Result<bool, PipelineErr
     }
 }
 
-fn get_strs(value: &Value, key: &str) -> Result<Vec<String>, PipelineError> {
+fn get_strs(value: &Value, key: &str) -> Result<Vec<String>, ModelError> {
     present(value, key)
         .and_then(Value::as_array)
         .and_then(|a| {
@@ -119,7 +119,7 @@ fn get_strs(value: &Value, key: &str) -> Result<Vec<String>, PipelineError> {
 }
 
 /// An integer or a list of `n` integers, as one value per block.
-fn per_block(value: &Value, key: &str, n: usize) -> Result<Vec<usize>, PipelineError> {
+fn per_block(value: &Value, key: &str, n: usize) -> Result<Vec<usize>, ModelError> {
     let expected = format!("an integer or a list of {n} integers");
     match present(value, key) {
         Some(Value::Array(list)) => list
@@ -137,11 +137,11 @@ fn per_block(value: &Value, key: &str, n: usize) -> Result<Vec<usize>, PipelineE
 }
 
 /// Fails with `Unsupported` unless `key` is absent/null or one of `allowed`.
-fn require(value: &Value, key: &str, allowed: &[Value]) -> Result<(), PipelineError> {
+fn require(value: &Value, key: &str, allowed: &[Value]) -> Result<(), ModelError> {
     match present(value, key) {
         None => Ok(()),
         Some(v) if allowed.contains(v) => Ok(()),
-        Some(v) => Err(PipelineError::Unsupported(format!(
+        Some(v) => Err(ModelError::Unsupported(format!(
             "{FILE}: {key} = {v} is not supported by the UNet (supported: {})",
             if allowed.is_empty() {
                 "null".to_string()
@@ -170,9 +170,9 @@ impl UNetConfig {
     }
 
     /// Parses `unet/config.json`; keys naming features this UNet lacks fail with
-    /// [`PipelineError::Unsupported`] naming the key, malformed keys with
-    /// [`PipelineError::ModelFile`] naming the file and key.
-    pub fn from_json(value: &Value) -> Result<Self, PipelineError> {
+    /// [`ModelError::Unsupported`] naming the key, malformed keys with
+    /// [`ModelError::ModelFile`] naming the file and key.
+    pub fn from_json(value: &Value) -> Result<Self, ModelError> {
         for key in [
             "class_embed_type",
             "time_cond_proj_dim",
@@ -213,7 +213,7 @@ impl UNetConfig {
             .filter(|l| !l.is_empty() && l.iter().all(|&c| c > 0))
             .ok_or_else(|| key_err(value, "block_out_channels", "a non-empty list of integers"))?;
         let n = block_out_channels.len();
-        let kinds = |key: &str, cross: &str, plain: &str| -> Result<Vec<bool>, PipelineError> {
+        let kinds = |key: &str, cross: &str, plain: &str| -> Result<Vec<bool>, ModelError> {
             let types = get_strs(value, key)?;
             if types.len() != n {
                 return Err(key_err(
@@ -227,7 +227,7 @@ impl UNetConfig {
                 .map(|t| match t.as_str() {
                     t if t == cross => Ok(true),
                     t if t == plain => Ok(false),
-                    other => Err(PipelineError::Unsupported(format!(
+                    other => Err(ModelError::Unsupported(format!(
                         "{FILE}: {key} entry {other:?} is not supported ({cross}, {plain})"
                     ))),
                 })
@@ -259,7 +259,7 @@ impl UNetConfig {
         };
         let cross_attention_dim = match present(value, "cross_attention_dim") {
             Some(Value::Array(_)) => {
-                return Err(PipelineError::Unsupported(format!(
+                return Err(ModelError::Unsupported(format!(
                     "{FILE}: a per-block cross_attention_dim is not supported"
                 )))
             }
@@ -957,7 +957,7 @@ mod tests {
         let mut cfg = sdxl_base();
         cfg["class_embed_type"] = json!("timestep");
         let err = UNetConfig::from_json(&cfg).unwrap_err();
-        assert!(matches!(err, PipelineError::Unsupported(_)));
+        assert!(matches!(err, ModelError::Unsupported(_)));
         assert!(err.to_string().contains("class_embed_type"), "{err}");
     }
 

@@ -455,6 +455,9 @@ fn attention_t<T: CudaDType + DeviceRepr>(
         )
         .w()?;
     }
+    // SAFETY: uninitialised until the launch below writes every element: each block stores all D
+    // columns of each of its rows below lq (zeros for a row that sees no key) for its (head,
+    // batch), and the grid's ceil(lq / BM) x h x b blocks cover the (b, lq, h, d) output.
     let out: CudaSlice<T> = unsafe { dev.alloc::<T>(b * lq * h * d)? };
     let (q, k, v) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?, view::<T>(s3, l3)?);
     let ranges: Option<CudaSlice<i32>> = match op.mask.ranges(b, lk) {
@@ -497,6 +500,14 @@ fn attention_t<T: CudaDType + DeviceRepr>(
         32 * tile.warps() as u32,
     );
     cfg.shared_mem_bytes = smem;
+    // SAFETY: the arguments follow tt_attention_*'s C signature in kernels/attention.cu in order
+    // and type (q, k, v, out, key_ranges pointers; int heads, kv_group, lq, lk, causal_off; nine
+    // long long strides; float scale_log2). q, k, v are (B, H or Hk, L, D) views with unit inner
+    // stride and 8-element aligned strides and offsets (checked above), v of k's shape and batch
+    // and D shared with q (fused::attention_masked); out holds b·lq·h·d; key_ranges is null or
+    // 3·b ints. Threads (32·warps), rows per block and dynamic shared memory are the tile's
+    // (AttentionTile mirrors TtAttnTile/TtAttnWgTile; the kernel traps on too little), the
+    // attribute raised above 48 KiB; all buffers stay alive until the launch is on the stream.
     unsafe { launch.launch(cfg) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
@@ -558,6 +569,8 @@ fn layer_norm_modulate_t<T: CudaDType + DeviceRepr>(
         Kernels::Norm,
         format!("tt_layer_norm_mod_{}", suffix(s.dtype())?)
     );
+    // SAFETY: uninitialised until tt_layer_norm_mod_* below writes it: one block per row, each
+    // storing all `cols` elements of its row.
     let out: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * cols)? };
     let x = view::<T>(s, l)?;
     let (wg, bg, shg, scg) = (
@@ -588,6 +601,11 @@ fn layer_norm_modulate_t<T: CudaDType + DeviceRepr>(
     }
     launch.arg(&cols_i).arg(&rpg).arg(&mod_stride).arg(&eps);
     let cfg = launch_config((rows as u32, 1, 1), 256);
+    // SAFETY: arguments in tt_layer_norm_mod_*'s order and types (x, y, then weight, bias, shift,
+    // scale as pointers, 0 = null; int cols, int rows_per_group, long long mod_stride, float eps).
+    // x is contiguous (rows, cols) (fused::layer_norm_modulate makes it so), out holds rows·cols,
+    // weight and bias are (cols), shift and scale (B, cols) rows with unit column stride (`held`
+    // checks) for the rows / rows_per_group = B groups; the kernel uses static shared memory only.
     unsafe { launch.launch(cfg) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
@@ -631,7 +649,13 @@ fn group_norm_t<T: CudaDType + DeviceRepr>(
     let suffix = suffix(s.dtype())?;
     let stats_fn = kernel!(dev, Kernels::Norm, format!("tt_group_stats_{suffix}"));
     let func = kernel!(dev, Kernels::Norm, format!("tt_group_norm_{suffix}"));
+    // SAFETY: uninitialised until tt_group_norm_* writes every element: block (k, g, s) writes
+    // [k·chunk, (k + 1)·chunk) of group g of sample s, chunks·chunk >= the group's size
+    // (group_norm_chunks) and the groups divide c (fused::group_norm).
     let out: CudaSlice<T> = unsafe { dev.alloc::<T>(l.shape().elem_count())? };
+    // SAFETY: uninitialised until tt_group_stats_* writes it: each block of the (chunks, groups,
+    // n) grid writes its 3 floats at 3·((s·groups + g)·chunks + k), all before tt_group_norm_*
+    // reads them (launched after it on the same stream).
     let partial: CudaSlice<f32> = unsafe { dev.alloc::<f32>(3 * n * op.groups * chunks)? };
     let x = view::<T>(s, l)?;
     let (wg, bg) = (lock(&op.weight), lock(&op.bias));
@@ -653,6 +677,10 @@ fn group_norm_t<T: CudaDType + DeviceRepr>(
     let mut launch = stats_fn.builder();
     launch.arg(&x).arg(&partial);
     launch.arg(&ci).arg(&hwi).arg(&gi).arg(&chunk_i).arg(&vec_i);
+    // SAFETY: arguments match tt_group_stats_*(const T *x, float *partial, int channels, int hw,
+    // int groups, int chunk, int vec); x is contiguous (n, c, hw) (fused::group_norm), partial
+    // holds 3 floats per block of the grid; with vec, hw and chunk are multiples of the 16-byte
+    // pack and x's offset is 16-byte aligned (checked above); static shared memory only.
     unsafe { launch.launch(launch_config(grid, 256)) }.w()?;
     let mut launch = func.builder();
     launch
@@ -669,6 +697,10 @@ fn group_norm_t<T: CudaDType + DeviceRepr>(
         .arg(&eps)
         .arg(&silu)
         .arg(&vec_i);
+    // SAFETY: arguments match tt_group_norm_*(x, y, weight, bias, partial, int channels, int hw,
+    // int groups, int chunk, float eps, int silu, int vec); weight and bias are contiguous (c)
+    // (fused::group_norm), out is a fresh allocation of x's element count, partial was filled by
+    // the launch above; same grid, chunking and packing as that launch; static shared memory only.
     unsafe { launch.launch(launch_config(grid, 256)) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
@@ -706,6 +738,9 @@ fn qk_norm_rope_t<T: CudaDType + DeviceRepr>(
         Kernels::Norm,
         format!("tt_qk_norm_rope_{}", suffix(s.dtype())?)
     );
+    // SAFETY: uninitialised until tt_qk_norm_rope_* below writes it: one warp per (b, l, h) over
+    // ceil(b·len·h / 8) blocks of 8 warps, each writing d elements of q, of k (d is even, checked
+    // in QkStream::new) and of v.
     let out: CudaSlice<T> = unsafe { dev.alloc::<T>(3 * b * len * h * d)? };
     let x = view::<T>(s, l)?;
     let row_stride = l.stride()[1] as i64;
@@ -760,6 +795,14 @@ fn qk_norm_rope_t<T: CudaDType + DeviceRepr>(
                     launch.arg(&eps);
                     let items = (b * len * h) as u32;
                     let cfg = launch_config((items.div_ceil(8), 1, 1), 256);
+                    // SAFETY: arguments in tt_qk_norm_rope_*'s order and types (qkv, long long
+                    // row_stride, qkv_b, long long row_stride_b, int len_a, out, q_weight,
+                    // k_weight, q_weight_b, k_weight_b (0 = null), cos, sin, int pos_offset,
+                    // batch, len, heads, dim, float eps). Each stream has unit column stride,
+                    // batch rows len rows apart and >= 3·h·d columns (QkStream::new), weights
+                    // contiguous (d), cos/sin contiguous f32 (P, d/2) with pos_offset + len <= P
+                    // (qk_norm_rope_op); out holds 3·b·len·h·d; 256 threads = the kernel's 8
+                    // warps a block; no dynamic shared memory.
                     unsafe { launch.launch(cfg) }.w()?;
                     Ok(())
                 })
@@ -792,6 +835,8 @@ fn gelu_t<T: CudaDType + DeviceRepr>(
     let blocks = |work: usize| (work.div_ceil(256).clamp(1, 65_535)) as u32;
     let (out, shape, grid) = match op {
         GeluOp::Tanh => {
+            // SAFETY: uninitialised until tt_gelu_tanh_* below writes all n elements
+            // (grid-stride loop).
             let out: CudaSlice<T> = unsafe { dev.alloc::<T>(n)? };
             (out, l.shape().clone(), blocks(n))
         }
@@ -801,6 +846,8 @@ fn gelu_t<T: CudaDType + DeviceRepr>(
             if let Some(last) = dims.last_mut() {
                 *last = two / 2;
             }
+            // SAFETY: uninitialised until tt_geglu_* below writes all rows·inner = n / 2 elements
+            // (grid-stride loop; the last dimension is even, checked in fused::geglu).
             let out: CudaSlice<T> = unsafe { dev.alloc::<T>(n / 2)? };
             (out, Shape::from(dims), blocks(n / 2))
         }
@@ -812,6 +859,8 @@ fn gelu_t<T: CudaDType + DeviceRepr>(
             let count = n as i64;
             let mut launch = func.builder();
             launch.arg(&x).arg(&out).arg(&count);
+            // SAFETY: arguments match tt_gelu_tanh_*(const T *x, T *y, long long n); x is
+            // contiguous (fused::gelu_tanh) with n elements and out holds n; no shared memory.
             unsafe { launch.launch(cfg) }.w()?;
         }
         GeluOp::Geglu => {
@@ -820,6 +869,8 @@ fn gelu_t<T: CudaDType + DeviceRepr>(
             let rows = (n / 2 / (inner.max(1) as usize)) as i64;
             let mut launch = func.builder();
             launch.arg(&x).arg(&out).arg(&rows).arg(&inner);
+            // SAFETY: arguments match tt_geglu_*(const T *x, T *y, long long rows, int inner); x is
+            // contiguous (rows, 2·inner) (fused::geglu) and out holds rows·inner; no shared memory.
             unsafe { launch.launch(cfg) }.w()?;
         }
     }
@@ -865,6 +916,8 @@ fn gated_residual_t<T: CudaDType + DeviceRepr>(
         Kernels::Norm,
         format!("tt_gated_residual_{}", suffix(s1.dtype())?)
     );
+    // SAFETY: uninitialised until tt_gated_residual_* below writes all n / pack packs of it
+    // (grid-stride loop; cols is a multiple of pack, checked above).
     let out: CudaSlice<T> = unsafe { dev.alloc::<T>(n)? };
     let (x, y) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?);
     let gate_held = Some(op.gate.clone());
@@ -882,6 +935,11 @@ fn gated_residual_t<T: CudaDType + DeviceRepr>(
         .arg(&out);
     launch.arg(&rows).arg(&cols_i).arg(&rows_per_group);
     let grid = (n / pack).div_ceil(256).clamp(1, 65_535) as u32;
+    // SAFETY: arguments match tt_gated_residual_*(x, gate, long long gate_stride, y, out, long
+    // long rows, int cols, long long rows_per_group); x and y are contiguous (rows, cols) of one
+    // shape (fused::gated_residual) at pack-aligned (16-byte) offsets (checked above), out is a
+    // fresh allocation of n, gate is (B, cols) rows with unit column stride (`held` checks) for
+    // the rows / rows_per_group = B groups; no shared memory.
     unsafe { launch.launch(launch_config((grid, 1, 1), 256)) }.w()?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
@@ -928,6 +986,8 @@ where
     let (n, k) = op.weight.dims2()?;
     let m = l.shape().elem_count() / k.max(1);
     let lt = blas_lt(dev)?;
+    // SAFETY: uninitialised until the first cuBLASLt product below writes all m·n elements (beta
+    // 0: C is not read); the second product (beta 1) reads it only after that, on the same stream.
     let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(m * n)? };
     let x = view::<T>(s, l)?;
     // Row-major out (m, n) = x (m, k) · wᵀ is column-major outᵀ (n, m) = w (n, k) · xᵀ; w's rows
@@ -967,6 +1027,10 @@ where
             Activation::GeluTanh => cublaslt::Activation::Gelu,
         });
         let cfg = config(k, wl, 0.0)?;
+        // SAFETY: `cfg` describes the buffers: w (n, k) with rows `lda` >= k apart and unit
+        // column stride (checked in `config`), x contiguous (m, k) (m = its elements / k), out
+        // (m, n); bias is None or a contiguous (n) of T (fused::linear_op); all on the device's
+        // stream, which is the handle's, and alive (held guards) until the product is enqueued.
         unsafe { lt.matmul(cfg, &w, &x, &mut out, bias.as_ref(), act.as_ref()) }.map_err(lt_error)
     })?;
     if let Some((x2, w2)) = &op.then {
@@ -979,6 +1043,9 @@ where
             with_cuda(x2, |x2s, x2l| {
                 let (w2v, x2v) = (view::<T>(w2s, w2l)?, view::<T>(x2s, x2l)?);
                 let cfg = config(k2, w2l, 1.0)?;
+                // SAFETY: as above for w2 (n, k2) and x2 contiguous (m, k2) (its m·k2
+                // elements checked above); beta 1 reads `out`, which the first product wrote
+                // earlier on the same stream.
                 unsafe { lt.matmul(cfg, &w2v, &x2v, &mut out, None, None) }.map_err(lt_error)
             })
         })?;
@@ -1041,6 +1108,8 @@ fn conv2d_t<T: CudaDType + DeviceRepr>(
     let dev = &s.device;
     let stream = dev.cuda_stream();
     let len = p.output_len().map_err(cudnn_error)?;
+    // SAFETY: uninitialised until cuDNN's forward below overwrites all n·k·oh·ow = len elements
+    // (beta 0: y is not read).
     let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(len)? };
     let x = view::<T>(s, l)?;
     with_cuda(&op.weight, |ws, wl| {
@@ -1048,6 +1117,8 @@ fn conv2d_t<T: CudaDType + DeviceRepr>(
         let plan = with_cudnn(dev, |session| session.plan(&p))?;
         let mut workspace: Option<CudaSlice<u8>> = match plan.workspace {
             0 => None,
+            // SAFETY: cuDNN's scratch, written before read; `bytes` is the plan's workspace size,
+            // what forward is told it holds.
             bytes => Some(unsafe { dev.alloc::<u8>(bytes)? }),
         };
         // The guards record the stream's use of each buffer when they drop, after the call.

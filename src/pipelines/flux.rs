@@ -14,63 +14,26 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Module, VarBuilder};
+use candle_nn::Module;
 use candle_transformers::models::flux::autoencoder as bfl_vae;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 use candle_transformers::models::t5;
 use image::RgbImage;
 use serde_json::Value;
 
-use crate::config::Dtype;
-use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use super::common::{clip_text_config, clip_tokenizer, noise_batch, optional_file, to_images};
+use super::{CallArgs, ImagePipeline, PipelineError};
+use crate::loading::{candle_dtype, mmap, parse_config, Dtype, ModelSource};
+use crate::models::clip_text::ClipTextModel;
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::flux_transformer::{
     latent_image_ids, DiffusersFluxWeights, FluxConfig, FluxTransformer, Modulations, Rope,
 };
 use crate::models::vae::VaeDecoder;
 use crate::noise::Noise;
-use crate::pipelines::hub::ModelSource;
-use crate::pipelines::schedulers::FlowMatchConfig;
-use crate::pipelines::sd15::Sd15Pipeline;
-use crate::pipelines::weights::candle_dtype;
-use crate::pipelines::{ImagePipeline, PipelineError};
+use crate::schedulers::FlowMatchConfig;
 
-/// diffusers' default `guidance_scale` for FluxPipeline.
-pub const DEFAULT_GUIDANCE_SCALE: f64 = 3.5;
-/// diffusers' default `num_inference_steps` (FLUX.1-dev); schnell defaults to 4.
-pub const DEFAULT_NUM_INFERENCE_STEPS: usize = 28;
-
-/// The `pipeline_call_args` Flux understands; `None` takes the default.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct FluxCallArgs {
-    /// Image height in pixels, a multiple of 2 × the VAE scale factor (default 1024).
-    pub height: Option<usize>,
-    /// Image width in pixels (default 1024).
-    pub width: Option<usize>,
-    /// Denoising steps (default 28; 4 for schnell, i.e. models without a guidance embedding).
-    pub num_inference_steps: Option<usize>,
-    /// Embedded guidance (default 3.5; ignored by schnell).
-    pub guidance_scale: Option<f64>,
-    /// T5 tokens (default 512; 256 for schnell).
-    pub max_sequence_length: Option<usize>,
-}
-
-fn mmap(
-    files: &[std::path::PathBuf],
-    dtype: DType,
-    device: &Device,
-) -> Result<VarBuilder<'static>, PipelineError> {
-    // SAFETY: model files are memory-mapped read-only and not modified while mapped.
-    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|e| {
-        PipelineError::ModelFile {
-            path: files
-                .first()
-                .map_or(String::new(), |p| p.display().to_string()),
-            message: format!("cannot read the safetensors weights: {e}"),
-        }
-    })
-}
-
+/// Turns a construction error of a Flux component into a message naming its weights.
 fn weights_error(source: &ModelSource, what: &str, e: impl std::fmt::Display) -> PipelineError {
     PipelineError::ModelFile {
         path: format!("{}/{what}", source.display_name()),
@@ -78,16 +41,10 @@ fn weights_error(source: &ModelSource, what: &str, e: impl std::fmt::Display) ->
     }
 }
 
-fn optional_file(
-    source: &ModelSource,
-    rel: &str,
-) -> Result<Option<std::path::PathBuf>, PipelineError> {
-    if source.has_file(rel)? {
-        source.file(rel).map(Some)
-    } else {
-        Ok(None)
-    }
-}
+/// diffusers' default `guidance_scale` for FluxPipeline.
+pub const DEFAULT_GUIDANCE_SCALE: f64 = 3.5;
+/// diffusers' default `num_inference_steps` (FLUX.1-dev); schnell defaults to 4.
+pub const DEFAULT_NUM_INFERENCE_STEPS: usize = 28;
 
 /// `x` rounded to `dtype` and back to f32 (emulates a torch cast).
 fn round_to(x: f32, dtype: DType) -> Result<f32, PipelineError> {
@@ -309,16 +266,11 @@ impl FluxPipeline {
         source: ModelSource,
         dtype: Dtype,
         device: &Device,
-        call_args: &FluxCallArgs,
+        call_args: &CallArgs,
         low_vram: bool,
     ) -> Result<Self, PipelineError> {
         let cdt = candle_dtype(dtype);
-        let clip_tokenizer = ClipTokenizer::from_files(
-            &source.file("tokenizer/vocab.json")?,
-            &source.file("tokenizer/merges.txt")?,
-            optional_file(&source, "tokenizer/tokenizer_config.json")?.as_deref(),
-            optional_file(&source, "tokenizer/special_tokens_map.json")?.as_deref(),
-        )?;
+        let clip_tokenizer = clip_tokenizer(&source, "tokenizer")?;
         let clip_json = source.read_json("text_encoder/config.json")?;
         let clip_eos = clip_json
             .get("eos_token_id")
@@ -521,13 +473,7 @@ impl FluxPipeline {
 
     fn load_encoders(&self) -> Result<TextEncoders, PipelineError> {
         let source = &self.source;
-        let clip_cfg: ClipTextConfig =
-            serde_json::from_value(source.read_json("text_encoder/config.json")?).map_err(|e| {
-                PipelineError::ModelFile {
-                    path: "text_encoder/config.json".into(),
-                    message: format!("not a CLIP text config: {e}"),
-                }
-            })?;
+        let clip_cfg = clip_text_config(source, "text_encoder")?;
         let vb = mmap(
             &source.weights("text_encoder", self.model_dtype)?,
             self.dtype,
@@ -535,13 +481,10 @@ impl FluxPipeline {
         )?;
         let clip = ClipTextModel::new(vb, &clip_cfg)
             .map_err(|e| weights_error(source, "text_encoder", e))?;
-        let t5_cfg: t5::Config = serde_json::from_value(
-            source.read_json("text_encoder_2/config.json")?,
-        )
-        .map_err(|e| PipelineError::ModelFile {
-            path: "text_encoder_2/config.json".into(),
-            message: format!("not a T5 config: {e}"),
-        })?;
+        let t5_cfg: t5::Config = parse_config(
+            &source.read_json("text_encoder_2/config.json")?,
+            "text_encoder_2/config.json",
+        )?;
         let vb = mmap(
             &source.weights("text_encoder_2", self.model_dtype)?,
             self.dtype,
@@ -582,7 +525,7 @@ impl FluxPipeline {
 
     /// CLIP ids of `prompt` (padded/truncated to 77).
     pub fn clip_ids(&self, prompt: &str) -> Result<Vec<u32>, PipelineError> {
-        self.clip_tokenizer.encode(prompt)
+        Ok(self.clip_tokenizer.encode(prompt)?)
     }
 
     /// T5 ids of `prompt`, truncated (keeping `</s>`) and padded to `max_len` as diffusers'
@@ -798,60 +741,11 @@ impl ImagePipeline for FluxPipeline {
         if noises.is_empty() {
             return Ok(Vec::new());
         }
-        let batch = super::weights::noise_batch(noises, &self.noise_shape(), &self.device)?;
+        let batch = noise_batch(noises, &self.noise_shape(), &self.device)?;
         let latents = batch.to_dtype(self.dtype)?;
         let latents = self.denoise(&pack_latents(&latents)?)?;
-        Sd15Pipeline::to_images(&self.vae_decode(&latents)?)
+        to_images(&self.vae_decode(&latents)?)
     }
-}
-
-/// Times one denoising step of the real-size FLUX.1-dev transformer (19 double + 38 single
-/// blocks, 3072 wide, 24 heads; `opts.layers` builds fewer of each) with random weights on
-/// packed latents of `opts.height`×`opts.width`, `opts.batch` rows and 512 T5 tokens.
-pub fn bench_transformer_step(
-    opts: &crate::bench::BenchOptions,
-) -> Result<Vec<crate::bench::BenchReport>, PipelineError> {
-    if opts.height % 16 != 0 || opts.width % 16 != 0 || opts.height == 0 || opts.width == 0 {
-        return Err(PipelineError::InvalidArgument(format!(
-            "bench height/width {}x{} must be positive multiples of 16 for Flux",
-            opts.height, opts.width
-        )));
-    }
-    let mut cfg = FluxConfig::dev();
-    if let Some(n) = opts.layers {
-        cfg.depth = n.min(cfg.depth);
-        cfg.depth_single_blocks = (2 * n).min(cfg.depth_single_blocks);
-    }
-    let (vb, params) = crate::bench::RandomWeights::var_builder(opts.dtype, &opts.device);
-    let model = FluxTransformer::new(&cfg, vb)?;
-    let b = opts.batch.max(1);
-    let (rows, cols) = (opts.height / 16, opts.width / 16);
-    let txt_len = 512;
-    let img = Tensor::randn(0f32, 1.0, (b, rows * cols, 64), &opts.device)?.to_dtype(opts.dtype)?;
-    let txt = Tensor::randn(0f32, 1.0, (b, txt_len, 4096), &opts.device)?.to_dtype(opts.dtype)?;
-    let pooled = Tensor::randn(0f32, 1.0, (b, 768), &opts.device)?.to_dtype(opts.dtype)?;
-    let mut ids = vec![[0f32; 3]; txt_len];
-    ids.extend(latent_image_ids(rows, cols));
-    let rope = Rope::new(&ids, &cfg.axes_dim, cfg.theta, &opts.device)?;
-    let t = vec![500f32; b];
-    let g = vec![3500f32; b];
-    let details = format!(
-        "{} double + {} single blocks, batch {b}, {} image + {txt_len} text tokens",
-        cfg.depth,
-        cfg.depth_single_blocks,
-        rows * cols
-    );
-    let report = crate::bench::time_steps(
-        "flux.1-dev transformer step",
-        opts,
-        params.get(),
-        details,
-        || {
-            let vec = model.conditioning(&t, Some(&g), &pooled)?;
-            model.forward(&img, &txt, &vec, &rope).map(|_| ())
-        },
-    )?;
-    Ok(vec![report])
 }
 
 #[cfg(test)]

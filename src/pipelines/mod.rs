@@ -1,24 +1,27 @@
 //! Text-to-image pipelines: each turns a prompt and a batch of initial noises into images.
 //!
-//! One file per model family; `schedulers/` holds the diffusers-compatible schedulers and
-//! `hub` resolves a Hub repo id or a local folder in diffusers layout to files.
+//! One file per model family holding only what differs; [`common`] owns what they share (the
+//! guided denoise loop, `generate`, image post-processing). The schedulers are
+//! [`crate::schedulers`], the files and weights [`crate::loading`], the networks
+//! [`crate::models`].
 
 pub mod caption;
+pub mod common;
 pub mod flux;
-pub mod hub;
 pub mod pixart;
-pub mod schedulers;
 pub mod sd15;
 pub mod sdxl;
-pub mod weights;
 
 use image::RgbImage;
 use serde_json::Value;
 
 use crate::config::Config;
+pub use crate::config::PipelineCallArgs as CallArgs;
+use crate::loading::{LoadError, ModelSource};
+use crate::models::ModelError;
 use crate::noise::Noise;
-use hub::ModelSource;
-use sd15::{Sd15CallArgs, Sd15Pipeline};
+use crate::schedulers::SchedulerError;
+use sd15::Sd15Pipeline;
 
 /// Errors raised while loading or running a pipeline.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +55,50 @@ pub enum PipelineError {
     Candle(#[from] candle_core::Error),
 }
 
+impl From<ModelError> for PipelineError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::ModelFile { path, message } => PipelineError::ModelFile { path, message },
+            ModelError::Unsupported(m) => PipelineError::Unsupported(m),
+            ModelError::InvalidArgument(m) => PipelineError::InvalidArgument(m),
+            ModelError::Candle(e) => PipelineError::Candle(e),
+        }
+    }
+}
+
+impl From<LoadError> for PipelineError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::ModelFile { path, message } => PipelineError::ModelFile { path, message },
+            LoadError::Hub {
+                repo,
+                file,
+                message,
+            } => PipelineError::Hub {
+                repo,
+                file,
+                message,
+            },
+            LoadError::Unsupported(m) => PipelineError::Unsupported(m),
+            LoadError::InvalidArgument(m) => PipelineError::InvalidArgument(m),
+            LoadError::Candle(e) => PipelineError::Candle(e),
+        }
+    }
+}
+
+impl From<SchedulerError> for PipelineError {
+    fn from(e: SchedulerError) -> Self {
+        match e {
+            SchedulerError::ModelFile { path, message } => {
+                PipelineError::ModelFile { path, message }
+            }
+            SchedulerError::Unsupported(m) => PipelineError::Unsupported(m),
+            SchedulerError::InvalidArgument(m) => PipelineError::InvalidArgument(m),
+            SchedulerError::Candle(e) => PipelineError::Candle(e),
+        }
+    }
+}
+
 /// A loaded text-to-image pipeline.
 pub trait ImagePipeline {
     /// Shape of one candidate's initial noise with batch dimension 1, as diffusers draws it
@@ -80,88 +127,48 @@ pub fn load(
         .unwrap_or("")
         .to_string();
     let args = &config.pipeline_call_args;
-    match class.as_str() {
-        "StableDiffusionPipeline" => {
-            for (key, set) in [
-                ("max_sequence_length", args.max_sequence_length.is_some()),
-                ("clean_caption", args.clean_caption.is_some()),
-            ] {
-                if set {
-                    tracing::warn!(
-                        "{}: pipeline_call_args.{key} does not apply to Stable Diffusion 1.5 and is ignored",
-                        config.path.display()
-                    );
-                }
-            }
-            let call = Sd15CallArgs {
-                height: args.height,
-                width: args.width,
-                num_inference_steps: args.num_inference_steps,
-                guidance_scale: args.guidance_scale,
-                negative_prompt: args.negative_prompt.clone(),
+    // Warns about call arguments the model does not use (they are accepted and ignored).
+    let ignored = |model: &str, keys: &[&str]| {
+        for key in keys {
+            let set = match *key {
+                "max_sequence_length" => args.max_sequence_length.is_some(),
+                _ => args.clean_caption.is_some(),
             };
-            Ok(Box::new(Sd15Pipeline::load(&source, config.dtype, device, &call)?))
-        }
-        "FluxPipeline" => {
-            if args.clean_caption.is_some() {
+            if set {
                 tracing::warn!(
-                    "{}: pipeline_call_args.clean_caption does not apply to Flux and is ignored",
+                    "{}: pipeline_call_args.{key} does not apply to {model} and is ignored",
                     config.path.display()
                 );
             }
-            let call = flux::FluxCallArgs {
-                height: args.height,
-                width: args.width,
-                num_inference_steps: args.num_inference_steps,
-                guidance_scale: args.guidance_scale,
-                max_sequence_length: args.max_sequence_length,
-            };
+        }
+    };
+    match class.as_str() {
+        "StableDiffusionPipeline" => {
+            ignored("Stable Diffusion 1.5", &["max_sequence_length", "clean_caption"]);
+            Ok(Box::new(Sd15Pipeline::load(&source, config.dtype, device, args)?))
+        }
+        "FluxPipeline" => {
+            ignored("Flux", &["clean_caption"]);
             Ok(Box::new(flux::FluxPipeline::load(
                 source,
                 config.dtype,
                 device,
-                &call,
+                args,
                 low_vram,
             )?))
         }
         "PixArtSigmaPipeline" => {
-            let call = pixart::PixArtCallArgs {
-                height: args.height,
-                width: args.width,
-                num_inference_steps: args.num_inference_steps,
-                guidance_scale: args.guidance_scale,
-                negative_prompt: args.negative_prompt.clone(),
-                max_sequence_length: args.max_sequence_length,
-                clean_caption: args.clean_caption,
-            };
-            let mut pipeline = pixart::PixArtPipeline::load(&source, config.dtype, device, &call)?;
+            let mut pipeline = pixart::PixArtPipeline::load(&source, config.dtype, device, args)?;
             pipeline.set_low_vram(low_vram);
             Ok(Box::new(pipeline))
         }
         "StableDiffusionXLPipeline" => {
-            for (key, set) in [
-                ("max_sequence_length", args.max_sequence_length.is_some()),
-                ("clean_caption", args.clean_caption.is_some()),
-            ] {
-                if set {
-                    tracing::warn!(
-                        "{}: pipeline_call_args.{key} does not apply to SDXL and is ignored",
-                        config.path.display()
-                    );
-                }
-            }
-            let call = sdxl::SdxlCallArgs {
-                height: args.height,
-                width: args.width,
-                num_inference_steps: args.num_inference_steps,
-                guidance_scale: args.guidance_scale,
-                negative_prompt: args.negative_prompt.clone(),
-            };
+            ignored("SDXL", &["max_sequence_length", "clean_caption"]);
             Ok(Box::new(sdxl::SdxlPipeline::load(
                 &source,
                 config.dtype,
                 device,
-                &call,
+                args,
             )?))
         }
         "" => Err(PipelineError::ModelFile {

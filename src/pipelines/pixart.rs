@@ -9,17 +9,19 @@ use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 use image::RgbImage;
 use serde_json::Value;
 
-use crate::config::Dtype;
+use super::caption::preprocess_caption;
+use super::common::{
+    check_dtype_on_device, decode_rows, scheduler_from_file, weights_error, Sampler,
+};
+use super::{CallArgs, ImagePipeline, PipelineError};
+use crate::loading::{candle_dtype, mmap, parse_config, var_builder, Dtype, ModelSource};
 use crate::models::pixart::{PixArtConfig, PixArtTransformer};
 use crate::models::t5::{T5Config, T5Encoder, T5Tokenizer};
 use crate::models::vae::VaeDecoder;
 use crate::noise::Noise;
-use crate::pipelines::caption::preprocess_caption;
-use crate::pipelines::hub::ModelSource;
-use crate::pipelines::schedulers::SchedulerConfig;
-use crate::pipelines::sd15::{SchedulerFactory, Sd15Pipeline};
-use crate::pipelines::weights::{candle_dtype, var_builder};
-use crate::pipelines::{ImagePipeline, PipelineError};
+
+/// What the model folder should be, for weight errors.
+const MODEL: &str = "a PixArt-Sigma model";
 
 /// diffusers' default `guidance_scale` for PixArt-Sigma.
 pub const DEFAULT_GUIDANCE_SCALE: f64 = 4.5;
@@ -127,25 +129,6 @@ pub fn resize_and_crop(
     Tensor::from_vec(out, (b, c, new_height, new_width), images.device())
 }
 
-/// The `pipeline_call_args` PixArt-Sigma understands; `None` takes diffusers' default.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct PixArtCallArgs {
-    /// Requested image height in pixels (default `sample_size × 8`, 1024).
-    pub height: Option<usize>,
-    /// Requested image width in pixels (default as `height`).
-    pub width: Option<usize>,
-    /// Denoising steps (default 20).
-    pub num_inference_steps: Option<usize>,
-    /// Classifier-free guidance scale (default 4.5; off when <= 1).
-    pub guidance_scale: Option<f64>,
-    /// Negative prompt (default "").
-    pub negative_prompt: Option<String>,
-    /// T5 tokens the prompt is padded/truncated to (default 300).
-    pub max_sequence_length: Option<usize>,
-    /// diffusers' caption cleaning (default true).
-    pub clean_caption: Option<bool>,
-}
-
 /// A loaded PixArt-Sigma pipeline.
 pub struct PixArtPipeline {
     tokenizer: T5Tokenizer,
@@ -156,7 +139,7 @@ pub struct PixArtPipeline {
     low_vram: bool,
     transformer: PixArtTransformer,
     vae: VaeDecoder,
-    scheduler: SchedulerFactory,
+    sampler: Sampler,
     dtype: DType,
     device: Device,
     scaling_factor: f64,
@@ -167,24 +150,11 @@ pub struct PixArtPipeline {
     /// The size the latents are made at (the aspect-ratio bin).
     bin_height: usize,
     bin_width: usize,
-    num_inference_steps: usize,
-    guidance_scale: f64,
     negative_prompt: String,
     max_sequence_length: usize,
     clean_caption: bool,
     /// `(states, mask)`: `[uncond; cond]` under guidance, else `[cond]`.
     context: Option<(Tensor, Tensor)>,
-}
-
-fn weights_error(
-    source: &ModelSource,
-    component: &str,
-    e: impl std::fmt::Display,
-) -> PipelineError {
-    PipelineError::ModelFile {
-        path: format!("{}/{component}", source.display_name()),
-        message: format!("the weights do not match {component}/config.json: {e}; is this a PixArt-Sigma model in diffusers layout?"),
-    }
 }
 
 /// The VAE's candle config and `scaling_factor` from `vae/config.json`.
@@ -234,32 +204,26 @@ impl PixArtPipeline {
         source: &ModelSource,
         dtype: Dtype,
         device: &Device,
-        args: &PixArtCallArgs,
+        args: &CallArgs,
     ) -> Result<Self, PipelineError> {
-        if dtype == Dtype::Bf16 && device.is_cpu() {
-            return Err(PipelineError::Unsupported(
-                "torch_dtype \"bf16\" needs a CUDA device (candle has no bf16 matmul on the CPU); use \"fp32\" or \"fp16\"".into(),
-            ));
-        }
+        check_dtype_on_device(dtype, device)?;
         let tokenizer = T5Tokenizer::from_spiece(&source.file("tokenizer/spiece.model")?)?;
-        let t5_json = source.read_json("text_encoder/config.json")?;
-        let t5_config: T5Config =
-            serde_json::from_value(t5_json).map_err(|e| PipelineError::ModelFile {
-                path: "text_encoder/config.json".into(),
-                message: format!("not a T5 config: {e}"),
-            })?;
+        let t5_config: T5Config = parse_config(
+            &source.read_json("text_encoder/config.json")?,
+            "text_encoder/config.json",
+        )?;
         let text_encoder = T5Encoder::new(
             var_builder(source, "text_encoder", dtype, candle_dtype(dtype), device)?,
             &t5_config,
         )
-        .map_err(|e| weights_error(source, "text_encoder", e))?;
+        .map_err(|e| weights_error(source, "text_encoder", MODEL, e))?;
         let text_encoder_files = (source.weights("text_encoder", dtype)?, t5_config.clone());
         let tr_config = PixArtConfig::from_json(&source.read_json("transformer/config.json")?)?;
         let transformer = PixArtTransformer::new(
             &tr_config,
             var_builder(source, "transformer", dtype, candle_dtype(dtype), device)?,
         )
-        .map_err(|e| weights_error(source, "transformer", e))?;
+        .map_err(|e| weights_error(source, "transformer", MODEL, e))?;
         let (vae_cfg, scaling_factor) = vae_config(&source.read_json("vae/config.json")?)?;
         let vae_scale = 1usize << (vae_cfg.block_out_channels.len() - 1);
         let latent_channels = vae_cfg.latent_channels;
@@ -274,10 +238,8 @@ impl PixArtPipeline {
             3,
             vae_cfg,
         )
-        .map_err(|e| weights_error(source, "vae", e))?;
-        let sched_path = source.file("scheduler/scheduler_config.json")?;
-        let sched_config = SchedulerConfig::from_file(&sched_path)?;
-        let scheduler: SchedulerFactory = Box::new(move |steps| sched_config.build(steps));
+        .map_err(|e| weights_error(source, "vae", MODEL, e))?;
+        let scheduler = scheduler_from_file(&source.file("scheduler/scheduler_config.json")?)?;
 
         let default = tr_config.sample_size * vae_scale;
         let height = args.height.unwrap_or(default);
@@ -308,6 +270,11 @@ impl PixArtPipeline {
                 "pipeline_call_args.guidance_scale = {guidance_scale} must be a finite number"
             )));
         }
+        let sampler = Sampler {
+            scheduler,
+            num_inference_steps,
+            guidance_scale,
+        };
         let max_sequence_length = args
             .max_sequence_length
             .unwrap_or(DEFAULT_MAX_SEQUENCE_LENGTH);
@@ -323,7 +290,7 @@ impl PixArtPipeline {
             low_vram: false,
             transformer,
             vae,
-            scheduler,
+            sampler,
             dtype: candle_dtype(dtype),
             device: device.clone(),
             scaling_factor,
@@ -332,8 +299,6 @@ impl PixArtPipeline {
             width,
             bin_height,
             bin_width,
-            num_inference_steps,
-            guidance_scale,
             negative_prompt: args.negative_prompt.clone().unwrap_or_default(),
             max_sequence_length,
             clean_caption: args.clean_caption.unwrap_or(true),
@@ -375,7 +340,7 @@ impl PixArtPipeline {
 
     /// Whether classifier-free guidance is on (`guidance_scale > 1`).
     pub fn uses_guidance(&self) -> bool {
-        self.guidance_scale > 1.0
+        self.sampler.uses_guidance()
     }
 
     /// Denoises initial latents (B, C, h, w) with the prompt of [`ImagePipeline::set_prompt`].
@@ -384,64 +349,29 @@ impl PixArtPipeline {
             PipelineError::InvalidArgument("set_prompt must be called before generate".into())
         })?;
         let b = latents.dim(0)?;
-        let guided = self.uses_guidance();
-        let rep = |x: &Tensor| -> candle_core::Result<Tensor> {
-            if x.rank() == 3 {
-                x.repeat((b, 1, 1))
-            } else {
-                x.repeat((b, 1))
-            }
-        };
-        // Rows: [uncond × B, cond × B] under guidance (diffusers' order), else [cond × B].
-        let rows = |t: &Tensor| -> candle_core::Result<Tensor> {
-            if guided {
-                Tensor::cat(&[rep(&t.narrow(0, 0, 1)?)?, rep(&t.narrow(0, 1, 1)?)?], 0)
-            } else {
-                rep(t)
-            }
-        };
-        let context = rows(states)?;
-        let mask = rows(mask)?;
-        let mut scheduler = (self.scheduler)(self.num_inference_steps)?;
-        let timesteps = scheduler.timesteps().to_vec();
-        let mut latents = latents.clone();
-        for t in timesteps {
-            let input = if guided {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let input = scheduler.scale_model_input(&input, t)?;
+        let context = self.sampler.batch_rows(states, b)?;
+        let mask = self.sampler.batch_rows(mask, b)?;
+        // Learned sigma: keep the noise half of the prediction (the guidance that follows is
+        // elementwise, so taking the half first gives the same values).
+        let learned_sigma = self.transformer.config().out_channels / 2 == self.latent_channels;
+        self.sampler.denoise(latents, |input, t| {
             let ts = vec![t; input.dim(0)?];
             let pred = self
                 .transformer
-                .forward(&input, &ts, &context, Some(&mask))?;
-            let pred = if guided {
-                let uncond = pred.narrow(0, 0, b)?;
-                let cond = pred.narrow(0, b, b)?;
-                (&uncond + ((cond - &uncond)? * self.guidance_scale)?)?
-            } else {
-                pred
-            };
-            // Learned sigma: keep the noise half.
-            let pred = if self.transformer.config().out_channels / 2 == self.latent_channels {
+                .forward(input, &ts, &context, Some(&mask))?;
+            Ok(if learned_sigma {
                 pred.narrow(1, 0, self.latent_channels)?
             } else {
                 pred
-            };
-            latents = scheduler.step(&pred, t, &latents)?;
-        }
-        Ok(latents)
+            })
+        })
     }
 
     /// VAE decode of latents (B, C, h, w) → images in about [-1, 1], resized back to the
     /// requested size when binning changed it.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
         let z = (latents.to_dtype(self.dtype)? / self.scaling_factor)?;
-        let rows = (0..z.dim(0)?)
-            .map(|i| self.vae.decode(&z.narrow(0, i, 1)?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let images = Tensor::cat(&rows, 0)?.to_dtype(DType::F32)?;
+        let images = decode_rows(&z, |row| self.vae.decode(row))?.to_dtype(DType::F32)?;
         Ok(resize_and_crop(&images, self.height, self.width)?)
     }
 }
@@ -459,10 +389,7 @@ impl ImagePipeline for PixArtPipeline {
     fn set_prompt(&mut self, prompt: &str) -> Result<(), PipelineError> {
         if self.text_encoder.is_none() {
             let (files, config) = &self.text_encoder_files;
-            // SAFETY: read-only memory maps of model files we do not modify.
-            let vb = unsafe {
-                candle_nn::VarBuilder::from_mmaped_safetensors(files, self.dtype, &self.device)
-            }?;
+            let vb = mmap(files, self.dtype, &self.device)?;
             self.text_encoder = Some(T5Encoder::new(vb, config).map_err(|e| {
                 PipelineError::ModelFile {
                     path: files
@@ -492,69 +419,12 @@ impl ImagePipeline for PixArtPipeline {
     }
 
     fn generate(&mut self, noises: &[Noise]) -> Result<Vec<RgbImage>, PipelineError> {
-        if noises.is_empty() {
-            return Ok(Vec::new());
-        }
-        let batch = super::weights::noise_batch(noises, &self.noise_shape(), &self.device)?;
-        let sigma = (self.scheduler)(self.num_inference_steps)?.init_noise_sigma();
-        let latents = (batch.to_dtype(self.dtype)? * sigma)?;
-        let latents = self.denoise(&latents)?;
-        Sd15Pipeline::to_images(&self.decode(&latents)?)
+        let shape = self.noise_shape();
+        self.sampler
+            .generate(noises, &shape, self.dtype, &self.device, |latents| {
+                self.decode(&self.denoise(latents)?)
+            })
     }
-}
-
-/// Times one guided PixArt-Sigma XL/2 transformer step (2 × `batch` rows, latents
-/// `height/8 × width/8`, 300 T5 tokens of width 4096) with random weights; `opts.layers` limits
-/// the number of transformer blocks (28 in the real model).
-pub fn bench_transformer_step(
-    opts: &crate::bench::BenchOptions,
-) -> Result<Vec<crate::bench::BenchReport>, PipelineError> {
-    let mut config = PixArtConfig::sigma_xl_1024();
-    if let Some(layers) = opts.layers {
-        config.num_layers = layers.min(config.num_layers);
-    }
-    let (h, w) = (opts.height / 8, opts.width / 8);
-    if h < 2 || w < 2 || h % 2 != 0 || w % 2 != 0 {
-        return Err(PipelineError::InvalidArgument(format!(
-            "bench height/width {}x{} must be positive multiples of 16 pixels",
-            opts.height, opts.width
-        )));
-    }
-    let (vb, params) = crate::bench::RandomWeights::var_builder(opts.dtype, &opts.device);
-    let model = PixArtTransformer::new(&config, vb)?;
-    let rows = 2 * opts.batch.max(1);
-    let sample = Tensor::randn(0f32, 1.0, (rows, 4, h, w), &opts.device)?.to_dtype(opts.dtype)?;
-    let context = Tensor::randn(
-        0f32,
-        1.0,
-        (rows, DEFAULT_MAX_SEQUENCE_LENGTH, 4096),
-        &opts.device,
-    )?
-    .to_dtype(opts.dtype)?;
-    let mask = Tensor::ones(
-        (rows, DEFAULT_MAX_SEQUENCE_LENGTH),
-        DType::U32,
-        &opts.device,
-    )?;
-    let ts = vec![999.0; rows];
-    let details = format!(
-        "{} of 28 blocks, sample {:?}, context {:?}",
-        config.num_layers,
-        sample.dims(),
-        context.dims()
-    );
-    let report = crate::bench::time_steps(
-        "pixart-sigma-xl-2-1024 transformer step (guided)",
-        opts,
-        params.get(),
-        details,
-        || {
-            model
-                .forward(&sample, &ts, &context, Some(&mask))
-                .map(|_| ())
-        },
-    )?;
-    Ok(vec![report])
 }
 
 #[cfg(test)]

@@ -12,39 +12,25 @@ use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 use image::RgbImage;
 use serde_json::Value;
 
-use crate::config::Dtype;
-use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use super::common::{
+    check_dtype_on_device, clip_text_config, clip_tokenizer, decode_rows, scheduler_from_file,
+    weights_error, Sampler, SchedulerFactory,
+};
+use super::{CallArgs, ImagePipeline, PipelineError};
+use crate::loading::{candle_dtype, var_builder, Dtype, ModelSource};
+use crate::models::clip_text::ClipTextModel;
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::VaeDecoder;
 use crate::noise::Noise;
-use crate::pipelines::hub::ModelSource;
-use crate::pipelines::schedulers::{Scheduler, SchedulerConfig};
-use crate::pipelines::weights::{candle_dtype, var_builder};
-use crate::pipelines::{ImagePipeline, PipelineError};
+
+/// What the model folder should be, for weight errors.
+const MODEL: &str = "a Stable Diffusion 1.x model";
 
 /// diffusers' default `guidance_scale` for SD 1.5.
 pub const DEFAULT_GUIDANCE_SCALE: f64 = 7.5;
 /// diffusers' default `num_inference_steps`.
 pub const DEFAULT_NUM_INFERENCE_STEPS: usize = 50;
-
-/// The `pipeline_call_args` SD 1.5 understands; `None` takes diffusers' default.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Sd15CallArgs {
-    /// Image height in pixels (default: UNet `sample_size` × VAE scale factor, 512 for SD 1.5).
-    pub height: Option<usize>,
-    /// Image width in pixels (default as `height`).
-    pub width: Option<usize>,
-    /// Denoising steps (default 50).
-    pub num_inference_steps: Option<usize>,
-    /// Classifier-free guidance scale (default 7.5; guidance is off when <= 1, as diffusers).
-    pub guidance_scale: Option<f64>,
-    /// Negative prompt (default: the empty string, as diffusers).
-    pub negative_prompt: Option<String>,
-}
-
-/// Builds a fresh scheduler for a number of inference steps (one per generation).
-pub type SchedulerFactory = Box<dyn Fn(usize) -> Result<Box<dyn Scheduler>, PipelineError> + Send>;
 
 /// A loaded Stable Diffusion 1.5 pipeline.
 pub struct Sd15Pipeline {
@@ -52,7 +38,7 @@ pub struct Sd15Pipeline {
     text_encoder: ClipTextModel,
     unet: UNet,
     vae: VaeDecoder,
-    scheduler: SchedulerFactory,
+    sampler: Sampler,
     dtype: DType,
     device: Device,
     vae_scale_factor: usize,
@@ -61,8 +47,6 @@ pub struct Sd15Pipeline {
     latent_channels: usize,
     height: usize,
     width: usize,
-    num_inference_steps: usize,
-    guidance_scale: f64,
     negative_prompt: String,
     /// `[uncond; cond]` (2, T, D) under guidance, else `[cond]` (1, T, D).
     context: Option<Tensor>,
@@ -157,7 +141,7 @@ impl Json<'_> {
 
 /// The UNet's config from `unet/config.json`: what [`UNetConfig::from_json`] accepts,
 /// without an addition embedding (an SD 1.x UNet) and without input centring.
-fn unet_spec(value: &Value) -> Result<UNetConfig, PipelineError> {
+pub fn unet_config(value: &Value) -> Result<UNetConfig, PipelineError> {
     let j = Json {
         value,
         file: "unet/config.json",
@@ -225,28 +209,6 @@ fn vae_spec(value: &Value) -> Result<VaeSpec, PipelineError> {
     })
 }
 
-/// Turns a component's construction error (usually a missing or mis-shaped tensor) into a
-/// message naming the component's weights.
-fn weights_error(
-    source: &ModelSource,
-    component: &str,
-    e: impl std::fmt::Display,
-) -> PipelineError {
-    PipelineError::ModelFile {
-        path: format!("{}/{component}", source.display_name()),
-        message: format!(
-            "the weights do not match {component}/config.json: {e}; is this a Stable Diffusion \
-             1.x model in diffusers layout?"
-        ),
-    }
-}
-
-/// The scheduler factory for a `scheduler_config.json` on disk.
-pub fn scheduler_from_file(path: &std::path::Path) -> Result<SchedulerFactory, PipelineError> {
-    let config = SchedulerConfig::from_file(path)?;
-    Ok(Box::new(move |steps| config.build(steps)))
-}
-
 impl Sd15Pipeline {
     /// Loads tokenizer, text encoder, UNet, VAE and scheduler from `source` in `dtype` onto
     /// `device`, and checks `call_args` against the model (height/width multiples of the VAE
@@ -255,43 +217,27 @@ impl Sd15Pipeline {
         source: &ModelSource,
         dtype: Dtype,
         device: &Device,
-        call_args: &Sd15CallArgs,
+        call_args: &CallArgs,
     ) -> Result<Self, PipelineError> {
-        if dtype == Dtype::Bf16 && device.is_cpu() {
-            return Err(PipelineError::Unsupported(
-                "torch_dtype \"bf16\" needs a CUDA device (candle has no bf16 matmul on the \
-                 CPU); use \"fp32\" or \"fp16\" on the CPU"
-                    .into(),
-            ));
-        }
-        let tokenizer = ClipTokenizer::from_files(
-            &source.file("tokenizer/vocab.json")?,
-            &source.file("tokenizer/merges.txt")?,
-            optional_file(source, "tokenizer/tokenizer_config.json")?.as_deref(),
-            optional_file(source, "tokenizer/special_tokens_map.json")?.as_deref(),
-        )?;
-
-        let text_json = source.read_json("text_encoder/config.json")?;
-        let text_config: ClipTextConfig =
-            serde_json::from_value(text_json).map_err(|e| PipelineError::ModelFile {
-                path: "text_encoder/config.json".into(),
-                message: format!("not a CLIP text config: {e}"),
-            })?;
+        check_dtype_on_device(dtype, device)?;
+        let tokenizer = clip_tokenizer(source, "tokenizer")?;
+        let text_config = clip_text_config(source, "text_encoder")?;
         let vb = var_builder(source, "text_encoder", dtype, candle_dtype(dtype), device)?;
         let text_encoder = ClipTextModel::new(vb, &text_config)
-            .map_err(|e| weights_error(source, "text_encoder", e))?;
+            .map_err(|e| weights_error(source, "text_encoder", MODEL, e))?;
 
-        let unet = unet_spec(&source.read_json("unet/config.json")?)?;
+        let unet = unet_config(&source.read_json("unet/config.json")?)?;
         let vb = var_builder(source, "unet", dtype, candle_dtype(dtype), device)?;
         let sample_size = unet.sample_size;
-        let unet_model = UNet::new(vb, &unet).map_err(|e| weights_error(source, "unet", e))?;
+        let unet_model =
+            UNet::new(vb, &unet).map_err(|e| weights_error(source, "unet", MODEL, e))?;
 
         let vae = vae_spec(&source.read_json("vae/config.json")?)?;
         let vae_scale_factor = 1usize << (vae.config.block_out_channels.len() - 1);
         let latent_channels = vae.config.latent_channels;
         let vb = var_builder(source, "vae", dtype, candle_dtype(dtype), device)?;
         let vae_model = VaeDecoder::new(vb, vae.out_channels, vae.config)
-            .map_err(|e| weights_error(source, "vae", e))?;
+            .map_err(|e| weights_error(source, "vae", MODEL, e))?;
         if latent_channels != unet.in_channels {
             return Err(PipelineError::ModelFile {
                 path: "vae/config.json".into(),
@@ -304,28 +250,20 @@ impl Sd15Pipeline {
 
         let scheduler = scheduler_from_file(&source.file("scheduler/scheduler_config.json")?)?;
 
-        let default_size = sample_size * vae_scale_factor;
-        let height = call_args.height.unwrap_or(default_size);
-        let width = call_args.width.unwrap_or(default_size);
-        let num_inference_steps = call_args
-            .num_inference_steps
-            .unwrap_or(DEFAULT_NUM_INFERENCE_STEPS);
-        let guidance_scale = call_args.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
-        super::check_call_args(
-            height,
-            width,
+        let (height, width, sampler) = Sampler::from_call_args(
+            call_args,
+            scheduler,
+            sample_size * vae_scale_factor,
             vae_scale_factor,
-            num_inference_steps,
-            guidance_scale,
+            DEFAULT_NUM_INFERENCE_STEPS,
+            DEFAULT_GUIDANCE_SCALE,
         )?;
-        // Build the schedule once now so an unsupported scheduler or step count fails at load.
-        scheduler(num_inference_steps)?;
         Ok(Self {
             tokenizer,
             text_encoder,
             unet: unet_model,
             vae: vae_model,
-            scheduler,
+            sampler,
             dtype: candle_dtype(dtype),
             device: device.clone(),
             vae_scale_factor,
@@ -334,8 +272,6 @@ impl Sd15Pipeline {
             latent_channels,
             height,
             width,
-            num_inference_steps,
-            guidance_scale,
             negative_prompt: call_args.negative_prompt.clone().unwrap_or_default(),
             context: None,
         })
@@ -343,7 +279,7 @@ impl Sd15Pipeline {
 
     /// Replaces the scheduler (e.g. diffusers' `from_config` swap to DDIM or Euler).
     pub fn set_scheduler(&mut self, scheduler: SchedulerFactory) {
-        self.scheduler = scheduler;
+        self.sampler.scheduler = scheduler;
     }
 
     /// The VAE scale factor, `2^(len(vae.block_out_channels) - 1)` (8 for SD 1.5).
@@ -353,12 +289,12 @@ impl Sd15Pipeline {
 
     /// Whether classifier-free guidance is on (`guidance_scale > 1`, as diffusers).
     pub fn uses_guidance(&self) -> bool {
-        self.guidance_scale > 1.0
+        self.sampler.uses_guidance()
     }
 
     /// CLIP token ids of `prompt`, padded/truncated to `model_max_length` (77).
     pub fn tokenize(&self, prompt: &str) -> Result<Vec<u32>, PipelineError> {
-        self.tokenizer.encode(prompt)
+        Ok(self.tokenizer.encode(prompt)?)
     }
 
     /// Text-encoder hidden states of token ids (1, T) → (1, T, hidden_size), in the model dtype.
@@ -388,15 +324,10 @@ impl Sd15Pipeline {
     /// VAE decode of denoised `latents` (B, C, h, w): `decode(latents / scaling_factor +
     /// shift_factor)`, returning images in about [-1, 1], (B, 3, h·f, w·f).
     ///
-    /// Rows are decoded one at a time: candle-transformers' VAE attention block gives wrong
-    /// results for batches of more than one row (its strided batched matmul), and the decode is
-    /// a small part of the cost.
+    /// Rows are decoded one at a time ([`decode_rows`]).
     pub fn vae_decode(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
         let z = ((latents.to_dtype(self.dtype)? / self.scaling_factor)? + self.shift_factor)?;
-        let rows = (0..z.dim(0)?)
-            .map(|i| self.vae.decode(&z.narrow(0, i, 1)?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&rows, 0)?)
+        decode_rows(&z, |row| self.vae.decode(row))
     }
 
     /// Denoises initial latents (B, C, h, w), already scaled by `init_noise_sigma`, with the
@@ -405,77 +336,10 @@ impl Sd15Pipeline {
         let context = self.context.as_ref().ok_or_else(|| {
             PipelineError::InvalidArgument("set_prompt must be called before generate".into())
         })?;
-        let b = latents.dim(0)?;
-        let guided = self.uses_guidance();
-        // Rows: [uncond × B, cond × B] under guidance (diffusers' order), else [cond × B].
-        let context = if guided {
-            let uncond = context.narrow(0, 0, 1)?;
-            let cond = context.narrow(0, 1, 1)?;
-            Tensor::cat(&[uncond.repeat((b, 1, 1))?, cond.repeat((b, 1, 1))?], 0)?
-        } else {
-            context.repeat((b, 1, 1))?
-        };
-        let mut scheduler = (self.scheduler)(self.num_inference_steps)?;
-        let timesteps = scheduler.timesteps().to_vec();
-        let mut latents = latents.clone();
-        for t in timesteps {
-            let input = if guided {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let input = scheduler.scale_model_input(&input, t)?;
-            let pred = self.unet.forward(&input, t, &context, None)?;
-            let pred = if guided {
-                let uncond = pred.narrow(0, 0, b)?;
-                let cond = pred.narrow(0, b, b)?;
-                (&uncond + ((cond - &uncond)? * self.guidance_scale)?)?
-            } else {
-                pred
-            };
-            latents = scheduler.step(&pred, t, &latents)?;
-        }
-        Ok(latents)
-    }
-
-    /// diffusers' postprocess + `numpy_to_pil`: `(x / 2 + 0.5).clamp(0, 1)`, then
-    /// `(x * 255).round()` (half to even, as NumPy) to u8, one RGB image per batch row.
-    pub fn to_images(decoded: &Tensor) -> Result<Vec<RgbImage>, PipelineError> {
-        let (b, c, h, w) = decoded.dims4()?;
-        if c != 3 {
-            return Err(PipelineError::Unsupported(format!(
-                "the VAE decodes {c} channels; only RGB (3) images are supported"
-            )));
-        }
-        let x = ((decoded.to_dtype(DType::F32)? / 2.0)? + 0.5)?
-            .clamp(0f32, 1f32)?
-            .permute((0, 2, 3, 1))?
-            .contiguous()?;
-        let data: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let per_image = h * w * 3;
-        (0..b)
-            .map(|i| {
-                let bytes: Vec<u8> = data[i * per_image..(i + 1) * per_image]
-                    .iter()
-                    .map(|v| (v * 255.0).round_ties_even() as u8)
-                    .collect();
-                RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
-                    PipelineError::InvalidArgument("decoded image has an unexpected size".into())
-                })
-            })
-            .collect()
-    }
-}
-
-/// `Some(path)` when the model has `rel`, `None` when it does not.
-fn optional_file(
-    source: &ModelSource,
-    rel: &str,
-) -> Result<Option<std::path::PathBuf>, PipelineError> {
-    if source.has_file(rel)? {
-        source.file(rel).map(Some)
-    } else {
-        Ok(None)
+        let context = self.sampler.batch_rows(context, latents.dim(0)?)?;
+        self.sampler.denoise(latents, |input, t| {
+            Ok(self.unet.forward(input, t, &context, None)?)
+        })
     }
 }
 
@@ -491,29 +355,24 @@ impl ImagePipeline for Sd15Pipeline {
 
     fn set_prompt(&mut self, prompt: &str) -> Result<(), PipelineError> {
         let cond = self.encode_prompt(prompt)?;
-        self.context = Some(if self.uses_guidance() {
-            let uncond = self.encode_prompt(&self.negative_prompt)?;
-            Tensor::cat(&[uncond, cond], 0)?
-        } else {
-            cond
-        });
+        let context = self
+            .sampler
+            .pair(cond, || self.encode_prompt(&self.negative_prompt))?;
+        self.context = Some(context);
         Ok(())
     }
 
     fn generate(&mut self, noises: &[Noise]) -> Result<Vec<RgbImage>, PipelineError> {
-        if noises.is_empty() {
-            return Ok(Vec::new());
-        }
-        let batch = super::weights::noise_batch(noises, &self.noise_shape(), &self.device)?;
-        let sigma = (self.scheduler)(self.num_inference_steps)?.init_noise_sigma();
-        let latents = (batch.to_dtype(self.dtype)? * sigma)?;
-        let latents = self.denoise(&latents)?;
-        Self::to_images(&self.vae_decode(&latents)?)
+        let shape = self.noise_shape();
+        self.sampler
+            .generate(noises, &shape, self.dtype, &self.device, |latents| {
+                self.vae_decode(&self.denoise(latents)?)
+            })
     }
 }
 
 /// `unet/config.json` of stable-diffusion-v1-5/stable-diffusion-v1-5 (diffusers 0.6.0 keys).
-fn sd15_reference_unet_config() -> Value {
+pub fn reference_unet_json() -> Value {
     serde_json::json!({
         "act_fn": "silu",
         "attention_head_dim": 8,
@@ -537,48 +396,18 @@ fn sd15_reference_unet_config() -> Value {
     })
 }
 
-/// Times one guided SD 1.5 UNet step (2 × `batch` rows, latents `height/8 × width/8`, a
-/// 77-token 768-wide context) with random weights of the real architecture. `opts.layers` does
-/// not apply (the UNet is always built at full depth).
-pub fn bench_unet_step(
-    opts: &crate::bench::BenchOptions,
-) -> Result<crate::bench::BenchReport, PipelineError> {
-    let spec = unet_spec(&sd15_reference_unet_config())?;
-    let (vb, params) = crate::bench::RandomWeights::var_builder(opts.dtype, &opts.device);
-    let unet = UNet::new(vb, &spec)?;
-    let (h, w) = (opts.height / 8, opts.width / 8);
-    if h == 0 || w == 0 {
-        return Err(PipelineError::InvalidArgument(format!(
-            "bench height/width {}x{} must be at least 8 pixels",
-            opts.height, opts.width
-        )));
-    }
-    let rows = 2 * opts.batch.max(1);
-    let sample = Tensor::randn(0f32, 1.0, (rows, spec.in_channels, h, w), &opts.device)?
-        .to_dtype(opts.dtype)?;
-    let context = Tensor::randn(0f32, 1.0, (rows, 77, 768), &opts.device)?.to_dtype(opts.dtype)?;
-    let details = format!("sample {:?}, context {:?}", sample.dims(), context.dims());
-    crate::bench::time_steps(
-        "sd-v1.5 unet step (guided)",
-        opts,
-        params.get(),
-        details,
-        || unet.forward(&sample, 981.0, &context, None).map(|_| ()),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
     fn sd15_unet() -> Value {
-        sd15_reference_unet_config()
+        reference_unet_json()
     }
 
     #[test]
     fn sd15_unet_config_maps_attention_head_dim_to_head_count() {
-        let c = unet_spec(&sd15_unet()).unwrap();
+        let c = unet_config(&sd15_unet()).unwrap();
         assert_eq!(c.sample_size, 64);
         assert_eq!(c.cross_attention_dim, 768);
         assert_eq!(c.layers_per_block, 2);
@@ -597,7 +426,7 @@ mod tests {
     fn num_attention_heads_takes_precedence_over_attention_head_dim() {
         let mut cfg = sd15_unet();
         cfg["num_attention_heads"] = json!([5, 10, 20, 20]);
-        let c = unet_spec(&cfg).unwrap();
+        let c = unet_config(&cfg).unwrap();
         assert_eq!(c.num_attention_heads, [5, 10, 20, 20]);
     }
 
@@ -605,7 +434,7 @@ mod tests {
     fn unknown_block_types_are_unsupported_by_name() {
         let mut cfg = sd15_unet();
         cfg["up_block_types"][0] = json!("AttnUpBlock2D");
-        let err = unet_spec(&cfg).err().unwrap();
+        let err = unet_config(&cfg).err().unwrap();
         assert!(matches!(err, PipelineError::Unsupported(_)));
         assert!(err.to_string().contains("up_block_types"), "{err}");
     }
@@ -614,7 +443,7 @@ mod tests {
     fn centred_input_is_unsupported_by_name() {
         let mut cfg = sd15_unet();
         cfg["center_input_sample"] = json!(true);
-        let err = unet_spec(&cfg).err().unwrap();
+        let err = unet_config(&cfg).err().unwrap();
         assert!(err.to_string().contains("center_input_sample"), "{err}");
     }
 
@@ -622,7 +451,7 @@ mod tests {
     fn unet_features_sd15_lacks_are_unsupported_by_name() {
         let mut cfg = sd15_unet();
         cfg["addition_embed_type"] = json!("text_time");
-        let err = unet_spec(&cfg).err().unwrap();
+        let err = unet_config(&cfg).err().unwrap();
         assert!(matches!(err, PipelineError::Unsupported(_)));
         assert!(err.to_string().contains("addition_embed_type"), "{err}");
     }
@@ -631,7 +460,7 @@ mod tests {
     fn missing_unet_key_names_the_file_and_key() {
         let mut cfg = sd15_unet();
         cfg.as_object_mut().unwrap().remove("cross_attention_dim");
-        let err = unet_spec(&cfg).err().unwrap();
+        let err = unet_config(&cfg).err().unwrap();
         let msg = err.to_string();
         assert!(
             msg.contains("unet/config.json") && msg.contains("cross_attention_dim"),
@@ -661,21 +490,5 @@ mod tests {
         assert_eq!(spec.config.layers_per_block, 2);
         assert_eq!(spec.scaling_factor, 0.18215);
         assert_eq!(spec.shift_factor, 0.0);
-    }
-
-    #[test]
-    fn to_images_denormalizes_clamps_and_rounds_like_diffusers() {
-        // (x/2 + 0.5).clamp(0, 1) * 255, rounded: -1 → 0, 1 → 255, 3 → 255 (clamped),
-        // -0.5 → 63.75 → 64, 0 → 127.5 → 128 (half to even).
-        let t = Tensor::from_vec(
-            vec![-1f32, 1.0, 3.0, -0.5, 0.0, -2.0],
-            (2, 3, 1, 1),
-            &Device::Cpu,
-        )
-        .unwrap();
-        let img = Sd15Pipeline::to_images(&t).unwrap();
-        assert_eq!(img.len(), 2);
-        assert_eq!(img[0].as_raw(), &vec![0, 255, 255]);
-        assert_eq!(img[1].as_raw(), &vec![64, 128, 0]);
     }
 }

@@ -15,37 +15,25 @@ use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 use image::RgbImage;
 use serde_json::Value;
 
-use crate::config::Dtype;
+use super::common::{
+    check_dtype_on_device, clip_text_config, clip_tokenizer, decode_rows, scheduler_from_file,
+    weights_error, Sampler, SchedulerFactory,
+};
+use super::{CallArgs, ImagePipeline, PipelineError};
+use crate::loading::{candle_dtype, parse_config, var_builder, Dtype, ModelSource};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::models::clip_tokenizer::ClipTokenizer;
-use crate::models::unet::{sdxl_base_unet_json, UNet, UNetConfig};
+use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::VaeDecoder;
 use crate::noise::Noise;
-use crate::pipelines::hub::ModelSource;
-use crate::pipelines::sd15::{scheduler_from_file, SchedulerFactory, Sd15Pipeline};
-use crate::pipelines::weights::{candle_dtype, var_builder};
-use crate::pipelines::{ImagePipeline, PipelineError};
+
+/// What the model folder should be, for weight errors.
+const MODEL: &str = "an SDXL model";
 
 /// diffusers' default `guidance_scale` for SDXL.
 pub const DEFAULT_GUIDANCE_SCALE: f64 = 5.0;
 /// diffusers' default `num_inference_steps`.
 pub const DEFAULT_NUM_INFERENCE_STEPS: usize = 50;
-
-/// The `pipeline_call_args` SDXL understands; `None` takes diffusers' default.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct SdxlCallArgs {
-    /// Image height in pixels (default: UNet `sample_size` × VAE scale factor, 1024 for SDXL).
-    pub height: Option<usize>,
-    /// Image width in pixels (default as `height`).
-    pub width: Option<usize>,
-    /// Denoising steps (default 50).
-    pub num_inference_steps: Option<usize>,
-    /// Classifier-free guidance scale (default 5.0; guidance is off when <= 1, as diffusers).
-    pub guidance_scale: Option<f64>,
-    /// Negative prompt. `None` gives zero negative embeddings when the model's
-    /// `force_zeros_for_empty_prompt` is true (SDXL base), else the encoded empty string.
-    pub negative_prompt: Option<String>,
-}
 
 /// The UNet conditioning of one prompt: `[uncond; cond]` rows under guidance, else `[cond]`.
 #[derive(Clone, Debug)]
@@ -65,7 +53,7 @@ pub struct SdxlPipeline {
     unet: UNet,
     vae: VaeDecoder,
     vae_dtype: DType,
-    scheduler: SchedulerFactory,
+    sampler: Sampler,
     dtype: DType,
     device: Device,
     vae_scale_factor: usize,
@@ -74,47 +62,9 @@ pub struct SdxlPipeline {
     latent_channels: usize,
     height: usize,
     width: usize,
-    num_inference_steps: usize,
-    guidance_scale: f64,
     negative_prompt: Option<String>,
     force_zeros_for_empty_prompt: bool,
     conditioning: Option<SdxlConditioning>,
-}
-
-fn weights_error(
-    source: &ModelSource,
-    component: &str,
-    e: impl std::fmt::Display,
-) -> PipelineError {
-    PipelineError::ModelFile {
-        path: format!("{}/{component}", source.display_name()),
-        message: format!(
-            "the weights do not match {component}/config.json: {e}; is this an SDXL model in \
-             diffusers layout?"
-        ),
-    }
-}
-
-fn optional_file(
-    source: &ModelSource,
-    rel: &str,
-) -> Result<Option<std::path::PathBuf>, PipelineError> {
-    if source.has_file(rel)? {
-        source.file(rel).map(Some)
-    } else {
-        Ok(None)
-    }
-}
-
-fn load_tokenizer(source: &ModelSource, folder: &str) -> Result<ClipTokenizer, PipelineError> {
-    let config = optional_file(source, &format!("{folder}/tokenizer_config.json"))?;
-    let special = optional_file(source, &format!("{folder}/special_tokens_map.json"))?;
-    ClipTokenizer::from_files(
-        &source.file(&format!("{folder}/vocab.json"))?,
-        &source.file(&format!("{folder}/merges.txt"))?,
-        config.as_deref(),
-        special.as_deref(),
-    )
 }
 
 /// A text encoder's `config.json`: the CLIP config, `projection_dim` and `eos_token_id`
@@ -123,25 +73,23 @@ fn text_config(
     source: &ModelSource,
     folder: &str,
 ) -> Result<(ClipTextConfig, usize, u32), PipelineError> {
+    #[derive(serde::Deserialize)]
+    struct Extra {
+        #[serde(default = "default_projection_dim")]
+        projection_dim: usize,
+        #[serde(default = "default_eos")]
+        eos_token_id: u32,
+    }
+    fn default_projection_dim() -> usize {
+        512
+    }
+    fn default_eos() -> u32 {
+        49407
+    }
     let file = format!("{folder}/config.json");
-    let json = source.read_json(&file)?;
-    let bad = |key: &str| PipelineError::ModelFile {
-        path: file.clone(),
-        message: format!("key {key:?}: expected a non-negative integer"),
-    };
-    let int = |key: &str, default: u64| match json.get(key).filter(|v| !v.is_null()) {
-        None => Ok(default),
-        Some(v) => v.as_u64().ok_or_else(|| bad(key)),
-    };
-    let projection_dim = int("projection_dim", 512)? as usize;
-    let eos = int("eos_token_id", 49407)?;
-    let eos = u32::try_from(eos).map_err(|_| bad("eos_token_id"))?;
-    let config: ClipTextConfig =
-        serde_json::from_value(json).map_err(|e| PipelineError::ModelFile {
-            path: file.clone(),
-            message: format!("not a CLIP text config: {e}"),
-        })?;
-    Ok((config, projection_dim, eos))
+    let extra: Extra = parse_config(&source.read_json(&file)?, &file)?;
+    let config = clip_text_config(source, folder)?;
+    Ok((config, extra.projection_dim, extra.eos_token_id))
 }
 
 /// The VAE's candle config plus what the pipeline needs from `vae/config.json`.
@@ -273,15 +221,9 @@ impl SdxlPipeline {
         source: &ModelSource,
         dtype: Dtype,
         device: &Device,
-        call_args: &SdxlCallArgs,
+        call_args: &CallArgs,
     ) -> Result<Self, PipelineError> {
-        if dtype == Dtype::Bf16 && device.is_cpu() {
-            return Err(PipelineError::Unsupported(
-                "torch_dtype \"bf16\" needs a CUDA device (candle has no bf16 matmul on the \
-                 CPU); use \"fp32\" or \"fp16\" on the CPU"
-                    .into(),
-            ));
-        }
+        check_dtype_on_device(dtype, device)?;
         let compute = candle_dtype(dtype);
         let index = source.read_json("model_index.json")?;
         let force_zeros_for_empty_prompt = match index.get("force_zeros_for_empty_prompt") {
@@ -293,17 +235,17 @@ impl SdxlPipeline {
                 ),
             })?,
         };
-        let tokenizer = load_tokenizer(source, "tokenizer")?;
-        let tokenizer_2 = load_tokenizer(source, "tokenizer_2")?;
+        let tokenizer = clip_tokenizer(source, "tokenizer")?;
+        let tokenizer_2 = clip_tokenizer(source, "tokenizer_2")?;
 
         let (config_1, _, _) = text_config(source, "text_encoder")?;
         let vb = var_builder(source, "text_encoder", dtype, compute, device)?;
         let text_encoder = ClipTextModel::new(vb, &config_1)
-            .map_err(|e| weights_error(source, "text_encoder", e))?;
+            .map_err(|e| weights_error(source, "text_encoder", MODEL, e))?;
         let (config_2, projection_dim, eos_2) = text_config(source, "text_encoder_2")?;
         let vb = var_builder(source, "text_encoder_2", dtype, compute, device)?;
         let text_encoder_2 = ClipTextModelWithProjection::new(vb, &config_2, projection_dim, eos_2)
-            .map_err(|e| weights_error(source, "text_encoder_2", e))?;
+            .map_err(|e| weights_error(source, "text_encoder_2", MODEL, e))?;
         if config_1.num_hidden_layers < 2 || config_2.num_hidden_layers < 2 {
             return Err(PipelineError::Unsupported(
                 "SDXL conditions on the penultimate hidden state: both text encoders need at \
@@ -343,7 +285,8 @@ impl SdxlPipeline {
             }
         }
         let vb = var_builder(source, "unet", dtype, compute, device)?;
-        let unet = UNet::new(vb, &unet_config).map_err(|e| weights_error(source, "unet", e))?;
+        let unet =
+            UNet::new(vb, &unet_config).map_err(|e| weights_error(source, "unet", MODEL, e))?;
 
         let vae = vae_spec(&source.read_json("vae/config.json")?)?;
         let vae_scale_factor = 1usize << (vae.config.block_out_channels.len() - 1);
@@ -364,26 +307,18 @@ impl SdxlPipeline {
         };
         let vb = var_builder(source, "vae", dtype, vae_dtype, device)?;
         let vae_model = VaeDecoder::new(vb, vae.out_channels, vae.config)
-            .map_err(|e| weights_error(source, "vae", e))?;
+            .map_err(|e| weights_error(source, "vae", MODEL, e))?;
 
         let scheduler = scheduler_from_file(&source.file("scheduler/scheduler_config.json")?)?;
 
-        let default_size = unet_config.sample_size * vae_scale_factor;
-        let height = call_args.height.unwrap_or(default_size);
-        let width = call_args.width.unwrap_or(default_size);
-        let num_inference_steps = call_args
-            .num_inference_steps
-            .unwrap_or(DEFAULT_NUM_INFERENCE_STEPS);
-        let guidance_scale = call_args.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
-        super::check_call_args(
-            height,
-            width,
+        let (height, width, sampler) = Sampler::from_call_args(
+            call_args,
+            scheduler,
+            unet_config.sample_size * vae_scale_factor,
             vae_scale_factor,
-            num_inference_steps,
-            guidance_scale,
+            DEFAULT_NUM_INFERENCE_STEPS,
+            DEFAULT_GUIDANCE_SCALE,
         )?;
-        // Build the schedule once now so an unsupported scheduler or step count fails at load.
-        scheduler(num_inference_steps)?;
         Ok(Self {
             tokenizer,
             tokenizer_2,
@@ -392,7 +327,7 @@ impl SdxlPipeline {
             unet,
             vae: vae_model,
             vae_dtype,
-            scheduler,
+            sampler,
             dtype: compute,
             device: device.clone(),
             vae_scale_factor,
@@ -401,8 +336,6 @@ impl SdxlPipeline {
             latent_channels,
             height,
             width,
-            num_inference_steps,
-            guidance_scale,
             negative_prompt: call_args.negative_prompt.clone(),
             force_zeros_for_empty_prompt,
             conditioning: None,
@@ -411,12 +344,12 @@ impl SdxlPipeline {
 
     /// Replaces the scheduler (e.g. diffusers' `from_config` swap to DPM-Solver++).
     pub fn set_scheduler(&mut self, scheduler: SchedulerFactory) {
-        self.scheduler = scheduler;
+        self.sampler.scheduler = scheduler;
     }
 
     /// Whether classifier-free guidance is on (`guidance_scale > 1`, as diffusers).
     pub fn uses_guidance(&self) -> bool {
-        self.guidance_scale > 1.0
+        self.sampler.uses_guidance()
     }
 
     /// The dtype the VAE decodes in (fp32 when upcast).
@@ -505,10 +438,7 @@ impl SdxlPipeline {
                     .broadcast_add(&as_tensor(mean)?))?
             }
         };
-        let rows = (0..z.dim(0)?)
-            .map(|i| self.vae.decode(&z.narrow(0, i, 1)?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&rows, 0)?)
+        decode_rows(&z, |row| self.vae.decode(row))
     }
 
     /// Denoises initial latents (B, C, h, w), already scaled by `init_noise_sigma`, with the
@@ -518,52 +448,16 @@ impl SdxlPipeline {
             PipelineError::InvalidArgument("set_prompt must be called before generate".into())
         })?;
         let b = latents.dim(0)?;
-        let guided = self.uses_guidance();
-        // Rows: [uncond × B, cond × B] under guidance (diffusers' order), else [cond × B].
-        let rows = |t: &Tensor| -> candle_core::Result<Tensor> {
-            let reps: Vec<usize> = std::iter::once(b)
-                .chain(std::iter::repeat_n(1, t.rank() - 1))
-                .collect();
-            if guided {
-                Tensor::cat(
-                    &[
-                        t.narrow(0, 0, 1)?.repeat(reps.as_slice())?,
-                        t.narrow(0, 1, 1)?.repeat(reps.as_slice())?,
-                    ],
-                    0,
-                )
-            } else {
-                t.repeat(reps.as_slice())
-            }
-        };
-        let context = rows(&cond.prompt_embeds)?;
-        let text_embeds = rows(&cond.text_embeds)?;
-        let n = if guided { 2 * b } else { b };
+        let context = self.sampler.batch_rows(&cond.prompt_embeds, b)?;
+        let text_embeds = self.sampler.batch_rows(&cond.text_embeds, b)?;
+        let n = context.dim(0)?;
         let ids = self.add_time_ids();
         let time_ids = Tensor::from_vec(ids.repeat(n), (n, 6), &self.device)?;
-        let mut scheduler = (self.scheduler)(self.num_inference_steps)?;
-        let timesteps = scheduler.timesteps().to_vec();
-        let mut latents = latents.clone();
-        for t in timesteps {
-            let input = if guided {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let input = scheduler.scale_model_input(&input, t)?;
-            let pred = self
+        self.sampler.denoise(latents, |input, t| {
+            Ok(self
                 .unet
-                .forward(&input, t, &context, Some((&text_embeds, &time_ids)))?;
-            let pred = if guided {
-                let uncond = pred.narrow(0, 0, b)?;
-                let cond = pred.narrow(0, b, b)?;
-                (&uncond + ((cond - &uncond)? * self.guidance_scale)?)?
-            } else {
-                pred
-            };
-            latents = scheduler.step(&pred, t, &latents)?;
-        }
-        Ok(latents)
+                .forward(input, t, &context, Some((&text_embeds, &time_ids)))?)
+        })
     }
 }
 
@@ -600,110 +494,12 @@ impl ImagePipeline for SdxlPipeline {
     }
 
     fn generate(&mut self, noises: &[Noise]) -> Result<Vec<RgbImage>, PipelineError> {
-        if noises.is_empty() {
-            return Ok(Vec::new());
-        }
-        let batch = super::weights::noise_batch(noises, &self.noise_shape(), &self.device)?;
-        let sigma = (self.scheduler)(self.num_inference_steps)?.init_noise_sigma();
-        let latents = (batch.to_dtype(self.dtype)? * sigma)?;
-        let latents = self.denoise(&latents)?;
-        Sd15Pipeline::to_images(&self.vae_decode(&latents)?)
+        let shape = self.noise_shape();
+        self.sampler
+            .generate(noises, &shape, self.dtype, &self.device, |latents| {
+                self.vae_decode(&self.denoise(latents)?)
+            })
     }
-}
-
-/// Times one guided SDXL UNet step (2 × `batch` rows, latents `height/8 × width/8`, a 77-token
-/// 2048-wide context, 1280-wide pooled embeds and 6 time ids) with random weights of SDXL
-/// base's UNet (2.6 B parameters). `opts.layers` caps the transformer blocks per attention
-/// (10 in the deepest level) to fit a small machine; `None` builds the real depth.
-pub fn bench_unet_step(
-    opts: &crate::bench::BenchOptions,
-) -> Result<Vec<crate::bench::BenchReport>, PipelineError> {
-    let mut config = UNetConfig::from_json(&sdxl_base_unet_json())?;
-    if let Some(cap) = opts.layers {
-        for l in &mut config.transformer_layers_per_block {
-            *l = (*l).min(cap.max(1));
-        }
-    }
-    let (h, w) = (opts.height / 8, opts.width / 8);
-    if h == 0 || w == 0 {
-        return Err(PipelineError::InvalidArgument(format!(
-            "bench height/width {}x{} must be at least 8 pixels",
-            opts.height, opts.width
-        )));
-    }
-    let (vb, params) = crate::bench::RandomWeights::var_builder(opts.dtype, &opts.device);
-    let unet = UNet::new(vb, &config)?;
-    let rows = 2 * opts.batch.max(1);
-    let randn = |shape: &[usize]| -> candle_core::Result<Tensor> {
-        Tensor::randn(0f32, 1.0, shape, &opts.device)?.to_dtype(opts.dtype)
-    };
-    let sample = randn(&[rows, config.in_channels, h, w])?;
-    let context = randn(&[rows, 77, config.cross_attention_dim])?;
-    let text_embeds = randn(&[rows, 1280])?;
-    let (hf, wf) = (opts.height as f32, opts.width as f32);
-    let time_ids = Tensor::from_vec(
-        [hf, wf, 0.0, 0.0, hf, wf].repeat(rows),
-        (rows, 6),
-        &opts.device,
-    )?;
-    let details = format!(
-        "sample {:?}, context {:?}, text_embeds {:?}, transformer layers {:?}",
-        sample.dims(),
-        context.dims(),
-        text_embeds.dims(),
-        config.transformer_layers_per_block
-    );
-    let report = crate::bench::time_steps(
-        "sdxl-base unet step (guided)",
-        opts,
-        params.get(),
-        details,
-        || {
-            unet.forward(&sample, 981.0, &context, Some((&text_embeds, &time_ids)))
-                .map(|_| ())
-        },
-    )?;
-    Ok(vec![report])
-}
-
-/// The configuration of SDXL's VAE (`stabilityai/stable-diffusion-xl-base-1.0`, `vae/`): 83.7 M
-/// parameters, of which the decoder is 49.5 M.
-pub fn sdxl_vae_config() -> AutoEncoderKLConfig {
-    AutoEncoderKLConfig {
-        block_out_channels: vec![128, 256, 512, 512],
-        layers_per_block: 2,
-        latent_channels: 4,
-        norm_num_groups: 32,
-        use_quant_conv: true,
-        use_post_quant_conv: true,
-    }
-}
-
-/// Times one VAE decode of `opts.batch` latents (4 × height/8 × width/8) into images with random
-/// weights of SDXL's VAE decoder (SD 1.5's and PixArt's have the same architecture; Flux's
-/// differs only in its 16 latent channels): what each image costs after its last step.
-pub fn bench_vae_decode(
-    opts: &crate::bench::BenchOptions,
-) -> Result<crate::bench::BenchReport, PipelineError> {
-    let (vb, params) = crate::bench::RandomWeights::var_builder(opts.dtype, &opts.device);
-    let vae = VaeDecoder::new(vb, 3, sdxl_vae_config())?;
-    let (h, w) = (opts.height / 8, opts.width / 8);
-    if h == 0 || w == 0 {
-        return Err(PipelineError::InvalidArgument(format!(
-            "bench height/width {}x{} must be at least 8 pixels",
-            opts.height, opts.width
-        )));
-    }
-    let z = Tensor::randn(0f32, 1.0, (opts.batch.max(1), 4, h, w), &opts.device)?
-        .to_dtype(opts.dtype)?;
-    let details = format!(
-        "latents {:?} -> images {:?}",
-        z.dims(),
-        [z.dim(0)?, 3, 8 * h, 8 * w]
-    );
-    crate::bench::time_steps("sdxl vae decode", opts, params.get(), details, || {
-        vae.decode(&z).map(|_| ())
-    })
 }
 
 #[cfg(test)]

@@ -136,7 +136,30 @@ pub trait SearchObserver {
     /// `n` more images were generated.
     fn images_generated(&mut self, _n: usize) {}
     /// A round is complete; the observer may persist it.
-    fn round_finished(&mut self, prompt: &str, result: &RoundResult) -> Result<(), SearchError>;
+    fn round_finished(&mut self, prompt: &str, result: &RoundResult) -> Result<(), ObserverError>;
+}
+
+/// Why an observer could not take a round (its files could not be written, ...): any error of
+/// the layer above, kept as its message and source.
+#[derive(Debug)]
+pub struct ObserverError(pub Box<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for ObserverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl From<ObserverError> for SearchError {
+    fn from(e: ObserverError) -> Self {
+        SearchError::Observer(e)
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for ObserverError {
+    fn from(e: E) -> Self {
+        ObserverError(Box::new(e))
+    }
 }
 
 /// Why a search stopped.
@@ -145,9 +168,9 @@ pub enum SearchError {
     /// The pipeline failed.
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
-    /// Results could not be saved.
-    #[error(transparent)]
-    Output(#[from] crate::output::OutputError),
+    /// The observer could not take a round (e.g. its files could not be written).
+    #[error("{0}")]
+    Observer(ObserverError),
     /// The pipeline broke its contract.
     #[error("the pipeline returned {got} images for {expected} noises")]
     ImageCount {
@@ -627,7 +650,7 @@ mod tests {
     }
 
     impl SearchObserver for Recorder {
-        fn round_finished(&mut self, _p: &str, r: &RoundResult) -> Result<(), SearchError> {
+        fn round_finished(&mut self, _p: &str, r: &RoundResult) -> Result<(), ObserverError> {
             let scores = r
                 .candidates
                 .iter()

@@ -14,22 +14,12 @@ pub mod gemini;
 pub mod http;
 pub mod openai;
 pub mod qwen;
-pub mod qwen_bench;
 
+pub use crate::config::METRICS;
 pub use gemini::GeminiVerifier;
 pub use http::RetryPolicy;
 pub use openai::OpenAiVerifier;
 pub use qwen::QwenVerifier;
-
-/// The metrics every vision-language verifier grades, in the order of the response schema.
-pub const METRICS: [&str; 6] = [
-    "accuracy_to_prompt",
-    "creativity_and_originality",
-    "visual_quality_and_realism",
-    "consistency_and_cohesion",
-    "emotional_or_thematic_resonance",
-    "overall_score",
-];
 
 /// One graded aspect: the judge's reasoning, then its score (0 to 10).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -88,7 +78,7 @@ pub struct CallStats {
 pub const RUBRIC: &str = include_str!("rubric.txt");
 
 /// Verifier names accepted in `verifier_args.name`.
-pub const SUPPORTED: &[&str] = &["gemini", "openai", "qwen"];
+pub use crate::config::VERIFIER_NAMES as SUPPORTED;
 
 /// Verifier names [`build`] can construct in this build.
 pub const AVAILABLE: &[&str] = &["gemini", "openai", "qwen"];

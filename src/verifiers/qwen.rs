@@ -116,32 +116,21 @@ impl std::fmt::Debug for QwenVerifier {
     }
 }
 
-/// The device named by `verifier_args.device` (`cpu`, `cuda`, `cuda:N`); unset: the first
+/// The device named by `verifier_args.device` (`cpu`, `cuda`, `gpu`, `cuda:N`); unset: the first
 /// CUDA device when this build has CUDA and one is present, else the CPU.
 pub fn parse_device(spec: Option<&str>) -> Result<Device, VerifierError> {
     let invalid = |message: String| VerifierError::InvalidArg {
         field: "device",
         message,
     };
-    let Some(spec) = spec.map(str::trim).filter(|s| !s.is_empty()) else {
-        return Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu));
+    let named = match spec.map(str::trim).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(
+            crate::device::parse_device(s)
+                .ok_or_else(|| invalid(format!("{s:?} is not cpu, cuda or cuda:N")))?,
+        ),
     };
-    if spec == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let ordinal = match spec.strip_prefix("cuda") {
-        Some("") => 0,
-        Some(rest) => rest
-            .strip_prefix(':')
-            .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| invalid(format!("{spec:?} is not cpu, cuda or cuda:N")))?,
-        None => return Err(invalid(format!("{spec:?} is not cpu, cuda or cuda:N"))),
-    };
-    Device::new_cuda(ordinal).map_err(|e| {
-        invalid(format!(
-            "cannot use {spec}: {e} (build with --features cuda on a machine with that GPU, or set \"cpu\")"
-        ))
-    })
+    crate::device::select_device(named, "verifier_args.device").map_err(|e| invalid(e.0))
 }
 
 fn model_error(model: &str, e: impl std::fmt::Display) -> VerifierError {

@@ -1,7 +1,7 @@
 //! Fake Gemini and OpenAI servers on 127.0.0.1 for tests, reusable by any test file:
 //!
 //! ```ignore
-//! #[path = "common/fake_verifier.rs"]
+//! #[path = "../common/fake_verifier.rs"]
 //! mod fake_verifier;
 //! let (base_url, server) = fake_verifier::FakeGemini::start(fake_verifier::Behaviour::good());
 //! // point the verifier at base_url (Gemini: without /v1beta; OpenAI: it ends in /v1)

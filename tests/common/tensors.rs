@@ -1,7 +1,7 @@
-//! Tensor helpers shared by the fused-op tests (tests/ops.rs, tests/gpu_kernels.rs):
+//! Tensor helpers shared by the fused-op tests (tests/unit/ops.rs, tests/gpu/kernels.rs):
 //!
 //! ```ignore
-//! #[path = "common/tensors.rs"]
+//! #[path = "../common/tensors.rs"]
 //! mod tensors;
 //! use tensors::{randn, rel_err};
 //! ```

@@ -1,21 +1,17 @@
 //! Qwen2.5-VL (vision encoder + Qwen2 language model with multimodal rotary positions) in
-//! candle, loaded from a Hugging Face repo or folder in the Hub layout (`config.json`,
-//! `model.safetensors` or `model-0000x-of-0000N.safetensors` + index, `tokenizer.json`,
-//! `preprocessor_config.json`). Used by the local `qwen` verifier.
+//! candle. [`crate::loading::qwen`] loads it from a Hugging Face repo or folder in the Hub
+//! layout (`config.json`, `model.safetensors` or `model-0000x-of-0000N.safetensors` + index,
+//! `tokenizer.json`, `preprocessor_config.json`). Used by the local `qwen` verifier.
 
 pub mod processor;
 pub mod text;
 pub mod vision;
 
-use std::path::{Path, PathBuf};
+use candle_core::{Device, Tensor};
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use crate::pipelines::hub::ModelSource;
-use crate::pipelines::PipelineError;
 pub use processor::{ImageProcessorConfig, ProcessedImage};
 pub use text::{AttentionPath, KvCache, TextModel};
 pub use vision::VisionModel;
@@ -23,9 +19,9 @@ pub use vision::VisionModel;
 /// Why the Qwen2.5-VL model could not be loaded or run.
 #[derive(Debug, thiserror::Error)]
 pub enum QwenError {
-    /// A file could not be fetched or read.
-    #[error(transparent)]
-    Source(#[from] PipelineError),
+    /// A file could not be fetched or read (the loader's message, naming the file).
+    #[error("{0}")]
+    Source(String),
     /// A configuration file lacks a key or has a wrong value.
     #[error("{path}: {message}")]
     Config {
@@ -285,105 +281,7 @@ pub struct Qwen25Vl {
     pub text: TextModel,
 }
 
-/// A Hub repo id (`owner/name`) or an existing folder, as a [`ModelSource`].
-pub fn model_source(name: &str) -> Result<ModelSource, QwenError> {
-    let p = Path::new(name);
-    if p.is_dir() {
-        return Ok(ModelSource::Local(p.to_path_buf()));
-    }
-    let parts: Vec<&str> = name.split('/').collect();
-    if parts.len() == 2
-        && parts
-            .iter()
-            .all(|s| !s.is_empty() && !s.contains(char::is_whitespace))
-    {
-        return Ok(ModelSource::hub(name, None));
-    }
-    Err(QwenError::Config {
-        path: "verifier_args.model_name".into(),
-        message: format!(
-            "{name:?} is neither an existing folder nor a Hugging Face repo id (owner/name)"
-        ),
-    })
-}
-
-/// The safetensors files of a model: `model.safetensors`, or the shards its
-/// `model.safetensors.index.json` names.
-fn weight_files(src: &ModelSource) -> Result<Vec<PathBuf>, QwenError> {
-    if src.has_file("model.safetensors")? {
-        return Ok(vec![src.file("model.safetensors")?]);
-    }
-    let index_name = "model.safetensors.index.json";
-    let index = src.read_json(index_name)?;
-    let map = index
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| QwenError::Config {
-            path: format!("{}/{index_name}", src.display_name()),
-            message: "missing weight_map".into(),
-        })?;
-    let mut shards: Vec<&str> = map.values().filter_map(Value::as_str).collect();
-    shards.sort_unstable();
-    shards.dedup();
-    shards.iter().map(|s| Ok(src.file(s)?)).collect()
-}
-
 impl Qwen25Vl {
-    /// Loads `name` (a Hub repo id or a folder) in `dtype` on `device`.
-    pub fn load(name: &str, dtype: DType, device: &Device) -> Result<Self, QwenError> {
-        Self::from_source(&model_source(name)?, dtype, device)
-    }
-
-    /// Loads the model from `src` in `dtype` on `device`.
-    pub fn from_source(
-        src: &ModelSource,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self, QwenError> {
-        let name = src.display_name();
-        let config = Qwen25VlConfig::from_json(
-            &src.read_json("config.json")?,
-            &format!("{name}/config.json"),
-        )?;
-        let processor = if src.has_file("preprocessor_config.json")? {
-            ImageProcessorConfig::from_json(
-                &src.read_json("preprocessor_config.json")?,
-                &format!("{name}/preprocessor_config.json"),
-            )?
-        } else {
-            ImageProcessorConfig::default()
-        };
-        let tok_path = src.file("tokenizer.json")?;
-        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| QwenError::Tokenizer {
-            path: tok_path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        let files = weight_files(src)?;
-        // SAFETY: the files are memory-mapped read-only; they must not change while loaded,
-        // as with every safetensors loader.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
-        let new_layout = vb.contains_tensor("model.language_model.embed_tokens.weight");
-        let (text_vb, vis_vb) = if new_layout {
-            (
-                vb.pp("model").pp("language_model"),
-                vb.pp("model").pp("visual"),
-            )
-        } else {
-            (vb.pp("model"), vb.pp("visual"))
-        };
-        let head = (!config.tie_word_embeddings && vb.contains_tensor("lm_head.weight"))
-            .then(|| vb.pp("lm_head"));
-        let text = TextModel::new(&config.text, text_vb, head)?;
-        let vision = VisionModel::new(&config.vision, vis_vb)?;
-        Ok(Self {
-            config,
-            processor,
-            tokenizer,
-            vision,
-            text,
-        })
-    }
-
     /// Token ids of `text` (special tokens such as `<|im_start|>` recognised).
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, QwenError> {
         self.tokenizer

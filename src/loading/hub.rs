@@ -1,6 +1,7 @@
 //! Where a pipeline's files come from: a local folder in diffusers layout, or a Hugging Face Hub
 //! repo (downloaded through hf-hub's sync API into its cache, with `HF_TOKEN` or the cached
-//! login token for gated repos). Shared by all pipelines.
+//! login token for gated repos). Shared by all pipelines and
+//! the local verifiers.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -9,8 +10,8 @@ use hf_hub::api::sync::{Api, ApiBuilder};
 use hf_hub::{Repo, RepoType};
 use serde_json::Value;
 
-use crate::config::Dtype;
-use crate::pipelines::PipelineError;
+use super::json::read_json_file;
+use super::{Dtype, LoadError};
 
 /// A model given as a local diffusers folder or a Hub repo id.
 pub enum ModelSource {
@@ -69,7 +70,7 @@ fn http_status(message: &str) -> Option<u16> {
 impl ModelSource {
     /// An existing directory is a local model; otherwise `owner/name` is a Hub repo id
     /// (revision `main`); anything else is an error naming the value.
-    pub fn resolve(name_or_path: &str) -> Result<Self, PipelineError> {
+    pub fn resolve(name_or_path: &str) -> Result<Self, LoadError> {
         let path = Path::new(name_or_path);
         if path.is_dir() {
             return Ok(Self::Local(path.to_path_buf()));
@@ -77,7 +78,7 @@ impl ModelSource {
         if is_repo_id(name_or_path) {
             return Ok(Self::hub(name_or_path, None));
         }
-        Err(PipelineError::InvalidArgument(format!(
+        Err(LoadError::InvalidArgument(format!(
             "pretrained_model_name_or_path {name_or_path:?} is neither an existing folder nor a \
              Hugging Face repo id of the form owner/name"
         )))
@@ -103,7 +104,7 @@ impl ModelSource {
     fn api_repo(
         repo: &str,
         revision: &Option<String>,
-    ) -> Result<hf_hub::api::sync::ApiRepo, PipelineError> {
+    ) -> Result<hf_hub::api::sync::ApiRepo, LoadError> {
         let token = std::env::var("HF_TOKEN")
             .ok()
             .filter(|t| !t.trim().is_empty());
@@ -111,7 +112,7 @@ impl ModelSource {
         if token.is_some() {
             builder = builder.with_token(token);
         }
-        let api: Api = builder.build().map_err(|e| PipelineError::Hub {
+        let api: Api = builder.build().map_err(|e| LoadError::Hub {
             repo: repo.to_string(),
             file: String::new(),
             message: format!("cannot set up the Hub client: {e}"),
@@ -120,7 +121,7 @@ impl ModelSource {
         Ok(api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, rev)))
     }
 
-    fn hub_error(repo: &str, file: &str, err: &dyn std::fmt::Display) -> PipelineError {
+    fn hub_error(repo: &str, file: &str, err: &dyn std::fmt::Display) -> LoadError {
         let raw = err.to_string();
         let message = match http_status(&raw) {
             Some(401) | Some(403) => format!(
@@ -132,7 +133,7 @@ impl ModelSource {
                 .to_string(),
             _ => format!("{raw}; check the network connection (HF_ENDPOINT, proxies) and retry"),
         };
-        PipelineError::Hub {
+        LoadError::Hub {
             repo: repo.to_string(),
             file: file.to_string(),
             message,
@@ -141,7 +142,7 @@ impl ModelSource {
 
     /// Whether the model has the file `rel` (a path inside the repo/folder, e.g.
     /// `unet/config.json`), without downloading it.
-    pub fn has_file(&self, rel: &str) -> Result<bool, PipelineError> {
+    pub fn has_file(&self, rel: &str) -> Result<bool, LoadError> {
         match self {
             Self::Local(dir) => Ok(dir.join(rel).is_file()),
             Self::Hub {
@@ -162,7 +163,7 @@ impl ModelSource {
                 });
                 match listing {
                     Ok(files) => Ok(files.iter().any(|f| f == rel)),
-                    Err(message) => Err(PipelineError::Hub {
+                    Err(message) => Err(LoadError::Hub {
                         repo: repo.clone(),
                         file: rel.to_string(),
                         message: format!("cannot list the repo's files: {message}"),
@@ -174,14 +175,14 @@ impl ModelSource {
 
     /// The local path of `rel`, downloading it into the hf-hub cache when the source is the Hub.
     /// A missing file is an error naming it.
-    pub fn file(&self, rel: &str) -> Result<PathBuf, PipelineError> {
+    pub fn file(&self, rel: &str) -> Result<PathBuf, LoadError> {
         match self {
             Self::Local(dir) => {
                 let path = dir.join(rel);
                 if path.is_file() {
                     Ok(path)
                 } else {
-                    Err(PipelineError::ModelFile {
+                    Err(LoadError::ModelFile {
                         path: path.display().to_string(),
                         message: format!(
                             "not found; {} must be a diffusers model folder containing {rel}",
@@ -197,7 +198,7 @@ impl ModelSource {
     }
 
     /// Reads and parses the JSON file `rel` (e.g. `unet/config.json`).
-    pub fn read_json(&self, rel: &str) -> Result<Value, PipelineError> {
+    pub fn read_json(&self, rel: &str) -> Result<Value, LoadError> {
         read_json_file(&self.file(rel)?)
     }
 
@@ -205,7 +206,7 @@ impl ModelSource {
     /// for fp16, the `*.fp16.safetensors` variant when the model has it, otherwise the plain
     /// files (the caller converts). Both single files (`diffusion_pytorch_model.safetensors`,
     /// `model.safetensors`) and sharded ones (`*.safetensors.index.json`) are found.
-    pub fn weights(&self, component: &str, dtype: Dtype) -> Result<Vec<PathBuf>, PipelineError> {
+    pub fn weights(&self, component: &str, dtype: Dtype) -> Result<Vec<PathBuf>, LoadError> {
         let stems = ["diffusion_pytorch_model", "model"];
         let variants: &[&str] = match dtype {
             Dtype::F16 => &[".fp16", ""],
@@ -231,11 +232,11 @@ impl ModelSource {
             "{component}/diffusion_pytorch_model.safetensors or {component}/model.safetensors"
         );
         match self {
-            Self::Local(dir) => Err(PipelineError::ModelFile {
+            Self::Local(dir) => Err(LoadError::ModelFile {
                 path: dir.join(component).display().to_string(),
                 message: format!("no safetensors weights found (looked for {missing})"),
             }),
-            Self::Hub { repo, .. } => Err(PipelineError::Hub {
+            Self::Hub { repo, .. } => Err(LoadError::Hub {
                 repo: repo.clone(),
                 file: missing,
                 message: "the repo has no safetensors weights for this component".to_string(),
@@ -243,12 +244,12 @@ impl ModelSource {
         }
     }
 
-    fn sharded(&self, component: &str, index_rel: &str) -> Result<Vec<PathBuf>, PipelineError> {
+    fn sharded(&self, component: &str, index_rel: &str) -> Result<Vec<PathBuf>, LoadError> {
         let index = self.read_json(index_rel)?;
         let map = index
             .get("weight_map")
             .and_then(Value::as_object)
-            .ok_or_else(|| PipelineError::ModelFile {
+            .ok_or_else(|| LoadError::ModelFile {
                 path: index_rel.to_string(),
                 message: "missing weight_map".to_string(),
             })?;
@@ -288,77 +289,5 @@ mod tests {
     fn http_status_is_read_from_hf_hub_messages() {
         assert_eq!(http_status("https://x/y: status code 403"), Some(403));
         assert_eq!(http_status("timeout"), None);
-    }
-}
-
-/// Reads a model's JSON file (a component `config.json`, `scheduler_config.json`,
-/// `tokenizer_config.json`...). Files that Python's `json.dump` wrote may hold the bare tokens
-/// `NaN`, `Infinity` and `-Infinity` (diffusers saves `lambda_min_clipped: -Infinity`); they
-/// are read as `null` and as the largest finite numbers, which behave as infinities in every
-/// comparison and clamp the configs use.
-pub fn read_json_file(path: &std::path::Path) -> Result<Value, PipelineError> {
-    let text = std::fs::read_to_string(path).map_err(|e| PipelineError::ModelFile {
-        path: path.display().to_string(),
-        message: format!("cannot read: {e}"),
-    })?;
-    serde_json::from_str(&python_json_to_strict(&text)).map_err(|e| PipelineError::ModelFile {
-        path: path.display().to_string(),
-        message: format!("invalid JSON: {e}"),
-    })
-}
-
-/// Rewrites the non-standard number tokens of Python's JSON (`NaN`, `Infinity`, `-Infinity`)
-/// outside string literals into standard JSON.
-pub fn python_json_to_strict(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut in_string = false;
-    let mut escaped = false;
-    let mut rest = text;
-    while let Some(c) = rest.chars().next() {
-        if in_string {
-            out.push(c);
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_string = false;
-            }
-            rest = &rest[c.len_utf8()..];
-            continue;
-        }
-        let replaced = [
-            ("-Infinity", "-1.7976931348623157e308"),
-            ("Infinity", "1.7976931348623157e308"),
-            ("NaN", "null"),
-        ]
-        .into_iter()
-        .find(|(token, _)| rest.starts_with(token));
-        if let Some((token, standard)) = replaced {
-            out.push_str(standard);
-            rest = &rest[token.len()..];
-            continue;
-        }
-        if c == '"' {
-            in_string = true;
-        }
-        out.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    out
-}
-
-#[cfg(test)]
-mod python_json_tests {
-    use super::*;
-
-    #[test]
-    fn pythons_non_finite_numbers_are_read_outside_strings_only() {
-        let t = r#"{"a": -Infinity, "b": Infinity, "c": NaN, "d": "NaN -Infinity \" Infinity"}"#;
-        let v: Value = serde_json::from_str(&python_json_to_strict(t)).unwrap();
-        assert_eq!(v["a"].as_f64(), Some(-f64::MAX));
-        assert_eq!(v["b"].as_f64(), Some(f64::MAX));
-        assert!(v["c"].is_null());
-        assert_eq!(v["d"], "NaN -Infinity \" Infinity");
     }
 }

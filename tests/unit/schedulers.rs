@@ -17,10 +17,8 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
-use tt_scale::pipelines::schedulers::{
-    BetaSchedule, SchedulerConfig, SchedulerKind, TimestepSpacing,
-};
-use tt_scale::pipelines::PipelineError;
+use tt_scale::schedulers::SchedulerError;
+use tt_scale::schedulers::{BetaSchedule, SchedulerConfig, SchedulerKind, TimestepSpacing};
 
 fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schedulers")
@@ -178,8 +176,7 @@ fn check_sigmas(name: &str) {
     let case = load_case(name);
     assert_eq!(case.config.kind, SchedulerKind::EulerDiscrete);
     for &n in &case.steps {
-        let scheduler =
-            tt_scale::pipelines::schedulers::EulerDiscreteScheduler::new(&case.config, n).unwrap();
+        let scheduler = tt_scale::schedulers::EulerDiscreteScheduler::new(&case.config, n).unwrap();
         let ours: Vec<f64> = scheduler.sigmas().iter().map(|&s| f64::from(s)).collect();
         assert_close_rel(
             &ours,
@@ -369,7 +366,7 @@ fn trained_betas_replace_the_beta_schedule() {
 
 fn expect_unsupported(config: Value, source: &str, key: &str) {
     match SchedulerConfig::from_json(&config, source) {
-        Err(PipelineError::Unsupported(message)) => {
+        Err(SchedulerError::Unsupported(message)) => {
             assert!(message.contains(source), "{message}");
             assert!(message.contains(key), "{message}");
         }
@@ -430,7 +427,7 @@ fn missing_config_file_is_a_model_file_error_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("scheduler_config.json");
     match SchedulerConfig::from_file(&path) {
-        Err(PipelineError::ModelFile { path: p, .. }) => assert_eq!(p, path.display().to_string()),
+        Err(SchedulerError::ModelFile { path: p, .. }) => assert_eq!(p, path.display().to_string()),
         other => panic!("expected ModelFile, got {other:?}"),
     }
 }
@@ -442,7 +439,7 @@ fn invalid_json_is_a_model_file_error() {
     std::fs::write(&path, "{not json").unwrap();
     assert!(matches!(
         SchedulerConfig::from_file(&path),
-        Err(PipelineError::ModelFile { .. })
+        Err(SchedulerError::ModelFile { .. })
     ));
 }
 
@@ -450,7 +447,7 @@ fn invalid_json_is_a_model_file_error() {
 fn missing_class_name_is_a_model_file_error() {
     let config = json!({"beta_start": 0.001});
     match SchedulerConfig::from_json(&config, "cfg.json") {
-        Err(PipelineError::ModelFile { path, message }) => {
+        Err(SchedulerError::ModelFile { path, message }) => {
             assert_eq!(path, "cfg.json");
             assert!(message.contains("_class_name"), "{message}");
         }
@@ -462,7 +459,7 @@ fn missing_class_name_is_a_model_file_error() {
 fn value_of_wrong_type_is_an_error_naming_the_key() {
     let config = with(sd15_config(), "beta_start", json!("0.00085"));
     match SchedulerConfig::from_json(&config, "cfg.json") {
-        Err(PipelineError::ModelFile { path, message }) => {
+        Err(SchedulerError::ModelFile { path, message }) => {
             assert_eq!(path, "cfg.json");
             assert!(message.contains("beta_start"), "{message}");
         }
@@ -475,7 +472,7 @@ fn zero_inference_steps_is_an_invalid_argument() {
     let config = SchedulerConfig::from_json(&sd15_config(), "x").unwrap();
     assert!(matches!(
         config.build(0),
-        Err(PipelineError::InvalidArgument(_))
+        Err(SchedulerError::InvalidArgument(_))
     ));
 }
 
@@ -485,7 +482,7 @@ fn ddim_rejects_more_steps_than_training_timesteps() {
     let config = SchedulerConfig::from_json(&config, "x").unwrap();
     assert!(matches!(
         config.build(1001),
-        Err(PipelineError::InvalidArgument(_))
+        Err(SchedulerError::InvalidArgument(_))
     ));
 }
 
@@ -495,7 +492,7 @@ fn pndm_runge_kutta_warm_up_needs_four_steps() {
     let config = SchedulerConfig::from_json(&config, "x").unwrap();
     assert!(matches!(
         config.build(3),
-        Err(PipelineError::InvalidArgument(_))
+        Err(SchedulerError::InvalidArgument(_))
     ));
     assert!(config.build(4).is_ok());
 }

@@ -2,14 +2,11 @@
 //! fake Gemini and OpenAI servers on loopback; the exact output tree, the JSON contents, the
 //! collage, reproducibility, and a run whose verifier always fails.
 
-#[path = "common/fake_verifier.rs"]
-mod fake_verifier;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use fake_verifier::{pixel_score, Behaviour, FakeGemini, FakeOpenAi, Reply};
+use crate::fake_verifier::{pixel_score, Behaviour, FakeGemini, FakeOpenAi, Reply};
 use serde_json::Value;
 
 const PROMPT: &str = "a tiny astronaut hatching from an egg on the moon";

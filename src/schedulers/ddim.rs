@@ -7,7 +7,7 @@ use super::{
     alpha_at, div_scalar, integer_timestep, integer_timesteps, mul_scalar, work_dtype,
     PredictionType, Scheduler, SchedulerConfig,
 };
-use crate::pipelines::PipelineError;
+use crate::schedulers::SchedulerError;
 
 /// The DDIM scheduler after `set_timesteps`.
 #[derive(Debug, Clone)]
@@ -29,7 +29,7 @@ impl DdimScheduler {
     pub fn new(
         config: &SchedulerConfig,
         num_inference_steps: usize,
-    ) -> Result<Self, PipelineError> {
+    ) -> Result<Self, SchedulerError> {
         let n_train = config.num_train_timesteps;
         if num_inference_steps > n_train {
             return Err(config.invalid_steps(format!(

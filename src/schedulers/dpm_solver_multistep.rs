@@ -13,7 +13,7 @@ use super::{
     mul_scalar, np_arange, np_linspace, Keys, PredictionType, Scheduler, SchedulerConfig,
     SchedulerKind, TimestepSpacing,
 };
-use crate::pipelines::PipelineError;
+use crate::schedulers::SchedulerError;
 
 /// Which DPM-Solver formulation (`algorithm_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +54,7 @@ pub struct DpmSolverOptions {
 }
 
 /// Reads the DPM-Solver keys of a scheduler config, rejecting what this build does not run.
-pub(super) fn parse_options(keys: &Keys) -> Result<DpmSolverOptions, PipelineError> {
+pub(super) fn parse_options(keys: &Keys) -> Result<DpmSolverOptions, SchedulerError> {
     let solver_order = keys.uint("solver_order")?.unwrap_or(2);
     if !(1..=3).contains(&solver_order) {
         return Err(keys.unsupported("solver_order", "must be 1, 2 or 3"));
@@ -165,7 +165,7 @@ impl DpmSolverMultistepScheduler {
     pub fn new(
         config: &SchedulerConfig,
         num_inference_steps: usize,
-    ) -> Result<Self, PipelineError> {
+    ) -> Result<Self, SchedulerError> {
         let options = match (&config.dpm_solver, config.kind) {
             (Some(o), SchedulerKind::DpmSolverMultistep) => o.clone(),
             _ => {

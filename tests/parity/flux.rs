@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use tt_scale::config::Dtype;
+use tt_scale::loading::ModelSource;
 use tt_scale::noise::{torch_randn, RandnKernel};
-use tt_scale::pipelines::flux::{pack_latents, FluxCallArgs, FluxPipeline};
-use tt_scale::pipelines::hub::ModelSource;
-use tt_scale::pipelines::schedulers::FlowMatchConfig;
+use tt_scale::pipelines::flux::{pack_latents, FluxPipeline};
+use tt_scale::pipelines::CallArgs;
 use tt_scale::pipelines::{ImagePipeline, PipelineError};
+use tt_scale::schedulers::FlowMatchConfig;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -29,17 +30,18 @@ fn reference() -> HashMap<String, Tensor> {
         .unwrap()
 }
 
-fn args(h: usize, w: usize, steps: usize, guidance: f64, msl: usize) -> FluxCallArgs {
-    FluxCallArgs {
+fn args(h: usize, w: usize, steps: usize, guidance: f64, msl: usize) -> CallArgs {
+    CallArgs {
         height: Some(h),
         width: Some(w),
         num_inference_steps: Some(steps),
         guidance_scale: Some(guidance),
         max_sequence_length: Some(msl),
+        ..Default::default()
     }
 }
 
-fn load(dir: &Path, a: &FluxCallArgs) -> FluxPipeline {
+fn load(dir: &Path, a: &CallArgs) -> FluxPipeline {
     FluxPipeline::load(
         ModelSource::Local(dir.to_path_buf()),
         Dtype::F32,
@@ -428,7 +430,7 @@ fn bench_real_size_transformer_step_on_cpu() {
             search_steps: 1,
             verifier_latency_ms: 0,
         };
-        let r = tt_scale::pipelines::flux::bench_transformer_step(&opts).unwrap();
+        let r = tt_scale::bench::models::flux_transformer_step(&opts).unwrap();
         eprintln!("{r:?}");
     }
 }

@@ -9,13 +9,14 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use tt_scale::config::Dtype;
+use tt_scale::loading::ModelSource;
 use tt_scale::models::pixart::{PixArtConfig, PixArtTransformer};
 use tt_scale::models::t5::{T5Config, T5Encoder, T5Tokenizer};
 use tt_scale::noise::{torch_randn, RandnKernel};
-use tt_scale::pipelines::hub::ModelSource;
-use tt_scale::pipelines::pixart::{PixArtCallArgs, PixArtPipeline};
-use tt_scale::pipelines::schedulers::SchedulerConfig;
+use tt_scale::pipelines::pixart::PixArtPipeline;
+use tt_scale::pipelines::CallArgs;
 use tt_scale::pipelines::ImagePipeline;
+use tt_scale::schedulers::SchedulerConfig;
 
 fn model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-pixart")
@@ -143,7 +144,7 @@ fn dpm_solver_sigmas_match_diffusers() {
     let variants = read_json(reference_dir().join("schedulers.json"));
     for (name, v) in variants.as_object().unwrap() {
         let config = SchedulerConfig::from_json(&v["config"], name).unwrap();
-        let s = tt_scale::pipelines::schedulers::DpmSolverMultistepScheduler::new(
+        let s = tt_scale::schedulers::DpmSolverMultistepScheduler::new(
             &config,
             v["steps"].as_u64().unwrap() as usize,
         )
@@ -175,7 +176,7 @@ fn full_pipeline_images_match_diffusers_within_2_of_255() {
     let source = ModelSource::resolve(model_dir().to_str().unwrap()).unwrap();
     for run in runs.as_array().unwrap() {
         let name = run["name"].as_str().unwrap();
-        let args = PixArtCallArgs {
+        let args = CallArgs {
             height: Some(run["height"].as_u64().unwrap() as usize),
             width: Some(run["width"].as_u64().unwrap() as usize),
             num_inference_steps: Some(run["steps"].as_u64().unwrap() as usize),
@@ -212,7 +213,7 @@ fn low_vram_frees_and_rereads_t5_with_the_same_images() {
     let runs = read_json(reference_dir().join("pipeline.json"));
     let source = ModelSource::resolve(model_dir().to_str().unwrap()).unwrap();
     let run = &runs.as_array().unwrap()[0];
-    let args = PixArtCallArgs {
+    let args = CallArgs {
         height: Some(run["height"].as_u64().unwrap() as usize),
         width: Some(run["width"].as_u64().unwrap() as usize),
         num_inference_steps: Some(run["steps"].as_u64().unwrap() as usize),

@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use serde_json::Value;
 
-use crate::pipelines::PipelineError;
+use crate::schedulers::SchedulerError;
 
 /// The keys of a `FlowMatchEulerDiscreteScheduler` `scheduler_config.json` that Flux uses.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,8 +50,8 @@ impl FlowMatchConfig {
     /// Reads a diffusers scheduler config; `source` names it in errors. Options this
     /// implementation lacks (Karras/exponential/beta sigmas, `invert_sigmas`, `shift_terminal`,
     /// stochastic sampling, linear time shift) are refused by name.
-    pub fn from_json(value: &Value, source: &str) -> Result<Self, PipelineError> {
-        let err = |key: &str, expected: &str| PipelineError::ModelFile {
+    pub fn from_json(value: &Value, source: &str) -> Result<Self, SchedulerError> {
+        let err = |key: &str, expected: &str| SchedulerError::ModelFile {
             path: source.to_string(),
             message: format!(
                 "key {key:?}: expected {expected}, found {}",
@@ -64,7 +64,7 @@ impl FlowMatchConfig {
             .and_then(Value::as_str)
             .unwrap_or("");
         if class != "FlowMatchEulerDiscreteScheduler" {
-            return Err(PipelineError::Unsupported(format!(
+            return Err(SchedulerError::Unsupported(format!(
                 "{source}: scheduler {class:?} is not supported by the Flux pipeline \
                  (FlowMatchEulerDiscreteScheduler)"
             )));
@@ -78,32 +78,32 @@ impl FlowMatchConfig {
         ] {
             if let Some(v) = present(key) {
                 if v != &Value::Bool(false) {
-                    return Err(PipelineError::Unsupported(format!(
+                    return Err(SchedulerError::Unsupported(format!(
                         "{source}: {key} = {v} is not supported (expected false)"
                     )));
                 }
             }
         }
         if present("shift_terminal").is_some() {
-            return Err(PipelineError::Unsupported(format!(
+            return Err(SchedulerError::Unsupported(format!(
                 "{source}: shift_terminal is not supported (expected null)"
             )));
         }
         if let Some(v) = present("time_shift_type") {
             if v != "exponential" {
-                return Err(PipelineError::Unsupported(format!(
+                return Err(SchedulerError::Unsupported(format!(
                     "{source}: time_shift_type = {v} is not supported (expected \"exponential\")"
                 )));
             }
         }
         let d = Self::default();
-        let f = |key: &str, default: f64| -> Result<f64, PipelineError> {
+        let f = |key: &str, default: f64| -> Result<f64, SchedulerError> {
             match present(key) {
                 None => Ok(default),
                 Some(v) => v.as_f64().ok_or_else(|| err(key, "a number")),
             }
         };
-        let u = |key: &str, default: usize| -> Result<usize, PipelineError> {
+        let u = |key: &str, default: usize| -> Result<usize, SchedulerError> {
             match present(key) {
                 None => Ok(default),
                 Some(v) => v
@@ -136,9 +136,9 @@ impl FlowMatchConfig {
     }
 
     /// Reads `scheduler/scheduler_config.json` from disk.
-    pub fn from_file(path: &Path) -> Result<Self, PipelineError> {
+    pub fn from_file(path: &Path) -> Result<Self, SchedulerError> {
         let source = path.display().to_string();
-        let value = crate::pipelines::hub::read_json_file(path)?;
+        let value = crate::loading::read_json_file(path)?;
         Self::from_json(&value, &source)
     }
 
@@ -157,9 +157,9 @@ impl FlowMatchConfig {
         &self,
         num_inference_steps: usize,
         image_seq_len: usize,
-    ) -> Result<FlowMatchEulerScheduler, PipelineError> {
+    ) -> Result<FlowMatchEulerScheduler, SchedulerError> {
         if num_inference_steps == 0 {
-            return Err(PipelineError::InvalidArgument(
+            return Err(SchedulerError::InvalidArgument(
                 "pipeline_call_args.num_inference_steps must be at least 1".into(),
             ));
         }

@@ -12,7 +12,7 @@ use super::{
     FinalSigmasType, InterpolationType, PredictionType, Scheduler, SchedulerConfig,
     TimestepSpacing, TimestepType,
 };
-use crate::pipelines::PipelineError;
+use crate::schedulers::SchedulerError;
 
 /// Karras et al.'s `rho` for Karras sigmas.
 const KARRAS_RHO: f64 = 7.0;
@@ -35,7 +35,7 @@ impl EulerDiscreteScheduler {
     pub fn new(
         config: &SchedulerConfig,
         num_inference_steps: usize,
-    ) -> Result<Self, PipelineError> {
+    ) -> Result<Self, SchedulerError> {
         let n = num_inference_steps;
         let n_train = config.num_train_timesteps;
         // With zero-SNR rescaling the last value is already 2^-24 rather than 0.

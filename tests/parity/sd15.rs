@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use tt_scale::config::Dtype;
+use tt_scale::loading::ModelSource;
 use tt_scale::noise::{torch_randn, Noise, RandnKernel};
-use tt_scale::pipelines::hub::ModelSource;
-use tt_scale::pipelines::sd15::{scheduler_from_file, Sd15CallArgs, Sd15Pipeline};
+use tt_scale::pipelines::common::scheduler_from_file;
+use tt_scale::pipelines::sd15::Sd15Pipeline;
+use tt_scale::pipelines::CallArgs;
 use tt_scale::pipelines::{ImagePipeline, PipelineError};
 
 const PROMPT: &str = "a photo of a cat sitting on a red chair, highly detailed";
@@ -29,21 +31,22 @@ fn reference() -> std::collections::HashMap<String, Tensor> {
 }
 
 /// The call arguments of the reference pipeline runs.
-fn call_args(negative: Option<&str>) -> Sd15CallArgs {
-    Sd15CallArgs {
+fn call_args(negative: Option<&str>) -> CallArgs {
+    CallArgs {
         height: Some(64),
         width: Some(64),
         num_inference_steps: Some(4),
         guidance_scale: Some(7.5),
         negative_prompt: negative.map(str::to_owned),
+        ..Default::default()
     }
 }
 
-fn load_with(dtype: Dtype, args: &Sd15CallArgs) -> Result<Sd15Pipeline, PipelineError> {
+fn load_with(dtype: Dtype, args: &CallArgs) -> Result<Sd15Pipeline, PipelineError> {
     Sd15Pipeline::load(&ModelSource::Local(model_dir()), dtype, &Device::Cpu, args)
 }
 
-fn load(args: &Sd15CallArgs) -> Sd15Pipeline {
+fn load(args: &CallArgs) -> Sd15Pipeline {
     load_with(Dtype::F32, args).unwrap()
 }
 
@@ -178,7 +181,7 @@ fn noise_shape_is_latent_channels_by_size_over_vae_factor() {
 
 #[test]
 fn default_size_is_unet_sample_size_times_vae_factor() {
-    let pipe = load(&Sd15CallArgs::default());
+    let pipe = load(&CallArgs::default());
     // sample_size 8 × factor 8 = 64 px → 8×8 latents.
     assert_eq!(pipe.noise_shape(), vec![1, 4, 8, 8]);
 }
@@ -253,7 +256,7 @@ fn noise_of_the_wrong_shape_is_invalid_argument() {
 }
 
 fn runs_in(dtype: Dtype) {
-    let args = Sd15CallArgs {
+    let args = CallArgs {
         num_inference_steps: Some(2),
         ..call_args(Some(NEGATIVE))
     };
@@ -378,7 +381,7 @@ fn missing_unet_config_names_the_file() {
 
 #[test]
 fn height_not_a_multiple_of_the_vae_factor_is_invalid_argument() {
-    let args = Sd15CallArgs {
+    let args = CallArgs {
         height: Some(60),
         ..call_args(None)
     };
@@ -392,7 +395,7 @@ fn height_not_a_multiple_of_the_vae_factor_is_invalid_argument() {
 
 #[test]
 fn width_not_a_multiple_of_the_vae_factor_is_invalid_argument() {
-    let args = Sd15CallArgs {
+    let args = CallArgs {
         width: Some(65),
         ..call_args(None)
     };

@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use tt_scale::config::Dtype;
+use tt_scale::loading::ModelSource;
 use tt_scale::noise::Noise;
-use tt_scale::pipelines::hub::ModelSource;
-use tt_scale::pipelines::sd15::scheduler_from_file;
-use tt_scale::pipelines::sdxl::{SdxlCallArgs, SdxlPipeline};
+use tt_scale::pipelines::common::scheduler_from_file;
+use tt_scale::pipelines::sdxl::SdxlPipeline;
+use tt_scale::pipelines::CallArgs;
 use tt_scale::pipelines::{ImagePipeline, PipelineError};
 
 const PROMPT: &str = "a photo of a cat sitting on a red chair, highly detailed";
@@ -30,17 +31,18 @@ fn reference() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(ref_dir().join("reference.safetensors"), &Device::Cpu).unwrap()
 }
 
-fn args(negative: Option<&str>, guidance: f64, height: usize, width: usize) -> SdxlCallArgs {
-    SdxlCallArgs {
+fn args(negative: Option<&str>, guidance: f64, height: usize, width: usize) -> CallArgs {
+    CallArgs {
         height: Some(height),
         width: Some(width),
         num_inference_steps: Some(4),
         guidance_scale: Some(guidance),
         negative_prompt: negative.map(str::to_owned),
+        ..Default::default()
     }
 }
 
-fn load_from(dir: &Path, dtype: Dtype, a: &SdxlCallArgs) -> Result<SdxlPipeline, PipelineError> {
+fn load_from(dir: &Path, dtype: Dtype, a: &CallArgs) -> Result<SdxlPipeline, PipelineError> {
     SdxlPipeline::load(
         &ModelSource::Local(dir.to_path_buf()),
         dtype,
@@ -49,7 +51,7 @@ fn load_from(dir: &Path, dtype: Dtype, a: &SdxlCallArgs) -> Result<SdxlPipeline,
     )
 }
 
-fn load(a: &SdxlCallArgs) -> SdxlPipeline {
+fn load(a: &CallArgs) -> SdxlPipeline {
     load_from(&model_dir(), Dtype::F32, a).unwrap()
 }
 
@@ -257,7 +259,7 @@ fn time_ids_are_original_size_zero_crop_and_target_size_from_height_and_width() 
 
 #[test]
 fn default_size_is_unet_sample_size_times_vae_factor() {
-    let pipe = load(&SdxlCallArgs::default());
+    let pipe = load(&CallArgs::default());
     assert_eq!(pipe.noise_shape(), vec![1, 4, 8, 8]);
     assert_eq!(pipe.add_time_ids(), [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]);
 }

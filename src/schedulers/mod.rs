@@ -28,8 +28,6 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use serde_json::{Map, Value};
 
-use crate::pipelines::PipelineError;
-
 pub use ddim::DdimScheduler;
 pub use dpm_solver_multistep::{
     DpmAlgorithm, DpmSolverMultistepScheduler, DpmSolverOptions, DpmSolverType,
@@ -37,6 +35,49 @@ pub use dpm_solver_multistep::{
 pub use euler_discrete::EulerDiscreteScheduler;
 pub use flow_match_euler::{FlowMatchConfig, FlowMatchEulerScheduler};
 pub use pndm::PndmScheduler;
+
+use crate::loading::LoadError;
+
+/// Errors raised while configuring or stepping a scheduler.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// The scheduler config file is missing, unreadable or malformed.
+    #[error("model file {path}: {message}")]
+    ModelFile {
+        /// The file in question.
+        path: String,
+        /// What went wrong and what to do.
+        message: String,
+    },
+    /// The scheduler class or one of its options is not implemented.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A step count or argument is not valid for this scheduler.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A tensor operation failed.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl From<LoadError> for SchedulerError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::ModelFile { path, message } => SchedulerError::ModelFile { path, message },
+            LoadError::Hub {
+                repo,
+                file,
+                message,
+            } => SchedulerError::ModelFile {
+                path: format!("{repo}/{file}"),
+                message,
+            },
+            LoadError::Unsupported(m) => SchedulerError::Unsupported(m),
+            LoadError::InvalidArgument(m) => SchedulerError::InvalidArgument(m),
+            LoadError::Candle(e) => SchedulerError::Candle(e),
+        }
+    }
+}
 
 /// One denoising schedule, set up for a given number of inference steps
 /// (diffusers' scheduler after `set_timesteps`).
@@ -201,16 +242,16 @@ pub struct SchedulerConfig {
 
 impl SchedulerConfig {
     /// Reads a diffusers `scheduler_config.json`.
-    pub fn from_file(path: &Path) -> Result<Self, PipelineError> {
+    pub fn from_file(path: &Path) -> Result<Self, SchedulerError> {
         let source = path.display().to_string();
-        let value = crate::pipelines::hub::read_json_file(path)?;
+        let value = crate::loading::read_json_file(path)?;
         Self::from_json(&value, &source)
     }
 
     /// Parses an already-loaded scheduler config; `source_name` (a path or a name) is used in
     /// error messages.
-    pub fn from_json(value: &Value, source_name: &str) -> Result<Self, PipelineError> {
-        let obj = value.as_object().ok_or_else(|| PipelineError::ModelFile {
+    pub fn from_json(value: &Value, source_name: &str) -> Result<Self, SchedulerError> {
+        let obj = value.as_object().ok_or_else(|| SchedulerError::ModelFile {
             path: source_name.to_string(),
             message: "expected a JSON object (a diffusers scheduler_config.json)".to_string(),
         })?;
@@ -220,7 +261,7 @@ impl SchedulerConfig {
         };
         let class_name = keys
             .string("_class_name")?
-            .ok_or_else(|| PipelineError::ModelFile {
+            .ok_or_else(|| SchedulerError::ModelFile {
                 path: source_name.to_string(),
                 message: "missing key `_class_name`; expected a diffusers scheduler config"
                     .to_string(),
@@ -231,7 +272,7 @@ impl SchedulerConfig {
             "EulerDiscreteScheduler" => SchedulerKind::EulerDiscrete,
             "DPMSolverMultistepScheduler" => SchedulerKind::DpmSolverMultistep,
             other => {
-                return Err(PipelineError::Unsupported(format!(
+                return Err(SchedulerError::Unsupported(format!(
                     "scheduler config {source_name}: key `_class_name`: scheduler {other:?} is not \
                      supported; use PNDMScheduler, DDIMScheduler, EulerDiscreteScheduler or DPMSolverMultistepScheduler"
                 )))
@@ -395,9 +436,9 @@ impl SchedulerConfig {
 
     /// Builds the scheduler set up for `num_inference_steps` denoising steps (diffusers'
     /// constructor followed by `set_timesteps`).
-    pub fn build(&self, num_inference_steps: usize) -> Result<Box<dyn Scheduler>, PipelineError> {
+    pub fn build(&self, num_inference_steps: usize) -> Result<Box<dyn Scheduler>, SchedulerError> {
         if num_inference_steps == 0 {
-            return Err(PipelineError::InvalidArgument(
+            return Err(SchedulerError::InvalidArgument(
                 "the number of inference steps must be at least 1".to_string(),
             ));
         }
@@ -462,8 +503,8 @@ impl SchedulerConfig {
         alphas_cumprod
     }
 
-    fn invalid_steps(&self, message: String) -> PipelineError {
-        PipelineError::InvalidArgument(format!("scheduler config {}: {message}", self.source))
+    fn invalid_steps(&self, message: String) -> SchedulerError {
+        SchedulerError::InvalidArgument(format!("scheduler config {}: {message}", self.source))
     }
 }
 
@@ -478,8 +519,8 @@ impl Keys<'_> {
         self.obj.get(key).filter(|v| !v.is_null())
     }
 
-    fn wrong_type(&self, key: &str, expected: &str) -> PipelineError {
-        PipelineError::ModelFile {
+    fn wrong_type(&self, key: &str, expected: &str) -> SchedulerError {
+        SchedulerError::ModelFile {
             path: self.source.to_string(),
             message: format!(
                 "key `{key}`: expected {expected}, found {}",
@@ -488,14 +529,14 @@ impl Keys<'_> {
         }
     }
 
-    fn unsupported(&self, key: &str, message: &str) -> PipelineError {
-        PipelineError::Unsupported(format!(
+    fn unsupported(&self, key: &str, message: &str) -> SchedulerError {
+        SchedulerError::Unsupported(format!(
             "scheduler config {}: key `{key}`: {message}",
             self.source
         ))
     }
 
-    fn string(&self, key: &str) -> Result<Option<String>, PipelineError> {
+    fn string(&self, key: &str) -> Result<Option<String>, SchedulerError> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -503,7 +544,7 @@ impl Keys<'_> {
         }
     }
 
-    fn float(&self, key: &str) -> Result<Option<f64>, PipelineError> {
+    fn float(&self, key: &str) -> Result<Option<f64>, SchedulerError> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
@@ -513,7 +554,7 @@ impl Keys<'_> {
         }
     }
 
-    fn int(&self, key: &str) -> Result<Option<i64>, PipelineError> {
+    fn int(&self, key: &str) -> Result<Option<i64>, SchedulerError> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
@@ -523,7 +564,7 @@ impl Keys<'_> {
         }
     }
 
-    fn uint(&self, key: &str) -> Result<Option<usize>, PipelineError> {
+    fn uint(&self, key: &str) -> Result<Option<usize>, SchedulerError> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => v
@@ -536,7 +577,7 @@ impl Keys<'_> {
 
     /// A boolean; JSON `null` counts as false (Python's `None` is falsy), a missing key as
     /// `default`.
-    fn flag(&self, key: &str, default: bool) -> Result<bool, PipelineError> {
+    fn flag(&self, key: &str, default: bool) -> Result<bool, SchedulerError> {
         match self.obj.get(key) {
             None => Ok(default),
             Some(Value::Null) => Ok(false),
@@ -545,7 +586,7 @@ impl Keys<'_> {
         }
     }
 
-    fn float_list(&self, key: &str) -> Result<Option<Vec<f64>>, PipelineError> {
+    fn float_list(&self, key: &str) -> Result<Option<Vec<f64>>, SchedulerError> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Array(items)) => items

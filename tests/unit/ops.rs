@@ -1,5 +1,5 @@
 //! The fused operations' CPU implementations (`tt_scale::ops::fused`, the reference the CUDA
-//! kernels are tested against in tests/gpu_kernels.rs) compute the same functions as the candle
+//! kernels are tested against in tests/gpu/kernels.rs) compute the same functions as the candle
 //! compositions the models use on the CPU: random inputs, odd sizes, strided views, every
 //! optional operand, float32 and the 16-bit dtypes. Bounds are relative to the largest
 //! magnitude of the composite result: 1e-5 in float32; in bf16/f16 one rounding of the output
@@ -8,9 +8,7 @@
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use tt_scale::ops::{self, fused, Activation};
 
-#[path = "common/tensors.rs"]
-mod tensors;
-use tensors::{randn, rel_err, ConvCase};
+use crate::tensors::{randn, rel_err, ConvCase};
 
 fn bound(dtype: DType) -> f32 {
     match dtype {

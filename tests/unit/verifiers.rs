@@ -1,13 +1,10 @@
 //! The API verifiers against fake Gemini and OpenAI servers on 127.0.0.1: request shape,
 //! index-ordered results, retries and their bounds, reply validation, stats, and key hygiene.
 
-#[path = "common/fake_verifier.rs"]
-mod fake_verifier;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use fake_verifier::{pixel_score, Behaviour, FakeGemini, FakeOpenAi, FakeServer, Reply};
+use crate::fake_verifier::{pixel_score, Behaviour, FakeGemini, FakeOpenAi, FakeServer, Reply};
 use image::{Rgb, RgbImage};
 use tt_scale::config::VerifierArgs;
 use tt_scale::verifiers::{

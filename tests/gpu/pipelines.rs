@@ -20,10 +20,11 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use tt_scale::config::Dtype;
+use tt_scale::loading::ModelSource;
 use tt_scale::noise::{torch_randn, Noise, RandnKernel};
-use tt_scale::pipelines::flux::{FluxCallArgs, FluxPipeline};
-use tt_scale::pipelines::hub::ModelSource;
-use tt_scale::pipelines::sd15::{Sd15CallArgs, Sd15Pipeline};
+use tt_scale::pipelines::flux::FluxPipeline;
+use tt_scale::pipelines::sd15::Sd15Pipeline;
+use tt_scale::pipelines::CallArgs;
 use tt_scale::pipelines::ImagePipeline;
 
 const SD15_PROMPT: &str = "a photo of a cat sitting on a red chair, highly detailed";
@@ -131,13 +132,14 @@ fn torch_randn_noise_is_bit_exact_on_the_gpu_in_f32_and_after_bf16_rounding() {
     assert_eq!(mismatches, 0, "{mismatches} bf16 values differ");
 }
 
-fn sd15_args(steps: usize) -> Sd15CallArgs {
-    Sd15CallArgs {
+fn sd15_args(steps: usize) -> CallArgs {
+    CallArgs {
         height: Some(64),
         width: Some(64),
         num_inference_steps: Some(steps),
         guidance_scale: Some(7.5),
         negative_prompt: Some(SD15_NEGATIVE.to_string()),
+        ..Default::default()
     }
 }
 
@@ -214,13 +216,14 @@ fn sd15_pipeline_on_cuda_bf16_is_within_a_mean_of_6_of_255_of_the_cpu_f32_image(
     assert!(mean <= 6.0, "mean difference {mean}/255");
 }
 
-fn flux_args(h: usize, w: usize, steps: usize, guidance: f64, msl: usize) -> FluxCallArgs {
-    FluxCallArgs {
+fn flux_args(h: usize, w: usize, steps: usize, guidance: f64, msl: usize) -> CallArgs {
+    CallArgs {
         height: Some(h),
         width: Some(w),
         num_inference_steps: Some(steps),
         guidance_scale: Some(guidance),
         max_sequence_length: Some(msl),
+        ..Default::default()
     }
 }
 

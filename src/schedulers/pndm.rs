@@ -11,7 +11,7 @@ use super::{
     alpha_at, div_scalar, integer_timestep, integer_timesteps, mul_scalar, work_dtype,
     PredictionType, Scheduler, SchedulerConfig,
 };
-use crate::pipelines::PipelineError;
+use crate::schedulers::SchedulerError;
 
 /// The PNDM scheduler after `set_timesteps`, with its multistep state.
 #[derive(Debug)]
@@ -42,7 +42,7 @@ impl PndmScheduler {
     pub fn new(
         config: &SchedulerConfig,
         num_inference_steps: usize,
-    ) -> Result<Self, PipelineError> {
+    ) -> Result<Self, SchedulerError> {
         let n_train = config.num_train_timesteps;
         let alphas_cumprod = config.alphas_cumprod();
         let final_alpha_cumprod = if config.set_alpha_to_one {

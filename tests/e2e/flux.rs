@@ -1,13 +1,10 @@
 //! `tt-scale run` end to end with the tiny Flux-architecture model (diffusers layout) and a fake
 //! Gemini server on loopback: the output tree and the per-round JSON.
 
-#[path = "common/fake_verifier.rs"]
-mod fake_verifier;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use fake_verifier::{Behaviour, FakeGemini};
+use crate::fake_verifier::{Behaviour, FakeGemini};
 use serde_json::Value;
 
 const PROMPT: &str = "a tiny astronaut hatching from an egg on the moon";

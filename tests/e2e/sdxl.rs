@@ -2,14 +2,11 @@
 //! graded by a fake Gemini server: the output tree, the JSON contents, and images of the
 //! requested size.
 
-#[path = "common/fake_verifier.rs"]
-mod fake_verifier;
-
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use fake_verifier::{Behaviour, FakeGemini};
+use crate::fake_verifier::{Behaviour, FakeGemini};
 use serde_json::Value;
 
 const PROMPT: &str = "a tiny astronaut hatching from an egg on the moon";

@@ -1,5 +1,5 @@
 //! The project's CUDA kernels (kernels/*.cu) and cuBLASLt linear against their CPU
-//! implementations (`tt_scale::ops::fused` on the CPU, which tests/ops.rs checks against candle's
+//! implementations (`tt_scale::ops::fused` on the CPU, which tests/unit/ops.rs checks against candle's
 //! compositions), and the fused model paths against the unfused ones on the same GPU.
 //!
 //! Random inputs, odd sizes, strided views, every head size the attention kernel has. Bounds are
@@ -13,9 +13,7 @@
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use tt_scale::ops::{self, fused, Activation, AttentionTile};
 
-#[path = "common/tensors.rs"]
-mod tensors;
-use tensors::{randn, rel_err, ConvCase};
+use crate::tensors::{randn, rel_err, ConvCase};
 
 fn cuda() -> Device {
     Device::new_cuda(0).expect("these tests need a CUDA GPU (device 0)")

@@ -1,0 +1,308 @@
+//! What every pipeline shares: the initial-noise batch, the guided denoise loop of the
+//! scheduler-driven pipelines (SD 1.5, SDXL, PixArt), `generate`, diffusers' image
+//! post-processing, and the file helpers of the loaders. Each model family's file holds only what
+//! differs.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+
+use super::{CallArgs, PipelineError};
+use crate::loading::{parse_config, Dtype, ModelSource};
+use crate::models::clip_text::ClipTextConfig;
+use crate::models::clip_tokenizer::ClipTokenizer;
+use crate::noise::Noise;
+use crate::schedulers::{Scheduler, SchedulerConfig};
+
+/// Builds a fresh scheduler for a number of inference steps (one per generation).
+pub type SchedulerFactory = Box<dyn Fn(usize) -> Result<Box<dyn Scheduler>, PipelineError> + Send>;
+
+/// The scheduler factory for a `scheduler_config.json` on disk.
+pub fn scheduler_from_file(path: &std::path::Path) -> Result<SchedulerFactory, PipelineError> {
+    let config = SchedulerConfig::from_file(path)?;
+    Ok(Box::new(move |steps| Ok(config.build(steps)?)))
+}
+
+/// Stacks a batch of initial noises, each of `shape` (batch dimension 1), into one float32
+/// tensor `(B, ...)` on `device`; a noise of another shape is an error naming it.
+pub fn noise_batch(
+    noises: &[Noise],
+    shape: &[usize],
+    device: &Device,
+) -> Result<Tensor, PipelineError> {
+    let mut rows = Vec::with_capacity(noises.len());
+    for (i, noise) in noises.iter().enumerate() {
+        if noise.shape != shape || noise.data.len() != shape.iter().product::<usize>() {
+            return Err(PipelineError::InvalidArgument(format!(
+                "noise {i} has shape {:?} ({} values); this pipeline needs {shape:?}",
+                noise.shape,
+                noise.data.len()
+            )));
+        }
+        rows.push(Tensor::from_slice(&noise.data, shape, device)?);
+    }
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
+/// diffusers' postprocess + `numpy_to_pil`: `(x / 2 + 0.5).clamp(0, 1)`, then
+/// `(x * 255).round()` (half to even, as NumPy) to u8, one RGB image per batch row of
+/// `decoded` (B, 3, H, W).
+pub fn to_images(decoded: &Tensor) -> Result<Vec<RgbImage>, PipelineError> {
+    let (b, c, h, w) = decoded.dims4()?;
+    if c != 3 {
+        return Err(PipelineError::Unsupported(format!(
+            "the VAE decodes {c} channels; only RGB (3) images are supported"
+        )));
+    }
+    let x = ((decoded.to_dtype(DType::F32)? / 2.0)? + 0.5)?
+        .clamp(0f32, 1f32)?
+        .permute((0, 2, 3, 1))?
+        .contiguous()?;
+    let data: Vec<f32> = x.flatten_all()?.to_vec1()?;
+    let per_image = h * w * 3;
+    (0..b)
+        .map(|i| {
+            let bytes: Vec<u8> = data[i * per_image..(i + 1) * per_image]
+                .iter()
+                .map(|v| (v * 255.0).round_ties_even() as u8)
+                .collect();
+            RgbImage::from_raw(w as u32, h as u32, bytes).ok_or_else(|| {
+                PipelineError::InvalidArgument("decoded image has an unexpected size".into())
+            })
+        })
+        .collect()
+}
+
+/// `Some(path)` when the model has `rel`, `None` when it does not.
+pub fn optional_file(source: &ModelSource, rel: &str) -> Result<Option<PathBuf>, PipelineError> {
+    if source.has_file(rel)? {
+        Ok(source.file(rel).map(Some)?)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Turns a component's construction error (usually a missing or mis-shaped tensor) into a
+/// message naming the component's weights; `model` says what the folder should be (e.g. "an
+/// SDXL model").
+pub fn weights_error(
+    source: &ModelSource,
+    component: &str,
+    model: &str,
+    e: impl std::fmt::Display,
+) -> PipelineError {
+    PipelineError::ModelFile {
+        path: format!("{}/{component}", source.display_name()),
+        message: format!(
+            "the weights do not match {component}/config.json: {e}; is this {model} in \
+             diffusers layout?"
+        ),
+    }
+}
+
+/// The CLIP tokenizer of a diffusers `folder` (`tokenizer`, `tokenizer_2`): `vocab.json`,
+/// `merges.txt` and, when present, `tokenizer_config.json` and `special_tokens_map.json`.
+pub fn clip_tokenizer(source: &ModelSource, folder: &str) -> Result<ClipTokenizer, PipelineError> {
+    let config = optional_file(source, &format!("{folder}/tokenizer_config.json"))?;
+    let special = optional_file(source, &format!("{folder}/special_tokens_map.json"))?;
+    Ok(ClipTokenizer::from_files(
+        &source.file(&format!("{folder}/vocab.json"))?,
+        &source.file(&format!("{folder}/merges.txt"))?,
+        config.as_deref(),
+        special.as_deref(),
+    )?)
+}
+
+/// A CLIP text encoder's `folder/config.json` (transformers' `CLIPTextConfig`).
+pub fn clip_text_config(
+    source: &ModelSource,
+    folder: &str,
+) -> Result<ClipTextConfig, PipelineError> {
+    let file = format!("{folder}/config.json");
+    Ok(parse_config(&source.read_json(&file)?, &file)?)
+}
+
+/// Refuses bf16 on the CPU for the UNet pipelines: candle has no bf16 matmul there.
+pub fn check_dtype_on_device(dtype: Dtype, device: &Device) -> Result<(), PipelineError> {
+    if dtype == Dtype::Bf16 && device.is_cpu() {
+        return Err(PipelineError::Unsupported(
+            "torch_dtype \"bf16\" needs a CUDA device (candle has no bf16 matmul on the \
+             CPU); use \"fp32\" or \"fp16\" on the CPU"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The sampling settings of a scheduler-driven pipeline and the loop they drive.
+pub struct Sampler {
+    /// The scheduler, built afresh for every generation.
+    pub scheduler: SchedulerFactory,
+    /// Denoising steps.
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance scale; guidance is on when it is above 1, as in diffusers.
+    pub guidance_scale: f64,
+}
+
+impl Sampler {
+    /// Resolves the call arguments of a scheduler-driven pipeline against the model: height and
+    /// width (default `default_size`), steps and guidance (the pipeline's defaults), checked by
+    /// [`super::check_call_args`]; the schedule is built once so that an unsupported scheduler
+    /// or step count fails at load. Returns `(height, width, sampler)`.
+    pub fn from_call_args(
+        call_args: &CallArgs,
+        scheduler: SchedulerFactory,
+        default_size: usize,
+        vae_scale_factor: usize,
+        default_steps: usize,
+        default_guidance: f64,
+    ) -> Result<(usize, usize, Self), PipelineError> {
+        let height = call_args.height.unwrap_or(default_size);
+        let width = call_args.width.unwrap_or(default_size);
+        let num_inference_steps = call_args.num_inference_steps.unwrap_or(default_steps);
+        let guidance_scale = call_args.guidance_scale.unwrap_or(default_guidance);
+        super::check_call_args(
+            height,
+            width,
+            vae_scale_factor,
+            num_inference_steps,
+            guidance_scale,
+        )?;
+        scheduler(num_inference_steps)?;
+        let sampler = Sampler {
+            scheduler,
+            num_inference_steps,
+            guidance_scale,
+        };
+        Ok((height, width, sampler))
+    }
+
+    /// Whether classifier-free guidance is on (`guidance_scale > 1`, as diffusers).
+    pub fn uses_guidance(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+
+    /// `[uncond; cond]` (2, ...) under guidance, else `cond` (1, ...): one prompt's conditioning
+    /// rows, `uncond` computed only when guidance is on.
+    pub fn pair(
+        &self,
+        cond: Tensor,
+        uncond: impl FnOnce() -> Result<Tensor, PipelineError>,
+    ) -> Result<Tensor, PipelineError> {
+        if self.uses_guidance() {
+            Ok(Tensor::cat(&[uncond()?, cond], 0)?)
+        } else {
+            Ok(cond)
+        }
+    }
+
+    /// One prompt's conditioning `t` (rows `[uncond; cond]` under guidance, else `[cond]`)
+    /// repeated for a batch of `b` images: `[uncond × b, cond × b]` under guidance (diffusers'
+    /// order), else `[cond × b]`.
+    pub fn batch_rows(&self, t: &Tensor, b: usize) -> Result<Tensor, PipelineError> {
+        let reps: Vec<usize> = std::iter::once(b)
+            .chain(std::iter::repeat_n(1, t.rank() - 1))
+            .collect();
+        if self.uses_guidance() {
+            Ok(Tensor::cat(
+                &[
+                    t.narrow(0, 0, 1)?.repeat(reps.as_slice())?,
+                    t.narrow(0, 1, 1)?.repeat(reps.as_slice())?,
+                ],
+                0,
+            )?)
+        } else {
+            Ok(t.repeat(reps.as_slice())?)
+        }
+    }
+
+    /// The guided denoise loop: from initial `latents` (B, C, h, w), already scaled by
+    /// `init_noise_sigma`, for each timestep `t` the model input (latents twice under guidance)
+    /// is scaled by the scheduler, `forward(input, t)` predicts (2B or B rows), the prediction
+    /// is guided, `uncond + scale · (cond − uncond)`, and the scheduler steps. Returns the final
+    /// latents.
+    pub fn denoise(
+        &self,
+        latents: &Tensor,
+        mut forward: impl FnMut(&Tensor, f64) -> Result<Tensor, PipelineError>,
+    ) -> Result<Tensor, PipelineError> {
+        let b = latents.dim(0)?;
+        let guided = self.uses_guidance();
+        let mut scheduler = (self.scheduler)(self.num_inference_steps)?;
+        let timesteps = scheduler.timesteps().to_vec();
+        let mut latents = latents.clone();
+        for t in timesteps {
+            let input = if guided {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let input = scheduler.scale_model_input(&input, t)?;
+            let pred = forward(&input, t)?;
+            let pred = if guided {
+                let uncond = pred.narrow(0, 0, b)?;
+                let cond = pred.narrow(0, b, b)?;
+                (&uncond + ((cond - &uncond)? * self.guidance_scale)?)?
+            } else {
+                pred
+            };
+            latents = scheduler.step(&pred, t, &latents)?;
+        }
+        Ok(latents)
+    }
+
+    /// `generate` of a scheduler-driven pipeline: stacks `noises` (each of `shape`), scales
+    /// them by the scheduler's `init_noise_sigma` in `dtype`, runs `denoise_and_decode` on them
+    /// (to images in about [-1, 1]) and post-processes as diffusers does. No noises, no images.
+    pub fn generate(
+        &self,
+        noises: &[Noise],
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+        denoise_and_decode: impl FnOnce(&Tensor) -> Result<Tensor, PipelineError>,
+    ) -> Result<Vec<RgbImage>, PipelineError> {
+        if noises.is_empty() {
+            return Ok(Vec::new());
+        }
+        let batch = noise_batch(noises, shape, device)?;
+        let sigma = (self.scheduler)(self.num_inference_steps)?.init_noise_sigma();
+        let latents = (batch.to_dtype(dtype)? * sigma)?;
+        to_images(&denoise_and_decode(&latents)?)
+    }
+}
+
+/// Decodes `z` (B, C, h, w) one row at a time with `decode` and stacks the images: candle's
+/// VAE attention gave wrong results for batches of more than one row (its strided batched
+/// matmul), and the decode is a small part of the cost.
+pub fn decode_rows(
+    z: &Tensor,
+    decode: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Tensor, PipelineError> {
+    let rows = (0..z.dim(0)?)
+        .map(|i| decode(&z.narrow(0, i, 1)?))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn to_images_denormalizes_clamps_and_rounds_like_diffusers() {
+        // (x/2 + 0.5).clamp(0, 1) * 255, rounded: -1 → 0, 1 → 255, 3 → 255 (clamped),
+        // -0.5 → 63.75 → 64, 0 → 127.5 → 128 (half to even).
+        let t = Tensor::from_vec(
+            vec![-1f32, 1.0, 3.0, -0.5, 0.0, -2.0],
+            (2, 3, 1, 1),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let img = to_images(&t).unwrap();
+        assert_eq!(img.len(), 2);
+        assert_eq!(img[0].as_raw(), &vec![0, 255, 255]);
+        assert_eq!(img[1].as_raw(), &vec![64, 128, 0]);
+    }
+}

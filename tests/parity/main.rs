@@ -1,0 +1,8 @@
+//! Parity with the reference implementations (diffusers, transformers): tiny random-weight
+//! models in the real formats, written by `tools/reference/`, against their recorded outputs.
+
+mod flux;
+mod pixart;
+mod qwen;
+mod sd15;
+mod sdxl;
