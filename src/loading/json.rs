@@ -13,7 +13,22 @@ use super::LoadError;
 /// Deserialises a config `value` read from `file` into `T`. A missing key without a default, a
 /// value of the wrong type or an unknown enum spelling is a [`LoadError::ModelFile`] naming the
 /// file and the JSON path, e.g. `unet/config.json: block_out_channels[2]: invalid type ...`.
+///
+/// A top-level key set to `null` counts as absent (diffusers writes `null` for "the default").
 pub fn parse_config<T: DeserializeOwned>(value: &Value, file: &str) -> Result<T, LoadError> {
+    let without_nulls;
+    let value = match value {
+        Value::Object(map) if map.values().any(Value::is_null) => {
+            without_nulls = Value::Object(
+                map.iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            );
+            &without_nulls
+        }
+        other => other,
+    };
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();

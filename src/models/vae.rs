@@ -17,7 +17,10 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 
+use serde::Deserialize;
+
 use super::unet::{conv, ResnetBlock, ResnetShape};
+use super::ModelError;
 use crate::ops::{group_norm, Conv2d, GroupNorm, Linear};
 
 /// The epsilon of every group norm of the decoder (diffusers' `Decoder`).
@@ -26,6 +29,193 @@ const EPS: f64 = 1e-6;
 /// Query rows per slice of the mid-block attention: bounds its (rows × tokens) score matrix to
 /// 4096 × 16384 at 1024×1024 (256 MB in float32) however large the image.
 const QUERY_CHUNK: usize = 4096;
+
+/// diffusers' `AutoencoderKL` config (`vae/config.json`): the keys the decoder and the pipelines
+/// read, with diffusers' defaults. [`VaeConfig::check`] refuses what the decoder does not
+/// implement.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct VaeConfig {
+    /// Channels of each level, lowest resolution last (SD: `[128, 256, 512, 512]`).
+    pub block_out_channels: Vec<usize>,
+    /// Resnets per encoder level (the decoder has one more).
+    #[serde(default = "one")]
+    pub layers_per_block: usize,
+    /// Latent channels (4; Flux 16).
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    /// Group-norm groups; divides every entry of `block_out_channels`.
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    /// Image channels (3).
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    /// Whether the encoder's `quant_conv` exists.
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
+    /// Whether `post_quant_conv` runs before the decoder.
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
+    /// Latents are divided by it before decoding (SD 1.5: 0.18215).
+    #[serde(default = "sd_scaling_factor")]
+    pub scaling_factor: f64,
+    /// Added after the scaling (Flux: 0.1159); `None`: 0.
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    /// SDXL: decode in float32 when the dtype is fp16 (diffusers' default: true).
+    #[serde(default = "yes")]
+    pub force_upcast: bool,
+    /// Per-channel latent mean, with `latents_std` (both or neither).
+    #[serde(default)]
+    pub latents_mean: Option<Vec<f64>>,
+    /// Per-channel latent standard deviation.
+    #[serde(default)]
+    pub latents_std: Option<Vec<f64>>,
+    /// Must be `silu`.
+    #[serde(default = "silu")]
+    pub act_fn: String,
+    /// Must be true (the decoder always has the mid-block attention).
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+    /// Must be `DownEncoderBlock2D` at every level when given.
+    #[serde(default)]
+    pub down_block_types: Option<Vec<String>>,
+    /// Must be `UpDecoderBlock2D` at every level when given.
+    #[serde(default)]
+    pub up_block_types: Option<Vec<String>>,
+}
+
+fn one() -> usize {
+    1
+}
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn thirty_two() -> usize {
+    32
+}
+fn yes() -> bool {
+    true
+}
+fn silu() -> String {
+    "silu".into()
+}
+fn sd_scaling_factor() -> f64 {
+    0.18215
+}
+
+impl VaeConfig {
+    /// FLUX.1's VAE (used when only Black Forest Labs' `ae.safetensors` is present).
+    pub fn flux() -> Self {
+        Self {
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            latent_channels: 16,
+            norm_num_groups: 32,
+            out_channels: 3,
+            use_quant_conv: false,
+            use_post_quant_conv: false,
+            scaling_factor: 0.3611,
+            shift_factor: Some(0.1159),
+            force_upcast: true,
+            latents_mean: None,
+            latents_std: None,
+            act_fn: silu(),
+            mid_block_add_attention: true,
+            down_block_types: None,
+            up_block_types: None,
+        }
+    }
+
+    /// Refuses what the decoder does not implement, naming `file` and the key: another
+    /// activation, no mid-block attention, other block types, a group count that does not
+    /// divide the channels, `latents_mean`/`latents_std` not of `latent_channels` numbers.
+    pub fn check(&self, file: &str) -> std::result::Result<(), ModelError> {
+        let bad = |key: &str, expected: &str| ModelError::ModelFile {
+            path: file.to_string(),
+            message: format!("key {key:?}: expected {expected}"),
+        };
+        if self.act_fn != "silu" {
+            return Err(ModelError::Unsupported(format!(
+                "{file}: act_fn = {:?} is not supported (expected \"silu\")",
+                self.act_fn
+            )));
+        }
+        if !self.mid_block_add_attention {
+            return Err(ModelError::Unsupported(format!(
+                "{file}: mid_block_add_attention = false is not supported"
+            )));
+        }
+        let levels = self.block_out_channels.len();
+        if levels == 0 {
+            return Err(bad("block_out_channels", "a non-empty list of integers"));
+        }
+        for (key, types, want) in [
+            (
+                "down_block_types",
+                &self.down_block_types,
+                "DownEncoderBlock2D",
+            ),
+            ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),
+        ] {
+            if let Some(types) = types {
+                if types.len() != levels || types.iter().any(|t| t != want) {
+                    return Err(ModelError::Unsupported(format!(
+                        "{file}: {key} must be {levels} × {want:?}"
+                    )));
+                }
+            }
+        }
+        let groups = self.norm_num_groups;
+        if groups == 0 || self.block_out_channels.iter().any(|c| c % groups != 0) {
+            return Err(bad(
+                "norm_num_groups",
+                "a group count dividing every block_out_channels",
+            ));
+        }
+        match (&self.latents_mean, &self.latents_std) {
+            (Some(m), Some(s))
+                if m.len() != self.latent_channels || s.len() != self.latent_channels =>
+            {
+                Err(bad(
+                    "latents_mean",
+                    &format!(
+                        "latents_mean and latents_std of {} numbers each",
+                        self.latent_channels
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// `(latents_mean, latents_std)` when both are given.
+    pub fn latents_mean_std(&self) -> Option<(Vec<f64>, Vec<f64>)> {
+        match (&self.latents_mean, &self.latents_std) {
+            (Some(m), Some(s)) => Some((m.clone(), s.clone())),
+            _ => None,
+        }
+    }
+
+    /// The image-to-latent downscale, `2^(levels - 1)` (8 for every shipped model).
+    pub fn scale_factor(&self) -> usize {
+        1usize << self.block_out_channels.len().saturating_sub(1)
+    }
+
+    /// The decoder's shape, as candle-transformers names it.
+    pub fn decoder_config(&self) -> AutoEncoderKLConfig {
+        AutoEncoderKLConfig {
+            block_out_channels: self.block_out_channels.clone(),
+            layers_per_block: self.layers_per_block,
+            latent_channels: self.latent_channels,
+            norm_num_groups: self.norm_num_groups,
+            use_quant_conv: self.use_quant_conv,
+            use_post_quant_conv: self.use_post_quant_conv,
+        }
+    }
+}
 
 /// The VAE's decoder half.
 pub struct VaeDecoder {

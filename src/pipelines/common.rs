@@ -12,6 +12,7 @@ use super::{CallArgs, PipelineError};
 use crate::loading::{parse_config, Dtype, ModelSource};
 use crate::models::clip_text::ClipTextConfig;
 use crate::models::clip_tokenizer::ClipTokenizer;
+use crate::models::vae::VaeConfig;
 use crate::noise::Noise;
 use crate::schedulers::{Scheduler, SchedulerConfig};
 
@@ -121,6 +122,15 @@ pub fn clip_text_config(
 ) -> Result<ClipTextConfig, PipelineError> {
     let file = format!("{folder}/config.json");
     Ok(parse_config(&source.read_json(&file)?, &file)?)
+}
+
+/// A model's `vae/config.json` (already read as `value`), checked against what the decoder
+/// implements.
+pub fn vae_config(value: &serde_json::Value) -> Result<VaeConfig, PipelineError> {
+    const FILE: &str = "vae/config.json";
+    let config: VaeConfig = parse_config(value, FILE)?;
+    config.check(FILE)?;
+    Ok(config)
 }
 
 /// Refuses bf16 on the CPU for the UNet pipelines: candle has no bf16 matmul there.

@@ -16,12 +16,13 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Module;
 use candle_transformers::models::flux::autoencoder as bfl_vae;
-use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 use candle_transformers::models::t5;
 use image::RgbImage;
 use serde_json::Value;
 
-use super::common::{clip_text_config, clip_tokenizer, noise_batch, optional_file, to_images};
+use super::common::{
+    clip_text_config, clip_tokenizer, noise_batch, optional_file, to_images, vae_config,
+};
 use super::{CallArgs, ImagePipeline, PipelineError};
 use crate::loading::{candle_dtype, mmap, parse_config, Dtype, ModelSource};
 use crate::models::clip_text::ClipTextModel;
@@ -29,7 +30,7 @@ use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::flux_transformer::{
     latent_image_ids, DiffusersFluxWeights, FluxConfig, FluxTransformer, Modulations, Rope,
 };
-use crate::models::vae::VaeDecoder;
+use crate::models::vae::{VaeConfig, VaeDecoder};
 use crate::noise::Noise;
 use crate::schedulers::FlowMatchConfig;
 
@@ -193,72 +194,6 @@ pub struct FluxPipeline {
     modulations: std::sync::Mutex<HashMap<(u32, u32), Arc<Modulations>>>,
 }
 
-/// The VAE's `vae/config.json` values Flux needs.
-struct VaeSpec {
-    block_out_channels: Vec<usize>,
-    layers_per_block: usize,
-    latent_channels: usize,
-    norm_num_groups: usize,
-    use_quant_conv: bool,
-    use_post_quant_conv: bool,
-    scaling_factor: f64,
-    shift_factor: f64,
-}
-
-impl VaeSpec {
-    /// FLUX.1's VAE (used when only `ae.safetensors` is present).
-    fn flux() -> Self {
-        Self {
-            block_out_channels: vec![128, 256, 512, 512],
-            layers_per_block: 2,
-            latent_channels: 16,
-            norm_num_groups: 32,
-            use_quant_conv: false,
-            use_post_quant_conv: false,
-            scaling_factor: 0.3611,
-            shift_factor: 0.1159,
-        }
-    }
-
-    fn from_json(v: &Value) -> Result<Self, PipelineError> {
-        let d = Self::flux();
-        let err = |key: &str| PipelineError::ModelFile {
-            path: "vae/config.json".into(),
-            message: format!("key {key:?} has an unexpected value {}", v[key]),
-        };
-        let u = |k: &str, def: usize| match v.get(k).filter(|x| !x.is_null()) {
-            None => Ok(def),
-            Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| err(k)),
-        };
-        let f = |k: &str, def: f64| match v.get(k).filter(|x| !x.is_null()) {
-            None => Ok(def),
-            Some(x) => x.as_f64().ok_or_else(|| err(k)),
-        };
-        let bo = |k: &str, def: bool| match v.get(k).filter(|x| !x.is_null()) {
-            None => Ok(def),
-            Some(x) => x.as_bool().ok_or_else(|| err(k)),
-        };
-        let channels = match v.get("block_out_channels") {
-            None => d.block_out_channels.clone(),
-            Some(x) => x
-                .as_array()
-                .and_then(|a| a.iter().map(|c| c.as_u64().map(|n| n as usize)).collect())
-                .filter(|c: &Vec<usize>| !c.is_empty())
-                .ok_or_else(|| err("block_out_channels"))?,
-        };
-        Ok(Self {
-            block_out_channels: channels,
-            layers_per_block: u("layers_per_block", 1)?,
-            latent_channels: u("latent_channels", 4)?,
-            norm_num_groups: u("norm_num_groups", 32)?,
-            use_quant_conv: bo("use_quant_conv", true)?,
-            use_post_quant_conv: bo("use_post_quant_conv", true)?,
-            scaling_factor: f("scaling_factor", 0.18215)?,
-            shift_factor: f("shift_factor", 0.0)?,
-        })
-    }
-}
-
 impl FluxPipeline {
     /// Loads every component from `source` in `dtype` onto `device`. With `low_vram`, the text
     /// encoders are loaded for each prompt, run, and freed before denoising.
@@ -341,20 +276,13 @@ impl FluxPipeline {
             cdt
         };
         let vae_spec = match optional_file(&source, "vae/config.json")? {
-            Some(_) => VaeSpec::from_json(&source.read_json("vae/config.json")?)?,
-            None => VaeSpec::flux(),
+            Some(_) => vae_config(&source.read_json("vae/config.json")?)?,
+            None => VaeConfig::flux(),
         };
         let diffusers_vae = source.has_file("vae/diffusion_pytorch_model.safetensors")?;
         let vae = if diffusers_vae {
             let vb = mmap(&source.weights("vae", dtype)?, vae_dtype, device)?;
-            let cfg = AutoEncoderKLConfig {
-                block_out_channels: vae_spec.block_out_channels.clone(),
-                layers_per_block: vae_spec.layers_per_block,
-                latent_channels: vae_spec.latent_channels,
-                norm_num_groups: vae_spec.norm_num_groups,
-                use_quant_conv: vae_spec.use_quant_conv,
-                use_post_quant_conv: vae_spec.use_post_quant_conv,
-            };
+            let cfg = vae_spec.decoder_config();
             Vae::Diffusers(Box::new(
                 VaeDecoder::new(vb, 3, cfg).map_err(|e| weights_error(&source, "vae", e))?,
             ))
@@ -381,7 +309,7 @@ impl FluxPipeline {
                 num_res_blocks: vae_spec.layers_per_block,
                 z_channels: vae_spec.latent_channels,
                 scale_factor: vae_spec.scaling_factor,
-                shift_factor: vae_spec.shift_factor,
+                shift_factor: vae_spec.shift_factor.unwrap_or(0.0),
             };
             let vb = mmap(std::slice::from_ref(&path), vae_dtype, device)?;
             Vae::Bfl(Box::new(
@@ -389,7 +317,7 @@ impl FluxPipeline {
                     .map_err(|e| weights_error(&source, "ae.safetensors", e))?,
             ))
         };
-        let vae_scale_factor = 1usize << (vae_spec.block_out_channels.len() - 1);
+        let vae_scale_factor = vae_spec.scale_factor();
         if vae_spec.latent_channels * 4 != tc.in_channels {
             return Err(PipelineError::ModelFile {
                 path: "vae/config.json".into(),
@@ -455,7 +383,7 @@ impl FluxPipeline {
             vae_scale_factor,
             latent_channels: vae_spec.latent_channels,
             scaling_factor: vae_spec.scaling_factor,
-            shift_factor: vae_spec.shift_factor,
+            shift_factor: vae_spec.shift_factor.unwrap_or(0.0),
             height,
             width,
             num_inference_steps,

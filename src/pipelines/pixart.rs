@@ -5,13 +5,11 @@
 //! binning (the image is made at the closest aspect-ratio bin and resized back).
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 use image::RgbImage;
-use serde_json::Value;
 
 use super::caption::preprocess_caption;
 use super::common::{
-    check_dtype_on_device, decode_rows, scheduler_from_file, weights_error, Sampler,
+    check_dtype_on_device, decode_rows, scheduler_from_file, vae_config, weights_error, Sampler,
 };
 use super::{CallArgs, ImagePipeline, PipelineError};
 use crate::loading::{candle_dtype, mmap, parse_config, var_builder, Dtype, ModelSource};
@@ -157,46 +155,6 @@ pub struct PixArtPipeline {
     context: Option<(Tensor, Tensor)>,
 }
 
-/// The VAE's candle config and `scaling_factor` from `vae/config.json`.
-fn vae_config(v: &Value) -> Result<(AutoEncoderKLConfig, f64), PipelineError> {
-    let bad = |key: &str| PipelineError::ModelFile {
-        path: "vae/config.json".into(),
-        message: format!("key {key:?} is missing or malformed"),
-    };
-    let uint = |k: &str, d: usize| -> Result<usize, PipelineError> {
-        match v.get(k).filter(|x| !x.is_null()) {
-            None => Ok(d),
-            Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| bad(k)),
-        }
-    };
-    let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(true);
-    let channels: Vec<usize> = v
-        .get("block_out_channels")
-        .and_then(Value::as_array)
-        .and_then(|a| a.iter().map(|x| x.as_u64().map(|n| n as usize)).collect())
-        .filter(|c: &Vec<usize>| !c.is_empty())
-        .ok_or_else(|| bad("block_out_channels"))?;
-    let groups = uint("norm_num_groups", 32)?;
-    if groups == 0 || channels.iter().any(|c| c % groups != 0) {
-        return Err(bad("norm_num_groups"));
-    }
-    let scaling = v
-        .get("scaling_factor")
-        .and_then(Value::as_f64)
-        .unwrap_or(0.18215);
-    Ok((
-        AutoEncoderKLConfig {
-            block_out_channels: channels,
-            layers_per_block: uint("layers_per_block", 1)?,
-            latent_channels: uint("latent_channels", 4)?,
-            norm_num_groups: groups,
-            use_quant_conv: flag("use_quant_conv"),
-            use_post_quant_conv: flag("use_post_quant_conv"),
-        },
-        scaling,
-    ))
-}
-
 impl PixArtPipeline {
     /// Loads tokenizer (`tokenizer/spiece.model`), T5 encoder, transformer, VAE and scheduler
     /// from `source` in `dtype` onto `device` and resolves the call arguments (resolution bin).
@@ -224,8 +182,9 @@ impl PixArtPipeline {
             var_builder(source, "transformer", dtype, candle_dtype(dtype), device)?,
         )
         .map_err(|e| weights_error(source, "transformer", MODEL, e))?;
-        let (vae_cfg, scaling_factor) = vae_config(&source.read_json("vae/config.json")?)?;
-        let vae_scale = 1usize << (vae_cfg.block_out_channels.len() - 1);
+        let vae_cfg = vae_config(&source.read_json("vae/config.json")?)?;
+        let scaling_factor = vae_cfg.scaling_factor;
+        let vae_scale = vae_cfg.scale_factor();
         let latent_channels = vae_cfg.latent_channels;
         if latent_channels != tr_config.in_channels {
             return Err(PipelineError::ModelFile {
@@ -236,7 +195,7 @@ impl PixArtPipeline {
         let vae = VaeDecoder::new(
             var_builder(source, "vae", dtype, candle_dtype(dtype), device)?,
             3,
-            vae_cfg,
+            vae_cfg.decoder_config(),
         )
         .map_err(|e| weights_error(source, "vae", MODEL, e))?;
         let scheduler = scheduler_from_file(&source.file("scheduler/scheduler_config.json")?)?;

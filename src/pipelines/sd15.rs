@@ -8,13 +8,12 @@
 //! candle-transformers' `stable_diffusion::vae`; the tokenizer and the text encoder are ours.
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 use image::RgbImage;
 use serde_json::Value;
 
 use super::common::{
     check_dtype_on_device, clip_text_config, clip_tokenizer, decode_rows, scheduler_from_file,
-    weights_error, Sampler, SchedulerFactory,
+    vae_config, weights_error, Sampler, SchedulerFactory,
 };
 use super::{CallArgs, ImagePipeline, PipelineError};
 use crate::loading::{candle_dtype, var_builder, Dtype, ModelSource};
@@ -85,38 +84,6 @@ impl Json<'_> {
             Some(_) => self.usize(key),
         }
     }
-    fn f64_or(&self, key: &str, default: f64) -> Result<f64, PipelineError> {
-        match self.present(key) {
-            None => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| self.err(key, "a number")),
-        }
-    }
-    fn bool_or(&self, key: &str, default: bool) -> Result<bool, PipelineError> {
-        match self.present(key) {
-            None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.err(key, "true or false")),
-        }
-    }
-    fn usize_list(&self, key: &str) -> Result<Vec<usize>, PipelineError> {
-        let list = self
-            .present(key)
-            .and_then(Value::as_array)
-            .ok_or_else(|| self.err(key, "a list of integers"))?;
-        list.iter()
-            .map(|v| v.as_u64().map(|n| n as usize))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| self.err(key, "a list of integers"))
-    }
-    fn str_list(&self, key: &str) -> Result<Vec<String>, PipelineError> {
-        let list = self
-            .present(key)
-            .and_then(Value::as_array)
-            .ok_or_else(|| self.err(key, "a list of strings"))?;
-        list.iter()
-            .map(|v| v.as_str().map(str::to_owned))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| self.err(key, "a list of strings"))
-    }
     /// Fails with `Unsupported` unless `key` is absent/null or equal to `expected`.
     fn require(&self, key: &str, expected: &Value) -> Result<(), PipelineError> {
         match self.present(key) {
@@ -154,61 +121,6 @@ pub fn unet_config(value: &Value) -> Result<UNetConfig, PipelineError> {
     Ok(config)
 }
 
-/// The VAE's candle config and `out_channels`, `scaling_factor`, `shift_factor`.
-struct VaeSpec {
-    config: AutoEncoderKLConfig,
-    out_channels: usize,
-    scaling_factor: f64,
-    shift_factor: f64,
-}
-
-fn vae_spec(value: &Value) -> Result<VaeSpec, PipelineError> {
-    let j = Json {
-        value,
-        file: "vae/config.json",
-    };
-    j.require("act_fn", &"silu".into())?;
-    j.require("mid_block_add_attention", &true.into())?;
-    let channels = j.usize_list("block_out_channels")?;
-    if channels.is_empty() {
-        return Err(j.err("block_out_channels", "a non-empty list"));
-    }
-    for (key, want) in [
-        ("down_block_types", "DownEncoderBlock2D"),
-        ("up_block_types", "UpDecoderBlock2D"),
-    ] {
-        if j.present(key).is_some() {
-            let types = j.str_list(key)?;
-            if types.len() != channels.len() || types.iter().any(|t| t != want) {
-                return Err(PipelineError::Unsupported(format!(
-                    "vae/config.json: {key} must be {} × {want:?}",
-                    channels.len()
-                )));
-            }
-        }
-    }
-    let groups = j.usize_or("norm_num_groups", 32)?;
-    if groups == 0 || channels.iter().any(|c| c % groups != 0) {
-        return Err(j.err(
-            "norm_num_groups",
-            "a group count dividing every block_out_channels",
-        ));
-    }
-    Ok(VaeSpec {
-        config: AutoEncoderKLConfig {
-            block_out_channels: channels,
-            layers_per_block: j.usize_or("layers_per_block", 1)?,
-            latent_channels: j.usize_or("latent_channels", 4)?,
-            norm_num_groups: groups,
-            use_quant_conv: j.bool_or("use_quant_conv", true)?,
-            use_post_quant_conv: j.bool_or("use_post_quant_conv", true)?,
-        },
-        out_channels: j.usize_or("out_channels", 3)?,
-        scaling_factor: j.f64_or("scaling_factor", 0.18215)?,
-        shift_factor: j.f64_or("shift_factor", 0.0)?,
-    })
-}
-
 impl Sd15Pipeline {
     /// Loads tokenizer, text encoder, UNet, VAE and scheduler from `source` in `dtype` onto
     /// `device`, and checks `call_args` against the model (height/width multiples of the VAE
@@ -232,11 +144,11 @@ impl Sd15Pipeline {
         let unet_model =
             UNet::new(vb, &unet).map_err(|e| weights_error(source, "unet", MODEL, e))?;
 
-        let vae = vae_spec(&source.read_json("vae/config.json")?)?;
-        let vae_scale_factor = 1usize << (vae.config.block_out_channels.len() - 1);
-        let latent_channels = vae.config.latent_channels;
+        let vae = vae_config(&source.read_json("vae/config.json")?)?;
+        let vae_scale_factor = vae.scale_factor();
+        let latent_channels = vae.latent_channels;
         let vb = var_builder(source, "vae", dtype, candle_dtype(dtype), device)?;
-        let vae_model = VaeDecoder::new(vb, vae.out_channels, vae.config)
+        let vae_model = VaeDecoder::new(vb, vae.out_channels, vae.decoder_config())
             .map_err(|e| weights_error(source, "vae", MODEL, e))?;
         if latent_channels != unet.in_channels {
             return Err(PipelineError::ModelFile {
@@ -268,7 +180,7 @@ impl Sd15Pipeline {
             device: device.clone(),
             vae_scale_factor,
             scaling_factor: vae.scaling_factor,
-            shift_factor: vae.shift_factor,
+            shift_factor: vae.shift_factor.unwrap_or(0.0),
             latent_channels,
             height,
             width,
@@ -485,10 +397,10 @@ mod tests {
             "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D",
                                "UpDecoderBlock2D", "UpDecoderBlock2D"]
         });
-        let spec = vae_spec(&cfg).unwrap();
-        assert_eq!(1usize << (spec.config.block_out_channels.len() - 1), 8);
-        assert_eq!(spec.config.layers_per_block, 2);
+        let spec = vae_config(&cfg).unwrap();
+        assert_eq!(1usize << (spec.block_out_channels.len() - 1), 8);
+        assert_eq!(spec.layers_per_block, 2);
         assert_eq!(spec.scaling_factor, 0.18215);
-        assert_eq!(spec.shift_factor, 0.0);
+        assert_eq!(spec.shift_factor.unwrap_or(0.0), 0.0);
     }
 }

@@ -11,13 +11,12 @@
 //! one only when the optional `invisible-watermark` package is installed).
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 use image::RgbImage;
 use serde_json::Value;
 
 use super::common::{
     check_dtype_on_device, clip_text_config, clip_tokenizer, decode_rows, scheduler_from_file,
-    weights_error, Sampler, SchedulerFactory,
+    vae_config, weights_error, Sampler, SchedulerFactory,
 };
 use super::{CallArgs, ImagePipeline, PipelineError};
 use crate::loading::{candle_dtype, parse_config, var_builder, Dtype, ModelSource};
@@ -90,127 +89,6 @@ fn text_config(
     let extra: Extra = parse_config(&source.read_json(&file)?, &file)?;
     let config = clip_text_config(source, folder)?;
     Ok((config, extra.projection_dim, extra.eos_token_id))
-}
-
-/// The VAE's candle config plus what the pipeline needs from `vae/config.json`.
-struct VaeSpec {
-    config: AutoEncoderKLConfig,
-    out_channels: usize,
-    scaling_factor: f64,
-    force_upcast: bool,
-    latents_mean_std: Option<(Vec<f64>, Vec<f64>)>,
-}
-
-fn vae_spec(value: &Value) -> Result<VaeSpec, PipelineError> {
-    const FILE: &str = "vae/config.json";
-    let err = |key: &str, expected: &str| PipelineError::ModelFile {
-        path: FILE.into(),
-        message: format!(
-            "key {key:?}: expected {expected}, found {}",
-            value
-                .get(key)
-                .map_or("nothing".to_string(), |v| v.to_string())
-        ),
-    };
-    let present = |key: &str| value.get(key).filter(|v| !v.is_null());
-    let usize_or = |key: &str, d: usize| match present(key) {
-        None => Ok(d),
-        Some(v) => v
-            .as_u64()
-            .map(|n| n as usize)
-            .ok_or_else(|| err(key, "a non-negative integer")),
-    };
-    let bool_or = |key: &str, d: bool| match present(key) {
-        None => Ok(d),
-        Some(v) => v.as_bool().ok_or_else(|| err(key, "true or false")),
-    };
-    let floats = |key: &str| -> Result<Option<Vec<f64>>, PipelineError> {
-        match present(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_array()
-                .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<_>>>())
-                .map(Some)
-                .ok_or_else(|| err(key, "a list of numbers")),
-        }
-    };
-    if let Some(act) = present("act_fn") {
-        if act != "silu" {
-            return Err(PipelineError::Unsupported(format!(
-                "{FILE}: act_fn = {act} is not supported (expected \"silu\")"
-            )));
-        }
-    }
-    if present("mid_block_add_attention").is_some() && !bool_or("mid_block_add_attention", true)? {
-        return Err(PipelineError::Unsupported(format!(
-            "{FILE}: mid_block_add_attention = false is not supported"
-        )));
-    }
-    let channels = present("block_out_channels")
-        .and_then(Value::as_array)
-        .and_then(|a| {
-            a.iter()
-                .map(|v| v.as_u64().map(|n| n as usize))
-                .collect::<Option<Vec<_>>>()
-        })
-        .filter(|c| !c.is_empty())
-        .ok_or_else(|| err("block_out_channels", "a non-empty list of integers"))?;
-    for (key, want) in [
-        ("down_block_types", "DownEncoderBlock2D"),
-        ("up_block_types", "UpDecoderBlock2D"),
-    ] {
-        if let Some(types) = present(key) {
-            let ok = types.as_array().is_some_and(|a| {
-                a.len() == channels.len() && a.iter().all(|t| t.as_str() == Some(want))
-            });
-            if !ok {
-                return Err(PipelineError::Unsupported(format!(
-                    "{FILE}: {key} must be {} × {want:?}",
-                    channels.len()
-                )));
-            }
-        }
-    }
-    let groups = usize_or("norm_num_groups", 32)?;
-    if groups == 0 || channels.iter().any(|c| c % groups != 0) {
-        return Err(err(
-            "norm_num_groups",
-            "a group count dividing every block_out_channels",
-        ));
-    }
-    let latent_channels = usize_or("latent_channels", 4)?;
-    let latents_mean_std = match (floats("latents_mean")?, floats("latents_std")?) {
-        (Some(m), Some(s)) if m.len() == latent_channels && s.len() == latent_channels => {
-            Some((m, s))
-        }
-        (Some(_), Some(_)) => {
-            return Err(err(
-                "latents_mean",
-                &format!("latents_mean and latents_std of {latent_channels} numbers each"),
-            ))
-        }
-        _ => None,
-    };
-    let scaling_factor = match present("scaling_factor") {
-        None => 0.18215,
-        Some(v) => v
-            .as_f64()
-            .ok_or_else(|| err("scaling_factor", "a number"))?,
-    };
-    Ok(VaeSpec {
-        config: AutoEncoderKLConfig {
-            block_out_channels: channels,
-            layers_per_block: usize_or("layers_per_block", 1)?,
-            latent_channels,
-            norm_num_groups: groups,
-            use_quant_conv: bool_or("use_quant_conv", true)?,
-            use_post_quant_conv: bool_or("use_post_quant_conv", true)?,
-        },
-        out_channels: usize_or("out_channels", 3)?,
-        scaling_factor,
-        force_upcast: bool_or("force_upcast", true)?,
-        latents_mean_std,
-    })
 }
 
 impl SdxlPipeline {
@@ -288,9 +166,9 @@ impl SdxlPipeline {
         let unet =
             UNet::new(vb, &unet_config).map_err(|e| weights_error(source, "unet", MODEL, e))?;
 
-        let vae = vae_spec(&source.read_json("vae/config.json")?)?;
-        let vae_scale_factor = 1usize << (vae.config.block_out_channels.len() - 1);
-        let latent_channels = vae.config.latent_channels;
+        let vae = vae_config(&source.read_json("vae/config.json")?)?;
+        let vae_scale_factor = vae.scale_factor();
+        let latent_channels = vae.latent_channels;
         if latent_channels != unet_config.in_channels {
             return Err(PipelineError::ModelFile {
                 path: "vae/config.json".into(),
@@ -306,7 +184,7 @@ impl SdxlPipeline {
             compute
         };
         let vb = var_builder(source, "vae", dtype, vae_dtype, device)?;
-        let vae_model = VaeDecoder::new(vb, vae.out_channels, vae.config)
+        let vae_model = VaeDecoder::new(vb, vae.out_channels, vae.decoder_config())
             .map_err(|e| weights_error(source, "vae", MODEL, e))?;
 
         let scheduler = scheduler_from_file(&source.file("scheduler/scheduler_config.json")?)?;
@@ -332,7 +210,7 @@ impl SdxlPipeline {
             device: device.clone(),
             vae_scale_factor,
             scaling_factor: vae.scaling_factor,
-            latents_mean_std: vae.latents_mean_std,
+            latents_mean_std: vae.latents_mean_std(),
             latent_channels,
             height,
             width,
@@ -509,7 +387,7 @@ mod tests {
 
     #[test]
     fn sdxl_vae_config_reads_scaling_factor_and_force_upcast() {
-        let spec = vae_spec(&json!({
+        let spec = vae_config(&json!({
             "act_fn": "silu",
             "block_out_channels": [128, 256, 512, 512],
             "force_upcast": true,
@@ -521,13 +399,13 @@ mod tests {
         .unwrap();
         assert_eq!(spec.scaling_factor, 0.13025);
         assert!(spec.force_upcast);
-        assert!(spec.latents_mean_std.is_none());
-        assert_eq!(1usize << (spec.config.block_out_channels.len() - 1), 8);
+        assert!(spec.latents_mean_std().is_none());
+        assert_eq!(1usize << (spec.block_out_channels.len() - 1), 8);
     }
 
     #[test]
     fn latents_mean_without_a_matching_std_names_the_key() {
-        let err = vae_spec(&json!({
+        let err = vae_config(&json!({
             "block_out_channels": [32],
             "latent_channels": 4,
             "latents_mean": [0.1, 0.2],
