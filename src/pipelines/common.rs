@@ -145,6 +145,17 @@ pub fn check_dtype_on_device(dtype: Dtype, device: &Device) -> Result<(), Pipeli
     Ok(())
 }
 
+/// The initial-noise shape of a latent-diffusion pipeline: `(1, channels, height / factor,
+/// width / factor)`, as diffusers draws it.
+pub fn latent_noise_shape(
+    channels: usize,
+    height: usize,
+    width: usize,
+    factor: usize,
+) -> Vec<usize> {
+    vec![1, channels, height / factor, width / factor]
+}
+
 /// The sampling settings of a scheduler-driven pipeline and the loop they drive.
 pub struct Sampler {
     /// The scheduler, built afresh for every generation.

@@ -9,7 +9,8 @@ use image::RgbImage;
 
 use super::caption::preprocess_caption;
 use super::common::{
-    check_dtype_on_device, decode_rows, scheduler_from_file, vae_config, weights_error, Sampler,
+    check_dtype_on_device, decode_rows, latent_noise_shape, scheduler_from_file, vae_config,
+    weights_error, Sampler,
 };
 use super::{CallArgs, ImagePipeline, PipelineError};
 use crate::loading::{candle_dtype, mmap, parse_config, var_builder, Dtype, ModelSource};
@@ -142,6 +143,8 @@ pub struct PixArtPipeline {
     device: Device,
     scaling_factor: f64,
     latent_channels: usize,
+    /// [`ImagePipeline::noise_shape`]: (1, latent channels, latent height, latent width).
+    noise_shape: Vec<usize>,
     /// The requested size.
     height: usize,
     width: usize,
@@ -253,6 +256,7 @@ impl PixArtPipeline {
             dtype: candle_dtype(dtype),
             device: device.clone(),
             scaling_factor,
+            noise_shape: latent_noise_shape(latent_channels, bin_height, bin_width, 8),
             latent_channels,
             height,
             width,
@@ -337,12 +341,7 @@ impl PixArtPipeline {
 
 impl ImagePipeline for PixArtPipeline {
     fn noise_shape(&self) -> Vec<usize> {
-        vec![
-            1,
-            self.latent_channels,
-            self.bin_height / 8,
-            self.bin_width / 8,
-        ]
+        self.noise_shape.clone()
     }
 
     fn set_prompt(&mut self, prompt: &str) -> Result<(), PipelineError> {
@@ -378,11 +377,9 @@ impl ImagePipeline for PixArtPipeline {
     }
 
     fn generate(&mut self, noises: &[Noise]) -> Result<Vec<RgbImage>, PipelineError> {
-        let shape = self.noise_shape();
+        let run = |l: &Tensor| self.decode(&self.denoise(l)?);
         self.sampler
-            .generate(noises, &shape, self.dtype, &self.device, |latents| {
-                self.decode(&self.denoise(latents)?)
-            })
+            .generate(noises, &self.noise_shape, self.dtype, &self.device, run)
     }
 }
 

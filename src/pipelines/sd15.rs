@@ -12,8 +12,8 @@ use image::RgbImage;
 use serde_json::Value;
 
 use super::common::{
-    check_dtype_on_device, clip_text_config, clip_tokenizer, decode_rows, scheduler_from_file,
-    vae_config, weights_error, Sampler, SchedulerFactory,
+    check_dtype_on_device, clip_text_config, clip_tokenizer, decode_rows, latent_noise_shape,
+    scheduler_from_file, vae_config, weights_error, Sampler, SchedulerFactory,
 };
 use super::{CallArgs, ImagePipeline, PipelineError};
 use crate::loading::{candle_dtype, var_builder, Dtype, ModelSource};
@@ -43,9 +43,8 @@ pub struct Sd15Pipeline {
     vae_scale_factor: usize,
     scaling_factor: f64,
     shift_factor: f64,
-    latent_channels: usize,
-    height: usize,
-    width: usize,
+    /// [`ImagePipeline::noise_shape`]: (1, latent channels, latent height, latent width).
+    noise_shape: Vec<usize>,
     negative_prompt: String,
     /// `[uncond; cond]` (2, T, D) under guidance, else `[cond]` (1, T, D).
     context: Option<Tensor>,
@@ -181,9 +180,7 @@ impl Sd15Pipeline {
             vae_scale_factor,
             scaling_factor: vae.scaling_factor,
             shift_factor: vae.shift_factor.unwrap_or(0.0),
-            latent_channels,
-            height,
-            width,
+            noise_shape: latent_noise_shape(latent_channels, height, width, vae_scale_factor),
             negative_prompt: call_args.negative_prompt.clone().unwrap_or_default(),
             context: None,
         })
@@ -257,12 +254,7 @@ impl Sd15Pipeline {
 
 impl ImagePipeline for Sd15Pipeline {
     fn noise_shape(&self) -> Vec<usize> {
-        vec![
-            1,
-            self.latent_channels,
-            self.height / self.vae_scale_factor,
-            self.width / self.vae_scale_factor,
-        ]
+        self.noise_shape.clone()
     }
 
     fn set_prompt(&mut self, prompt: &str) -> Result<(), PipelineError> {
@@ -275,11 +267,9 @@ impl ImagePipeline for Sd15Pipeline {
     }
 
     fn generate(&mut self, noises: &[Noise]) -> Result<Vec<RgbImage>, PipelineError> {
-        let shape = self.noise_shape();
+        let run = |l: &Tensor| self.vae_decode(&self.denoise(l)?);
         self.sampler
-            .generate(noises, &shape, self.dtype, &self.device, |latents| {
-                self.vae_decode(&self.denoise(latents)?)
-            })
+            .generate(noises, &self.noise_shape, self.dtype, &self.device, run)
     }
 }
 

@@ -15,8 +15,8 @@ use image::RgbImage;
 use serde_json::Value;
 
 use super::common::{
-    check_dtype_on_device, clip_text_config, clip_tokenizer, decode_rows, scheduler_from_file,
-    vae_config, weights_error, Sampler, SchedulerFactory,
+    check_dtype_on_device, clip_text_config, clip_tokenizer, decode_rows, latent_noise_shape,
+    scheduler_from_file, vae_config, weights_error, Sampler, SchedulerFactory,
 };
 use super::{CallArgs, ImagePipeline, PipelineError};
 use crate::loading::{candle_dtype, parse_config, var_builder, Dtype, ModelSource};
@@ -55,10 +55,10 @@ pub struct SdxlPipeline {
     sampler: Sampler,
     dtype: DType,
     device: Device,
-    vae_scale_factor: usize,
     scaling_factor: f64,
     latents_mean_std: Option<(Vec<f64>, Vec<f64>)>,
-    latent_channels: usize,
+    /// [`ImagePipeline::noise_shape`]: (1, latent channels, latent height, latent width).
+    noise_shape: Vec<usize>,
     height: usize,
     width: usize,
     negative_prompt: Option<String>,
@@ -208,10 +208,9 @@ impl SdxlPipeline {
             sampler,
             dtype: compute,
             device: device.clone(),
-            vae_scale_factor,
             scaling_factor: vae.scaling_factor,
             latents_mean_std: vae.latents_mean_std(),
-            latent_channels,
+            noise_shape: latent_noise_shape(latent_channels, height, width, vae_scale_factor),
             height,
             width,
             negative_prompt: call_args.negative_prompt.clone(),
@@ -341,12 +340,7 @@ impl SdxlPipeline {
 
 impl ImagePipeline for SdxlPipeline {
     fn noise_shape(&self) -> Vec<usize> {
-        vec![
-            1,
-            self.latent_channels,
-            self.height / self.vae_scale_factor,
-            self.width / self.vae_scale_factor,
-        ]
+        self.noise_shape.clone()
     }
 
     fn set_prompt(&mut self, prompt: &str) -> Result<(), PipelineError> {
@@ -372,11 +366,9 @@ impl ImagePipeline for SdxlPipeline {
     }
 
     fn generate(&mut self, noises: &[Noise]) -> Result<Vec<RgbImage>, PipelineError> {
-        let shape = self.noise_shape();
+        let run = |l: &Tensor| self.vae_decode(&self.denoise(l)?);
         self.sampler
-            .generate(noises, &shape, self.dtype, &self.device, |latents| {
-                self.vae_decode(&self.denoise(latents)?)
-            })
+            .generate(noises, &self.noise_shape, self.dtype, &self.device, run)
     }
 }
 
