@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor};
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKLConfig;
 
 use super::{time_steps, BenchOptions, BenchReport, RandomWeights};
+use crate::loading::model_config;
 use crate::models::flux_transformer::{latent_image_ids, FluxConfig, FluxTransformer, Rope};
 use crate::models::pixart::{PixArtConfig, PixArtTransformer};
 use crate::models::unet::{sdxl_base_unet_json, UNet, UNetConfig};
@@ -51,7 +52,7 @@ pub fn sd15_unet_step(opts: &BenchOptions) -> Result<BenchReport, PipelineError>
 /// base's UNet (2.6 B parameters). `opts.layers` caps the transformer blocks per attention
 /// (10 in the deepest level) to fit a small machine; `None` builds the real depth.
 pub fn sdxl_unet_step(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError> {
-    let mut config = UNetConfig::from_json(&sdxl_base_unet_json())?;
+    let mut config: UNetConfig = model_config(&sdxl_base_unet_json(), "unet/config.json")?;
     if let Some(cap) = opts.layers {
         for l in &mut config.transformer_layers_per_block {
             *l = (*l).min(cap.max(1));

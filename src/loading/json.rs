@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::LoadError;
+use crate::models::ModelConfig;
 
 /// Deserialises a config `value` read from `file` into `T`. A missing key without a default, a
 /// value of the wrong type or an unknown enum spelling is a [`LoadError::ModelFile`] naming the
@@ -41,6 +42,13 @@ pub fn parse_config<T: DeserializeOwned>(value: &Value, file: &str) -> Result<T,
             },
         }
     })
+}
+
+/// A network config from its file's `value`: the file's serde-derived form
+/// ([`ModelConfig::Raw`]), then the network's checks. Errors name `file` and the key.
+pub fn model_config<C: ModelConfig>(value: &Value, file: &str) -> Result<C, LoadError> {
+    let raw: C::Raw = parse_config(value, file)?;
+    Ok(C::try_from(raw)?)
 }
 
 /// Reads and deserialises a config file into `T` ([`read_json_file`] then [`parse_config`]).

@@ -9,7 +9,7 @@ pub mod qwen;
 pub mod weights;
 
 pub use hub::ModelSource;
-pub use json::{parse_config, read_config, read_json_file};
+pub use json::{model_config, parse_config, read_config, read_json_file};
 pub use weights::{candle_dtype, mmap, var_builder};
 
 use crate::models::ModelError;

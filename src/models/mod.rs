@@ -35,3 +35,11 @@ pub enum ModelError {
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
 }
+
+/// A network config read from a model's JSON file: [`ModelConfig::Raw`] is the file's
+/// `serde`-derived form (diffusers' or transformers' keys and defaults) and `TryFrom` checks it
+/// against what the network implements. [`crate::loading`] reads the file.
+pub trait ModelConfig: TryFrom<Self::Raw, Error = ModelError> {
+    /// The file's form.
+    type Raw: serde::de::DeserializeOwned;
+}

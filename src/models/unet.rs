@@ -12,6 +12,7 @@
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{layer_norm, Conv2dConfig, LayerNorm, VarBuilder};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::models::ModelError;
@@ -65,80 +66,139 @@ pub struct UNetConfig {
 
 const FILE: &str = "unet/config.json";
 
-fn key_err(value: &Value, key: &str, expected: &str) -> ModelError {
+/// An integer, or a list of one integer per block (diffusers accepts both).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PerBlock {
+    /// The same value for every block.
+    One(usize),
+    /// One value per block.
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    /// One value per block for `n` blocks; `key` names it in the error.
+    fn per_block(&self, key: &str, n: usize) -> Result<Vec<usize>, ModelError> {
+        match self {
+            PerBlock::One(v) => Ok(vec![*v; n]),
+            PerBlock::Each(l) if l.len() == n => Ok(l.clone()),
+            PerBlock::Each(l) => Err(key_err(
+                key,
+                &format!("an integer or a list of {n} integers"),
+                &format!("a list of {}", l.len()),
+            )),
+        }
+    }
+}
+
+/// `unet/config.json` as diffusers writes it (`UNet2DConditionModel`'s keys), with diffusers'
+/// defaults; [`UNetConfig`]'s `TryFrom` checks it. Keys of features this UNet lacks are kept as
+/// raw values so that a set one is refused by name.
+#[derive(Clone, Debug, Deserialize)]
+pub struct UNetConfigJson {
+    /// Channels per resolution level.
+    pub block_out_channels: Vec<usize>,
+    /// `CrossAttnDownBlock2D` or `DownBlock2D` per level.
+    pub down_block_types: Vec<String>,
+    /// `CrossAttnUpBlock2D` or `UpBlock2D` per level, in up order.
+    pub up_block_types: Vec<String>,
+    /// Heads per level (takes precedence over `attention_head_dim`).
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock>,
+    /// Heads per level, as diffusers reads it for SD 1.x/SDXL.
+    #[serde(default)]
+    pub attention_head_dim: Option<PerBlock>,
+    /// Transformer blocks per attention, per level (default 1).
+    #[serde(default)]
+    pub transformer_layers_per_block: Option<PerBlock>,
+    /// Width of the text conditioning (an integer; a per-block list is refused).
+    pub cross_attention_dim: Value,
+    /// Latent channels in.
+    #[serde(default = "four")]
+    pub in_channels: usize,
+    /// Latent channels out.
+    #[serde(default = "four")]
+    pub out_channels: usize,
+    /// Default latent size.
+    #[serde(default = "default_sample_size")]
+    pub sample_size: usize,
+    /// Resnets per down block.
+    #[serde(default = "two")]
+    pub layers_per_block: usize,
+    /// Group-norm groups.
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    /// Group-norm epsilon.
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    /// Linear transformer projections.
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    /// Cos first in the timestep embedding.
+    #[serde(default = "yes")]
+    pub flip_sin_to_cos: bool,
+    /// Timestep-embedding frequency shift.
+    #[serde(default)]
+    pub freq_shift: f64,
+    /// Padding of the downsampling convs.
+    #[serde(default = "one")]
+    pub downsample_padding: usize,
+    /// Output scale of the mid block's resnets.
+    #[serde(default = "one_f64")]
+    pub mid_block_scale_factor: f64,
+    /// `text_time` (SDXL) or absent.
+    #[serde(default)]
+    pub addition_embed_type: Option<Value>,
+    /// SDXL: width of each time id's embedding.
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// SDXL: input width of the added-conditioning projection.
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
+    /// Every other key, checked against what this UNet implements.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+fn one() -> usize {
+    1
+}
+fn two() -> usize {
+    2
+}
+fn four() -> usize {
+    4
+}
+fn thirty_two() -> usize {
+    32
+}
+fn default_sample_size() -> usize {
+    128
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+fn one_f64() -> f64 {
+    1.0
+}
+fn yes() -> bool {
+    true
+}
+
+fn key_err(key: &str, expected: &str, found: &str) -> ModelError {
     ModelError::ModelFile {
         path: FILE.to_string(),
-        message: format!(
-            "key {key:?}: expected {expected}, found {}",
-            value
-                .get(key)
-                .map_or("nothing".to_string(), |v| v.to_string())
-        ),
-    }
-}
-
-fn present<'a>(value: &'a Value, key: &str) -> Option<&'a Value> {
-    value.get(key).filter(|v| !v.is_null())
-}
-
-fn get_usize(value: &Value, key: &str, default: Option<usize>) -> Result<usize, ModelError> {
-    match (present(value, key), default) {
-        (None, Some(d)) => Ok(d),
-        (v, _) => v
-            .and_then(Value::as_u64)
-            .map(|n| n as usize)
-            .ok_or_else(|| key_err(value, key, "a non-negative integer")),
-    }
-}
-
-fn get_f64(value: &Value, key: &str, default: f64) -> Result<f64, ModelError> {
-    match present(value, key) {
-        None => Ok(default),
-        Some(v) => v.as_f64().ok_or_else(|| key_err(value, key, "a number")),
-    }
-}
-
-fn get_bool(value: &Value, key: &str, default: bool) -> Result<bool, ModelError> {
-    match present(value, key) {
-        None => Ok(default),
-        Some(v) => v
-            .as_bool()
-            .ok_or_else(|| key_err(value, key, "true or false")),
-    }
-}
-
-fn get_strs(value: &Value, key: &str) -> Result<Vec<String>, ModelError> {
-    present(value, key)
-        .and_then(Value::as_array)
-        .and_then(|a| {
-            a.iter()
-                .map(|v| v.as_str().map(str::to_owned))
-                .collect::<Option<Vec<_>>>()
-        })
-        .ok_or_else(|| key_err(value, key, "a list of strings"))
-}
-
-/// An integer or a list of `n` integers, as one value per block.
-fn per_block(value: &Value, key: &str, n: usize) -> Result<Vec<usize>, ModelError> {
-    let expected = format!("an integer or a list of {n} integers");
-    match present(value, key) {
-        Some(Value::Array(list)) => list
-            .iter()
-            .map(|v| v.as_u64().map(|x| x as usize))
-            .collect::<Option<Vec<_>>>()
-            .filter(|l| l.len() == n)
-            .ok_or_else(|| key_err(value, key, &expected)),
-        Some(v) => v
-            .as_u64()
-            .map(|x| vec![x as usize; n])
-            .ok_or_else(|| key_err(value, key, &expected)),
-        None => Err(key_err(value, key, &expected)),
+        message: format!("key {key:?}: expected {expected}, found {found}"),
     }
 }
 
 /// Fails with `Unsupported` unless `key` is absent/null or one of `allowed`.
-fn require(value: &Value, key: &str, allowed: &[Value]) -> Result<(), ModelError> {
-    match present(value, key) {
+fn require(
+    other: &serde_json::Map<String, Value>,
+    key: &str,
+    allowed: &[Value],
+) -> Result<(), ModelError> {
+    match other.get(key).filter(|v| !v.is_null()) {
         None => Ok(()),
         Some(v) if allowed.contains(v) => Ok(()),
         Some(v) => Err(ModelError::Unsupported(format!(
@@ -168,11 +228,20 @@ impl UNetConfig {
             output_scale_factor: scale,
         }
     }
+}
 
-    /// Parses `unet/config.json`; keys naming features this UNet lacks fail with
-    /// [`ModelError::Unsupported`] naming the key, malformed keys with
+impl super::ModelConfig for UNetConfig {
+    type Raw = UNetConfigJson;
+}
+
+impl TryFrom<UNetConfigJson> for UNetConfig {
+    type Error = ModelError;
+
+    /// Checks `unet/config.json`: keys naming features this UNet lacks fail with
+    /// [`ModelError::Unsupported`] naming the key, inconsistent keys with
     /// [`ModelError::ModelFile`] naming the file and key.
-    pub fn from_json(value: &Value) -> Result<Self, ModelError> {
+    fn try_from(j: UNetConfigJson) -> Result<Self, ModelError> {
+        let other = &j.other;
         for key in [
             "class_embed_type",
             "time_cond_proj_dim",
@@ -185,41 +254,43 @@ impl UNetConfig {
             "cross_attention_norm",
             "reverse_transformer_layers_per_block",
         ] {
-            require(value, key, &[])?;
+            require(other, key, &[])?;
         }
-        require(value, "addition_embed_type", &["text_time".into()])?;
-        require(value, "act_fn", &["silu".into()])?;
-        require(value, "resnet_time_scale_shift", &["default".into()])?;
-        require(value, "time_embedding_type", &["positional".into()])?;
-        require(value, "mid_block_type", &["UNetMidBlock2DCrossAttn".into()])?;
-        require(value, "conv_in_kernel", &[3.into()])?;
-        require(value, "conv_out_kernel", &[3.into()])?;
-        require(value, "only_cross_attention", &[false.into()])?;
-        require(value, "mid_block_only_cross_attention", &[false.into()])?;
-        require(value, "dual_cross_attention", &[false.into()])?;
-        require(value, "upcast_attention", &[false.into()])?;
-        require(value, "attention_type", &["default".into()])?;
-        require(value, "resnet_skip_time_act", &[false.into()])?;
-        require(value, "resnet_out_scale_factor", &[1.into(), 1.0.into()])?;
-        require(value, "class_embeddings_concat", &[false.into()])?;
+        let mut added = serde_json::Map::new();
+        if let Some(v) = &j.addition_embed_type {
+            added.insert("addition_embed_type".into(), v.clone());
+        }
+        require(&added, "addition_embed_type", &["text_time".into()])?;
+        require(other, "act_fn", &["silu".into()])?;
+        require(other, "resnet_time_scale_shift", &["default".into()])?;
+        require(other, "time_embedding_type", &["positional".into()])?;
+        require(other, "mid_block_type", &["UNetMidBlock2DCrossAttn".into()])?;
+        require(other, "conv_in_kernel", &[3.into()])?;
+        require(other, "conv_out_kernel", &[3.into()])?;
+        require(other, "only_cross_attention", &[false.into()])?;
+        require(other, "mid_block_only_cross_attention", &[false.into()])?;
+        require(other, "dual_cross_attention", &[false.into()])?;
+        require(other, "upcast_attention", &[false.into()])?;
+        require(other, "attention_type", &["default".into()])?;
+        require(other, "resnet_skip_time_act", &[false.into()])?;
+        require(other, "resnet_out_scale_factor", &[1.into(), 1.0.into()])?;
+        require(other, "class_embeddings_concat", &[false.into()])?;
 
-        let block_out_channels = present(value, "block_out_channels")
-            .and_then(Value::as_array)
-            .and_then(|a| {
-                a.iter()
-                    .map(|v| v.as_u64().map(|x| x as usize))
-                    .collect::<Option<Vec<_>>>()
-            })
-            .filter(|l| !l.is_empty() && l.iter().all(|&c| c > 0))
-            .ok_or_else(|| key_err(value, "block_out_channels", "a non-empty list of integers"))?;
+        let block_out_channels = j.block_out_channels;
+        if block_out_channels.is_empty() || block_out_channels.contains(&0) {
+            return Err(key_err(
+                "block_out_channels",
+                "a non-empty list of positive integers",
+                &format!("{block_out_channels:?}"),
+            ));
+        }
         let n = block_out_channels.len();
-        let kinds = |key: &str, cross: &str, plain: &str| -> Result<Vec<bool>, ModelError> {
-            let types = get_strs(value, key)?;
+        let kinds = |key: &str, types: &[String], cross: &str, plain: &str| {
             if types.len() != n {
                 return Err(key_err(
-                    value,
                     key,
                     &format!("{n} block types (one per block_out_channels)"),
+                    &format!("{types:?}"),
                 ));
             }
             types
@@ -231,14 +302,30 @@ impl UNetConfig {
                         "{FILE}: {key} entry {other:?} is not supported ({cross}, {plain})"
                     ))),
                 })
-                .collect()
+                .collect::<Result<Vec<bool>, ModelError>>()
         };
-        let down_cross_attention =
-            kinds("down_block_types", "CrossAttnDownBlock2D", "DownBlock2D")?;
-        let up_cross_attention = kinds("up_block_types", "CrossAttnUpBlock2D", "UpBlock2D")?;
-        let num_attention_heads = match present(value, "num_attention_heads") {
-            Some(_) => per_block(value, "num_attention_heads", n)?,
-            None => per_block(value, "attention_head_dim", n)?,
+        let down_cross_attention = kinds(
+            "down_block_types",
+            &j.down_block_types,
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        )?;
+        let up_cross_attention = kinds(
+            "up_block_types",
+            &j.up_block_types,
+            "CrossAttnUpBlock2D",
+            "UpBlock2D",
+        )?;
+        let num_attention_heads = match (&j.num_attention_heads, &j.attention_head_dim) {
+            (Some(h), _) => h.per_block("num_attention_heads", n)?,
+            (None, Some(h)) => h.per_block("attention_head_dim", n)?,
+            (None, None) => {
+                return Err(key_err(
+                    "attention_head_dim",
+                    &format!("an integer or a list of {n} integers"),
+                    "nothing",
+                ))
+            }
         };
         for (i, (&c, &h)) in block_out_channels
             .iter()
@@ -247,57 +334,71 @@ impl UNetConfig {
         {
             if h == 0 || c % h != 0 {
                 return Err(key_err(
-                    value,
                     "attention_head_dim",
                     &format!("head counts dividing block_out_channels[{i}] = {c}"),
+                    &format!("{num_attention_heads:?}"),
                 ));
             }
         }
-        let transformer_layers_per_block = match present(value, "transformer_layers_per_block") {
+        let transformer_layers_per_block = match &j.transformer_layers_per_block {
             None => vec![1; n],
-            Some(_) => per_block(value, "transformer_layers_per_block", n)?,
+            Some(l) => l.per_block("transformer_layers_per_block", n)?,
         };
-        let cross_attention_dim = match present(value, "cross_attention_dim") {
-            Some(Value::Array(_)) => {
+        let cross_attention_dim = match &j.cross_attention_dim {
+            Value::Array(_) => {
                 return Err(ModelError::Unsupported(format!(
                     "{FILE}: a per-block cross_attention_dim is not supported"
                 )))
             }
-            _ => get_usize(value, "cross_attention_dim", None)?,
+            v => v.as_u64().map(|d| d as usize).ok_or_else(|| {
+                key_err(
+                    "cross_attention_dim",
+                    "a non-negative integer",
+                    &v.to_string(),
+                )
+            })?,
         };
-        let norm_num_groups = get_usize(value, "norm_num_groups", Some(32))?;
+        let norm_num_groups = j.norm_num_groups;
         if norm_num_groups == 0 || block_out_channels.iter().any(|c| c % norm_num_groups != 0) {
             return Err(key_err(
-                value,
                 "norm_num_groups",
                 "a group count dividing every block_out_channels",
+                &norm_num_groups.to_string(),
             ));
         }
-        let text_time = match present(value, "addition_embed_type") {
+        let text_time = match j.addition_embed_type {
             None => None,
-            Some(_) => Some((
-                get_usize(value, "addition_time_embed_dim", None)?,
-                get_usize(value, "projection_class_embeddings_input_dim", None)?,
-            )),
+            Some(_) => {
+                let need = |key: &str, v: Option<usize>| {
+                    v.ok_or_else(|| key_err(key, "a non-negative integer", "nothing"))
+                };
+                Some((
+                    need("addition_time_embed_dim", j.addition_time_embed_dim)?,
+                    need(
+                        "projection_class_embeddings_input_dim",
+                        j.projection_class_embeddings_input_dim,
+                    )?,
+                ))
+            }
         };
         Ok(Self {
-            in_channels: get_usize(value, "in_channels", Some(4))?,
-            out_channels: get_usize(value, "out_channels", Some(4))?,
-            sample_size: get_usize(value, "sample_size", Some(128))?,
+            in_channels: j.in_channels,
+            out_channels: j.out_channels,
+            sample_size: j.sample_size,
             block_out_channels,
             down_cross_attention,
             up_cross_attention,
-            layers_per_block: get_usize(value, "layers_per_block", Some(2))?,
+            layers_per_block: j.layers_per_block,
             transformer_layers_per_block,
             num_attention_heads,
             cross_attention_dim,
             norm_num_groups,
-            norm_eps: get_f64(value, "norm_eps", 1e-5)?,
-            use_linear_projection: get_bool(value, "use_linear_projection", false)?,
-            flip_sin_to_cos: get_bool(value, "flip_sin_to_cos", true)?,
-            freq_shift: get_f64(value, "freq_shift", 0.0)?,
-            downsample_padding: get_usize(value, "downsample_padding", Some(1))?,
-            mid_block_scale_factor: get_f64(value, "mid_block_scale_factor", 1.0)?,
+            norm_eps: j.norm_eps,
+            use_linear_projection: j.use_linear_projection,
+            flip_sin_to_cos: j.flip_sin_to_cos,
+            freq_shift: j.freq_shift,
+            downsample_padding: j.downsample_padding,
+            mid_block_scale_factor: j.mid_block_scale_factor,
             text_time,
         })
     }
@@ -934,44 +1035,6 @@ pub fn sdxl_base_unet_json() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    fn sdxl_base() -> Value {
-        sdxl_base_unet_json()
-    }
-
-    #[test]
-    fn sdxl_base_config_reads_heads_layers_and_text_time_dims() {
-        let c = UNetConfig::from_json(&sdxl_base()).unwrap();
-        assert_eq!(c.num_attention_heads, vec![5, 10, 20]);
-        assert_eq!(c.transformer_layers_per_block, vec![1, 2, 10]);
-        assert_eq!(c.down_cross_attention, vec![false, true, true]);
-        assert_eq!(c.up_cross_attention, vec![true, true, false]);
-        assert_eq!(c.text_time, Some((256, 2816)));
-        assert_eq!(c.cross_attention_dim, 2048);
-        assert!(c.use_linear_projection);
-    }
-
-    #[test]
-    fn unsupported_unet_features_are_named() {
-        let mut cfg = sdxl_base();
-        cfg["class_embed_type"] = json!("timestep");
-        let err = UNetConfig::from_json(&cfg).unwrap_err();
-        assert!(matches!(err, ModelError::Unsupported(_)));
-        assert!(err.to_string().contains("class_embed_type"), "{err}");
-    }
-
-    #[test]
-    fn a_transformer_layer_list_of_the_wrong_length_names_the_key() {
-        let mut cfg = sdxl_base();
-        cfg["transformer_layers_per_block"] = json!([1, 2]);
-        let err = UNetConfig::from_json(&cfg).unwrap_err();
-        let msg = err.to_string();
-        assert!(
-            msg.contains("unet/config.json") && msg.contains("transformer_layers_per_block"),
-            "{msg}"
-        );
-    }
 
     #[test]
     fn timestep_embedding_puts_cos_first_when_flipped() {

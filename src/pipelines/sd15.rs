@@ -16,7 +16,7 @@ use super::common::{
     scheduler_from_file, vae_config, weights_error, Sampler, SchedulerFactory,
 };
 use super::{CallArgs, ImagePipeline, PipelineError};
-use crate::loading::{candle_dtype, var_builder, Dtype, ModelSource};
+use crate::loading::{candle_dtype, model_config, parse_config, var_builder, Dtype, ModelSource};
 use crate::models::clip_text::ClipTextModel;
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::unet::{UNet, UNetConfig};
@@ -50,73 +50,38 @@ pub struct Sd15Pipeline {
     context: Option<Tensor>,
 }
 
-/// Typed reads from one component's `config.json`, with errors naming the file and key.
-struct Json<'a> {
-    value: &'a Value,
-    file: &'a str,
+/// The keys of `unet/config.json` an SD 1.x pipeline reads beyond the UNet's own.
+#[derive(serde::Deserialize)]
+struct Sd15UNetKeys {
+    /// Must be absent (SDXL's `text_time` is refused).
+    #[serde(default)]
+    addition_embed_type: Option<Value>,
+    /// Must be false.
+    #[serde(default)]
+    center_input_sample: Option<Value>,
+    /// diffusers' UNet2DConditionModel defaults it to None; SD 1.x configs set it (64).
+    #[serde(default)]
+    sample_size: Option<usize>,
 }
 
-impl Json<'_> {
-    fn err(&self, key: &str, expected: &str) -> PipelineError {
-        PipelineError::ModelFile {
-            path: self.file.to_string(),
-            message: format!(
-                "key {key:?}: expected {expected}, found {}",
-                self.value
-                    .get(key)
-                    .map_or("nothing".to_string(), |v| v.to_string())
-            ),
-        }
-    }
-    fn present(&self, key: &str) -> Option<&Value> {
-        self.value.get(key).filter(|v| !v.is_null())
-    }
-    fn usize(&self, key: &str) -> Result<usize, PipelineError> {
-        self.present(key)
-            .and_then(Value::as_u64)
-            .map(|v| v as usize)
-            .ok_or_else(|| self.err(key, "a non-negative integer"))
-    }
-    fn usize_or(&self, key: &str, default: usize) -> Result<usize, PipelineError> {
-        match self.present(key) {
-            None => Ok(default),
-            Some(_) => self.usize(key),
-        }
-    }
-    /// Fails with `Unsupported` unless `key` is absent/null or equal to `expected`.
-    fn require(&self, key: &str, expected: &Value) -> Result<(), PipelineError> {
-        match self.present(key) {
-            None => Ok(()),
-            Some(v) if v == expected => Ok(()),
-            Some(v) => Err(PipelineError::Unsupported(format!(
-                "{}: {key} = {v} is not supported by the SD 1.5 pipeline (expected {expected})",
-                self.file
-            ))),
-        }
-    }
-    fn require_null(&self, key: &str) -> Result<(), PipelineError> {
-        match self.present(key) {
-            None => Ok(()),
-            Some(v) => Err(PipelineError::Unsupported(format!(
-                "{}: {key} = {v} is not supported by the SD 1.5 pipeline (expected null)",
-                self.file
-            ))),
-        }
-    }
-}
-
-/// The UNet's config from `unet/config.json`: what [`UNetConfig::from_json`] accepts,
-/// without an addition embedding (an SD 1.x UNet) and without input centring.
+/// The UNet's config from `unet/config.json`: what [`UNetConfig`] accepts, without an
+/// addition embedding (an SD 1.x UNet) and without input centring.
 pub fn unet_config(value: &Value) -> Result<UNetConfig, PipelineError> {
-    let j = Json {
-        value,
-        file: "unet/config.json",
+    const FILE: &str = "unet/config.json";
+    let keys: Sd15UNetKeys = parse_config(value, FILE)?;
+    let unsupported = |key: &str, v: &Value, expected: &str| {
+        PipelineError::Unsupported(format!(
+            "{FILE}: {key} = {v} is not supported by the SD 1.5 pipeline (expected {expected})"
+        ))
     };
-    j.require_null("addition_embed_type")?;
-    j.require("center_input_sample", &false.into())?;
-    let mut config = UNetConfig::from_json(value)?;
-    // diffusers' UNet2DConditionModel defaults sample_size to None; SD 1.x configs set it (64).
-    config.sample_size = j.usize_or("sample_size", 64)?;
+    if let Some(v) = &keys.addition_embed_type {
+        return Err(unsupported("addition_embed_type", v, "null"));
+    }
+    if let Some(v) = keys.center_input_sample.as_ref().filter(|v| **v != false) {
+        return Err(unsupported("center_input_sample", v, "false"));
+    }
+    let mut config: UNetConfig = model_config(value, FILE)?;
+    config.sample_size = keys.sample_size.unwrap_or(64);
     Ok(config)
 }
 

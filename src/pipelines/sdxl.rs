@@ -19,7 +19,7 @@ use super::common::{
     scheduler_from_file, vae_config, weights_error, Sampler, SchedulerFactory,
 };
 use super::{CallArgs, ImagePipeline, PipelineError};
-use crate::loading::{candle_dtype, parse_config, var_builder, Dtype, ModelSource};
+use crate::loading::{candle_dtype, model_config, parse_config, var_builder, Dtype, ModelSource};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::unet::{UNet, UNetConfig};
@@ -132,7 +132,8 @@ impl SdxlPipeline {
             ));
         }
 
-        let unet_config = UNetConfig::from_json(&source.read_json("unet/config.json")?)?;
+        let unet_config: UNetConfig =
+            model_config(&source.read_json("unet/config.json")?, "unet/config.json")?;
         let width = config_1.hidden_size + config_2.hidden_size;
         if unet_config.cross_attention_dim != width {
             return Err(PipelineError::ModelFile {

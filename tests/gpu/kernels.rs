@@ -685,7 +685,7 @@ fn sdxl_unet_fused_path_matches_the_unfused_path_on_the_gpu() {
     json["cross_attention_dim"] = serde_json::json!(64);
     json["addition_time_embed_dim"] = serde_json::json!(8);
     json["projection_class_embeddings_input_dim"] = serde_json::json!(64 + 6 * 8);
-    let config = UNetConfig::from_json(&json).unwrap();
+    let config: UNetConfig = tt_scale::loading::model_config(&json, "unet/config.json").unwrap();
     let (vb, _) = tt_scale::bench::RandomWeights::var_builder(DType::BF16, &dev);
     let unet = UNet::new(vb, &config).unwrap();
     let bf = |t: Tensor| t.to_device(&dev).unwrap().to_dtype(DType::BF16).unwrap();
