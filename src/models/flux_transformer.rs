@@ -14,7 +14,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 
 use crate::ops::{self, fused, Linear};
-use serde_json::Value;
+use serde::Deserialize;
 
 use crate::models::ModelError;
 
@@ -43,6 +43,119 @@ pub struct FluxConfig {
     pub theta: f64,
     /// Whether the model embeds the guidance scale (`guidance_embeds`: dev yes, schnell no).
     pub guidance_embed: bool,
+}
+
+/// diffusers' `transformer/config.json` (`FluxTransformer2DModel`'s keys and defaults);
+/// [`FluxConfig`]'s `TryFrom` checks it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct FluxConfigJson {
+    /// Must be 1.
+    #[serde(default = "one")]
+    pub patch_size: usize,
+    /// Packed latent channels in (64).
+    #[serde(default = "sixty_four")]
+    pub in_channels: usize,
+    /// Must equal `in_channels` when given.
+    #[serde(default)]
+    pub out_channels: Option<usize>,
+    /// Attention heads (24).
+    #[serde(default = "twenty_four")]
+    pub num_attention_heads: usize,
+    /// Head size (128).
+    #[serde(default = "one_twenty_eight")]
+    pub attention_head_dim: usize,
+    /// Rotary sizes per position axis ([16, 56, 56]).
+    #[serde(default = "default_axes")]
+    pub axes_dims_rope: Vec<usize>,
+    /// Double-stream blocks (19).
+    #[serde(default = "nineteen")]
+    pub num_layers: usize,
+    /// Single-stream blocks (38).
+    #[serde(default = "thirty_eight")]
+    pub num_single_layers: usize,
+    /// T5 hidden size (4096).
+    #[serde(default = "four_thousand_ninety_six")]
+    pub joint_attention_dim: usize,
+    /// CLIP pooled size (768).
+    #[serde(default = "seven_sixty_eight")]
+    pub pooled_projection_dim: usize,
+    /// Whether the guidance scale is embedded (dev: true; absent: false, as diffusers).
+    #[serde(default)]
+    pub guidance_embeds: bool,
+}
+
+fn one() -> usize {
+    1
+}
+fn sixty_four() -> usize {
+    64
+}
+fn twenty_four() -> usize {
+    24
+}
+fn one_twenty_eight() -> usize {
+    128
+}
+fn default_axes() -> Vec<usize> {
+    vec![16, 56, 56]
+}
+fn nineteen() -> usize {
+    19
+}
+fn thirty_eight() -> usize {
+    38
+}
+fn four_thousand_ninety_six() -> usize {
+    4096
+}
+fn seven_sixty_eight() -> usize {
+    768
+}
+
+impl super::ModelConfig for FluxConfig {
+    type Raw = FluxConfigJson;
+}
+
+impl TryFrom<FluxConfigJson> for FluxConfig {
+    type Error = ModelError;
+
+    fn try_from(j: FluxConfigJson) -> Result<Self, ModelError> {
+        const FILE: &str = "transformer/config.json";
+        if j.patch_size != 1 {
+            return Err(ModelError::Unsupported(format!(
+                "{FILE}: patch_size other than 1 is not supported"
+            )));
+        }
+        if let Some(out) = j.out_channels.filter(|&o| o != j.in_channels) {
+            return Err(ModelError::Unsupported(format!(
+                "{FILE}: out_channels = {out} differs from in_channels; not supported"
+            )));
+        }
+        let head_dim = j.attention_head_dim;
+        let axes_dim = j.axes_dims_rope;
+        if axes_dim.iter().sum::<usize>() != head_dim || axes_dim.iter().any(|a| a % 2 == 1) {
+            return Err(ModelError::ModelFile {
+                path: FILE.into(),
+                message: format!(
+                    "key \"axes_dims_rope\": expected even sizes summing to attention_head_dim \
+                     {head_dim}, found {axes_dim:?}"
+                ),
+            });
+        }
+        Ok(Self {
+            in_channels: j.in_channels,
+            hidden_size: j.num_attention_heads * head_dim,
+            num_heads: j.num_attention_heads,
+            depth: j.num_layers,
+            depth_single_blocks: j.num_single_layers,
+            context_in_dim: j.joint_attention_dim,
+            vec_in_dim: j.pooled_projection_dim,
+            mlp_ratio: 4.0,
+            axes_dim,
+            theta: 10_000.0,
+            guidance_embed: j.guidance_embeds,
+        })
+    }
 }
 
 impl FluxConfig {
@@ -74,77 +187,6 @@ impl FluxConfig {
     /// Head size (`hidden_size / num_heads`, 128).
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_heads.max(1)
-    }
-
-    /// Reads diffusers' `transformer/config.json` (`file` names it in errors).
-    pub fn from_diffusers_json(value: &Value, file: &str) -> Result<Self, ModelError> {
-        let err = |key: &str, expected: &str| ModelError::ModelFile {
-            path: file.to_string(),
-            message: format!(
-                "key {key:?}: expected {expected}, found {}",
-                value.get(key).map_or("nothing".into(), |v| v.to_string())
-            ),
-        };
-        let present = |key: &str| value.get(key).filter(|v| !v.is_null());
-        let u = |key: &str, default: usize| -> Result<usize, ModelError> {
-            match present(key) {
-                None => Ok(default),
-                Some(v) => v
-                    .as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| err(key, "a non-negative integer")),
-            }
-        };
-        let d = Self::dev();
-        if u("patch_size", 1)? != 1 {
-            return Err(ModelError::Unsupported(format!(
-                "{file}: patch_size other than 1 is not supported"
-            )));
-        }
-        if let Some(v) = present("out_channels") {
-            if v.as_u64() != present("in_channels").and_then(Value::as_u64).or(Some(64)) {
-                return Err(ModelError::Unsupported(format!(
-                    "{file}: out_channels = {v} differs from in_channels; not supported"
-                )));
-            }
-        }
-        let heads = u("num_attention_heads", d.num_heads)?;
-        let head_dim = u("attention_head_dim", d.head_dim())?;
-        let axes_dim = match present("axes_dims_rope") {
-            None => d.axes_dim.clone(),
-            Some(v) => v
-                .as_array()
-                .and_then(|a| {
-                    a.iter()
-                        .map(|x| x.as_u64().map(|n| n as usize))
-                        .collect::<Option<Vec<_>>>()
-                })
-                .ok_or_else(|| err("axes_dims_rope", "a list of integers"))?,
-        };
-        if axes_dim.iter().sum::<usize>() != head_dim || axes_dim.iter().any(|a| a % 2 == 1) {
-            return Err(err(
-                "axes_dims_rope",
-                &format!("even sizes summing to attention_head_dim {head_dim}"),
-            ));
-        }
-        Ok(Self {
-            in_channels: u("in_channels", d.in_channels)?,
-            hidden_size: heads * head_dim,
-            num_heads: heads,
-            depth: u("num_layers", d.depth)?,
-            depth_single_blocks: u("num_single_layers", d.depth_single_blocks)?,
-            context_in_dim: u("joint_attention_dim", d.context_in_dim)?,
-            vec_in_dim: u("pooled_projection_dim", d.vec_in_dim)?,
-            mlp_ratio: 4.0,
-            axes_dim,
-            theta: 10_000.0,
-            guidance_embed: match present("guidance_embeds") {
-                None => false,
-                Some(v) => v
-                    .as_bool()
-                    .ok_or_else(|| err("guidance_embeds", "true or false"))?,
-            },
-        })
     }
 
     /// MLP width (`hidden_size × mlp_ratio`).

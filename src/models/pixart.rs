@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::models::ModelError;
@@ -46,24 +47,89 @@ fn unsupported(key: &str, value: &Value, expected: &str) -> ModelError {
     ))
 }
 
-impl PixArtConfig {
-    /// Reads diffusers' `transformer/config.json` (defaults as `PixArtTransformer2DModel`).
-    pub fn from_json(v: &Value) -> Result<Self, ModelError> {
-        let get = |k: &str| v.get(k).filter(|x| !x.is_null());
-        let uint = |k: &str, default: usize| -> Result<usize, ModelError> {
-            match get(k) {
-                None => Ok(default),
-                Some(x) => x
-                    .as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| ModelError::ModelFile {
-                        path: "transformer/config.json".into(),
-                        message: format!("key {k:?}: expected a non-negative integer, found {x}"),
-                    }),
-            }
-        };
+/// diffusers' `transformer/config.json` (`PixArtTransformer2DModel`'s keys and defaults);
+/// [`PixArtConfig`]'s `TryFrom` checks it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct PixArtConfigJson {
+    /// Attention heads (16).
+    #[serde(default = "sixteen")]
+    pub num_attention_heads: usize,
+    /// Head width (72).
+    #[serde(default = "seventy_two")]
+    pub attention_head_dim: usize,
+    /// Latent channels in (4).
+    #[serde(default = "four")]
+    pub in_channels: usize,
+    /// Channels out (default `in_channels`).
+    #[serde(default)]
+    pub out_channels: Option<usize>,
+    /// Transformer blocks (28).
+    #[serde(default = "twenty_eight")]
+    pub num_layers: usize,
+    /// Latent side of the position embeddings (128).
+    #[serde(default = "one_twenty_eight")]
+    pub sample_size: usize,
+    /// Patch side (2).
+    #[serde(default = "two")]
+    pub patch_size: usize,
+    /// Width of the caption embeddings (required: 4096 for T5 XXL).
+    #[serde(default)]
+    pub caption_channels: Option<usize>,
+    /// Cross-attention width (default the hidden width).
+    #[serde(default)]
+    pub cross_attention_dim: Option<usize>,
+    /// Position-embedding interpolation scale (default `max(sample_size / 64, 1)`).
+    #[serde(default)]
+    pub interpolation_scale: Option<Value>,
+    /// Block LayerNorm epsilon (1e-6).
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    /// Biases on the attention projections (true).
+    #[serde(default = "yes")]
+    pub attention_bias: bool,
+    /// PixArt-alpha's extra conditioning (default: `sample_size == 128`); must be false.
+    #[serde(default)]
+    pub use_additional_conditions: Option<bool>,
+    /// Every other key, checked against what the transformer implements.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+fn two() -> usize {
+    2
+}
+fn four() -> usize {
+    4
+}
+fn sixteen() -> usize {
+    16
+}
+fn twenty_eight() -> usize {
+    28
+}
+fn seventy_two() -> usize {
+    72
+}
+fn one_twenty_eight() -> usize {
+    128
+}
+fn default_norm_eps() -> f64 {
+    1e-6
+}
+fn yes() -> bool {
+    true
+}
+
+impl super::ModelConfig for PixArtConfig {
+    type Raw = PixArtConfigJson;
+}
+
+impl TryFrom<PixArtConfigJson> for PixArtConfig {
+    type Error = ModelError;
+
+    fn try_from(j: PixArtConfigJson) -> Result<Self, ModelError> {
         let check = |k: &str, expected: Value| -> Result<(), ModelError> {
-            match get(k) {
+            match j.other.get(k).filter(|x| !x.is_null()) {
                 Some(x) if *x != expected => Err(unsupported(k, x, &expected.to_string())),
                 _ => Ok(()),
             }
@@ -73,55 +139,44 @@ impl PixArtConfig {
         check("norm_elementwise_affine", false.into())?;
         check("attention_type", "default".into())?;
         check("upcast_attention", false.into())?;
-        let sample_size = uint("sample_size", 128)?;
-        let extra = match get("use_additional_conditions") {
-            Some(x) => x.as_bool().unwrap_or(false),
-            None => sample_size == 128,
-        };
-        if extra {
+        let sample_size = j.sample_size;
+        if j.use_additional_conditions.unwrap_or(sample_size == 128) {
             return Err(ModelError::Unsupported(
                 "transformer/config.json: use_additional_conditions (PixArt-alpha's resolution and aspect-ratio \
                  conditioning) is not supported; PixArt-Sigma models set it to false"
                     .into(),
             ));
         }
-        let heads = uint("num_attention_heads", 16)?;
-        let head_dim = uint("attention_head_dim", 72)?;
-        let in_channels = uint("in_channels", 4)?;
-        let caption_channels =
-            match get("caption_channels") {
-                None => return Err(ModelError::ModelFile {
-                    path: "transformer/config.json".into(),
-                    message:
-                        "caption_channels is missing; PixArt-Sigma projects T5 embeddings (4096)"
-                            .into(),
-                }),
-                Some(_) => uint("caption_channels", 4096)?,
-            };
-        let interpolation_scale = match get("interpolation_scale") {
+        let caption_channels = j.caption_channels.ok_or_else(|| ModelError::ModelFile {
+            path: "transformer/config.json".into(),
+            message: "caption_channels is missing; PixArt-Sigma projects T5 embeddings (4096)"
+                .into(),
+        })?;
+        let interpolation_scale = match &j.interpolation_scale {
             None => (sample_size / 64).max(1) as f64,
             Some(x) => x
                 .as_f64()
                 .ok_or_else(|| unsupported("interpolation_scale", x, "a number"))?,
         };
+        let (heads, head_dim) = (j.num_attention_heads, j.attention_head_dim);
         Ok(Self {
             num_attention_heads: heads,
             attention_head_dim: head_dim,
-            in_channels,
-            out_channels: uint("out_channels", in_channels)?,
-            num_layers: uint("num_layers", 28)?,
+            in_channels: j.in_channels,
+            out_channels: j.out_channels.unwrap_or(j.in_channels),
+            num_layers: j.num_layers,
             sample_size,
-            patch_size: uint("patch_size", 2)?,
+            patch_size: j.patch_size,
             caption_channels,
-            cross_attention_dim: uint("cross_attention_dim", heads * head_dim)?,
+            cross_attention_dim: j.cross_attention_dim.unwrap_or(heads * head_dim),
             interpolation_scale,
-            norm_eps: get("norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
-            attention_bias: get("attention_bias")
-                .and_then(Value::as_bool)
-                .unwrap_or(true),
+            norm_eps: j.norm_eps,
+            attention_bias: j.attention_bias,
         })
     }
+}
 
+impl PixArtConfig {
     /// PixArt-Sigma XL/2 at 1024 px (`PixArt-alpha/PixArt-Sigma-XL-2-1024-MS`).
     pub fn sigma_xl_1024() -> Self {
         Self {
@@ -504,23 +559,5 @@ mod tests {
         let e = sincos_pos_embed(8, 2, 3, 16, 1.0);
         assert_eq!(e.len(), 2 * 3 * 8);
         assert_eq!(&e[..8], &[0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]);
-    }
-
-    #[test]
-    fn sigma_defaults_follow_sample_size() {
-        let cfg = serde_json::json!({"sample_size": 128, "caption_channels": 4096,
-            "use_additional_conditions": false, "interpolation_scale": null, "out_channels": 8});
-        let c = PixArtConfig::from_json(&cfg).unwrap();
-        assert_eq!(c, PixArtConfig::sigma_xl_1024());
-    }
-
-    #[test]
-    fn additional_conditions_are_unsupported_by_name() {
-        let cfg = serde_json::json!({"sample_size": 128, "caption_channels": 4096});
-        let err = PixArtConfig::from_json(&cfg).unwrap_err();
-        assert!(
-            err.to_string().contains("use_additional_conditions"),
-            "{err}"
-        );
     }
 }

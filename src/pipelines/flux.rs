@@ -24,7 +24,7 @@ use super::common::{
     clip_text_config, clip_tokenizer, noise_batch, optional_file, to_images, vae_config,
 };
 use super::{CallArgs, ImagePipeline, PipelineError};
-use crate::loading::{candle_dtype, mmap, parse_config, Dtype, ModelSource};
+use crate::loading::{candle_dtype, mmap, model_config, parse_config, Dtype, ModelSource};
 use crate::models::clip_text::ClipTextModel;
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::flux_transformer::{
@@ -233,7 +233,7 @@ impl FluxPipeline {
         let diffusers_tr = source.has_file("transformer/diffusion_pytorch_model.safetensors")?
             || source.has_file("transformer/diffusion_pytorch_model.safetensors.index.json")?;
         let transformer = if diffusers_tr {
-            let cfg = FluxConfig::from_diffusers_json(
+            let cfg: FluxConfig = model_config(
                 &source.read_json("transformer/config.json")?,
                 "transformer/config.json",
             )?;
@@ -257,7 +257,7 @@ impl FluxPipeline {
             let path = source.file(file)?;
             let vb = mmap(std::slice::from_ref(&path), cdt, device)?;
             let mut cfg = match &tr_json {
-                Some(p) => FluxConfig::from_diffusers_json(
+                Some(p) => model_config(
                     &source.read_json("transformer/config.json")?,
                     &p.display().to_string(),
                 )?,

@@ -13,7 +13,9 @@ use super::common::{
     weights_error, Sampler,
 };
 use super::{CallArgs, ImagePipeline, PipelineError};
-use crate::loading::{candle_dtype, mmap, parse_config, var_builder, Dtype, ModelSource};
+use crate::loading::{
+    candle_dtype, mmap, model_config, parse_config, var_builder, Dtype, ModelSource,
+};
 use crate::models::pixart::{PixArtConfig, PixArtTransformer};
 use crate::models::t5::{T5Config, T5Encoder, T5Tokenizer};
 use crate::models::vae::VaeDecoder;
@@ -179,7 +181,10 @@ impl PixArtPipeline {
         )
         .map_err(|e| weights_error(source, "text_encoder", MODEL, e))?;
         let text_encoder_files = (source.weights("text_encoder", dtype)?, t5_config.clone());
-        let tr_config = PixArtConfig::from_json(&source.read_json("transformer/config.json")?)?;
+        let tr_config: PixArtConfig = model_config(
+            &source.read_json("transformer/config.json")?,
+            "transformer/config.json",
+        )?;
         let transformer = PixArtTransformer::new(
             &tr_config,
             var_builder(source, "transformer", dtype, candle_dtype(dtype), device)?,

@@ -100,8 +100,11 @@ fn t5_encoder_with_mask_matches_transformers() {
 #[test]
 fn transformer_forward_matches_diffusers_on_a_non_square_latent_with_caption_mask() {
     let r = reference();
-    let config =
-        PixArtConfig::from_json(&read_json(model_dir().join("transformer/config.json"))).unwrap();
+    let config = tt_scale::loading::model_config::<PixArtConfig>(
+        &read_json(model_dir().join("transformer/config.json")),
+        "transformer/config.json",
+    )
+    .unwrap();
     let model = PixArtTransformer::new(&config, vb("transformer")).unwrap();
     let t: Vec<i64> = r["tr.t"].to_vec1().unwrap();
     let t: Vec<f64> = t.into_iter().map(|v| v as f64).collect();

@@ -1,12 +1,18 @@
 //! The networks' configs as the loading layer reads them from their files: the UNet's
-//! `unet/config.json` (diffusers' keys), checked against what the UNet implements.
+//! `unet/config.json` and PixArt's `transformer/config.json` (diffusers' keys), checked against
+//! what the networks implement.
 
 use serde_json::{json, Value};
 use tt_scale::loading::{model_config, LoadError};
+use tt_scale::models::pixart::PixArtConfig;
 use tt_scale::models::unet::{sdxl_base_unet_json, UNetConfig};
 
 fn unet(value: &Value) -> Result<UNetConfig, LoadError> {
     model_config(value, "unet/config.json")
+}
+
+fn pixart(value: &Value) -> Result<PixArtConfig, LoadError> {
+    model_config(value, "transformer/config.json")
 }
 
 fn sdxl_base() -> Value {
@@ -43,5 +49,23 @@ fn a_transformer_layer_list_of_the_wrong_length_names_the_key() {
     assert!(
         msg.contains("unet/config.json") && msg.contains("transformer_layers_per_block"),
         "{msg}"
+    );
+}
+
+#[test]
+fn sigma_defaults_follow_sample_size() {
+    let cfg = serde_json::json!({"sample_size": 128, "caption_channels": 4096,
+        "use_additional_conditions": false, "interpolation_scale": null, "out_channels": 8});
+    let c = pixart(&cfg).unwrap();
+    assert_eq!(c, PixArtConfig::sigma_xl_1024());
+}
+
+#[test]
+fn additional_conditions_are_unsupported_by_name() {
+    let cfg = serde_json::json!({"sample_size": 128, "caption_channels": 4096});
+    let err = pixart(&cfg).unwrap_err();
+    assert!(
+        err.to_string().contains("use_additional_conditions"),
+        "{err}"
     );
 }
