@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use crate::bench::{time_steps, BenchOptions, BenchReport, RandomWeights};
+use crate::loading::model_config;
 use crate::models::qwen2_5_vl::processor::rope_positions;
 use crate::models::qwen2_5_vl::{
     ImageProcessorConfig, KvCache, Qwen25VlConfig, TextModel, VisionModel,
@@ -74,11 +75,10 @@ pub fn qwen2_5_vl_7b_config_json() -> serde_json::Value {
 /// step as the verifier does; no stop token). Image processing (resize, patchify) is done once,
 /// untimed; `opts.batch` is ignored (one image).
 pub fn bench_score_image(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError> {
-    let mut cfg = Qwen25VlConfig::from_json(
+    let mut cfg: Qwen25VlConfig = model_config(
         &qwen2_5_vl_7b_config_json(),
         "Qwen2.5-VL-7B-Instruct config.json (built in)",
-    )
-    .map_err(|e| PipelineError::InvalidArgument(e.to_string()))?;
+    )?;
     if let Some(n) = opts.layers {
         let n = n.max(1);
         cfg.text.num_hidden_layers = cfg.text.num_hidden_layers.min(n);
@@ -212,7 +212,7 @@ mod tests {
 
     #[test]
     fn the_built_in_config_is_the_7b_architecture() {
-        let c = Qwen25VlConfig::from_json(&qwen2_5_vl_7b_config_json(), "test").unwrap();
+        let c: Qwen25VlConfig = model_config(&qwen2_5_vl_7b_config_json(), "test").unwrap();
         assert_eq!(c.text.hidden_size, 3584);
         assert_eq!(c.text.num_hidden_layers, 28);
         assert_eq!(c.vision.depth, 32);

@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use super::{mmap, LoadError, ModelSource};
+use super::{mmap, model_config, LoadError, ModelSource};
 use crate::models::qwen2_5_vl::{
     ImageProcessorConfig, Qwen25Vl, Qwen25VlConfig, QwenError, TextModel, VisionModel,
 };
@@ -75,12 +75,12 @@ impl Qwen25Vl {
         device: &Device,
     ) -> Result<Self, QwenError> {
         let name = src.display_name();
-        let config = Qwen25VlConfig::from_json(
+        let config: Qwen25VlConfig = model_config(
             &src.read_json("config.json")?,
             &format!("{name}/config.json"),
         )?;
         let processor = if src.has_file("preprocessor_config.json")? {
-            ImageProcessorConfig::from_json(
+            model_config(
                 &src.read_json("preprocessor_config.json")?,
                 &format!("{name}/preprocessor_config.json"),
             )?

@@ -571,7 +571,8 @@ fn bench_prefill_and_decode_throughput() {
             "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
             "fullatt_block_indexes": [0]},
     });
-    let cfg = tt_scale::models::qwen2_5_vl::Qwen25VlConfig::from_json(&cfg, "7b").unwrap();
+    let cfg: tt_scale::models::qwen2_5_vl::Qwen25VlConfig =
+        tt_scale::loading::model_config(&cfg, "7b").unwrap();
     let (vb, _) = tt_scale::bench::RandomWeights::var_builder(DType::F32, &Device::Cpu);
     let text =
         tt_scale::models::qwen2_5_vl::TextModel::new(&cfg.text, vb.pp("model"), None).unwrap();

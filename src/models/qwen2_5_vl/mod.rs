@@ -9,10 +9,12 @@ pub mod vision;
 
 use candle_core::{Device, Tensor};
 
-use serde_json::Value;
+use serde::Deserialize;
 use tokenizers::Tokenizer;
 
-pub use processor::{ImageProcessorConfig, ProcessedImage};
+use super::ModelError;
+
+pub use processor::{ImageProcessorConfig, ImageProcessorConfigJson, ProcessedImage};
 pub use text::{AttentionPath, KvCache, TextModel};
 pub use vision::VisionModel;
 
@@ -112,157 +114,229 @@ pub struct Qwen25VlConfig {
     pub tie_word_embeddings: bool,
 }
 
-struct Reader<'a> {
-    path: &'a str,
+/// Rotary settings (`rope_scaling` in transformers 4.x, `rope_parameters` in 5.x).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct RopeJson {
+    /// Rotary base.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// Multimodal rotary sections (temporal, height, width).
+    #[serde(default)]
+    pub mrope_section: Option<Vec<usize>>,
 }
 
-impl Reader<'_> {
-    fn err(&self, key: &str, what: &str) -> QwenError {
-        QwenError::Config {
-            path: format!("{} ({key})", self.path),
-            message: what.to_string(),
-        }
-    }
-    fn usize(&self, v: &Value, key: &str, at: &str) -> Result<usize, QwenError> {
-        v.get(key)
-            .and_then(Value::as_u64)
-            .map(|x| x as usize)
-            .ok_or_else(|| {
-                self.err(
+/// The language model's keys: `text_config` (5.x), or the top level of `config.json` (4.x).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct TextConfigJson {
+    /// Vocabulary size.
+    #[serde(default)]
+    pub vocab_size: Option<usize>,
+    /// Width.
+    #[serde(default)]
+    pub hidden_size: Option<usize>,
+    /// MLP width.
+    #[serde(default)]
+    pub intermediate_size: Option<usize>,
+    /// Decoder layers.
+    #[serde(default)]
+    pub num_hidden_layers: Option<usize>,
+    /// Query heads.
+    #[serde(default)]
+    pub num_attention_heads: Option<usize>,
+    /// Key/value heads (default: the query heads).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// RMSNorm epsilon (1e-6).
+    #[serde(default)]
+    pub rms_norm_eps: Option<f64>,
+    /// Rotary base (1e6).
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// 5.x rotary settings.
+    #[serde(default)]
+    pub rope_parameters: Option<RopeJson>,
+    /// 4.x rotary settings.
+    #[serde(default)]
+    pub rope_scaling: Option<RopeJson>,
+    /// Whether the LM head shares the embedding matrix (when not at the top level).
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+}
+
+/// `vision_config`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct VisionConfigJson {
+    /// Transformer blocks.
+    pub depth: usize,
+    /// Width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Image channels (5.x name; default 3).
+    #[serde(default)]
+    pub in_channels: Option<usize>,
+    /// Image channels (4.x name).
+    #[serde(default)]
+    pub in_chans: Option<usize>,
+    /// Patch side (14).
+    #[serde(default)]
+    pub patch_size: Option<usize>,
+    /// Patches merged per side (2).
+    #[serde(default)]
+    pub spatial_merge_size: Option<usize>,
+    /// Frames per patch (2).
+    #[serde(default)]
+    pub temporal_patch_size: Option<usize>,
+    /// Window side in pixels (112).
+    #[serde(default)]
+    pub window_size: Option<usize>,
+    /// Output width (default: the language model's hidden size).
+    #[serde(default)]
+    pub out_hidden_size: Option<usize>,
+    /// Blocks with full attention (default 7, 15, 23, 31).
+    #[serde(default)]
+    pub fullatt_block_indexes: Option<Vec<usize>>,
+    /// 5.x rotary settings (base 10000 by default).
+    #[serde(default)]
+    pub rope_parameters: Option<RopeJson>,
+}
+
+/// `config.json` of a Qwen2.5-VL model as transformers writes it (4.x: text keys at the top
+/// level and `rope_scaling`; 5.x: `text_config` and `rope_parameters`); [`Qwen25VlConfig`]'s
+/// `TryFrom` checks it.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Qwen25VlConfigJson {
+    /// The vision tower (required).
+    #[serde(default)]
+    pub vision_config: Option<VisionConfigJson>,
+    /// The language model (5.x).
+    #[serde(default)]
+    pub text_config: Option<TextConfigJson>,
+    /// `<|image_pad|>` (151655).
+    #[serde(default)]
+    pub image_token_id: Option<u32>,
+    /// Whether the LM head shares the embedding matrix (false).
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    /// The language model's keys at the top level (4.x).
+    #[serde(flatten)]
+    pub top: TextConfigJson,
+}
+
+impl super::ModelConfig for Qwen25VlConfig {
+    type Raw = Qwen25VlConfigJson;
+}
+
+impl TryFrom<Qwen25VlConfigJson> for Qwen25VlConfig {
+    type Error = ModelError;
+
+    fn try_from(v: Qwen25VlConfigJson) -> Result<Self, ModelError> {
+        const FILE: &str = "config.json";
+        let err = |key: &str, what: &str| ModelError::ModelFile {
+            path: FILE.into(),
+            message: format!("key {key}: {what}"),
+        };
+        let (t, at) = match &v.text_config {
+            Some(t) if t.hidden_size.is_some() => (t, "text_config."),
+            _ => (&v.top, ""),
+        };
+        let need = |value: Option<usize>, key: &str| {
+            value.ok_or_else(|| {
+                err(
                     &format!("{at}{key}"),
                     "missing or not a non-negative integer",
                 )
             })
-    }
-    fn usize_or(&self, v: &Value, key: &str, default: usize) -> usize {
-        v.get(key)
-            .and_then(Value::as_u64)
-            .map_or(default, |x| x as usize)
-    }
-}
-
-impl Qwen25VlConfig {
-    /// Parses `config.json` (transformers 4.x layout with text keys at the top level and
-    /// `rope_scaling`, or 5.x with `text_config` and `rope_parameters`). `path` names the file.
-    pub fn from_json(v: &Value, path: &str) -> Result<Self, QwenError> {
-        let r = Reader { path };
-        let (t, at) = match v.get("text_config") {
-            Some(t) if t.get("hidden_size").is_some() => (t, "text_config."),
-            _ => (v, ""),
         };
         let vc = v
-            .get("vision_config")
-            .ok_or_else(|| r.err("vision_config", "missing; is this a Qwen2.5-VL model?"))?;
+            .vision_config
+            .as_ref()
+            .ok_or_else(|| err("vision_config", "missing; is this a Qwen2.5-VL model?"))?;
         let rope = t
-            .get("rope_parameters")
-            .or_else(|| t.get("rope_scaling"))
-            .or_else(|| v.get("rope_scaling"));
+            .rope_parameters
+            .as_ref()
+            .or(t.rope_scaling.as_ref())
+            .or(v.top.rope_scaling.as_ref());
         let rope_theta = t
-            .get("rope_theta")
-            .or_else(|| rope.and_then(|r| r.get("rope_theta")))
-            .and_then(Value::as_f64)
+            .rope_theta
+            .or_else(|| rope.and_then(|r| r.rope_theta))
             .unwrap_or(1_000_000.0);
-        let heads = r.usize(t, "num_attention_heads", at)?;
-        let hidden = r.usize(t, "hidden_size", at)?;
+        let heads = need(t.num_attention_heads, "num_attention_heads")?;
+        let hidden = need(t.hidden_size, "hidden_size")?;
         if heads == 0 || hidden % heads != 0 {
-            return Err(r.err("num_attention_heads", "must divide hidden_size"));
+            return Err(err("num_attention_heads", "must divide hidden_size"));
         }
         let half = hidden / heads / 2;
-        let mrope_section: Vec<usize> = match rope.and_then(|r| r.get("mrope_section")) {
-            Some(s) => s
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_u64)
-                        .map(|x| x as usize)
-                        .collect()
-                })
-                .unwrap_or_default(),
+        let mrope_section = match rope {
+            Some(r) => r.mrope_section.clone().unwrap_or_default(),
             None => vec![16, 24, 24],
         };
         if mrope_section.iter().sum::<usize>() != half {
-            return Err(r.err(
+            return Err(err(
                 "rope_scaling.mrope_section",
                 &format!("must sum to head_dim / 2 = {half}, got {mrope_section:?}"),
             ));
         }
         let text = TextConfig {
-            vocab_size: r.usize(t, "vocab_size", at)?,
+            vocab_size: need(t.vocab_size, "vocab_size")?,
             hidden_size: hidden,
-            intermediate_size: r.usize(t, "intermediate_size", at)?,
-            num_hidden_layers: r.usize(t, "num_hidden_layers", at)?,
+            intermediate_size: need(t.intermediate_size, "intermediate_size")?,
+            num_hidden_layers: need(t.num_hidden_layers, "num_hidden_layers")?,
             num_attention_heads: heads,
-            num_key_value_heads: r.usize_or(t, "num_key_value_heads", heads),
-            rms_norm_eps: t
-                .get("rms_norm_eps")
-                .and_then(Value::as_f64)
-                .unwrap_or(1e-6),
+            num_key_value_heads: t.num_key_value_heads.unwrap_or(heads),
+            rms_norm_eps: t.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             mrope_section,
         };
         if text.num_key_value_heads == 0 || heads % text.num_key_value_heads != 0 {
-            return Err(r.err("num_key_value_heads", "must divide num_attention_heads"));
+            return Err(err(
+                "num_key_value_heads",
+                "must divide num_attention_heads",
+            ));
         }
-        let vat = "vision_config.";
-        let vheads = r.usize(vc, "num_heads", vat)?;
-        let vhidden = r.usize(vc, "hidden_size", vat)?;
-        if vheads == 0 || vhidden % (vheads * 4) != 0 {
-            return Err(r.err(
+        if vc.num_heads == 0 || vc.hidden_size % (vc.num_heads * 4) != 0 {
+            return Err(err(
                 "vision_config.num_heads",
                 "hidden_size / num_heads must be a multiple of 4",
             ));
         }
         let vision = VisionConfig {
-            depth: r.usize(vc, "depth", vat)?,
-            hidden_size: vhidden,
-            intermediate_size: r.usize(vc, "intermediate_size", vat)?,
-            num_heads: vheads,
-            in_channels: vc
-                .get("in_channels")
-                .or_else(|| vc.get("in_chans"))
-                .and_then(Value::as_u64)
-                .map_or(3, |x| x as usize),
-            patch_size: r.usize_or(vc, "patch_size", 14),
-            spatial_merge_size: r.usize_or(vc, "spatial_merge_size", 2),
-            temporal_patch_size: r.usize_or(vc, "temporal_patch_size", 2),
-            window_size: r.usize_or(vc, "window_size", 112),
-            out_hidden_size: r.usize_or(vc, "out_hidden_size", hidden),
+            depth: vc.depth,
+            hidden_size: vc.hidden_size,
+            intermediate_size: vc.intermediate_size,
+            num_heads: vc.num_heads,
+            in_channels: vc.in_channels.or(vc.in_chans).unwrap_or(3),
+            patch_size: vc.patch_size.unwrap_or(14),
+            spatial_merge_size: vc.spatial_merge_size.unwrap_or(2),
+            temporal_patch_size: vc.temporal_patch_size.unwrap_or(2),
+            window_size: vc.window_size.unwrap_or(112),
+            out_hidden_size: vc.out_hidden_size.unwrap_or(hidden),
             fullatt_block_indexes: vc
-                .get("fullatt_block_indexes")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_u64)
-                        .map(|x| x as usize)
-                        .collect()
-                })
+                .fullatt_block_indexes
+                .clone()
                 .unwrap_or_else(|| vec![7, 15, 23, 31]),
             rope_theta: vc
-                .get("rope_parameters")
-                .and_then(|r| r.get("rope_theta"))
-                .and_then(Value::as_f64)
+                .rope_parameters
+                .as_ref()
+                .and_then(|r| r.rope_theta)
                 .unwrap_or(10_000.0),
         };
         if vision.out_hidden_size != hidden {
-            return Err(r.err(
+            return Err(err(
                 "vision_config.out_hidden_size",
                 &format!("must equal the language model's hidden_size {hidden}"),
             ));
         }
-        let image_token_id = v
-            .get("image_token_id")
-            .and_then(Value::as_u64)
-            .unwrap_or(151_655) as u32;
-        let tie_word_embeddings = v
-            .get("tie_word_embeddings")
-            .or_else(|| t.get("tie_word_embeddings"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
         Ok(Self {
             vision,
             text,
-            image_token_id,
-            tie_word_embeddings,
+            image_token_id: v.image_token_id.unwrap_or(151_655),
+            tie_word_embeddings: v
+                .tie_word_embeddings
+                .or(t.tie_word_embeddings)
+                .unwrap_or(false),
         })
     }
 }

@@ -4,9 +4,10 @@
 //! template, and the multimodal rotary position ids (`get_rope_index`).
 
 use image::RgbImage;
-use serde_json::Value;
+use serde::Deserialize;
 
 use super::QwenError;
+use crate::models::ModelError;
 
 /// `preprocessor_config.json`: how images become patches.
 #[derive(Clone, Debug, PartialEq)]
@@ -45,70 +46,82 @@ impl Default for ImageProcessorConfig {
     }
 }
 
-impl ImageProcessorConfig {
-    /// Reads `preprocessor_config.json` (`min_pixels`/`max_pixels` or `size.shortest_edge`/
-    /// `size.longest_edge`); missing keys keep the defaults. `path` names the file in errors.
-    pub fn from_json(v: &Value, path: &str) -> Result<Self, QwenError> {
-        let mut c = Self::default();
-        let usize_at = |keys: &[&str]| -> Option<usize> {
-            let mut cur = v;
-            for k in keys {
-                cur = cur.get(k)?;
-            }
-            cur.as_u64().map(|x| x as usize)
+/// `size` of newer `preprocessor_config.json` files.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct SizeJson {
+    /// Fewest pixels.
+    #[serde(default)]
+    pub shortest_edge: Option<usize>,
+    /// Most pixels.
+    #[serde(default)]
+    pub longest_edge: Option<usize>,
+}
+
+/// `preprocessor_config.json` as transformers writes it (`min_pixels`/`max_pixels`, or
+/// `size.shortest_edge`/`size.longest_edge`); missing keys keep [`ImageProcessorConfig`]'s
+/// defaults.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ImageProcessorConfigJson {
+    /// Fewest pixels after resizing.
+    #[serde(default)]
+    pub min_pixels: Option<usize>,
+    /// Most pixels after resizing.
+    #[serde(default)]
+    pub max_pixels: Option<usize>,
+    /// The pixel bounds in newer files.
+    #[serde(default)]
+    pub size: Option<SizeJson>,
+    /// Patch side.
+    #[serde(default)]
+    pub patch_size: Option<usize>,
+    /// Frames per patch.
+    #[serde(default)]
+    pub temporal_patch_size: Option<usize>,
+    /// Patches merged per side.
+    #[serde(default)]
+    pub merge_size: Option<usize>,
+    /// Per-channel mean.
+    #[serde(default)]
+    pub image_mean: Option<[f32; 3]>,
+    /// Per-channel standard deviation.
+    #[serde(default)]
+    pub image_std: Option<[f32; 3]>,
+    /// Factor from 0..255 to 0..1.
+    #[serde(default)]
+    pub rescale_factor: Option<f32>,
+}
+
+impl crate::models::ModelConfig for ImageProcessorConfig {
+    type Raw = ImageProcessorConfigJson;
+}
+
+impl TryFrom<ImageProcessorConfigJson> for ImageProcessorConfig {
+    type Error = ModelError;
+
+    fn try_from(j: ImageProcessorConfigJson) -> Result<Self, ModelError> {
+        let d = Self::default();
+        let size = j.size.unwrap_or_default();
+        let c = Self {
+            min_pixels: j.min_pixels.or(size.shortest_edge).unwrap_or(d.min_pixels),
+            max_pixels: j.max_pixels.or(size.longest_edge).unwrap_or(d.max_pixels),
+            patch_size: j.patch_size.unwrap_or(d.patch_size),
+            temporal_patch_size: j.temporal_patch_size.unwrap_or(d.temporal_patch_size),
+            merge_size: j.merge_size.unwrap_or(d.merge_size),
+            image_mean: j.image_mean.unwrap_or(d.image_mean),
+            image_std: j.image_std.unwrap_or(d.image_std),
+            rescale_factor: j.rescale_factor.unwrap_or(d.rescale_factor),
         };
-        if let Some(x) = usize_at(&["min_pixels"]).or(usize_at(&["size", "shortest_edge"])) {
-            c.min_pixels = x;
-        }
-        if let Some(x) = usize_at(&["max_pixels"]).or(usize_at(&["size", "longest_edge"])) {
-            c.max_pixels = x;
-        }
-        if let Some(x) = usize_at(&["patch_size"]) {
-            c.patch_size = x;
-        }
-        if let Some(x) = usize_at(&["temporal_patch_size"]) {
-            c.temporal_patch_size = x;
-        }
-        if let Some(x) = usize_at(&["merge_size"]) {
-            c.merge_size = x;
-        }
-        let triple = |key: &str| -> Result<Option<[f32; 3]>, QwenError> {
-            let Some(a) = v.get(key) else { return Ok(None) };
-            let vals: Vec<f32> = a
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_f64)
-                        .map(|x| x as f32)
-                        .collect()
-                })
-                .unwrap_or_default();
-            if vals.len() != 3 {
-                return Err(QwenError::Config {
-                    path: path.to_string(),
-                    message: format!("`{key}` must be a list of 3 numbers"),
-                });
-            }
-            Ok(Some([vals[0], vals[1], vals[2]]))
-        };
-        if let Some(m) = triple("image_mean")? {
-            c.image_mean = m;
-        }
-        if let Some(s) = triple("image_std")? {
-            c.image_std = s;
-        }
-        if let Some(r) = v.get("rescale_factor").and_then(Value::as_f64) {
-            c.rescale_factor = r as f32;
-        }
         if c.patch_size == 0 || c.merge_size == 0 || c.temporal_patch_size == 0 {
-            return Err(QwenError::Config {
-                path: path.to_string(),
+            return Err(ModelError::ModelFile {
+                path: "preprocessor_config.json".into(),
                 message: "patch_size, merge_size and temporal_patch_size must be positive".into(),
             });
         }
         Ok(c)
     }
+}
 
+impl ImageProcessorConfig {
     /// Length of one flattened patch: channels x temporal x patch x patch (1176).
     pub fn patch_dim(&self) -> usize {
         3 * self.temporal_patch_size * self.patch_size * self.patch_size
