@@ -55,11 +55,11 @@ pub struct DpmSolverOptions {
 
 /// Reads the DPM-Solver keys of a scheduler config, rejecting what this build does not run.
 pub(super) fn parse_options(keys: &Keys) -> Result<DpmSolverOptions, SchedulerError> {
-    let solver_order = keys.uint("solver_order")?.unwrap_or(2);
+    let solver_order = keys.j.solver_order.unwrap_or(2);
     if !(1..=3).contains(&solver_order) {
         return Err(keys.unsupported("solver_order", "must be 1, 2 or 3"));
     }
-    let algorithm = match keys.string("algorithm_type")?.as_deref() {
+    let algorithm = match keys.j.algorithm_type.as_deref() {
         None | Some("dpmsolver++") | Some("deis") => DpmAlgorithm::DpmSolverPlusPlus,
         Some("dpmsolver") => DpmAlgorithm::DpmSolver,
         Some(other) => {
@@ -69,7 +69,7 @@ pub(super) fn parse_options(keys: &Keys) -> Result<DpmSolverOptions, SchedulerEr
             ))
         }
     };
-    let solver_type = match keys.string("solver_type")?.as_deref() {
+    let solver_type = match keys.j.solver_type.as_deref() {
         None | Some("midpoint") | Some("logrho") | Some("bh1") | Some("bh2") => {
             DpmSolverType::Midpoint
         }
@@ -81,7 +81,7 @@ pub(super) fn parse_options(keys: &Keys) -> Result<DpmSolverOptions, SchedulerEr
             ))
         }
     };
-    let final_sigma_min = match keys.string("final_sigmas_type")?.as_deref() {
+    let final_sigma_min = match keys.j.final_sigmas_type.as_deref() {
         None | Some("zero") => false,
         Some("sigma_min") => true,
         Some(other) => {
@@ -97,41 +97,40 @@ pub(super) fn parse_options(keys: &Keys) -> Result<DpmSolverOptions, SchedulerEr
             "zero is not supported with algorithm_type dpmsolver (as in diffusers); use sigma_min",
         ));
     }
-    for key in [
-        "thresholding",
-        "use_karras_sigmas",
-        "use_exponential_sigmas",
-        "use_beta_sigmas",
-        "use_lu_lambdas",
-        "use_flow_sigmas",
-        "use_dynamic_shifting",
+    let j = &keys.j;
+    for (key, on) in [
+        ("thresholding", j.thresholding),
+        ("use_karras_sigmas", j.use_karras_sigmas),
+        ("use_exponential_sigmas", j.use_exponential_sigmas),
+        ("use_beta_sigmas", j.use_beta_sigmas),
+        ("use_lu_lambdas", j.use_lu_lambdas),
+        ("use_flow_sigmas", j.use_flow_sigmas),
+        ("use_dynamic_shifting", j.use_dynamic_shifting),
     ] {
-        if keys.flag(key, false)? {
+        if on.unwrap_or(false) {
             return Err(keys.unsupported(
                 key,
                 "is not supported by this build's DPMSolverMultistepScheduler; set it to false",
             ));
         }
     }
-    if let Some(v) = keys.string("variance_type")? {
+    if let Some(v) = keys.j.variance_type.as_ref() {
         return Err(keys.unsupported(
             "variance_type",
             &format!("{v:?} (learned variance) is not supported; use null"),
         ));
     }
-    if keys.string("prediction_type")?.as_deref() == Some("flow_prediction") {
+    if keys.j.prediction_type.as_deref() == Some("flow_prediction") {
         return Err(keys.unsupported("prediction_type", "flow_prediction is not supported"));
     }
     Ok(DpmSolverOptions {
         solver_order,
         algorithm,
         solver_type,
-        lower_order_final: keys.flag("lower_order_final", true)?,
-        euler_at_final: keys.flag("euler_at_final", false)?,
+        lower_order_final: keys.j.lower_order_final.unwrap_or(true),
+        euler_at_final: keys.j.euler_at_final.unwrap_or(false),
         final_sigma_min,
-        lambda_min_clipped: keys
-            .float("lambda_min_clipped")?
-            .unwrap_or(f64::NEG_INFINITY),
+        lambda_min_clipped: keys.j.lambda_min_clipped.unwrap_or(f64::NEG_INFINITY),
     })
 }
 

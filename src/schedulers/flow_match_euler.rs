@@ -51,86 +51,56 @@ impl FlowMatchConfig {
     /// implementation lacks (Karras/exponential/beta sigmas, `invert_sigmas`, `shift_terminal`,
     /// stochastic sampling, linear time shift) are refused by name.
     pub fn from_json(value: &Value, source: &str) -> Result<Self, SchedulerError> {
-        let err = |key: &str, expected: &str| SchedulerError::ModelFile {
-            path: source.to_string(),
-            message: format!(
-                "key {key:?}: expected {expected}, found {}",
-                value.get(key).map_or("nothing".into(), |v| v.to_string())
-            ),
-        };
-        let present = |key: &str| value.get(key).filter(|v| !v.is_null());
-        let class = value
-            .get("_class_name")
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let j = super::Keys::parse(value, source)?.j;
+        let class = j.class_name.as_deref().unwrap_or("");
         if class != "FlowMatchEulerDiscreteScheduler" {
             return Err(SchedulerError::Unsupported(format!(
                 "{source}: scheduler {class:?} is not supported by the Flux pipeline \
                  (FlowMatchEulerDiscreteScheduler)"
             )));
         }
-        for key in [
-            "use_karras_sigmas",
-            "use_exponential_sigmas",
-            "use_beta_sigmas",
-            "invert_sigmas",
-            "stochastic_sampling",
+        for (key, on) in [
+            ("use_karras_sigmas", j.use_karras_sigmas),
+            ("use_exponential_sigmas", j.use_exponential_sigmas),
+            ("use_beta_sigmas", j.use_beta_sigmas),
+            ("invert_sigmas", j.invert_sigmas),
+            ("stochastic_sampling", j.stochastic_sampling),
         ] {
-            if let Some(v) = present(key) {
-                if v != &Value::Bool(false) {
-                    return Err(SchedulerError::Unsupported(format!(
-                        "{source}: {key} = {v} is not supported (expected false)"
-                    )));
-                }
+            if on == Some(true) {
+                return Err(SchedulerError::Unsupported(format!(
+                    "{source}: {key} = true is not supported (expected false)"
+                )));
             }
         }
-        if present("shift_terminal").is_some() {
+        if j.shift_terminal.is_some() {
             return Err(SchedulerError::Unsupported(format!(
                 "{source}: shift_terminal is not supported (expected null)"
             )));
         }
-        if let Some(v) = present("time_shift_type") {
-            if v != "exponential" {
-                return Err(SchedulerError::Unsupported(format!(
-                    "{source}: time_shift_type = {v} is not supported (expected \"exponential\")"
-                )));
-            }
+        if let Some(v) = j.time_shift_type.as_ref().filter(|v| *v != "exponential") {
+            return Err(SchedulerError::Unsupported(format!(
+                "{source}: time_shift_type = {v} is not supported (expected \"exponential\")"
+            )));
         }
         let d = Self::default();
-        let f = |key: &str, default: f64| -> Result<f64, SchedulerError> {
-            match present(key) {
-                None => Ok(default),
-                Some(v) => v.as_f64().ok_or_else(|| err(key, "a number")),
-            }
-        };
-        let u = |key: &str, default: usize| -> Result<usize, SchedulerError> {
-            match present(key) {
-                None => Ok(default),
-                Some(v) => v
-                    .as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| err(key, "a non-negative integer")),
-            }
-        };
         let c = Self {
-            num_train_timesteps: u("num_train_timesteps", d.num_train_timesteps)?,
-            shift: f("shift", d.shift)?,
-            use_dynamic_shifting: match present("use_dynamic_shifting") {
-                None => false,
-                Some(v) => v
-                    .as_bool()
-                    .ok_or_else(|| err("use_dynamic_shifting", "true or false"))?,
-            },
-            base_shift: f("base_shift", d.base_shift)?,
-            max_shift: f("max_shift", d.max_shift)?,
-            base_image_seq_len: u("base_image_seq_len", d.base_image_seq_len)?,
-            max_image_seq_len: u("max_image_seq_len", d.max_image_seq_len)?,
+            num_train_timesteps: j.num_train_timesteps.unwrap_or(d.num_train_timesteps),
+            shift: j.shift.unwrap_or(d.shift),
+            use_dynamic_shifting: j.use_dynamic_shifting.unwrap_or(false),
+            base_shift: j.base_shift.unwrap_or(d.base_shift),
+            max_shift: j.max_shift.unwrap_or(d.max_shift),
+            base_image_seq_len: j.base_image_seq_len.unwrap_or(d.base_image_seq_len),
+            max_image_seq_len: j.max_image_seq_len.unwrap_or(d.max_image_seq_len),
         };
         if c.max_image_seq_len == c.base_image_seq_len {
-            return Err(err(
-                "max_image_seq_len",
-                "a value different from base_image_seq_len",
-            ));
+            return Err(SchedulerError::ModelFile {
+                path: source.to_string(),
+                message: format!(
+                    "key \"max_image_seq_len\": expected a value different from \
+                     base_image_seq_len, found {}",
+                    c.max_image_seq_len
+                ),
+            });
         }
         Ok(c)
     }

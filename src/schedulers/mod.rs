@@ -26,7 +26,8 @@ mod pndm;
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde_json::Value;
 
 pub use ddim::DdimScheduler;
 pub use dpm_solver_multistep::{
@@ -251,16 +252,11 @@ impl SchedulerConfig {
     /// Parses an already-loaded scheduler config; `source_name` (a path or a name) is used in
     /// error messages.
     pub fn from_json(value: &Value, source_name: &str) -> Result<Self, SchedulerError> {
-        let obj = value.as_object().ok_or_else(|| SchedulerError::ModelFile {
-            path: source_name.to_string(),
-            message: "expected a JSON object (a diffusers scheduler_config.json)".to_string(),
-        })?;
-        let keys = Keys {
-            obj,
-            source: source_name,
-        };
+        let keys = Keys::parse(value, source_name)?;
         let class_name = keys
-            .string("_class_name")?
+            .j
+            .class_name
+            .clone()
             .ok_or_else(|| SchedulerError::ModelFile {
                 path: source_name.to_string(),
                 message: "missing key `_class_name`; expected a diffusers scheduler config"
@@ -278,13 +274,14 @@ impl SchedulerConfig {
                 )))
             }
         };
+        let j = &keys.j;
         let is_euler = kind == SchedulerKind::EulerDiscrete;
 
-        let num_train_timesteps = keys.uint("num_train_timesteps")?.unwrap_or(1000);
+        let num_train_timesteps = j.num_train_timesteps.unwrap_or(1000);
         if num_train_timesteps < 2 {
             return Err(keys.unsupported("num_train_timesteps", "must be at least 2"));
         }
-        let beta_schedule = match keys.string("beta_schedule")?.as_deref() {
+        let beta_schedule = match j.beta_schedule.as_deref() {
             None | Some("linear") => BetaSchedule::Linear,
             Some("scaled_linear") => BetaSchedule::ScaledLinear,
             Some("squaredcos_cap_v2") => BetaSchedule::SquaredCosCapV2,
@@ -297,7 +294,7 @@ impl SchedulerConfig {
                 ))
             }
         };
-        let trained_betas = keys.float_list("trained_betas")?;
+        let trained_betas = j.trained_betas.clone();
         if let Some(betas) = &trained_betas {
             if betas.len() != num_train_timesteps {
                 return Err(keys.unsupported(
@@ -309,7 +306,7 @@ impl SchedulerConfig {
                 ));
             }
         }
-        let timestep_spacing = match keys.string("timestep_spacing")?.as_deref() {
+        let timestep_spacing = match j.timestep_spacing.as_deref() {
             None if is_euler || kind == SchedulerKind::DpmSolverMultistep => {
                 TimestepSpacing::Linspace
             }
@@ -324,7 +321,7 @@ impl SchedulerConfig {
                 ))
             }
         };
-        let prediction_type = match (kind, keys.string("prediction_type")?.as_deref()) {
+        let prediction_type = match (kind, j.prediction_type.as_deref()) {
             (_, None | Some("epsilon")) => PredictionType::Epsilon,
             (_, Some("v_prediction")) => PredictionType::VPrediction,
             (SchedulerKind::Ddim, Some("sample")) => PredictionType::Sample,
@@ -346,7 +343,7 @@ impl SchedulerConfig {
                 ));
             }
         };
-        let interpolation_type = match keys.string("interpolation_type")?.as_deref() {
+        let interpolation_type = match j.interpolation_type.as_deref() {
             None | Some("linear") => InterpolationType::Linear,
             Some(_) if !is_euler => InterpolationType::Linear,
             Some("log_linear") => InterpolationType::LogLinear,
@@ -357,7 +354,7 @@ impl SchedulerConfig {
                 ))
             }
         };
-        let timestep_type = match keys.string("timestep_type")?.as_deref() {
+        let timestep_type = match j.timestep_type.as_deref() {
             None | Some("discrete") => TimestepType::Discrete,
             Some(_) if !is_euler => TimestepType::Discrete,
             Some("continuous") => TimestepType::Continuous,
@@ -368,7 +365,7 @@ impl SchedulerConfig {
                 ))
             }
         };
-        let final_sigmas_type = match keys.string("final_sigmas_type")?.as_deref() {
+        let final_sigmas_type = match j.final_sigmas_type.as_deref() {
             None | Some("zero") => FinalSigmasType::Zero,
             Some(_) if !is_euler => FinalSigmasType::Zero,
             Some("sigma_min") => FinalSigmasType::SigmaMin,
@@ -379,16 +376,16 @@ impl SchedulerConfig {
                 ))
             }
         };
-        let thresholding = kind == SchedulerKind::Ddim && keys.flag("thresholding", false)?;
+        let thresholding = kind == SchedulerKind::Ddim && j.thresholding.unwrap_or(false);
         if thresholding {
             return Err(keys.unsupported(
                 "thresholding",
                 "dynamic thresholding is not supported by this build; set it to false",
             ));
         }
-        let use_karras_sigmas = is_euler && keys.flag("use_karras_sigmas", false)?;
-        let use_exponential_sigmas = is_euler && keys.flag("use_exponential_sigmas", false)?;
-        if is_euler && keys.flag("use_beta_sigmas", false)? {
+        let use_karras_sigmas = is_euler && j.use_karras_sigmas.unwrap_or(false);
+        let use_exponential_sigmas = is_euler && j.use_exponential_sigmas.unwrap_or(false);
+        if is_euler && j.use_beta_sigmas.unwrap_or(false) {
             return Err(keys.unsupported(
                 "use_beta_sigmas",
                 "beta sigmas are not supported by this build; set it to false",
@@ -405,25 +402,25 @@ impl SchedulerConfig {
             source: source_name.to_string(),
             kind,
             num_train_timesteps,
-            beta_start: keys.float("beta_start")?.unwrap_or(0.0001),
-            beta_end: keys.float("beta_end")?.unwrap_or(0.02),
+            beta_start: j.beta_start.unwrap_or(0.0001),
+            beta_end: j.beta_end.unwrap_or(0.02),
             beta_schedule,
             trained_betas,
-            skip_prk_steps: keys.flag("skip_prk_steps", false)?,
-            set_alpha_to_one: keys.flag("set_alpha_to_one", kind == SchedulerKind::Ddim)?,
-            steps_offset: keys.int("steps_offset")?.unwrap_or(0),
+            skip_prk_steps: j.skip_prk_steps.unwrap_or(false),
+            set_alpha_to_one: j.set_alpha_to_one.unwrap_or(kind == SchedulerKind::Ddim),
+            steps_offset: j.steps_offset.unwrap_or(0),
             timestep_spacing,
             prediction_type,
-            clip_sample: keys.flag("clip_sample", kind == SchedulerKind::Ddim)?,
-            clip_sample_range: keys.float("clip_sample_range")?.unwrap_or(1.0),
+            clip_sample: j.clip_sample.unwrap_or(kind == SchedulerKind::Ddim),
+            clip_sample_range: j.clip_sample_range.unwrap_or(1.0),
             thresholding,
             rescale_betas_zero_snr: kind != SchedulerKind::Pndm
-                && keys.flag("rescale_betas_zero_snr", false)?,
+                && j.rescale_betas_zero_snr.unwrap_or(false),
             interpolation_type,
             use_karras_sigmas,
             use_exponential_sigmas,
-            sigma_min: keys.float("sigma_min")?,
-            sigma_max: keys.float("sigma_max")?,
+            sigma_min: j.sigma_min,
+            sigma_max: j.sigma_max,
             timestep_type,
             final_sigmas_type,
             dpm_solver: if kind == SchedulerKind::DpmSolverMultistep {
@@ -508,95 +505,185 @@ impl SchedulerConfig {
     }
 }
 
-/// Typed access to the keys of a config object, with errors naming the file and the key.
-struct Keys<'a> {
-    obj: &'a Map<String, Value>,
+/// A diffusers `scheduler_config.json` as the file has it: every key any supported class reads
+/// (all optional; each class applies its own defaults).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct SchedulerConfigJson {
+    /// The scheduler class.
+    #[serde(rename = "_class_name", default)]
+    pub class_name: Option<String>,
+    /// Training timesteps.
+    #[serde(default)]
+    pub num_train_timesteps: Option<usize>,
+    /// First beta.
+    #[serde(default)]
+    pub beta_start: Option<f64>,
+    /// Last beta.
+    #[serde(default)]
+    pub beta_end: Option<f64>,
+    /// `linear`, `scaled_linear` or `squaredcos_cap_v2`.
+    #[serde(default)]
+    pub beta_schedule: Option<String>,
+    /// Explicit betas, one per training timestep.
+    #[serde(default)]
+    pub trained_betas: Option<Vec<f64>>,
+    /// `linspace`, `leading` or `trailing`.
+    #[serde(default)]
+    pub timestep_spacing: Option<String>,
+    /// `epsilon`, `v_prediction`, `sample` (...).
+    #[serde(default)]
+    pub prediction_type: Option<String>,
+    /// Euler: `linear` or `log_linear`.
+    #[serde(default)]
+    pub interpolation_type: Option<String>,
+    /// Euler: `discrete` or `continuous`.
+    #[serde(default)]
+    pub timestep_type: Option<String>,
+    /// Euler, DPM-Solver: `zero` or `sigma_min`.
+    #[serde(default)]
+    pub final_sigmas_type: Option<String>,
+    /// Added to the leading timesteps.
+    #[serde(default)]
+    pub steps_offset: Option<i64>,
+    /// PNDM: PLMS only.
+    #[serde(default)]
+    pub skip_prk_steps: Option<bool>,
+    /// DDIM/PNDM: the final alpha product is 1.
+    #[serde(default)]
+    pub set_alpha_to_one: Option<bool>,
+    /// DDIM: clip the predicted sample.
+    #[serde(default)]
+    pub clip_sample: Option<bool>,
+    /// DDIM: the clipping range.
+    #[serde(default)]
+    pub clip_sample_range: Option<f64>,
+    /// Dynamic thresholding (refused).
+    #[serde(default)]
+    pub thresholding: Option<bool>,
+    /// Zero terminal SNR rescaling.
+    #[serde(default)]
+    pub rescale_betas_zero_snr: Option<bool>,
+    /// Euler: Karras sigmas.
+    #[serde(default)]
+    pub use_karras_sigmas: Option<bool>,
+    /// Euler: exponential sigmas.
+    #[serde(default)]
+    pub use_exponential_sigmas: Option<bool>,
+    /// Beta sigmas (refused).
+    #[serde(default)]
+    pub use_beta_sigmas: Option<bool>,
+    /// DPM-Solver: Lu lambdas (refused).
+    #[serde(default)]
+    pub use_lu_lambdas: Option<bool>,
+    /// DPM-Solver: flow sigmas (refused).
+    #[serde(default)]
+    pub use_flow_sigmas: Option<bool>,
+    /// Flow matching: resolution-dependent shift.
+    #[serde(default)]
+    pub use_dynamic_shifting: Option<bool>,
+    /// Flow matching: inverted sigmas (refused).
+    #[serde(default)]
+    pub invert_sigmas: Option<bool>,
+    /// Flow matching: stochastic sampling (refused).
+    #[serde(default)]
+    pub stochastic_sampling: Option<bool>,
+    /// Euler: smallest sigma of the Karras/exponential schedule.
+    #[serde(default)]
+    pub sigma_min: Option<f64>,
+    /// Euler: largest sigma of the Karras/exponential schedule.
+    #[serde(default)]
+    pub sigma_max: Option<f64>,
+    /// DPM-Solver: order 1, 2 or 3.
+    #[serde(default)]
+    pub solver_order: Option<usize>,
+    /// DPM-Solver: `dpmsolver++` or `dpmsolver`.
+    #[serde(default)]
+    pub algorithm_type: Option<String>,
+    /// DPM-Solver: `midpoint` or `heun`.
+    #[serde(default)]
+    pub solver_type: Option<String>,
+    /// DPM-Solver: lower orders for the last steps.
+    #[serde(default)]
+    pub lower_order_final: Option<bool>,
+    /// DPM-Solver: an Euler last step.
+    #[serde(default)]
+    pub euler_at_final: Option<bool>,
+    /// DPM-Solver: the log-SNR cut-off.
+    #[serde(default)]
+    pub lambda_min_clipped: Option<f64>,
+    /// DPM-Solver: learned variance (refused).
+    #[serde(default)]
+    pub variance_type: Option<String>,
+    /// Flow matching: static shift.
+    #[serde(default)]
+    pub shift: Option<f64>,
+    /// Flow matching: `mu` at `base_image_seq_len`.
+    #[serde(default)]
+    pub base_shift: Option<f64>,
+    /// Flow matching: `mu` at `max_image_seq_len`.
+    #[serde(default)]
+    pub max_shift: Option<f64>,
+    /// Flow matching: tokens where `mu = base_shift`.
+    #[serde(default)]
+    pub base_image_seq_len: Option<usize>,
+    /// Flow matching: tokens where `mu = max_shift`.
+    #[serde(default)]
+    pub max_image_seq_len: Option<usize>,
+    /// Flow matching: terminal shift (refused).
+    #[serde(default)]
+    pub shift_terminal: Option<Value>,
+    /// Flow matching: `exponential` (or refused).
+    #[serde(default)]
+    pub time_shift_type: Option<Value>,
+}
+
+/// The boolean keys: Python's `None` is falsy, so a `null` reads as false (not as the default).
+const FLAGS: &[&str] = &[
+    "skip_prk_steps",
+    "set_alpha_to_one",
+    "clip_sample",
+    "thresholding",
+    "rescale_betas_zero_snr",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "use_lu_lambdas",
+    "use_flow_sigmas",
+    "use_dynamic_shifting",
+    "invert_sigmas",
+    "stochastic_sampling",
+    "lower_order_final",
+    "euler_at_final",
+];
+
+/// A parsed scheduler config with the name of its source, for errors naming the file and key.
+pub(crate) struct Keys<'a> {
+    pub(crate) j: SchedulerConfigJson,
     source: &'a str,
 }
 
-impl Keys<'_> {
-    fn get(&self, key: &str) -> Option<&Value> {
-        self.obj.get(key).filter(|v| !v.is_null())
-    }
-
-    fn wrong_type(&self, key: &str, expected: &str) -> SchedulerError {
-        SchedulerError::ModelFile {
-            path: self.source.to_string(),
-            message: format!(
-                "key `{key}`: expected {expected}, found {}",
-                self.obj.get(key).map(Value::to_string).unwrap_or_default()
-            ),
+impl<'a> Keys<'a> {
+    /// Reads `value` through the typed config reader; `source` names it in errors.
+    pub(crate) fn parse(value: &Value, source: &'a str) -> Result<Self, SchedulerError> {
+        let mut value = value.clone();
+        if let Value::Object(map) = &mut value {
+            for key in FLAGS {
+                if let Some(v) = map.get_mut(*key).filter(|v| v.is_null()) {
+                    *v = Value::Bool(false);
+                }
+            }
         }
+        Ok(Self {
+            j: crate::loading::parse_config(&value, source)?,
+            source,
+        })
     }
 
-    fn unsupported(&self, key: &str, message: &str) -> SchedulerError {
+    pub(crate) fn unsupported(&self, key: &str, message: &str) -> SchedulerError {
         SchedulerError::Unsupported(format!(
             "scheduler config {}: key `{key}`: {message}",
             self.source
         ))
-    }
-
-    fn string(&self, key: &str) -> Result<Option<String>, SchedulerError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(self.wrong_type(key, "a string")),
-        }
-    }
-
-    fn float(&self, key: &str) -> Result<Option<f64>, SchedulerError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.wrong_type(key, "a number")),
-        }
-    }
-
-    fn int(&self, key: &str) -> Result<Option<i64>, SchedulerError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_i64()
-                .map(Some)
-                .ok_or_else(|| self.wrong_type(key, "an integer")),
-        }
-    }
-
-    fn uint(&self, key: &str) -> Result<Option<usize>, SchedulerError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .and_then(|u| usize::try_from(u).ok())
-                .map(Some)
-                .ok_or_else(|| self.wrong_type(key, "a non-negative integer")),
-        }
-    }
-
-    /// A boolean; JSON `null` counts as false (Python's `None` is falsy), a missing key as
-    /// `default`.
-    fn flag(&self, key: &str, default: bool) -> Result<bool, SchedulerError> {
-        match self.obj.get(key) {
-            None => Ok(default),
-            Some(Value::Null) => Ok(false),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(_) => Err(self.wrong_type(key, "true or false")),
-        }
-    }
-
-    fn float_list(&self, key: &str) -> Result<Option<Vec<f64>>, SchedulerError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(Value::as_f64)
-                .collect::<Option<Vec<f64>>>()
-                .map(Some)
-                .ok_or_else(|| self.wrong_type(key, "a list of numbers")),
-            Some(_) => Err(self.wrong_type(key, "a list of numbers")),
-        }
     }
 }
 
