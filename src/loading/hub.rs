@@ -10,7 +10,16 @@ use hf_hub::api::sync::{Api, ApiBuilder};
 use hf_hub::{Repo, RepoType};
 use serde_json::Value;
 
-use super::json::read_json_file;
+use super::json::{parse_config, read_json_file};
+
+/// `rel` inside the folder `component` (the root when it is empty).
+fn in_folder(component: &str, rel: &str) -> String {
+    if component.is_empty() {
+        rel.to_string()
+    } else {
+        format!("{component}/{rel}")
+    }
+}
 use super::{Dtype, LoadError};
 
 /// A model given as a local diffusers folder or a Hub repo id.
@@ -202,7 +211,8 @@ impl ModelSource {
         read_json_file(&self.file(rel)?)
     }
 
-    /// The safetensors weight files of `component` (e.g. `unet`, `text_encoder`) for `dtype`:
+    /// The safetensors weight files of `component` (e.g. `unet`, `text_encoder`; `""` for the
+    /// repo's root, as transformers lays out a model) for `dtype`:
     /// for fp16, the `*.fp16.safetensors` variant when the model has it, otherwise the plain
     /// files (the caller converts). Both single files (`diffusion_pytorch_model.safetensors`,
     /// `model.safetensors`) and sharded ones (`*.safetensors.index.json`) are found.
@@ -214,13 +224,19 @@ impl ModelSource {
         };
         for variant in variants {
             for stem in stems {
-                let single = format!("{component}/{stem}{variant}.safetensors");
+                let single = in_folder(component, &format!("{stem}{variant}.safetensors"));
                 if self.has_file(&single)? {
                     return Ok(vec![self.file(&single)?]);
                 }
                 // diffusers names a variant index `<stem>.safetensors.index.fp16.json`.
-                let index = format!("{component}/{stem}.safetensors.index{variant}.json");
-                let index_alt = format!("{component}/{stem}{variant}.safetensors.index.json");
+                let index = in_folder(
+                    component,
+                    &format!("{stem}.safetensors.index{variant}.json"),
+                );
+                let index_alt = in_folder(
+                    component,
+                    &format!("{stem}{variant}.safetensors.index.json"),
+                );
                 for idx in [index, index_alt] {
                     if self.has_file(&idx)? {
                         return self.sharded(component, &idx);
@@ -229,7 +245,9 @@ impl ModelSource {
             }
         }
         let missing = format!(
-            "{component}/diffusion_pytorch_model.safetensors or {component}/model.safetensors"
+            "{} or {}",
+            in_folder(component, "diffusion_pytorch_model.safetensors"),
+            in_folder(component, "model.safetensors")
         );
         match self {
             Self::Local(dir) => Err(LoadError::ModelFile {
@@ -245,24 +263,18 @@ impl ModelSource {
     }
 
     fn sharded(&self, component: &str, index_rel: &str) -> Result<Vec<PathBuf>, LoadError> {
-        let index = self.read_json(index_rel)?;
-        let map = index
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| LoadError::ModelFile {
-                path: index_rel.to_string(),
-                message: "missing weight_map".to_string(),
-            })?;
-        let mut shards: Vec<String> = map
-            .values()
-            .filter_map(Value::as_str)
-            .map(str::to_owned)
-            .collect();
+        /// `*.safetensors.index.json`: which shard holds each tensor.
+        #[derive(serde::Deserialize)]
+        struct WeightIndex {
+            weight_map: std::collections::BTreeMap<String, String>,
+        }
+        let index: WeightIndex = parse_config(&self.read_json(index_rel)?, index_rel)?;
+        let mut shards: Vec<String> = index.weight_map.into_values().collect();
         shards.sort();
         shards.dedup();
         shards
             .iter()
-            .map(|s| self.file(&format!("{component}/{s}")))
+            .map(|s| self.file(&in_folder(component, s)))
             .collect()
     }
 }

@@ -2,13 +2,12 @@
 //! or a folder in the Hub layout: `config.json`, `preprocessor_config.json` (optional),
 //! `tokenizer.json`, and `model.safetensors` or the shards its index names.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device};
-use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use super::{mmap, model_config, LoadError, ModelSource};
+use super::{mmap, model_config, Dtype, LoadError, ModelSource};
 use crate::models::qwen2_5_vl::{
     ImageProcessorConfig, Qwen25Vl, Qwen25VlConfig, QwenError, TextModel, VisionModel,
 };
@@ -41,27 +40,6 @@ pub fn model_source(name: &str) -> Result<ModelSource, QwenError> {
     })
 }
 
-/// The safetensors files of a model: `model.safetensors`, or the shards its
-/// `model.safetensors.index.json` names.
-fn weight_files(src: &ModelSource) -> Result<Vec<PathBuf>, QwenError> {
-    if src.has_file("model.safetensors")? {
-        return Ok(vec![src.file("model.safetensors")?]);
-    }
-    let index_name = "model.safetensors.index.json";
-    let index = src.read_json(index_name)?;
-    let map = index
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| QwenError::Config {
-            path: format!("{}/{index_name}", src.display_name()),
-            message: "missing weight_map".into(),
-        })?;
-    let mut shards: Vec<&str> = map.values().filter_map(Value::as_str).collect();
-    shards.sort_unstable();
-    shards.dedup();
-    shards.iter().map(|s| Ok(src.file(s)?)).collect()
-}
-
 impl Qwen25Vl {
     /// Loads `name` (a Hub repo id or a folder) in `dtype` on `device`.
     pub fn load(name: &str, dtype: DType, device: &Device) -> Result<Self, QwenError> {
@@ -92,7 +70,7 @@ impl Qwen25Vl {
             path: tok_path.display().to_string(),
             message: e.to_string(),
         })?;
-        let files = weight_files(src)?;
+        let files = src.weights("", Dtype::F32)?;
         let vb = mmap(&files, dtype, device)?;
         let new_layout = vb.contains_tensor("model.language_model.embed_tokens.weight");
         let (text_vb, vis_vb) = if new_layout {

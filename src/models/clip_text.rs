@@ -67,6 +67,13 @@ pub struct ClipTextConfig {
     /// Layer-norm epsilon.
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// The end-of-text token the pooled state is taken at (the caller's default when absent:
+    /// transformers' default changed from 2 to 49407).
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+    /// Width of `text_projection` (`CLIPTextModelWithProjection`; transformers' default 512).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
 }
 
 struct Attention {

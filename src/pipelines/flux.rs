@@ -18,7 +18,6 @@ use candle_nn::Module;
 use candle_transformers::models::flux::autoencoder as bfl_vae;
 use candle_transformers::models::t5;
 use image::RgbImage;
-use serde_json::Value;
 
 use super::common::{
     clip_text_config, clip_tokenizer, noise_batch, optional_file, to_images, vae_config,
@@ -206,11 +205,9 @@ impl FluxPipeline {
     ) -> Result<Self, PipelineError> {
         let cdt = candle_dtype(dtype);
         let clip_tokenizer = clip_tokenizer(&source, "tokenizer")?;
-        let clip_json = source.read_json("text_encoder/config.json")?;
-        let clip_eos = clip_json
-            .get("eos_token_id")
-            .and_then(Value::as_u64)
-            .unwrap_or(2) as u32;
+        let clip_eos = clip_text_config(&source, "text_encoder")?
+            .eos_token_id
+            .unwrap_or(2);
         let t5_tok_path =
             source
                 .file("tokenizer_2/tokenizer.json")

@@ -13,11 +13,10 @@ pub mod sd15;
 pub mod sdxl;
 
 use image::RgbImage;
-use serde_json::Value;
 
 use crate::config::Config;
 pub use crate::config::PipelineCallArgs as CallArgs;
-use crate::loading::{LoadError, ModelSource};
+use crate::loading::{parse_config, LoadError, ModelSource};
 use crate::models::ModelError;
 use crate::noise::Noise;
 use crate::schedulers::SchedulerError;
@@ -99,6 +98,17 @@ impl From<SchedulerError> for PipelineError {
     }
 }
 
+/// The keys of a diffusers `model_index.json` the pipelines read.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct ModelIndex {
+    /// The pipeline class (`StableDiffusionPipeline`, `FluxPipeline`, ...).
+    #[serde(rename = "_class_name", default)]
+    pub class_name: Option<String>,
+    /// SDXL: zero negative embeddings when no negative prompt is given (default true).
+    #[serde(default)]
+    pub force_zeros_for_empty_prompt: Option<bool>,
+}
+
 /// A loaded text-to-image pipeline.
 pub trait ImagePipeline {
     /// Shape of one candidate's initial noise with batch dimension 1, as diffusers draws it
@@ -120,12 +130,9 @@ pub fn load(
     low_vram: bool,
 ) -> Result<Box<dyn ImagePipeline>, PipelineError> {
     let source = ModelSource::resolve(&config.model)?;
-    let index = source.read_json("model_index.json")?;
-    let class = index
-        .get("_class_name")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
+    let index: ModelIndex =
+        parse_config(&source.read_json("model_index.json")?, "model_index.json")?;
+    let class = index.class_name.unwrap_or_default();
     let args = &config.pipeline_call_args;
     // Warns about call arguments the model does not use (they are accepted and ignored).
     let ignored = |model: &str, keys: &[&str]| {

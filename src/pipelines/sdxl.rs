@@ -12,13 +12,12 @@
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
-use serde_json::Value;
 
 use super::common::{
     check_dtype_on_device, clip_text_config, clip_tokenizer, decode_rows, latent_noise_shape,
     scheduler_from_file, vae_config, weights_error, Sampler, SchedulerFactory,
 };
-use super::{CallArgs, ImagePipeline, PipelineError};
+use super::{CallArgs, ImagePipeline, ModelIndex, PipelineError};
 use crate::loading::{candle_dtype, model_config, parse_config, var_builder, Dtype, ModelSource};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::models::clip_tokenizer::ClipTokenizer;
@@ -72,23 +71,10 @@ fn text_config(
     source: &ModelSource,
     folder: &str,
 ) -> Result<(ClipTextConfig, usize, u32), PipelineError> {
-    #[derive(serde::Deserialize)]
-    struct Extra {
-        #[serde(default = "default_projection_dim")]
-        projection_dim: usize,
-        #[serde(default = "default_eos")]
-        eos_token_id: u32,
-    }
-    fn default_projection_dim() -> usize {
-        512
-    }
-    fn default_eos() -> u32 {
-        49407
-    }
-    let file = format!("{folder}/config.json");
-    let extra: Extra = parse_config(&source.read_json(&file)?, &file)?;
     let config = clip_text_config(source, folder)?;
-    Ok((config, extra.projection_dim, extra.eos_token_id))
+    let projection_dim = config.projection_dim.unwrap_or(512);
+    let eos = config.eos_token_id.unwrap_or(49407);
+    Ok((config, projection_dim, eos))
 }
 
 impl SdxlPipeline {
@@ -103,16 +89,9 @@ impl SdxlPipeline {
     ) -> Result<Self, PipelineError> {
         check_dtype_on_device(dtype, device)?;
         let compute = candle_dtype(dtype);
-        let index = source.read_json("model_index.json")?;
-        let force_zeros_for_empty_prompt = match index.get("force_zeros_for_empty_prompt") {
-            None | Some(Value::Null) => true,
-            Some(v) => v.as_bool().ok_or_else(|| PipelineError::ModelFile {
-                path: "model_index.json".into(),
-                message: format!(
-                    "key \"force_zeros_for_empty_prompt\": expected true or false, found {v}"
-                ),
-            })?,
-        };
+        let index: ModelIndex =
+            parse_config(&source.read_json("model_index.json")?, "model_index.json")?;
+        let force_zeros_for_empty_prompt = index.force_zeros_for_empty_prompt.unwrap_or(true);
         let tokenizer = clip_tokenizer(source, "tokenizer")?;
         let tokenizer_2 = clip_tokenizer(source, "tokenizer_2")?;
 
