@@ -48,7 +48,7 @@ pub fn parse_config<T: DeserializeOwned>(value: &Value, file: &str) -> Result<T,
 /// ([`ModelConfig::Raw`]), then the network's checks. Errors name `file` and the key.
 pub fn model_config<C: ModelConfig>(value: &Value, file: &str) -> Result<C, LoadError> {
     let raw: C::Raw = parse_config(value, file)?;
-    Ok(C::try_from(raw)?)
+    C::try_from(raw)
 }
 
 /// Reads and deserialises a config file into `T` ([`read_json_file`] then [`parse_config`]).

@@ -36,45 +36,6 @@ impl Dtype {
     }
 }
 
-/// Errors raised while finding, fetching or reading a model's files.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    /// A model file is missing, unreadable or malformed.
-    #[error("model file {path}: {message}")]
-    ModelFile {
-        /// The file in question.
-        path: String,
-        /// What went wrong and what to do.
-        message: String,
-    },
-    /// The Hub could not deliver a file.
-    #[error("could not fetch {file} from the Hugging Face Hub repo {repo}: {message}")]
-    Hub {
-        /// Repo id.
-        repo: String,
-        /// File inside the repo.
-        file: String,
-        /// What went wrong and what to do.
-        message: String,
-    },
-    /// The model is of a kind this build cannot run.
-    #[error("{0}")]
-    Unsupported(String),
-    /// A name or argument is not valid (neither a folder nor a repo id, ...).
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// A tensor operation failed.
-    #[error("tensor error: {0}")]
-    Candle(#[from] candle_core::Error),
-}
-
-impl From<ModelError> for LoadError {
-    fn from(e: ModelError) -> Self {
-        match e {
-            ModelError::ModelFile { path, message } => LoadError::ModelFile { path, message },
-            ModelError::Unsupported(m) => LoadError::Unsupported(m),
-            ModelError::InvalidArgument(m) => LoadError::InvalidArgument(m),
-            ModelError::Candle(e) => LoadError::Candle(e),
-        }
-    }
-}
+/// Errors raised while finding, fetching or reading a model's files: the model stack's one
+/// error type ([`ModelError`]), whose `Hub` variant is this layer's.
+pub type LoadError = ModelError;

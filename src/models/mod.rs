@@ -13,7 +13,9 @@ pub mod t5;
 pub mod unet;
 pub mod vae;
 
-/// Errors raised while configuring or running a network.
+/// Errors raised while configuring, loading or running a network. The layers above that load
+/// and drive networks report the same kinds of failure and use this type under their own names
+/// (`loading::LoadError`, `schedulers::SchedulerError`, `pipelines::PipelineError`).
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// A model file (a `config.json`, a tokenizer file, a weights file) is missing, unreadable
@@ -22,6 +24,16 @@ pub enum ModelError {
     ModelFile {
         /// The file in question (or `component/config.json` as the pipeline names it).
         path: String,
+        /// What went wrong and what to do.
+        message: String,
+    },
+    /// The Hugging Face Hub could not deliver a file.
+    #[error("could not fetch {file} from the Hugging Face Hub repo {repo}: {message}")]
+    Hub {
+        /// Repo id.
+        repo: String,
+        /// File inside the repo.
+        file: String,
         /// What went wrong and what to do.
         message: String,
     },

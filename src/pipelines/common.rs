@@ -22,7 +22,7 @@ pub type SchedulerFactory = Box<dyn Fn(usize) -> Result<Box<dyn Scheduler>, Pipe
 /// The scheduler factory for a `scheduler_config.json` on disk.
 pub fn scheduler_from_file(path: &std::path::Path) -> Result<SchedulerFactory, PipelineError> {
     let config = SchedulerConfig::from_file(path)?;
-    Ok(Box::new(move |steps| Ok(config.build(steps)?)))
+    Ok(Box::new(move |steps| config.build(steps)))
 }
 
 /// Stacks a batch of initial noises, each of `shape` (batch dimension 1), into one float32
@@ -107,12 +107,12 @@ pub fn weights_error(
 pub fn clip_tokenizer(source: &ModelSource, folder: &str) -> Result<ClipTokenizer, PipelineError> {
     let config = optional_file(source, &format!("{folder}/tokenizer_config.json"))?;
     let special = optional_file(source, &format!("{folder}/special_tokens_map.json"))?;
-    Ok(ClipTokenizer::from_files(
+    ClipTokenizer::from_files(
         &source.file(&format!("{folder}/vocab.json"))?,
         &source.file(&format!("{folder}/merges.txt"))?,
         config.as_deref(),
         special.as_deref(),
-    )?)
+    )
 }
 
 /// A CLIP text encoder's `folder/config.json` (transformers' `CLIPTextConfig`).
@@ -121,7 +121,7 @@ pub fn clip_text_config(
     folder: &str,
 ) -> Result<ClipTextConfig, PipelineError> {
     let file = format!("{folder}/config.json");
-    Ok(parse_config(&source.read_json(&file)?, &file)?)
+    parse_config(&source.read_json(&file)?, &file)
 }
 
 /// A model's `vae/config.json` (already read as `value`), checked against what the decoder

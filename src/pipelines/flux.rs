@@ -450,7 +450,7 @@ impl FluxPipeline {
 
     /// CLIP ids of `prompt` (padded/truncated to 77).
     pub fn clip_ids(&self, prompt: &str) -> Result<Vec<u32>, PipelineError> {
-        Ok(self.clip_tokenizer.encode(prompt)?)
+        self.clip_tokenizer.encode(prompt)
     }
 
     /// T5 ids of `prompt`, truncated (keeping `</s>`) and padded to `max_len` as diffusers'

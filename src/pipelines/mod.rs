@@ -16,87 +16,15 @@ use image::RgbImage;
 
 use crate::config::Config;
 pub use crate::config::PipelineCallArgs as CallArgs;
-use crate::loading::{parse_config, LoadError, ModelSource};
+use crate::loading::{parse_config, ModelSource};
 use crate::models::ModelError;
 use crate::noise::Noise;
-use crate::schedulers::SchedulerError;
 use sd15::Sd15Pipeline;
 
-/// Errors raised while loading or running a pipeline.
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
-    /// A model file is missing, unreadable or malformed.
-    #[error("model file {path}: {message}")]
-    ModelFile {
-        /// The file in question.
-        path: String,
-        /// What went wrong and what to do.
-        message: String,
-    },
-    /// The Hub could not deliver a file.
-    #[error("could not fetch {file} from the Hugging Face Hub repo {repo}: {message}")]
-    Hub {
-        /// Repo id.
-        repo: String,
-        /// File inside the repo.
-        file: String,
-        /// What went wrong and what to do.
-        message: String,
-    },
-    /// The model (or its scheduler) is of a kind this build cannot run.
-    #[error("{0}")]
-    Unsupported(String),
-    /// A call argument is not valid for this model.
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// A tensor operation failed.
-    #[error("tensor error: {0}")]
-    Candle(#[from] candle_core::Error),
-}
-
-impl From<ModelError> for PipelineError {
-    fn from(e: ModelError) -> Self {
-        match e {
-            ModelError::ModelFile { path, message } => PipelineError::ModelFile { path, message },
-            ModelError::Unsupported(m) => PipelineError::Unsupported(m),
-            ModelError::InvalidArgument(m) => PipelineError::InvalidArgument(m),
-            ModelError::Candle(e) => PipelineError::Candle(e),
-        }
-    }
-}
-
-impl From<LoadError> for PipelineError {
-    fn from(e: LoadError) -> Self {
-        match e {
-            LoadError::ModelFile { path, message } => PipelineError::ModelFile { path, message },
-            LoadError::Hub {
-                repo,
-                file,
-                message,
-            } => PipelineError::Hub {
-                repo,
-                file,
-                message,
-            },
-            LoadError::Unsupported(m) => PipelineError::Unsupported(m),
-            LoadError::InvalidArgument(m) => PipelineError::InvalidArgument(m),
-            LoadError::Candle(e) => PipelineError::Candle(e),
-        }
-    }
-}
-
-impl From<SchedulerError> for PipelineError {
-    fn from(e: SchedulerError) -> Self {
-        match e {
-            SchedulerError::ModelFile { path, message } => {
-                PipelineError::ModelFile { path, message }
-            }
-            SchedulerError::Unsupported(m) => PipelineError::Unsupported(m),
-            SchedulerError::InvalidArgument(m) => PipelineError::InvalidArgument(m),
-            SchedulerError::Candle(e) => PipelineError::Candle(e),
-        }
-    }
-}
+/// Errors raised while loading or running a pipeline: the model stack's one error type
+/// ([`ModelError`]; a file, a Hub fetch, an unsupported model, an invalid argument, a tensor
+/// error).
+pub type PipelineError = ModelError;
 
 /// The keys of a diffusers `model_index.json` the pipelines read.
 #[derive(Clone, Debug, Default, serde::Deserialize)]

@@ -168,7 +168,7 @@ impl Sd15Pipeline {
 
     /// CLIP token ids of `prompt`, padded/truncated to `model_max_length` (77).
     pub fn tokenize(&self, prompt: &str) -> Result<Vec<u32>, PipelineError> {
-        Ok(self.tokenizer.encode(prompt)?)
+        self.tokenizer.encode(prompt)
     }
 
     /// Text-encoder hidden states of token ids (1, T) → (1, T, hidden_size), in the model dtype.

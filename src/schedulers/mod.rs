@@ -37,48 +37,8 @@ pub use euler_discrete::EulerDiscreteScheduler;
 pub use flow_match_euler::{FlowMatchConfig, FlowMatchEulerScheduler};
 pub use pndm::PndmScheduler;
 
-use crate::loading::LoadError;
-
-/// Errors raised while configuring or stepping a scheduler.
-#[derive(Debug, thiserror::Error)]
-pub enum SchedulerError {
-    /// The scheduler config file is missing, unreadable or malformed.
-    #[error("model file {path}: {message}")]
-    ModelFile {
-        /// The file in question.
-        path: String,
-        /// What went wrong and what to do.
-        message: String,
-    },
-    /// The scheduler class or one of its options is not implemented.
-    #[error("{0}")]
-    Unsupported(String),
-    /// A step count or argument is not valid for this scheduler.
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// A tensor operation failed.
-    #[error("tensor error: {0}")]
-    Candle(#[from] candle_core::Error),
-}
-
-impl From<LoadError> for SchedulerError {
-    fn from(e: LoadError) -> Self {
-        match e {
-            LoadError::ModelFile { path, message } => SchedulerError::ModelFile { path, message },
-            LoadError::Hub {
-                repo,
-                file,
-                message,
-            } => SchedulerError::ModelFile {
-                path: format!("{repo}/{file}"),
-                message,
-            },
-            LoadError::Unsupported(m) => SchedulerError::Unsupported(m),
-            LoadError::InvalidArgument(m) => SchedulerError::InvalidArgument(m),
-            LoadError::Candle(e) => SchedulerError::Candle(e),
-        }
-    }
-}
+/// Errors raised while configuring or stepping a scheduler: the model stack's one error type.
+pub type SchedulerError = crate::models::ModelError;
 
 /// One denoising schedule, set up for a given number of inference steps
 /// (diffusers' scheduler after `set_timesteps`).
