@@ -15,7 +15,7 @@
 //!  schedulers                 diffusers' schedulers
 //!  prompts                    prompt files and the Hub dataset
 //!  loading                    Hub / local files, weights mmap, the typed JSON-config reader
-//!  models                     the networks and their serde-derived configs
+//!  models                     the networks, their serde-derived configs, ModelError
 //!  ops                        fused kernels (CUDA, cuDNN) and their CPU references
 //!  noise, device              torch-exact seeded noise; the one device parser
 //! ```
