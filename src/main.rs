@@ -7,6 +7,22 @@ use tracing_subscriber::EnvFilter;
 use tt_scale::cli::{BenchArgs, Cli, Command, DeviceArg, NumPromptsArg};
 use tt_scale::run::{self, RunOptions};
 
+/// `println!` that never panics: a closed stdout (`tt-scale ... | head -1`) drops the text.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that never panics: a closed stderr drops the text, the run goes on.
+macro_rules! say_err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
@@ -47,11 +63,11 @@ fn main() -> ExitCode {
             };
             match run::run(&opts) {
                 Ok(summary) => {
-                    eprintln!("{summary}");
+                    say_err!("{summary}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    say_err!("error: {e}");
                     ExitCode::from(e.exit_code() as u8)
                 }
             }
@@ -60,12 +76,12 @@ fn main() -> ExitCode {
         Command::Collage(a) => match run::collage(&a.path) {
             Ok(paths) => {
                 for p in paths {
-                    println!("{}", p.display());
+                    say!("{}", p.display());
                 }
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                say_err!("error: {e}");
                 ExitCode::from(1)
             }
         },
@@ -80,7 +96,7 @@ fn bench(a: BenchArgs) -> ExitCode {
     }) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("error: {e}");
+            say_err!("error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -101,7 +117,7 @@ fn bench(a: BenchArgs) -> ExitCode {
         match tt_scale::bench::run_model(model, &opts) {
             Ok(r) => reports.extend(r),
             Err(e) => {
-                eprintln!("error: bench {model}: {e}");
+                say_err!("error: bench {model}: {e}");
                 // A name or size the benchmark cannot take is a usage error.
                 let usage = matches!(e, tt_scale::pipelines::PipelineError::InvalidArgument(_));
                 return ExitCode::from(if usage { 2 } else { 1 });
@@ -110,18 +126,28 @@ fn bench(a: BenchArgs) -> ExitCode {
     }
     if let Some(path) = &a.json {
         if let Err(e) = tt_scale::output::write_json(path, &reports) {
-            eprintln!("error: {e}");
+            say_err!("error: {e}");
             return ExitCode::from(1);
         }
     }
-    println!(
+    say!(
         "{:<48} {:>11} {:>11} {:>11} {:>6} {:>14}",
-        "benchmark", "median ms", "min ms", "max ms", "iters", "parameters"
+        "benchmark",
+        "median ms",
+        "min ms",
+        "max ms",
+        "iters",
+        "parameters"
     );
     for r in &reports {
-        println!(
+        say!(
             "{:<48} {:>11.2} {:>11.2} {:>11.2} {:>6} {:>14}",
-            r.name, r.median_ms, r.min_ms, r.max_ms, r.iters, r.parameters
+            r.name,
+            r.median_ms,
+            r.min_ms,
+            r.max_ms,
+            r.iters,
+            r.parameters
         );
         let rate = match (r.tflop_s, r.gb_s) {
             (Some(t), _) => format!("{} TFLOP/s; ", three_digits(t)),
@@ -129,7 +155,7 @@ fn bench(a: BenchArgs) -> ExitCode {
             (None, None) => String::new(),
         };
         if !r.details.is_empty() || !rate.is_empty() {
-            println!("    {rate}{}", r.details);
+            say!("    {rate}{}", r.details);
         }
     }
     ExitCode::SUCCESS

@@ -4,6 +4,7 @@
 //! Everything that can be checked is checked before a model loads or an output folder is made:
 //! the config, the verifier's key, the prompts, the device.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -70,13 +71,27 @@ pub enum RunError {
     /// The device is not available.
     #[error("{0}")]
     Device(String),
+    /// The verifier cannot grade any image (a rejected key, an unknown model, a refused
+    /// request, an exhausted quota); the run stopped with its files consistent.
+    #[error(
+        "the verifier cannot grade any image, so the run stopped (the rounds completed so far are in {}): {message}",
+        run_dir.display()
+    )]
+    FatalVerifier {
+        /// The API's message and what to do.
+        message: String,
+        /// The run folder.
+        run_dir: PathBuf,
+    },
 }
 
 impl RunError {
-    /// The process exit code: 2 for mistakes in the flags or the config, 1 otherwise.
+    /// The process exit code: 2 for mistakes in the flags or the config, 3 when the verifier
+    /// cannot grade any image, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             RunError::Usage(_) | RunError::Config(_) => 2,
+            RunError::FatalVerifier { .. } | RunError::Search(SearchError::FatalVerifier(_)) => 3,
             _ => 1,
         }
     }
@@ -192,7 +207,9 @@ pub fn run_with(
         &run_dir.join("config.json"),
         &run_record(config, opts, master_seed),
     )?;
-    eprintln!(
+    // A closed stderr must not stop the run (`let _`: the text is dropped, never a panic).
+    let _ = writeln!(
+        std::io::stderr(),
         "tt-scale: master seed {master_seed}, writing to {}",
         run_dir.display()
     );
@@ -205,11 +222,24 @@ pub fn run_with(
         master_seed,
         noise_kernel: config.noise_kernel,
         overlap: !opts.low_vram,
+        probe_first_batch: true,
     };
     let mut writer = OutputWriter::new(run_dir.clone(), &settings, prompts.len());
-    for prompt in prompts {
+    for (i, prompt) in prompts.iter().enumerate() {
+        let settings = SearchSettings {
+            probe_first_batch: i == 0,
+            ..settings.clone()
+        };
         writer.start_prompt(prompt);
-        search::search_prompt(prompt, pipeline, verifier, &settings, &mut writer)?;
+        let searched = search::search_prompt(prompt, pipeline, verifier, &settings, &mut writer);
+        if let Err(SearchError::FatalVerifier(message)) = &searched {
+            writer.finish();
+            return Err(RunError::FatalVerifier {
+                message: message.clone(),
+                run_dir,
+            });
+        }
+        searched?;
         writer.finish_prompt(prompt);
     }
     writer.finish();

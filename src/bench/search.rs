@@ -197,6 +197,7 @@ fn time_search(
             master_seed: 0,
             noise_kernel: NoiseKernel::default(),
             overlap,
+            probe_first_batch: false,
         };
         let mut totals = Totals::default();
         let start = Instant::now();

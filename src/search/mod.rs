@@ -7,6 +7,7 @@
 pub mod neighbors;
 pub mod seeds;
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use image::RgbImage;
@@ -171,6 +172,11 @@ pub enum SearchError {
     /// The observer could not take a round (e.g. its files could not be written).
     #[error("{0}")]
     Observer(ObserverError),
+    /// The verifier cannot grade any image (a rejected key, an unknown model, a refused
+    /// request, an exhausted quota): the search stopped; the rounds complete so far were
+    /// reported.
+    #[error("the verifier cannot grade any image, so the run stopped: {0}")]
+    FatalVerifier(String),
     /// The pipeline broke its contract.
     #[error("the pipeline returned {got} images for {expected} noises")]
     ImageCount {
@@ -200,6 +206,9 @@ pub struct SearchSettings {
     /// round start while the last batches are graded). Off under `--low-vram`, where a local
     /// verifier must not share the GPU with the denoiser.
     pub overlap: bool,
+    /// Grade the first batch before generating the next one, even with `overlap`: for the
+    /// run's first prompt, so that a rejected key or an unknown model costs one batch.
+    pub probe_first_batch: bool,
 }
 
 /// Index of the best graded candidate: highest score, ties to the earliest.
@@ -232,12 +241,15 @@ pub fn search_prompt(
     pipeline.set_prompt(prompt)?;
     let shape = pipeline.noise_shape();
     let mut stream = SeedStream::new(settings.master_seed, prompt);
+    let fatal = OnceLock::new();
     std::thread::scope(|scope| {
         let mut queue = RoundQueue {
             scope,
             verifier,
             prompt,
             overlap: settings.overlap,
+            probe: settings.probe_first_batch,
+            fatal: &fatal,
             pending: std::collections::VecDeque::new(),
         };
         match settings.method {
@@ -266,7 +278,8 @@ pub fn search_prompt(
                 }
                 queue.drain(observer, &mut |r, o| {
                     finish_random_round(prompt, settings, r, o)
-                })
+                })?;
+                queue.check_fatal()
             }
             SearchMethod::ZeroOrder {
                 threshold,
@@ -336,6 +349,7 @@ pub fn search_prompt(
                         verification_s: graded.verification_s,
                     };
                     observer.round_finished(prompt, &result)?;
+                    queue.check_fatal()?;
                 }
                 Ok(())
             }
@@ -392,10 +406,19 @@ struct RoundQueue<'scope, 'env> {
     verifier: &'env dyn Verifier,
     prompt: &'env str,
     overlap: bool,
+    /// The next batch is graded before another is generated (see `probe_first_batch`).
+    probe: bool,
+    /// The first failure that no further request can avoid, set by the grading threads.
+    fatal: &'env OnceLock<String>,
     pending: std::collections::VecDeque<PendingRound<'scope>>,
 }
 
-fn grade(verifier: &dyn Verifier, prompt: &str, images: Vec<RgbImage>) -> BatchResult {
+fn grade(
+    verifier: &dyn Verifier,
+    prompt: &str,
+    images: Vec<RgbImage>,
+    fatal: &OnceLock<String>,
+) -> BatchResult {
     let t = Instant::now();
     let inputs: Vec<VerifierInput<'_>> = images
         .iter()
@@ -409,9 +432,17 @@ fn grade(verifier: &dyn Verifier, prompt: &str, images: Vec<RgbImage>) -> BatchR
         Err(ScoreFailure {
             message: "the verifier returned no result for this image".into(),
             attempts: 0,
+            fatal: false,
         })
     });
     gradings.truncate(images.len());
+    if let Some(f) = gradings
+        .iter()
+        .find_map(|g| g.as_ref().err().filter(|f| f.fatal))
+    {
+        // The first fatal failure wins; later ones say the same.
+        let _ = fatal.set(f.message.clone());
+    }
     BatchResult {
         images,
         gradings,
@@ -442,6 +473,15 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
             generation_s: 0.0,
         });
         for batch in noises.chunks(settings.batch_size.max(1)) {
+            if let Some(message) = self.fatal.get() {
+                // No more images: report the rounds before this one (complete), not this one.
+                if let Some(f) = finish.as_deref_mut() {
+                    let current = self.pending.pop_back();
+                    self.report_ready(observer, f, true)?;
+                    drop(current);
+                }
+                return Err(SearchError::FatalVerifier(message.clone()));
+            }
             let t = Instant::now();
             let images = pipeline.generate(batch)?;
             // Generation only: without overlap, grading below runs on this thread.
@@ -453,11 +493,15 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
                 });
             }
             observer.images_generated(images.len());
-            let (verifier, prompt) = (self.verifier, self.prompt);
-            let graded = if self.overlap {
-                Batch::Grading(self.scope.spawn(move || grade(verifier, prompt, images)))
+            let (verifier, prompt, fatal) = (self.verifier, self.prompt, self.fatal);
+            let graded = if self.overlap && !self.probe {
+                Batch::Grading(
+                    self.scope
+                        .spawn(move || grade(verifier, prompt, images, fatal)),
+                )
             } else {
-                Batch::Done(grade(verifier, prompt, images))
+                self.probe = false;
+                Batch::Done(grade(verifier, prompt, images, fatal))
             };
             if let Some(p) = self.pending.back_mut() {
                 p.generation_s += generation_s;
@@ -497,6 +541,14 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
             observer.round_finished(self.prompt, &finish(round, graded))?;
         }
         Ok(())
+    }
+
+    /// The verifier's fatal failure, if a grading met one.
+    fn check_fatal(&self) -> Result<(), SearchError> {
+        match self.fatal.get() {
+            Some(message) => Err(SearchError::FatalVerifier(message.clone())),
+            None => Ok(()),
+        }
     }
 
     /// Waits for and reports every queued round.
@@ -688,6 +740,7 @@ mod tests {
             master_seed: 11,
             noise_kernel: NoiseKernel::Portable,
             overlap,
+            probe_first_batch: false,
         };
         let mut rec = Recorder::default();
         search_prompt("p", &mut pipeline, &verifier, &settings, &mut rec).unwrap();

@@ -104,7 +104,11 @@ enum Outcome {
         message: String,
         retry_after: Option<Duration>,
     },
-    Fatal(String),
+    /// Not retried: this image fails. `run` when no other request can succeed either.
+    Fatal {
+        message: String,
+        run: bool,
+    },
 }
 
 #[derive(Default)]
@@ -267,7 +271,11 @@ impl<P: Protocol> Drop for Engine<P> {
 }
 
 fn failure(message: String, attempts: u32) -> ScoreFailure {
-    ScoreFailure { message, attempts }
+    ScoreFailure {
+        message,
+        attempts,
+        fatal: false,
+    }
 }
 
 /// Runs `future` to completion on `runtime`, from a helper thread when the caller is itself
@@ -363,7 +371,12 @@ impl<P: Protocol> Task<P> {
                     tracing::warn!("{api}: {message}; retrying in {:.2} s", wait.as_secs_f64());
                     tokio::time::sleep(wait).await;
                 }
-                Outcome::Fatal(message) => return Err(failure(self.scrub(message), attempts)),
+                Outcome::Fatal { message, run } => {
+                    return Err(ScoreFailure {
+                        fatal: run,
+                        ..failure(self.scrub(message), attempts)
+                    })
+                }
             }
         }
     }
@@ -395,7 +408,15 @@ async fn attempt<P: Protocol>(
         };
     }
     let detail = error_detail(&body);
-    if status == StatusCode::TOO_MANY_REQUESTS {
+    if status == StatusCode::TOO_MANY_REQUESTS && is_quota_exhausted(&body) {
+        Outcome::Fatal {
+            message: format!(
+                "HTTP {status} from the {api}: the quota is used up{detail}; raise the quota or \
+                 wait for it to reset, then resume"
+            ),
+            run: true,
+        }
+    } else if status == StatusCode::TOO_MANY_REQUESTS {
         Outcome::Retry {
             message: format!(
                 "HTTP {status} from the {api} (rate limited{detail}); lower \
@@ -409,10 +430,13 @@ async fn attempt<P: Protocol>(
             retry_after,
         }
     } else {
-        Outcome::Fatal(format!(
-            "HTTP {status} from the {api}{detail}; {}",
-            protocol.advice(status)
-        ))
+        Outcome::Fatal {
+            message: format!(
+                "HTTP {status} from the {api}{detail}; {}",
+                protocol.advice(status)
+            ),
+            run: is_fatal_for_the_run(status),
+        }
     }
 }
 
@@ -420,10 +444,10 @@ async fn attempt<P: Protocol>(
 /// retried, a request that cannot even be built is not.
 fn transport_outcome(api: &str, timeout: Duration, error: &reqwest::Error) -> Outcome {
     if error.is_builder() {
-        return Outcome::Fatal(format!(
-            "cannot build the request to the {api}: {}",
-            chain(error)
-        ));
+        return Outcome::Fatal {
+            message: format!("cannot build the request to the {api}: {}", chain(error)),
+            run: true,
+        };
     }
     let message = if error.is_timeout() {
         format!(
@@ -442,6 +466,30 @@ fn transport_outcome(api: &str, timeout: Duration, error: &reqwest::Error) -> Ou
         message,
         retry_after: None,
     }
+}
+
+/// Whether a non-retried status means no other request can succeed: a rejected key (401, 403),
+/// an unknown model or endpoint (404), a request whose form the API refuses (400).
+pub fn is_fatal_for_the_run(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_REQUEST
+            | StatusCode::UNAUTHORIZED
+            | StatusCode::FORBIDDEN
+            | StatusCode::NOT_FOUND
+    )
+}
+
+/// Whether a 429 body says the quota is used up (OpenAI's `insufficient_quota`, Gemini's daily
+/// quota), not that requests come too fast: waiting seconds will not help.
+pub fn is_quota_exhausted(body: &str) -> bool {
+    let lower = body.to_ascii_lowercase();
+    lower.contains("insufficient_quota")
+        || (lower.contains("quota")
+            && (lower.contains("per day")
+                || lower.contains("perday")
+                || lower.contains("daily")
+                || lower.contains("exceeded your current quota")))
 }
 
 /// An error and its sources, joined by ": ".

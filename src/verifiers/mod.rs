@@ -41,6 +41,10 @@ pub struct ScoreFailure {
     pub message: String,
     /// How many requests were made.
     pub attempts: u32,
+    /// Whether no further request can succeed either: the API rejected the key (401, 403),
+    /// does not know the model (404), refuses the request's form (400) or the quota is used up
+    /// (429 with a quota body). The run stops instead of grading more images.
+    pub fatal: bool,
 }
 
 /// One item to grade.

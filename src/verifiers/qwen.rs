@@ -228,6 +228,7 @@ impl QwenVerifier {
         let fail = |message: String| ScoreFailure {
             message,
             attempts: 1,
+            fatal: false,
         };
         let mut state = match self.state.lock() {
             Ok(s) => s,
@@ -541,6 +542,7 @@ impl Verifier for QwenVerifier {
                     parse_grading(&reply.text).map_err(|e| ScoreFailure {
                         message: format!("the Qwen reply is not a valid grading: {e}"),
                         attempts: 1,
+                        fatal: false,
                     })
                 })
             })

@@ -390,7 +390,8 @@ fn random_search_with_openai_writes_the_same_tree() {
 
 #[test]
 fn a_verifier_that_always_fails_is_recorded_and_the_run_completes() {
-    let (base_url, server) = FakeGemini::start(Behaviour::always(Reply::status(400)));
+    // A transient failure (503), retried until verifier_args.max_attempts, then recorded.
+    let (base_url, server) = FakeGemini::start(Behaviour::always(Reply::status(503)));
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(
         "gemini",
@@ -443,8 +444,69 @@ fn a_verifier_that_always_fails_is_recorded_and_the_run_completes() {
         assert_eq!(d["best_noise_seed"], Value::Null);
         assert_eq!(d["all_failed"], true);
         for c in d["candidates"].as_array().unwrap() {
-            assert!(c["error"].as_str().unwrap().contains("400"), "{c}");
+            assert!(c["error"].as_str().unwrap().contains("503"), "{c}");
             assert!(!c["error"].as_str().unwrap().contains("secret-key-xyz"));
         }
     }
+}
+
+#[test]
+fn a_rejected_key_stops_the_run_after_one_batch_with_exit_code_3() {
+    let reply = Reply::Status {
+        code: 401,
+        retry_after: None,
+        message: Some("API key not valid. Please pass a valid API key.".into()),
+    };
+    let (base_url, server) = FakeGemini::start(Behaviour::always(reply));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        "gemini",
+        serde_json::json!({"search_method": "random", "search_rounds": 3}),
+    );
+    let env = [
+        ("GEMINI_API_KEY", "secret-key-xyz"),
+        ("GEMINI_BASE_URL", base_url.as_str()),
+    ];
+    std::fs::write(dir.path().join("c.json"), &cfg).unwrap();
+    let started = std::time::Instant::now();
+    let o = tt_scale(
+        dir.path(),
+        &[
+            "run",
+            "--pipeline-config",
+            "c.json",
+            "--prompt",
+            PROMPT,
+            "--seed",
+            "1",
+            "--output-dir",
+            "out",
+            "--device",
+            "cpu",
+        ],
+        &env,
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{stderr}");
+    assert!(started.elapsed().as_secs() < 60, "{stderr}");
+    assert!(stderr.contains("API key not valid"), "{stderr}");
+    assert!(
+        stderr.contains("GEMINI_API_KEY"),
+        "says what to do: {stderr}"
+    );
+    assert!(!stderr.contains("secret-key-xyz"));
+    // One batch (batch size 1: one image) was graded; nothing more was generated or asked.
+    assert_eq!(server.request_count(), 1, "{stderr}");
+    // The incomplete round wrote no file; the run folder holds only its config.
+    let run = std::fs::read_dir(dir.path().join("out/tiny-sd15/gemini/overall_score"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(
+        files(&run).into_iter().collect::<Vec<_>>(),
+        ["config.json"],
+        "{stderr}"
+    );
 }

@@ -678,3 +678,85 @@ fn verifier_can_be_used_and_dropped_inside_an_async_runtime() {
     });
     assert_eq!(overall(&results[1]), pixel_score(&imgs[1]));
 }
+
+// ---------------------------------------------------------------- fatal for the run vs transient
+
+fn status_with(code: u16, message: &str) -> Reply {
+    Reply::Status {
+        code,
+        retry_after: None,
+        message: Some(message.to_string()),
+    }
+}
+
+#[test]
+fn rejected_keys_unknown_models_and_refused_requests_are_fatal_for_the_run() {
+    for code in [400, 401, 403, 404] {
+        let (gemini, server) = gemini(&args("gemini"), Behaviour::always(Reply::status(code)));
+        let f = gemini.score(&inputs(&images(1))).remove(0).unwrap_err();
+        assert!(f.fatal, "HTTP {code}: {}", f.message);
+        assert_eq!(f.attempts, 1, "HTTP {code} is not retried");
+        assert_eq!(server.request_count(), 1);
+        let (openai, _o) = openai(&args("openai"), Behaviour::always(Reply::status(code)));
+        let f = openai.score(&inputs(&images(1))).remove(0).unwrap_err();
+        assert!(f.fatal, "OpenAI HTTP {code}: {}", f.message);
+    }
+}
+
+#[test]
+fn an_exhausted_quota_is_fatal_but_a_rate_limit_is_retried() {
+    let quota = status_with(
+        429,
+        "You exceeded your current quota, please check your plan",
+    );
+    let (openai, server) = openai(&args("openai"), Behaviour::always(quota));
+    let f = openai.score(&inputs(&images(1))).remove(0).unwrap_err();
+    assert!(f.fatal, "{}", f.message);
+    assert!(f.message.contains("quota"), "{}", f.message);
+    assert_eq!(server.request_count(), 1);
+
+    let daily = status_with(
+        429,
+        "Quota exceeded for metric: GenerateRequestsPerDayPerProject",
+    );
+    let (daily_verifier, _g) = gemini(&args("gemini"), Behaviour::always(daily));
+    assert!(
+        daily_verifier
+            .score(&inputs(&images(1)))
+            .remove(0)
+            .unwrap_err()
+            .fatal
+    );
+
+    let rate = status_with(429, "Resource has been exhausted (e.g. check quota).");
+    let (rate_verifier, server) = gemini(&args("gemini"), Behaviour::always(rate));
+    let f = rate_verifier
+        .score(&inputs(&images(1)))
+        .remove(0)
+        .unwrap_err();
+    assert!(!f.fatal, "{}", f.message);
+    assert!(server.request_count() > 1, "a rate limit is retried");
+}
+
+#[test]
+fn server_errors_and_invalid_replies_stay_per_image_failures() {
+    let (gemini, _g) = gemini(&args("gemini"), Behaviour::always(Reply::status(503)));
+    assert!(
+        !gemini
+            .score(&inputs(&images(1)))
+            .remove(0)
+            .unwrap_err()
+            .fatal
+    );
+    let (openai, _o) = openai(
+        &args("openai"),
+        Behaviour::always(Reply::Text("not json".into())),
+    );
+    assert!(
+        !openai
+            .score(&inputs(&images(1)))
+            .remove(0)
+            .unwrap_err()
+            .fatal
+    );
+}
