@@ -88,8 +88,9 @@ impl GeminiVerifier {
         }
         let protocol = GeminiProtocol {
             url: format!(
-                "{}/v1beta/models/{model}:generateContent",
-                base_url.trim_end_matches('/')
+                "{}/v1beta/models/{}:generateContent",
+                base_url.trim_end_matches('/'),
+                super::http::path_segment(model)
             ),
             key: key.clone(),
             system_instruction: json!({ "parts": [{ "text": rubric }] }),

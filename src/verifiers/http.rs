@@ -183,6 +183,7 @@ impl<P: Protocol> Engine<P> {
             .build()
             .map_err(|e| client_error(e.to_string()))?;
         let client = reqwest::Client::builder()
+            .redirect(same_origin_redirects())
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout.min(Duration::from_secs(30)))
             .build()
@@ -443,6 +444,12 @@ async fn attempt<P: Protocol>(
 /// A transport error (no HTTP status) as an outcome: timeouts and connection problems are
 /// retried, a request that cannot even be built is not.
 fn transport_outcome(api: &str, timeout: Duration, error: &reqwest::Error) -> Outcome {
+    if error.is_redirect() {
+        return Outcome::Fatal {
+            message: format!("the {api} redirected: {}", chain(error)),
+            run: true,
+        };
+    }
     if error.is_builder() {
         return Outcome::Fatal {
             message: format!("cannot build the request to the {api}: {}", chain(error)),
@@ -466,6 +473,38 @@ fn transport_outcome(api: &str, timeout: Duration, error: &reqwest::Error) -> Ou
         message,
         retry_after: None,
     }
+}
+
+/// A config value (e.g. `verifier_args.model_name`) made safe as one URL path segment: every
+/// byte but the unreserved `A-Z a-z 0-9 - . _ ~` is percent-encoded, so `/`, `?`, `#` cannot
+/// change where a request goes.
+pub fn path_segment(value: &str) -> String {
+    const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(value, RESERVED).to_string()
+}
+
+/// Follows redirects (at most 5) within the configured origin only: a redirect to another
+/// scheme, host or port is refused, so the credential headers (`x-goog-api-key`,
+/// `Authorization`) are never sent anywhere but the configured base URL.
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let first = attempt.previous().first().map(|u| u.origin());
+        if first.is_some_and(|origin| origin != attempt.url().origin()) {
+            let to = attempt.url().origin().ascii_serialization();
+            attempt.error(format!(
+                "refused a redirect to another origin ({to}); the API key is only sent to the \
+                 configured base URL: set verifier_args.base_url to the server's real address"
+            ))
+        } else if attempt.previous().len() > 5 {
+            attempt.error("more than 5 redirects")
+        } else {
+            attempt.follow()
+        }
+    })
 }
 
 /// Whether a non-retried status means no other request can succeed: a rejected key (401, 403),

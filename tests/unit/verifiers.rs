@@ -760,3 +760,69 @@ fn server_errors_and_invalid_replies_stay_per_image_failures() {
             .fatal
     );
 }
+
+// ---------------------------------------------------------------- credentials stay at home
+
+/// A server on loopback that answers every request with `307` to `target` + the same path,
+/// as a proxy or a compromised endpoint might. Stops when the sender is dropped.
+fn start_redirector(target: String) -> (String, tokio::sync::oneshot::Sender<()>) {
+    use axum::http::{header::LOCATION, StatusCode, Uri};
+    use axum::response::IntoResponse;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let app = axum::Router::new().fallback(move |uri: Uri| {
+                let to = format!("{target}{uri}");
+                async move { (StatusCode::TEMPORARY_REDIRECT, [(LOCATION, to)]).into_response() }
+            });
+            tokio::select! {
+                _ = std::future::IntoFuture::into_future(axum::serve(listener, app)) => {}
+                _ = rx => {}
+            }
+        });
+    });
+    (format!("http://{address}"), tx)
+}
+
+#[test]
+fn a_redirect_to_another_origin_never_receives_the_key_and_stops_the_run() {
+    let (target, server) = FakeGemini::start(Behaviour::good());
+    let (redirector, _stop) = start_redirector(target);
+    let key = ApiKey::new(GEMINI_KEY).unwrap();
+    let args = args("gemini");
+    let verifier = GeminiVerifier::new(&args, &redirector, key, RetryPolicy::fast(3)).unwrap();
+    let f = verifier.score(&inputs(&images(1))).remove(0).unwrap_err();
+    assert_eq!(server.request_count(), 0, "the other origin was reached");
+    assert!(f.fatal, "{}", f.message);
+    assert!(f.message.contains("another origin"), "{}", f.message);
+    assert!(!f.message.contains(GEMINI_KEY));
+}
+
+#[test]
+fn model_names_are_percent_encoded_into_one_path_segment() {
+    let (url, server) = FakeGemini::start(Behaviour::good());
+    let mut args = args("gemini");
+    args.model_name = Some("../../evil?x=1#".into());
+    let key = ApiKey::new(GEMINI_KEY).unwrap();
+    let verifier = GeminiVerifier::new(&args, &url, key, RetryPolicy::fast(1)).unwrap();
+    let _ = verifier.score(&inputs(&images(1)));
+    let requests = server.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(
+        requests[0].path,
+        "/v1beta/models/..%2F..%2Fevil%3Fx%3D1%23:generateContent"
+    );
+    assert_eq!(requests[0].query, None);
+    assert_eq!(
+        tt_scale::verifiers::http::path_segment("gemini-2.0-flash_x~1"),
+        "gemini-2.0-flash_x~1"
+    );
+}
