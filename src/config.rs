@@ -71,6 +71,13 @@ const KNOWN_MODELS: [(&str, &str, usize); 5] = [
     ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd-v1.5", 8),
 ];
 
+/// The most denoising steps a config may ask for: diffusers' schedulers train on 1000
+/// timesteps, and a pipeline refuses more steps than its scheduler's `num_train_timesteps`.
+pub const MAX_INFERENCE_STEPS: u64 = 1000;
+
+/// The largest config file read (a config is a few hundred bytes).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// The verifiers a config may name.
 pub const VERIFIER_NAMES: &[&str] = &["gemini", "openai", "qwen"];
 
@@ -446,6 +453,45 @@ impl Reader<'_> {
         }
     }
 
+    /// A whole number in `min..=max`; an error naming the key and the range otherwise.
+    fn uint_in(
+        &self,
+        obj: &Map<String, Value>,
+        key: &str,
+        prefix: &str,
+        min: u64,
+        max: u64,
+    ) -> Result<Option<u64>, ConfigError> {
+        match self.uint(obj, key, prefix, min)? {
+            Some(v) if v > max => Err(self.invalid(
+                &join(prefix, key),
+                format!("is {v}; it must be from {min} to {max}"),
+            )),
+            v => Ok(v),
+        }
+    }
+
+    /// A finite number in `min..=max` (`min` excluded when `open_min`).
+    fn number_in(
+        &self,
+        obj: &Map<String, Value>,
+        key: &str,
+        prefix: &str,
+        (min, open_min): (f64, bool),
+        max: f64,
+    ) -> Result<Option<f64>, ConfigError> {
+        match self.number(obj, key, prefix)? {
+            Some(v) if v > max || v < min || (open_min && v == min) => {
+                let low = if open_min { ">" } else { ">=" };
+                Err(self.invalid(
+                    &join(prefix, key),
+                    format!("is {v}; it must be {low} {min} and <= {max}"),
+                ))
+            }
+            v => Ok(v),
+        }
+    }
+
     fn number(
         &self,
         obj: &Map<String, Value>,
@@ -509,9 +555,11 @@ fn to_usize(v: Option<u64>) -> Option<usize> {
 impl Config {
     /// Reads and validates the config file at `path`.
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
+        let text = crate::files::read_text_capped(path, MAX_CONFIG_BYTES).map_err(|source| {
+            ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }
         })?;
         Config::parse(&text, path)
     }
@@ -600,10 +648,16 @@ impl Config {
         let call_args = PipelineCallArgs {
             height: dims[0],
             width: dims[1],
-            num_inference_steps: to_usize(r.uint(pca, "num_inference_steps", p, 1)?),
-            guidance_scale: r.number(pca, "guidance_scale", p)?,
+            num_inference_steps: to_usize(r.uint_in(
+                pca,
+                "num_inference_steps",
+                p,
+                1,
+                MAX_INFERENCE_STEPS,
+            )?),
+            guidance_scale: r.number_in(pca, "guidance_scale", p, (-1000.0, false), 1000.0)?,
             negative_prompt: r.string(pca, "negative_prompt", p)?,
-            max_sequence_length: to_usize(r.uint(pca, "max_sequence_length", p, 1)?),
+            max_sequence_length: to_usize(r.uint_in(pca, "max_sequence_length", p, 1, 4096)?),
             clean_caption: r.boolean(pca, "clean_caption", p)?,
         };
 
@@ -635,7 +689,7 @@ impl Config {
         }
         let mut verifier_args = VerifierArgs::new(&name, &metric);
         verifier_args.max_new_tokens = r
-            .uint(va, "max_new_tokens", v, 1)?
+            .uint_in(va, "max_new_tokens", v, 1, 32_768)?
             .map(|t| u32::try_from(t).unwrap_or(u32::MAX));
         verifier_args.model_name = r.string(va, "model_name", v)?;
         if let Some(m) = &verifier_args.model_name {
@@ -671,19 +725,13 @@ impl Config {
             }
             verifier_args.concurrency = c;
         }
-        if let Some(a) = r.uint(va, "max_attempts", v, 1)? {
-            verifier_args.max_attempts = u32::try_from(a.min(100)).unwrap_or(100);
+        if let Some(a) = r.uint_in(va, "max_attempts", v, 1, 100)? {
+            verifier_args.max_attempts = a as u32;
         }
-        if let Some(a) = r.uint(va, "max_invalid_replies", v, 0)? {
-            verifier_args.max_invalid_replies = u32::try_from(a.min(100)).unwrap_or(100);
+        if let Some(a) = r.uint_in(va, "max_invalid_replies", v, 0, 20)? {
+            verifier_args.max_invalid_replies = a as u32;
         }
-        if let Some(t) = r.number(va, "timeout_s", v)? {
-            if t <= 0.0 {
-                return Err(r.invalid(
-                    "verifier_args.timeout_s",
-                    format!("is {t}; it must be > 0 seconds"),
-                ));
-            }
+        if let Some(t) = r.number_in(va, "timeout_s", v, (0.0, true), 3600.0)? {
             verifier_args.timeout_s = t;
         }
         verifier_args.device = r.string(va, "device", v)?;

@@ -17,10 +17,11 @@
 //!  loading                    Hub / local files, weights mmap, the typed JSON-config reader
 //!  models                     the networks, their serde-derived configs, ModelError
 //!  ops                        fused kernels (CUDA, cuDNN) and their CPU references
-//!  noise, device              torch-exact seeded noise; the one device parser
+//!  noise, device, files       torch-exact seeded noise; the one device parser; bounded reads
 //! ```
 
 pub mod device;
+pub mod files;
 pub mod noise;
 pub mod ops;
 

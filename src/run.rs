@@ -86,11 +86,28 @@ pub enum RunError {
 }
 
 impl RunError {
-    /// The process exit code: 2 for mistakes in the flags or the config, 3 when the verifier
-    /// cannot grade any image, 1 otherwise.
+    /// The process exit code (the README's table): 2 for a mistake in the flags, the config or
+    /// the files they name (a missing prompts file or model folder, a dtype the device cannot
+    /// run); 3 when the verifier cannot grade any image; 1 for anything else.
     pub fn exit_code(&self) -> i32 {
         match self {
-            RunError::Usage(_) | RunError::Config(_) => 2,
+            RunError::Usage(_) | RunError::Config(_) | RunError::Device(_) => 2,
+            RunError::Prompts(
+                PromptsError::EmptyPrompt
+                | PromptsError::ReadFile { .. }
+                | PromptsError::NotUtf8 { .. }
+                | PromptsError::NoPrompts { .. },
+            ) => 2,
+            RunError::Verifier(
+                VerifierError::Unknown { .. }
+                | VerifierError::PromptFile { .. }
+                | VerifierError::EmptyPrompt { .. }
+                | VerifierError::InvalidArg { .. }
+                | VerifierError::BaseUrl { .. },
+            ) => 2,
+            RunError::Pipeline(
+                PipelineError::InvalidArgument(_) | PipelineError::Unsupported(_),
+            ) => 2,
             RunError::FatalVerifier { .. } | RunError::Search(SearchError::FatalVerifier(_)) => 3,
             _ => 1,
         }

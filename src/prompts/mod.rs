@@ -284,10 +284,12 @@ pub fn load_prompts(source: &PromptSource, num: NumPrompts) -> Result<Vec<String
 /// text mode), each line trimmed, blank lines skipped, order kept. A leading byte-order mark is
 /// dropped. Errors when the file is missing, not UTF-8 (naming the line), or has no prompt.
 pub fn read_prompts_file(path: &Path) -> Result<Vec<String>, PromptsError> {
-    let bytes = std::fs::read(path).map_err(|source| PromptsError::ReadFile {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    // 64 MiB: DrawBench is 20 kB; a larger file is a wrong path (or /dev/zero).
+    let bytes =
+        crate::files::read_capped(path, 64 << 20).map_err(|source| PromptsError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let mut prompts = Vec::new();
     for (index, line) in split_lines(bytes).enumerate() {

@@ -133,6 +133,13 @@ impl FlowMatchConfig {
                 "pipeline_call_args.num_inference_steps must be at least 1".into(),
             ));
         }
+        if num_inference_steps > self.num_train_timesteps {
+            return Err(SchedulerError::InvalidArgument(format!(
+                "pipeline_call_args.num_inference_steps = {num_inference_steps} is more than the \
+                 scheduler's num_train_timesteps = {}; use at most {}",
+                self.num_train_timesteps, self.num_train_timesteps
+            )));
+        }
         let n = num_inference_steps;
         // np.linspace(1.0, 1/n, n) in float64, then .astype(float32).
         let end = 1.0 / n as f64;

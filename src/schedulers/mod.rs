@@ -399,6 +399,13 @@ impl SchedulerConfig {
                 "the number of inference steps must be at least 1".to_string(),
             ));
         }
+        if num_inference_steps > self.num_train_timesteps {
+            return Err(self.invalid_steps(format!(
+                "pipeline_call_args.num_inference_steps = {num_inference_steps} is more than the \
+                 scheduler's num_train_timesteps = {} (diffusers refuses it too); use at most {}",
+                self.num_train_timesteps, self.num_train_timesteps
+            )));
+        }
         Ok(match self.kind {
             SchedulerKind::Pndm => Box::new(PndmScheduler::new(self, num_inference_steps)?),
             SchedulerKind::Ddim => Box::new(DdimScheduler::new(self, num_inference_steps)?),

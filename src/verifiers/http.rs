@@ -398,8 +398,18 @@ async fn attempt<P: Protocol>(
     };
     let status = response.status();
     let retry_after = parse_retry_after(response.headers());
-    let body = match response.text().await {
-        Ok(body) => body,
+    let body = match read_capped(response, MAX_REPLY_BYTES).await {
+        Ok(Some(body)) => body,
+        Ok(None) => {
+            return Outcome::Retry {
+                message: format!(
+                    "the {api}'s reply is larger than {} MiB; a grading is a few kilobytes, so \
+                     this is not one (check verifier_args.base_url)",
+                    MAX_REPLY_BYTES >> 20
+                ),
+                retry_after: None,
+            }
+        }
         Err(e) => return transport_outcome(api, timeout, &e),
     };
     if status.is_success() {
@@ -505,6 +515,29 @@ fn same_origin_redirects() -> reqwest::redirect::Policy {
             attempt.follow()
         }
     })
+}
+
+/// The largest reply body read (a grading is a few kilobytes): a larger one is a transient
+/// failure, never a multi-gigabyte allocation.
+pub const MAX_REPLY_BYTES: usize = 8 << 20;
+
+/// The body of `response` as text, read chunk by chunk; `None` when it is longer than `cap`
+/// bytes (by its `Content-Length` or as it arrives), without reading further.
+async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<Option<String>, reqwest::Error> {
+    if response.content_length().is_some_and(|n| n > cap as u64) {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if bytes.len() + chunk.len() > cap {
+            return Ok(None);
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 /// Whether a non-retried status means no other request can succeed: a rejected key (401, 403),

@@ -249,9 +249,12 @@ pub fn load_rubric(args: &VerifierArgs) -> Result<String, VerifierError> {
     let Some(path) = &args.prompt_path else {
         return Ok(RUBRIC.trim().to_string());
     };
-    let text = std::fs::read_to_string(path).map_err(|source| VerifierError::PromptFile {
-        path: path.clone(),
-        source,
+    // A rubric is a few kilobytes; 1 MiB is generous and keeps a wrong path from eating memory.
+    let text = crate::files::read_text_capped(path, 1 << 20).map_err(|source| {
+        VerifierError::PromptFile {
+            path: path.clone(),
+            source,
+        }
     })?;
     let mut body = text.trim();
     if body.len() >= 6 && body.starts_with("\"\"\"") && body.ends_with("\"\"\"") {

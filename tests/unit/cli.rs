@@ -225,6 +225,41 @@ fn bad_configs_name_the_key_exit_2_and_write_nothing() {
             Box::new(|v| v["noise_kernel"] = json!("avx")),
             &["noise_kernel", "portable"],
         ),
+        (
+            "timeout too large for a Duration",
+            Box::new(|v| v["verifier_args"]["timeout_s"] = json!(1e20)),
+            &["verifier_args.timeout_s", "<= 3600"],
+        ),
+        (
+            "steps beyond any schedule",
+            Box::new(|v| v["pipeline_call_args"]["num_inference_steps"] = json!(1e12)),
+            &["pipeline_call_args.num_inference_steps", "from 1 to 1000"],
+        ),
+        (
+            "steps above 1000",
+            Box::new(|v| v["pipeline_call_args"]["num_inference_steps"] = json!(1001)),
+            &["pipeline_call_args.num_inference_steps", "from 1 to 1000"],
+        ),
+        (
+            "attempts uncapped",
+            Box::new(|v| v["verifier_args"]["max_attempts"] = json!(1000)),
+            &["verifier_args.max_attempts", "from 1 to 100"],
+        ),
+        (
+            "re-asks uncapped",
+            Box::new(|v| v["verifier_args"]["max_invalid_replies"] = json!(50)),
+            &["verifier_args.max_invalid_replies", "from 0 to 20"],
+        ),
+        (
+            "guidance absurd",
+            Box::new(|v| v["pipeline_call_args"]["guidance_scale"] = json!(1e9)),
+            &["pipeline_call_args.guidance_scale", "<= 1000"],
+        ),
+        (
+            "token budget absurd",
+            Box::new(|v| v["verifier_args"]["max_new_tokens"] = json!(1_000_000)),
+            &["verifier_args.max_new_tokens", "from 1 to 32768"],
+        ),
     ];
     for (name, f, needles) in cases {
         let (code, stderr, dir) = run_config(&edit(f), &[]);
@@ -504,4 +539,69 @@ fn bench_ops_times_the_candle_compositions_on_the_cpu_and_reports_rates() {
         stdout.contains("TFLOP/s") && stdout.contains("GB/s"),
         "{stdout}"
     );
+}
+
+#[test]
+fn an_endless_config_or_prompts_file_is_refused_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tt_scale(
+        &["run", "--pipeline-config", "/dev/zero", "--prompt", "a cat"],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("/dev/zero") && stderr.contains("larger than"),
+        "{stderr}"
+    );
+
+    // A local OpenAI-compatible server needs no key, so the prompts are read next.
+    let local = edit(|v| {
+        v["verifier_args"]["name"] = serde_json::json!("openai");
+        v["verifier_args"]["base_url"] = serde_json::json!("http://127.0.0.1:9/v1");
+    });
+    std::fs::write(dir.path().join("c.json"), local).unwrap();
+    let out = tt_scale(
+        &[
+            "run",
+            "--pipeline-config",
+            "c.json",
+            "--prompts-file",
+            "/dev/zero",
+        ],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("/dev/zero") && stderr.contains("larger than"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_dtype_the_device_cannot_run_and_a_missing_model_folder_exit_2() {
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd15");
+    let local = |model: &str, dtype: &str| {
+        edit(|v| {
+            v["pretrained_model_name_or_path"] = serde_json::json!(model);
+            v["torch_dtype"] = serde_json::json!(dtype);
+            v["verifier_args"]["name"] = serde_json::json!("openai");
+            v["verifier_args"]["base_url"] = serde_json::json!("http://127.0.0.1:9/v1");
+        })
+    };
+    let (code, stderr, _dir) =
+        run_config(&local(tiny.to_str().unwrap(), "bf16"), &["--device", "cpu"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("bf16") && stderr.contains("fp32"),
+        "{stderr}"
+    );
+
+    let (code, stderr, _dir) = run_config(
+        &local("/no/such/model folder", "fp32"),
+        &["--device", "cpu"],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("/no/such/model folder"), "{stderr}");
 }

@@ -588,3 +588,25 @@ fn euler_steps_half_precision_samples_in_their_own_dtype() {
         json!("EulerDiscreteScheduler"),
     ));
 }
+
+#[test]
+fn more_steps_than_training_timesteps_are_refused_for_every_scheduler() {
+    for class in [
+        "PNDMScheduler",
+        "DDIMScheduler",
+        "EulerDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+    ] {
+        let config = with(sd15_config(), "_class_name", json!(class));
+        let config = with(config, "num_train_timesteps", json!(50));
+        let config = SchedulerConfig::from_json(&config, "x").unwrap();
+        match config.build(51) {
+            Err(SchedulerError::InvalidArgument(m)) => {
+                assert!(m.contains("num_train_timesteps = 50"), "{class}: {m}")
+            }
+            Err(e) => panic!("{class}: expected InvalidArgument, got {e:?}"),
+            Ok(_) => panic!("{class}: 51 steps of a 50-step schedule were accepted"),
+        }
+        assert!(config.build(50).is_ok(), "{class}");
+    }
+}

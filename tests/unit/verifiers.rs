@@ -826,3 +826,13 @@ fn model_names_are_percent_encoded_into_one_path_segment() {
         "gemini-2.0-flash_x~1"
     );
 }
+
+#[test]
+fn a_reply_over_the_size_cap_is_a_transient_failure_not_an_allocation() {
+    let huge = "x".repeat(tt_scale::verifiers::http::MAX_REPLY_BYTES + 1);
+    let (gemini, server) = gemini(&args("gemini"), Behaviour::always(Reply::Text(huge)));
+    let f = gemini.score(&inputs(&images(1))).remove(0).unwrap_err();
+    assert!(!f.fatal, "{}", f.message);
+    assert!(f.message.contains("larger than 8 MiB"), "{}", f.message);
+    assert_eq!(server.request_count(), 3, "retried up to max_attempts");
+}
