@@ -12,6 +12,30 @@ use serde_json::Value;
 
 use super::json::{parse_config, read_json_file};
 
+/// Whether the Hub must not be contacted: `HF_HUB_OFFLINE` (or transformers'
+/// `TRANSFORMERS_OFFLINE`) set to 1, true, yes or on, as huggingface_hub reads it.
+fn hub_offline() -> bool {
+    ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"]
+        .iter()
+        .any(|var| {
+            std::env::var(var).is_ok_and(|v| {
+                matches!(
+                    v.trim().to_ascii_lowercase().as_str(),
+                    "1" | "true" | "yes" | "on"
+                )
+            })
+        })
+}
+
+/// The cached copy of `rel` of the Hub repo `repo` at `revision` (default `main`), if the
+/// hf-hub cache (`HF_HOME`, else `~/.cache/huggingface`) holds it.
+fn cached(repo: &str, revision: &Option<String>, rel: &str) -> Option<PathBuf> {
+    let rev = revision.clone().unwrap_or_else(|| "main".to_string());
+    hf_hub::Cache::from_env()
+        .repo(Repo::with_revision(repo.to_string(), RepoType::Model, rev))
+        .get(rel)
+}
+
 /// `rel` inside the folder `component` (the root when it is empty).
 fn in_folder(component: &str, rel: &str) -> String {
     if component.is_empty() {
@@ -150,10 +174,14 @@ impl ModelSource {
     }
 
     /// Whether the model has the file `rel` (a path inside the repo/folder, e.g.
-    /// `unet/config.json`), without downloading it.
+    /// `unet/config.json`), without downloading it. Offline (`HF_HUB_OFFLINE`), a Hub model
+    /// has what the cache holds.
     pub fn has_file(&self, rel: &str) -> Result<bool, LoadError> {
         match self {
             Self::Local(dir) => Ok(dir.join(rel).is_file()),
+            Self::Hub { repo, revision, .. } if hub_offline() => {
+                Ok(cached(repo, revision, rel).is_some())
+            }
             Self::Hub {
                 repo,
                 revision,
@@ -200,6 +228,17 @@ impl ModelSource {
                     })
                 }
             }
+            Self::Hub { repo, revision, .. } if hub_offline() => cached(repo, revision, rel)
+                .ok_or_else(|| LoadError::Hub {
+                    repo: repo.clone(),
+                    file: rel.to_string(),
+                    message: format!(
+                        "not in the Hugging Face cache ({}) and HF_HUB_OFFLINE forbids \
+                         downloading it: run once with the network (or copy the file into the \
+                         cache), or unset HF_HUB_OFFLINE",
+                        hf_hub::Cache::from_env().path().display()
+                    ),
+                }),
             Self::Hub { repo, revision, .. } => Self::api_repo(repo, revision)?
                 .get(rel)
                 .map_err(|e| Self::hub_error(repo, rel, &e)),

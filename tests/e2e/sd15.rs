@@ -510,3 +510,73 @@ fn a_rejected_key_stops_the_run_after_one_batch_with_exit_code_3() {
         "{stderr}"
     );
 }
+
+/// Copies `from` into `to` recursively.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn offline_a_hub_model_loads_from_the_cache_and_a_missing_file_is_named() {
+    let (base_url, _server) = FakeGemini::start(Behaviour::good());
+    let dir = tempfile::tempdir().unwrap();
+    // The hf-hub cache layout: models--owner--name/{refs/main, snapshots/<commit>/...}.
+    let hf_home = dir.path().join("hf");
+    let repo_dir = hf_home.join("hub/models--tt-scale--tiny-sd15");
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs/main"), "0123abcd").unwrap();
+    copy_tree(
+        Path::new(&tiny_model()),
+        &repo_dir.join("snapshots/0123abcd"),
+    );
+    let mut cfg: Value = serde_json::from_str(&config(
+        "gemini",
+        serde_json::json!({"search_method": "random", "search_rounds": 1}),
+    ))
+    .unwrap();
+    cfg["pretrained_model_name_or_path"] = Value::from("tt-scale/tiny-sd15");
+    let hf_home_s = hf_home.display().to_string();
+    let env = [
+        ("GEMINI_API_KEY", "k"),
+        ("GEMINI_BASE_URL", base_url.as_str()),
+        ("HF_HOME", hf_home_s.as_str()),
+    ];
+    let run = run_search(dir.path(), &cfg.to_string(), &env, "1", "out");
+    assert_eq!(
+        files(&run).iter().filter(|n| n.ends_with(".png")).count(),
+        2
+    );
+
+    // Without the scheduler config in the cache, the run names the file and HF_HUB_OFFLINE.
+    std::fs::remove_file(repo_dir.join("snapshots/0123abcd/scheduler/scheduler_config.json"))
+        .unwrap();
+    std::fs::write(dir.path().join("c.json"), cfg.to_string()).unwrap();
+    let o = tt_scale(
+        dir.path(),
+        &[
+            "run",
+            "--pipeline-config",
+            "c.json",
+            "--prompt",
+            PROMPT,
+            "--device",
+            "cpu",
+        ],
+        &env,
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("scheduler/scheduler_config.json") && stderr.contains("HF_HUB_OFFLINE"),
+        "{stderr}"
+    );
+}
