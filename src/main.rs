@@ -35,6 +35,8 @@ fn main() -> ExitCode {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Its default reports a failed write with `eprintln!`, which panics on a closed stderr.
+        .log_internal_errors(false)
         .with_ansi(ansi)
         .with_target(cli.verbose > 0);
     if cli.verbose > 0 {

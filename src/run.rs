@@ -6,6 +6,8 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -71,6 +73,20 @@ pub enum RunError {
     /// The device is not available.
     #[error("{0}")]
     Device(String),
+    /// SIGINT (Ctrl-C) or SIGTERM (Slurm preemption, `kill`) stopped the run before its next
+    /// batch; every file written is whole.
+    #[error(
+        "interrupted by {signal}: stopped before the next batch; the {images} image(s) of the rounds completed so far are in {}",
+        run_dir.display()
+    )]
+    Interrupted {
+        /// `SIGINT` or `SIGTERM`.
+        signal: &'static str,
+        /// The run folder.
+        run_dir: PathBuf,
+        /// Images of the rounds written.
+        images: usize,
+    },
     /// The verifier cannot grade any image (a rejected key, an unknown model, a refused
     /// request, an exhausted quota); the run stopped with its files consistent.
     #[error(
@@ -109,6 +125,13 @@ impl RunError {
                 PipelineError::InvalidArgument(_) | PipelineError::Unsupported(_),
             ) => 2,
             RunError::FatalVerifier { .. } | RunError::Search(SearchError::FatalVerifier(_)) => 3,
+            RunError::Interrupted { signal, .. } => {
+                if *signal == "SIGTERM" {
+                    143
+                } else {
+                    130
+                }
+            }
             _ => 1,
         }
     }
@@ -231,7 +254,9 @@ pub fn run_with(
         run_dir.display()
     );
 
+    let signals = Signals::register()?;
     let settings = SearchSettings {
+        stop: signals.stop.clone(),
         method: config.search_args.method,
         rounds: config.search_args.rounds,
         batch_size: opts.batch_size,
@@ -248,15 +273,26 @@ pub fn run_with(
             ..settings.clone()
         };
         writer.start_prompt(prompt);
-        let searched = search::search_prompt(prompt, pipeline, verifier, &settings, &mut writer);
-        if let Err(SearchError::FatalVerifier(message)) = &searched {
-            writer.finish();
-            return Err(RunError::FatalVerifier {
-                message: message.clone(),
-                run_dir,
-            });
+        let searched = if settings.stop.is_set() {
+            Err(SearchError::Interrupted)
+        } else {
+            search::search_prompt(prompt, pipeline, verifier, &settings, &mut writer)
+        };
+        match searched {
+            Err(SearchError::FatalVerifier(message)) => {
+                writer.finish();
+                return Err(RunError::FatalVerifier { message, run_dir });
+            }
+            Err(SearchError::Interrupted) => {
+                writer.finish();
+                return Err(RunError::Interrupted {
+                    signal: signals.received(),
+                    run_dir,
+                    images: writer.images,
+                });
+            }
+            other => other?,
         }
-        searched?;
         writer.finish_prompt(prompt);
     }
     writer.finish();
@@ -271,6 +307,42 @@ pub fn run_with(
         generation_s: writer.generation_s,
         wall_s: started.elapsed().as_secs_f64(),
     })
+}
+
+/// SIGINT and SIGTERM during the search: the first one asks the search to stop before its next
+/// batch (the rounds complete so far are written, the run exits 130 or 143); a second one ends
+/// the process at once with that code (every file is written atomically, so none is partial).
+struct Signals {
+    stop: search::StopFlag,
+    term: Arc<AtomicBool>,
+}
+
+impl Signals {
+    fn register() -> Result<Self, RunError> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let stop = search::StopFlag::default();
+        let term = Arc::new(AtomicBool::new(false));
+        let fail = |e: std::io::Error| {
+            RunError::Device(format!("cannot install the signal handlers: {e}"))
+        };
+        for (signal, code) in [(SIGINT, 130), (SIGTERM, 143)] {
+            // Registered first, so it sees the flag as it was before this signal.
+            signal_hook::flag::register_conditional_shutdown(signal, code, Arc::clone(&stop.0))
+                .map_err(fail)?;
+            signal_hook::flag::register(signal, Arc::clone(&stop.0)).map_err(fail)?;
+        }
+        signal_hook::flag::register(SIGTERM, Arc::clone(&term)).map_err(fail)?;
+        Ok(Self { stop, term })
+    }
+
+    /// The signal received: SIGTERM if one came, else SIGINT.
+    fn received(&self) -> &'static str {
+        if self.term.load(Ordering::SeqCst) {
+            "SIGTERM"
+        } else {
+            "SIGINT"
+        }
+    }
 }
 
 /// The prompt source and count the flags ask for.

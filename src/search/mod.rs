@@ -7,7 +7,8 @@
 pub mod neighbors;
 pub mod seeds;
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use image::RgbImage;
@@ -177,6 +178,10 @@ pub enum SearchError {
     /// reported.
     #[error("the verifier cannot grade any image, so the run stopped: {0}")]
     FatalVerifier(String),
+    /// A stop was asked for (see [`SearchSettings::stop`]); the rounds complete so far were
+    /// reported.
+    #[error("the search was stopped")]
+    Interrupted,
     /// The pipeline broke its contract.
     #[error("the pipeline returned {got} images for {expected} noises")]
     ImageCount {
@@ -209,6 +214,20 @@ pub struct SearchSettings {
     /// Grade the first batch before generating the next one, even with `overlap`: for the
     /// run's first prompt, so that a rejected key or an unknown model costs one batch.
     pub probe_first_batch: bool,
+    /// Set from outside (a signal handler) to stop before the next batch.
+    pub stop: StopFlag,
+}
+
+/// A request to stop the search before its next batch (Ctrl-C, SIGTERM), shared with whoever
+/// raises it.
+#[derive(Clone, Debug, Default)]
+pub struct StopFlag(pub Arc<AtomicBool>);
+
+impl StopFlag {
+    /// Whether a stop was asked for.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 /// Index of the best graded candidate: highest score, ties to the earliest.
@@ -473,14 +492,19 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
             generation_s: 0.0,
         });
         for batch in noises.chunks(settings.batch_size.max(1)) {
-            if let Some(message) = self.fatal.get() {
+            let stop = match self.fatal.get() {
+                Some(message) => Some(SearchError::FatalVerifier(message.clone())),
+                None if settings.stop.is_set() => Some(SearchError::Interrupted),
+                None => None,
+            };
+            if let Some(error) = stop {
                 // No more images: report the rounds before this one (complete), not this one.
                 if let Some(f) = finish.as_deref_mut() {
                     let current = self.pending.pop_back();
                     self.report_ready(observer, f, true)?;
                     drop(current);
                 }
-                return Err(SearchError::FatalVerifier(message.clone()));
+                return Err(error);
             }
             let t = Instant::now();
             let images = pipeline.generate(batch)?;
@@ -741,6 +765,7 @@ mod tests {
             noise_kernel: NoiseKernel::Portable,
             overlap,
             probe_first_batch: false,
+            stop: StopFlag::default(),
         };
         let mut rec = Recorder::default();
         search_prompt("p", &mut pipeline, &verifier, &settings, &mut rec).unwrap();

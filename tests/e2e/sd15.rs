@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use crate::fake_verifier::{pixel_score, Behaviour, FakeGemini, FakeOpenAi, Reply};
 use serde_json::Value;
@@ -579,4 +580,163 @@ fn offline_a_hub_model_loads_from_the_cache_and_a_missing_file_is_named() {
         stderr.contains("scheduler/scheduler_config.json") && stderr.contains("HF_HUB_OFFLINE"),
         "{stderr}"
     );
+}
+
+/// Starts a search whose every grading takes 1.5 s, sends `signal` once the second round is
+/// being graded, and returns (exit code, stderr, run folder).
+fn interrupted_run(signal: &str) -> (Option<i32>, String, PathBuf, tempfile::TempDir) {
+    let slow = Reply::Delayed(Duration::from_millis(1500), Box::new(Reply::PixelScore));
+    let (base_url, server) = FakeGemini::start(Behaviour::always(slow));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        "gemini",
+        serde_json::json!({"search_method": "random", "search_rounds": 4}),
+    );
+    std::fs::write(dir.path().join("c.json"), &cfg).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_tt-scale"))
+        .args([
+            "run",
+            "--pipeline-config",
+            "c.json",
+            "--prompt",
+            PROMPT,
+            "--seed",
+            "1",
+            "--output-dir",
+            "out",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        ])
+        .current_dir(dir.path())
+        .env("GEMINI_API_KEY", "k")
+        .env("GEMINI_BASE_URL", &base_url)
+        .env("HF_HUB_OFFLINE", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while server.request_count() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = Command::new("kill")
+        .args(["-s", signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "stopped within seconds"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let run = std::fs::read_dir(dir.path().join("out/tiny-sd15/gemini/overall_score"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    (out.status.code(), stderr, run, dir)
+}
+
+/// Every file of a run folder is whole: the JSON parses, the PNGs decode, no temporary file.
+fn assert_whole(run: &Path) {
+    for name in files(run) {
+        let path = run.join(&name);
+        assert!(!name.contains(".tmp"), "a temporary file was left: {name}");
+        if name.ends_with(".json") {
+            read_json(&path);
+        } else if name.ends_with(".png") {
+            image::open(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn ctrl_c_stops_before_the_next_batch_keeps_whole_files_and_exits_130() {
+    let (code, stderr, run, _dir) = interrupted_run("INT");
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted by SIGINT"), "{stderr}");
+    assert_whole(&run);
+    // Only complete rounds are written: each written round has all its 2^round images and
+    // its JSON; round 1 (one batch, graded before anything else) is among them, and the run
+    // stopped before its last round.
+    let names = files(&run);
+    let mut rounds_written = 0;
+    for round in 1..=4 {
+        let tag = format!("_i@{round}_");
+        let pngs = names
+            .iter()
+            .filter(|n| n.contains(&tag) && n.ends_with(".png"))
+            .count();
+        let jsons = names
+            .iter()
+            .filter(|n| n.contains(&tag) && n.ends_with(".json"))
+            .count();
+        if pngs > 0 || jsons > 0 {
+            assert_eq!((pngs, jsons), (1 << round, 1), "round {round}: {names:?}");
+            rounds_written += 1;
+        }
+    }
+    assert!((1..4).contains(&rounds_written), "{names:?}");
+}
+
+#[test]
+fn sigterm_stops_the_same_way_and_exits_143() {
+    let (code, stderr, run, _dir) = interrupted_run("TERM");
+    assert_eq!(code, Some(143), "{stderr}");
+    assert!(stderr.contains("interrupted by SIGTERM"), "{stderr}");
+    assert_whole(&run);
+}
+
+#[test]
+fn a_closed_stderr_and_stdout_do_not_stop_the_run() {
+    let (base_url, _server) = FakeGemini::start(Behaviour::good());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        "gemini",
+        serde_json::json!({"search_method": "random", "search_rounds": 2}),
+    );
+    std::fs::write(dir.path().join("c.json"), &cfg).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tt-scale"))
+        .args([
+            "run",
+            "--pipeline-config",
+            "c.json",
+            "--prompt",
+            PROMPT,
+            "--seed",
+            "1",
+            "--output-dir",
+            "out",
+            "--device",
+            "cpu",
+            "-v",
+        ])
+        .current_dir(dir.path())
+        .env("GEMINI_API_KEY", "k")
+        .env("GEMINI_BASE_URL", &base_url)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // As `tt-scale run ... 2>&1 | head -0`: nobody reads, the pipes are closed.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let run = std::fs::read_dir(dir.path().join("out/tiny-sd15/gemini/overall_score"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert_eq!(
+        files(&run).iter().filter(|n| n.ends_with(".png")).count(),
+        6
+    );
+    assert_whole(&run);
 }
