@@ -71,6 +71,20 @@ const KNOWN_MODELS: [(&str, &str, usize); 5] = [
     ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd-v1.5", 8),
 ];
 
+/// The configs shipped in `configs/`, compiled into the binary: `--pipeline-config` takes their
+/// name (`flux.1_dev`, `sd1.5_gemini`, ...) from any folder.
+pub const SHIPPED: &[(&str, &str)] = &[
+    ("flux.1_dev", include_str!("../configs/flux.1_dev.json")),
+    (
+        "flux.1_dev_zero_order",
+        include_str!("../configs/flux.1_dev_zero_order.json"),
+    ),
+    ("pixart_sigma", include_str!("../configs/pixart_sigma.json")),
+    ("sd1.5", include_str!("../configs/sd1.5.json")),
+    ("sd1.5_gemini", include_str!("../configs/sd1.5_gemini.json")),
+    ("sdxl", include_str!("../configs/sdxl.json")),
+];
+
 /// The most denoising steps a config may ask for: diffusers' schedulers train on 1000
 /// timesteps, and a pipeline refuses more steps than its scheduler's `num_train_timesteps`.
 pub const MAX_INFERENCE_STEPS: u64 = 1000;
@@ -555,6 +569,17 @@ fn to_usize(v: Option<u64>) -> Option<usize> {
 impl Config {
     /// Reads and validates the config file at `path`.
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        if !path.exists() {
+            // A shipped config's name (`flux.1_dev`, or `configs/flux.1_dev.json` run from
+            // another folder) is read from the binary.
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(|n| n.trim_end_matches(".json"));
+            if let Some((_, text)) = SHIPPED.iter().find(|(n, _)| Some(*n) == name) {
+                return Config::parse(text, path);
+            }
+        }
         let text = crate::files::read_text_capped(path, MAX_CONFIG_BYTES).map_err(|source| {
             ConfigError::Read {
                 path: path.to_path_buf(),

@@ -27,8 +27,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "warn,tt_scale=info",
-        1 => "debug",
-        _ => "trace",
+        // Tokenizers and HTTP clients trace every token and packet: kept at info.
+        1 => "debug,tokenizers=info,hyper_util=info,reqwest=info,ureq=info,rustls=info",
+        _ => "trace,tokenizers=info,hyper_util=info,hyper=info,h2=info,reqwest=info,ureq=info,rustls=info",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -164,7 +164,7 @@ impl std::fmt::Display for RunSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "Summary")?;
         for (prompt, best) in &self.best_scores {
-            let short: String = prompt.chars().take(70).collect();
+            let short: String = escape_controls(&prompt.chars().take(70).collect::<String>());
             let ell = if prompt.chars().count() > 70 {
                 "..."
             } else {
@@ -213,7 +213,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
         verifier_args.device = opts.device.map(|d| d.to_string());
     }
     let verifier = verifiers::build_for_run(&verifier_args, opts.low_vram)?;
-    let prompts = prompts::load_prompts(&source.0, source.1)?;
+    let prompts = unique_prompts(prompts::load_prompts(&source.0, source.1)?);
     tracing::info!("{} prompt(s)", prompts.len());
     let mut pipeline = crate::pipelines::load(&config, &device, opts.low_vram)?;
     run_with(
@@ -343,6 +343,44 @@ impl Signals {
             "SIGINT"
         }
     }
+}
+
+/// `prompts` without repeats (the first of each kept, in order): a repeated prompt would write
+/// the same files twice; each repeat is warned about.
+fn unique_prompts(prompts: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut unique = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        if seen.contains(&p) {
+            tracing::warn!(
+                "the prompt {} is given more than once; it is searched once",
+                printable(&p)
+            );
+        } else {
+            seen.insert(p.clone());
+            unique.push(p);
+        }
+    }
+    unique
+}
+
+/// `text` for a terminal: control characters (escape sequences, carriage returns, newlines) are
+/// shown escaped (`\u{1b}`, `\r`), so a prompt cannot rewrite the screen or split a log line.
+pub fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `text` quoted, with [`escape_controls`].
+fn printable(text: &str) -> String {
+    format!("\"{}\"", escape_controls(text))
 }
 
 /// The prompt source and count the flags ask for.
@@ -478,7 +516,7 @@ impl OutputWriter {
     fn start_prompt(&mut self, prompt: &str) {
         self.prompt_name = output::prompt_to_filename(prompt);
         self.best = None;
-        let short: String = prompt.chars().take(40).collect();
+        let short = escape_controls(&prompt.chars().take(40).collect::<String>());
         self.bars.prompts.set_message(short);
         self.bars.rounds.reset();
     }
@@ -558,4 +596,25 @@ impl SearchObserver for OutputWriter {
 /// `tt-scale collage`: makes the collages of a run folder and returns their paths.
 pub fn collage(path: &Path) -> Result<Vec<PathBuf>, crate::collage::CollageError> {
     crate::collage::make_collages(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_prompts_are_searched_once_in_first_order() {
+        let p = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            unique_prompts(p(&["a", "b", "a", "c", "b"])),
+            p(&["a", "b", "c"])
+        );
+    }
+
+    #[test]
+    fn control_characters_are_escaped_for_the_terminal() {
+        assert_eq!(escape_controls("a\u{1b}[2Jb\r\nc"), "a\\u{1b}[2Jb\\r\\nc");
+        assert_eq!(escape_controls("plain, ünïcode"), "plain, ünïcode");
+        assert_eq!(printable("x\ty"), "\"x\\ty\"");
+    }
 }

@@ -605,3 +605,33 @@ fn a_dtype_the_device_cannot_run_and_a_missing_model_folder_exit_2() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("/no/such/model folder"), "{stderr}");
 }
+
+#[test]
+fn a_shipped_configs_name_works_from_any_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["sd1.5_gemini", "configs/flux.1_dev.json"] {
+        let out = tt_scale(
+            &["run", "--pipeline-config", name, "--prompt", "a cat"],
+            dir.path(),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Parsed and validated: the run stops later, at the missing API key.
+        assert!(
+            stderr.contains("GEMINI_API_KEY is not set"),
+            "{name}: {stderr}"
+        );
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+    }
+    let out = tt_scale(
+        &[
+            "run",
+            "--pipeline-config",
+            "no_such_config",
+            "--prompt",
+            "a cat",
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_config"));
+}
