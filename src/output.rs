@@ -316,7 +316,12 @@ pub fn write_round(
     for c in &r.candidates {
         let stem = candidate_stem(ctx.prompt_name, r.round, &c.origin.label());
         let file = format!("{stem}.png");
-        write_png(&run_dir.join(&file), &c.image)?;
+        // Images saved as they were decoded (`SearchObserver::batch_generated`) are not written
+        // again; their bytes are the same.
+        let png = run_dir.join(&file);
+        if !png.is_file() {
+            write_png(&png, &c.image)?;
+        }
         if !c.carried_over {
             written.new_images += 1;
         }

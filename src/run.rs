@@ -555,6 +555,20 @@ impl SearchObserver for OutputWriter {
         self.bars.images.inc(n as u64);
     }
 
+    fn batch_generated(
+        &mut self,
+        round: usize,
+        origins: &[search::NoiseOrigin],
+        images: &[image::RgbImage],
+    ) -> Result<(), ObserverError> {
+        // Saved before grading, so a stopped or crashed run keeps every decoded image.
+        for (origin, image) in origins.iter().zip(images) {
+            let stem = output::candidate_stem(&self.prompt_name, round, &origin.label());
+            output::write_png(&self.run_dir.join(format!("{stem}.png")), image)?;
+        }
+        Ok(())
+    }
+
     fn round_finished(&mut self, prompt: &str, r: &RoundResult) -> Result<(), ObserverError> {
         let written = output::write_round(
             &self.run_dir,

@@ -137,6 +137,16 @@ pub trait SearchObserver {
     fn round_started(&mut self, _round: usize, _num_images: usize) {}
     /// `n` more images were generated.
     fn images_generated(&mut self, _n: usize) {}
+    /// A batch of round `round` was decoded, before it is graded: `origins[i]` made
+    /// `images[i]`. The observer may save the images now, so none is lost if the run stops.
+    fn batch_generated(
+        &mut self,
+        _round: usize,
+        _origins: &[NoiseOrigin],
+        _images: &[RgbImage],
+    ) -> Result<(), ObserverError> {
+        Ok(())
+    }
     /// A round is complete; the observer may persist it.
     fn round_finished(&mut self, prompt: &str, result: &RoundResult) -> Result<(), ObserverError>;
 }
@@ -415,6 +425,8 @@ struct BatchResult {
 struct PendingRound<'scope> {
     round: usize,
     origins: Vec<NoiseOrigin>,
+    /// Images generated so far.
+    generated: usize,
     batches: Vec<Batch<'scope>>,
     generation_s: f64,
 }
@@ -488,6 +500,7 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
         self.pending.push_back(PendingRound {
             round,
             origins,
+            generated: 0,
             batches: Vec::new(),
             generation_s: 0.0,
         });
@@ -517,6 +530,12 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
                 });
             }
             observer.images_generated(images.len());
+            if let Some(p) = self.pending.back_mut() {
+                let start = p.generated;
+                p.generated += images.len();
+                let origins = p.origins.get(start..p.generated).unwrap_or(&[]);
+                observer.batch_generated(round, origins, &images)?;
+            }
             let (verifier, prompt, fatal) = (self.verifier, self.prompt, self.fatal);
             let graded = if self.overlap && !self.probe {
                 Batch::Grading(
