@@ -188,9 +188,10 @@ pub struct BenchArgs {
     /// Images per step.
     #[arg(long, default_value = "1", value_parser = parse_positive)]
     pub batch: usize,
-    /// Compute dtype: fp32, fp16 or bf16.
-    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
-    pub dtype: candle_core::DType,
+    /// Compute dtype: fp32, fp16 or bf16 (default: bf16 on a GPU, fp32 on a CPU, which has no
+    /// fast bf16 matmul).
+    #[arg(long, value_parser = parse_dtype)]
+    pub dtype: Option<candle_core::DType>,
     /// Compute device: auto, cpu, cuda or cuda:N.
     #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device_arg)]
     pub device: DeviceArg,

@@ -98,13 +98,15 @@ pub fn make_collages(dir: &Path) -> Result<Vec<PathBuf>, CollageError> {
         let mut images = Vec::with_capacity(files.len());
         for f in &files {
             let path = dir.join(format!("{}.png", f.stem));
-            let img = image::open(&path)
-                .map_err(|e| CollageError::Image {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?
-                .to_rgb8();
-            images.push((f.round, img));
+            // A missing or corrupt image (an interrupted run, a disk error) leaves its place
+            // out of this collage; the other collages are still made.
+            match image::open(&path) {
+                Ok(img) => images.push((f.round, img.to_rgb8())),
+                Err(e) => tracing::warn!("collage: skipping {}: {e}", path.display()),
+            }
+        }
+        if images.is_empty() {
+            continue;
         }
         let collage = row_collage(&images);
         let name = &files[0].name;

@@ -107,7 +107,11 @@ fn bench(a: BenchArgs) -> ExitCode {
         height: a.height,
         width: a.width,
         batch: a.batch,
-        dtype: a.dtype,
+        dtype: a.dtype.unwrap_or(if device.is_cuda() {
+            candle_core::DType::BF16
+        } else {
+            candle_core::DType::F32
+        }),
         device,
         warmup: a.warmup,
         iters: a.iters,

@@ -750,3 +750,51 @@ fn a_closed_stderr_and_stdout_do_not_stop_the_run() {
     );
     assert_whole(&run);
 }
+
+#[test]
+fn collage_skips_a_missing_or_corrupt_image_and_makes_the_collage() {
+    let (base_url, _server) = FakeGemini::start(Behaviour::good());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        "gemini",
+        serde_json::json!({"search_method": "random", "search_rounds": 3}),
+    );
+    let env = [
+        ("GEMINI_API_KEY", "k"),
+        ("GEMINI_BASE_URL", base_url.as_str()),
+    ];
+    let run = run_search(dir.path(), &cfg, &env, "1", "out");
+    let bests: Vec<String> = (1..=3)
+        .map(|round| {
+            let tag = format!("_i@{round}_");
+            let json = files(&run)
+                .into_iter()
+                .find(|n| n.contains(&tag) && n.ends_with(".json"))
+                .unwrap();
+            json.replace(".json", ".png")
+        })
+        .collect();
+    std::fs::remove_file(run.join(&bests[0])).unwrap();
+    std::fs::write(run.join(&bests[1]), b"not a png").unwrap();
+    for old in files(&run)
+        .into_iter()
+        .filter(|n| n.starts_with("collage_"))
+    {
+        std::fs::remove_file(run.join(old)).unwrap();
+    }
+    let o = tt_scale(
+        dir.path(),
+        &["collage", "--path", run.to_str().unwrap()],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("skipping"), "{stderr}");
+    let collage = files(&run)
+        .into_iter()
+        .find(|n| n.starts_with("collage_"))
+        .expect("the collage is made from the images left");
+    let img = image::open(run.join(collage)).unwrap();
+    let one = image::open(run.join(&bests[2])).unwrap();
+    assert_eq!(img.width(), one.width(), "one image left in the row");
+}
