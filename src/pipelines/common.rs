@@ -9,10 +9,10 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
 use super::{CallArgs, PipelineError};
-use crate::loading::{parse_config, Dtype, ModelSource};
+use crate::loading::{candle_dtype, parse_config, var_builder, Dtype, ModelSource};
 use crate::models::clip_text::ClipTextConfig;
 use crate::models::clip_tokenizer::ClipTokenizer;
-use crate::models::vae::VaeConfig;
+use crate::models::vae::{VaeConfig, VaeDecoder};
 use crate::noise::Noise;
 use crate::schedulers::{Scheduler, SchedulerConfig};
 
@@ -133,6 +133,40 @@ pub fn vae_config(value: &serde_json::Value) -> Result<VaeConfig, PipelineError>
     Ok(config)
 }
 
+/// The VAE decoder of a latent-diffusion pipeline: `vae/config.json` checked, its
+/// `latent_channels` against the denoiser's `in_channels` (`denoiser` names it), the weights
+/// loaded in `dtype`'s compute type, or in float32 when `upcast` and the model's `force_upcast`
+/// ask for it in fp16 (SDXL). Returns the config, the decoder and the dtype it runs in.
+pub fn load_vae(
+    source: &ModelSource,
+    dtype: Dtype,
+    device: &Device,
+    (denoiser, in_channels): (&str, usize),
+    model: &str,
+    upcast: bool,
+) -> Result<(VaeConfig, VaeDecoder, DType), PipelineError> {
+    let vae = vae_config(&source.read_json("vae/config.json")?)?;
+    if vae.latent_channels != in_channels {
+        return Err(PipelineError::ModelFile {
+            path: "vae/config.json".into(),
+            message: format!(
+                "latent_channels {} differs from the {denoiser}'s in_channels {in_channels}",
+                vae.latent_channels
+            ),
+        });
+    }
+    let compute = candle_dtype(dtype);
+    let vae_dtype = if upcast && compute == DType::F16 && vae.force_upcast {
+        DType::F32
+    } else {
+        compute
+    };
+    let vb = var_builder(source, "vae", dtype, vae_dtype, device)?;
+    let decoder = VaeDecoder::new(vb, vae.out_channels, vae.decoder_config())
+        .map_err(|e| weights_error(source, "vae", model, e))?;
+    Ok((vae, decoder, vae_dtype))
+}
+
 /// Refuses bf16 on the CPU for the UNet pipelines: candle has no bf16 matmul there.
 pub fn check_dtype_on_device(dtype: Dtype, device: &Device) -> Result<(), PipelineError> {
     if dtype == Dtype::Bf16 && device.is_cpu() {
@@ -167,6 +201,26 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// [`Sampler::from_call_args`] with the scheduler of the model's
+    /// `scheduler/scheduler_config.json`.
+    pub fn for_model(
+        source: &ModelSource,
+        call_args: &CallArgs,
+        default_size: usize,
+        vae_scale_factor: usize,
+        (default_steps, default_guidance): (usize, f64),
+    ) -> Result<(usize, usize, Self), PipelineError> {
+        let scheduler = scheduler_from_file(&source.file("scheduler/scheduler_config.json")?)?;
+        Self::from_call_args(
+            call_args,
+            scheduler,
+            default_size,
+            vae_scale_factor,
+            default_steps,
+            default_guidance,
+        )
+    }
+
     /// Resolves the call arguments of a scheduler-driven pipeline against the model: height and
     /// width (default `default_size`), steps and guidance (the pipeline's defaults), checked by
     /// [`super::check_call_args`]; the schedule is built once so that an unsupported scheduler

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::common::{
     check_dtype_on_device, clip_text_config, clip_tokenizer, decode_rows, latent_noise_shape,
-    scheduler_from_file, vae_config, weights_error, Sampler, SchedulerFactory,
+    load_vae, weights_error, Sampler, SchedulerFactory,
 };
 use super::{CallArgs, ImagePipeline, PipelineError};
 use crate::loading::{candle_dtype, model_config, parse_config, var_builder, Dtype, ModelSource};
@@ -108,31 +108,21 @@ impl Sd15Pipeline {
         let unet_model =
             UNet::new(vb, &unet).map_err(|e| weights_error(source, "unet", MODEL, e))?;
 
-        let vae = vae_config(&source.read_json("vae/config.json")?)?;
+        let (vae, vae_model, _) = load_vae(
+            source,
+            dtype,
+            device,
+            ("UNet", unet.in_channels),
+            MODEL,
+            false,
+        )?;
         let vae_scale_factor = vae.scale_factor();
-        let latent_channels = vae.latent_channels;
-        let vb = var_builder(source, "vae", dtype, candle_dtype(dtype), device)?;
-        let vae_model = VaeDecoder::new(vb, vae.out_channels, vae.decoder_config())
-            .map_err(|e| weights_error(source, "vae", MODEL, e))?;
-        if latent_channels != unet.in_channels {
-            return Err(PipelineError::ModelFile {
-                path: "vae/config.json".into(),
-                message: format!(
-                    "latent_channels {latent_channels} differs from the UNet's in_channels {}",
-                    unet.in_channels
-                ),
-            });
-        }
-
-        let scheduler = scheduler_from_file(&source.file("scheduler/scheduler_config.json")?)?;
-
-        let (height, width, sampler) = Sampler::from_call_args(
+        let (height, width, sampler) = Sampler::for_model(
+            source,
             call_args,
-            scheduler,
             sample_size * vae_scale_factor,
             vae_scale_factor,
-            DEFAULT_NUM_INFERENCE_STEPS,
-            DEFAULT_GUIDANCE_SCALE,
+            (DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_GUIDANCE_SCALE),
         )?;
         Ok(Self {
             tokenizer,
@@ -145,7 +135,7 @@ impl Sd15Pipeline {
             vae_scale_factor,
             scaling_factor: vae.scaling_factor,
             shift_factor: vae.shift_factor.unwrap_or(0.0),
-            noise_shape: latent_noise_shape(latent_channels, height, width, vae_scale_factor),
+            noise_shape: latent_noise_shape(vae.latent_channels, height, width, vae_scale_factor),
             negative_prompt: call_args.negative_prompt.clone().unwrap_or_default(),
             context: None,
         })
@@ -266,6 +256,7 @@ pub fn reference_unet_json() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipelines::common::vae_config;
     use serde_json::json;
 
     fn sd15_unet() -> Value {

@@ -15,7 +15,7 @@ use image::RgbImage;
 
 use super::common::{
     check_dtype_on_device, clip_text_config, clip_tokenizer, decode_rows, latent_noise_shape,
-    scheduler_from_file, vae_config, weights_error, Sampler, SchedulerFactory,
+    load_vae, weights_error, Sampler, SchedulerFactory,
 };
 use super::{CallArgs, ImagePipeline, ModelIndex, PipelineError};
 use crate::loading::{candle_dtype, model_config, parse_config, var_builder, Dtype, ModelSource};
@@ -146,36 +146,21 @@ impl SdxlPipeline {
         let unet =
             UNet::new(vb, &unet_config).map_err(|e| weights_error(source, "unet", MODEL, e))?;
 
-        let vae = vae_config(&source.read_json("vae/config.json")?)?;
+        let (vae, vae_model, vae_dtype) = load_vae(
+            source,
+            dtype,
+            device,
+            ("UNet", unet_config.in_channels),
+            MODEL,
+            true,
+        )?;
         let vae_scale_factor = vae.scale_factor();
-        let latent_channels = vae.latent_channels;
-        if latent_channels != unet_config.in_channels {
-            return Err(PipelineError::ModelFile {
-                path: "vae/config.json".into(),
-                message: format!(
-                    "latent_channels {latent_channels} differs from the UNet's in_channels {}",
-                    unet_config.in_channels
-                ),
-            });
-        }
-        let vae_dtype = if compute == DType::F16 && vae.force_upcast {
-            DType::F32
-        } else {
-            compute
-        };
-        let vb = var_builder(source, "vae", dtype, vae_dtype, device)?;
-        let vae_model = VaeDecoder::new(vb, vae.out_channels, vae.decoder_config())
-            .map_err(|e| weights_error(source, "vae", MODEL, e))?;
-
-        let scheduler = scheduler_from_file(&source.file("scheduler/scheduler_config.json")?)?;
-
-        let (height, width, sampler) = Sampler::from_call_args(
+        let (height, width, sampler) = Sampler::for_model(
+            source,
             call_args,
-            scheduler,
             unet_config.sample_size * vae_scale_factor,
             vae_scale_factor,
-            DEFAULT_NUM_INFERENCE_STEPS,
-            DEFAULT_GUIDANCE_SCALE,
+            (DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_GUIDANCE_SCALE),
         )?;
         Ok(Self {
             tokenizer,
@@ -190,7 +175,7 @@ impl SdxlPipeline {
             device: device.clone(),
             scaling_factor: vae.scaling_factor,
             latents_mean_std: vae.latents_mean_std(),
-            noise_shape: latent_noise_shape(latent_channels, height, width, vae_scale_factor),
+            noise_shape: latent_noise_shape(vae.latent_channels, height, width, vae_scale_factor),
             height,
             width,
             negative_prompt: call_args.negative_prompt.clone(),
@@ -354,7 +339,7 @@ impl ImagePipeline for SdxlPipeline {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::pipelines::common::vae_config;
     use serde_json::json;
 
     #[test]
