@@ -71,6 +71,17 @@ const KNOWN_MODELS: [(&str, &str, usize); 5] = [
     ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd-v1.5", 8),
 ];
 
+/// `rel` joined to the folder of the config file `config`, when `rel` is a relative path and
+/// the config has a folder.
+fn beside_config(config: &std::path::Path, rel: &str) -> Option<PathBuf> {
+    let rel = std::path::Path::new(rel);
+    if rel.is_absolute() {
+        return None;
+    }
+    let dir = config.parent().filter(|d| !d.as_os_str().is_empty())?;
+    Some(dir.join(rel))
+}
+
 /// The configs shipped in `configs/`, compiled into the binary: `--pipeline-config` takes their
 /// name (`flux.1_dev`, `sd1.5_gemini`, ...) from any folder.
 pub const SHIPPED: &[(&str, &str)] = &[
@@ -623,6 +634,13 @@ impl Config {
                 "is empty; give a Hugging Face repo id (owner/name) or a local folder in diffusers layout",
             ));
         }
+        // A relative folder is looked for in the current folder, then beside the config.
+        let model = match beside_config(path, &model) {
+            Some(p) if !std::path::Path::new(&model).is_dir() && p.is_dir() => {
+                p.display().to_string()
+            }
+            _ => model,
+        };
         let dtype_s = r.required_string(&root, "torch_dtype", "", "one of fp32, fp16, bf16")?;
         let dtype = match dtype_s.as_str() {
             "fp32" => Dtype::F32,
@@ -726,12 +744,26 @@ impl Config {
             }
         }
         verifier_args.prompt_path = r.string(va, "prompt_path", v)?.map(PathBuf::from);
-        if let Some(pp) = &verifier_args.prompt_path {
-            if !pp.is_file() {
-                return Err(r.invalid(
-                    "verifier_args.prompt_path",
-                    format!("is {}, which is not a readable file; give the path of a text file holding the grading rubric", pp.display()),
-                ));
+        if let Some(pp) = verifier_args.prompt_path.clone() {
+            // Relative: the current folder first, then the config's folder.
+            let beside = beside_config(path, &pp.display().to_string());
+            match beside.filter(|b| !pp.is_file() && b.is_file()) {
+                Some(b) => verifier_args.prompt_path = Some(b),
+                None if pp.is_file() => {}
+                None => {
+                    let looked = match beside_config(path, &pp.display().to_string()) {
+                        Some(b) => format!(
+                            "looked for {} (from the current folder) and {} (beside the config)",
+                            pp.display(),
+                            b.display()
+                        ),
+                        None => format!("looked for {}", pp.display()),
+                    };
+                    return Err(r.invalid(
+                        "verifier_args.prompt_path",
+                        format!("is not a readable file ({looked}); give the path of a text file holding the grading rubric"),
+                    ));
+                }
             }
         }
         verifier_args.base_url = r.string(va, "base_url", v)?;

@@ -635,3 +635,56 @@ fn a_shipped_configs_name_works_from_any_folder() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_config"));
 }
+
+#[test]
+fn relative_paths_in_a_config_resolve_beside_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("experiments");
+    std::fs::create_dir_all(&sub).unwrap();
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd15");
+    std::os::unix::fs::symlink(&tiny, sub.join("tiny-model")).unwrap();
+    std::fs::write(sub.join("rubric.txt"), "Grade the image.").unwrap();
+    let cfg = serde_json::json!({
+        "pretrained_model_name_or_path": "tiny-model",
+        "torch_dtype": "fp32",
+        "pipeline_call_args": {"num_inference_steps": 1},
+        "verifier_args": {"name": "openai", "choice_of_metric": "overall_score",
+                          "base_url": "http://127.0.0.1:9/v1", "max_attempts": 1,
+                          "prompt_path": "rubric.txt"},
+        "search_args": {"search_method": "random", "search_rounds": 1}
+    });
+    std::fs::write(sub.join("c.json"), cfg.to_string()).unwrap();
+    let out = tt_scale(
+        &[
+            "run",
+            "--pipeline-config",
+            "experiments/c.json",
+            "--prompt",
+            "a cat",
+            "--device",
+            "cpu",
+            "--output-dir",
+            "out",
+        ],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(dir.path().join("out/tiny-model").is_dir(), "{stderr}");
+
+    // A missing file says where it was looked for.
+    std::fs::remove_file(sub.join("rubric.txt")).unwrap();
+    let out = tt_scale(
+        &[
+            "run",
+            "--pipeline-config",
+            "experiments/c.json",
+            "--prompt",
+            "a cat",
+        ],
+        dir.path(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("experiments/rubric.txt"), "{stderr}");
+}
