@@ -593,15 +593,28 @@ impl SearchObserver for OutputWriter {
             );
         }
         self.bars.rounds.inc(1);
-        if let Some(i) = r.best {
-            let c = &r.candidates[i];
-            self.bars.prompts.println(format!(
-                "round {}: best {} = {} (seed {})",
-                r.round,
-                self.metric,
-                c.score(&self.metric).unwrap_or(f64::NAN),
-                c.origin.label()
-            ));
+        let line = match r.best {
+            Some(i) => {
+                let c = &r.candidates[i];
+                format!(
+                    "round {}: best {} = {} (seed {})",
+                    r.round,
+                    self.metric,
+                    c.score(&self.metric).unwrap_or(f64::NAN),
+                    c.origin.label()
+                )
+            }
+            None => format!("round {}: no candidate could be graded", r.round),
+        };
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            self.bars.prompts.println(line);
+        } else {
+            // No progress bars without a terminal (a log file, Slurm): one line per round.
+            let _ = writeln!(
+                std::io::stderr(),
+                "{} {line}",
+                escape_controls(&self.prompt_name)
+            );
         }
         Ok(())
     }

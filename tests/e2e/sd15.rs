@@ -72,6 +72,11 @@ fn run_search(dir: &Path, config: &str, env: &[(&str, &str)], seed: &str, out: &
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "tt-scale run failed: {stderr}");
     assert!(stderr.contains("Summary"), "{stderr}");
+    // Without a terminal (here a pipe), progress is one line per round.
+    assert!(
+        stderr.contains("round 1: best overall_score = "),
+        "{stderr}"
+    );
     let parent = dir.join(out).join("tiny-sd15");
     let verifier_dir = std::fs::read_dir(&parent)
         .unwrap()
