@@ -20,14 +20,6 @@ pub enum CollageError {
     /// The folder holds no per-round results.
     #[error("{0} holds no per-round results (prompt@..._hash@..._i@<round>_s@<seed>.json); pass a run folder such as output/sd-v1.5/gemini/overall_score/20250101_120000")]
     NoResults(PathBuf),
-    /// A best image could not be read.
-    #[error("cannot read the image {path}: {message}")]
-    Image {
-        /// The image file.
-        path: PathBuf,
-        /// What went wrong.
-        message: String,
-    },
     /// The collage could not be written.
     #[error(transparent)]
     Output(#[from] crate::output::OutputError),

@@ -747,22 +747,23 @@ impl Config {
         if let Some(pp) = verifier_args.prompt_path.clone() {
             // Relative: the current folder first, then the config's folder.
             let beside = beside_config(path, &pp.display().to_string());
-            match beside.filter(|b| !pp.is_file() && b.is_file()) {
-                Some(b) => verifier_args.prompt_path = Some(b),
-                None if pp.is_file() => {}
-                None => {
-                    let looked = match beside_config(path, &pp.display().to_string()) {
-                        Some(b) => format!(
-                            "looked for {} (from the current folder) and {} (beside the config)",
-                            pp.display(),
-                            b.display()
-                        ),
-                        None => format!("looked for {}", pp.display()),
-                    };
-                    return Err(r.invalid(
-                        "verifier_args.prompt_path",
-                        format!("is not a readable file ({looked}); give the path of a text file holding the grading rubric"),
-                    ));
+            if !pp.is_file() {
+                match beside.as_ref().filter(|b| b.is_file()) {
+                    Some(b) => verifier_args.prompt_path = Some(b.clone()),
+                    None => {
+                        let looked = match &beside {
+                            Some(b) => format!(
+                                "looked for {} (from the current folder) and {} (beside the config)",
+                                pp.display(),
+                                b.display()
+                            ),
+                            None => format!("looked for {}", pp.display()),
+                        };
+                        return Err(r.invalid(
+                            "verifier_args.prompt_path",
+                            format!("is not a readable file ({looked}); give the path of a text file holding the grading rubric"),
+                        ));
+                    }
                 }
             }
         }

@@ -73,6 +73,9 @@ pub enum RunError {
     /// The device is not available.
     #[error("{0}")]
     Device(String),
+    /// The SIGINT/SIGTERM handlers could not be installed.
+    #[error("cannot install the SIGINT/SIGTERM handlers: {0}")]
+    Signals(std::io::Error),
     /// SIGINT (Ctrl-C) or SIGTERM (Slurm preemption, `kill`) stopped the run before its next
     /// batch; every file written is whole.
     #[error(
@@ -264,7 +267,8 @@ pub fn run_with(
         master_seed,
         noise_kernel: config.noise_kernel,
         overlap: !opts.low_vram,
-        probe_first_batch: true,
+        // Set per prompt below: only the run's first prompt probes.
+        probe_first_batch: false,
     };
     let mut writer = OutputWriter::new(run_dir.clone(), &settings, prompts.len());
     for (i, prompt) in prompts.iter().enumerate() {
@@ -322,9 +326,7 @@ impl Signals {
         use signal_hook::consts::{SIGINT, SIGTERM};
         let stop = search::StopFlag::default();
         let term = Arc::new(AtomicBool::new(false));
-        let fail = |e: std::io::Error| {
-            RunError::Device(format!("cannot install the signal handlers: {e}"))
-        };
+        let fail = RunError::Signals;
         for (signal, code) in [(SIGINT, 130), (SIGTERM, 143)] {
             // Registered first, so it sees the flag as it was before this signal.
             signal_hook::flag::register_conditional_shutdown(signal, code, Arc::clone(&stop.0))

@@ -93,6 +93,13 @@ fn run_search(dir: &Path, config: &str, env: &[(&str, &str)], seed: &str, out: &
     runs.pop().unwrap()
 }
 
+/// The one run folder a Gemini run of the tiny SD 1.5 wrote under `dir/out`.
+fn run_folder(dir: &Path) -> PathBuf {
+    let parent = dir.join("out/tiny-sd15/gemini/overall_score");
+    let mut runs = std::fs::read_dir(&parent).unwrap();
+    runs.next().unwrap().unwrap().path()
+}
+
 fn files(dir: &Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)
         .unwrap()
@@ -432,12 +439,7 @@ fn a_verifier_that_always_fails_is_recorded_and_the_run_completes() {
     );
     assert!(!stderr.contains("secret-key-xyz"));
     assert!(server.request_count() >= 6);
-    let run = std::fs::read_dir(dir.path().join("out/tiny-sd15/gemini/overall_score"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let run = run_folder(dir.path());
     let names = files(&run);
     assert_eq!(
         names.iter().filter(|n| n.ends_with(".png")).count(),
@@ -505,12 +507,7 @@ fn a_rejected_key_stops_the_run_after_one_batch_with_exit_code_3() {
     assert_eq!(server.request_count(), 1, "{stderr}");
     // The one image generated is kept (saved before grading); the incomplete round has no
     // JSON.
-    let run = std::fs::read_dir(dir.path().join("out/tiny-sd15/gemini/overall_score"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let run = run_folder(dir.path());
     let names = files(&run);
     assert_eq!(names.len(), 2, "{names:?}");
     assert!(names.contains("config.json"), "{names:?}");
@@ -641,12 +638,7 @@ fn interrupted_run(signal: &str) -> (Option<i32>, String, PathBuf, tempfile::Tem
         "stopped within seconds"
     );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let run = std::fs::read_dir(dir.path().join("out/tiny-sd15/gemini/overall_score"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let run = run_folder(dir.path());
     (out.status.code(), stderr, run, dir)
 }
 
@@ -743,12 +735,7 @@ fn a_closed_stderr_and_stdout_do_not_stop_the_run() {
     drop(child.stderr.take());
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
-    let run = std::fs::read_dir(dir.path().join("out/tiny-sd15/gemini/overall_score"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let run = run_folder(dir.path());
     assert_eq!(
         files(&run).iter().filter(|n| n.ends_with(".png")).count(),
         6
