@@ -144,9 +144,18 @@ pub struct RunArgs {
     pub low_vram: bool,
 
     /// Compute device: auto (cuda when built with it and a GPU is present, else cpu), cpu,
-    /// cuda or cuda:N.
+    /// cuda or cuda:N. With --resume: the run's device unless given.
     #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device_arg)]
     pub device: DeviceArg,
+
+    /// Continue the interrupted or crashed run in this folder: its config, seed, prompts and
+    /// batch size are used, saved images and journaled grades are reused, the rest is made.
+    #[arg(
+        long,
+        value_name = "RUN_DIR",
+        conflicts_with_all = ["pipeline_config", "prompt", "prompts_file", "num_prompts", "batch_size", "seed", "output_dir"]
+    )]
+    pub resume: Option<PathBuf>,
 }
 
 /// Flags of `tt-scale collage`.

@@ -63,6 +63,7 @@ fn main() -> ExitCode {
                     DeviceArg::Auto => None,
                     DeviceArg::Named(d) => Some(d),
                 },
+                resume: a.resume,
             };
             match run::run(&opts) {
                 Ok(summary) => {

@@ -11,10 +11,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
 
 use crate::config::{Config, ConfigError, SearchMethod};
 use crate::device::DeviceSpec;
+use crate::output::journal::{Journal, JOURNAL_DIR};
 use crate::output::{self, BestSoFar, OutputError, RoundContext};
 use crate::pipelines::{ImagePipeline, PipelineError};
 use crate::prompts::{self, NumPrompts, PromptSource, PromptsError};
@@ -42,8 +45,11 @@ pub struct RunOptions {
     pub output_dir: PathBuf,
     /// `--low-vram`.
     pub low_vram: bool,
-    /// `--device`; `None` for auto.
+    /// `--device`; `None` for auto (or, with `resume`, the device the run was started with).
     pub device: Option<DeviceSpec>,
+    /// `--resume`: continue the run in this folder instead of starting one; the config, seed,
+    /// prompts and batch size are the folder's, the flags above that set them are ignored.
+    pub resume: Option<PathBuf>,
 }
 
 /// Why a run stopped.
@@ -73,14 +79,23 @@ pub enum RunError {
     /// The device is not available.
     #[error("{0}")]
     Device(String),
+    /// The folder given to `--resume` cannot be resumed (not a run folder, changed since, or
+    /// made by another version).
+    #[error("cannot resume {}: {problem}", dir.display())]
+    Resume {
+        /// The folder.
+        dir: PathBuf,
+        /// What is wrong and what to do.
+        problem: String,
+    },
     /// The SIGINT/SIGTERM handlers could not be installed.
     #[error("cannot install the SIGINT/SIGTERM handlers: {0}")]
     Signals(std::io::Error),
     /// SIGINT (Ctrl-C) or SIGTERM (Slurm preemption, `kill`) stopped the run before its next
     /// batch; every file written is whole.
     #[error(
-        "interrupted by {signal}: stopped before the next batch; the {images} image(s) of the rounds completed so far are in {}",
-        run_dir.display()
+        "interrupted by {signal}: stopped before the next batch; the {images} image(s) of the rounds completed so far are in {}; continue with: {}",
+        run_dir.display(), resume_command(run_dir)
     )]
     Interrupted {
         /// `SIGINT` or `SIGTERM`.
@@ -93,8 +108,8 @@ pub enum RunError {
     /// The verifier cannot grade any image (a rejected key, an unknown model, a refused
     /// request, an exhausted quota); the run stopped with its files consistent.
     #[error(
-        "the verifier cannot grade any image, so the run stopped (the rounds completed so far are in {}): {message}",
-        run_dir.display()
+        "the verifier cannot grade any image, so the run stopped (the rounds completed so far are in {}): {message}\nOnce that is fixed, continue with: {}",
+        run_dir.display(), resume_command(run_dir)
     )]
     FatalVerifier {
         /// The API's message and what to do.
@@ -110,7 +125,10 @@ impl RunError {
     /// run); 3 when the verifier cannot grade any image; 1 for anything else.
     pub fn exit_code(&self) -> i32 {
         match self {
-            RunError::Usage(_) | RunError::Config(_) | RunError::Device(_) => 2,
+            RunError::Usage(_)
+            | RunError::Config(_)
+            | RunError::Device(_)
+            | RunError::Resume { .. } => 2,
             RunError::Prompts(
                 PromptsError::EmptyPrompt
                 | PromptsError::ReadFile { .. }
@@ -149,8 +167,12 @@ pub struct RunSummary {
     pub master_seed: u64,
     /// Per prompt: the prompt and the best score over all rounds (if any candidate was graded).
     pub best_scores: Vec<(String, Option<f64>)>,
-    /// Images generated.
+    /// Images of the rounds written (generated, or read back when resuming).
     pub images: usize,
+    /// Images read back from the folder instead of generated (`--resume`).
+    pub reused_images: usize,
+    /// Grades read back from the journal instead of asked (`--resume`).
+    pub reused_grades: usize,
     /// Candidates whose grading failed.
     pub failed_gradings: usize,
     /// Rounds in which every candidate failed grading.
@@ -188,6 +210,13 @@ impl std::fmt::Display for RunSummary {
             "  images: {} ({ips:.3} images/s of generation), wall time {:.1} s",
             self.images, self.wall_s
         )?;
+        if self.reused_images > 0 || self.reused_grades > 0 {
+            writeln!(
+                f,
+                "  resumed: {} image(s) and {} grade(s) reused from the folder",
+                self.reused_images, self.reused_grades
+            )?;
+        }
         writeln!(
             f,
             "  verifier: {} requests, {} failed requests, {} candidates without a grade, {} rounds with none graded",
@@ -201,8 +230,12 @@ impl std::fmt::Display for RunSummary {
     }
 }
 
-/// Runs a whole search: validates, loads, searches every prompt, writes the outputs.
+/// Runs a whole search: validates, loads, searches every prompt, writes the outputs. With
+/// `opts.resume`, continues the run in that folder instead.
 pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
+    if let Some(dir) = &opts.resume {
+        return resume(opts, dir);
+    }
     let started = Instant::now();
     let config = Config::load(&opts.config_path)?;
     for w in &config.warnings {
@@ -210,12 +243,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
     }
     let source = prompt_source(opts)?;
     let device = select_device(opts.device)?;
-    let mut verifier_args = config.verifier_args.clone();
-    if verifier_args.device.is_none() {
-        // A local verifier runs beside the diffusion model unless told otherwise.
-        verifier_args.device = opts.device.map(|d| d.to_string());
-    }
-    let verifier = verifiers::build_for_run(&verifier_args, opts.low_vram)?;
+    let verifier = build_verifier(&config, opts)?;
     let prompts = unique_prompts(prompts::load_prompts(&source.0, source.1)?);
     tracing::info!("{} prompt(s)", prompts.len());
     let mut pipeline = crate::pipelines::load(&config, &device, opts.low_vram)?;
@@ -225,17 +253,30 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
         &prompts,
         pipeline.as_mut(),
         verifier.as_ref(),
+        device.is_cuda(),
         started,
     )
 }
 
-/// The search and output part of [`run`], for an already loaded pipeline and verifier.
+/// The verifier of `config`; a local one runs beside the diffusion model unless told otherwise.
+fn build_verifier(config: &Config, opts: &RunOptions) -> Result<Box<dyn Verifier>, RunError> {
+    let mut verifier_args = config.verifier_args.clone();
+    if verifier_args.device.is_none() {
+        verifier_args.device = opts.device.map(|d| d.to_string());
+    }
+    Ok(verifiers::build_for_run(&verifier_args, opts.low_vram)?)
+}
+
+/// The search and output part of [`run`], for an already loaded pipeline and verifier: makes
+/// the run folder (its `config.json` and resume record) and searches every prompt. `on_cuda`
+/// says which kind of device the images are made on (a resumed run must use the same kind).
 pub fn run_with(
     opts: &RunOptions,
     config: &Config,
     prompts: &[String],
     pipeline: &mut dyn ImagePipeline,
     verifier: &dyn Verifier,
+    on_cuda: bool,
     started: Instant,
 ) -> Result<RunSummary, RunError> {
     let master_seed = opts.seed.unwrap_or_else(search::seeds::draw_master_seed);
@@ -246,17 +287,57 @@ pub fn run_with(
         &config.verifier_args.choice_of_metric,
         chrono::Local::now(),
     )?;
-    output::write_json(
-        &run_dir.join("config.json"),
-        &run_record(config, opts, master_seed),
-    )?;
+    let config_json = output::to_python_json(&run_record(config, opts, master_seed));
+    output::write_atomic(&run_dir.join("config.json"), config_json.as_bytes())?;
+    let journal_dir = run_dir.join(JOURNAL_DIR);
+    std::fs::create_dir_all(&journal_dir).map_err(|source| OutputError {
+        path: journal_dir.clone(),
+        source,
+    })?;
+    let record = ResumeRecord {
+        format: RESUME_FORMAT,
+        tt_scale_version: env!("CARGO_PKG_VERSION").to_string(),
+        cwd: std::env::current_dir().unwrap_or_default(),
+        run_dir: run_dir.clone(),
+        config_sha256: sha256_hex(config_json.as_bytes()),
+        device: device_kind(on_cuda).to_string(),
+        prompts: prompts.to_vec(),
+    };
+    output::write_json(&journal_dir.join(RESUME_FILE), &record)?;
     // A closed stderr must not stop the run (`let _`: the text is dropped, never a panic).
     let _ = writeln!(
         std::io::stderr(),
         "tt-scale: master seed {master_seed}, writing to {}",
         run_dir.display()
     );
+    search_prompts(
+        &run_dir,
+        &run_dir,
+        master_seed,
+        opts,
+        config,
+        prompts,
+        pipeline,
+        verifier,
+        started,
+    )
+}
 
+/// Searches every prompt into `run_dir` (new or resumed): what the folder already holds (saved
+/// images, journaled grades) is reused, the rest is generated and graded.
+#[allow(clippy::too_many_arguments)]
+fn search_prompts(
+    run_dir: &Path,
+    shown_dir: &Path,
+    master_seed: u64,
+    opts: &RunOptions,
+    config: &Config,
+    prompts: &[String],
+    pipeline: &mut dyn ImagePipeline,
+    verifier: &dyn Verifier,
+    started: Instant,
+) -> Result<RunSummary, RunError> {
+    let run_dir = run_dir.to_path_buf();
     let signals = Signals::register()?;
     let settings = SearchSettings {
         stop: signals.stop.clone(),
@@ -270,18 +351,25 @@ pub fn run_with(
         // Set per prompt below: only the run's first prompt probes.
         probe_first_batch: false,
     };
-    let mut writer = OutputWriter::new(run_dir.clone(), &settings, prompts.len());
+    let mut writer = OutputWriter::new(
+        run_dir.clone(),
+        shown_dir.to_path_buf(),
+        &settings,
+        prompts.len(),
+    );
     for (i, prompt) in prompts.iter().enumerate() {
         let settings = SearchSettings {
             probe_first_batch: i == 0,
             ..settings.clone()
         };
         writer.start_prompt(prompt);
+        let journal = Journal::open(&run_dir, &writer.prompt_name)?;
         let searched = if settings.stop.is_set() {
             Err(SearchError::Interrupted)
         } else {
-            search::search_prompt(prompt, pipeline, verifier, &settings, &mut writer)
+            search::search_prompt(prompt, pipeline, verifier, &settings, &mut writer, &journal)
         };
+        writer.reused_grades += journal.reused_grades();
         match searched {
             Err(SearchError::FatalVerifier(message)) => {
                 writer.finish();
@@ -305,12 +393,187 @@ pub fn run_with(
         master_seed,
         best_scores: writer.best_scores,
         images: writer.images,
+        reused_images: writer.images.saturating_sub(writer.generated),
+        reused_grades: writer.reused_grades,
         failed_gradings: writer.failed_gradings,
         failed_rounds: writer.failed_rounds,
         verifier_stats: verifier.call_stats(),
         generation_s: writer.generation_s,
         wall_s: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The resume record's file in the journal folder.
+const RESUME_FILE: &str = "run.json";
+/// Version of the resume record's layout.
+const RESUME_FORMAT: u32 = 1;
+
+/// What `journal/run.json` keeps beside `config.json` so that a run can be resumed exactly.
+#[derive(Debug, Serialize, Deserialize)]
+struct ResumeRecord {
+    /// [`RESUME_FORMAT`].
+    format: u32,
+    /// The version that made the run; another version may make other images.
+    tt_scale_version: String,
+    /// The folder the run was started from: relative paths of the command line resolve there.
+    cwd: PathBuf,
+    /// The run folder as the round JSON names it (see [`RoundContext::shown_dir`]).
+    run_dir: PathBuf,
+    /// SHA-256 (hex) of `config.json` as written, to notice an edit.
+    config_sha256: String,
+    /// `cpu` or `cuda`: the kind of device the images were made on.
+    device: String,
+    /// The prompts searched, in order.
+    prompts: Vec<String>,
+}
+
+fn device_kind(on_cuda: bool) -> &'static str {
+    if on_cuda {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `tt-scale run --resume DIR`: checks that the folder is a run this binary can continue
+/// exactly, then searches its prompts again, reusing every saved image and journaled grade.
+fn resume(opts: &RunOptions, dir: &Path) -> Result<RunSummary, RunError> {
+    let started = Instant::now();
+    let refuse = |problem: String| RunError::Resume {
+        dir: dir.to_path_buf(),
+        problem,
+    };
+    if !dir.is_dir() {
+        return Err(refuse(
+            "it is not a folder; give the run folder that tt-scale printed (output/<model>/<verifier>/<metric>/<time>)".into(),
+        ));
+    }
+    let config_path = dir.join("config.json");
+    let config_bytes = crate::files::read_capped(&config_path, crate::config::MAX_CONFIG_BYTES)
+        .map_err(|e| {
+            refuse(format!(
+                "its config.json cannot be read ({e}); is it a tt-scale run folder?"
+            ))
+        })?;
+    let record_path = dir.join(JOURNAL_DIR).join(RESUME_FILE);
+    let record: ResumeRecord = crate::files::read_capped(&record_path, 1 << 30)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .ok_or_else(|| {
+            refuse(format!(
+                "{} is missing or unreadable: the run was made by an older tt-scale, or stopped before it began; start a new run",
+                record_path.display()
+            ))
+        })?;
+    let version = env!("CARGO_PKG_VERSION");
+    if record.format != RESUME_FORMAT || record.tt_scale_version != version {
+        return Err(refuse(format!(
+            "it was made by tt-scale {}, and this is {version}, whose images or grades may differ; resume it with tt-scale {} or start a new run",
+            record.tt_scale_version, record.tt_scale_version
+        )));
+    }
+    if sha256_hex(&config_bytes) != record.config_sha256 {
+        return Err(refuse(
+            "its config.json was changed after the run started, so the images already made would not match the rest; undo the change, or start a new run with the new config".into(),
+        ));
+    }
+    let text = String::from_utf8(config_bytes)
+        .map_err(|_| refuse("its config.json is not UTF-8".into()))?;
+    let recorded: Map<String, Value> = serde_json::from_str(&text)
+        .map_err(|e| refuse(format!("its config.json is not a JSON object ({e})")))?;
+    let recorded_path = recorded
+        .get("pipeline_config_path")
+        .and_then(Value::as_str)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| config_path.clone());
+    // The config is the folder's copy; relative paths in it resolve as when the run started.
+    let mut config = Config::parse(&text, &record.cwd.join(recorded_path))?;
+    if !Path::new(&config.model).is_dir() && record.cwd.join(&config.model).is_dir() {
+        config.model = record.cwd.join(&config.model).display().to_string();
+    }
+    let master_seed = recorded.get("seed").and_then(Value::as_u64);
+    let batch_size = recorded
+        .get("batch_size_for_img_gen")
+        .and_then(Value::as_u64)
+        .and_then(|b| usize::try_from(b).ok())
+        .filter(|&b| b >= 1);
+    let (Some(master_seed), Some(batch_size)) = (master_seed, batch_size) else {
+        return Err(refuse(
+            "its config.json has no `seed` or `batch_size_for_img_gen`; it was not written by `tt-scale run`".into(),
+        ));
+    };
+    let recorded_device = recorded
+        .get("device")
+        .and_then(Value::as_str)
+        .and_then(crate::device::parse_device);
+    let opts = RunOptions {
+        config_path: config.path.clone(),
+        seed: Some(master_seed),
+        batch_size,
+        device: opts.device.or(recorded_device),
+        resume: Some(dir.to_path_buf()),
+        ..opts.clone()
+    };
+    let device = select_device(opts.device)?;
+    if device_kind(device.is_cuda()) != record.device {
+        return Err(refuse(format!(
+            "its images were made on {}, and this run would make them on {}, where they differ; resume it with --device {}",
+            record.device,
+            device_kind(device.is_cuda()),
+            record.device
+        )));
+    }
+    let verifier = build_verifier(&config, &opts)?;
+    let mut pipeline = crate::pipelines::load(&config, &device, opts.low_vram)?;
+    for folder in [dir.to_path_buf(), dir.join(JOURNAL_DIR)] {
+        output::remove_stale_temp_files(&folder)?;
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "tt-scale: resuming {} (master seed {master_seed}, {} prompt(s))",
+        dir.display(),
+        record.prompts.len()
+    );
+    search_prompts(
+        dir,
+        &record.run_dir,
+        master_seed,
+        &opts,
+        &config,
+        &record.prompts,
+        pipeline.as_mut(),
+        verifier.as_ref(),
+        started,
+    )
+}
+
+/// The command that resumes the run in `run_dir`, from any folder (the path made absolute).
+pub fn resume_command(run_dir: &Path) -> String {
+    let dir = std::path::absolute(run_dir).unwrap_or_else(|_| run_dir.to_path_buf());
+    format!(
+        "tt-scale run --resume {}",
+        shell_quote(&dir.display().to_string())
+    )
+}
+
+/// `text` as one shell word: unchanged when it is plain, else in single quotes.
+fn shell_quote(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"@%+=:,./_-".contains(&b));
+    if plain {
+        text.to_string()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
 }
 
 /// SIGINT and SIGTERM during the search: the first one asks the search to stop before its next
@@ -458,12 +721,17 @@ fn run_record(config: &Config, opts: &RunOptions, master_seed: u64) -> Value {
 /// the summary.
 struct OutputWriter {
     run_dir: PathBuf,
+    /// The run folder as the JSON names it ([`RoundContext::shown_dir`]).
+    shown_dir: PathBuf,
     metric: String,
     zero_order: bool,
     prompt_name: String,
     best: Option<BestSoFar>,
     best_scores: Vec<(String, Option<f64>)>,
     images: usize,
+    /// Images generated (not read back).
+    generated: usize,
+    reused_grades: usize,
     failed_gradings: usize,
     failed_rounds: usize,
     generation_s: f64,
@@ -478,7 +746,12 @@ struct Bars {
 }
 
 impl OutputWriter {
-    fn new(run_dir: PathBuf, settings: &SearchSettings, num_prompts: usize) -> Self {
+    fn new(
+        run_dir: PathBuf,
+        shown_dir: PathBuf,
+        settings: &SearchSettings,
+        num_prompts: usize,
+    ) -> Self {
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
         let style = |t: &str| {
             ProgressStyle::with_template(t).unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -497,12 +770,15 @@ impl OutputWriter {
         ));
         Self {
             run_dir,
+            shown_dir,
             metric: settings.metric.clone(),
             zero_order: matches!(settings.method, SearchMethod::ZeroOrder { .. }),
             prompt_name: String::new(),
             best: None,
             best_scores: Vec::new(),
             images: 0,
+            generated: 0,
+            reused_grades: 0,
             failed_gradings: 0,
             failed_rounds: 0,
             generation_s: 0.0,
@@ -564,6 +840,7 @@ impl SearchObserver for OutputWriter {
         images: &[image::RgbImage],
     ) -> Result<(), ObserverError> {
         // Saved before grading, so a stopped or crashed run keeps every decoded image.
+        self.generated += images.len();
         for (origin, image) in origins.iter().zip(images) {
             let stem = output::candidate_stem(&self.prompt_name, round, &origin.label());
             output::write_png(&self.run_dir.join(format!("{stem}.png")), image)?;
@@ -576,6 +853,7 @@ impl SearchObserver for OutputWriter {
             &self.run_dir,
             &RoundContext {
                 prompt,
+                shown_dir: &self.shown_dir,
                 prompt_name: &self.prompt_name,
                 metric: &self.metric,
                 zero_order: self.zero_order,
@@ -638,6 +916,16 @@ mod tests {
             unique_prompts(p(&["a", "b", "a", "c", "b"])),
             p(&["a", "b", "c"])
         );
+    }
+
+    #[test]
+    fn resume_commands_quote_folders_for_the_shell() {
+        assert_eq!(
+            shell_quote("output/sd-v1.5/gemini/x_1"),
+            "output/sd-v1.5/gemini/x_1"
+        );
+        assert_eq!(shell_quote("my runs/it's"), "'my runs/it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
     }
 
     #[test]

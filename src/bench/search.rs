@@ -202,12 +202,18 @@ fn time_search(
         };
         let mut totals = Totals::default();
         let start = Instant::now();
-        search_prompt("a bench", pipeline, &verifier, &settings, &mut totals).map_err(
-            |e| match e {
-                SearchError::Pipeline(p) => p,
-                other => PipelineError::InvalidArgument(other.to_string()),
-            },
-        )?;
+        search_prompt(
+            "a bench",
+            pipeline,
+            &verifier,
+            &settings,
+            &mut totals,
+            &crate::search::NoStore,
+        )
+        .map_err(|e| match e {
+            SearchError::Pipeline(p) => p,
+            other => PipelineError::InvalidArgument(other.to_string()),
+        })?;
         Ok((start.elapsed().as_secs_f64() * 1e3, totals))
     };
     let (overlapped_ms, totals) = run(true)?;

@@ -151,6 +151,49 @@ pub trait SearchObserver {
     fn round_finished(&mut self, prompt: &str, result: &RoundResult) -> Result<(), ObserverError>;
 }
 
+/// What is already known of a prompt's candidates: images on disk and grades recorded by an
+/// earlier, interrupted attempt at the same run (`--resume`), and where new grades are recorded
+/// as they arrive. The search asks it before generating a batch or grading a candidate, so
+/// nothing is generated or graded twice.
+pub trait CandidateStore: Sync {
+    /// The image `origin` made in round `round`, if it is already saved.
+    fn image(&self, round: usize, origin: &NoiseOrigin) -> Option<RgbImage>;
+    /// The grading recorded for `origin` in round `round`, if any.
+    fn grading(&self, round: usize, origin: &NoiseOrigin) -> Option<Result<Grading, ScoreFailure>>;
+    /// Records a grading as soon as it arrives (called from grading threads).
+    fn record(
+        &self,
+        round: usize,
+        origin: &NoiseOrigin,
+        grading: &Result<Grading, ScoreFailure>,
+    ) -> Result<(), ObserverError>;
+}
+
+/// A store that knows nothing and keeps nothing: every candidate is generated and graded.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoStore;
+
+impl CandidateStore for NoStore {
+    fn image(&self, _round: usize, _origin: &NoiseOrigin) -> Option<RgbImage> {
+        None
+    }
+    fn grading(
+        &self,
+        _round: usize,
+        _origin: &NoiseOrigin,
+    ) -> Option<Result<Grading, ScoreFailure>> {
+        None
+    }
+    fn record(
+        &self,
+        _round: usize,
+        _origin: &NoiseOrigin,
+        _grading: &Result<Grading, ScoreFailure>,
+    ) -> Result<(), ObserverError> {
+        Ok(())
+    }
+}
+
 /// Why an observer could not take a round (its files could not be written, ...): any error of
 /// the layer above, kept as its message and source.
 #[derive(Debug)]
@@ -255,6 +298,11 @@ pub fn select_best(candidates: &[Candidate], metric: &str) -> Option<usize> {
 
 /// Runs the whole search for one prompt, reporting each round to `observer` in round order.
 ///
+/// Batches whose images `store` has are not generated again (a batch is regenerated whole, so
+/// its images are the same as in one uninterrupted run), candidates it has grades for are not
+/// graded again, and every new grading is recorded in it as it arrives. The prompt is encoded
+/// only when a batch has to be generated.
+///
 /// Generation and grading overlap when `settings.overlap` is set: every generated batch is
 /// sent to the verifier on its own thread while the pipeline denoises the next batch, and
 /// random search (whose rounds do not depend on each other's scores) goes on to the next
@@ -266,8 +314,8 @@ pub fn search_prompt(
     verifier: &dyn Verifier,
     settings: &SearchSettings,
     observer: &mut dyn SearchObserver,
+    store: &dyn CandidateStore,
 ) -> Result<(), SearchError> {
-    pipeline.set_prompt(prompt)?;
     let shape = pipeline.noise_shape();
     let mut stream = SeedStream::new(settings.master_seed, prompt);
     let fatal = OnceLock::new();
@@ -279,6 +327,8 @@ pub fn search_prompt(
             overlap: settings.overlap,
             probe: settings.probe_first_batch,
             fatal: &fatal,
+            store,
+            prompt_set: false,
             pending: std::collections::VecDeque::new(),
         };
         match settings.method {
@@ -356,7 +406,7 @@ pub fn search_prompt(
                     queue.generate_round(
                         round, origins, &noises, pipeline, settings, observer, None,
                     )?;
-                    let graded = queue.collect_round();
+                    let graded = queue.collect_round()?;
                     let mut candidates = graded.candidates;
                     let mut all_noises = noises;
                     if let Some(mut b) = base {
@@ -420,6 +470,8 @@ struct BatchResult {
     images: Vec<RgbImage>,
     gradings: Vec<Result<Grading, ScoreFailure>>,
     seconds: f64,
+    /// Why a grading could not be recorded in the store, if it could not.
+    record_error: Option<ObserverError>,
 }
 
 struct PendingRound<'scope> {
@@ -441,43 +493,105 @@ struct RoundQueue<'scope, 'env> {
     probe: bool,
     /// The first failure that no further request can avoid, set by the grading threads.
     fatal: &'env OnceLock<String>,
+    /// Saved images and recorded grades.
+    store: &'env dyn CandidateStore,
+    /// Whether the pipeline has been given the prompt.
+    prompt_set: bool,
     pending: std::collections::VecDeque<PendingRound<'scope>>,
 }
 
+/// A batch to grade: its images, the noises that made them, and the gradings already known.
+struct ToGrade {
+    round: usize,
+    origins: Vec<NoiseOrigin>,
+    images: Vec<RgbImage>,
+    known: Vec<Option<Result<Grading, ScoreFailure>>>,
+}
+
+impl ToGrade {
+    /// Whether some image has no grading yet, so the verifier will be asked.
+    fn asks(&self) -> bool {
+        self.known.iter().any(Option::is_none)
+    }
+}
+
+/// Grades the images of `batch` that have no known grading, records each new grading in
+/// `store`, and notes the first fatal failure in `fatal`.
 fn grade(
     verifier: &dyn Verifier,
     prompt: &str,
-    images: Vec<RgbImage>,
+    batch: ToGrade,
     fatal: &OnceLock<String>,
+    store: &dyn CandidateStore,
 ) -> BatchResult {
     let t = Instant::now();
-    let inputs: Vec<VerifierInput<'_>> = images
-        .iter()
-        .map(|image| VerifierInput { prompt, image })
+    let ToGrade {
+        round,
+        origins,
+        images,
+        known,
+    } = batch;
+    let missing: Vec<usize> = (0..images.len())
+        .filter(|&i| known.get(i).is_none_or(Option::is_none))
         .collect();
-    let mut gradings = verifier.score(&inputs);
-    drop(inputs);
+    let mut fresh = if missing.is_empty() {
+        Vec::new()
+    } else {
+        let inputs: Vec<VerifierInput<'_>> = missing
+            .iter()
+            .map(|&i| VerifierInput {
+                prompt,
+                image: &images[i],
+            })
+            .collect();
+        verifier.score(&inputs)
+    };
     // A verifier that returns fewer results than inputs must not shift scores onto the wrong
     // candidates: missing slots are failures.
-    gradings.resize_with(images.len(), || {
+    fresh.resize_with(missing.len(), || {
         Err(ScoreFailure {
             message: "the verifier returned no result for this image".into(),
             attempts: 0,
             fatal: false,
         })
     });
-    gradings.truncate(images.len());
-    if let Some(f) = gradings
-        .iter()
-        .find_map(|g| g.as_ref().err().filter(|f| f.fatal))
-    {
-        // The first fatal failure wins; later ones say the same.
-        let _ = fatal.set(f.message.clone());
+    fresh.truncate(missing.len());
+    let mut record_error = None;
+    for (&i, g) in missing.iter().zip(&fresh) {
+        match g {
+            // The first fatal failure wins; later ones say the same. A fatal failure is not
+            // recorded: once the cause is fixed, a resumed run asks again.
+            Err(f) if f.fatal => {
+                let _ = fatal.set(f.message.clone());
+            }
+            _ => {
+                if let Some(origin) = origins.get(i) {
+                    if let Err(e) = store.record(round, origin, g) {
+                        record_error.get_or_insert(e);
+                    }
+                }
+            }
+        }
     }
+    let mut fresh = fresh.into_iter();
+    let gradings = known
+        .into_iter()
+        .map(|k| match k {
+            Some(g) => g,
+            None => fresh.next().unwrap_or_else(|| {
+                Err(ScoreFailure {
+                    message: "the verifier returned no result for this image".into(),
+                    attempts: 0,
+                    fatal: false,
+                })
+            }),
+        })
+        .collect();
     BatchResult {
         images,
         gradings,
         seconds: t.elapsed().as_secs_f64(),
+        record_error,
     }
 }
 
@@ -519,32 +633,69 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
                 }
                 return Err(error);
             }
-            let t = Instant::now();
-            let images = pipeline.generate(batch)?;
-            // Generation only: without overlap, grading below runs on this thread.
-            let generation_s = t.elapsed().as_secs_f64();
-            if images.len() != batch.len() {
-                return Err(SearchError::ImageCount {
-                    expected: batch.len(),
-                    got: images.len(),
-                });
-            }
+            let (start, origins) = match self.pending.back() {
+                Some(p) => (
+                    p.generated,
+                    p.origins
+                        .get(p.generated..p.generated + batch.len())
+                        .unwrap_or(&[])
+                        .to_vec(),
+                ),
+                None => (0, Vec::new()),
+            };
+            // A batch saved whole by an earlier attempt is read back, not generated.
+            let saved: Option<Vec<RgbImage>> = origins
+                .iter()
+                .map(|o| self.store.image(round, o))
+                .collect::<Option<Vec<_>>>()
+                .filter(|images| !images.is_empty() && images.len() == batch.len());
+            let (images, generation_s) = match saved {
+                Some(images) => (images, 0.0),
+                None => {
+                    if !self.prompt_set {
+                        pipeline.set_prompt(self.prompt)?;
+                        self.prompt_set = true;
+                    }
+                    let t = Instant::now();
+                    let images = pipeline.generate(batch)?;
+                    // Generation only: without overlap, grading below runs on this thread.
+                    let generation_s = t.elapsed().as_secs_f64();
+                    if images.len() != batch.len() {
+                        return Err(SearchError::ImageCount {
+                            expected: batch.len(),
+                            got: images.len(),
+                        });
+                    }
+                    observer.batch_generated(round, &origins, &images)?;
+                    (images, generation_s)
+                }
+            };
             observer.images_generated(images.len());
             if let Some(p) = self.pending.back_mut() {
-                let start = p.generated;
-                p.generated += images.len();
-                let origins = p.origins.get(start..p.generated).unwrap_or(&[]);
-                observer.batch_generated(round, origins, &images)?;
+                p.generated = start + images.len();
             }
-            let (verifier, prompt, fatal) = (self.verifier, self.prompt, self.fatal);
-            let graded = if self.overlap && !self.probe {
+            let known = origins
+                .iter()
+                .map(|o| self.store.grading(round, o))
+                .collect();
+            let to_grade = ToGrade {
+                round,
+                origins,
+                images,
+                known,
+            };
+            let (verifier, prompt, fatal, store) =
+                (self.verifier, self.prompt, self.fatal, self.store);
+            let graded = if !to_grade.asks() {
+                Batch::Done(grade(verifier, prompt, to_grade, fatal, store))
+            } else if self.overlap && !self.probe {
                 Batch::Grading(
                     self.scope
-                        .spawn(move || grade(verifier, prompt, images, fatal)),
+                        .spawn(move || grade(verifier, prompt, to_grade, fatal, store)),
                 )
             } else {
                 self.probe = false;
-                Batch::Done(grade(verifier, prompt, images, fatal))
+                Batch::Done(grade(verifier, prompt, to_grade, fatal, store))
             };
             if let Some(p) = self.pending.back_mut() {
                 p.generation_s += generation_s;
@@ -580,7 +731,7 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
                 break;
             };
             let round = p.round;
-            let graded = Self::collect(p);
+            let graded = Self::collect(p)?;
             observer.round_finished(self.prompt, &finish(round, graded))?;
         }
         Ok(())
@@ -604,18 +755,20 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
     }
 
     /// Waits for the grades of the only queued round and returns it.
-    fn collect_round(&mut self) -> GradedRound {
+    fn collect_round(&mut self) -> Result<GradedRound, SearchError> {
         match self.pending.pop_front() {
             Some(p) => Self::collect(p),
-            None => GradedRound {
+            None => Ok(GradedRound {
                 candidates: Vec::new(),
                 generation_s: 0.0,
                 verification_s: 0.0,
-            },
+            }),
         }
     }
 
-    fn collect(p: PendingRound<'scope>) -> GradedRound {
+    /// Waits for a round's grades and puts its candidates together; fails when a grading
+    /// could not be recorded.
+    fn collect(p: PendingRound<'scope>) -> Result<GradedRound, SearchError> {
         let mut images = Vec::with_capacity(p.origins.len());
         let mut gradings = Vec::with_capacity(p.origins.len());
         let mut verification_s = 0.0;
@@ -626,6 +779,9 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
                     .join()
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
             };
+            if let Some(e) = r.record_error {
+                return Err(SearchError::Observer(e));
+            }
             verification_s += r.seconds;
             images.extend(r.images);
             gradings.extend(r.gradings);
@@ -642,11 +798,11 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
                 carried_over: false,
             })
             .collect();
-        GradedRound {
+        Ok(GradedRound {
             candidates,
             generation_s: p.generation_s,
             verification_s,
-        }
+        })
     }
 }
 
@@ -737,9 +893,12 @@ mod tests {
         }
     }
 
+    /// Per round: its number, the best candidate, every candidate's score.
+    type Rounds = Vec<(usize, Option<usize>, Vec<Option<f64>>)>;
+
     #[derive(Default)]
     struct Recorder {
-        rounds: Vec<(usize, Option<usize>, Vec<Option<f64>>)>,
+        rounds: Rounds,
         generation_s: f64,
         verification_s: f64,
     }
@@ -787,7 +946,7 @@ mod tests {
             stop: StopFlag::default(),
         };
         let mut rec = Recorder::default();
-        search_prompt("p", &mut pipeline, &verifier, &settings, &mut rec).unwrap();
+        search_prompt("p", &mut pipeline, &verifier, &settings, &mut rec, &NoStore).unwrap();
         let gave_up = *verifier.gave_up.lock().unwrap();
         (rec, gave_up)
     }
@@ -831,5 +990,226 @@ mod tests {
         let (overlapped, _) = run(method, true, Duration::from_millis(1), usize::MAX);
         assert_eq!(serial.rounds, overlapped.rounds);
         assert_eq!(serial.rounds.len(), 3);
+    }
+    /// Counts what it is asked: prompts encoded, images generated, images graded.
+    #[derive(Default)]
+    struct Counting {
+        prompts: Mutex<usize>,
+        generated: Mutex<Vec<usize>>,
+        graded: Mutex<usize>,
+    }
+
+    struct CountingPipeline<'a>(&'a Counting);
+
+    impl ImagePipeline for CountingPipeline<'_> {
+        fn noise_shape(&self) -> Vec<usize> {
+            vec![1, 1, 4, 4]
+        }
+        fn set_prompt(&mut self, _prompt: &str) -> Result<(), PipelineError> {
+            *self.0.prompts.lock().unwrap() += 1;
+            Ok(())
+        }
+        fn generate(&mut self, noises: &[Noise]) -> Result<Vec<RgbImage>, PipelineError> {
+            self.0.generated.lock().unwrap().push(noises.len());
+            Ok(noises
+                .iter()
+                .map(|n| {
+                    let v = (n.data.iter().sum::<f32>().abs() * 10.0) as u8;
+                    RgbImage::from_pixel(2, 2, image::Rgb([v, v, v]))
+                })
+                .collect())
+        }
+    }
+
+    impl Verifier for &Counting {
+        fn name(&self) -> &str {
+            "counting"
+        }
+        fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
+            *self.graded.lock().unwrap() += inputs.len();
+            inputs
+                .iter()
+                .map(|i| {
+                    let mut g = Grading::new();
+                    let score = f64::from(i.image.get_pixel(0, 0)[0]);
+                    g.insert(
+                        "overall_score".into(),
+                        Score {
+                            explanation: String::new(),
+                            score,
+                        },
+                    );
+                    Ok(g)
+                })
+                .collect()
+        }
+    }
+
+    /// Keeps images and grades in memory, as the journal and the PNGs do on disk.
+    #[derive(Default)]
+    struct MemoryStore {
+        images: Mutex<std::collections::HashMap<(usize, String), RgbImage>>,
+        grades: Mutex<std::collections::HashMap<(usize, String), Result<Grading, ScoreFailure>>>,
+    }
+
+    impl CandidateStore for MemoryStore {
+        fn image(&self, round: usize, origin: &NoiseOrigin) -> Option<RgbImage> {
+            self.images
+                .lock()
+                .unwrap()
+                .get(&(round, origin.label()))
+                .cloned()
+        }
+        fn grading(
+            &self,
+            round: usize,
+            origin: &NoiseOrigin,
+        ) -> Option<Result<Grading, ScoreFailure>> {
+            self.grades
+                .lock()
+                .unwrap()
+                .get(&(round, origin.label()))
+                .cloned()
+        }
+        fn record(
+            &self,
+            round: usize,
+            origin: &NoiseOrigin,
+            grading: &Result<Grading, ScoreFailure>,
+        ) -> Result<(), ObserverError> {
+            self.grades
+                .lock()
+                .unwrap()
+                .insert((round, origin.label()), grading.clone());
+            Ok(())
+        }
+    }
+
+    /// Saves every generated image into the store, as the run's output writer saves PNGs.
+    struct Saving<'a> {
+        store: &'a MemoryStore,
+        rec: Recorder,
+    }
+
+    impl SearchObserver for Saving<'_> {
+        fn batch_generated(
+            &mut self,
+            round: usize,
+            origins: &[NoiseOrigin],
+            images: &[RgbImage],
+        ) -> Result<(), ObserverError> {
+            let mut saved = self.store.images.lock().unwrap();
+            for (o, i) in origins.iter().zip(images) {
+                saved.insert((round, o.label()), i.clone());
+            }
+            Ok(())
+        }
+        fn round_finished(&mut self, p: &str, r: &RoundResult) -> Result<(), ObserverError> {
+            self.rec.round_finished(p, r)
+        }
+    }
+
+    fn search_with_store(method: SearchMethod, store: &MemoryStore) -> (Rounds, Counting) {
+        let counting = Counting::default();
+        let mut pipeline = CountingPipeline(&counting);
+        let settings = SearchSettings {
+            method,
+            rounds: 3,
+            batch_size: 3,
+            metric: "overall_score".into(),
+            master_seed: 5,
+            noise_kernel: NoiseKernel::Portable,
+            overlap: true,
+            probe_first_batch: true,
+            stop: StopFlag::default(),
+        };
+        let mut obs = Saving {
+            store,
+            rec: Recorder::default(),
+        };
+        search_prompt("p", &mut pipeline, &&counting, &settings, &mut obs, store).unwrap();
+        (obs.rec.rounds, counting)
+    }
+
+    #[test]
+    fn a_store_with_everything_asks_for_nothing_and_gives_the_same_rounds() {
+        for method in [
+            SearchMethod::Random,
+            SearchMethod::ZeroOrder {
+                threshold: 0.95,
+                num_neighbors: 4,
+            },
+        ] {
+            let store = MemoryStore::default();
+            let (first, fresh) = search_with_store(method, &store);
+            assert_eq!(*fresh.prompts.lock().unwrap(), 1);
+            let images = store.images.lock().unwrap().len();
+            assert_eq!(*fresh.graded.lock().unwrap(), images);
+            assert_eq!(
+                store.grades.lock().unwrap().len(),
+                images,
+                "every grade recorded"
+            );
+
+            let (again, counted) = search_with_store(method, &store);
+            assert_eq!(again, first, "{method:?}");
+            assert_eq!(
+                *counted.prompts.lock().unwrap(),
+                0,
+                "the prompt is not even encoded"
+            );
+            assert!(counted.generated.lock().unwrap().is_empty());
+            assert_eq!(*counted.graded.lock().unwrap(), 0);
+        }
+    }
+
+    #[test]
+    fn only_batches_missing_an_image_are_generated_whole_and_only_missing_grades_asked() {
+        // Random search, rounds of 2, 4, 8 in batches of 3: [2], [3, 1], [3, 3, 2].
+        let store = MemoryStore::default();
+        let (first, _) = search_with_store(SearchMethod::Random, &store);
+        // As after a crash in round 3: its second batch lost one image, its last batch was
+        // never made, and two grades of round 2 were never recorded.
+        let round3: Vec<String> = {
+            let mut images = store.images.lock().unwrap();
+            // Round 3's seeds in draw order, drawn as the search draws them.
+            let mut stream = SeedStream::new(5, "p");
+            for (round, n) in [(1, 2), (2, 4)] {
+                for k in 0..n {
+                    stream.seed(round, SeedPurpose::Noise, k);
+                }
+            }
+            let order: Vec<String> = (0..8)
+                .map(|k| stream.seed(3, SeedPurpose::Noise, k).to_string())
+                .collect();
+            images.remove(&(3, order[4].clone()));
+            for l in &order[6..] {
+                images.remove(&(3, l.clone()));
+            }
+            order
+        };
+        let mut grades = store.grades.lock().unwrap();
+        for l in &round3[3..] {
+            grades.remove(&(3, l.clone()));
+        }
+        let round2: Vec<(usize, String)> = grades
+            .keys()
+            .filter(|k| k.0 == 2)
+            .take(2)
+            .cloned()
+            .collect();
+        for k in &round2 {
+            grades.remove(k);
+        }
+        drop(grades);
+        let (again, counted) = search_with_store(SearchMethod::Random, &store);
+        assert_eq!(again, first);
+        assert_eq!(
+            *counted.generated.lock().unwrap(),
+            [3, 2],
+            "round 3's last two batches"
+        );
+        assert_eq!(*counted.graded.lock().unwrap(), 2 + 5);
+        assert_eq!(*counted.prompts.lock().unwrap(), 1);
     }
 }

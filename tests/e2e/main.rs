@@ -7,5 +7,6 @@ mod fake_verifier;
 mod flux;
 mod pixart;
 mod qwen;
+mod resume;
 mod sd15;
 mod sdxl;

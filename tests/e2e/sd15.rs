@@ -10,17 +10,18 @@ use std::time::Duration;
 use crate::fake_verifier::{pixel_score, Behaviour, FakeGemini, FakeOpenAi, Reply};
 use serde_json::Value;
 
-const PROMPT: &str = "a tiny astronaut hatching from an egg on the moon";
-const PROMPT_NAME: &str = "prompt@a_tiny_astronaut_hatching_from_an_egg_on_the_moon_hash@8a6a79d2";
+pub(crate) const PROMPT: &str = "a tiny astronaut hatching from an egg on the moon";
+pub(crate) const PROMPT_NAME: &str =
+    "prompt@a_tiny_astronaut_hatching_from_an_egg_on_the_moon_hash@8a6a79d2";
 
-fn tiny_model() -> String {
+pub(crate) fn tiny_model() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/tiny-sd15")
         .display()
         .to_string()
 }
 
-fn config(verifier: &str, search: Value) -> String {
+pub(crate) fn config(verifier: &str, search: Value) -> String {
     serde_json::json!({
         "pretrained_model_name_or_path": tiny_model(),
         "torch_dtype": "fp32",
@@ -32,7 +33,7 @@ fn config(verifier: &str, search: Value) -> String {
 }
 
 /// Runs `tt-scale` in `dir` with the verifier's base URL and key in the environment.
-fn tt_scale(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+pub(crate) fn tt_scale(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tt-scale"));
     cmd.args(args)
         .current_dir(dir)
@@ -100,14 +101,14 @@ fn run_folder(dir: &Path) -> PathBuf {
     runs.next().unwrap().unwrap().path()
 }
 
-fn files(dir: &Path) -> BTreeSet<String> {
+pub(crate) fn files(dir: &Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect()
 }
 
-fn read_json(path: &Path) -> Value {
+pub(crate) fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -141,7 +142,15 @@ fn random_search_with_gemini_writes_the_originals_tree_and_a_collage() {
     assert_eq!(pngs.len(), 14, "{names:?}");
     assert_eq!(jsons.len(), 3, "{names:?}");
     assert!(names.contains("config.json"));
-    assert_eq!(names.len(), 18, "nothing else: {names:?}");
+    assert_eq!(names.len(), 19, "nothing else: {names:?}");
+    // The journal for --resume: the resume record and one line per grade.
+    let journal = run.join("journal");
+    assert_eq!(
+        files(&journal),
+        BTreeSet::from(["run.json".to_string(), format!("{PROMPT_NAME}.jsonl")])
+    );
+    let lines = std::fs::read_to_string(journal.join(format!("{PROMPT_NAME}.jsonl"))).unwrap();
+    assert_eq!(lines.lines().count(), 14);
     for round in 1..=3 {
         let n = pngs
             .iter()
@@ -509,8 +518,11 @@ fn a_rejected_key_stops_the_run_after_one_batch_with_exit_code_3() {
     // JSON.
     let run = run_folder(dir.path());
     let names = files(&run);
-    assert_eq!(names.len(), 2, "{names:?}");
-    assert!(names.contains("config.json"), "{names:?}");
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(
+        names.contains("config.json") && names.contains("journal"),
+        "{names:?}"
+    );
     assert_eq!(
         names.iter().filter(|n| n.ends_with(".png")).count(),
         1,
@@ -519,7 +531,7 @@ fn a_rejected_key_stops_the_run_after_one_batch_with_exit_code_3() {
 }
 
 /// Copies `from` into `to` recursively.
-fn copy_tree(from: &Path, to: &Path) {
+pub(crate) fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
@@ -643,7 +655,7 @@ fn interrupted_run(signal: &str) -> (Option<i32>, String, PathBuf, tempfile::Tem
 }
 
 /// Every file of a run folder is whole: the JSON parses, the PNGs decode, no temporary file.
-fn assert_whole(run: &Path) {
+pub(crate) fn assert_whole(run: &Path) {
     for name in files(run) {
         let path = run.join(&name);
         assert!(!name.contains(".tmp"), "a temporary file was left: {name}");

@@ -1,6 +1,8 @@
 //! The original tool's output layout: run folders, candidate file names, per-round JSON and
 //! `config.json`. Every file is written atomically (temporary file, then rename).
 
+pub mod journal;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -141,6 +143,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
     result.map_err(err)
 }
 
+/// Removes the temporary files that [`write_atomic`] leaves when the process is killed
+/// between writing and renaming (`.<name>.tmp<pid>`), in `dir`; returns how many.
+pub fn remove_stale_temp_files(dir: &Path) -> Result<usize, OutputError> {
+    let err = |source| OutputError {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = name.starts_with('.')
+            && name
+                .rsplit_once(".tmp")
+                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        if stale && entry.path().is_file() {
+            std::fs::remove_file(entry.path()).map_err(|source| OutputError {
+                path: entry.path(),
+                source,
+            })?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Encodes an RGB image as PNG.
 pub fn encode_png(image: &image::RgbImage) -> Vec<u8> {
     let mut buf = Vec::new();
@@ -268,6 +296,9 @@ pub struct BestSoFar {
 pub struct RoundContext<'a> {
     /// The prompt, as written in the JSON.
     pub prompt: &'a str,
+    /// The run folder as image paths in the JSON name it: as the run was started (relative to
+    /// the folder it was started from when `--output-dir` was), also when it is resumed.
+    pub shown_dir: &'a Path,
     /// The prompt's file-name part ([`prompt_to_filename`]).
     pub prompt_name: &'a str,
     /// The selection metric.
@@ -308,7 +339,7 @@ pub fn write_round(
     r: &RoundResult,
     best: &mut Option<BestSoFar>,
 ) -> Result<RoundWritten, OutputError> {
-    let path_string = |file: &str| run_dir.join(file).display().to_string();
+    let path_string = |file: &str| ctx.shown_dir.join(file).display().to_string();
     let metric = ctx.metric;
     let mut written = RoundWritten::default();
     let mut candidates_json = Vec::with_capacity(r.candidates.len());
@@ -497,6 +528,28 @@ mod tests {
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn temporary_files_left_by_a_killed_run_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            ".a.png.tmp123",
+            ".b.json.tmp9",
+            "c.png",
+            ".hidden",
+            "d.tmp1",
+            ".e.tmp",
+        ] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        assert_eq!(remove_stale_temp_files(dir.path()).unwrap(), 2);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".e.tmp", ".hidden", "c.png", "d.tmp1"]);
     }
 
     #[test]

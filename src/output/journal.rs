@@ -1,0 +1,268 @@
+//! The per-prompt grade journal, `<run folder>/journal/<prompt name>.jsonl`: one JSON line per
+//! graded candidate, appended and flushed to disk (fsync) as each grade arrives, so that a run
+//! stopped at any point (Ctrl-C, `kill -9`, a preempted node, a full disk) can be resumed
+//! without asking the verifier again. With the PNGs, which are saved as they are decoded, it is
+//! the [`CandidateStore`] a resumed search reads.
+//!
+//! A line is `{"round": R, "label": "<seed label>", "grading": {...}}` or, for a candidate whose
+//! grading failed after its retries, `{"round": R, "label": "...", "failure": {...}}`. Fatal
+//! failures (a rejected key...) are not recorded: once the cause is fixed, a resumed run asks
+//! again. A line cut short by a crash is dropped when the journal is opened again.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use super::{candidate_stem, OutputError};
+use crate::search::{CandidateStore, NoiseOrigin, ObserverError};
+use crate::verifiers::{Grading, ScoreFailure};
+
+/// The folder of a run folder that holds the journals and the resume record.
+pub const JOURNAL_DIR: &str = "journal";
+
+/// One line of the journal.
+#[derive(Debug, Serialize, Deserialize)]
+struct Entry {
+    round: usize,
+    label: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    grading: Option<Grading>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failure: Option<ScoreFailure>,
+}
+
+/// A prompt's journal, open for appending, with what earlier attempts recorded.
+#[derive(Debug)]
+pub struct Journal {
+    run_dir: PathBuf,
+    prompt_name: String,
+    path: PathBuf,
+    file: Mutex<std::fs::File>,
+    known: HashMap<(usize, String), Result<Grading, ScoreFailure>>,
+    reused_grades: AtomicUsize,
+}
+
+impl Journal {
+    /// Opens (or creates) the journal of the prompt whose file-name part is `prompt_name` in
+    /// `run_dir`, reading the grades it holds. A last line cut short by a crash is removed.
+    pub fn open(run_dir: &Path, prompt_name: &str) -> Result<Self, OutputError> {
+        let dir = run_dir.join(JOURNAL_DIR);
+        let err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| OutputError { path, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(err(&dir))?;
+        let path = dir.join(format!("{prompt_name}.jsonl"));
+        let mut known = HashMap::new();
+        let text = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(err(&path)(e)),
+        };
+        // Only lines ended by a newline were written whole.
+        let whole = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        for (n, line) in text[..whole].split(|&b| b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match serde_json::from_slice::<Entry>(line) {
+                Ok(Entry {
+                    round,
+                    label,
+                    grading,
+                    failure,
+                }) => {
+                    let value = match (grading, failure) {
+                        (Some(g), _) => Ok(g),
+                        (None, Some(f)) => Err(f),
+                        (None, None) => continue,
+                    };
+                    known.insert((round, label), value);
+                }
+                Err(e) => tracing::warn!(
+                    "{} line {}: not a journal entry ({e}); that candidate will be graded again",
+                    path.display(),
+                    n + 1
+                ),
+            }
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(err(&path))?;
+        if whole < text.len() {
+            file.set_len(whole as u64).map_err(err(&path))?;
+        }
+        Ok(Self {
+            run_dir: run_dir.to_path_buf(),
+            prompt_name: prompt_name.to_string(),
+            path,
+            file: Mutex::new(file),
+            known,
+            reused_grades: AtomicUsize::new(0),
+        })
+    }
+
+    /// The journal file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Gradings read back from the journal instead of asked of the verifier.
+    pub fn reused_grades(&self) -> usize {
+        self.reused_grades.load(Ordering::SeqCst)
+    }
+
+    fn append(&self, entry: &Entry) -> Result<(), OutputError> {
+        let err = |source| OutputError {
+            path: self.path.clone(),
+            source,
+        };
+        let mut line = serde_json::to_vec(entry).map_err(|e| err(std::io::Error::other(e)))?;
+        line.push(b'\n');
+        // A poisoned lock only means another grading thread panicked mid-append; the file is
+        // still usable (a cut line is dropped when the journal is read).
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        file.write_all(&line).map_err(err)?;
+        file.sync_data().map_err(err)
+    }
+}
+
+impl CandidateStore for Journal {
+    fn image(&self, round: usize, origin: &NoiseOrigin) -> Option<RgbImage> {
+        let stem = candidate_stem(&self.prompt_name, round, &origin.label());
+        let path = self.run_dir.join(format!("{stem}.png"));
+        if !path.is_file() {
+            return None;
+        }
+        match image::open(&path) {
+            Ok(image) => Some(image.to_rgb8()),
+            Err(e) => {
+                tracing::warn!("{}: cannot be read ({e}); it is made again", path.display());
+                None
+            }
+        }
+    }
+
+    fn grading(&self, round: usize, origin: &NoiseOrigin) -> Option<Result<Grading, ScoreFailure>> {
+        let found = self.known.get(&(round, origin.label())).cloned();
+        if found.is_some() {
+            self.reused_grades.fetch_add(1, Ordering::SeqCst);
+        }
+        found
+    }
+
+    fn record(
+        &self,
+        round: usize,
+        origin: &NoiseOrigin,
+        grading: &Result<Grading, ScoreFailure>,
+    ) -> Result<(), ObserverError> {
+        let (grading, failure) = match grading {
+            Ok(g) => (Some(g.clone()), None),
+            Err(f) if f.fatal => return Ok(()),
+            Err(f) => (None, Some(f.clone())),
+        };
+        self.append(&Entry {
+            round,
+            label: origin.label(),
+            grading,
+            failure,
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verifiers::Score;
+
+    fn grading(score: f64) -> Grading {
+        let mut g = Grading::new();
+        g.insert(
+            "overall_score".into(),
+            Score {
+                explanation: "fine".into(),
+                score,
+            },
+        );
+        g
+    }
+
+    fn seed(seed: u64) -> NoiseOrigin {
+        NoiseOrigin::Seed { seed }
+    }
+
+    #[test]
+    fn grades_and_failures_are_read_back_and_fatal_ones_are_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let failure = ScoreFailure {
+            message: "HTTP 503".into(),
+            attempts: 3,
+            fatal: false,
+        };
+        {
+            let j = Journal::open(dir.path(), "p").unwrap();
+            assert!(j.grading(1, &seed(7)).is_none());
+            j.record(1, &seed(7), &Ok(grading(6.5))).unwrap();
+            j.record(2, &seed(8), &Err(failure.clone())).unwrap();
+            let fatal = ScoreFailure {
+                message: "HTTP 401".into(),
+                attempts: 1,
+                fatal: true,
+            };
+            j.record(2, &seed(9), &Err(fatal)).unwrap();
+        }
+        let j = Journal::open(dir.path(), "p").unwrap();
+        assert_eq!(j.grading(1, &seed(7)), Some(Ok(grading(6.5))));
+        assert_eq!(j.grading(2, &seed(8)), Some(Err(failure)));
+        assert_eq!(
+            j.grading(2, &seed(9)),
+            None,
+            "a fatal failure is asked again"
+        );
+        assert_eq!(j.grading(2, &seed(7)), None, "grades are per round");
+        assert_eq!(j.reused_grades(), 2);
+    }
+
+    #[test]
+    fn a_line_cut_short_by_a_crash_is_dropped_and_appending_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(dir.path(), "p").unwrap();
+            j.record(1, &seed(1), &Ok(grading(1.0))).unwrap();
+        }
+        let path = dir.path().join("journal/p.jsonl");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"round\":1,\"label\":\"2\",\"grad");
+        std::fs::write(&path, &text).unwrap();
+        {
+            let j = Journal::open(dir.path(), "p").unwrap();
+            assert!(j.grading(1, &seed(2)).is_none());
+            j.record(1, &seed(2), &Ok(grading(2.0))).unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        let j = Journal::open(dir.path(), "p").unwrap();
+        assert_eq!(j.grading(1, &seed(2)), Some(Ok(grading(2.0))));
+    }
+
+    #[test]
+    fn saved_images_are_found_by_their_file_name_and_unreadable_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path(), "p").unwrap();
+        let image = RgbImage::from_pixel(3, 2, image::Rgb([10, 20, 30]));
+        super::super::write_png(&dir.path().join("p_i@2_s@5.png"), &image).unwrap();
+        assert_eq!(j.image(2, &seed(5)), Some(image));
+        assert_eq!(j.image(1, &seed(5)), None);
+        std::fs::write(dir.path().join("p_i@2_s@6.png"), b"not a png").unwrap();
+        assert_eq!(j.image(2, &seed(6)), None);
+    }
+}
