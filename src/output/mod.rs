@@ -447,8 +447,21 @@ pub fn write_round(
         "timings".into(),
         json!({"generation_s": r.generation_s, "verification_s": r.verification_s}),
     );
-    written.json_path = run_dir.join(json_name);
+    written.json_path = run_dir.join(&json_name);
     write_json(&written.json_path, &Value::Object(d))?;
+    // A resumed run may choose another best than the attempt before it did (its fatal
+    // failures graded now): that attempt's JSON of this round goes.
+    let stale = file_names
+        .iter()
+        .map(|f| f.replace(".png", ".json"))
+        .chain([format!("{}_i@{}_failed.json", ctx.prompt_name, r.round)])
+        .filter(|name| *name != json_name);
+    for name in stale {
+        let path = run_dir.join(name);
+        if path.is_file() {
+            std::fs::remove_file(&path).map_err(|source| OutputError { path, source })?;
+        }
+    }
     Ok(written)
 }
 

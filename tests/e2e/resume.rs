@@ -403,3 +403,42 @@ fn resume_refuses_a_folder_it_cannot_continue_exactly_and_finishes_a_complete_on
     assert_eq!(server.request_count(), 0);
     drop(ref_dir);
 }
+
+#[test]
+fn a_run_stopped_by_a_rejected_key_resumes_once_the_key_works() {
+    let cfg = random_config();
+    let (_ref_dir, reference) = reference(&cfg);
+    // The key is rejected from the first request (the probe: one batch is made), or from the
+    // fifth (round 2's second batch: round 2 may be written with two fatal failures, and its
+    // best may change once they are graded).
+    for fail_from in [0, 4] {
+        let dir = tempfile::tempdir().unwrap();
+        let count = std::sync::atomic::AtomicUsize::new(0);
+        let (base_url, _server) = FakeGemini::start(Behaviour::custom(move |_| {
+            if count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < fail_from {
+                Reply::PixelScore
+            } else {
+                Reply::Status {
+                    code: 401,
+                    retry_after: None,
+                    message: Some("API key not valid. Please pass a valid API key.".into()),
+                }
+            }
+        }));
+        let (code, stderr) = finish(start_run(dir.path(), &cfg, &base_url));
+        assert_eq!(code, Some(3), "{stderr}");
+        assert!(stderr.contains("tt-scale run --resume"), "{stderr}");
+        let run = find_run(dir.path()).unwrap();
+        assert_eq!(
+            journaled(&run),
+            fail_from,
+            "a fatal failure is not journaled"
+        );
+        if fail_from == 0 {
+            assert_eq!(pngs(&run), 2, "only the first batch was generated");
+            // Round 1 was written with every grading failed; once graded, that file goes.
+            assert!(files(&run).iter().any(|n| n.ends_with("_i@1_failed.json")));
+        }
+        resume_and_compare(dir.path(), &run, &reference);
+    }
+}
