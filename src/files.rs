@@ -1,9 +1,30 @@
 //! Bounded reads of the files a user names (configs, rubrics, prompt lists): a file larger than
 //! its limit, or an endless one such as `/dev/zero`, is refused after reading the limit, never
-//! read into memory whole.
+//! read into memory whole. And atomic writes, so that no reader ever sees half a file.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
+
+/// Writes `bytes` to `path` atomically: a temporary file `.<name>.tmp<pid>` in the same folder,
+/// flushed to disk, then renamed over `path`; the temporary file is removed on failure.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
 
 /// Reads at most `max_bytes` bytes of `path`; more is an `InvalidData` error saying the limit.
 pub fn read_capped(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {

@@ -7,7 +7,7 @@
 //!  bench                      benchmarks of every layer below (tt-scale bench)
 //!  cli, run                   the argument parser; a run: prompts -> search -> files
 //!  collage                    collages of a run folder
-//!  output                     every file format: run folders, PNGs, the per-round JSON
+//!  output                     every file format: run folders, PNGs, the per-round JSON, journals
 //!  search                     random / zero-order search; its observer is the layer above
 //!  verifiers                  judges: Gemini, OpenAI(-compatible), local Qwen2.5-VL
 //!  pipelines                  Flux, SDXL, PixArt-Sigma, SD 1.5 on one shared denoise loop
@@ -17,11 +17,13 @@
 //!  loading                    Hub / local files, weights mmap, the typed JSON-config reader
 //!  models                     the networks, their serde-derived configs, ModelError
 //!  ops                        fused kernels (CUDA, cuDNN) and their CPU references
-//!  noise, device, files       torch-exact seeded noise; the one device parser; bounded reads
+//!  noise, device, files, hub  torch-exact seeded noise; the one device parser; bounded reads
+//!                             and atomic writes; Hub HTTP with timeouts and retries
 //! ```
 
 pub mod device;
 pub mod files;
+pub mod hub;
 pub mod noise;
 pub mod ops;
 

@@ -1,39 +1,198 @@
 //! Where a pipeline's files come from: a local folder in diffusers layout, or a Hugging Face Hub
-//! repo (downloaded through hf-hub's sync API into its cache, with `HF_TOKEN` or the cached
-//! login token for gated repos). Shared by all pipelines and
-//! the local verifiers.
+//! repo, downloaded into the Hub cache in `huggingface_hub`'s layout (`models--owner--name/`
+//! with `blobs/`, `snapshots/<commit>/` and `refs/`), so that files cached by Python are reused
+//! and ours are seen by Python. Every request has a connect and a read timeout and is retried
+//! (see [`crate::hub`]); an interrupted download resumes where it stopped. With `HF_HUB_OFFLINE`
+//! only the cache is read. Shared by all pipelines and the local verifiers.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use hf_hub::api::sync::{Api, ApiBuilder};
-use hf_hub::{Repo, RepoType};
 use serde_json::Value;
 
 use super::json::{parse_config, read_json_file};
+use crate::hub::{HubHttp, HubHttpError, HubSettings};
 
-/// Whether the Hub must not be contacted: `HF_HUB_OFFLINE` (or transformers'
-/// `TRANSFORMERS_OFFLINE`) set to 1, true, yes or on, as huggingface_hub reads it.
-fn hub_offline() -> bool {
-    ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"]
-        .iter()
-        .any(|var| {
-            std::env::var(var).is_ok_and(|v| {
-                matches!(
-                    v.trim().to_ascii_lowercase().as_str(),
-                    "1" | "true" | "yes" | "on"
-                )
-            })
-        })
+/// The folder of `repo` (a model) in the Hub cache `cache`.
+fn repo_cache_dir(cache: &Path, repo: &str) -> PathBuf {
+    cache.join(format!("models--{}", repo.replace('/', "--")))
 }
 
-/// The cached copy of `rel` of the Hub repo `repo` at `revision` (default `main`), if the
-/// hf-hub cache (`HF_HOME`, else `~/.cache/huggingface`) holds it.
-fn cached(repo: &str, revision: &Option<String>, rel: &str) -> Option<PathBuf> {
-    let rev = revision.clone().unwrap_or_else(|| "main".to_string());
-    hf_hub::Cache::from_env()
-        .repo(Repo::with_revision(repo.to_string(), RepoType::Model, rev))
-        .get(rel)
+/// Whether `revision` is a full commit hash (then it names a snapshot directly).
+fn is_commit(revision: &str) -> bool {
+    revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The cached copy of `rel` of the Hub repo `repo` at `revision`, if the cache holds it:
+/// `refs/<revision>` names the commit whose snapshot has the file.
+fn cached(settings: &HubSettings, repo: &str, revision: &str, rel: &str) -> Option<PathBuf> {
+    let dir = repo_cache_dir(settings.cache_dir.as_ref()?, repo);
+    let commit = if is_commit(revision) {
+        revision.to_string()
+    } else {
+        std::fs::read_to_string(dir.join("refs").join(revision))
+            .ok()?
+            .trim()
+            .to_string()
+    };
+    let path = dir.join("snapshots").join(commit).join(rel);
+    path.is_file().then_some(path)
+}
+
+/// What the Hub says of a file before it is downloaded.
+struct FileMeta {
+    commit: String,
+    etag: String,
+    size: Option<u64>,
+    /// Where the bytes are (the resolve URL, or the storage it redirects to).
+    url: String,
+}
+
+/// The value of header `name`, if it is text.
+fn header(fetched: &crate::hub::Fetched, name: &str) -> Option<String> {
+    fetched
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// Asks the Hub where `rel` of `repo` at `revision` is, its commit, ETag and size (a one-byte
+/// range request that does not follow the redirect to storage; a relative redirect, as for a
+/// renamed repo, is followed).
+fn file_meta(
+    http: &HubHttp,
+    repo: &str,
+    revision: &str,
+    rel: &str,
+) -> Result<FileMeta, HubHttpError> {
+    let endpoint = &http.settings().endpoint;
+    let mut url = format!(
+        "{endpoint}/{repo}/resolve/{}/{}",
+        crate::hub::percent_encode(revision, false),
+        crate::hub::percent_encode(rel, true)
+    );
+    for _ in 0..5 {
+        let fetched = http.get(&url, Some((0, 1)), false)?;
+        let location = header(&fetched, "location");
+        let commit = header(&fetched, "x-repo-commit");
+        match (commit, location) {
+            (None, Some(loc)) if loc.starts_with('/') => {
+                url = format!("{endpoint}{loc}");
+                continue;
+            }
+            (commit, location) => {
+                let etag = header(&fetched, "x-linked-etag")
+                    .or_else(|| header(&fetched, "etag"))
+                    .map(|e| e.trim_start_matches("W/").trim_matches('"').to_string())
+                    .filter(|e| !e.is_empty() && !e.contains(['/', '\\']));
+                let size = header(&fetched, "x-linked-size")
+                    .and_then(|s| s.parse().ok())
+                    .or_else(|| {
+                        header(&fetched, "content-range")
+                            .and_then(|r| r.rsplit('/').next().and_then(|n| n.parse().ok()))
+                    });
+                let (Some(commit), Some(etag)) = (commit, etag) else {
+                    return Err(HubHttpError::Status {
+                        url,
+                        status: fetched.status,
+                        body: "the answer has no X-Repo-Commit or ETag header: is HF_ENDPOINT a Hugging Face Hub?".into(),
+                    });
+                };
+                let url = match location {
+                    Some(loc) if loc.starts_with('/') => format!("{endpoint}{loc}"),
+                    Some(loc) => loc,
+                    None => url,
+                };
+                return Ok(FileMeta {
+                    commit,
+                    etag,
+                    size,
+                    url,
+                });
+            }
+        }
+    }
+    Err(HubHttpError::Status {
+        url,
+        status: 310,
+        body: "too many redirects".into(),
+    })
+}
+
+/// Downloads `rel` of `repo` at `revision` into the cache (unless the snapshot has it) and
+/// returns its path in the snapshot.
+fn download(
+    http: &HubHttp,
+    repo: &str,
+    revision: &str,
+    rel: &str,
+) -> Result<PathBuf, HubHttpError> {
+    let cache = http
+        .settings()
+        .cache_dir
+        .clone()
+        .ok_or_else(|| HubHttpError::Write {
+            path: PathBuf::from("(Hub cache)"),
+            source: std::io::Error::other(
+                "no Hub cache folder is known: set HF_HOME or HF_HUB_CACHE",
+            ),
+        })?;
+    let dir = repo_cache_dir(&cache, repo);
+    let meta = file_meta(http, repo, revision, rel)?;
+    let write_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| HubHttpError::Write { path, source }
+    };
+    if !is_commit(revision) || revision != meta.commit {
+        let refs = dir.join("refs");
+        std::fs::create_dir_all(&refs).map_err(write_err(&refs))?;
+        crate::files::write_atomic(&refs.join(revision), meta.commit.as_bytes())
+            .map_err(write_err(&refs.join(revision)))?;
+    }
+    let snapshot = dir.join("snapshots").join(&meta.commit).join(rel);
+    if snapshot.is_file() {
+        return Ok(snapshot);
+    }
+    let blob = dir.join("blobs").join(&meta.etag);
+    if !blob.is_file() {
+        let part = dir.join("blobs").join(format!("{}.incomplete", meta.etag));
+        tracing::info!("downloading {repo}/{rel} from {}", http.settings().endpoint);
+        http.download(&meta.url, &part, meta.size)?;
+        std::fs::rename(&part, &blob).map_err(write_err(&blob))?;
+    }
+    if let Some(parent) = snapshot.parent() {
+        std::fs::create_dir_all(parent).map_err(write_err(parent))?;
+    }
+    link_blob(&blob, &snapshot).map_err(write_err(&snapshot))?;
+    Ok(snapshot)
+}
+
+/// Makes `snapshot` point at `blob`: a relative symlink as `huggingface_hub` makes, or a copy
+/// where links are not available.
+fn link_blob(blob: &Path, snapshot: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        // From snapshots/<commit>/<rel...> up to the repo folder, then blobs/<etag>.
+        let depth = snapshot
+            .parent()
+            .and_then(|p| p.strip_prefix(blob.parent()?.parent()?).ok())
+            .map_or(2, |p| p.components().count());
+        let mut target = PathBuf::new();
+        for _ in 0..depth {
+            target.push("..");
+        }
+        target.push("blobs");
+        target.push(blob.file_name().unwrap_or_default());
+        let tmp = snapshot.with_extension(format!("tmp{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&target, &tmp)?;
+        std::fs::rename(&tmp, snapshot)
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::copy(blob, snapshot).map(|_| ())
+    }
 }
 
 /// `rel` inside the folder `component` (the root when it is empty).
@@ -56,6 +215,8 @@ pub enum ModelSource {
         repo: String,
         /// Branch, tag or commit; `None` for `main`.
         revision: Option<String>,
+        /// How to reach the Hub.
+        settings: HubSettings,
         /// File names in the repo, fetched once on first need.
         #[doc(hidden)]
         listing: OnceLock<Result<Vec<String>, String>>,
@@ -89,17 +250,6 @@ fn is_repo_id(s: &str) -> bool {
     ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
 }
 
-/// The first HTTP status code in an hf-hub error message, if any.
-fn http_status(message: &str) -> Option<u16> {
-    let at = message.find("status code ")?;
-    message[at + "status code ".len()..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .ok()
-}
-
 impl ModelSource {
     /// An existing directory is a local model; otherwise `owner/name` is a Hub repo id
     /// (revision `main`); anything else is an error naming the value.
@@ -119,9 +269,16 @@ impl ModelSource {
 
     /// A Hub source for `repo` at `revision` (`None`: `main`).
     pub fn hub(repo: &str, revision: Option<String>) -> Self {
+        Self::hub_with(repo, revision, HubSettings::from_env())
+    }
+
+    /// A Hub source for `repo` at `revision` reached with `settings` (instead of the
+    /// environment's).
+    pub fn hub_with(repo: &str, revision: Option<String>, settings: HubSettings) -> Self {
         Self::Hub {
             repo: repo.to_string(),
             revision,
+            settings,
             listing: OnceLock::new(),
         }
     }
@@ -134,37 +291,23 @@ impl ModelSource {
         }
     }
 
-    fn api_repo(
-        repo: &str,
-        revision: &Option<String>,
-    ) -> Result<hf_hub::api::sync::ApiRepo, LoadError> {
-        let token = std::env::var("HF_TOKEN")
-            .ok()
-            .filter(|t| !t.trim().is_empty());
-        let mut builder = ApiBuilder::from_env().with_progress(false);
-        if token.is_some() {
-            builder = builder.with_token(token);
-        }
-        let api: Api = builder.build().map_err(|e| LoadError::Hub {
-            repo: repo.to_string(),
-            file: String::new(),
-            message: format!("cannot set up the Hub client: {e}"),
-        })?;
-        let rev = revision.clone().unwrap_or_else(|| "main".to_string());
-        Ok(api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, rev)))
+    fn client(repo: &str, settings: &HubSettings) -> Result<HubHttp, LoadError> {
+        HubHttp::new(settings.clone()).map_err(|e| Self::hub_error(repo, "", &e))
     }
 
-    fn hub_error(repo: &str, file: &str, err: &dyn std::fmt::Display) -> LoadError {
-        let raw = err.to_string();
-        let message = match http_status(&raw) {
-            Some(401) | Some(403) => format!(
-                "access denied (HTTP {}): the repo is gated or private; accept its license on \
-                 huggingface.co/{repo} and set HF_TOKEN (or run `huggingface-cli login`)",
-                http_status(&raw).unwrap_or(0)
+    fn hub_error(repo: &str, file: &str, err: &HubHttpError) -> LoadError {
+        let message = match err {
+            HubHttpError::Status {
+                status: status @ (401 | 403),
+                ..
+            } => format!(
+                "access denied (HTTP {status}): the repo is gated or private; accept its license on \
+                 huggingface.co/{repo} and set HF_TOKEN (or run `huggingface-cli login`)"
             ),
-            Some(404) => "not found (HTTP 404): check the repo id, the revision and the file name"
-                .to_string(),
-            _ => format!("{raw}; check the network connection (HF_ENDPOINT, proxies) and retry"),
+            HubHttpError::Status { status: 404, url, .. } => format!(
+                "not found (HTTP 404 from {url}): check the repo id, the revision and the file name"
+            ),
+            other => other.to_string(),
         };
         LoadError::Hub {
             repo: repo.to_string(),
@@ -173,30 +316,66 @@ impl ModelSource {
         }
     }
 
+    /// The revision asked for (`main` by default).
+    fn revision_or_main(revision: &Option<String>) -> &str {
+        revision.as_deref().unwrap_or("main")
+    }
+
+    /// The repo's file names at `revision`, from the Hub's model API.
+    fn list_files(
+        repo: &str,
+        revision: &str,
+        settings: &HubSettings,
+    ) -> Result<Vec<String>, LoadError> {
+        #[derive(serde::Deserialize)]
+        struct Sibling {
+            rfilename: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Info {
+            #[serde(default)]
+            siblings: Vec<Sibling>,
+        }
+        let http = Self::client(repo, settings)?;
+        let url = format!(
+            "{}/api/models/{repo}/revision/{}",
+            settings.endpoint,
+            crate::hub::percent_encode(revision, false)
+        );
+        let fetched = http
+            .get(&url, None, true)
+            .map_err(|e| Self::hub_error(repo, "", &e))?;
+        let info: Info = serde_json::from_slice(&fetched.body).map_err(|e| LoadError::Hub {
+            repo: repo.to_string(),
+            file: String::new(),
+            message: format!("{url} did not answer with the repo's file list ({e}); is HF_ENDPOINT ({}) a Hugging Face Hub?", settings.endpoint),
+        })?;
+        Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
+    }
+
     /// Whether the model has the file `rel` (a path inside the repo/folder, e.g.
     /// `unet/config.json`), without downloading it. Offline (`HF_HUB_OFFLINE`), a Hub model
     /// has what the cache holds.
     pub fn has_file(&self, rel: &str) -> Result<bool, LoadError> {
         match self {
             Self::Local(dir) => Ok(dir.join(rel).is_file()),
-            Self::Hub { repo, revision, .. } if hub_offline() => {
-                Ok(cached(repo, revision, rel).is_some())
+            Self::Hub {
+                repo,
+                revision,
+                settings,
+                ..
+            } if settings.offline => {
+                Ok(cached(settings, repo, Self::revision_or_main(revision), rel).is_some())
             }
             Self::Hub {
                 repo,
                 revision,
+                settings,
                 listing,
             } => {
                 let listing = listing.get_or_init(|| {
-                    Self::api_repo(repo, revision)
+                    Self::list_files(repo, Self::revision_or_main(revision), settings)
                         .map_err(|e| e.to_string())
-                        .and_then(|r| {
-                            r.info()
-                                .map(|info| {
-                                    info.siblings.into_iter().map(|s| s.rfilename).collect()
-                                })
-                                .map_err(|e| Self::hub_error(repo, "", &e).to_string())
-                        })
                 });
                 match listing {
                     Ok(files) => Ok(files.iter().any(|f| f == rel)),
@@ -228,7 +407,12 @@ impl ModelSource {
                     })
                 }
             }
-            Self::Hub { repo, revision, .. } if hub_offline() => cached(repo, revision, rel)
+            Self::Hub {
+                repo,
+                revision,
+                settings,
+                ..
+            } if settings.offline => cached(settings, repo, Self::revision_or_main(revision), rel)
                 .ok_or_else(|| LoadError::Hub {
                     repo: repo.clone(),
                     file: rel.to_string(),
@@ -236,12 +420,22 @@ impl ModelSource {
                         "not in the Hugging Face cache ({}) and HF_HUB_OFFLINE forbids \
                          downloading it: run once with the network (or copy the file into the \
                          cache), or unset HF_HUB_OFFLINE",
-                        hf_hub::Cache::from_env().path().display()
+                        settings.cache_dir.as_ref().map_or_else(
+                            || "none: set HF_HOME".to_string(),
+                            |d| d.display().to_string()
+                        )
                     ),
                 }),
-            Self::Hub { repo, revision, .. } => Self::api_repo(repo, revision)?
-                .get(rel)
-                .map_err(|e| Self::hub_error(repo, rel, &e)),
+            Self::Hub {
+                repo,
+                revision,
+                settings,
+                ..
+            } => {
+                let http = Self::client(repo, settings)?;
+                download(&http, repo, Self::revision_or_main(revision), rel)
+                    .map_err(|e| Self::hub_error(repo, rel, &e))
+            }
         }
     }
 
@@ -334,11 +528,5 @@ mod tests {
     fn resolve_rejects_what_is_neither_folder_nor_repo_id() {
         let err = ModelSource::resolve("not a/valid repo").unwrap_err();
         assert!(err.to_string().contains("not a/valid repo"));
-    }
-
-    #[test]
-    fn http_status_is_read_from_hf_hub_messages() {
-        assert_eq!(http_status("https://x/y: status code 403"), Some(403));
-        assert_eq!(http_status("timeout"), None);
     }
 }

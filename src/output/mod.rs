@@ -3,7 +3,6 @@
 
 pub mod journal;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -119,28 +118,12 @@ pub fn create_run_dir(
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, flushed to disk,
-/// then renamed over `path`.
+/// then renamed over `path` ([`crate::files::write_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
-    let err = |source| OutputError {
+    crate::files::write_atomic(path, bytes).map_err(|source| OutputError {
         path: path.to_path_buf(),
         source,
-    };
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(err)
+    })
 }
 
 /// Removes the temporary files that [`write_atomic`] leaves when the process is killed

@@ -7,12 +7,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::blocking::{Client, Response};
-use reqwest::header::{AUTHORIZATION, CONTENT_RANGE, LINK, RANGE};
+use reqwest::header::{CONTENT_RANGE, LINK};
 use serde::{Deserialize, Serialize};
+
+use crate::hub::{Fetched, HubHttp, HubHttpError, HubSettings};
 
 use super::parquet_column::{
     self, ColumnLookupError, Footer, SparseFile, COALESCE_GAP, FOOTER_PREFETCH,
@@ -27,14 +27,12 @@ pub const DEFAULT_SPLIT: &str = "train";
 pub const DEFAULT_COLUMN: &str = "prompt";
 /// The dataset revision (branch, tag or commit) read by default.
 pub const DEFAULT_REVISION: &str = "main";
-/// The Hub endpoint used when `HF_ENDPOINT` is unset.
-pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
 /// Concurrent range requests per parquet file.
 const MAX_PARALLEL_FETCHES: usize = 8;
 
 /// A column of a Hub dataset split to take prompts from, with the Hub settings to reach it.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DatasetSpec {
     /// Dataset repository id, `owner/name`.
     pub repo: String,
@@ -44,29 +42,8 @@ pub struct DatasetSpec {
     pub column: String,
     /// Branch, tag or commit to read.
     pub revision: String,
-    /// Hub base URL without a trailing slash (`HF_ENDPOINT`).
-    pub endpoint: String,
-    /// Access token sent as `Authorization: Bearer` to the endpoint (`HF_TOKEN`).
-    pub token: Option<String>,
-    /// Hub cache directory (`HF_HUB_CACHE`); `None` disables caching.
-    pub cache_dir: Option<PathBuf>,
-    /// Never use the network (`HF_HUB_OFFLINE`): only a cached list can be used.
-    pub offline: bool,
-}
-
-impl std::fmt::Debug for DatasetSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DatasetSpec")
-            .field("repo", &self.repo)
-            .field("split", &self.split)
-            .field("column", &self.column)
-            .field("revision", &self.revision)
-            .field("endpoint", &self.endpoint)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("cache_dir", &self.cache_dir)
-            .field("offline", &self.offline)
-            .finish()
-    }
+    /// How to reach the Hub: endpoint, token, cache, offline mode, timeouts.
+    pub hub: HubSettings,
 }
 
 impl DatasetSpec {
@@ -76,60 +53,15 @@ impl DatasetSpec {
         Self::from_vars(|name| std::env::var(name).ok())
     }
 
-    /// The default dataset with Hub settings read through `var` (an environment lookup), following
-    /// the `huggingface_hub` conventions: `HF_ENDPOINT`; `HF_TOKEN`, else the token file
-    /// (`HF_TOKEN_PATH`, else `$HF_HOME/token`); cache `HF_HUB_CACHE`, else `$HF_HOME/hub`, else
-    /// `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`; `HF_HUB_OFFLINE` (or
-    /// `TRANSFORMERS_OFFLINE`) set to 1/true/yes/on.
+    /// The default dataset with Hub settings read through `var` (an environment lookup; see
+    /// [`HubSettings::from_vars`]).
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
-        let non_empty = |name: &str| {
-            var(name)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
-        let home = non_empty("HOME").map(PathBuf::from);
-        let expand = |value: String| -> PathBuf {
-            match (value.strip_prefix("~/"), &home) {
-                (Some(rest), Some(home)) => home.join(rest),
-                _ if value == "~" => home.clone().unwrap_or_else(|| PathBuf::from(&value)),
-                _ => PathBuf::from(value),
-            }
-        };
-        let hf_home = non_empty("HF_HOME").map(&expand).or_else(|| {
-            non_empty("XDG_CACHE_HOME")
-                .map(&expand)
-                .or_else(|| home.as_ref().map(|h| h.join(".cache")))
-                .map(|cache| cache.join("huggingface"))
-        });
-        let cache_dir = non_empty("HF_HUB_CACHE")
-            .or_else(|| non_empty("HUGGINGFACE_HUB_CACHE"))
-            .map(&expand)
-            .or_else(|| hf_home.as_ref().map(|h| h.join("hub")));
-        let token_file = non_empty("HF_TOKEN_PATH")
-            .map(&expand)
-            .or_else(|| hf_home.as_ref().map(|h| h.join("token")));
-        let token = non_empty("HF_TOKEN")
-            .or_else(|| non_empty("HUGGING_FACE_HUB_TOKEN"))
-            .or_else(|| {
-                let text = std::fs::read_to_string(token_file?).ok()?;
-                Some(text.trim().to_string()).filter(|t| !t.is_empty())
-            });
-        let is_true = |name: &str| {
-            non_empty(name).is_some_and(|v| {
-                matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
-            })
-        };
         Self {
             repo: DEFAULT_DATASET.to_string(),
             split: DEFAULT_SPLIT.to_string(),
             column: DEFAULT_COLUMN.to_string(),
             revision: DEFAULT_REVISION.to_string(),
-            endpoint: non_empty("HF_ENDPOINT")
-                .map(|e| e.trim_end_matches('/').to_string())
-                .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string()),
-            token,
-            cache_dir,
-            offline: is_true("HF_HUB_OFFLINE") || is_true("TRANSFORMERS_OFFLINE"),
+            hub: HubSettings::from_vars(var),
         }
     }
 
@@ -137,7 +69,7 @@ impl DatasetSpec {
     /// `<cache>/datasets--<org>--<name>/tt-scale/prompts-[<revision>-]<split>-<column>.json`
     /// (the revision appears only when it is not `main`).
     pub fn cache_file(&self) -> Option<PathBuf> {
-        let dir = self.cache_dir.as_ref()?;
+        let dir = self.hub.cache_dir.as_ref()?;
         let repo_folder = format!("datasets--{}", self.repo.replace('/', "--"));
         let revision = if self.revision == DEFAULT_REVISION {
             String::new()
@@ -197,11 +129,11 @@ pub(crate) fn dataset_prompts(spec: &DatasetSpec) -> Result<Vec<String>, Prompts
                 return Ok(cached.prompts);
             }
             Ok(None) => {}
-            Err(err) if spec.offline => return Err(err),
+            Err(err) if spec.hub.offline => return Err(err),
             Err(err) => tracing::warn!("{err}; fetching the prompts again"),
         }
     }
-    if spec.offline {
+    if spec.hub.offline {
         return Err(PromptsError::OfflineWithoutCache {
             repo: spec.repo.clone(),
             split: spec.split.clone(),
@@ -262,40 +194,19 @@ fn write_cache(path: &Path, cached: &CachedPrompts) -> Result<(), PromptsError> 
     })
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters (and `/` when `keep_slash`).
-fn percent_encode(text: &str, keep_slash: bool) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric()
-            || matches!(byte, b'-' | b'.' | b'_' | b'~')
-            || (keep_slash && byte == b'/')
-        {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
 /// A blocking HTTP client for one dataset, counting the body bytes it receives.
 struct Hub<'a> {
     spec: &'a DatasetSpec,
-    http: Client,
+    http: HubHttp,
     bytes_fetched: AtomicU64,
 }
 
 impl<'a> Hub<'a> {
     fn new(spec: &'a DatasetSpec) -> Result<Self, PromptsError> {
-        let http = Client::builder()
-            .user_agent(concat!("tt-scale/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(30))
-            .timeout(Duration::from_secs(300))
-            .build()
-            .map_err(|source| PromptsError::Network {
-                url: spec.endpoint.clone(),
-                source,
-            })?;
+        let http = HubHttp::new(spec.hub.clone()).map_err(|e| PromptsError::Network {
+            url: spec.hub.endpoint.clone(),
+            message: e.to_string(),
+        })?;
         Ok(Self {
             spec,
             http,
@@ -303,60 +214,43 @@ impl<'a> Hub<'a> {
         })
     }
 
-    /// Sends a GET (with the token, and a byte range `start..end` when given) and checks the status.
-    fn get(&self, url: &str, range: Option<(u64, u64)>) -> Result<Response, PromptsError> {
-        let mut request = self.http.get(url);
-        if let Some(token) = &self.spec.token {
-            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
-        }
-        if let Some((start, end)) = range {
-            request = request.header(RANGE, format!("bytes={start}-{}", end - 1));
-        }
-        let response = request.send().map_err(|source| PromptsError::Network {
-            url: url.to_string(),
-            source,
-        })?;
-        let status = response.status();
-        match status.as_u16() {
-            200..=299 => Ok(response),
-            401 | 403 => Err(PromptsError::Unauthorized {
+    /// GETs `url` (bytes `start..end` when a range is given) with the token, retrying what may
+    /// pass, and reads the body (counted); an error status becomes the matching error.
+    fn get(&self, url: &str, range: Option<(u64, u64)>) -> Result<Fetched, PromptsError> {
+        let fetched = self.http.get(url, range, true).map_err(|e| match e {
+            HubHttpError::Status {
+                status: status @ (401 | 403),
+                ..
+            } => PromptsError::Unauthorized {
                 url: url.to_string(),
-                status: status.as_u16(),
-            }),
-            404 => Err(PromptsError::NotFound {
+                status,
+            },
+            HubHttpError::Status { status: 404, .. } => PromptsError::NotFound {
                 url: url.to_string(),
-            }),
-            416 => {
+            },
+            HubHttpError::Status { status: 416, .. } => {
                 let (start, end) = range.unwrap_or((0, 0));
-                Err(PromptsError::BadRange {
+                PromptsError::BadRange {
                     url: url.to_string(),
                     start,
                     end,
                     status: 416,
                     got: 0,
-                })
+                }
             }
-            code => {
-                let body = response.text().unwrap_or_default();
-                let body: String = body.chars().take(200).collect();
-                Err(PromptsError::Status {
-                    url: url.to_string(),
-                    status: code,
-                    body,
-                })
-            }
-        }
-    }
-
-    /// The body of a successful response, counted.
-    fn body(&self, url: &str, response: Response) -> Result<Bytes, PromptsError> {
-        let bytes = response.bytes().map_err(|source| PromptsError::Network {
-            url: url.to_string(),
-            source,
+            HubHttpError::Status { status, body, .. } => PromptsError::Status {
+                url: url.to_string(),
+                status,
+                body,
+            },
+            other => PromptsError::Network {
+                url: url.to_string(),
+                message: other.to_string(),
+            },
         })?;
         self.bytes_fetched
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        Ok(bytes)
+            .fetch_add(fetched.body.len() as u64, Ordering::Relaxed);
+        Ok(fetched)
     }
 
     /// GETs a Hub API URL and parses its JSON body; also returns the `Link: rel="next"` URL.
@@ -364,31 +258,31 @@ impl<'a> Hub<'a> {
         &self,
         url: &str,
     ) -> Result<(T, Option<String>), PromptsError> {
-        let response = self.get(url, None)?;
-        let next = response
-            .headers()
+        let fetched = self.get(url, None)?;
+        let next = fetched
+            .headers
             .get(LINK)
             .and_then(|v| v.to_str().ok())
             .and_then(next_link)
             .map(|next| {
                 if next.starts_with('/') {
-                    format!("{}{next}", self.spec.endpoint)
+                    format!("{}{next}", self.spec.hub.endpoint)
                 } else {
                     next
                 }
             });
-        let body = self.body(url, response)?;
-        let value = serde_json::from_slice(&body).map_err(|err| PromptsError::BadApiResponse {
-            url: url.to_string(),
-            detail: err.to_string(),
-        })?;
+        let value =
+            serde_json::from_slice(&fetched.body).map_err(|err| PromptsError::BadApiResponse {
+                url: url.to_string(),
+                detail: err.to_string(),
+            })?;
         Ok((value, next))
     }
 
     /// Bytes `start..end` of the file at `url` (of `size` bytes), by an HTTP range request.
     fn get_range(&self, url: &str, start: u64, end: u64, size: u64) -> Result<Bytes, PromptsError> {
-        let response = self.get(url, Some((start, end)))?;
-        let status = response.status().as_u16();
+        let fetched = self.get(url, Some((start, end)))?;
+        let status = fetched.status;
         let whole_file = start == 0 && end == size;
         let bad = |got| PromptsError::BadRange {
             url: url.to_string(),
@@ -402,15 +296,15 @@ impl<'a> Hub<'a> {
         }
         if status == 206 {
             let expected = format!("bytes {start}-{}/", end - 1);
-            let content_range = response
-                .headers()
+            let content_range = fetched
+                .headers
                 .get(CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok());
             if content_range.is_some_and(|cr| !cr.starts_with(&expected)) {
                 return Err(bad(0));
             }
         }
-        let bytes = self.body(url, response)?;
+        let bytes = Bytes::from(fetched.body);
         if bytes.len() as u64 != end - start {
             return Err(bad(bytes.len() as u64));
         }
@@ -425,9 +319,9 @@ impl<'a> Hub<'a> {
         }
         let url = format!(
             "{}/api/datasets/{}/revision/{}",
-            self.spec.endpoint,
+            self.spec.hub.endpoint,
             self.spec.repo,
-            percent_encode(&self.spec.revision, false)
+            crate::hub::percent_encode(&self.spec.revision, false)
         );
         let (info, _) = self.get_json::<RevisionInfo>(&url)?;
         Ok(info.sha)
@@ -451,7 +345,7 @@ impl<'a> Hub<'a> {
         }
         let mut url = Some(format!(
             "{}/api/datasets/{}/tree/{commit}?recursive=true",
-            self.spec.endpoint, self.spec.repo
+            self.spec.hub.endpoint, self.spec.repo
         ));
         let mut files = Vec::new();
         while let Some(page) = url.take() {
@@ -474,9 +368,9 @@ impl<'a> Hub<'a> {
     fn resolve_url(&self, commit: &str, path: &str) -> String {
         format!(
             "{}/datasets/{}/resolve/{commit}/{}",
-            self.spec.endpoint,
+            self.spec.hub.endpoint,
             self.spec.repo,
-            percent_encode(path, true)
+            crate::hub::percent_encode(path, true)
         )
     }
 
@@ -709,11 +603,11 @@ mod tests {
     #[test]
     fn percent_encode_keeps_slashes_only_in_paths() {
         assert_eq!(
-            percent_encode("refs/convert/parquet", false),
+            crate::hub::percent_encode("refs/convert/parquet", false),
             "refs%2Fconvert%2Fparquet"
         );
         assert_eq!(
-            percent_encode("data/a b.parquet", true),
+            crate::hub::percent_encode("data/a b.parquet", true),
             "data/a%20b.parquet"
         );
     }
@@ -725,7 +619,7 @@ mod tests {
             _ => None,
         });
         assert_eq!(
-            spec.cache_dir,
+            spec.hub.cache_dir,
             Some(PathBuf::from("/home/u/.cache/huggingface/hub"))
         );
         let spec = DatasetSpec::from_vars(|k| match k {
@@ -733,7 +627,7 @@ mod tests {
             "HF_HOME" => Some("~/hf".into()),
             _ => None,
         });
-        assert_eq!(spec.cache_dir, Some(PathBuf::from("/home/u/hf/hub")));
+        assert_eq!(spec.hub.cache_dir, Some(PathBuf::from("/home/u/hf/hub")));
         let spec = DatasetSpec::from_vars(|k| match k {
             "HF_HOME" => Some("/x".into()),
             "HF_HUB_CACHE" => Some("/y".into()),
@@ -741,8 +635,8 @@ mod tests {
             "HF_ENDPOINT" => Some("http://mirror/".into()),
             _ => None,
         });
-        assert_eq!(spec.cache_dir, Some(PathBuf::from("/y")));
-        assert!(spec.offline);
-        assert_eq!(spec.endpoint, "http://mirror");
+        assert_eq!(spec.hub.cache_dir, Some(PathBuf::from("/y")));
+        assert!(spec.hub.offline);
+        assert_eq!(spec.hub.endpoint, "http://mirror");
     }
 }

@@ -113,16 +113,14 @@ pub enum PromptsError {
         /// Where the cached list was looked for.
         cache: String,
     },
-    /// The request could not be sent or its body not received (DNS, TLS, connection, timeout).
-    #[error(
-        "request to {url} failed: {source}; check your network connection (or HF_ENDPOINT), \
-         or pass --prompt / --prompts-file"
-    )]
+    /// The request could not be sent or its body not received (DNS, TLS, connection, timeout),
+    /// after the retries.
+    #[error("{message}; or pass --prompt / --prompts-file")]
     Network {
         /// The URL requested.
         url: String,
-        /// The underlying client error.
-        source: reqwest::Error,
+        /// What failed, with the URL, the attempts and `HF_ENDPOINT`.
+        message: String,
     },
     /// The Hub refused access (401/403): the dataset is gated or private, or the token is wrong.
     #[error(

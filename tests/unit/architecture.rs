@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 /// The layers, lowest first; a module may name modules of strictly lower layers only (modules
 /// of one layer are independent of each other).
 const LAYERS: &[&[&str]] = &[
-    &["noise", "device", "files"],
+    &["noise", "device", "files", "hub"],
     &["ops"],
     &["models"],
     &["loading", "prompts"],

@@ -12,6 +12,7 @@ mod architecture;
 mod caption;
 mod cli;
 mod cuda_emulated;
+mod hub;
 mod model_configs;
 mod noise;
 mod ops;

@@ -8,6 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use parquet::basic::Compression;
 use parquet::data_type::{ByteArray, ByteArrayType};
@@ -16,6 +17,7 @@ use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
 use parquet::schema::types::ColumnPath;
 use rand::{RngCore, SeedableRng};
+use tt_scale::hub::HubSettings;
 use tt_scale::prompts::{
     load_prompts, read_prompts_file, DatasetSpec, NumPrompts, PromptSource, PromptsError,
 };
@@ -128,6 +130,10 @@ struct HubState {
     requests: Mutex<Vec<(String, Option<String>)>>,
     /// Body bytes served from repository files.
     file_bytes_served: AtomicU64,
+    /// Requests still to answer with 503 before serving normally.
+    fail_first: AtomicU64,
+    /// Read requests and never answer, like a stalled proxy.
+    stall: bool,
 }
 
 struct FakeHub {
@@ -164,10 +170,16 @@ impl FakeHub {
             split: "train".to_string(),
             column: "prompt".to_string(),
             revision: "main".to_string(),
-            endpoint: self.endpoint.clone(),
-            token: None,
-            cache_dir: Some(cache.to_path_buf()),
-            offline: false,
+            hub: HubSettings {
+                endpoint: self.endpoint.clone(),
+                token: None,
+                cache_dir: Some(cache.to_path_buf()),
+                offline: false,
+                connect_timeout: Duration::from_secs(5),
+                read_timeout: Duration::from_secs(5),
+                attempts: 3,
+                backoff: Duration::from_millis(10),
+            },
         }
     }
 }
@@ -215,7 +227,19 @@ fn serve(stream: TcpStream, state: &HubState) {
         .lock()
         .unwrap()
         .push((target.clone(), auth.clone()));
-    let (status, extra, body) = route(state, &target, auth.as_deref(), headers.get("range"));
+    if state.stall {
+        std::thread::sleep(Duration::from_secs(30));
+        return;
+    }
+    let failing = state
+        .fail_first
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    let (status, extra, body) = if failing {
+        (503, String::new(), b"overloaded".to_vec())
+    } else {
+        route(state, &target, auth.as_deref(), headers.get("range"))
+    };
     let mut out = stream;
     let head = format!(
         "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
@@ -439,8 +463,8 @@ fn offline_with_a_cached_list_needs_no_network() {
     )
     .unwrap();
     let mut spec = hub.spec(cache.path());
-    spec.offline = true;
-    spec.endpoint = "http://127.0.0.1:9".to_string();
+    spec.hub.offline = true;
+    spec.hub.endpoint = "http://127.0.0.1:9".to_string();
     let requests = hub.request_count();
     assert_eq!(
         load_prompts(&PromptSource::Dataset(spec), NumPrompts::All).unwrap(),
@@ -454,7 +478,7 @@ fn offline_without_a_cached_list_is_a_clear_error() {
     let (hub, _) = standard_hub();
     let cache = cache_dir();
     let mut spec = hub.spec(cache.path());
-    spec.offline = true;
+    spec.hub.offline = true;
     let err = load_prompts(&PromptSource::Dataset(spec), NumPrompts::All).unwrap_err();
     assert!(
         matches!(err, PromptsError::OfflineWithoutCache { .. }),
@@ -492,6 +516,51 @@ fn unauthorized_dataset_error_tells_to_set_hf_token() {
 }
 
 #[test]
+fn transient_hub_failures_are_retried() {
+    let (hub, expected) = standard_hub();
+    hub.state.fail_first.store(2, Ordering::SeqCst);
+    let cache = cache_dir();
+    let prompts = load_prompts(
+        &PromptSource::Dataset(hub.spec(cache.path())),
+        NumPrompts::All,
+    )
+    .unwrap();
+    assert_eq!(prompts, expected);
+    assert_eq!(hub.state.fail_first.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_stalled_hub_times_out_naming_the_url_and_hf_endpoint() {
+    let hub = FakeHub::start(HubState {
+        stall: true,
+        ..HubState::default()
+    });
+    let cache = cache_dir();
+    let mut spec = hub.spec(cache.path());
+    spec.hub.read_timeout = Duration::from_millis(500);
+    spec.hub.connect_timeout = Duration::from_millis(500);
+    spec.hub.attempts = 2;
+    let started = std::time::Instant::now();
+    let err = load_prompts(&PromptSource::Dataset(spec), NumPrompts::All).unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(err, PromptsError::Network { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&hub.endpoint) && message.contains("HF_ENDPOINT"),
+        "{message}"
+    );
+    assert!(
+        message.contains("2 attempt(s)") && message.contains("timed out"),
+        "{message}"
+    );
+    assert_eq!(hub.request_count(), 2, "retried once");
+}
+
+#[test]
 fn token_is_sent_as_bearer_authorization() {
     let (first, _, _) = train_rows();
     let mut state = HubState {
@@ -505,7 +574,7 @@ fn token_is_sent_as_bearer_authorization() {
     let hub = FakeHub::start(state);
     let cache = cache_dir();
     let mut spec = hub.spec(cache.path());
-    spec.token = Some("hf_secret".into());
+    spec.hub.token = Some("hf_secret".into());
     let prompts = load_prompts(&PromptSource::Dataset(spec), NumPrompts::First(1)).unwrap();
     assert_eq!(prompts, vec!["a bustling manga street, devoid of vehicles"]);
     let requests = hub.state.requests.lock().unwrap();
@@ -580,9 +649,9 @@ fn default_dataset_spec_is_the_open_image_preferences_train_prompts() {
         (spec.split.as_str(), spec.column.as_str()),
         ("train", "prompt")
     );
-    assert_eq!(spec.endpoint, "https://huggingface.co");
-    assert_eq!(spec.token.as_deref(), Some("hf_x"));
-    assert!(!spec.offline);
+    assert_eq!(spec.hub.endpoint, "https://huggingface.co");
+    assert_eq!(spec.hub.token.as_deref(), Some("hf_x"));
+    assert!(!spec.hub.offline);
     assert_eq!(
         spec.cache_file().unwrap(),
         PathBuf::from("/cache/hub/datasets--data-is-better-together--open-image-preferences-v1-binarized/tt-scale/prompts-train-prompt.json")
