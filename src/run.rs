@@ -105,6 +105,9 @@ pub enum RunError {
         /// Images of the rounds written.
         images: usize,
     },
+    /// The verifier refused access before any image was made (checked with one cheap request).
+    #[error("the verifier cannot grade any image, so nothing was generated: {0}")]
+    VerifierAccess(String),
     /// The verifier cannot grade any image (a rejected key, an unknown model, a refused
     /// request, an exhausted quota); the run stopped with its files consistent.
     #[error(
@@ -145,7 +148,9 @@ impl RunError {
             RunError::Pipeline(
                 PipelineError::InvalidArgument(_) | PipelineError::Unsupported(_),
             ) => 2,
-            RunError::FatalVerifier { .. } | RunError::Search(SearchError::FatalVerifier(_)) => 3,
+            RunError::FatalVerifier { .. }
+            | RunError::VerifierAccess(_)
+            | RunError::Search(SearchError::FatalVerifier(_)) => 3,
             RunError::Interrupted { signal, .. } => {
                 if *signal == "SIGTERM" {
                     143
@@ -259,12 +264,17 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
 }
 
 /// The verifier of `config`; a local one runs beside the diffusion model unless told otherwise.
+/// An API verifier's access (key, model) is checked here, before any model loads.
 fn build_verifier(config: &Config, opts: &RunOptions) -> Result<Box<dyn Verifier>, RunError> {
     let mut verifier_args = config.verifier_args.clone();
     if verifier_args.device.is_none() {
         verifier_args.device = opts.device.map(|d| d.to_string());
     }
-    Ok(verifiers::build_for_run(&verifier_args, opts.low_vram)?)
+    let verifier = verifiers::build_for_run(&verifier_args, opts.low_vram)?;
+    match verifier.check_access() {
+        Err(failure) if failure.fatal => Err(RunError::VerifierAccess(failure.message)),
+        _ => Ok(verifier),
+    }
 }
 
 /// The search and output part of [`run`], for an already loaded pipeline and verifier: makes

@@ -31,6 +31,8 @@ pub struct GeminiVerifier {
 #[derive(Debug)]
 struct GeminiProtocol {
     url: String,
+    /// `models/{model}`, for the access check.
+    model_url: String,
     key: ApiKey,
     /// Everything of the body except `contents`, built once.
     system_instruction: Value,
@@ -86,12 +88,14 @@ impl GeminiVerifier {
             })?;
             generation_config["seed"] = json!(seed);
         }
+        let model_url = format!(
+            "{}/v1beta/models/{}",
+            base_url.trim_end_matches('/'),
+            super::http::path_segment(model)
+        );
         let protocol = GeminiProtocol {
-            url: format!(
-                "{}/v1beta/models/{}:generateContent",
-                base_url.trim_end_matches('/'),
-                super::http::path_segment(model)
-            ),
+            url: format!("{model_url}:generateContent"),
+            model_url,
             key: key.clone(),
             system_instruction: json!({ "parts": [{ "text": rubric }] }),
             generation_config,
@@ -115,6 +119,10 @@ impl Verifier for GeminiVerifier {
 
     fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
         self.engine.score_all(inputs)
+    }
+
+    fn check_access(&self) -> Result<(), ScoreFailure> {
+        self.engine.check_access()
     }
 
     fn call_stats(&self) -> CallStats {
@@ -180,6 +188,23 @@ impl Protocol for GeminiProtocol {
             // answer 401/403, whose advice names the key variable.
             Err(_) => request.json(&body),
         }
+    }
+
+    fn access_request(&self, client: &reqwest::Client) -> reqwest::RequestBuilder {
+        // models.get: needs a valid key and an existing model.
+        let request = client.get(&self.model_url);
+        match HeaderValue::from_str(self.key.expose()) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                request.header("x-goog-api-key", value)
+            }
+            Err(_) => request,
+        }
+    }
+
+    fn access_refused(&self, status: StatusCode) -> bool {
+        // Gemini answers a malformed key with 400 "API key not valid".
+        super::http::is_fatal_for_the_run(status)
     }
 
     fn advice(&self, status: StatusCode) -> String {

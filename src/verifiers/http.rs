@@ -94,6 +94,11 @@ pub(crate) trait Protocol: Send + Sync + 'static {
     fn advice(&self, status: StatusCode) -> String;
     /// The grading inside a successful reply body, or why it is not valid.
     fn parse_reply(&self, body: &str) -> Result<Grading, String>;
+    /// A cheap request that needs the key and the model (get or list models), made once before
+    /// the first image, so that a rejected key costs seconds, not a round of generation.
+    fn access_request(&self, client: &reqwest::Client) -> reqwest::RequestBuilder;
+    /// Whether `status` in answer to [`Protocol::access_request`] means no grading can succeed.
+    fn access_refused(&self, status: StatusCode) -> bool;
 }
 
 /// One attempt's result.
@@ -209,6 +214,73 @@ impl<P: Protocol> Engine<P> {
         CallStats {
             requests: self.counters.requests.load(Ordering::Relaxed),
             failed_requests: self.counters.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Checks with one cheap request that the API accepts the key (and knows the model, where
+    /// the API can say so). A refusal is a fatal [`ScoreFailure`] with the API's message and
+    /// what to do; anything else (a timeout, a 5xx) is only logged: the first graded batch will
+    /// tell.
+    pub fn check_access(&self) -> Result<(), ScoreFailure> {
+        let Some(runtime) = &self.runtime else {
+            return Ok(());
+        };
+        let api = self.protocol.api_name();
+        let request = self.protocol.access_request(&self.client);
+        let scrub = |text: String| match &self.key {
+            Some(key) => key.redact(&text),
+            None => text,
+        };
+        let outcome = block_on(runtime, async move {
+            let response = request.send().await?;
+            let status = response.status();
+            let url = response.url().to_string();
+            let body = read_capped(response, MAX_REPLY_BYTES)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            Ok::<_, reqwest::Error>((status, url, body))
+        });
+        match outcome {
+            Ok((status, _, _)) if status.is_success() => Ok(()),
+            Ok((status, url, body))
+                if self.protocol.access_refused(status)
+                    || (status == StatusCode::TOO_MANY_REQUESTS && is_quota_exhausted(&body)) =>
+            {
+                let what = if status == StatusCode::TOO_MANY_REQUESTS {
+                    "the quota is used up; raise it or wait for it to reset".to_string()
+                } else {
+                    self.protocol.advice(status)
+                };
+                Err(ScoreFailure {
+                    message: scrub(format!(
+                        "HTTP {status} from the {api} ({url}){}; {what}",
+                        error_detail(&body)
+                    )),
+                    attempts: 1,
+                    fatal: true,
+                })
+            }
+            Ok((status, url, body)) => {
+                tracing::warn!(
+                    "could not check access to the {api}: HTTP {status} from {url}{}; going on",
+                    scrub(error_detail(&body))
+                );
+                Ok(())
+            }
+            Err(e) if e.is_redirect() => Err(ScoreFailure {
+                message: scrub(format!("the {api} redirected: {}", chain(&e))),
+                attempts: 1,
+                fatal: true,
+            }),
+            Err(e) => {
+                tracing::warn!(
+                    "could not check access to the {api} ({}); going on",
+                    scrub(chain(&e))
+                );
+                Ok(())
+            }
         }
     }
 

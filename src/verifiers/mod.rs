@@ -66,6 +66,11 @@ pub trait Verifier: Send + Sync {
     fn call_stats(&self) -> CallStats {
         CallStats::default()
     }
+    /// Checks, before any image is made, that grading can work at all (an API accepts the
+    /// key); a fatal failure says why. Local verifiers have nothing to check.
+    fn check_access(&self) -> Result<(), ScoreFailure> {
+        Ok(())
+    }
 }
 
 /// Counters of a verifier's API calls, for the end-of-run summary.

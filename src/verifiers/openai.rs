@@ -32,6 +32,8 @@ pub struct OpenAiVerifier {
 #[derive(Debug)]
 struct OpenAiProtocol {
     url: String,
+    /// `models`, for the access check.
+    models_url: String,
     key: Option<ApiKey>,
     model: String,
     rubric: String,
@@ -72,6 +74,7 @@ impl OpenAiVerifier {
     ) -> Result<Self, VerifierError> {
         let protocol = OpenAiProtocol {
             url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            models_url: format!("{}/models", base_url.trim_end_matches('/')),
             key: key.clone(),
             model: args
                 .model_name
@@ -100,6 +103,10 @@ impl Verifier for OpenAiVerifier {
 
     fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
         self.engine.score_all(inputs)
+    }
+
+    fn check_access(&self) -> Result<(), ScoreFailure> {
+        self.engine.check_access()
     }
 
     fn call_stats(&self) -> CallStats {
@@ -180,6 +187,20 @@ impl Protocol for OpenAiProtocol {
             None => request,
         };
         request.json(&body)
+    }
+
+    fn access_request(&self, client: &reqwest::Client) -> reqwest::RequestBuilder {
+        // models.list: every OpenAI-compatible server has it, and it needs the key.
+        let request = client.get(&self.models_url);
+        match &self.key {
+            Some(key) => request.bearer_auth(key.expose()),
+            None => request,
+        }
+    }
+
+    fn access_refused(&self, status: StatusCode) -> bool {
+        // Only the key: compatible servers differ in what else the list says.
+        matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
     }
 
     fn advice(&self, status: StatusCode) -> String {

@@ -183,6 +183,10 @@ struct ServerState {
     require_key: bool,
     behaviour: Behaviour,
     records: Mutex<Vec<Recorded>>,
+    /// GET requests for a model or the model list (the access check): (path, key sent).
+    access_checks: Mutex<Vec<(String, Option<String>)>>,
+    /// The answer to the access check; `None`: the model, 200.
+    access_reply: Mutex<Option<Reply>>,
     attempts: Mutex<HashMap<u64, usize>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
@@ -207,9 +211,19 @@ impl FakeServer {
         self.state.records.lock().unwrap().clone()
     }
 
-    /// How many requests arrived.
+    /// How many grading requests arrived (access checks not included).
     pub fn request_count(&self) -> usize {
         self.state.records.lock().unwrap().len()
+    }
+
+    /// The access checks received (GET of the model, or of the model list): (path, key).
+    pub fn access_checks(&self) -> Vec<(String, Option<String>)> {
+        self.state.access_checks.lock().unwrap().clone()
+    }
+
+    /// Answers the access checks from now on with `reply` (a [`Reply::Status`], say).
+    pub fn set_access_reply(&self, reply: Reply) {
+        *self.state.access_reply.lock().unwrap() = Some(reply);
     }
 
     /// Every way a request deviated from the real API, prefixed by its arrival number.
@@ -283,6 +297,8 @@ fn start(kind: Kind, behaviour: Behaviour, require_key: bool, suffix: &str) -> F
         require_key,
         behaviour,
         records: Mutex::new(Vec::new()),
+        access_checks: Mutex::new(Vec::new()),
+        access_reply: Mutex::new(None),
         attempts: Mutex::new(HashMap::new()),
         in_flight: AtomicUsize::new(0),
         max_in_flight: AtomicUsize::new(0),
@@ -332,6 +348,9 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if method == Method::GET {
+        return access_check(&state, uri.path(), &headers);
+    }
     let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     state.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let _guard = InFlight(&state.in_flight);
@@ -408,6 +427,50 @@ async fn handle(
                 retry_after,
                 message,
             } => return error_response(state.kind, code, retry_after, message),
+        }
+    }
+}
+
+/// Gemini's `models.get` (`GET /v1beta/models/{model}`) and OpenAI's `models.list`
+/// (`GET /v1/models`), as the verifiers' access check uses them.
+fn access_check(state: &ServerState, path: &str, headers: &HeaderMap) -> Response {
+    let key = match state.kind {
+        Kind::Gemini => headers.get("x-goog-api-key"),
+        Kind::OpenAi => headers.get("authorization"),
+    }
+    .and_then(|v| v.to_str().ok())
+    .map(|v| v.trim_start_matches("Bearer ").to_string());
+    state
+        .access_checks
+        .lock()
+        .unwrap()
+        .push((path.to_string(), key.clone()));
+    let known = match state.kind {
+        Kind::Gemini => path
+            .strip_prefix("/v1beta/models/")
+            .filter(|m| !m.is_empty() && !m.contains([':', '/'])),
+        Kind::OpenAi => (path == "/v1/models").then_some(""),
+    };
+    let Some(model) = known else {
+        return error_response(state.kind, 404, None, Some(format!("no route {path}")));
+    };
+    if state.require_key && key.as_deref().is_none_or(str::is_empty) {
+        return error_response(state.kind, 401, None, Some("no API key sent".into()));
+    }
+    match state.access_reply.lock().unwrap().clone() {
+        Some(Reply::Status {
+            code,
+            retry_after,
+            message,
+        }) => error_response(state.kind, code, retry_after, message),
+        _ => {
+            let body = match state.kind {
+                Kind::Gemini => json!({"name": format!("models/{model}"), "displayName": model}),
+                Kind::OpenAi => {
+                    json!({"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
+                }
+            };
+            (StatusCode::OK, axum::Json(body)).into_response()
         }
     }
 }

@@ -530,6 +530,53 @@ fn a_rejected_key_stops_the_run_after_one_batch_with_exit_code_3() {
     );
 }
 
+#[test]
+fn a_key_rejected_by_the_access_check_costs_no_image_and_exits_3() {
+    let (base_url, server) = FakeGemini::start(Behaviour::good());
+    server.set_access_reply(Reply::Status {
+        code: 400,
+        retry_after: None,
+        message: Some("API key not valid. Please pass a valid API key.".into()),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        "gemini",
+        serde_json::json!({"search_method": "random", "search_rounds": 3}),
+    );
+    std::fs::write(dir.path().join("c.json"), &cfg).unwrap();
+    let env = [
+        ("GEMINI_API_KEY", "secret-key-xyz"),
+        ("GEMINI_BASE_URL", base_url.as_str()),
+    ];
+    let o = tt_scale(
+        dir.path(),
+        &[
+            "run",
+            "--pipeline-config",
+            "c.json",
+            "--prompt",
+            PROMPT,
+            "--device",
+            "cpu",
+        ],
+        &env,
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("API key not valid") && stderr.contains("GEMINI_API_KEY"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("nothing was generated"), "{stderr}");
+    assert!(!stderr.contains("secret-key-xyz"));
+    assert_eq!(server.access_checks().len(), 1);
+    assert_eq!(server.request_count(), 0, "no image was graded");
+    assert!(
+        !dir.path().join("output").exists(),
+        "no run folder was made"
+    );
+}
+
 /// Copies `from` into `to` recursively.
 pub(crate) fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();

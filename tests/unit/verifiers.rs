@@ -836,3 +836,75 @@ fn a_reply_over_the_size_cap_is_a_transient_failure_not_an_allocation() {
     assert!(f.message.contains("larger than 8 MiB"), "{}", f.message);
     assert_eq!(server.request_count(), 3, "retried up to max_attempts");
 }
+
+#[test]
+fn the_access_check_is_one_cheap_get_with_the_key_before_any_image() {
+    let (g, server) = gemini(&args("gemini"), Behaviour::good());
+    g.check_access().unwrap();
+    assert_eq!(server.request_count(), 0, "no grading request");
+    let checks = server.access_checks();
+    assert_eq!(checks.len(), 1);
+    assert_eq!(checks[0].0, "/v1beta/models/gemini-2.0-flash");
+    assert_eq!(checks[0].1.as_deref(), Some(GEMINI_KEY));
+
+    let (o, server) = openai(&args("openai"), Behaviour::good());
+    o.check_access().unwrap();
+    assert_eq!(
+        server.access_checks(),
+        [("/v1/models".to_string(), Some(OPENAI_KEY.to_string()))]
+    );
+}
+
+#[test]
+fn a_rejected_key_or_unknown_model_fails_the_access_check_as_fatal() {
+    for (code, message, expect) in [
+        (
+            400,
+            "API key not valid. Please pass a valid API key.",
+            "GEMINI_API_KEY",
+        ),
+        (403, "Permission denied", "GEMINI_API_KEY"),
+        (
+            404,
+            "models/gemini-9 is not found",
+            "verifier_args.model_name",
+        ),
+    ] {
+        let (g, server) = gemini(&args("gemini"), Behaviour::good());
+        server.set_access_reply(Reply::Status {
+            code,
+            retry_after: None,
+            message: Some(message.into()),
+        });
+        let f = g.check_access().unwrap_err();
+        assert!(f.fatal, "{code}");
+        assert!(
+            f.message.contains(&format!("HTTP {code}"))
+                && f.message.contains(message)
+                && f.message.contains(expect),
+            "{}",
+            f.message
+        );
+        assert!(!f.message.contains(GEMINI_KEY), "the key is scrubbed");
+    }
+    let (o, server) = openai(&args("openai"), Behaviour::good());
+    server.set_access_reply(Reply::status(401));
+    let f = o.check_access().unwrap_err();
+    assert!(
+        f.fatal && f.message.contains("OPENAI_API_KEY"),
+        "{}",
+        f.message
+    );
+}
+
+#[test]
+fn an_access_check_that_cannot_tell_lets_the_run_go_on() {
+    // Server trouble, or an OpenAI-compatible server without a model list: the first batch will
+    // tell, so the check does not stop the run.
+    let (g, server) = gemini(&args("gemini"), Behaviour::good());
+    server.set_access_reply(Reply::status(503));
+    g.check_access().unwrap();
+    let (o, server) = openai(&args("openai"), Behaviour::good());
+    server.set_access_reply(Reply::status(404));
+    o.check_access().unwrap();
+}
