@@ -400,6 +400,8 @@ fn fused_path(x: &Tensor, head_dim: usize) -> bool {
     ops::fused_on(x)
         && matches!(x.dtype(), DType::BF16 | DType::F16)
         && ops::ATTENTION_HEAD_DIMS.contains(&head_dim)
+        && ops::fused_for(ops::Kernel::QkNormRope, x, head_dim)
+        && ops::fused_for(ops::Kernel::Attention, x, head_dim)
 }
 
 /// `layer_norm(x) · (1 + scale) + shift`, fused on CUDA.
@@ -409,7 +411,7 @@ fn norm_mod(
     shift: &Tensor,
     scale: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    if ops::fused_on(x) {
+    if ops::fused_for(ops::Kernel::LayerNormModulate, x, 0) {
         fused::layer_norm_modulate(x, None, None, Some(shift), Some(scale), 1e-6)
     } else {
         scale_shift(&ln.forward(x)?, shift, scale)

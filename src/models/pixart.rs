@@ -256,7 +256,7 @@ fn timestep_embedding(
 /// `layer_norm(xs) · (1 + scale) + shift` (no affine parameters, float32 statistics), fused on
 /// CUDA; `shift`, `scale` (B, 1, D).
 fn norm_mod(xs: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if ops::fused_on(xs) {
+    if ops::fused_for(ops::Kernel::LayerNormModulate, xs, 0) {
         fused::layer_norm_modulate(xs, None, None, Some(shift), Some(scale), eps)
     } else {
         layer_norm(xs, eps)?

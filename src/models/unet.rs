@@ -631,7 +631,7 @@ impl TransformerBlock {
         let xs = (self.attn2.forward(&h, context)? + xs)?;
         let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
         let inner = h.dim(D::Minus1)? / 2;
-        let gated = if ops::fused_on(&h) {
+        let gated = if ops::fused_for(ops::Kernel::Gelu, &h, 0) {
             fused::geglu(&h)?
         } else {
             (h.narrow(D::Minus1, 0, inner)? * h.narrow(D::Minus1, inner, inner)?.gelu_erf()?)?

@@ -135,7 +135,10 @@ pub fn attention_masked(
         mask: mask.clone(),
     };
     op.tile = super::tuned_attention_tile(q, k, v, &op);
-    q.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2)
+    super::selfcheck::kernel_output(
+        super::Kernel::Attention,
+        q.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2),
+    )
 }
 
 /// Layer norm over the last dimension fused with its optional affine parameters and the adaLN
@@ -176,7 +179,10 @@ pub fn layer_norm_modulate(
         eps: eps as f32,
         rows_per_group: l,
     };
-    x.contiguous()?.apply_op1_no_bwd(&op)
+    super::selfcheck::kernel_output(
+        super::Kernel::LayerNormModulate,
+        x.contiguous()?.apply_op1_no_bwd(&op),
+    )
 }
 
 /// Flux's query/key preparation in one pass. `qkv` (B, L, ≥ 3·H·D) holds q, k and v at columns
@@ -197,7 +203,10 @@ pub fn qk_norm_rope(
 ) -> Result<Tensor> {
     let first = QkStream::new(qkv, heads, q_weight, k_weight)?;
     let op = qk_norm_rope_op(first, None, heads, cos, sin, pos_offset, eps)?;
-    op.first.qkv.apply_op1_no_bwd(&op)
+    super::selfcheck::kernel_output(
+        super::Kernel::QkNormRope,
+        op.first.qkv.apply_op1_no_bwd(&op),
+    )
 }
 
 /// [`qk_norm_rope`] of two streams into one joint sequence, as Flux's double blocks attend over
@@ -224,7 +233,10 @@ pub fn qk_norm_rope_joint(
         );
     }
     let op = qk_norm_rope_op(first, Some(second), heads, rope.0, rope.1, pos_offset, eps)?;
-    op.first.qkv.apply_op1_no_bwd(&op)
+    super::selfcheck::kernel_output(
+        super::Kernel::QkNormRope,
+        op.first.qkv.apply_op1_no_bwd(&op),
+    )
 }
 
 impl QkStream {
@@ -329,12 +341,18 @@ pub fn group_norm(
         eps: eps as f32,
         silu,
     };
-    x.contiguous()?.apply_op1_no_bwd(&op)
+    super::selfcheck::kernel_output(
+        super::Kernel::GroupNorm,
+        x.contiguous()?.apply_op1_no_bwd(&op),
+    )
 }
 
 /// GELU, tanh approximation, elementwise (float32 inside).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&GeluOp::Tanh)
+    super::selfcheck::kernel_output(
+        super::Kernel::Gelu,
+        x.contiguous()?.apply_op1_no_bwd(&GeluOp::Tanh),
+    )
 }
 
 /// diffusers' GEGLU: `x` (…, 2·I) -> (…, I) = `x[.., :I] · gelu_erf(x[.., I:])`.
@@ -342,7 +360,10 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     if x.dim(candle_core::D::Minus1)? % 2 != 0 {
         bail!("geglu: the last dimension of {:?} is odd", x.dims());
     }
-    x.contiguous()?.apply_op1_no_bwd(&GeluOp::Geglu)
+    super::selfcheck::kernel_output(
+        super::Kernel::Gelu,
+        x.contiguous()?.apply_op1_no_bwd(&GeluOp::Geglu),
+    )
 }
 
 /// `x · weightᵀ + bias`, then `activation`, as one 2-D product over all leading dimensions
@@ -356,7 +377,7 @@ pub fn linear(
     activation: Option<Activation>,
 ) -> Result<Tensor> {
     let op = linear_op("linear", x, weight, bias, activation, None)?;
-    x.contiguous()?.apply_op1_no_bwd(&op)
+    super::selfcheck::kernel_output(super::Kernel::Linear, x.contiguous()?.apply_op1_no_bwd(&op))
 }
 
 /// The [`LinearOp`] of `x · weightᵀ + bias` (then `activation`, then plus `then`'s product),
@@ -429,7 +450,10 @@ pub fn linear_sum(
     }
     let then = Some((x2.contiguous()?, rows_contiguous(w2)?));
     let op = linear_op("linear_sum", x1, w1, bias, None, then)?;
-    x1.contiguous()?.apply_op1_no_bwd(&op)
+    super::selfcheck::kernel_output(
+        super::Kernel::Linear,
+        x1.contiguous()?.apply_op1_no_bwd(&op),
+    )
 }
 
 /// A modulation operand (B, 1, C) or (B, C) as (B, C) rows (a view); `op` and `name` for the
@@ -479,7 +503,10 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
         gate,
         rows_per_group: l,
     };
-    x.contiguous()?.apply_op2_no_bwd(&y.contiguous()?, &op)
+    super::selfcheck::kernel_output(
+        super::Kernel::GatedResidual,
+        x.contiguous()?.apply_op2_no_bwd(&y.contiguous()?, &op),
+    )
 }
 
 /// A 2-D convolution (cross-correlation, as PyTorch's `conv2d`) plus a per-channel bias: cuDNN

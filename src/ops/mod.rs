@@ -6,10 +6,12 @@
 //! tensor: on a CUDA device, for the dtypes and shapes the kernels cover, unless the environment
 //! sets `TT_SCALE_FUSED=0` (the escape hatch, and how the benchmarks time both paths). Otherwise
 //! the model's own composition of candle operations runs, unchanged: CPU results do not depend
-//! on this module.
+//! on this module. Each kernel family checks itself on first use ([`selfcheck`]) and gives way to
+//! the plain composition where it disagrees with its reference: models ask [`fused_for`].
 
 mod cudnn;
 pub mod fused;
+pub mod selfcheck;
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -19,6 +21,7 @@ use std::sync::OnceLock;
 use candle_core::{DType, Module, Result, Tensor};
 
 pub use fused::Activation;
+pub use selfcheck::Kernel;
 
 /// Head sizes the fused attention kernel is instantiated for (SD 1.5: 40, 80, 160; SDXL: 64;
 /// PixArt-Sigma: 72; Flux: 128).
@@ -330,9 +333,16 @@ fn with_override<T: Copy + 'static, R>(
 /// Whether the fused path applies to `t`: a CUDA tensor of a float dtype the kernels take
 /// (f32, bf16, f16), with the fused kernels enabled.
 pub fn fused_on(t: &Tensor) -> bool {
-    t.device().is_cuda()
+    (t.device().is_cuda() || selfcheck::cpu_kernels())
         && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16)
         && fused_enabled()
+}
+
+/// Whether the fused path of `kernel` applies to `t`: [`fused_on`], and the family passed its
+/// self-check on `t`'s device and dtype ([`selfcheck::trusted`]; `head_size` matters for
+/// attention and qk_norm_rope only).
+pub fn fused_for(kernel: Kernel, t: &Tensor, head_size: usize) -> bool {
+    fused_on(t) && selfcheck::trusted(kernel, t.device(), t.dtype(), head_size)
 }
 
 /// Whether a (B, H, L, D) layout suits the attention kernel: unit innermost stride, other
@@ -342,7 +352,8 @@ pub(crate) fn attention_layout_ok(stride: &[usize], offset: usize) -> bool {
 }
 
 /// Whether [`fused::attention`] can run `q`, `k`, `v` (B, H, L, D) on their device: CUDA,
-/// bf16/f16, a head size of [`ATTENTION_HEAD_DIMS`], kernel-friendly layouts.
+/// bf16/f16, a head size of [`ATTENTION_HEAD_DIMS`], kernel-friendly layouts, and the kernel
+/// passed its self-check for that head size.
 pub fn attention_fused_ok(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     fused_on(q)
         && matches!(q.dtype(), DType::BF16 | DType::F16)
@@ -352,6 +363,7 @@ pub fn attention_fused_ok(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
             let (_, layout) = t.storage_and_layout();
             attention_layout_ok(layout.stride(), layout.start_offset())
         })
+        && selfcheck::trusted(Kernel::Attention, q.device(), q.dtype(), q.dims()[3])
 }
 
 /// A linear layer that runs as one cuBLASLt product with the bias (and optionally GELU) in the
@@ -378,7 +390,7 @@ impl Linear {
     }
 
     fn fused(&self, x: &Tensor) -> bool {
-        fused_on(x) && matches!(x.dtype(), DType::BF16 | DType::F16)
+        matches!(x.dtype(), DType::BF16 | DType::F16) && fused_for(Kernel::Linear, x, 0)
     }
 
     /// `gelu_tanh(x · Wᵀ + b)`.
@@ -425,7 +437,7 @@ pub fn linear_fused_or_plain(
 /// (B, 1, C)): one fused pass ([`fused::gated_residual`]) where the fused path applies and C is a
 /// multiple of 8, else candle's multiply and add.
 pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
-    if fused_on(x) && x.dim(candle_core::D::Minus1)? % 8 == 0 {
+    if x.dim(candle_core::D::Minus1)? % 8 == 0 && fused_for(Kernel::GatedResidual, x, 0) {
         fused::gated_residual(x, gate, y)
     } else {
         x + gate.broadcast_mul(y)?
@@ -510,7 +522,7 @@ impl GroupNorm {
     }
 
     fn apply(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        if fused_on(x) {
+        if fused_for(Kernel::GroupNorm, x, 0) {
             let (w, b) = (Some(&self.weight), Some(&self.bias));
             fused::group_norm(x, self.groups, w, b, self.eps, silu)
         } else if silu {

@@ -163,6 +163,59 @@ fn unet_output_matches_diffusers_within_1e_4() {
     assert!(diff < 1e-4, "unet: max abs diff {diff}");
 }
 
+/// The fused kernels check themselves before they serve (`ops::selfcheck`): with the kernels'
+/// CPU stand-ins taking the fused path, the UNet still matches diffusers; with a broken group
+/// norm or GEGLU kernel, the check catches it once and the plain path keeps the output right,
+/// while the same broken kernel, used unchecked, would be far off.
+#[test]
+fn unet_with_a_faulty_fused_kernel_falls_back_and_still_matches_diffusers() {
+    use tt_scale::ops::selfcheck::{checks_run, with_cpu_kernels, with_faulty_kernel, Kernel};
+    let pipe = load(&call_args(None));
+    let r = reference();
+    let t = r["unet_timestep"].to_vec1::<f32>().unwrap()[0] as f64;
+    let unet = || {
+        pipe.unet_forward(&r["unet_sample"], t, &r["unet_context"])
+            .unwrap()
+    };
+    with_cpu_kernels(|| {
+        let before = checks_run();
+        let diff = max_abs_diff(&unet(), &r["unet_out"]);
+        assert!(diff < 1e-4, "fused stand-ins: max abs diff {diff}");
+        assert_eq!(
+            checks_run() - before,
+            2,
+            "group norm and GEGLU checked once each"
+        );
+        let _ = unet();
+        assert_eq!(checks_run() - before, 2, "verdicts are remembered");
+    });
+    for kernel in [Kernel::GroupNorm, Kernel::Gelu] {
+        // A fresh thread: verdicts of the CPU stand-ins are per thread.
+        std::thread::spawn(move || {
+            let pipe = load(&call_args(None));
+            let r = reference();
+            let t = r["unet_timestep"].to_vec1::<f32>().unwrap()[0] as f64;
+            with_cpu_kernels(|| {
+                with_faulty_kernel(kernel, || {
+                    let ours = pipe
+                        .unet_forward(&r["unet_sample"], t, &r["unet_context"])
+                        .unwrap();
+                    let diff = max_abs_diff(&ours, &r["unet_out"]);
+                    assert!(diff < 1e-4, "{kernel:?} faulty: max abs diff {diff}");
+                    assert!(!tt_scale::ops::selfcheck::trusted(
+                        kernel,
+                        &Device::Cpu,
+                        DType::F32,
+                        0
+                    ));
+                })
+            })
+        })
+        .join()
+        .unwrap();
+    }
+}
+
 #[test]
 fn vae_decode_matches_diffusers_within_1e_4() {
     let pipe = load(&call_args(None));

@@ -853,3 +853,65 @@ fn the_conv2d_wrapper_is_candle_conv2d_on_the_cpu() {
     let want = inner.forward(&x).unwrap();
     assert_eq!(rel_err(&ours, &want), 0.0);
 }
+
+// ------------------------------------------------------------ self-checks of the fused kernels
+
+/// Every kernel family passes its check where its CPU implementation stands in for it, once per
+/// family (and head size where it matters), and the verdict is remembered.
+#[test]
+fn every_kernel_family_passes_its_self_check_once() {
+    use tt_scale::ops::selfcheck::{checks_run, trusted, with_cpu_kernels, Kernel};
+    std::thread::spawn(|| {
+        with_cpu_kernels(|| {
+            let before = checks_run();
+            for kernel in Kernel::ALL {
+                assert!(trusted(kernel, &Device::Cpu, DType::F32, 64), "{kernel:?}");
+                assert!(trusted(kernel, &Device::Cpu, DType::F32, 64), "{kernel:?}");
+            }
+            assert_eq!(checks_run() - before, Kernel::ALL.len());
+            // Attention and qk_norm_rope are checked per head size; the others are not.
+            assert!(trusted(Kernel::Attention, &Device::Cpu, DType::F32, 128));
+            assert!(trusted(
+                Kernel::GatedResidual,
+                &Device::Cpu,
+                DType::F32,
+                128
+            ));
+            assert_eq!(checks_run() - before, Kernel::ALL.len() + 1);
+        })
+    })
+    .join()
+    .unwrap();
+}
+
+/// A kernel that returns wrong results is caught by its check and the dispatching helper takes
+/// the plain path; the same kernel used directly would be wrong, so the test can fail.
+#[test]
+fn a_faulty_kernel_fails_its_check_and_the_plain_path_serves() {
+    use tt_scale::ops::selfcheck::{
+        checks_run, trusted, with_cpu_kernels, with_faulty_kernel, Kernel,
+    };
+    std::thread::spawn(|| {
+        let x = randn(1, &[2, 16, 64]);
+        let gate = randn(2, &[2, 1, 64]);
+        let y = randn(3, &[2, 16, 64]);
+        let plain = (&x + gate.broadcast_mul(&y).unwrap()).unwrap();
+        with_cpu_kernels(|| {
+            with_faulty_kernel(Kernel::GatedResidual, || {
+                let broken = fused::gated_residual(&x, &gate, &y).unwrap();
+                assert!(rel_err(&broken, &plain) > 0.1, "the injected fault is real");
+                let before = checks_run();
+                let served = ops::gated_residual(&x, &gate, &y).unwrap();
+                assert!(rel_err(&served, &plain) < 1e-6);
+                assert_eq!(checks_run() - before, 1);
+                assert!(!trusted(Kernel::GatedResidual, &Device::Cpu, DType::F32, 0));
+                let _ = ops::gated_residual(&x, &gate, &y).unwrap();
+                assert_eq!(checks_run() - before, 1, "checked once");
+                // Other families are not affected.
+                assert!(trusted(Kernel::GroupNorm, &Device::Cpu, DType::F32, 0));
+            });
+        });
+    })
+    .join()
+    .unwrap();
+}

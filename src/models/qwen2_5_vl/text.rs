@@ -367,6 +367,7 @@ impl TextModel {
                     && ops::fused_on(&x)
                     && matches!(self.dtype, DType::BF16 | DType::F16)
                     && ops::ATTENTION_HEAD_DIMS.contains(&hd)
+                    && ops::fused_for(ops::Kernel::Attention, &x, hd)
             }
             AttentionPath::Fused => true,
             AttentionPath::Composite => false,
