@@ -113,6 +113,29 @@ impl SpmModel {
 }
 
 impl T5Tokenizer {
+    /// Loads a Hugging Face `tokenizer.json` of T5 (as transformers' `save_pretrained` writes
+    /// it); ids are those of transformers' `T5TokenizerFast`. `</s>` and `<pad>` must be in its
+    /// vocabulary.
+    pub fn from_tokenizer_json(path: &Path) -> Result<Self, ModelError> {
+        let bad = |message: String| ModelError::ModelFile {
+            path: path.display().to_string(),
+            message,
+        };
+        let tokenizer = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| bad(format!("not a Hugging Face tokenizer.json: {e}")))?;
+        let id = |token: &str| {
+            tokenizer
+                .token_to_id(token)
+                .ok_or_else(|| bad(format!("has no {token} token; is this T5's tokenizer?")))
+        };
+        let (eos_id, pad_id) = (id("</s>")?, id("<pad>")?);
+        Ok(Self {
+            tokenizer,
+            eos_id,
+            pad_id,
+        })
+    }
+
     /// Builds the tokenizer from a SentencePiece model file (`tokenizer/spiece.model`).
     pub fn from_spiece(path: &Path) -> Result<Self, ModelError> {
         let bad = |message: String| ModelError::ModelFile {
@@ -192,6 +215,7 @@ impl T5Tokenizer {
         text: &str,
         max_length: usize,
     ) -> Result<(Vec<u32>, Vec<u32>), ModelError> {
+        // Without the file's own post-processing: `</s>` is appended below, after truncation.
         let enc = self.tokenizer.encode(text, false).map_err(|e| {
             ModelError::InvalidArgument(format!("cannot tokenize the prompt {text:?}: {e}"))
         })?;

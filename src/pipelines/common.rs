@@ -12,6 +12,7 @@ use super::{CallArgs, PipelineError};
 use crate::loading::{candle_dtype, parse_config, var_builder, Dtype, ModelSource};
 use crate::models::clip_text::ClipTextConfig;
 use crate::models::clip_tokenizer::ClipTokenizer;
+use crate::models::t5::T5Tokenizer;
 use crate::models::vae::{VaeConfig, VaeDecoder};
 use crate::noise::Noise;
 use crate::schedulers::{Scheduler, SchedulerConfig};
@@ -113,6 +114,27 @@ pub fn clip_tokenizer(source: &ModelSource, folder: &str) -> Result<ClipTokenize
         config.as_deref(),
         special.as_deref(),
     )
+}
+
+/// The T5 tokenizer of a diffusers `folder` (Flux's `tokenizer_2`, PixArt's `tokenizer`):
+/// `tokenizer.json` where the folder has one (transformers' fast tokenizer, as
+/// `save_pretrained` writes it), else the SentencePiece `spiece.model`; either gives
+/// transformers' ids.
+pub fn t5_tokenizer(source: &ModelSource, folder: &str) -> Result<T5Tokenizer, PipelineError> {
+    let json = format!("{folder}/tokenizer.json");
+    let spiece = format!("{folder}/spiece.model");
+    if source.has_file(&json)? {
+        T5Tokenizer::from_tokenizer_json(&source.file(&json)?)
+    } else if source.has_file(&spiece)? {
+        T5Tokenizer::from_spiece(&source.file(&spiece)?)
+    } else {
+        Err(PipelineError::ModelFile {
+            path: format!("{}/{folder}", source.display_name()),
+            message: "has neither tokenizer.json nor spiece.model; the T5 tokenizer needs one of \
+                      them"
+                .into(),
+        })
+    }
 }
 
 /// A CLIP text encoder's `folder/config.json` (transformers' `CLIPTextConfig`).

@@ -4,7 +4,7 @@
 //! 2×2 latent packing, and the 16-channel VAE decode with `scaling_factor` and `shift_factor`.
 //!
 //! Weights load from diffusers layout (`transformer/` shards, `vae/`, `text_encoder/`,
-//! `text_encoder_2/`, `tokenizer/`, `tokenizer_2/tokenizer.json`) or, where the diffusers
+//! `text_encoder_2/`, `tokenizer/`, `tokenizer_2/` with `tokenizer.json` or `spiece.model`) or, where the diffusers
 //! transformer/VAE weights are absent, from Black Forest Labs' single files
 //! (`flux1-dev.safetensors` / `flux1-schnell.safetensors`, `ae.safetensors`) at the root.
 //! Tensors are memory-mapped and converted to the configured dtype one at a time (no full
@@ -29,6 +29,7 @@ use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::flux_transformer::{
     latent_image_ids, DiffusersFluxWeights, FluxConfig, FluxTransformer, Modulations, Rope,
 };
+use crate::models::t5::T5Tokenizer;
 use crate::models::vae::{VaeConfig, VaeDecoder};
 use crate::noise::Noise;
 use crate::schedulers::FlowMatchConfig;
@@ -167,7 +168,7 @@ pub struct FluxPipeline {
     model_dtype: Dtype,
     clip_tokenizer: ClipTokenizer,
     clip_eos: u32,
-    t5_tokenizer: tokenizers::Tokenizer,
+    t5_tokenizer: T5Tokenizer,
     encoders: Option<TextEncoders>,
     low_vram: bool,
     transformer: FluxTransformer,
@@ -208,22 +209,7 @@ impl FluxPipeline {
         let clip_eos = clip_text_config(&source, "text_encoder")?
             .eos_token_id
             .unwrap_or(2);
-        let t5_tok_path =
-            source
-                .file("tokenizer_2/tokenizer.json")
-                .map_err(|e| PipelineError::ModelFile {
-                    path: format!("{}/tokenizer_2/tokenizer.json", source.display_name()),
-                    message: format!(
-                    "{e}; the Flux pipeline reads the T5 tokenizer from tokenizer_2/tokenizer.json \
-                     (as the FLUX.1 repos ship it); spiece.model alone is not supported"
-                ),
-                })?;
-        let t5_tokenizer = tokenizers::Tokenizer::from_file(&t5_tok_path).map_err(|e| {
-            PipelineError::ModelFile {
-                path: t5_tok_path.display().to_string(),
-                message: format!("not a Hugging Face tokenizer.json: {e}"),
-            }
-        })?;
+        let t5_tokenizer = super::common::t5_tokenizer(&source, "tokenizer_2")?;
 
         // Transformer: diffusers shards if present, else the BFL single file.
         let tr_json = optional_file(&source, "transformer/config.json")?;
@@ -456,23 +442,7 @@ impl FluxPipeline {
     /// T5 ids of `prompt`, truncated (keeping `</s>`) and padded to `max_len` as diffusers'
     /// `tokenizer_2(padding="max_length", truncation=True)`.
     pub fn t5_ids(&self, prompt: &str, max_len: usize) -> Result<Vec<u32>, PipelineError> {
-        let mut tok = self.t5_tokenizer.clone();
-        let pad_id = tok.token_to_id("<pad>").unwrap_or(0);
-        tok.with_truncation(Some(tokenizers::TruncationParams {
-            max_length: max_len,
-            ..Default::default()
-        }))
-        .map_err(|e| PipelineError::InvalidArgument(format!("T5 tokenizer truncation: {e}")))?;
-        tok.with_padding(Some(tokenizers::PaddingParams {
-            strategy: tokenizers::PaddingStrategy::Fixed(max_len),
-            pad_id,
-            pad_token: "<pad>".into(),
-            ..Default::default()
-        }));
-        let enc = tok.encode(prompt, true).map_err(|e| {
-            PipelineError::InvalidArgument(format!("cannot tokenize the prompt with T5: {e}"))
-        })?;
-        Ok(enc.get_ids().to_vec())
+        Ok(self.t5_tokenizer.encode(prompt, max_len)?.0)
     }
 
     /// CLIP pooled output (1, hidden) of `prompt`: the final-norm state at the end token.

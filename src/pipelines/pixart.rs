@@ -161,7 +161,7 @@ pub struct PixArtPipeline {
 }
 
 impl PixArtPipeline {
-    /// Loads tokenizer (`tokenizer/spiece.model`), T5 encoder, transformer, VAE and scheduler
+    /// Loads tokenizer (`tokenizer/tokenizer.json` or `tokenizer/spiece.model`), T5 encoder, transformer, VAE and scheduler
     /// from `source` in `dtype` onto `device` and resolves the call arguments (resolution bin).
     pub fn load(
         source: &ModelSource,
@@ -170,7 +170,7 @@ impl PixArtPipeline {
         args: &CallArgs,
     ) -> Result<Self, PipelineError> {
         check_dtype_on_device(dtype, device)?;
-        let tokenizer = T5Tokenizer::from_spiece(&source.file("tokenizer/spiece.model")?)?;
+        let tokenizer = super::common::t5_tokenizer(source, "tokenizer")?;
         let t5_config: T5Config = parse_config(
             &source.read_json("text_encoder/config.json")?,
             "text_encoder/config.json",

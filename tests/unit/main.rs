@@ -18,4 +18,5 @@ mod noise;
 mod ops;
 mod prompts;
 mod schedulers;
+mod t5_tokenizer;
 mod verifiers;
