@@ -251,6 +251,9 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
     let verifier = build_verifier(&config, opts)?;
     let prompts = unique_prompts(prompts::load_prompts(&source.0, source.1)?);
     tracing::info!("{} prompt(s)", prompts.len());
+    if device.is_cpu() {
+        warn_if_slow_on_cpu(&config, prompts.len());
+    }
     let mut pipeline = crate::pipelines::load(&config, &device, opts.low_vram)?;
     run_with(
         opts,
@@ -264,6 +267,55 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
 }
 
 /// The verifier of `config`; a local one runs beside the diffusion model unless told otherwise.
+/// Before a large model loads onto the CPU: an estimate of the time per image and for the run,
+/// when an image takes more than a minute, and what to do instead.
+fn warn_if_slow_on_cpu(config: &Config, prompts: usize) {
+    let Ok(gflops) = crate::ops::cpu_matmul_gflops() else {
+        return;
+    };
+    let Some(e) = crate::pipelines::estimate::cpu_estimate(config, gflops) else {
+        return;
+    };
+    if e.seconds_per_image < 60.0 {
+        return;
+    }
+    let rounds = config.search_args.rounds;
+    let per_prompt = match config.search_args.method {
+        SearchMethod::Random => (1usize << (rounds + 1)).saturating_sub(2),
+        SearchMethod::ZeroOrder { num_neighbors, .. } => 1 + rounds * num_neighbors,
+    };
+    let images = per_prompt.saturating_mul(prompts);
+    tracing::warn!(
+        "{} at {}x{} on the CPU: at least {} per image ({} steps{}, at the {gflops:.0} GFLOP/s \
+         measured here), about {} for the {images} image(s) of this run; a CUDA build with \
+         --device cuda is the way to run it, or try the CPU-sized sd1.5_gemini config",
+        config.model,
+        e.size.1,
+        e.size.0,
+        human_duration(e.seconds_per_image),
+        e.steps,
+        if e.evals_per_step == 2 {
+            " with classifier-free guidance"
+        } else {
+            ""
+        },
+        human_duration(e.seconds_per_image * images as f64),
+    );
+}
+
+/// `seconds` in words: `45 s`, `12 min`, `3.4 h`, `2.1 days`.
+fn human_duration(seconds: f64) -> String {
+    if seconds < 90.0 {
+        format!("{seconds:.0} s")
+    } else if seconds < 90.0 * 60.0 {
+        format!("{:.0} min", seconds / 60.0)
+    } else if seconds < 48.0 * 3600.0 {
+        format!("{:.1} h", seconds / 3600.0)
+    } else {
+        format!("{:.1} days", seconds / 86400.0)
+    }
+}
+
 /// An API verifier's access (key, model) is checked here, before any model loads.
 fn build_verifier(config: &Config, opts: &RunOptions) -> Result<Box<dyn Verifier>, RunError> {
     let mut verifier_args = config.verifier_args.clone();
@@ -926,6 +978,14 @@ mod tests {
             unique_prompts(p(&["a", "b", "a", "c", "b"])),
             p(&["a", "b", "c"])
         );
+    }
+
+    #[test]
+    fn durations_are_written_in_a_readable_unit() {
+        assert_eq!(human_duration(45.0), "45 s");
+        assert_eq!(human_duration(720.0), "12 min");
+        assert_eq!(human_duration(3.4 * 3600.0), "3.4 h");
+        assert_eq!(human_duration(3.0 * 86400.0), "3.0 days");
     }
 
     #[test]

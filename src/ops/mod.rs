@@ -671,6 +671,24 @@ pub fn linear_concat(
     )))
 }
 
+/// The float32 matrix-product throughput of the CPU in GFLOP/s, measured on the spot: the best
+/// of three (512 x 1024) · (1024 x 1024) products with candle (about 1 GFLOP each, tens of
+/// milliseconds). For estimates of how long a model takes on this machine.
+pub fn cpu_matmul_gflops() -> Result<f64> {
+    let device = candle_core::Device::Cpu;
+    let a = Tensor::ones((512, 1024), DType::F32, &device)?;
+    let b = Tensor::ones((1024, 1024), DType::F32, &device)?;
+    // Warm-up: thread pool start and first-touch of the buffers.
+    let _ = a.matmul(&b)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        let _ = a.matmul(&b)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * 512.0 * 1024.0 * 1024.0 / best.max(1e-9) / 1e9)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

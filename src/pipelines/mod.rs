@@ -7,6 +7,7 @@
 
 pub mod caption;
 pub mod common;
+pub mod estimate;
 pub mod flux;
 pub mod pixart;
 pub mod sd15;

@@ -103,3 +103,42 @@ fn random_search_with_the_tiny_flux_model_writes_the_originals_tree_and_json() {
         assert_eq!(img.dimensions(), (32, 32));
     }
 }
+
+#[test]
+fn full_size_flux_on_the_cpu_warns_with_a_time_estimate_before_loading() {
+    let (base_url, _server) = FakeGemini::start(Behaviour::good());
+    let dir = tempfile::tempdir().unwrap();
+    let hf_home = dir.path().join("hf").display().to_string();
+    // The shipped config by name; offline with an empty cache, loading then fails (exit 1),
+    // but only after the estimate.
+    let o = crate::sd15::tt_scale(
+        dir.path(),
+        &[
+            "run",
+            "--pipeline-config",
+            "flux.1_dev",
+            "--prompt",
+            "a cat",
+            "--device",
+            "cpu",
+        ],
+        &[
+            ("GEMINI_API_KEY", "k"),
+            ("GEMINI_BASE_URL", base_url.as_str()),
+            ("HF_HOME", hf_home.as_str()),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("on the CPU: at least"))
+        .unwrap_or_else(|| panic!("no estimate: {stderr}"));
+    assert!(
+        warning.contains("black-forest-labs/FLUX.1-dev at 1024x1024")
+            && warning.contains("50 steps")
+            && warning.contains("30 image(s)")
+            && warning.contains("--device cuda"),
+        "{warning}"
+    );
+}
