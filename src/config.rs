@@ -34,6 +34,9 @@ pub struct VerifierArgs {
     pub timeout_s: f64,
     /// `device`: where a local verifier runs (`cpu`, `cuda`, `cuda:N`).
     pub device: Option<String>,
+    /// `aesthetic_model`: the aesthetic MLP of `laion_aesthetic`, a `.pth` file or a Hub repo
+    /// holding `aesthetic-model.pth` (default `trl-lib/ddpo-aesthetic-predictor`).
+    pub aesthetic_model: Option<String>,
 }
 
 impl VerifierArgs {
@@ -52,6 +55,7 @@ impl VerifierArgs {
             max_invalid_replies: 2,
             timeout_s: 120.0,
             device: None,
+            aesthetic_model: None,
         }
     }
 }
@@ -92,6 +96,10 @@ pub const SHIPPED: &[(&str, &str)] = &[
     ),
     ("pixart_sigma", include_str!("../configs/pixart_sigma.json")),
     ("sd1.5", include_str!("../configs/sd1.5.json")),
+    (
+        "sd1.5_aesthetic",
+        include_str!("../configs/sd1.5_aesthetic.json"),
+    ),
     ("sd1.5_gemini", include_str!("../configs/sd1.5_gemini.json")),
     ("sdxl", include_str!("../configs/sdxl.json")),
 ];
@@ -104,7 +112,22 @@ pub const MAX_INFERENCE_STEPS: u64 = 1000;
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// The verifiers a config may name.
-pub const VERIFIER_NAMES: &[&str] = &["gemini", "openai", "qwen"];
+pub const VERIFIER_NAMES: &[&str] = &["gemini", "openai", "qwen", "laion_aesthetic", "clip_score"];
+
+/// The metrics of the CLIP verifiers: the LAION aesthetic score (1-10 scale), the raw CLIP
+/// cosine of image and prompt, and CLIP-S = 2.5 max(cosine, 0) (Hessel et al.).
+pub const CLIP_METRICS: [&str; 3] = ["laion_aesthetic_score", "clip_score", "clip_s"];
+
+/// The metrics verifier `name` grades (the valid values of `choice_of_metric`); empty for an
+/// unknown name.
+pub fn verifier_metrics(name: &str) -> &'static [&'static str] {
+    match name {
+        "gemini" | "openai" | "qwen" => &METRICS,
+        "laion_aesthetic" => &CLIP_METRICS,
+        "clip_score" => &CLIP_METRICS[1..],
+        _ => &[],
+    }
+}
 
 /// The grading rubric's metrics: the valid values of `choice_of_metric`.
 pub const METRICS: [&str; 6] = [
@@ -154,8 +177,9 @@ const PIPELINE_KEYS: [&str; 7] = [
     "clean_caption",
 ];
 
-const VERIFIER_KEYS: [&str; 14] = [
+const VERIFIER_KEYS: [&str; 15] = [
     "name",
+    "aesthetic_model",
     "choice_of_metric",
     "max_new_tokens",
     "model_name",
@@ -711,20 +735,16 @@ impl Config {
         let allowed_names = format!("allowed: {}", VERIFIER_NAMES.join(", "));
         let name = r.required_string(va, "name", v, &allowed_names)?;
         if !VERIFIER_NAMES.contains(&name.as_str()) {
-            let hint = if name == "laion_aesthetic" {
-                " (the LAION aesthetic scorer is for videos in the original and is not part of tt-scale)"
-            } else {
-                ""
-            };
             return Err(r.invalid(
                 "verifier_args.name",
-                format!("is \"{name}\"; {allowed_names}{hint}"),
+                format!("is \"{name}\"; {allowed_names}"),
             ));
         }
-        let metrics = METRICS.join(", ");
+        let allowed = verifier_metrics(&name);
+        let metrics = allowed.join(", ");
         let metric =
             r.required_string(va, "choice_of_metric", v, &format!("allowed: {metrics}"))?;
-        if !METRICS.contains(&metric.as_str()) {
+        if !allowed.contains(&metric.as_str()) {
             return Err(r.invalid(
                 "verifier_args.choice_of_metric",
                 format!("is \"{metric}\"; the {name} verifier grades: {metrics}"),
@@ -735,6 +755,7 @@ impl Config {
             .uint_in(va, "max_new_tokens", v, 1, 32_768)?
             .map(|t| u32::try_from(t).unwrap_or(u32::MAX));
         verifier_args.model_name = r.string(va, "model_name", v)?;
+        verifier_args.aesthetic_model = r.string(va, "aesthetic_model", v)?;
         if let Some(m) = &verifier_args.model_name {
             if m.trim().is_empty() {
                 return Err(r.invalid(

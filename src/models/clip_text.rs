@@ -76,6 +76,17 @@ pub struct ClipTextConfig {
     pub projection_dim: Option<usize>,
 }
 
+/// The shape of one CLIP transformer tower (the text one here, the vision one in
+/// [`super::clip_vision`]): both use the same encoder layers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TowerShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub eps: f64,
+    pub act: ClipActivation,
+}
+
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
@@ -86,20 +97,20 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(vb: VarBuilder, c: &ClipTextConfig) -> candle_core::Result<Self> {
-        let d = c.hidden_size;
+    fn new(vb: VarBuilder, shape: &TowerShape) -> candle_core::Result<Self> {
+        let d = shape.hidden;
         Ok(Self {
             q_proj: linear(d, d, vb.pp("q_proj"))?,
             k_proj: linear(d, d, vb.pp("k_proj"))?,
             v_proj: linear(d, d, vb.pp("v_proj"))?,
             out_proj: linear(d, d, vb.pp("out_proj"))?,
-            heads: c.num_attention_heads,
-            head_dim: d / c.num_attention_heads,
+            heads: shape.heads,
+            head_dim: d / shape.heads,
         })
     }
 
-    /// `xs`: (B, T, D); `mask`: (T, T) additive causal mask in f32.
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    /// `xs`: (B, T, D); `mask`: (T, T) additive mask in f32 (causal for text), or none.
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let (b, t, d) = xs.dims3()?;
         let split = |x: Tensor| -> candle_core::Result<Tensor> {
             x.reshape((b, t, self.heads, self.head_dim))?
@@ -111,7 +122,11 @@ impl Attention {
         let q = split(self.q_proj.forward(xs)?)?;
         let k = split(self.k_proj.forward(xs)?)?;
         let v = split(self.v_proj.forward(xs)?)?;
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs
             .matmul(&v)?
@@ -122,7 +137,9 @@ impl Attention {
     }
 }
 
-struct EncoderLayer {
+/// One pre-norm transformer layer of a CLIP tower (`layer_norm1`, `self_attn`, `layer_norm2`,
+/// `mlp.fc1`, `mlp.fc2`).
+pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: Attention,
     layer_norm2: LayerNorm,
@@ -132,19 +149,24 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(vb: VarBuilder, c: &ClipTextConfig, act: ClipActivation) -> candle_core::Result<Self> {
-        let d = c.hidden_size;
+    pub(crate) fn new(vb: VarBuilder, shape: &TowerShape) -> candle_core::Result<Self> {
+        let d = shape.hidden;
         Ok(Self {
-            layer_norm1: layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm1"))?,
-            self_attn: Attention::new(vb.pp("self_attn"), c)?,
-            layer_norm2: layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: linear(d, c.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: linear(c.intermediate_size, d, vb.pp("mlp").pp("fc2"))?,
-            act,
+            layer_norm1: layer_norm(d, shape.eps, vb.pp("layer_norm1"))?,
+            self_attn: Attention::new(vb.pp("self_attn"), shape)?,
+            layer_norm2: layer_norm(d, shape.eps, vb.pp("layer_norm2"))?,
+            fc1: linear(d, shape.intermediate, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(shape.intermediate, d, vb.pp("mlp").pp("fc2"))?,
+            act: shape.act,
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    /// `xs` (B, T, D) through the layer; `mask` as for the attention.
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let h = (self
             .self_attn
             .forward(&self.layer_norm1.forward(xs)?, mask)?
@@ -185,6 +207,13 @@ impl ClipTextModel {
                 c.hidden_size, c.num_attention_heads
             ));
         }
+        let shape = TowerShape {
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            heads: c.num_attention_heads,
+            eps: c.layer_norm_eps,
+            act,
+        };
         // transformers <= 4 saves `text_model.*`; 5 saves the same tensors without the prefix.
         let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
             vb.pp("text_model")
@@ -202,7 +231,7 @@ impl ClipTextModel {
                     emb.pp("position_embedding"),
                 )?,
                 layers: (0..c.num_hidden_layers)
-                    .map(|i| EncoderLayer::new(enc.pp(i), c, act))
+                    .map(|i| EncoderLayer::new(enc.pp(i), &shape))
                     .collect::<candle_core::Result<_>>()?,
                 final_layer_norm: layer_norm(
                     c.hidden_size,
@@ -238,7 +267,7 @@ impl ClipTextModel {
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = Self::causal_mask(t, input_ids.device())?;
         for layer in &self.layers {
-            xs = layer.forward(&xs, &mask)?;
+            xs = layer.forward(&xs, Some(&mask))?;
         }
         self.final_layer_norm.forward(&xs)
     }
@@ -270,7 +299,7 @@ impl ClipTextModel {
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(xs.clone());
         for layer in &self.layers {
-            xs = layer.forward(&xs, &mask)?;
+            xs = layer.forward(&xs, Some(&mask))?;
             hidden_states.push(xs.clone());
         }
         Ok((self.final_layer_norm.forward(&xs)?, hidden_states))

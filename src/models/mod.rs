@@ -4,9 +4,11 @@
 //! structs. Models only build networks from a `VarBuilder` and a config value: where the files
 //! come from is [`crate::loading`]'s business, one layer up.
 
+pub mod clip;
 pub mod clip_text;
 pub mod clip_tokenizer;
 pub mod flux_transformer;
+pub mod pil_resize;
 pub mod pixart;
 pub mod qwen2_5_vl;
 pub mod t5;

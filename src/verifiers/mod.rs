@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::VerifierArgs;
 
+pub mod clip;
 pub mod constrained;
 pub mod gemini;
 pub mod http;
@@ -90,15 +91,13 @@ pub const RUBRIC: &str = include_str!("rubric.txt");
 pub use crate::config::VERIFIER_NAMES as SUPPORTED;
 
 /// Verifier names [`build`] can construct in this build.
-pub const AVAILABLE: &[&str] = &["gemini", "openai", "qwen"];
+pub const AVAILABLE: &[&str] = &["gemini", "openai", "qwen", "laion_aesthetic", "clip_score"];
 
 /// The metrics a verifier grades (valid values of `choice_of_metric`), or `None` for a name
 /// not in [`SUPPORTED`].
 pub fn supported_metrics(name: &str) -> Option<&'static [&'static str]> {
-    match name {
-        "gemini" | "openai" | "qwen" => Some(&METRICS),
-        _ => None,
-    }
+    let metrics = crate::config::verifier_metrics(name);
+    (!metrics.is_empty()).then_some(metrics)
 }
 
 /// Why a verifier could not be set up. Raised by [`build`] before any image is generated.
@@ -115,10 +114,14 @@ pub enum VerifierError {
     },
     /// The local verifier's model could not be loaded or used.
     #[error(
-        "cannot load the local verifier model {model}: {message}; set verifier_args.model_name to \
-         a Qwen2.5-VL Hub repo id or folder"
+        "cannot load the local verifier model {model}: {message}; set verifier_args.{key} to \
+         {expected} (a Hub repo id or a local path)"
     )]
     LocalModel {
+        /// The `verifier_args` key that names it.
+        key: &'static str,
+        /// What it must be.
+        expected: &'static str,
         /// The model id or folder.
         model: String,
         /// What went wrong.
@@ -242,6 +245,7 @@ pub fn build_with_env(
         "gemini" => Ok(Box::new(GeminiVerifier::from_env(args, env)?)),
         "openai" => Ok(Box::new(OpenAiVerifier::from_env(args, env)?)),
         "qwen" => Ok(Box::new(QwenVerifier::from_args(args)?)),
+        "laion_aesthetic" | "clip_score" => Ok(Box::new(clip::ClipVerifier::from_args(args)?)),
         other => Err(VerifierError::Unknown {
             name: other.to_string(),
         }),

@@ -135,6 +135,8 @@ pub fn parse_device(spec: Option<&str>) -> Result<Device, VerifierError> {
 
 fn model_error(model: &str, e: impl std::fmt::Display) -> VerifierError {
     VerifierError::LocalModel {
+        key: "model_name",
+        expected: "a Qwen2.5-VL model",
         model: model.to_string(),
         message: e.to_string(),
     }

@@ -849,3 +849,78 @@ fn collage_skips_a_missing_or_corrupt_image_and_makes_the_collage() {
     let one = image::open(run.join(&bests[2])).unwrap();
     assert_eq!(img.width(), one.width(), "one image left in the row");
 }
+
+#[test]
+fn the_laion_aesthetic_verifier_searches_offline_without_an_api_key() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = serde_json::json!({
+        "pretrained_model_name_or_path": tiny_model(),
+        "torch_dtype": "fp32",
+        "pipeline_call_args": {"num_inference_steps": 2, "guidance_scale": 7.5},
+        "verifier_args": {
+            "name": "laion_aesthetic",
+            "choice_of_metric": "laion_aesthetic_score",
+            "model_name": fixtures.join("tiny-clip").display().to_string(),
+            "aesthetic_model": fixtures.join("clip/aesthetic-model.pth").display().to_string(),
+        },
+        "search_args": {"search_method": "random", "search_rounds": 2},
+    });
+    std::fs::write(dir.path().join("c.json"), cfg.to_string()).unwrap();
+    let o = tt_scale(
+        dir.path(),
+        &[
+            "run",
+            "--pipeline-config",
+            "c.json",
+            "--prompt",
+            PROMPT,
+            "--seed",
+            "3",
+            "--output-dir",
+            "out",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let parent = dir
+        .path()
+        .join("out/tiny-sd15/laion_aesthetic/laion_aesthetic_score");
+    let run = std::fs::read_dir(&parent)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let names = files(&run);
+    assert_eq!(names.iter().filter(|n| n.ends_with(".png")).count(), 6);
+    for round in 1..=2 {
+        let json = names
+            .iter()
+            .find(|n| n.contains(&format!("_i@{round}_s@")) && n.ends_with(".json"))
+            .unwrap();
+        let d = read_json(&run.join(json));
+        let candidates = d["candidates"].as_array().unwrap();
+        let scores: Vec<f64> = candidates
+            .iter()
+            .map(|c| {
+                let g = &c["grading"];
+                // One CLIP pass records every CLIP metric.
+                assert!(g["clip_score"]["score"].is_number() && g["clip_s"]["score"].is_number());
+                g["laion_aesthetic_score"]["score"].as_f64().unwrap()
+            })
+            .collect();
+        let best = scores.iter().cloned().fold(f64::MIN, f64::max);
+        assert_eq!(
+            d["best_score"]["score"].as_f64().unwrap(),
+            best,
+            "round {round}"
+        );
+        assert_eq!(d["choice_of_metric"], "laion_aesthetic_score");
+    }
+}

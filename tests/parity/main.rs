@@ -1,6 +1,7 @@
 //! Parity with the reference implementations (diffusers, transformers): tiny random-weight
 //! models in the real formats, written by `tools/reference/`, against their recorded outputs.
 
+mod clip;
 mod flux;
 mod pixart;
 mod qwen;

@@ -156,9 +156,12 @@ fn bad_configs_name_the_key_exit_2_and_write_nothing() {
             &["verifier_args.name", "gemini, openai, qwen"],
         ),
         (
-            "laion",
+            "laion with a rubric metric",
             Box::new(|v| v["verifier_args"]["name"] = json!("laion_aesthetic")),
-            &["verifier_args.name", "LAION"],
+            &[
+                "verifier_args.choice_of_metric",
+                "laion_aesthetic_score, clip_score, clip_s",
+            ],
         ),
         (
             "unknown metric",

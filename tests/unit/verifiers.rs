@@ -92,16 +92,27 @@ fn build_error(args: &VerifierArgs, pairs: &[(&str, &str)]) -> VerifierError {
 // ---------------------------------------------------------------- factory and configuration
 
 #[test]
-fn supported_names_include_the_api_verifiers_and_qwen() {
-    assert_eq!(SUPPORTED, &["gemini", "openai", "qwen"]);
+fn supported_names_include_the_api_verifiers_qwen_and_the_clip_verifiers() {
+    assert_eq!(
+        SUPPORTED,
+        &["gemini", "openai", "qwen", "laion_aesthetic", "clip_score"]
+    );
 }
 
 #[test]
-fn vlm_verifiers_support_the_six_metrics() {
-    for name in SUPPORTED {
+fn vlm_verifiers_support_the_six_metrics_and_clip_verifiers_their_own() {
+    for name in ["gemini", "openai", "qwen"] {
         assert_eq!(supported_metrics(name), Some(&METRICS[..]), "{name}");
     }
-    assert_eq!(supported_metrics("laion_aesthetic"), None);
+    assert_eq!(
+        supported_metrics("laion_aesthetic"),
+        Some(&["laion_aesthetic_score", "clip_score", "clip_s"][..])
+    );
+    assert_eq!(
+        supported_metrics("clip_score"),
+        Some(&["clip_score", "clip_s"][..])
+    );
+    assert_eq!(supported_metrics("imagereward"), None);
 }
 
 #[test]

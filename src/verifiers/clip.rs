@@ -1,0 +1,394 @@
+//! The paper's CLIP verifiers, local and batched, with no API key: `laion_aesthetic` (the LAION
+//! improved aesthetic predictor, an MLP on the L2-normalised CLIP ViT-L/14 image embedding,
+//! metric `laion_aesthetic_score`) and `clip_score` (the cosine of the CLIP image and prompt
+//! embeddings, metric `clip_score`, and CLIP-S = 2.5 max(cos, 0), metric `clip_s`). One CLIP
+//! pass serves every metric: `laion_aesthetic` also records the CLIP scores.
+//!
+//! The aesthetic MLP runs in eval mode: its dropouts are off, so a score is a function of the
+//! image. (The original tool left dropout on, so its scores were random draws.)
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::Linear;
+
+use super::{Grading, Score, ScoreFailure, Verifier, VerifierError, VerifierInput};
+use crate::config::VerifierArgs;
+use crate::loading::{parse_config, ModelSource};
+use crate::models::clip::{l2_normalize, ClipConfig, ClipImageProcessor, ClipModel};
+use crate::models::clip_tokenizer::ClipTokenizer;
+
+/// The CLIP model used when `verifier_args.model_name` is unset.
+pub const DEFAULT_CLIP: &str = "openai/clip-vit-large-patch14";
+/// The Hub repo of the aesthetic MLP used when `verifier_args.aesthetic_model` is unset.
+pub const DEFAULT_AESTHETIC: &str = "trl-lib/ddpo-aesthetic-predictor";
+/// The MLP's file in that repo.
+pub const AESTHETIC_FILE: &str = "aesthetic-model.pth";
+
+/// The LAION aesthetic MLP (`layers.{0,2,4,6,7}`: five linear layers with dropouts between
+/// them and no activation), read from its PyTorch pickle, in eval mode.
+pub struct AestheticHead {
+    layers: Vec<Linear>,
+}
+
+impl AestheticHead {
+    /// Reads `layers.{0,2,4,6,7}.{weight,bias}` from the `.pth` file at `path` (a
+    /// `torch.save(state_dict)`); the widths come from the file (768-1024-128-64-16-1 for the
+    /// released predictor).
+    pub fn from_pth(path: &Path, device: &Device) -> Result<Self, String> {
+        let pth = candle_core::pickle::PthTensors::new(path, None)
+            .map_err(|e| format!("not a PyTorch state dict: {e}"))?;
+        let mut layers = Vec::new();
+        let mut width: Option<usize> = None;
+        for i in [0, 2, 4, 6, 7] {
+            let get = |what: &str| -> Result<Tensor, String> {
+                let name = format!("layers.{i}.{what}");
+                pth.get(&name)
+                    .map_err(|e| format!("{name}: {e}"))?
+                    .ok_or_else(|| format!("has no {name}; is this the LAION aesthetic MLP?"))?
+                    .to_dtype(DType::F32)
+                    .and_then(|t| t.to_device(device))
+                    .map_err(|e| format!("{name}: {e}"))
+            };
+            let (w, b) = (get("weight")?, get("bias")?);
+            let (out, inp) = w.dims2().map_err(|e| format!("layers.{i}.weight: {e}"))?;
+            if width.is_some_and(|prev| prev != inp) || b.dims() != [out] {
+                return Err(format!(
+                    "layers.{i} has shape {:?} / {:?}, which does not follow the layer before",
+                    w.dims(),
+                    b.dims()
+                ));
+            }
+            width = Some(out);
+            layers.push(Linear::new(w, Some(b)));
+        }
+        if width != Some(1) {
+            return Err("the last layer does not give one score".into());
+        }
+        Ok(Self { layers })
+    }
+
+    /// The width of the embedding it takes.
+    pub fn input_width(&self) -> Option<usize> {
+        self.layers
+            .first()
+            .and_then(|l| l.weight().dims2().ok())
+            .map(|d| d.1)
+    }
+
+    /// Scores (B) of L2-normalised image embeddings (B, D), float32.
+    pub fn forward(&self, embeds: &Tensor) -> candle_core::Result<Tensor> {
+        let mut x = embeds.to_dtype(DType::F32)?;
+        for layer in &self.layers {
+            x = layer.forward(&x)?;
+        }
+        x.squeeze(1)
+    }
+}
+
+/// `laion_aesthetic` / `clip_score`: CLIP (and the aesthetic MLP) on the verifier's device.
+pub struct ClipVerifier {
+    name: &'static str,
+    model_name: String,
+    model: ClipModel,
+    processor: ClipImageProcessor,
+    tokenizer: ClipTokenizer,
+    head: Option<AestheticHead>,
+    device: Device,
+    dtype: DType,
+    batch: usize,
+    /// Normalised text embeddings (1, D) by prompt: a search grades one prompt many times.
+    text_cache: Mutex<HashMap<String, Tensor>>,
+}
+
+impl std::fmt::Debug for ClipVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClipVerifier")
+            .field("name", &self.name)
+            .field("model", &self.model_name)
+            .field("aesthetic", &self.head.is_some())
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+fn local_model(
+    key: &'static str,
+    expected: &'static str,
+    model: &str,
+    e: impl std::fmt::Display,
+) -> VerifierError {
+    VerifierError::LocalModel {
+        key,
+        expected,
+        model: model.to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl ClipVerifier {
+    /// Builds the verifier named in `args` (`laion_aesthetic` or `clip_score`): CLIP from
+    /// `model_name` (default [`DEFAULT_CLIP`]), the MLP from `aesthetic_model` (default
+    /// [`DEFAULT_AESTHETIC`]) for `laion_aesthetic`, on `device`, `concurrency` images a batch.
+    pub fn from_args(args: &VerifierArgs) -> Result<Self, VerifierError> {
+        let name: &'static str = match args.name.as_str() {
+            "laion_aesthetic" => "laion_aesthetic",
+            "clip_score" => "clip_score",
+            other => {
+                return Err(VerifierError::Unknown {
+                    name: other.to_string(),
+                })
+            }
+        };
+        let device = super::qwen::parse_device(args.device.as_deref())?;
+        let model_name = args.model_name.as_deref().unwrap_or(DEFAULT_CLIP);
+        let source = ModelSource::resolve(model_name).map_err(|e| {
+            local_model(
+                "model_name",
+                "a CLIP model in transformers layout",
+                model_name,
+                e,
+            )
+        })?;
+        let head = if name == "laion_aesthetic" {
+            let spec = args.aesthetic_model.as_deref().unwrap_or(DEFAULT_AESTHETIC);
+            let path = aesthetic_file(spec).map_err(|e| {
+                local_model("aesthetic_model", "the LAION aesthetic MLP (.pth)", spec, e)
+            })?;
+            Some(AestheticHead::from_pth(&path, &device).map_err(|e| {
+                local_model(
+                    "aesthetic_model",
+                    "the LAION aesthetic MLP (.pth)",
+                    &path.display().to_string(),
+                    e,
+                )
+            })?)
+        } else {
+            None
+        };
+        Self::load(
+            name,
+            model_name,
+            &source,
+            head,
+            device,
+            args.concurrency.max(1),
+        )
+    }
+
+    /// Loads CLIP from `source` (config.json, preprocessor_config.json, the BPE tokenizer,
+    /// model.safetensors) in float32 on `device`.
+    pub fn load(
+        name: &'static str,
+        model_name: &str,
+        source: &ModelSource,
+        head: Option<AestheticHead>,
+        device: Device,
+        batch: usize,
+    ) -> Result<Self, VerifierError> {
+        let err = |e: &dyn std::fmt::Display| {
+            local_model(
+                "model_name",
+                "a CLIP model in transformers layout",
+                model_name,
+                e,
+            )
+        };
+        let config: ClipConfig = parse_config(
+            &source.read_json("config.json").map_err(|e| err(&e))?,
+            "config.json",
+        )
+        .map_err(|e| err(&e))?;
+        let processor: ClipImageProcessor = if source
+            .has_file("preprocessor_config.json")
+            .map_err(|e| err(&e))?
+        {
+            parse_config(
+                &source
+                    .read_json("preprocessor_config.json")
+                    .map_err(|e| err(&e))?,
+                "preprocessor_config.json",
+            )
+            .map_err(|e| err(&e))?
+        } else {
+            ClipImageProcessor::openai(config.vision_config.image_size)
+        };
+        if processor.resample != 3 {
+            return Err(err(&format!(
+                "preprocessor_config.json asks for resample {}; only 3 (bicubic) is implemented",
+                processor.resample
+            )));
+        }
+        let optional = |rel: &str| -> Result<Option<PathBuf>, VerifierError> {
+            if source.has_file(rel).map_err(|e| err(&e))? {
+                source.file(rel).map(Some).map_err(|e| err(&e))
+            } else {
+                Ok(None)
+            }
+        };
+        let tokenizer = ClipTokenizer::from_files(
+            &source.file("vocab.json").map_err(|e| err(&e))?,
+            &source.file("merges.txt").map_err(|e| err(&e))?,
+            optional("tokenizer_config.json")?.as_deref(),
+            optional("special_tokens_map.json")?.as_deref(),
+        )
+        .map_err(|e| err(&e))?;
+        let dtype = DType::F32;
+        let files = source
+            .weights("", crate::loading::Dtype::F32)
+            .map_err(|e| err(&e))?;
+        let vb = crate::loading::mmap(&files, dtype, &device).map_err(|e| err(&e))?;
+        let model = ClipModel::new(vb, &config).map_err(|e| err(&e))?;
+        if let Some(width) = head.as_ref().and_then(AestheticHead::input_width) {
+            if width != config.projection_dim {
+                return Err(err(&format!(
+                    "the aesthetic MLP takes {width}-wide embeddings but this CLIP's projection_dim is {}; the LAION predictor needs CLIP ViT-L/14",
+                    config.projection_dim
+                )));
+            }
+        }
+        Ok(Self {
+            name,
+            model_name: model_name.to_string(),
+            model,
+            processor,
+            tokenizer,
+            head,
+            device,
+            dtype,
+            batch,
+            text_cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The image processor in use.
+    pub fn processor(&self) -> &ClipImageProcessor {
+        &self.processor
+    }
+
+    /// The normalised text embedding (1, D) of `prompt`.
+    fn text_embedding(&self, prompt: &str) -> Result<Tensor, String> {
+        let cache = self.text_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.get(prompt) {
+            return Ok(t.clone());
+        }
+        drop(cache);
+        let ids = self.tokenizer.encode(prompt).map_err(|e| e.to_string())?;
+        let ids = Tensor::new(ids.as_slice(), &self.device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(|e| e.to_string())?;
+        let embeds = self
+            .model
+            .text_embeds(&ids)
+            .and_then(|t| l2_normalize(&t.to_dtype(DType::F32)?))
+            .map_err(|e| e.to_string())?;
+        self.text_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(prompt.to_string(), embeds.clone());
+        Ok(embeds)
+    }
+
+    /// The normalised image embeddings (B, D) of `images`, in one batch.
+    pub fn image_embeddings(&self, images: &[&image::RgbImage]) -> Result<Tensor, String> {
+        let pixels = self
+            .processor
+            .batch(images, &self.device, self.dtype)
+            .map_err(|e| format!("cannot prepare the images: {e}"))?;
+        self.model
+            .vision
+            .forward(&pixels)
+            .and_then(|t| l2_normalize(&t.to_dtype(DType::F32)?))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Grades one batch: every metric for every input.
+    fn grade_batch(&self, inputs: &[VerifierInput<'_>]) -> Result<Vec<Grading>, String> {
+        let images: Vec<&image::RgbImage> = inputs.iter().map(|i| i.image).collect();
+        let embeds = self.image_embeddings(&images)?;
+        let aesthetic: Option<Vec<f32>> = match &self.head {
+            Some(head) => Some(
+                head.forward(&embeds)
+                    .and_then(|t| t.to_vec1())
+                    .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
+        let mut out = Vec::with_capacity(inputs.len());
+        for (i, input) in inputs.iter().enumerate() {
+            let text = self.text_embedding(input.prompt)?;
+            let cos = embeds
+                .get(i)
+                .and_then(|row| (row * text.squeeze(0)?)?.sum_all()?.to_scalar::<f32>())
+                .map_err(|e| e.to_string())? as f64;
+            let mut g = Grading::new();
+            g.insert(
+                "clip_score".into(),
+                Score {
+                    explanation: format!(
+                        "cosine of the {} image and prompt embeddings",
+                        self.model_name
+                    ),
+                    score: cos,
+                },
+            );
+            g.insert(
+                "clip_s".into(),
+                Score {
+                    explanation: "CLIP-S = 2.5 max(cosine, 0) (Hessel et al. 2021)".into(),
+                    score: 2.5 * cos.max(0.0),
+                },
+            );
+            if let Some(scores) = &aesthetic {
+                g.insert(
+                    "laion_aesthetic_score".into(),
+                    Score {
+                        explanation: "LAION aesthetic predictor on the normalised CLIP image \
+                                      embedding (eval mode)"
+                            .into(),
+                        score: f64::from(scores[i]),
+                    },
+                );
+            }
+            out.push(g);
+        }
+        Ok(out)
+    }
+}
+
+/// The path of the aesthetic MLP named by `spec`: a `.pth` file, a folder holding
+/// [`AESTHETIC_FILE`], or a Hub repo holding it.
+fn aesthetic_file(spec: &str) -> Result<PathBuf, String> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    ModelSource::resolve(spec)
+        .and_then(|source| source.file(AESTHETIC_FILE))
+        .map_err(|e| e.to_string())
+}
+
+impl Verifier for ClipVerifier {
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
+        let mut out = Vec::with_capacity(inputs.len());
+        for chunk in inputs.chunks(self.batch) {
+            match self.grade_batch(chunk) {
+                Ok(gradings) => out.extend(gradings.into_iter().map(Ok)),
+                Err(message) => out.extend(chunk.iter().map(|_| {
+                    Err(ScoreFailure {
+                        message: format!("{}: {message}", self.name),
+                        attempts: 1,
+                        fatal: false,
+                    })
+                })),
+            }
+        }
+        out
+    }
+}
