@@ -34,6 +34,10 @@ pub struct VerifierArgs {
     pub timeout_s: f64,
     /// `device`: where a local verifier runs (`cpu`, `cuda`, `cuda:N`).
     pub device: Option<String>,
+    /// `ensemble`: the members of the `ensemble` verifier (each a full `verifier_args`).
+    pub ensemble: Vec<VerifierArgs>,
+    /// `also_score`: verifiers that grade every candidate too, recorded, never used to select.
+    pub also_score: Vec<VerifierArgs>,
     /// `aesthetic_model`: the aesthetic MLP of `laion_aesthetic`, a `.pth` file or a Hub repo
     /// holding `aesthetic-model.pth` (default `trl-lib/ddpo-aesthetic-predictor`).
     pub aesthetic_model: Option<String>,
@@ -56,6 +60,8 @@ impl VerifierArgs {
             timeout_s: 120.0,
             device: None,
             aesthetic_model: None,
+            ensemble: Vec::new(),
+            also_score: Vec::new(),
         }
     }
 }
@@ -112,7 +118,18 @@ pub const MAX_INFERENCE_STEPS: u64 = 1000;
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// The verifiers a config may name.
-pub const VERIFIER_NAMES: &[&str] = &["gemini", "openai", "qwen", "laion_aesthetic", "clip_score"];
+pub const VERIFIER_NAMES: &[&str] = &[
+    "gemini",
+    "openai",
+    "qwen",
+    "laion_aesthetic",
+    "clip_score",
+    "ensemble",
+];
+
+/// The metric of the `ensemble` verifier: each candidate's rank among its round's candidates
+/// under each member's metric, normalised to [0, 1] (1 = best) and averaged over the members.
+pub const ENSEMBLE_METRIC: &str = "ensemble_rank";
 
 /// The metrics of the CLIP verifiers: the LAION aesthetic score (1-10 scale), the raw CLIP
 /// cosine of image and prompt, and CLIP-S = 2.5 max(cosine, 0) (Hessel et al.).
@@ -125,6 +142,7 @@ pub fn verifier_metrics(name: &str) -> &'static [&'static str] {
         "gemini" | "openai" | "qwen" => &METRICS,
         "laion_aesthetic" => &CLIP_METRICS,
         "clip_score" => &CLIP_METRICS[1..],
+        "ensemble" => &[ENSEMBLE_METRIC],
         _ => &[],
     }
 }
@@ -177,9 +195,11 @@ const PIPELINE_KEYS: [&str; 7] = [
     "clean_caption",
 ];
 
-const VERIFIER_KEYS: [&str; 15] = [
+const VERIFIER_KEYS: [&str; 17] = [
     "name",
     "aesthetic_model",
+    "ensemble",
+    "also_score",
     "choice_of_metric",
     "max_new_tokens",
     "model_name",
@@ -601,6 +621,173 @@ fn to_usize(v: Option<u64>) -> Option<usize> {
     v.and_then(|v| usize::try_from(v).ok())
 }
 
+/// `verifier_args` (or a member of its `ensemble` / `also_score` lists, `nested`) at JSON path
+/// `v`, validated; `optional_metric`: `choice_of_metric` may be left out (it then is the
+/// verifier's first metric).
+fn verifier_args_at(
+    r: &mut Reader<'_>,
+    va: &Map<String, Value>,
+    v: &str,
+    path: &std::path::Path,
+    nested: bool,
+    optional_metric: bool,
+) -> Result<VerifierArgs, ConfigError> {
+    r.check_keys(va, v, &VERIFIER_KEYS);
+    let names: Vec<&str> = VERIFIER_NAMES
+        .iter()
+        .copied()
+        .filter(|n| !nested || *n != "ensemble")
+        .collect();
+    let allowed_names = format!("allowed: {}", names.join(", "));
+    let name = r.required_string(va, "name", v, &allowed_names)?;
+    if !names.contains(&name.as_str()) {
+        return Err(r.invalid(&join(v, "name"), format!("is \"{name}\"; {allowed_names}")));
+    }
+    let allowed = verifier_metrics(&name);
+    let metrics = allowed.join(", ");
+    let metric = match (optional_metric, r.string(va, "choice_of_metric", v)?) {
+        (_, Some(m)) => m,
+        (true, None) => allowed.first().copied().unwrap_or_default().to_string(),
+        (false, None) => {
+            r.required_string(va, "choice_of_metric", v, &format!("allowed: {metrics}"))?
+        }
+    };
+    if !allowed.contains(&metric.as_str()) {
+        return Err(r.invalid(
+            &join(v, "choice_of_metric"),
+            format!("is \"{metric}\"; the {name} verifier grades: {metrics}"),
+        ));
+    }
+    let mut verifier_args = VerifierArgs::new(&name, &metric);
+    verifier_args.max_new_tokens = r
+        .uint_in(va, "max_new_tokens", v, 1, 32_768)?
+        .map(|t| u32::try_from(t).unwrap_or(u32::MAX));
+    verifier_args.model_name = r.string(va, "model_name", v)?;
+    verifier_args.aesthetic_model = r.string(va, "aesthetic_model", v)?;
+    if let Some(m) = &verifier_args.model_name {
+        if m.trim().is_empty() {
+            return Err(r.invalid(
+                &join(v, "model_name"),
+                "is empty; leave it out to use the verifier's default model",
+            ));
+        }
+    }
+    verifier_args.prompt_path = r.string(va, "prompt_path", v)?.map(PathBuf::from);
+    if let Some(pp) = verifier_args.prompt_path.clone() {
+        // Relative: the current folder first, then the config's folder.
+        let beside = beside_config(path, &pp.display().to_string());
+        if !pp.is_file() {
+            match beside.as_ref().filter(|b| b.is_file()) {
+                Some(b) => verifier_args.prompt_path = Some(b.clone()),
+                None => {
+                    let looked = match &beside {
+                        Some(b) => format!(
+                            "looked for {} (from the current folder) and {} (beside the config)",
+                            pp.display(),
+                            b.display()
+                        ),
+                        None => format!("looked for {}", pp.display()),
+                    };
+                    return Err(r.invalid(
+                        &join(v, "prompt_path"),
+                        format!("is not a readable file ({looked}); give the path of a text file holding the grading rubric"),
+                    ));
+                }
+            }
+        }
+    }
+    verifier_args.base_url = r.string(va, "base_url", v)?;
+    if let Some(u) = &verifier_args.base_url {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            return Err(r.invalid(
+                &join(v, "base_url"),
+                format!("is \"{u}\"; it must start with http:// or https://"),
+            ));
+        }
+    }
+    verifier_args.seed = r.uint(va, "seed", v, 0)?;
+    if let Some(c) = to_usize(r.uint(va, "concurrency", v, 1)?) {
+        if c > 256 {
+            return Err(r.invalid(&join(v, "concurrency"), format!("is {c}; at most 256")));
+        }
+        verifier_args.concurrency = c;
+    }
+    if let Some(a) = r.uint_in(va, "max_attempts", v, 1, 100)? {
+        verifier_args.max_attempts = a as u32;
+    }
+    if let Some(a) = r.uint_in(va, "max_invalid_replies", v, 0, 20)? {
+        verifier_args.max_invalid_replies = a as u32;
+    }
+    if let Some(t) = r.number_in(va, "timeout_s", v, (0.0, true), 3600.0)? {
+        verifier_args.timeout_s = t;
+    }
+    verifier_args.device = r.string(va, "device", v)?;
+    if let Some(d) = &verifier_args.device {
+        if parse_device(d).is_none() {
+            return Err(r.invalid(
+                &join(v, "device"),
+                format!("is \"{d}\"; allowed: cpu, cuda, cuda:N"),
+            ));
+        }
+    }
+    r.boolean(va, "use_low_gpu_vram", v)?;
+    if name == "ensemble" {
+        verifier_args.ensemble = verifier_list(r, va, v, "ensemble", path, true)?;
+        if verifier_args.ensemble.len() < 2 {
+            return Err(r.invalid(
+                &join(v, "ensemble"),
+                "needs at least 2 members, each a verifier_args object ({\"name\": ..., \"choice_of_metric\": ...})",
+            ));
+        }
+    } else if va.contains_key("ensemble") {
+        return Err(r.invalid(
+            &join(v, "ensemble"),
+            format!("is only for verifier_args.name \"ensemble\", not \"{name}\""),
+        ));
+    }
+    if va.contains_key("also_score") {
+        if nested {
+            return Err(r.invalid(
+                &join(v, "also_score"),
+                "belongs in the top-level verifier_args only",
+            ));
+        }
+        verifier_args.also_score = verifier_list(r, va, v, "also_score", path, false)?;
+    }
+    Ok(verifier_args)
+}
+
+/// The verifier list `key` of `va` (`ensemble` or `also_score`): an array of `verifier_args`
+/// objects, each validated at its JSON path (`verifier_args.ensemble[1].name`...).
+fn verifier_list(
+    r: &mut Reader<'_>,
+    va: &Map<String, Value>,
+    v: &str,
+    key: &str,
+    path: &std::path::Path,
+    ensemble: bool,
+) -> Result<Vec<VerifierArgs>, ConfigError> {
+    let jp = join(v, key);
+    let Some(Value::Array(items)) = va.get(key) else {
+        return Err(r.invalid(
+            &jp,
+            "must be an array of verifier_args objects ([{\"name\": ...}, ...])",
+        ));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("{jp}[{i}]");
+        let Value::Object(obj) = item else {
+            return Err(r.invalid(
+                &at,
+                format!("must be a verifier_args object, not {}", type_name(item)),
+            ));
+        };
+        out.push(verifier_args_at(r, obj, &at, path, true, !ensemble)?);
+    }
+    Ok(out)
+}
+
 impl Config {
     /// Reads and validates the config file at `path`.
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
@@ -730,99 +917,7 @@ impl Config {
 
         // verifier_args
         let va = r.object(&root, "verifier_args", "")?;
-        r.check_keys(va, "verifier_args", &VERIFIER_KEYS);
-        let v = "verifier_args";
-        let allowed_names = format!("allowed: {}", VERIFIER_NAMES.join(", "));
-        let name = r.required_string(va, "name", v, &allowed_names)?;
-        if !VERIFIER_NAMES.contains(&name.as_str()) {
-            return Err(r.invalid(
-                "verifier_args.name",
-                format!("is \"{name}\"; {allowed_names}"),
-            ));
-        }
-        let allowed = verifier_metrics(&name);
-        let metrics = allowed.join(", ");
-        let metric =
-            r.required_string(va, "choice_of_metric", v, &format!("allowed: {metrics}"))?;
-        if !allowed.contains(&metric.as_str()) {
-            return Err(r.invalid(
-                "verifier_args.choice_of_metric",
-                format!("is \"{metric}\"; the {name} verifier grades: {metrics}"),
-            ));
-        }
-        let mut verifier_args = VerifierArgs::new(&name, &metric);
-        verifier_args.max_new_tokens = r
-            .uint_in(va, "max_new_tokens", v, 1, 32_768)?
-            .map(|t| u32::try_from(t).unwrap_or(u32::MAX));
-        verifier_args.model_name = r.string(va, "model_name", v)?;
-        verifier_args.aesthetic_model = r.string(va, "aesthetic_model", v)?;
-        if let Some(m) = &verifier_args.model_name {
-            if m.trim().is_empty() {
-                return Err(r.invalid(
-                    "verifier_args.model_name",
-                    "is empty; leave it out to use the verifier's default model",
-                ));
-            }
-        }
-        verifier_args.prompt_path = r.string(va, "prompt_path", v)?.map(PathBuf::from);
-        if let Some(pp) = verifier_args.prompt_path.clone() {
-            // Relative: the current folder first, then the config's folder.
-            let beside = beside_config(path, &pp.display().to_string());
-            if !pp.is_file() {
-                match beside.as_ref().filter(|b| b.is_file()) {
-                    Some(b) => verifier_args.prompt_path = Some(b.clone()),
-                    None => {
-                        let looked = match &beside {
-                            Some(b) => format!(
-                                "looked for {} (from the current folder) and {} (beside the config)",
-                                pp.display(),
-                                b.display()
-                            ),
-                            None => format!("looked for {}", pp.display()),
-                        };
-                        return Err(r.invalid(
-                            "verifier_args.prompt_path",
-                            format!("is not a readable file ({looked}); give the path of a text file holding the grading rubric"),
-                        ));
-                    }
-                }
-            }
-        }
-        verifier_args.base_url = r.string(va, "base_url", v)?;
-        if let Some(u) = &verifier_args.base_url {
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
-                return Err(r.invalid(
-                    "verifier_args.base_url",
-                    format!("is \"{u}\"; it must start with http:// or https://"),
-                ));
-            }
-        }
-        verifier_args.seed = r.uint(va, "seed", v, 0)?;
-        if let Some(c) = to_usize(r.uint(va, "concurrency", v, 1)?) {
-            if c > 256 {
-                return Err(r.invalid("verifier_args.concurrency", format!("is {c}; at most 256")));
-            }
-            verifier_args.concurrency = c;
-        }
-        if let Some(a) = r.uint_in(va, "max_attempts", v, 1, 100)? {
-            verifier_args.max_attempts = a as u32;
-        }
-        if let Some(a) = r.uint_in(va, "max_invalid_replies", v, 0, 20)? {
-            verifier_args.max_invalid_replies = a as u32;
-        }
-        if let Some(t) = r.number_in(va, "timeout_s", v, (0.0, true), 3600.0)? {
-            verifier_args.timeout_s = t;
-        }
-        verifier_args.device = r.string(va, "device", v)?;
-        if let Some(d) = &verifier_args.device {
-            if parse_device(d).is_none() {
-                return Err(r.invalid(
-                    "verifier_args.device",
-                    format!("is \"{d}\"; allowed: cpu, cuda, cuda:N"),
-                ));
-            }
-        }
-        r.boolean(va, "use_low_gpu_vram", v)?;
+        let verifier_args = verifier_args_at(&mut r, va, "verifier_args", path, false, false)?;
 
         // search_args
         let sa = r.object(&root, "search_args", "")?;

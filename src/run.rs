@@ -412,6 +412,11 @@ fn search_prompts(
         overlap: !opts.low_vram,
         // Set per prompt below: only the run's first prompt probes.
         probe_first_batch: false,
+        rank_metrics: if config.verifier_args.name == "ensemble" {
+            verifiers::ensemble::rank_metrics(&config.verifier_args.ensemble)
+        } else {
+            Vec::new()
+        },
     };
     let mut writer = OutputWriter::new(
         run_dir.clone(),

@@ -198,6 +198,7 @@ fn time_search(
             noise_kernel: NoiseKernel::default(),
             overlap,
             probe_first_batch: false,
+            rank_metrics: Vec::new(),
             stop: Default::default(),
         };
         let mut totals = Totals::default();

@@ -269,6 +269,9 @@ pub struct SearchSettings {
     pub probe_first_batch: bool,
     /// Set from outside (a signal handler) to stop before the next batch.
     pub stop: StopFlag,
+    /// For the `ensemble` verifier: the member metrics whose ranks make each candidate's
+    /// [`crate::config::ENSEMBLE_METRIC`] ([`apply_ensemble_rank`]); empty otherwise.
+    pub rank_metrics: Vec<String>,
 }
 
 /// A request to stop the search before its next batch (Ctrl-C, SIGTERM), shared with whoever
@@ -280,6 +283,55 @@ impl StopFlag {
     /// Whether a stop was asked for.
     pub fn is_set(&self) -> bool {
         self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Sets every graded candidate's [`crate::config::ENSEMBLE_METRIC`], the paper's verifier
+/// ensemble: under each of `metrics`, the candidate's rank among the candidates graded on it
+/// (ascending, ties sharing their average rank), normalised to [0, 1] (1 = best; a lone
+/// candidate gets 1), averaged over the metrics. A candidate missing one of them gets none.
+/// Raw scores of different verifiers are never mixed, only their ranks.
+pub fn apply_ensemble_rank(candidates: &mut [Candidate], metrics: &[String]) {
+    if metrics.is_empty() {
+        return;
+    }
+    let mut sums = vec![0.0f64; candidates.len()];
+    let mut complete = vec![true; candidates.len()];
+    for metric in metrics {
+        let scored: Vec<(usize, f64)> = candidates
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.score(metric).filter(|s| s.is_finite()).map(|s| (i, s)))
+            .collect();
+        for (i, c) in complete.iter_mut().enumerate() {
+            *c &= scored.iter().any(|(j, _)| *j == i);
+        }
+        let n = scored.len();
+        for &(i, s) in &scored {
+            let below = scored.iter().filter(|(_, t)| *t < s).count() as f64;
+            let equal = scored.iter().filter(|(_, t)| *t == s).count() as f64;
+            // 1-based average rank of the tie group, ascending.
+            let rank = below + (equal + 1.0) / 2.0;
+            sums[i] += if n > 1 {
+                (rank - 1.0) / (n - 1) as f64
+            } else {
+                1.0
+            };
+        }
+    }
+    for (i, c) in candidates.iter_mut().enumerate() {
+        if let (true, Ok(g)) = (complete[i], c.grading.as_mut()) {
+            g.insert(
+                crate::config::ENSEMBLE_METRIC.into(),
+                crate::verifiers::Score {
+                    explanation: format!(
+                        "average over {} of the rank among this round's candidates (0 = worst, 1 = best)",
+                        metrics.join(", ")
+                    ),
+                    score: sums[i] / metrics.len() as f64,
+                },
+            );
+        }
     }
 }
 
@@ -414,6 +466,7 @@ pub fn search_prompt(
                         candidates.insert(0, b);
                         all_noises.insert(0, base_noise);
                     }
+                    apply_ensemble_rank(&mut candidates, &settings.rank_metrics);
                     let best = select_best(&candidates, &settings.metric);
                     let improved = best.is_some_and(|i| i > 0);
                     if let Some(i) = best.filter(|_| improved) {
@@ -449,6 +502,8 @@ fn finish_random_round(
     round: usize,
     graded: GradedRound,
 ) -> RoundResult {
+    let mut graded = graded;
+    apply_ensemble_rank(&mut graded.candidates, &settings.rank_metrics);
     let best = select_best(&graded.candidates, &settings.metric);
     RoundResult {
         round,
@@ -944,6 +999,7 @@ mod tests {
             overlap,
             probe_first_batch: false,
             stop: StopFlag::default(),
+            rank_metrics: Vec::new(),
         };
         let mut rec = Recorder::default();
         search_prompt("p", &mut pipeline, &verifier, &settings, &mut rec, &NoStore).unwrap();
@@ -1122,6 +1178,7 @@ mod tests {
             overlap: true,
             probe_first_batch: true,
             stop: StopFlag::default(),
+            rank_metrics: Vec::new(),
         };
         let mut obs = Saving {
             store,
@@ -1212,4 +1269,69 @@ mod tests {
         assert_eq!(*counted.graded.lock().unwrap(), 2 + 5);
         assert_eq!(*counted.prompts.lock().unwrap(), 1);
     }
+    fn graded(scores: &[(&str, f64)]) -> Candidate {
+        let mut g = Grading::new();
+        for (m, v) in scores {
+            g.insert(
+                m.to_string(),
+                Score {
+                    explanation: String::new(),
+                    score: *v,
+                },
+            );
+        }
+        Candidate {
+            origin: NoiseOrigin::Seed { seed: 0 },
+            image: RgbImage::new(1, 1),
+            grading: Ok(g),
+            carried_over: false,
+        }
+    }
+
+    #[test]
+    fn the_ensemble_selects_by_average_rank_not_by_average_score() {
+        let a = [1.0, 3.0, 3.0, 2.0];
+        let b = [10.0, 0.0, 5.0, 5.0];
+        let mut candidates: Vec<Candidate> = (0..4)
+            .map(|i| graded(&[("x/a", a[i]), ("y/b", b[i])]))
+            .collect();
+        candidates.push(graded(&[("x/a", 9.0)])); // y could not grade it
+        let metrics = vec!["x/a".to_string(), "y/b".to_string()];
+        apply_ensemble_rank(&mut candidates, &metrics);
+        // Directly: ascending ranks with ties averaged, over the candidates graded on each
+        // metric, normalised by (n - 1). Under x/a all five count; under y/b the first four.
+        let rank = |v: f64, all: &[f64]| {
+            let below = all.iter().filter(|t| **t < v).count() as f64;
+            let equal = all.iter().filter(|t| **t == v).count() as f64;
+            (below + (equal + 1.0) / 2.0 - 1.0) / (all.len() - 1) as f64
+        };
+        let a_all = [1.0, 3.0, 3.0, 2.0, 9.0];
+        for i in 0..4 {
+            let want = (rank(a[i], &a_all) + rank(b[i], &b)) / 2.0;
+            let got = candidates[i].score(ENSEMBLE).unwrap();
+            assert!((got - want).abs() < 1e-12, "candidate {i}: {got} vs {want}");
+        }
+        assert_eq!(
+            candidates[4].score(ENSEMBLE),
+            None,
+            "a missing member score, no rank"
+        );
+        assert_eq!(select_best(&candidates, ENSEMBLE), Some(2));
+        // Averaging raw scores would pick candidate 0 (5.5): b's scale would dominate.
+        let raw: Vec<f64> = (0..4).map(|i| (a[i] + b[i]) / 2.0).collect();
+        assert_eq!(
+            raw.iter()
+                .cloned()
+                .enumerate()
+                .fold((0, f64::MIN), |m, (i, v)| if v > m.1 { (i, v) } else { m })
+                .0,
+            0
+        );
+        // A lone candidate is the best of its round.
+        let mut one = vec![graded(&[("x/a", 1.0), ("y/b", 2.0)])];
+        apply_ensemble_rank(&mut one, &metrics);
+        assert_eq!(one[0].score(ENSEMBLE), Some(1.0));
+    }
+
+    const ENSEMBLE: &str = crate::config::ENSEMBLE_METRIC;
 }

@@ -11,6 +11,7 @@ use crate::config::VerifierArgs;
 
 pub mod clip;
 pub mod constrained;
+pub mod ensemble;
 pub mod gemini;
 pub mod http;
 pub mod openai;
@@ -225,6 +226,31 @@ pub fn build_for_run(
     args: &VerifierArgs,
     low_vram: bool,
 ) -> Result<Box<dyn Verifier>, VerifierError> {
+    let main = build_one_for_run(args, low_vram)?;
+    if args.also_score.is_empty() {
+        return Ok(main);
+    }
+    let extras = ensemble::member_prefixes(&args.also_score)
+        .into_iter()
+        .zip(&args.also_score)
+        .map(|(prefix, a)| Ok((prefix, build_one_for_run(a, low_vram)?)))
+        .collect::<Result<Vec<_>, VerifierError>>()?;
+    Ok(Box::new(ensemble::AlsoScored::new(main, extras)))
+}
+
+/// One verifier of a run (an ensemble with its members), without `also_score`.
+fn build_one_for_run(
+    args: &VerifierArgs,
+    low_vram: bool,
+) -> Result<Box<dyn Verifier>, VerifierError> {
+    if args.name == "ensemble" {
+        let members = ensemble::member_prefixes(&args.ensemble)
+            .into_iter()
+            .zip(&args.ensemble)
+            .map(|(prefix, a)| Ok((prefix, build_one_for_run(a, low_vram)?)))
+            .collect::<Result<Vec<_>, VerifierError>>()?;
+        return Ok(Box::new(ensemble::EnsembleVerifier::new(members)));
+    }
     if args.name == "qwen" {
         let options = qwen::QwenOptions {
             low_vram,

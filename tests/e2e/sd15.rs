@@ -924,3 +924,148 @@ fn the_laion_aesthetic_verifier_searches_offline_without_an_api_key() {
         assert_eq!(d["choice_of_metric"], "laion_aesthetic_score");
     }
 }
+
+/// `verifier_args` of the tiny CLIP verifiers: `laion_aesthetic` or `clip_score`.
+fn tiny_clip_args(name: &str, metric: &str) -> Value {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    serde_json::json!({
+        "name": name,
+        "choice_of_metric": metric,
+        "model_name": fixtures.join("tiny-clip").display().to_string(),
+        "aesthetic_model": fixtures.join("clip/aesthetic-model.pth").display().to_string(),
+    })
+}
+
+/// Runs the tiny SD 1.5 offline with `verifier_args`; returns the run folder.
+fn offline_run(dir: &Path, verifier_args: Value, rounds: usize) -> PathBuf {
+    let cfg = serde_json::json!({
+        "pretrained_model_name_or_path": tiny_model(),
+        "torch_dtype": "fp32",
+        "pipeline_call_args": {"num_inference_steps": 2, "guidance_scale": 7.5},
+        "verifier_args": verifier_args,
+        "search_args": {"search_method": "random", "search_rounds": rounds},
+    });
+    std::fs::write(dir.join("c.json"), cfg.to_string()).unwrap();
+    let o = tt_scale(
+        dir,
+        &[
+            "run",
+            "--pipeline-config",
+            "c.json",
+            "--prompt",
+            PROMPT,
+            "--seed",
+            "3",
+            "--output-dir",
+            "out",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let out = dir.join("out/tiny-sd15");
+    let verifier = std::fs::read_dir(&out)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let metric = std::fs::read_dir(&verifier)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::read_dir(&metric)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+}
+
+/// The round JSON files of `run`, by round.
+fn round_jsons(run: &Path, rounds: usize) -> Vec<Value> {
+    let names = files(run);
+    (1..=rounds)
+        .map(|round| {
+            let name = names
+                .iter()
+                .find(|n| n.contains(&format!("_i@{round}_s@")) && n.ends_with(".json"))
+                .unwrap();
+            read_json(&run.join(name))
+        })
+        .collect()
+}
+
+#[test]
+fn the_ensemble_records_every_member_and_selects_by_average_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = serde_json::json!({
+        "name": "ensemble",
+        "choice_of_metric": "ensemble_rank",
+        "ensemble": [
+            tiny_clip_args("laion_aesthetic", "laion_aesthetic_score"),
+            tiny_clip_args("clip_score", "clip_score"),
+        ],
+    });
+    let run = offline_run(dir.path(), args, 2);
+    assert!(run.starts_with(dir.path().join("out/tiny-sd15/ensemble/ensemble_rank")));
+    for d in round_jsons(&run, 2) {
+        let candidates = d["candidates"].as_array().unwrap();
+        let n = candidates.len() as f64;
+        let score = |c: &Value, m: &str| c["grading"][m]["score"].as_f64().unwrap();
+        // The rank recomputed from the members' recorded scores.
+        let rank = |c: &Value, m: &str| {
+            let v = score(c, m);
+            let below = candidates.iter().filter(|o| score(o, m) < v).count() as f64;
+            let equal = candidates.iter().filter(|o| score(o, m) == v).count() as f64;
+            (below + (equal + 1.0) / 2.0 - 1.0) / (n - 1.0)
+        };
+        let mut best = (0, f64::MIN);
+        for (i, c) in candidates.iter().enumerate() {
+            let want = (rank(c, "laion_aesthetic/laion_aesthetic_score")
+                + rank(c, "clip_score/clip_score"))
+                / 2.0;
+            let got = score(c, "ensemble_rank");
+            assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+            assert!(
+                c["grading"]["laion_aesthetic/clip_s"].is_object(),
+                "all member metrics kept"
+            );
+            if got > best.1 {
+                best = (i, got);
+            }
+        }
+        assert_eq!(d["best_score"]["score"].as_f64().unwrap(), best.1);
+    }
+}
+
+#[test]
+fn also_score_records_other_verifiers_without_changing_the_selection() {
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = offline_run(
+        plain_dir.path(),
+        tiny_clip_args("clip_score", "clip_score"),
+        2,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = tiny_clip_args("clip_score", "clip_score");
+    args["also_score"] =
+        serde_json::json!([tiny_clip_args("laion_aesthetic", "laion_aesthetic_score")]);
+    let run = offline_run(dir.path(), args, 2);
+    // Same files, same choices: the extra verifier only adds its scores.
+    assert_eq!(files(&plain), files(&run));
+    for (a, b) in round_jsons(&plain, 2).iter().zip(round_jsons(&run, 2)) {
+        assert_eq!(a["best_noise_seed"], b["best_noise_seed"]);
+        for c in b["candidates"].as_array().unwrap() {
+            assert!(
+                c["grading"]["also/laion_aesthetic/laion_aesthetic_score"]["score"].is_number()
+            );
+        }
+    }
+}

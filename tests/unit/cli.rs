@@ -156,6 +156,45 @@ fn bad_configs_name_the_key_exit_2_and_write_nothing() {
             &["verifier_args.name", "gemini, openai, qwen"],
         ),
         (
+            "ensemble of one",
+            Box::new(|v| {
+                v["verifier_args"] = json!({"name": "ensemble", "choice_of_metric": "ensemble_rank",
+                    "ensemble": [{"name": "clip_score", "choice_of_metric": "clip_score"}]})
+            }),
+            &["verifier_args.ensemble", "at least 2 members"],
+        ),
+        (
+            "ensemble member with a bad metric",
+            Box::new(|v| {
+                v["verifier_args"] = json!({"name": "ensemble", "choice_of_metric": "ensemble_rank",
+                    "ensemble": [{"name": "clip_score", "choice_of_metric": "clip_score"},
+                                 {"name": "laion_aesthetic", "choice_of_metric": "overall_score"}]})
+            }),
+            &[
+                "verifier_args.ensemble[1].choice_of_metric",
+                "laion_aesthetic_score",
+            ],
+        ),
+        (
+            "nested ensemble",
+            Box::new(|v| {
+                v["verifier_args"] = json!({"name": "ensemble", "choice_of_metric": "ensemble_rank",
+                    "ensemble": [{"name": "ensemble", "choice_of_metric": "ensemble_rank"},
+                                 {"name": "clip_score", "choice_of_metric": "clip_score"}]})
+            }),
+            &["verifier_args.ensemble[0].name"],
+        ),
+        (
+            "ensemble list on another verifier",
+            Box::new(|v| v["verifier_args"]["ensemble"] = json!([])),
+            &["verifier_args.ensemble", "only for"],
+        ),
+        (
+            "also_score not a list",
+            Box::new(|v| v["verifier_args"]["also_score"] = json!("clip_score")),
+            &["verifier_args.also_score", "array"],
+        ),
+        (
             "laion with a rubric metric",
             Box::new(|v| v["verifier_args"]["name"] = json!("laion_aesthetic")),
             &[

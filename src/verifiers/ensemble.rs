@@ -1,0 +1,290 @@
+//! Verifiers made of verifiers: the paper's `ensemble` (every member grades every candidate; the
+//! search selects by the average rank, [`crate::search::apply_ensemble_rank`]) and
+//! `also_score` (extra verifiers whose scores are recorded beside the selecting verifier's and
+//! never used to select, to show what a search costs on the metrics it does not optimise).
+//!
+//! A member's metrics are recorded as `<member>/<metric>` (`laion_aesthetic/clip_score`), an
+//! `also_score` verifier's as `also/<name>/<metric>`; a name used twice gets its position
+//! (`qwen#2/overall_score`).
+
+use super::{CallStats, Grading, ScoreFailure, Verifier, VerifierInput};
+use crate::config::VerifierArgs;
+
+/// The prefix of each verifier's metrics in a combined grading: its name, or `name#i` (1-based)
+/// when the name occurs more than once in `list`.
+pub fn member_prefixes(list: &[VerifierArgs]) -> Vec<String> {
+    list.iter()
+        .enumerate()
+        .map(|(i, a)| {
+            if list.iter().filter(|b| b.name == a.name).count() > 1 {
+                format!("{}#{}", a.name, i + 1)
+            } else {
+                a.name.clone()
+            }
+        })
+        .collect()
+}
+
+/// The metrics the `ensemble` of `members` ranks by: `<prefix>/<choice_of_metric>` per member.
+pub fn rank_metrics(members: &[VerifierArgs]) -> Vec<String> {
+    member_prefixes(members)
+        .into_iter()
+        .zip(members)
+        .map(|(p, m)| format!("{p}/{}", m.choice_of_metric))
+        .collect()
+}
+
+/// Adds every metric of `from` to `into` as `<prefix>/<metric>`.
+fn merge(into: &mut Grading, prefix: &str, from: Grading) {
+    for (metric, score) in from {
+        into.insert(format!("{prefix}/{metric}"), score);
+    }
+}
+
+/// The `ensemble` verifier: each member grades every input; a candidate's grading holds every
+/// member's metrics, and fails when a member could not grade it (its rank would be missing).
+pub struct EnsembleVerifier {
+    members: Vec<(String, Box<dyn Verifier>)>,
+}
+
+impl EnsembleVerifier {
+    /// The ensemble of `members`, named by [`member_prefixes`].
+    pub fn new(members: Vec<(String, Box<dyn Verifier>)>) -> Self {
+        Self { members }
+    }
+}
+
+impl Verifier for EnsembleVerifier {
+    fn name(&self) -> &str {
+        "ensemble"
+    }
+
+    fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
+        let mut out: Vec<Result<Grading, ScoreFailure>> =
+            inputs.iter().map(|_| Ok(Grading::new())).collect();
+        for (prefix, member) in &self.members {
+            let results = member.score(inputs);
+            for (slot, result) in out.iter_mut().zip(results) {
+                match (slot.as_mut(), result) {
+                    (Ok(g), Ok(member_grading)) => merge(g, prefix, member_grading),
+                    (Ok(_), Err(f)) => {
+                        *slot = Err(ScoreFailure {
+                            message: format!("ensemble member {prefix}: {}", f.message),
+                            ..f
+                        })
+                    }
+                    (Err(_), _) => {}
+                }
+            }
+        }
+        out
+    }
+
+    fn call_stats(&self) -> CallStats {
+        sum_stats(self.members.iter().map(|(_, m)| m.as_ref()))
+    }
+
+    fn check_access(&self) -> Result<(), ScoreFailure> {
+        for (prefix, member) in &self.members {
+            member.check_access().map_err(|f| ScoreFailure {
+                message: format!("ensemble member {prefix}: {}", f.message),
+                ..f
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The selecting verifier with `also_score` verifiers beside it: their metrics are added as
+/// `<prefix>/<metric>`; when one of them fails on a candidate, that is logged and the
+/// candidate keeps the selecting verifier's grading.
+pub struct AlsoScored {
+    main: Box<dyn Verifier>,
+    extras: Vec<(String, Box<dyn Verifier>)>,
+}
+
+impl AlsoScored {
+    /// `main` with `extras` (named by [`member_prefixes`]).
+    pub fn new(main: Box<dyn Verifier>, extras: Vec<(String, Box<dyn Verifier>)>) -> Self {
+        Self { main, extras }
+    }
+}
+
+impl Verifier for AlsoScored {
+    fn name(&self) -> &str {
+        self.main.name()
+    }
+
+    fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
+        let mut out = self.main.score(inputs);
+        for (prefix, extra) in &self.extras {
+            for (slot, result) in out.iter_mut().zip(extra.score(inputs)) {
+                match (slot.as_mut(), result) {
+                    (Ok(g), Ok(extra_grading)) => {
+                        merge(g, &format!("also/{prefix}"), extra_grading)
+                    }
+                    (Ok(_), Err(f)) => tracing::warn!(
+                        "also_score {prefix} could not grade a candidate: {}",
+                        f.message
+                    ),
+                    (Err(_), _) => {}
+                }
+            }
+        }
+        out
+    }
+
+    fn call_stats(&self) -> CallStats {
+        sum_stats(
+            std::iter::once(self.main.as_ref()).chain(self.extras.iter().map(|(_, v)| v.as_ref())),
+        )
+    }
+
+    fn check_access(&self) -> Result<(), ScoreFailure> {
+        self.main.check_access()?;
+        for (prefix, extra) in &self.extras {
+            if let Err(f) = extra.check_access() {
+                tracing::warn!("also_score {prefix}: {}", f.message);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn sum_stats<'a>(verifiers: impl Iterator<Item = &'a dyn Verifier>) -> CallStats {
+    verifiers.fold(CallStats::default(), |acc, v| {
+        let s = v.call_stats();
+        CallStats {
+            requests: acc.requests + s.requests,
+            failed_requests: acc.failed_requests + s.failed_requests,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verifiers::Score;
+
+    /// Scores each image by a fixed function of its first pixel, or fails on dark ones.
+    struct Fixed {
+        name: &'static str,
+        score: fn(u8) -> Option<f64>,
+    }
+
+    impl Verifier for Fixed {
+        fn name(&self) -> &str {
+            self.name
+        }
+        fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
+            inputs
+                .iter()
+                .map(|i| match (self.score)(i.image.get_pixel(0, 0)[0]) {
+                    Some(s) => {
+                        let mut g = Grading::new();
+                        g.insert(
+                            "m".into(),
+                            Score {
+                                explanation: String::new(),
+                                score: s,
+                            },
+                        );
+                        Ok(g)
+                    }
+                    None => Err(ScoreFailure {
+                        message: "too dark".into(),
+                        attempts: 1,
+                        fatal: false,
+                    }),
+                })
+                .collect()
+        }
+    }
+
+    fn image(v: u8) -> image::RgbImage {
+        image::RgbImage::from_pixel(1, 1, image::Rgb([v, v, v]))
+    }
+
+    #[test]
+    fn members_metrics_are_prefixed_and_a_member_failure_fails_the_candidate() {
+        let e = EnsembleVerifier::new(vec![
+            (
+                "a".into(),
+                Box::new(Fixed {
+                    name: "a",
+                    score: |v| Some(f64::from(v)),
+                }),
+            ),
+            (
+                "b".into(),
+                Box::new(Fixed {
+                    name: "b",
+                    score: |v| (v > 10).then(|| -f64::from(v)),
+                }),
+            ),
+        ]);
+        let (bright, dark) = (image(200), image(5));
+        let out = e.score(&[
+            VerifierInput {
+                prompt: "p",
+                image: &bright,
+            },
+            VerifierInput {
+                prompt: "p",
+                image: &dark,
+            },
+        ]);
+        let g = out[0].as_ref().unwrap();
+        assert_eq!(g["a/m"].score, 200.0);
+        assert_eq!(g["b/m"].score, -200.0);
+        let f = out[1].as_ref().unwrap_err();
+        assert!(f.message.contains("ensemble member b") && f.message.contains("too dark"));
+    }
+
+    #[test]
+    fn also_scored_extras_are_recorded_and_their_failures_do_not_fail_the_candidate() {
+        let v = AlsoScored::new(
+            Box::new(Fixed {
+                name: "main",
+                score: |v| Some(f64::from(v)),
+            }),
+            vec![(
+                "x".into(),
+                Box::new(Fixed {
+                    name: "x",
+                    score: |v| (v > 10).then_some(1.0),
+                }),
+            )],
+        );
+        let (bright, dark) = (image(200), image(5));
+        let out = v.score(&[
+            VerifierInput {
+                prompt: "p",
+                image: &bright,
+            },
+            VerifierInput {
+                prompt: "p",
+                image: &dark,
+            },
+        ]);
+        assert_eq!(out[0].as_ref().unwrap()["also/x/m"].score, 1.0);
+        assert_eq!(out[0].as_ref().unwrap()["m"].score, 200.0);
+        let dark_grading = out[1].as_ref().unwrap();
+        assert_eq!(dark_grading["m"].score, 5.0);
+        assert!(!dark_grading.contains_key("also/x/m"));
+    }
+
+    #[test]
+    fn repeated_names_are_told_apart_by_position() {
+        let a = VerifierArgs::new("qwen", "overall_score");
+        let b = VerifierArgs::new("clip_score", "clip_score");
+        assert_eq!(
+            member_prefixes(&[a.clone(), b.clone(), a.clone()]),
+            ["qwen#1", "clip_score", "qwen#3"]
+        );
+        assert_eq!(
+            rank_metrics(&[a, b]),
+            ["qwen/overall_score", "clip_score/clip_score"]
+        );
+    }
+}
