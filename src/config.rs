@@ -34,6 +34,9 @@ pub struct VerifierArgs {
     pub timeout_s: f64,
     /// `device`: where a local verifier runs (`cpu`, `cuda`, `cuda:N`).
     pub device: Option<String>,
+    /// `processor_model`: where a CLIP verifier's image processor and tokenizer come from when
+    /// not from `model_name` (PickScore's default: `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`).
+    pub processor_model: Option<String>,
     /// `ensemble`: the members of the `ensemble` verifier (each a full `verifier_args`).
     pub ensemble: Vec<VerifierArgs>,
     /// `also_score`: verifiers that grade every candidate too, recorded, never used to select.
@@ -60,6 +63,7 @@ impl VerifierArgs {
             timeout_s: 120.0,
             device: None,
             aesthetic_model: None,
+            processor_model: None,
             ensemble: Vec::new(),
             also_score: Vec::new(),
         }
@@ -124,6 +128,7 @@ pub const VERIFIER_NAMES: &[&str] = &[
     "qwen",
     "laion_aesthetic",
     "clip_score",
+    "pickscore",
     "ensemble",
 ];
 
@@ -142,6 +147,7 @@ pub fn verifier_metrics(name: &str) -> &'static [&'static str] {
         "gemini" | "openai" | "qwen" => &METRICS,
         "laion_aesthetic" => &CLIP_METRICS,
         "clip_score" => &CLIP_METRICS[1..],
+        "pickscore" => &["pickscore"],
         "ensemble" => &[ENSEMBLE_METRIC],
         _ => &[],
     }
@@ -195,8 +201,9 @@ const PIPELINE_KEYS: [&str; 7] = [
     "clean_caption",
 ];
 
-const VERIFIER_KEYS: [&str; 17] = [
+const VERIFIER_KEYS: [&str; 18] = [
     "name",
+    "processor_model",
     "aesthetic_model",
     "ensemble",
     "also_score",

@@ -2,7 +2,10 @@
 //! improved aesthetic predictor, an MLP on the L2-normalised CLIP ViT-L/14 image embedding,
 //! metric `laion_aesthetic_score`) and `clip_score` (the cosine of the CLIP image and prompt
 //! embeddings, metric `clip_score`, and CLIP-S = 2.5 max(cos, 0), metric `clip_s`). One CLIP
-//! pass serves every metric: `laion_aesthetic` also records the CLIP scores.
+//! pass serves every metric: `laion_aesthetic` also records the CLIP scores. `pickscore` is
+//! PickScore (`yuvalkirstain/PickScore_v1`, a fine-tuned CLIP-H/14 with the processor and
+//! tokenizer of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`): `exp(logit_scale)` times the cosine,
+//! metric `pickscore`.
 //!
 //! The aesthetic MLP runs in eval mode: its dropouts are off, so a score is a function of the
 //! image. (The original tool left dropout on, so its scores were random draws.)
@@ -22,6 +25,10 @@ use crate::models::clip_tokenizer::ClipTokenizer;
 
 /// The CLIP model used when `verifier_args.model_name` is unset.
 pub const DEFAULT_CLIP: &str = "openai/clip-vit-large-patch14";
+/// PickScore's model, used by `pickscore` when `verifier_args.model_name` is unset.
+pub const DEFAULT_PICKSCORE: &str = "yuvalkirstain/PickScore_v1";
+/// Where PickScore's image processor and tokenizer come from by default.
+pub const DEFAULT_PICKSCORE_PROCESSOR: &str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K";
 /// The Hub repo of the aesthetic MLP used when `verifier_args.aesthetic_model` is unset.
 pub const DEFAULT_AESTHETIC: &str = "trl-lib/ddpo-aesthetic-predictor";
 /// The MLP's file in that repo.
@@ -136,6 +143,7 @@ impl ClipVerifier {
         let name: &'static str = match args.name.as_str() {
             "laion_aesthetic" => "laion_aesthetic",
             "clip_score" => "clip_score",
+            "pickscore" => "pickscore",
             other => {
                 return Err(VerifierError::Unknown {
                     name: other.to_string(),
@@ -143,7 +151,12 @@ impl ClipVerifier {
             }
         };
         let device = super::qwen::parse_device(args.device.as_deref())?;
-        let model_name = args.model_name.as_deref().unwrap_or(DEFAULT_CLIP);
+        let default = if name == "pickscore" {
+            DEFAULT_PICKSCORE
+        } else {
+            DEFAULT_CLIP
+        };
+        let model_name = args.model_name.as_deref().unwrap_or(default);
         let source = ModelSource::resolve(model_name).map_err(|e| {
             local_model(
                 "model_name",
@@ -152,6 +165,18 @@ impl ClipVerifier {
                 e,
             )
         })?;
+        // PickScore_v1 uses the LAION CLIP-H processor and tokenizer.
+        let processor_name = args
+            .processor_model
+            .as_deref()
+            .or((name == "pickscore" && args.model_name.is_none())
+                .then_some(DEFAULT_PICKSCORE_PROCESSOR));
+        let processor_source = match processor_name {
+            Some(p) => Some(ModelSource::resolve(p).map_err(|e| {
+                local_model("processor_model", "a CLIP processor and tokenizer", p, e)
+            })?),
+            None => None,
+        };
         let head = if name == "laion_aesthetic" {
             let spec = args.aesthetic_model.as_deref().unwrap_or(DEFAULT_AESTHETIC);
             let path = aesthetic_file(spec).map_err(|e| {
@@ -172,18 +197,22 @@ impl ClipVerifier {
             name,
             model_name,
             &source,
+            processor_source.as_ref(),
             head,
             device,
             args.concurrency.max(1),
         )
     }
 
-    /// Loads CLIP from `source` (config.json, preprocessor_config.json, the BPE tokenizer,
-    /// model.safetensors) in float32 on `device`.
+    /// Loads CLIP from `source` (config.json, model.safetensors, and, unless `processor` names
+    /// another source for them, preprocessor_config.json and the BPE tokenizer) in float32 on
+    /// `device`.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         name: &'static str,
         model_name: &str,
         source: &ModelSource,
+        processor: Option<&ModelSource>,
         head: Option<AestheticHead>,
         device: Device,
         batch: usize,
@@ -201,12 +230,13 @@ impl ClipVerifier {
             "config.json",
         )
         .map_err(|e| err(&e))?;
-        let processor: ClipImageProcessor = if source
+        let proc_source = processor.unwrap_or(source);
+        let processor: ClipImageProcessor = if proc_source
             .has_file("preprocessor_config.json")
             .map_err(|e| err(&e))?
         {
             parse_config(
-                &source
+                &proc_source
                     .read_json("preprocessor_config.json")
                     .map_err(|e| err(&e))?,
                 "preprocessor_config.json",
@@ -222,15 +252,15 @@ impl ClipVerifier {
             )));
         }
         let optional = |rel: &str| -> Result<Option<PathBuf>, VerifierError> {
-            if source.has_file(rel).map_err(|e| err(&e))? {
-                source.file(rel).map(Some).map_err(|e| err(&e))
+            if proc_source.has_file(rel).map_err(|e| err(&e))? {
+                proc_source.file(rel).map(Some).map_err(|e| err(&e))
             } else {
                 Ok(None)
             }
         };
         let tokenizer = ClipTokenizer::from_files(
-            &source.file("vocab.json").map_err(|e| err(&e))?,
-            &source.file("merges.txt").map_err(|e| err(&e))?,
+            &proc_source.file("vocab.json").map_err(|e| err(&e))?,
+            &proc_source.file("merges.txt").map_err(|e| err(&e))?,
             optional("tokenizer_config.json")?.as_deref(),
             optional("special_tokens_map.json")?.as_deref(),
         )
@@ -324,6 +354,21 @@ impl ClipVerifier {
                 .and_then(|row| (row * text.squeeze(0)?)?.sum_all()?.to_scalar::<f32>())
                 .map_err(|e| e.to_string())? as f64;
             let mut g = Grading::new();
+            if self.name == "pickscore" {
+                let scale = f64::from(self.model.logit_scale).exp();
+                g.insert(
+                    "pickscore".into(),
+                    Score {
+                        explanation: format!(
+                            "PickScore: exp(logit_scale) = {scale:.4} times the cosine {cos:.6} of the {} image and prompt embeddings",
+                            self.model_name
+                        ),
+                        score: scale * cos,
+                    },
+                );
+                out.push(g);
+                continue;
+            }
             g.insert(
                 "clip_score".into(),
                 Score {

@@ -92,7 +92,15 @@ pub const RUBRIC: &str = include_str!("rubric.txt");
 pub use crate::config::VERIFIER_NAMES as SUPPORTED;
 
 /// Verifier names [`build`] can construct in this build.
-pub const AVAILABLE: &[&str] = &["gemini", "openai", "qwen", "laion_aesthetic", "clip_score"];
+pub const AVAILABLE: &[&str] = &[
+    "gemini",
+    "openai",
+    "qwen",
+    "laion_aesthetic",
+    "clip_score",
+    "pickscore",
+    "ensemble",
+];
 
 /// The metrics a verifier grades (valid values of `choice_of_metric`), or `None` for a name
 /// not in [`SUPPORTED`].
@@ -271,7 +279,9 @@ pub fn build_with_env(
         "gemini" => Ok(Box::new(GeminiVerifier::from_env(args, env)?)),
         "openai" => Ok(Box::new(OpenAiVerifier::from_env(args, env)?)),
         "qwen" => Ok(Box::new(QwenVerifier::from_args(args)?)),
-        "laion_aesthetic" | "clip_score" => Ok(Box::new(clip::ClipVerifier::from_args(args)?)),
+        "laion_aesthetic" | "clip_score" | "pickscore" => {
+            Ok(Box::new(clip::ClipVerifier::from_args(args)?))
+        }
         other => Err(VerifierError::Unknown {
             name: other.to_string(),
         }),

@@ -45,7 +45,7 @@ fn verifier(name: &'static str) -> ClipVerifier {
         AestheticHead::from_pth(&fixtures().join("clip/aesthetic-model.pth"), &Device::Cpu).unwrap()
     });
     let source = ModelSource::Local(fixtures().join("tiny-clip"));
-    ClipVerifier::load(name, "tiny-clip", &source, head, Device::Cpu, 4).unwrap()
+    ClipVerifier::load(name, "tiny-clip", &source, None, head, Device::Cpu, 4).unwrap()
 }
 
 fn values(t: &Tensor) -> Vec<f64> {
@@ -221,4 +221,46 @@ fn a_file_that_is_not_a_pickle_is_refused_and_the_mlp_width_comes_from_the_file(
     let head = AestheticHead::from_pth(&fixtures().join("clip/aesthetic-model.pth"), &Device::Cpu)
         .unwrap();
     assert_eq!(head.input_width(), Some(24));
+}
+
+#[test]
+fn pickscore_is_the_exponentiated_logit_scale_times_the_cosine() {
+    // PickScore is a CLIPModel; the tiny CLIP stands in for PickScore_v1 (its processor and
+    // tokenizer given as another source, as PickScore's come from the LAION CLIP-H repo).
+    let source = ModelSource::Local(fixtures().join("tiny-clip"));
+    let v = ClipVerifier::load(
+        "pickscore",
+        "tiny-clip",
+        &source,
+        Some(&source),
+        None,
+        Device::Cpu,
+        4,
+    )
+    .unwrap();
+    let scale = meta()["logit_scale"].as_f64().unwrap().exp();
+    let r = reference();
+    let cosine = r["cosine_f64"]
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    let images = images();
+    let prompt = meta()["prompts"][1].as_str().unwrap().to_string();
+    let inputs: Vec<VerifierInput<'_>> = images
+        .iter()
+        .map(|image| VerifierInput {
+            prompt: &prompt,
+            image,
+        })
+        .collect();
+    for (i, g) in v.score(&inputs).iter().enumerate() {
+        let g = g.as_ref().unwrap();
+        let want = scale * cosine[i][1];
+        assert!(
+            (g["pickscore"].score - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "{i}"
+        );
+        assert_eq!(g.len(), 1, "PickScore records its own metric only");
+    }
 }

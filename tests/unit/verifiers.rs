@@ -95,7 +95,15 @@ fn build_error(args: &VerifierArgs, pairs: &[(&str, &str)]) -> VerifierError {
 fn supported_names_include_the_api_verifiers_qwen_and_the_clip_verifiers() {
     assert_eq!(
         SUPPORTED,
-        &["gemini", "openai", "qwen", "laion_aesthetic", "clip_score"]
+        &[
+            "gemini",
+            "openai",
+            "qwen",
+            "laion_aesthetic",
+            "clip_score",
+            "pickscore",
+            "ensemble"
+        ]
     );
 }
 
