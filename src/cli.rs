@@ -29,6 +29,9 @@ pub enum Command {
     Run(RunArgs),
     /// Make one collage per prompt of a run folder: the per-round best images in a row.
     Collage(CollageArgs),
+    /// Grade the images of a run folder with another verifier (no generation): adds its scores
+    /// to the round JSON and reports how the choice of best would change.
+    Rescore(RescoreArgs),
     /// Time one denoiser step of a model's real-size architecture with random weights (no
     /// download needed).
     Bench(BenchArgs),
@@ -156,6 +159,25 @@ pub struct RunArgs {
         conflicts_with_all = ["pipeline_config", "prompt", "prompts_file", "num_prompts", "batch_size", "seed", "output_dir"]
     )]
     pub resume: Option<PathBuf>,
+}
+
+/// Flags of `tt-scale rescore`.
+#[derive(Debug, Args)]
+pub struct RescoreArgs {
+    /// The run folder (output/<model>/<verifier>/<metric>/<timestamp>).
+    #[arg(value_name = "RUN_DIR")]
+    pub path: PathBuf,
+    /// The verifier: a name (laion_aesthetic, clip_score, pickscore, gemini, openai, qwen) with
+    /// its defaults, or a JSON file holding a verifier_args object (or a whole config).
+    #[arg(long, value_name = "NAME|FILE")]
+    pub verifier: String,
+    /// The metric to compare choices by (default: the verifier's choice_of_metric, or its
+    /// first metric).
+    #[arg(long, value_name = "METRIC")]
+    pub metric: Option<String>,
+    /// Where a local verifier runs: cpu, cuda or cuda:N (default: CUDA when present).
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<String>,
 }
 
 /// Flags of `tt-scale collage`.

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //!  bench                      benchmarks of every layer below (tt-scale bench)
+//!  rescore                    grade a finished run's images with another verifier
 //!  cli, run                   the argument parser; a run: prompts -> search -> files
 //!  collage                    collages of a run folder
 //!  output                     every file format: run folders, PNGs, the per-round JSON, journals
@@ -46,5 +47,7 @@ pub mod output;
 
 pub mod cli;
 pub mod run;
+
+pub mod rescore;
 
 pub mod bench;

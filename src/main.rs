@@ -77,6 +77,25 @@ fn main() -> ExitCode {
             }
         }
         Command::Bench(a) => bench(a),
+        Command::Rescore(a) => {
+            use tt_scale::rescore::rescore;
+            match rescore(
+                &a.path,
+                &a.verifier,
+                a.metric.as_deref(),
+                a.device.as_deref(),
+            ) {
+                Ok(summary) => {
+                    say!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    say_err!("error: {e}");
+                    let code = e.exit_code();
+                    ExitCode::from(code as u8)
+                }
+            }
+        }
         Command::Collage(a) => match run::collage(&a.path) {
             Ok(paths) => {
                 for p in paths {

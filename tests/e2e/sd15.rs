@@ -1069,3 +1069,89 @@ fn also_score_records_other_verifiers_without_changing_the_selection() {
         }
     }
 }
+
+#[test]
+fn rescore_grades_a_finished_run_with_another_verifier_and_caches_every_grading() {
+    let (base_url, _server) = FakeGemini::start(Behaviour::good());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        "gemini",
+        serde_json::json!({"search_method": "random", "search_rounds": 2}),
+    );
+    let env = [
+        ("GEMINI_API_KEY", "k"),
+        ("GEMINI_BASE_URL", base_url.as_str()),
+    ];
+    let run = run_search(dir.path(), &cfg, &env, "4", "out");
+    let verifier = dir.path().join("aesthetic.json");
+    std::fs::write(
+        &verifier,
+        serde_json::json!({"verifier_args": tiny_clip_args("laion_aesthetic", "laion_aesthetic_score")})
+            .to_string(),
+    )
+    .unwrap();
+    let rescore = |extra: &[&str]| {
+        let run_s = run.display().to_string();
+        let verifier_s = verifier.display().to_string();
+        let mut args = vec!["rescore", run_s.as_str(), "--verifier", verifier_s.as_str()];
+        args.extend(extra);
+        let o = tt_scale(dir.path(), &args, &[]);
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = rescore(&[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("Rescored with laion_aesthetic (laion_aesthetic_score)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("6 asked, 0 from the cache, 0 failed"),
+        "{stdout}"
+    );
+    let jsons: Vec<Value> = round_jsons(&run, 2);
+    for d in &jsons {
+        let candidates = d["candidates"].as_array().unwrap();
+        let score = |c: &Value| {
+            c["rescore"]["laion_aesthetic"]["laion_aesthetic_score"]["score"]
+                .as_f64()
+                .unwrap()
+        };
+        let best = candidates
+            .iter()
+            .max_by(|a, b| score(a).total_cmp(&score(b)))
+            .unwrap();
+        let r = &d["rescore"]["laion_aesthetic"];
+        assert_eq!(r["best_label"], best["label"]);
+        assert_eq!(r["best_score"].as_f64().unwrap(), score(best));
+        // The search's choice under gemini, and whether the new verifier agrees.
+        let chosen = d["best_img_path"].as_str().unwrap();
+        assert!(chosen.ends_with(&format!("_s@{}.png", r["chosen_label"].as_str().unwrap())));
+        assert_eq!(r["same_choice"], r["chosen_label"] == r["best_label"]);
+        // The search's own keys are untouched.
+        assert_eq!(d["choice_of_metric"], "overall_score");
+    }
+    // Again, and with another metric of the same verifier: nothing is asked twice.
+    let (code, stdout, _) = rescore(&["--metric", "clip_score"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("0 asked, 6 from the cache"), "{stdout}");
+    assert_eq!(
+        round_jsons(&run, 2)[0]["rescore"]["laion_aesthetic"]["choice_of_metric"],
+        "clip_score"
+    );
+    // Mistakes exit 2 and say what to do.
+    let o = tt_scale(
+        dir.path(),
+        &["rescore", "nowhere", "--verifier", "clip_score"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("run folder"));
+    let run_s = run.display().to_string();
+    let o = tt_scale(dir.path(), &["rescore", &run_s, "--verifier", "dalle"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("neither a verifier"));
+}

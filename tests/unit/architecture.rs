@@ -19,6 +19,7 @@ const LAYERS: &[&[&str]] = &[
     &["output"],
     &["collage"],
     &["run", "cli"],
+    &["rescore"],
     &["bench"],
 ];
 
