@@ -23,6 +23,10 @@ with tt-scale's):
                           --model qwen`'s prefill
   qwen_gen                the same prompt through generate(max_new_tokens=300, min_new_tokens=300),
                           greedy (prefill + 300 decode steps)
+  clip_l14                transformers' CLIPModel (openai/clip-vit-large-patch14's config) in fp32
+                          scoring a batch of --clip-batch (8) preprocessed 224x224 images against
+                          one 77-token prompt (image and text features, normalised, cosines), as
+                          `tt-scale bench --model clip-l14 --batch 8`
 
 `--small` shrinks every model (few layers, narrow widths, tiny images) so that the script can be
 smoke-tested on a CPU: `python3 bench/diffusers_bench.py --device cpu --small --iters 1`.
@@ -39,7 +43,39 @@ import time
 
 import torch
 
-ALL = ["flux_b1", "flux_b4", "sdxl", "sd15", "pixart_sigma", "vae_sdxl", "qwen_prefill", "qwen_gen"]
+ALL = ["flux_b1", "flux_b4", "sdxl", "sd15", "pixart_sigma", "vae_sdxl", "qwen_prefill", "qwen_gen", "clip_l14"]
+
+# openai/clip-vit-large-patch14 (config.json), the same values as tt-scale's
+# `clip_vit_large_patch14_config_json` (src/bench/clip.rs).
+CLIP_L14 = dict(
+    projection_dim=768,
+    text_config=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                     projection_dim=768),
+    vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                       num_attention_heads=16, image_size=224, patch_size=14, hidden_act="quick_gelu",
+                       projection_dim=768),
+)
+
+
+def clip_case(device, batch):
+    from transformers import CLIPConfig, CLIPModel
+
+    model = CLIPModel(CLIPConfig(**CLIP_L14)).to(device=device, dtype=torch.float32).eval()
+    pixels = torch.randn(batch, 3, 224, 224, device=device)
+    ids = torch.tensor([[320 + i if i < 76 else 49407 for i in range(77)]], device=device)
+
+    def step():
+        img = model.get_image_features(pixel_values=pixels)
+        txt = model.get_text_features(input_ids=ids)
+        if not torch.is_tensor(img):
+            img, txt = img.pooler_output, txt.pooler_output
+        img = img / img.norm(dim=-1, keepdim=True)
+        txt = txt / txt.norm(dim=-1, keepdim=True)
+        return (img @ txt.T).cpu()
+
+    details = f"{batch} images 224x224 + 1 prompt of 77 tokens, fp32"
+    return model, step, sum(p.numel() for p in model.parameters()), details
 
 # Flux.1-dev transformer (black-forest-labs/FLUX.1-dev, transformer/config.json).
 FLUX_DEV = dict(
@@ -505,6 +541,7 @@ def main():
     p.add_argument("--compile-only", action="store_true", help="time only the torch.compile Flux cases")
     p.add_argument("--small", action="store_true", help="tiny models and images (CPU smoke test)")
     p.add_argument("--json", help="write {name: median_ms} here (rewritten after each benchmark)")
+    p.add_argument("--clip-batch", type=int, default=8, help="images per clip_l14 step")
     a = p.parse_args()
 
     models = [m.strip() for m in a.models.split(",") if m.strip()]
@@ -519,12 +556,12 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    if any(not m.startswith("qwen") for m in models):
+    if any(not m.startswith("qwen") and m != "clip_l14" for m in models):
         import diffusers
 
         diffusers.utils.logging.set_verbosity_error()
         print(f"# diffusers {diffusers.__version__}, {dtype_name} on {a.device}{' (small)' if a.small else ''}", flush=True)
-    if any(m.startswith("qwen") for m in models):
+    if any(m.startswith("qwen") or m == "clip_l14" for m in models):
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
@@ -539,6 +576,8 @@ def main():
                 cases.append((m, lambda b=batch: flux_case(cfg["flux"], a.device, dtype, b, False)))
             if a.compile or a.compile_only:
                 cases.append((m + "_compile", lambda b=batch: flux_case(cfg["flux"], a.device, dtype, b, True)))
+        elif m == "clip_l14" and not a.compile_only:
+            cases.append((m, lambda: clip_case(a.device, a.clip_batch)))
         elif m.startswith("qwen") and not a.compile_only:
             cases.append((m, lambda g=(m == "qwen_gen"): qwen_case(cfg["qwen"], a.device, dtype, g)))
         elif not a.compile_only:

@@ -6,6 +6,7 @@
 //! [`search`] times a whole default search end to end (generation overlapped with grading);
 //! [`ops`] times the denoisers' hot operations one by one, fused and unfused.
 
+pub mod clip;
 pub mod models;
 pub mod ops;
 pub mod qwen;
@@ -187,6 +188,7 @@ pub const MODELS: &[&str] = &[
     "sdxl",
     "sdxl-vae",
     "qwen",
+    "clip-l14",
     "search",
     "ops",
 ];
@@ -200,6 +202,7 @@ pub fn run_model(model: &str, opts: &BenchOptions) -> Result<Vec<BenchReport>, P
         "sdxl-vae" => models::sdxl_vae_decode(opts).map(|r| vec![r]),
         "pixart-sigma" => models::pixart_transformer_step(opts),
         "qwen" => qwen::bench_score_image(opts),
+        "clip-l14" => clip::bench_clip_scoring(opts).map(|r| vec![r]),
         "search" => search::bench_search(opts),
         "ops" => ops::bench_ops(opts),
         other => Err(PipelineError::InvalidArgument(format!(
