@@ -129,6 +129,7 @@ pub const VERIFIER_NAMES: &[&str] = &[
     "laion_aesthetic",
     "clip_score",
     "pickscore",
+    "hpsv2",
     "ensemble",
 ];
 
@@ -148,6 +149,7 @@ pub fn verifier_metrics(name: &str) -> &'static [&'static str] {
         "laion_aesthetic" => &CLIP_METRICS,
         "clip_score" => &CLIP_METRICS[1..],
         "pickscore" => &["pickscore"],
+        "hpsv2" => &["hpsv2"],
         "ensemble" => &[ENSEMBLE_METRIC],
         _ => &[],
     }
@@ -671,6 +673,7 @@ fn verifier_args_at(
         .map(|t| u32::try_from(t).unwrap_or(u32::MAX));
     verifier_args.model_name = r.string(va, "model_name", v)?;
     verifier_args.aesthetic_model = r.string(va, "aesthetic_model", v)?;
+    verifier_args.processor_model = r.string(va, "processor_model", v)?;
     if let Some(m) = &verifier_args.model_name {
         if m.trim().is_empty() {
             return Err(r.invalid(

@@ -297,6 +297,32 @@ pub struct ClipImageProcessor {
     /// Pillow's resampling filter; 3 (bicubic) is the only one implemented.
     #[serde(default = "default_resample")]
     pub resample: u32,
+    /// How the centre crop's offsets round (transformers: down; torchvision: half to even).
+    #[serde(skip)]
+    pub crop_rounding: CropRounding,
+}
+
+/// How a centre crop of `crop` pixels out of `size` places its first pixel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CropRounding {
+    /// `(size - crop) // 2`, as transformers' image processors.
+    #[default]
+    Floor,
+    /// `int(round((size - crop) / 2.0))`, Python's round half to even, as torchvision's
+    /// `CenterCrop` (OpenCLIP, HPSv2).
+    HalfEven,
+}
+
+impl CropRounding {
+    fn offset(self, size: usize, crop: usize) -> usize {
+        let margin = size - crop;
+        match self {
+            Self::Floor => margin / 2,
+            // margin / 2 is exact or .5; .5 goes to the even neighbour.
+            Self::HalfEven if margin % 2 == 1 && (margin / 2) % 2 == 1 => margin / 2 + 1,
+            Self::HalfEven => margin / 2,
+        }
+    }
 }
 
 impl ClipImageProcessor {
@@ -310,6 +336,7 @@ impl ClipImageProcessor {
             image_mean: openai_mean(),
             image_std: openai_std(),
             resample: 3,
+            crop_rounding: CropRounding::Floor,
         }
     }
 
@@ -333,7 +360,10 @@ impl ClipImageProcessor {
             let (ch, cw) = self.crop_size.height_width();
             let (w, h) = (img.width() as usize, img.height() as usize);
             if w >= cw && h >= ch {
-                let (top, left) = ((h - ch) / 2, (w - cw) / 2);
+                let (top, left) = (
+                    self.crop_rounding.offset(h, ch),
+                    self.crop_rounding.offset(w, cw),
+                );
                 img =
                     image::imageops::crop_imm(&img, left as u32, top as u32, cw as u32, ch as u32)
                         .to_image();

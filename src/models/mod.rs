@@ -8,6 +8,7 @@ pub mod clip;
 pub mod clip_text;
 pub mod clip_tokenizer;
 pub mod flux_transformer;
+pub mod open_clip;
 pub mod pil_resize;
 pub mod pixart;
 pub mod qwen2_5_vl;

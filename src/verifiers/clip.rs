@@ -5,7 +5,8 @@
 //! pass serves every metric: `laion_aesthetic` also records the CLIP scores. `pickscore` is
 //! PickScore (`yuvalkirstain/PickScore_v1`, a fine-tuned CLIP-H/14 with the processor and
 //! tokenizer of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`): `exp(logit_scale)` times the cosine,
-//! metric `pickscore`.
+//! metric `pickscore`. `hpsv2` is HPS v2.1 (`xswu/HPSv2`'s `HPS_v2.1_compressed.pt`, an OpenCLIP
+//! ViT-H/14 checkpoint, with OpenCLIP's preprocessing): the cosine, metric `hpsv2`.
 //!
 //! The aesthetic MLP runs in eval mode: its dropouts are off, so a score is a function of the
 //! image. (The original tool left dropout on, so its scores were random draws.)
@@ -29,6 +30,10 @@ pub const DEFAULT_CLIP: &str = "openai/clip-vit-large-patch14";
 pub const DEFAULT_PICKSCORE: &str = "yuvalkirstain/PickScore_v1";
 /// Where PickScore's image processor and tokenizer come from by default.
 pub const DEFAULT_PICKSCORE_PROCESSOR: &str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K";
+/// HPSv2's Hub repo, used by `hpsv2` when `verifier_args.model_name` is unset.
+pub const DEFAULT_HPSV2: &str = "xswu/HPSv2";
+/// The HPS v2.1 checkpoint in that repo.
+pub const HPSV2_FILE: &str = "HPS_v2.1_compressed.pt";
 /// The Hub repo of the aesthetic MLP used when `verifier_args.aesthetic_model` is unset.
 pub const DEFAULT_AESTHETIC: &str = "trl-lib/ddpo-aesthetic-predictor";
 /// The MLP's file in that repo.
@@ -144,6 +149,7 @@ impl ClipVerifier {
             "laion_aesthetic" => "laion_aesthetic",
             "clip_score" => "clip_score",
             "pickscore" => "pickscore",
+            "hpsv2" => "hpsv2",
             other => {
                 return Err(VerifierError::Unknown {
                     name: other.to_string(),
@@ -151,26 +157,16 @@ impl ClipVerifier {
             }
         };
         let device = super::qwen::parse_device(args.device.as_deref())?;
-        let default = if name == "pickscore" {
-            DEFAULT_PICKSCORE
-        } else {
-            DEFAULT_CLIP
+        let default = match name {
+            "pickscore" => DEFAULT_PICKSCORE,
+            "hpsv2" => DEFAULT_HPSV2,
+            _ => DEFAULT_CLIP,
         };
         let model_name = args.model_name.as_deref().unwrap_or(default);
-        let source = ModelSource::resolve(model_name).map_err(|e| {
-            local_model(
-                "model_name",
-                "a CLIP model in transformers layout",
-                model_name,
-                e,
-            )
-        })?;
         // PickScore_v1 uses the LAION CLIP-H processor and tokenizer.
-        let processor_name = args
-            .processor_model
-            .as_deref()
-            .or((name == "pickscore" && args.model_name.is_none())
-                .then_some(DEFAULT_PICKSCORE_PROCESSOR));
+        let processor_name = args.processor_model.as_deref().or((name == "hpsv2"
+            || (name == "pickscore" && args.model_name.is_none()))
+        .then_some(DEFAULT_PICKSCORE_PROCESSOR));
         let processor_source = match processor_name {
             Some(p) => Some(ModelSource::resolve(p).map_err(|e| {
                 local_model("processor_model", "a CLIP processor and tokenizer", p, e)
@@ -193,6 +189,41 @@ impl ClipVerifier {
         } else {
             None
         };
+        if name == "hpsv2" {
+            let checkpoint = if Path::new(model_name).is_file() {
+                PathBuf::from(model_name)
+            } else {
+                ModelSource::resolve(model_name)
+                    .and_then(|s| s.file(HPSV2_FILE))
+                    .map_err(|e| {
+                        local_model("model_name", "an HPS v2 checkpoint (.pt)", model_name, e)
+                    })?
+            };
+            let tokenizer_source = processor_source.as_ref().ok_or_else(|| {
+                local_model(
+                    "processor_model",
+                    "a CLIP tokenizer",
+                    model_name,
+                    "none given",
+                )
+            })?;
+            return Self::load_open_clip(
+                name,
+                model_name,
+                &checkpoint,
+                tokenizer_source,
+                device,
+                args.concurrency.max(1),
+            );
+        }
+        let source = ModelSource::resolve(model_name).map_err(|e| {
+            local_model(
+                "model_name",
+                "a CLIP model in transformers layout",
+                model_name,
+                e,
+            )
+        })?;
         Self::load(
             name,
             model_name,
@@ -202,6 +233,91 @@ impl ClipVerifier {
             device,
             args.concurrency.max(1),
         )
+    }
+
+    /// Loads an OpenCLIP checkpoint (`{"state_dict": ...}` in a PyTorch pickle, as HPSv2's) with
+    /// its `open_clip_config.json` beside it (else the ViT-H-14 config), the BPE tokenizer of
+    /// `tokenizer` and OpenCLIP's preprocessing (resize the shorter edge, centre crop rounding
+    /// half to even, OpenAI mean and std), in float32 on `device`.
+    pub fn load_open_clip(
+        name: &'static str,
+        model_name: &str,
+        checkpoint: &Path,
+        tokenizer: &ModelSource,
+        device: Device,
+        batch: usize,
+    ) -> Result<Self, VerifierError> {
+        use crate::models::open_clip::{to_transformers_names, OpenClipCfg};
+        let err = |e: &dyn std::fmt::Display| {
+            local_model(
+                "model_name",
+                "an OpenCLIP / HPS v2 checkpoint",
+                model_name,
+                e,
+            )
+        };
+        #[derive(serde::Deserialize)]
+        struct ConfigFile {
+            model_cfg: OpenClipCfg,
+        }
+        let config_file = checkpoint.with_file_name("open_clip_config.json");
+        let cfg = if config_file.is_file() {
+            let value = crate::loading::read_json_file(&config_file).map_err(|e| err(&e))?;
+            parse_config::<ConfigFile>(&value, "open_clip_config.json")
+                .map_err(|e| err(&e))?
+                .model_cfg
+        } else {
+            OpenClipCfg::vit_h_14()
+        };
+        let pth = candle_core::pickle::PthTensors::new(checkpoint, Some("state_dict"))
+            .or_else(|_| candle_core::pickle::PthTensors::new(checkpoint, None))
+            .map_err(|e| {
+                err(&format!(
+                    "{}: not a PyTorch checkpoint ({e})",
+                    checkpoint.display()
+                ))
+            })?;
+        let mut sd = HashMap::new();
+        for name in pth.tensor_infos().keys() {
+            // Checkpoints saved from DataParallel prefix every name with `module.`.
+            let key = name.strip_prefix("module.").unwrap_or(name).to_string();
+            if let Some(t) = pth.get(name).map_err(|e| err(&e))? {
+                sd.insert(key, t.to_dtype(DType::F32).map_err(|e| err(&e))?);
+            }
+        }
+        let renamed = to_transformers_names(&sd, &cfg).map_err(|e| err(&e))?;
+        let vb = candle_nn::VarBuilder::from_tensors(renamed, DType::F32, &device);
+        let config = cfg.to_clip_config();
+        let model = ClipModel::new(vb, &config).map_err(|e| err(&e))?;
+        let mut processor = ClipImageProcessor::openai(config.vision_config.image_size);
+        processor.crop_rounding = crate::models::clip::CropRounding::HalfEven;
+        let tok_err = |e: &dyn std::fmt::Display| {
+            local_model(
+                "processor_model",
+                "a CLIP tokenizer (vocab.json, merges.txt)",
+                model_name,
+                e,
+            )
+        };
+        let tokenizer = ClipTokenizer::from_files(
+            &tokenizer.file("vocab.json").map_err(|e| tok_err(&e))?,
+            &tokenizer.file("merges.txt").map_err(|e| tok_err(&e))?,
+            None,
+            None,
+        )
+        .map_err(|e| tok_err(&e))?;
+        Ok(Self {
+            name,
+            model_name: model_name.to_string(),
+            model,
+            processor,
+            tokenizer,
+            head: None,
+            device,
+            dtype: DType::F32,
+            batch,
+            text_cache: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Loads CLIP from `source` (config.json, model.safetensors, and, unless `processor` names
@@ -354,6 +470,20 @@ impl ClipVerifier {
                 .and_then(|row| (row * text.squeeze(0)?)?.sum_all()?.to_scalar::<f32>())
                 .map_err(|e| e.to_string())? as f64;
             let mut g = Grading::new();
+            if self.name == "hpsv2" {
+                g.insert(
+                    "hpsv2".into(),
+                    Score {
+                        explanation: format!(
+                            "HPS v2: cosine of the {} image and prompt features",
+                            self.model_name
+                        ),
+                        score: cos,
+                    },
+                );
+                out.push(g);
+                continue;
+            }
             if self.name == "pickscore" {
                 let scale = f64::from(self.model.logit_scale).exp();
                 g.insert(

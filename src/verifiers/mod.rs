@@ -99,6 +99,7 @@ pub const AVAILABLE: &[&str] = &[
     "laion_aesthetic",
     "clip_score",
     "pickscore",
+    "hpsv2",
     "ensemble",
 ];
 
@@ -279,7 +280,7 @@ pub fn build_with_env(
         "gemini" => Ok(Box::new(GeminiVerifier::from_env(args, env)?)),
         "openai" => Ok(Box::new(OpenAiVerifier::from_env(args, env)?)),
         "qwen" => Ok(Box::new(QwenVerifier::from_args(args)?)),
-        "laion_aesthetic" | "clip_score" | "pickscore" => {
+        "laion_aesthetic" | "clip_score" | "pickscore" | "hpsv2" => {
             Ok(Box::new(clip::ClipVerifier::from_args(args)?))
         }
         other => Err(VerifierError::Unknown {

@@ -1155,3 +1155,31 @@ fn rescore_grades_a_finished_run_with_another_verifier_and_caches_every_grading(
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("neither a verifier"));
 }
+
+#[test]
+fn every_local_verifier_runs_a_search_offline() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let clip = fixtures.join("tiny-clip").display().to_string();
+    let hps = fixtures
+        .join("hpsv2/HPS_v2.1_compressed.pt")
+        .display()
+        .to_string();
+    for (name, metric, model) in [
+        ("clip_score", "clip_s", clip.as_str()),
+        ("pickscore", "pickscore", clip.as_str()),
+        ("hpsv2", "hpsv2", hps.as_str()),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let args = serde_json::json!({
+            "name": name, "choice_of_metric": metric,
+            "model_name": model, "processor_model": clip,
+        });
+        let run = offline_run(dir.path(), args, 1);
+        for d in round_jsons(&run, 1) {
+            assert_eq!(d["choice_of_metric"], metric);
+            for c in d["candidates"].as_array().unwrap() {
+                assert!(c["grading"][metric]["score"].is_number(), "{name}: {c}");
+            }
+        }
+    }
+}

@@ -264,3 +264,74 @@ fn pickscore_is_the_exponentiated_logit_scale_times_the_cosine() {
         assert_eq!(g.len(), 1, "PickScore records its own metric only");
     }
 }
+
+/// HPS v2 against a faithful re-implementation of OpenCLIP (tools/reference/make_hpsv2_fixtures.py):
+/// the checkpoint in OpenCLIP's state-dict layout and pickle, OpenCLIP's preprocessing (its centre
+/// crop rounds half to even: the 301x201 image checks it), the score within 1e-4.
+#[test]
+fn hpsv2_scores_match_the_open_clip_reference() {
+    let dir = fixtures().join("hpsv2");
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+    let r =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let tokenizer = ModelSource::Local(fixtures().join("tiny-clip"));
+    let v = ClipVerifier::load_open_clip(
+        "hpsv2",
+        "tiny-hpsv2",
+        &dir.join("HPS_v2.1_compressed.pt"),
+        &tokenizer,
+        Device::Cpu,
+        4,
+    )
+    .unwrap();
+    let images: Vec<image::RgbImage> = meta["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            image::open(Path::new(env!("CARGO_MANIFEST_DIR")).join(p.as_str().unwrap()))
+                .unwrap()
+                .to_rgb8()
+        })
+        .collect();
+    assert_eq!((images[3].width(), images[3].height()), (301, 201));
+    let mut px = Vec::new();
+    for image in &images {
+        px.extend(
+            v.processor()
+                .pixel_values(image)
+                .0
+                .into_iter()
+                .map(f64::from),
+        );
+    }
+    let sample: Vec<f64> = px.iter().step_by(13).copied().collect();
+    let want = values(&r["pixel_values_sample"]);
+    let worst = sample
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(worst < 1e-6, "pixel values differ by up to {worst}");
+    let scores = r["score_f64"]
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    for (p, prompt) in meta["prompts"].as_array().unwrap().iter().enumerate() {
+        let prompt = prompt.as_str().unwrap();
+        let inputs: Vec<VerifierInput<'_>> = images
+            .iter()
+            .map(|image| VerifierInput { prompt, image })
+            .collect();
+        for (i, g) in v.score(&inputs).iter().enumerate() {
+            let got = g.as_ref().unwrap()["hpsv2"].score;
+            assert!(
+                (got - scores[i][p]).abs() <= 1e-4 * scores[i][p].abs().max(0.1),
+                "image {i}, prompt {p}: {got} vs {}",
+                scores[i][p]
+            );
+        }
+    }
+}

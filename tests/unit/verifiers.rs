@@ -102,6 +102,7 @@ fn supported_names_include_the_api_verifiers_qwen_and_the_clip_verifiers() {
             "laion_aesthetic",
             "clip_score",
             "pickscore",
+            "hpsv2",
             "ensemble"
         ]
     );
