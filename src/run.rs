@@ -174,6 +174,9 @@ pub struct RunSummary {
     pub best_scores: Vec<(String, Option<f64>)>,
     /// Images of the rounds written (generated, or read back when resuming).
     pub images: usize,
+    /// Denoiser evaluations of the images of the rounds written (the NFEs of the paper's
+    /// budgets), when the pipeline can tell.
+    pub nfe: Option<u64>,
     /// Images read back from the folder instead of generated (`--resume`).
     pub reused_images: usize,
     /// Grades read back from the journal instead of asked (`--resume`).
@@ -215,6 +218,9 @@ impl std::fmt::Display for RunSummary {
             "  images: {} ({ips:.3} images/s of generation), wall time {:.1} s",
             self.images, self.wall_s
         )?;
+        if let Some(nfe) = self.nfe {
+            writeln!(f, "  denoiser evaluations (NFEs): {nfe}")?;
+        }
         if self.reused_images > 0 || self.reused_grades > 0 {
             writeln!(
                 f,
@@ -460,6 +466,7 @@ fn search_prompts(
         master_seed,
         best_scores: writer.best_scores,
         images: writer.images,
+        nfe: writer.nfe,
         reused_images: writer.images.saturating_sub(writer.generated),
         reused_grades: writer.reused_grades,
         failed_gradings: writer.failed_gradings,
@@ -794,6 +801,10 @@ struct OutputWriter {
     zero_order: bool,
     prompt_name: String,
     best: Option<BestSoFar>,
+    /// The current prompt's compute so far.
+    spent: output::Spent,
+    /// The run's denoiser evaluations so far (`None` if a pipeline could not tell).
+    nfe: Option<u64>,
     best_scores: Vec<(String, Option<f64>)>,
     images: usize,
     /// Images generated (not read back).
@@ -842,6 +853,8 @@ impl OutputWriter {
             zero_order: matches!(settings.method, SearchMethod::ZeroOrder { .. }),
             prompt_name: String::new(),
             best: None,
+            spent: output::Spent::default(),
+            nfe: Some(0),
             best_scores: Vec::new(),
             images: 0,
             generated: 0,
@@ -861,6 +874,7 @@ impl OutputWriter {
     fn start_prompt(&mut self, prompt: &str) {
         self.prompt_name = output::prompt_to_filename(prompt);
         self.best = None;
+        self.spent = output::Spent::default();
         let short = escape_controls(&prompt.chars().take(40).collect::<String>());
         self.bars.prompts.set_message(short);
         self.bars.rounds.reset();
@@ -927,7 +941,9 @@ impl SearchObserver for OutputWriter {
             },
             r,
             &mut self.best,
+            &mut self.spent,
         )?;
+        self.nfe = self.nfe.zip(r.nfe).map(|(a, b)| a + b);
         self.images += written.new_images;
         self.failed_gradings += written.failed_gradings;
         self.generation_s += r.generation_s;

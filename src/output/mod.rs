@@ -274,6 +274,24 @@ pub struct BestSoFar {
     pub img_path: String,
 }
 
+/// The compute a prompt's search has spent so far, for the per-round JSON's `budget`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spent {
+    /// Denoiser evaluations; `None` once a round could not tell.
+    pub nfe: Option<u64>,
+    /// Verifier calls (gradings).
+    pub verifier_calls: u64,
+}
+
+impl Default for Spent {
+    fn default() -> Self {
+        Self {
+            nfe: Some(0),
+            verifier_calls: 0,
+        }
+    }
+}
+
 /// What a round's files are named after and graded on.
 #[derive(Clone, Copy, Debug)]
 pub struct RoundContext<'a> {
@@ -321,7 +339,10 @@ pub fn write_round(
     ctx: &RoundContext<'_>,
     r: &RoundResult,
     best: &mut Option<BestSoFar>,
+    spent: &mut Spent,
 ) -> Result<RoundWritten, OutputError> {
+    spent.nfe = spent.nfe.zip(r.nfe).map(|(a, b)| a + b);
+    spent.verifier_calls += r.verifier_calls;
     let path_string = |file: &str| ctx.shown_dir.join(file).display().to_string();
     let metric = ctx.metric;
     let mut written = RoundWritten::default();
@@ -426,6 +447,15 @@ pub fn write_round(
     d.insert("num_failed".into(), json!(failed));
     d.insert("all_failed".into(), json!(r.best.is_none()));
     d.insert("candidates".into(), Value::Array(candidates_json));
+    d.insert(
+        "budget".into(),
+        json!({
+            "nfe": r.nfe,
+            "nfe_so_far": spent.nfe,
+            "verifier_calls": r.verifier_calls,
+            "verifier_calls_so_far": spent.verifier_calls,
+        }),
+    );
     d.insert(
         "timings".into(),
         json!({"generation_s": r.generation_s, "verification_s": r.verification_s}),

@@ -275,6 +275,16 @@ impl Sampler {
         Ok((height, width, sampler))
     }
 
+    /// Denoiser evaluations per image: the scheduler's timesteps (PNDM visits one twice), twice
+    /// under guidance.
+    pub fn evaluations(&self) -> Option<usize> {
+        let steps = (self.scheduler)(self.num_inference_steps)
+            .ok()?
+            .timesteps()
+            .len();
+        Some(steps * if self.uses_guidance() { 2 } else { 1 })
+    }
+
     /// Whether classifier-free guidance is on (`guidance_scale > 1`, as diffusers).
     pub fn uses_guidance(&self) -> bool {
         self.guidance_scale > 1.0

@@ -610,6 +610,11 @@ impl FluxPipeline {
 }
 
 impl ImagePipeline for FluxPipeline {
+    fn evaluations_per_image(&self) -> Option<usize> {
+        // Guidance is distilled into the model (its guidance embedding): one pass a step.
+        Some(self.num_inference_steps)
+    }
+
     fn noise_shape(&self) -> Vec<usize> {
         let (h, w) = self.latent_hw();
         vec![1, self.latent_channels, h, w]

@@ -49,6 +49,12 @@ pub trait ImagePipeline {
     /// Denoises a batch of initial noises (each of [`ImagePipeline::noise_shape`], float32)
     /// into RGB images, in the same order.
     fn generate(&mut self, noises: &[Noise]) -> Result<Vec<RgbImage>, PipelineError>;
+    /// Denoiser evaluations spent on one image, the NFEs of the paper's budgets: one a step,
+    /// two with classifier-free guidance (the conditional and unconditional passes, though they
+    /// run as one batched call); `None` when the pipeline cannot tell.
+    fn evaluations_per_image(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Loads the pipeline that the model's `model_index.json` names (`_class_name`), with the

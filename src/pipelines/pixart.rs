@@ -345,6 +345,10 @@ impl PixArtPipeline {
 }
 
 impl ImagePipeline for PixArtPipeline {
+    fn evaluations_per_image(&self) -> Option<usize> {
+        self.sampler.evaluations()
+    }
+
     fn noise_shape(&self) -> Vec<usize> {
         self.noise_shape.clone()
     }

@@ -208,6 +208,10 @@ impl Sd15Pipeline {
 }
 
 impl ImagePipeline for Sd15Pipeline {
+    fn evaluations_per_image(&self) -> Option<usize> {
+        self.sampler.evaluations()
+    }
+
     fn noise_shape(&self) -> Vec<usize> {
         self.noise_shape.clone()
     }

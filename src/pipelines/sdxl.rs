@@ -304,6 +304,10 @@ impl SdxlPipeline {
 }
 
 impl ImagePipeline for SdxlPipeline {
+    fn evaluations_per_image(&self) -> Option<usize> {
+        self.sampler.evaluations()
+    }
+
     fn noise_shape(&self) -> Vec<usize> {
         self.noise_shape.clone()
     }

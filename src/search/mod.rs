@@ -129,6 +129,12 @@ pub struct RoundResult {
     pub generation_s: f64,
     /// Seconds spent waiting for the verifier.
     pub verification_s: f64,
+    /// Denoiser evaluations spent on this round's new candidates (carried-over ones excluded;
+    /// images read back by `--resume` counted, as the run that made them spent them), when the
+    /// pipeline can tell ([`ImagePipeline::evaluations_per_image`]).
+    pub nfe: Option<u64>,
+    /// Gradings of this round's new candidates (one verifier call each).
+    pub verifier_calls: u64,
 }
 
 /// Receives the search's progress and results.
@@ -369,6 +375,7 @@ pub fn search_prompt(
     store: &dyn CandidateStore,
 ) -> Result<(), SearchError> {
     let shape = pipeline.noise_shape();
+    let per_image = pipeline.evaluations_per_image();
     let mut stream = SeedStream::new(settings.master_seed, prompt);
     let fatal = OnceLock::new();
     std::thread::scope(|scope| {
@@ -404,11 +411,11 @@ pub fn search_prompt(
                         pipeline,
                         settings,
                         observer,
-                        Some(&mut |r, o| finish_random_round(prompt, settings, r, o)),
+                        Some(&mut |r, o| finish_random_round(per_image, settings, r, o)),
                     )?;
                 }
                 queue.drain(observer, &mut |r, o| {
-                    finish_random_round(prompt, settings, r, o)
+                    finish_random_round(per_image, settings, r, o)
                 })?;
                 queue.check_fatal()
             }
@@ -472,6 +479,7 @@ pub fn search_prompt(
                     if let Some(i) = best.filter(|_| improved) {
                         carried = Some((candidates[i].clone(), all_noises.swap_remove(i)));
                     }
+                    let new = candidates.iter().filter(|c| !c.carried_over).count() as u64;
                     let result = RoundResult {
                         round,
                         candidates,
@@ -479,6 +487,8 @@ pub fn search_prompt(
                         neighbors_improvement: Some(improved),
                         generation_s: graded.generation_s,
                         verification_s: graded.verification_s,
+                        nfe: per_image.map(|e| e as u64 * new),
+                        verifier_calls: new,
                     };
                     observer.round_finished(prompt, &result)?;
                     queue.check_fatal()?;
@@ -497,7 +507,7 @@ struct GradedRound {
 }
 
 fn finish_random_round(
-    _prompt: &str,
+    per_image: Option<usize>,
     settings: &SearchSettings,
     round: usize,
     graded: GradedRound,
@@ -505,6 +515,7 @@ fn finish_random_round(
     let mut graded = graded;
     apply_ensemble_rank(&mut graded.candidates, &settings.rank_metrics);
     let best = select_best(&graded.candidates, &settings.metric);
+    let new = graded.candidates.len() as u64;
     RoundResult {
         round,
         candidates: graded.candidates,
@@ -512,6 +523,8 @@ fn finish_random_round(
         neighbors_improvement: None,
         generation_s: graded.generation_s,
         verification_s: graded.verification_s,
+        nfe: per_image.map(|e| e as u64 * new),
+        verifier_calls: new,
     }
 }
 

@@ -182,6 +182,19 @@ fn random_search_with_gemini_writes_the_originals_tree_and_a_collage() {
         assert_eq!(d["prompt"], PROMPT);
         assert_eq!(d["search_round"], round);
         assert_eq!(d["num_noises"], 1 << round);
+        // Compute spent: SD 1.5's PNDM visits 3 timesteps for 2 steps, twice each under
+        // guidance: 6 denoiser evaluations an image; one grading each.
+        let so_far = (2u64 << round) - 2;
+        assert_eq!(
+            d["budget"],
+            serde_json::json!({
+                "nfe": 6 << round,
+                "nfe_so_far": 6 * so_far,
+                "verifier_calls": 1 << round,
+                "verifier_calls_so_far": so_far,
+            }),
+            "round {round}"
+        );
         assert_eq!(d["choice_of_metric"], "overall_score");
         assert_eq!(keys(&d["best_score"]), ["explanation", "score"]);
         // The JSON is named after the best image, which exists.
@@ -336,6 +349,15 @@ fn zero_order_search_records_how_to_regenerate_each_neighbor() {
             .find(|j| j.contains(&format!("_i@{round}_s@")))
             .unwrap();
         let d = read_json(&run.join(name.as_str()));
+        // Carried-over bases are neither denoised nor graded again: not counted.
+        let new = d["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c.get("carried_over").is_none())
+            .count() as u64;
+        assert_eq!(d["budget"]["verifier_calls"], new);
+        assert_eq!(d["budget"]["nfe"], 6 * new);
         assert_eq!(
             keys(&d)[..8],
             [
