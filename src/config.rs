@@ -224,7 +224,8 @@ const VERIFIER_KEYS: [&str; 18] = [
     "dtype",
 ];
 
-const SEARCH_KEYS: [&str; 4] = [
+const SEARCH_KEYS: [&str; 5] = [
+    "budget",
     "search_method",
     "search_rounds",
     "threshold",
@@ -313,6 +314,20 @@ pub struct SearchArgs {
     pub method: SearchMethod,
     /// Number of rounds (>= 1).
     pub rounds: usize,
+    /// `budget`: the most compute a prompt's search may spend; `None`: all rounds.
+    pub budget: Option<SearchBudget>,
+}
+
+/// `search_args.budget`: a prompt's search stops before a round that would exceed it (a
+/// seconds budget: before a round that starts after it) and keeps the best so far.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SearchBudget {
+    /// Denoiser evaluations (NFEs: two a step under classifier-free guidance).
+    Nfe(u64),
+    /// Wall-clock seconds of the prompt's search.
+    Seconds(f64),
+    /// Verifier calls (gradings).
+    VerifierCalls(u64),
 }
 
 /// Which PyTorch CPU kernel the initial noise reproduces (`noise_kernel`).
@@ -997,6 +1012,42 @@ impl Config {
                 ))
             }
         };
+        let budget = match sa.get("budget") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(b)) => {
+                let bp = "search_args.budget";
+                r.check_keys(b, bp, &["nfe", "seconds", "verifier_calls"]);
+                let given: Vec<&str> = ["nfe", "seconds", "verifier_calls"]
+                    .into_iter()
+                    .filter(|k| b.contains_key(*k))
+                    .collect();
+                if given.len() != 1 {
+                    return Err(r.invalid(
+                        bp,
+                        "must give exactly one of nfe, seconds, verifier_calls (e.g. {\"nfe\": 2880})",
+                    ));
+                }
+                Some(match given[0] {
+                    "nfe" => SearchBudget::Nfe(r.uint(b, "nfe", bp, 1)?.unwrap_or(1)),
+                    "verifier_calls" => SearchBudget::VerifierCalls(
+                        r.uint(b, "verifier_calls", bp, 1)?.unwrap_or(1),
+                    ),
+                    _ => SearchBudget::Seconds(
+                        r.number_in(b, "seconds", bp, (0.0, true), 1e9)?
+                            .unwrap_or(1.0),
+                    ),
+                })
+            }
+            Some(other) => {
+                return Err(r.invalid(
+                    "search_args.budget",
+                    format!(
+                        "must be a JSON object such as {{\"nfe\": 2880}}, not {}",
+                        type_name(other)
+                    ),
+                ))
+            }
+        };
         if let Some(ea) = root.get("export_args") {
             if !ea.is_object() {
                 return Err(r.invalid(
@@ -1015,7 +1066,11 @@ impl Config {
             dtype,
             pipeline_call_args: call_args,
             verifier_args,
-            search_args: SearchArgs { method, rounds },
+            search_args: SearchArgs {
+                method,
+                rounds,
+                budget,
+            },
             noise_kernel,
             raw: root,
             warnings,

@@ -423,6 +423,7 @@ fn search_prompts(
         } else {
             Vec::new()
         },
+        budget: config.search_args.budget,
     };
     let mut writer = OutputWriter::new(
         run_dir.clone(),

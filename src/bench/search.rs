@@ -199,6 +199,7 @@ fn time_search(
             overlap,
             probe_first_batch: false,
             rank_metrics: Vec::new(),
+            budget: None,
             stop: Default::default(),
         };
         let mut totals = Totals::default();

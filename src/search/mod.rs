@@ -14,7 +14,7 @@ use std::time::Instant;
 use image::RgbImage;
 use serde::Serialize;
 
-use crate::config::{NoiseKernel, SearchMethod};
+use crate::config::{NoiseKernel, SearchBudget, SearchMethod};
 use crate::noise::{torch_randn, Noise, RandnKernel};
 use crate::pipelines::{ImagePipeline, PipelineError};
 use crate::verifiers::{Grading, ScoreFailure, Verifier, VerifierInput};
@@ -278,6 +278,30 @@ pub struct SearchSettings {
     /// For the `ensemble` verifier: the member metrics whose ranks make each candidate's
     /// [`crate::config::ENSEMBLE_METRIC`] ([`apply_ensemble_rank`]); empty otherwise.
     pub rank_metrics: Vec<String>,
+    /// The most a prompt's search may spend ([`SearchBudget`]); `None`: every round.
+    pub budget: Option<SearchBudget>,
+}
+
+/// Whether a round of `n` new candidates may start, after `spent` candidates, under `budget`:
+/// the first round always does; then NFE and verifier-call budgets admit a round that stays
+/// within them (an NFE budget needs the pipeline's count, `per_image`), a seconds budget any
+/// round that starts before the time is up.
+pub fn round_fits(
+    budget: Option<SearchBudget>,
+    per_image: Option<usize>,
+    spent: u64,
+    n: u64,
+    started: Instant,
+) -> bool {
+    if spent == 0 {
+        return true;
+    }
+    match budget {
+        None => true,
+        Some(SearchBudget::Nfe(max)) => per_image.is_none_or(|e| (spent + n) * e as u64 <= max),
+        Some(SearchBudget::VerifierCalls(max)) => spent + n <= max,
+        Some(SearchBudget::Seconds(s)) => started.elapsed().as_secs_f64() < s,
+    }
 }
 
 /// A request to stop the search before its next batch (Ctrl-C, SIGTERM), shared with whoever
@@ -376,6 +400,16 @@ pub fn search_prompt(
 ) -> Result<(), SearchError> {
     let shape = pipeline.noise_shape();
     let per_image = pipeline.evaluations_per_image();
+    if matches!(settings.budget, Some(SearchBudget::Nfe(_))) && per_image.is_none() {
+        tracing::warn!(
+            "this pipeline cannot count its denoiser evaluations: the NFE budget is not applied"
+        );
+    }
+    let started = Instant::now();
+    let mut spent = 0u64;
+    let over_budget = |round: usize| {
+        tracing::info!("search budget reached: stopping before round {round}");
+    };
     let mut stream = SeedStream::new(settings.master_seed, prompt);
     let fatal = OnceLock::new();
     std::thread::scope(|scope| {
@@ -394,6 +428,11 @@ pub fn search_prompt(
             SearchMethod::Random => {
                 for round in 1..=settings.rounds {
                     let n = 1usize << round;
+                    if !round_fits(settings.budget, per_image, spent, n as u64, started) {
+                        over_budget(round);
+                        break;
+                    }
+                    spent += n as u64;
                     let origins: Vec<NoiseOrigin> = (0..n)
                         .map(|k| NoiseOrigin::Seed {
                             seed: stream.seed(round, SeedPurpose::Noise, k),
@@ -425,7 +464,13 @@ pub fn search_prompt(
             } => {
                 let mut carried: Option<(Candidate, Noise)> = None;
                 for round in 1..=settings.rounds {
-                    observer.round_started(round, num_neighbors + usize::from(carried.is_none()));
+                    let n = num_neighbors + usize::from(carried.is_none());
+                    if !round_fits(settings.budget, per_image, spent, n as u64, started) {
+                        over_budget(round);
+                        break;
+                    }
+                    spent += n as u64;
+                    observer.round_started(round, n);
                     let (base, base_origin, base_noise) = match carried.take() {
                         Some((c, noise)) => {
                             let origin = c.origin.clone();
@@ -1013,6 +1058,7 @@ mod tests {
             probe_first_batch: false,
             stop: StopFlag::default(),
             rank_metrics: Vec::new(),
+            budget: None,
         };
         let mut rec = Recorder::default();
         search_prompt("p", &mut pipeline, &verifier, &settings, &mut rec, &NoStore).unwrap();
@@ -1192,6 +1238,7 @@ mod tests {
             probe_first_batch: true,
             stop: StopFlag::default(),
             rank_metrics: Vec::new(),
+            budget: None,
         };
         let mut obs = Saving {
             store,
@@ -1344,6 +1391,50 @@ mod tests {
         let mut one = vec![graded(&[("x/a", 1.0), ("y/b", 2.0)])];
         apply_ensemble_rank(&mut one, &metrics);
         assert_eq!(one[0].score(ENSEMBLE), Some(1.0));
+    }
+
+    #[test]
+    fn a_budget_stops_the_search_before_a_round_that_would_exceed_it() {
+        let run_with = |budget: SearchBudget| {
+            let counting = Counting::default();
+            let mut pipeline = CountingPipeline(&counting);
+            let settings = SearchSettings {
+                method: SearchMethod::Random,
+                rounds: 3,
+                batch_size: 3,
+                metric: "overall_score".into(),
+                master_seed: 5,
+                noise_kernel: NoiseKernel::Portable,
+                overlap: true,
+                probe_first_batch: false,
+                stop: StopFlag::default(),
+                rank_metrics: Vec::new(),
+                budget: Some(budget),
+            };
+            let mut rec = Recorder::default();
+            search_prompt(
+                "p",
+                &mut pipeline,
+                &&counting,
+                &settings,
+                &mut rec,
+                &NoStore,
+            )
+            .unwrap();
+            let graded = *counting.graded.lock().unwrap();
+            (rec.rounds.iter().map(|r| r.0).collect::<Vec<_>>(), graded)
+        };
+        // Rounds of 2, 4, 8 candidates: 7 calls admit rounds 1 and 2 (6), not round 3 (14).
+        assert_eq!(run_with(SearchBudget::VerifierCalls(7)), (vec![1, 2], 6));
+        assert_eq!(
+            run_with(SearchBudget::VerifierCalls(14)),
+            (vec![1, 2, 3], 14)
+        );
+        // The first round always runs; a spent time budget stops before the next.
+        assert_eq!(run_with(SearchBudget::VerifierCalls(1)), (vec![1], 2));
+        assert_eq!(run_with(SearchBudget::Seconds(1e-9)), (vec![1], 2));
+        // This pipeline cannot count NFEs: the NFE budget is not applied.
+        assert_eq!(run_with(SearchBudget::Nfe(1)), (vec![1, 2, 3], 14));
     }
 
     const ENSEMBLE: &str = crate::config::ENSEMBLE_METRIC;

@@ -1205,3 +1205,52 @@ fn every_local_verifier_runs_a_search_offline() {
         }
     }
 }
+
+#[test]
+fn an_nfe_budget_stops_the_search_before_the_round_that_would_exceed_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = serde_json::json!({
+        "pretrained_model_name_or_path": tiny_model(),
+        "torch_dtype": "fp32",
+        "pipeline_call_args": {"num_inference_steps": 2, "guidance_scale": 7.5},
+        "verifier_args": tiny_clip_args("clip_score", "clip_score"),
+        // 6 NFEs an image: rounds of 2 and 4 images spend 36; round 3 would reach 84.
+        "search_args": {"search_method": "random", "search_rounds": 3, "budget": {"nfe": 40}},
+    });
+    std::fs::write(dir.path().join("c.json"), cfg.to_string()).unwrap();
+    let o = tt_scale(
+        dir.path(),
+        &[
+            "run",
+            "--pipeline-config",
+            "c.json",
+            "--prompt",
+            PROMPT,
+            "--seed",
+            "3",
+            "--output-dir",
+            "out",
+            "--device",
+            "cpu",
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("denoiser evaluations (NFEs): 36"),
+        "{stderr}"
+    );
+    let parent = dir.path().join("out/tiny-sd15/clip_score/clip_score");
+    let run = std::fs::read_dir(&parent)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let names = files(&run);
+    assert_eq!(names.iter().filter(|n| n.ends_with(".png")).count(), 6);
+    let last = &round_jsons(&run, 2)[1];
+    assert_eq!(last["budget"]["nfe_so_far"], 36);
+    assert!(!names.iter().any(|n| n.contains("_i@3_")));
+}

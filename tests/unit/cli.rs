@@ -156,6 +156,19 @@ fn bad_configs_name_the_key_exit_2_and_write_nothing() {
             &["verifier_args.name", "gemini, openai, qwen"],
         ),
         (
+            "budget with two limits",
+            Box::new(|v| v["search_args"]["budget"] = json!({"nfe": 100, "seconds": 10})),
+            &[
+                "search_args.budget",
+                "exactly one of nfe, seconds, verifier_calls",
+            ],
+        ),
+        (
+            "budget of zero NFEs",
+            Box::new(|v| v["search_args"]["budget"] = json!({"nfe": 0})),
+            &["search_args.budget.nfe"],
+        ),
+        (
             "ensemble of one",
             Box::new(|v| {
                 v["verifier_args"] = json!({"name": "ensemble", "choice_of_metric": "ensemble_rank",
