@@ -265,7 +265,8 @@ impl HubHttp {
     ) -> Result<T, HubHttpError> {
         let attempts = self.settings.attempts.max(1);
         let mut wait = self.settings.backoff;
-        for n in 1..=attempts {
+        let mut n = 1;
+        loop {
             match attempt() {
                 Ok(v) => return Ok(v),
                 Err((Some((status, body)), _)) if !transient_status(status) || n == attempts => {
@@ -290,10 +291,10 @@ impl HubHttp {
                     );
                     std::thread::sleep(wait);
                     wait *= 2;
+                    n += 1;
                 }
             }
         }
-        unreachable_attempts(url, &self.settings)
     }
 
     /// GETs `url` (bytes `start..end` when `range` is given) and reads the whole body, retrying
@@ -409,17 +410,6 @@ impl HubHttp {
             }
         })
     }
-}
-
-/// The loop in [`HubHttp::retrying`] always returns; this keeps the type checker content
-/// without a panic.
-fn unreachable_attempts<T>(url: &str, settings: &HubSettings) -> Result<T, HubHttpError> {
-    Err(HubHttpError::Network {
-        url: url.to_string(),
-        attempts: settings.attempts,
-        message: "no attempt was made".into(),
-        endpoint: settings.endpoint.clone(),
-    })
 }
 
 /// A transport error in words: which phase failed.
