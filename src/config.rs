@@ -41,6 +41,8 @@ pub struct VerifierArgs {
     pub ensemble: Vec<VerifierArgs>,
     /// `also_score`: verifiers that grade every candidate too, recorded, never used to select.
     pub also_score: Vec<VerifierArgs>,
+    /// `also_score_best_only`: the `also_score` verifiers grade only each round's best.
+    pub also_score_best_only: bool,
     /// `aesthetic_model`: the aesthetic MLP of `laion_aesthetic`, a `.pth` file or a Hub repo
     /// holding `aesthetic-model.pth` (default `trl-lib/ddpo-aesthetic-predictor`).
     pub aesthetic_model: Option<String>,
@@ -66,6 +68,7 @@ impl VerifierArgs {
             processor_model: None,
             ensemble: Vec::new(),
             also_score: Vec::new(),
+            also_score_best_only: false,
         }
     }
 }
@@ -203,8 +206,9 @@ const PIPELINE_KEYS: [&str; 7] = [
     "clean_caption",
 ];
 
-const VERIFIER_KEYS: [&str; 18] = [
+const VERIFIER_KEYS: [&str; 19] = [
     "name",
+    "also_score_best_only",
     "processor_model",
     "aesthetic_model",
     "ensemble",
@@ -779,6 +783,7 @@ fn verifier_args_at(
         }
         verifier_args.also_score = verifier_list(r, va, v, "also_score", path, false)?;
     }
+    verifier_args.also_score_best_only = r.boolean(va, "also_score_best_only", v)?.unwrap_or(false);
     Ok(verifier_args)
 }
 

@@ -322,13 +322,19 @@ fn human_duration(seconds: f64) -> String {
     }
 }
 
-/// An API verifier's access (key, model) is checked here, before any model loads.
-fn build_verifier(config: &Config, opts: &RunOptions) -> Result<Box<dyn Verifier>, RunError> {
+/// The config's `verifier_args` for this run: a local verifier runs beside the diffusion model
+/// unless told otherwise.
+fn run_verifier_args(config: &Config, opts: &RunOptions) -> crate::config::VerifierArgs {
     let mut verifier_args = config.verifier_args.clone();
     if verifier_args.device.is_none() {
         verifier_args.device = opts.device.map(|d| d.to_string());
     }
-    let verifier = verifiers::build_for_run(&verifier_args, opts.low_vram)?;
+    verifier_args
+}
+
+/// An API verifier's access (key, model) is checked here, before any model loads.
+fn build_verifier(config: &Config, opts: &RunOptions) -> Result<Box<dyn Verifier>, RunError> {
+    let verifier = verifiers::build_for_run(&run_verifier_args(config, opts), opts.low_vram)?;
     match verifier.check_access() {
         Err(failure) if failure.fatal => Err(RunError::VerifierAccess(failure.message)),
         _ => Ok(verifier),
@@ -431,6 +437,10 @@ fn search_prompts(
         &settings,
         prompts.len(),
     );
+    if config.verifier_args.also_score_best_only {
+        let args = run_verifier_args(config, opts);
+        writer.best_extras = verifiers::build_also_score(&args, opts.low_vram)?;
+    }
     for (i, prompt) in prompts.iter().enumerate() {
         let settings = SearchSettings {
             probe_first_batch: i == 0,
@@ -806,6 +816,8 @@ struct OutputWriter {
     spent: output::Spent,
     /// The run's denoiser evaluations so far (`None` if a pipeline could not tell).
     nfe: Option<u64>,
+    /// `also_score` verifiers that grade only each round's best (`also_score_best_only`).
+    best_extras: Vec<verifiers::ensemble::NamedVerifier>,
     best_scores: Vec<(String, Option<f64>)>,
     images: usize,
     /// Images generated (not read back).
@@ -856,6 +868,7 @@ impl OutputWriter {
             best: None,
             spent: output::Spent::default(),
             nfe: Some(0),
+            best_extras: Vec::new(),
             best_scores: Vec::new(),
             images: 0,
             generated: 0,
@@ -931,6 +944,34 @@ impl SearchObserver for OutputWriter {
     }
 
     fn round_finished(&mut self, prompt: &str, r: &RoundResult) -> Result<(), ObserverError> {
+        // `also_score_best_only`: the extra verifiers grade the round's best only.
+        let scored;
+        let r = match r.best.filter(|_| !self.best_extras.is_empty()) {
+            Some(i) => {
+                let mut copy = r.clone();
+                let best = &mut copy.candidates[i];
+                for (prefix, extra) in &self.best_extras {
+                    let input = verifiers::VerifierInput {
+                        prompt,
+                        image: &best.image,
+                    };
+                    match (best.grading.as_mut(), extra.score(&[input]).pop()) {
+                        (Ok(g), Some(Ok(extra_grading))) => {
+                            verifiers::ensemble::merge(g, &format!("also/{prefix}"), extra_grading)
+                        }
+                        (_, Some(Err(f))) => tracing::warn!(
+                            "also_score {prefix} could not grade round {}'s best: {}",
+                            r.round,
+                            f.message
+                        ),
+                        _ => {}
+                    }
+                }
+                scored = copy;
+                &scored
+            }
+            None => r,
+        };
         let written = output::write_round(
             &self.run_dir,
             &RoundContext {

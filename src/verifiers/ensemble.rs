@@ -10,6 +10,9 @@
 use super::{CallStats, Grading, ScoreFailure, Verifier, VerifierInput};
 use crate::config::VerifierArgs;
 
+/// A verifier with the prefix of its metrics in a combined grading.
+pub type NamedVerifier = (String, Box<dyn Verifier>);
+
 /// The prefix of each verifier's metrics in a combined grading: its name, or `name#i` (1-based)
 /// when the name occurs more than once in `list`.
 pub fn member_prefixes(list: &[VerifierArgs]) -> Vec<String> {
@@ -35,7 +38,7 @@ pub fn rank_metrics(members: &[VerifierArgs]) -> Vec<String> {
 }
 
 /// Adds every metric of `from` to `into` as `<prefix>/<metric>`.
-fn merge(into: &mut Grading, prefix: &str, from: Grading) {
+pub fn merge(into: &mut Grading, prefix: &str, from: Grading) {
     for (metric, score) in from {
         into.insert(format!("{prefix}/{metric}"), score);
     }
@@ -44,12 +47,12 @@ fn merge(into: &mut Grading, prefix: &str, from: Grading) {
 /// The `ensemble` verifier: each member grades every input; a candidate's grading holds every
 /// member's metrics, and fails when a member could not grade it (its rank would be missing).
 pub struct EnsembleVerifier {
-    members: Vec<(String, Box<dyn Verifier>)>,
+    members: Vec<NamedVerifier>,
 }
 
 impl EnsembleVerifier {
     /// The ensemble of `members`, named by [`member_prefixes`].
-    pub fn new(members: Vec<(String, Box<dyn Verifier>)>) -> Self {
+    pub fn new(members: Vec<NamedVerifier>) -> Self {
         Self { members }
     }
 }
@@ -100,12 +103,12 @@ impl Verifier for EnsembleVerifier {
 /// candidate keeps the selecting verifier's grading.
 pub struct AlsoScored {
     main: Box<dyn Verifier>,
-    extras: Vec<(String, Box<dyn Verifier>)>,
+    extras: Vec<NamedVerifier>,
 }
 
 impl AlsoScored {
     /// `main` with `extras` (named by [`member_prefixes`]).
-    pub fn new(main: Box<dyn Verifier>, extras: Vec<(String, Box<dyn Verifier>)>) -> Self {
+    pub fn new(main: Box<dyn Verifier>, extras: Vec<NamedVerifier>) -> Self {
         Self { main, extras }
     }
 }

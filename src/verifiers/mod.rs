@@ -236,15 +236,24 @@ pub fn build_for_run(
     low_vram: bool,
 ) -> Result<Box<dyn Verifier>, VerifierError> {
     let main = build_one_for_run(args, low_vram)?;
-    if args.also_score.is_empty() {
+    if args.also_score.is_empty() || args.also_score_best_only {
         return Ok(main);
     }
-    let extras = ensemble::member_prefixes(&args.also_score)
+    let extras = build_also_score(args, low_vram)?;
+    Ok(Box::new(ensemble::AlsoScored::new(main, extras)))
+}
+
+/// The `also_score` verifiers of `args`, each with its metric prefix
+/// ([`ensemble::member_prefixes`]).
+pub fn build_also_score(
+    args: &VerifierArgs,
+    low_vram: bool,
+) -> Result<Vec<ensemble::NamedVerifier>, VerifierError> {
+    ensemble::member_prefixes(&args.also_score)
         .into_iter()
         .zip(&args.also_score)
         .map(|(prefix, a)| Ok((prefix, build_one_for_run(a, low_vram)?)))
-        .collect::<Result<Vec<_>, VerifierError>>()?;
-    Ok(Box::new(ensemble::AlsoScored::new(main, extras)))
+        .collect()
 }
 
 /// One verifier of a run (an ensemble with its members), without `also_score`.

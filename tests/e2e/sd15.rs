@@ -1254,3 +1254,28 @@ fn an_nfe_budget_stops_the_search_before_the_round_that_would_exceed_it() {
     assert_eq!(last["budget"]["nfe_so_far"], 36);
     assert!(!names.iter().any(|n| n.contains("_i@3_")));
 }
+
+#[test]
+fn also_score_best_only_grades_each_rounds_best_and_nothing_else() {
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = offline_run(
+        plain_dir.path(),
+        tiny_clip_args("clip_score", "clip_score"),
+        2,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = tiny_clip_args("clip_score", "clip_score");
+    args["also_score"] =
+        serde_json::json!([tiny_clip_args("laion_aesthetic", "laion_aesthetic_score")]);
+    args["also_score_best_only"] = serde_json::json!(true);
+    let run = offline_run(dir.path(), args, 2);
+    assert_eq!(files(&plain), files(&run));
+    for (a, b) in round_jsons(&plain, 2).iter().zip(round_jsons(&run, 2)) {
+        assert_eq!(a["best_noise_seed"], b["best_noise_seed"]);
+        let key = "also/laion_aesthetic/laion_aesthetic_score";
+        for c in b["candidates"].as_array().unwrap() {
+            let is_best = c["seed"] == b["best_noise_seed"];
+            assert_eq!(c["grading"][key]["score"].is_number(), is_best, "{c}");
+        }
+    }
+}
