@@ -160,7 +160,7 @@ pub fn verifier_args(spec: &str, metric: Option<&str>) -> Result<VerifierArgs, R
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| RescoreError::Verifier(format!("{spec}: not JSON ({e})")))?;
         let verifier = value.get("verifier_args").cloned().unwrap_or(value);
-        // Validated as a config's verifier_args, with placeholders for the rest.
+        // Validated as a config's verifier_args; the other sections are fixed stand-ins.
         let wrapper = json!({
             "pretrained_model_name_or_path": "rescore/none",
             "torch_dtype": "fp32",

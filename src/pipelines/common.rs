@@ -103,14 +103,22 @@ pub fn weights_error(
     }
 }
 
-/// The CLIP tokenizer of a diffusers `folder` (`tokenizer`, `tokenizer_2`): `vocab.json`,
-/// `merges.txt` and, when present, `tokenizer_config.json` and `special_tokens_map.json`.
+/// The CLIP tokenizer of a diffusers `folder` (`tokenizer`, `tokenizer_2`; `""` for the root,
+/// as transformers' CLIP repos have it): `vocab.json`, `merges.txt` and, when present,
+/// `tokenizer_config.json` and `special_tokens_map.json`.
 pub fn clip_tokenizer(source: &ModelSource, folder: &str) -> Result<ClipTokenizer, PipelineError> {
-    let config = optional_file(source, &format!("{folder}/tokenizer_config.json"))?;
-    let special = optional_file(source, &format!("{folder}/special_tokens_map.json"))?;
+    let rel = |file: &str| {
+        if folder.is_empty() {
+            file.to_string()
+        } else {
+            format!("{folder}/{file}")
+        }
+    };
+    let config = optional_file(source, &rel("tokenizer_config.json"))?;
+    let special = optional_file(source, &rel("special_tokens_map.json"))?;
     ClipTokenizer::from_files(
-        &source.file(&format!("{folder}/vocab.json"))?,
-        &source.file(&format!("{folder}/merges.txt"))?,
+        &source.file(&rel("vocab.json"))?,
+        &source.file(&rel("merges.txt"))?,
         config.as_deref(),
         special.as_deref(),
     )

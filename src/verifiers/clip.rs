@@ -23,6 +23,7 @@ use crate::config::VerifierArgs;
 use crate::loading::{parse_config, ModelSource};
 use crate::models::clip::{l2_normalize, ClipConfig, ClipImageProcessor, ClipModel};
 use crate::models::clip_tokenizer::ClipTokenizer;
+use crate::pipelines::common::clip_tokenizer;
 
 /// The CLIP model used when `verifier_args.model_name` is unset.
 pub const DEFAULT_CLIP: &str = "openai/clip-vit-large-patch14";
@@ -291,33 +292,43 @@ impl ClipVerifier {
         let model = ClipModel::new(vb, &config).map_err(|e| err(&e))?;
         let mut processor = ClipImageProcessor::openai(config.vision_config.image_size);
         processor.crop_rounding = crate::models::clip::CropRounding::HalfEven;
-        let tok_err = |e: &dyn std::fmt::Display| {
+        let tokenizer = clip_tokenizer(tokenizer, "").map_err(|e| {
             local_model(
                 "processor_model",
                 "a CLIP tokenizer (vocab.json, merges.txt)",
                 model_name,
                 e,
             )
-        };
-        let tokenizer = ClipTokenizer::from_files(
-            &tokenizer.file("vocab.json").map_err(|e| tok_err(&e))?,
-            &tokenizer.file("merges.txt").map_err(|e| tok_err(&e))?,
-            None,
-            None,
-        )
-        .map_err(|e| tok_err(&e))?;
-        Ok(Self {
+        })?;
+        Ok(Self::assemble(
+            name, model_name, model, processor, tokenizer, None, device, batch,
+        ))
+    }
+
+    /// The verifier of its parts, float32.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        name: &'static str,
+        model_name: &str,
+        model: ClipModel,
+        processor: ClipImageProcessor,
+        tokenizer: ClipTokenizer,
+        head: Option<AestheticHead>,
+        device: Device,
+        batch: usize,
+    ) -> Self {
+        Self {
             name,
             model_name: model_name.to_string(),
             model,
             processor,
             tokenizer,
-            head: None,
+            head,
             device,
             dtype: DType::F32,
             batch,
             text_cache: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// Loads CLIP from `source` (config.json, model.safetensors, and, unless `processor` names
@@ -367,25 +378,11 @@ impl ClipVerifier {
                 processor.resample
             )));
         }
-        let optional = |rel: &str| -> Result<Option<PathBuf>, VerifierError> {
-            if proc_source.has_file(rel).map_err(|e| err(&e))? {
-                proc_source.file(rel).map(Some).map_err(|e| err(&e))
-            } else {
-                Ok(None)
-            }
-        };
-        let tokenizer = ClipTokenizer::from_files(
-            &proc_source.file("vocab.json").map_err(|e| err(&e))?,
-            &proc_source.file("merges.txt").map_err(|e| err(&e))?,
-            optional("tokenizer_config.json")?.as_deref(),
-            optional("special_tokens_map.json")?.as_deref(),
-        )
-        .map_err(|e| err(&e))?;
-        let dtype = DType::F32;
+        let tokenizer = clip_tokenizer(proc_source, "").map_err(|e| err(&e))?;
         let files = source
             .weights("", crate::loading::Dtype::F32)
             .map_err(|e| err(&e))?;
-        let vb = crate::loading::mmap(&files, dtype, &device).map_err(|e| err(&e))?;
+        let vb = crate::loading::mmap(&files, DType::F32, &device).map_err(|e| err(&e))?;
         let model = ClipModel::new(vb, &config).map_err(|e| err(&e))?;
         if let Some(width) = head.as_ref().and_then(AestheticHead::input_width) {
             if width != config.projection_dim {
@@ -395,18 +392,9 @@ impl ClipVerifier {
                 )));
             }
         }
-        Ok(Self {
-            name,
-            model_name: model_name.to_string(),
-            model,
-            processor,
-            tokenizer,
-            head,
-            device,
-            dtype,
-            batch,
-            text_cache: Mutex::new(HashMap::new()),
-        })
+        Ok(Self::assemble(
+            name, model_name, model, processor, tokenizer, head, device, batch,
+        ))
     }
 
     /// The image processor in use.

@@ -874,51 +874,16 @@ fn collage_skips_a_missing_or_corrupt_image_and_makes_the_collage() {
 
 #[test]
 fn the_laion_aesthetic_verifier_searches_offline_without_an_api_key() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let dir = tempfile::tempdir().unwrap();
-    let cfg = serde_json::json!({
-        "pretrained_model_name_or_path": tiny_model(),
-        "torch_dtype": "fp32",
-        "pipeline_call_args": {"num_inference_steps": 2, "guidance_scale": 7.5},
-        "verifier_args": {
-            "name": "laion_aesthetic",
-            "choice_of_metric": "laion_aesthetic_score",
-            "model_name": fixtures.join("tiny-clip").display().to_string(),
-            "aesthetic_model": fixtures.join("clip/aesthetic-model.pth").display().to_string(),
-        },
-        "search_args": {"search_method": "random", "search_rounds": 2},
-    });
-    std::fs::write(dir.path().join("c.json"), cfg.to_string()).unwrap();
-    let o = tt_scale(
+    let run = offline_run(
         dir.path(),
-        &[
-            "run",
-            "--pipeline-config",
-            "c.json",
-            "--prompt",
-            PROMPT,
-            "--seed",
-            "3",
-            "--output-dir",
-            "out",
-            "--batch-size",
-            "2",
-            "--device",
-            "cpu",
-        ],
-        &[],
+        tiny_clip_args("laion_aesthetic", "laion_aesthetic_score"),
+        2,
     );
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
-    let parent = dir
-        .path()
-        .join("out/tiny-sd15/laion_aesthetic/laion_aesthetic_score");
-    let run = std::fs::read_dir(&parent)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    assert!(run.starts_with(
+        dir.path()
+            .join("out/tiny-sd15/laion_aesthetic/laion_aesthetic_score")
+    ));
     let names = files(&run);
     assert_eq!(names.iter().filter(|n| n.ends_with(".png")).count(), 6);
     for round in 1..=2 {
@@ -958,14 +923,22 @@ fn tiny_clip_args(name: &str, metric: &str) -> Value {
     })
 }
 
-/// Runs the tiny SD 1.5 offline with `verifier_args`; returns the run folder.
+/// Runs the tiny SD 1.5 offline with `verifier_args` and a random search of `rounds`; returns
+/// the run folder.
 fn offline_run(dir: &Path, verifier_args: Value, rounds: usize) -> PathBuf {
+    let search = serde_json::json!({"search_method": "random", "search_rounds": rounds});
+    offline_run_with(dir, verifier_args, search).0
+}
+
+/// Runs the tiny SD 1.5 offline with `verifier_args` and `search_args`; returns the run folder
+/// and stderr.
+fn offline_run_with(dir: &Path, verifier_args: Value, search_args: Value) -> (PathBuf, String) {
     let cfg = serde_json::json!({
         "pretrained_model_name_or_path": tiny_model(),
         "torch_dtype": "fp32",
         "pipeline_call_args": {"num_inference_steps": 2, "guidance_scale": 7.5},
         "verifier_args": verifier_args,
-        "search_args": {"search_method": "random", "search_rounds": rounds},
+        "search_args": search_args,
     });
     std::fs::write(dir.join("c.json"), cfg.to_string()).unwrap();
     let o = tt_scale(
@@ -987,7 +960,7 @@ fn offline_run(dir: &Path, verifier_args: Value, rounds: usize) -> PathBuf {
         ],
         &[],
     );
-    let stderr = String::from_utf8_lossy(&o.stderr);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "{stderr}");
     let out = dir.join("out/tiny-sd15");
     let verifier = std::fs::read_dir(&out)
@@ -1002,12 +975,13 @@ fn offline_run(dir: &Path, verifier_args: Value, rounds: usize) -> PathBuf {
         .unwrap()
         .unwrap()
         .path();
-    std::fs::read_dir(&metric)
+    let run = std::fs::read_dir(&metric)
         .unwrap()
         .next()
         .unwrap()
         .unwrap()
-        .path()
+        .path();
+    (run, stderr)
 }
 
 /// The round JSON files of `run`, by round.
@@ -1209,45 +1183,16 @@ fn every_local_verifier_runs_a_search_offline() {
 #[test]
 fn an_nfe_budget_stops_the_search_before_the_round_that_would_exceed_it() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = serde_json::json!({
-        "pretrained_model_name_or_path": tiny_model(),
-        "torch_dtype": "fp32",
-        "pipeline_call_args": {"num_inference_steps": 2, "guidance_scale": 7.5},
-        "verifier_args": tiny_clip_args("clip_score", "clip_score"),
-        // 6 NFEs an image: rounds of 2 and 4 images spend 36; round 3 would reach 84.
-        "search_args": {"search_method": "random", "search_rounds": 3, "budget": {"nfe": 40}},
-    });
-    std::fs::write(dir.path().join("c.json"), cfg.to_string()).unwrap();
-    let o = tt_scale(
+    // 6 NFEs an image: rounds of 2 and 4 images spend 36; round 3 would reach 84.
+    let (run, stderr) = offline_run_with(
         dir.path(),
-        &[
-            "run",
-            "--pipeline-config",
-            "c.json",
-            "--prompt",
-            PROMPT,
-            "--seed",
-            "3",
-            "--output-dir",
-            "out",
-            "--device",
-            "cpu",
-        ],
-        &[],
+        tiny_clip_args("clip_score", "clip_score"),
+        serde_json::json!({"search_method": "random", "search_rounds": 3, "budget": {"nfe": 40}}),
     );
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
     assert!(
         stderr.contains("denoiser evaluations (NFEs): 36"),
         "{stderr}"
     );
-    let parent = dir.path().join("out/tiny-sd15/clip_score/clip_score");
-    let run = std::fs::read_dir(&parent)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
     let names = files(&run);
     assert_eq!(names.iter().filter(|n| n.ends_with(".png")).count(), 6);
     let last = &round_jsons(&run, 2)[1];

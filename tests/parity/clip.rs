@@ -57,6 +57,18 @@ fn values(t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
+/// Every 13th value of our preprocessed images equals the reference's within 1e-6.
+fn assert_pixel_sample(ours: &[f64], r: &HashMap<String, Tensor>) {
+    let sample: Vec<f64> = ours.iter().step_by(13).copied().collect();
+    let want = values(&r["pixel_values_sample"]);
+    let worst = sample
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(worst < 1e-6, "pixel values differ by up to {worst}");
+}
+
 /// max |a - b| / max |b|.
 fn rel(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
@@ -87,14 +99,7 @@ fn preprocessing_of_non_square_images_equals_the_clip_image_processor() {
         ours.extend(px.into_iter().map(f64::from));
     }
     let r = reference();
-    let sample: Vec<f64> = ours.iter().step_by(13).copied().collect();
-    let want = values(&r["pixel_values_sample"]);
-    let worst = sample
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
-    assert!(worst < 1e-6, "pixel values differ by up to {worst}");
+    assert_pixel_sample(&ours, &r);
     let sum: f64 = ours.iter().sum();
     let want_sum = values(&r["pixel_values_sum"])[0];
     assert!((sum - want_sum).abs() < 1e-2, "{sum} vs {want_sum}");
@@ -306,14 +311,7 @@ fn hpsv2_scores_match_the_open_clip_reference() {
                 .map(f64::from),
         );
     }
-    let sample: Vec<f64> = px.iter().step_by(13).copied().collect();
-    let want = values(&r["pixel_values_sample"]);
-    let worst = sample
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
-    assert!(worst < 1e-6, "pixel values differ by up to {worst}");
+    assert_pixel_sample(&px, &r);
     let scores = r["score_f64"]
         .to_dtype(DType::F64)
         .unwrap()
