@@ -59,6 +59,10 @@ BENCHES=(
   # same with candle's convolutions and group norms.
   "vae_sdxl|sdxl-vae|1024|1|sdxl vae decode|vae_sdxl|1.0"
   "vae_sdxl_unfused|sdxl-vae|1024|1|sdxl vae decode|vae_sdxl|-|TT_SCALE_FUSED=0"
+  # The local verifiers (issue 17), fp32 whatever --dtype says: CLIP ViT-L/14 and ImageReward
+  # scoring 8 images (ImageReward has no peer in diffusers_bench.py: its row shows n/a there).
+  "clip_l14|clip-l14|224|8|clip-vit-l14 score b8|clip_l14|1.0"
+  "image_reward|image-reward|224|8|image-reward score b8|-|-"
   # The Qwen verifier (issue 6): one `tt-scale bench --model qwen` run gives both rows; it runs
   # last, after the diffusers parts, under its own timeouts (warm-up 1, median of 3).
   "qwen_prefill|qwen|1024|1|qwen2.5-vl-7b prefill (1024x1024 image)|qwen_prefill|1.0"
@@ -184,7 +188,7 @@ main() {
 
   echo "== diffusers (eager, bf16, same shapes)"
   step 200 220 "$PY" bench/diffusers_bench.py --device cuda --dtype bf16 --warmup 2 --iters 5 \
-    --models flux_b1,flux_b4,sdxl,sd15,pixart_sigma,vae_sdxl --json "$OUT/diffusers.json"
+    --models flux_b1,flux_b4,sdxl,sd15,pixart_sigma,vae_sdxl,clip_l14 --json "$OUT/diffusers.json"
   echo "   (exit $?)"
 
   echo "== diffusers Flux B=1 under torch.compile (with the time left, less 200 s for the Qwen part)"

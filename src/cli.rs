@@ -167,7 +167,8 @@ pub struct RescoreArgs {
     /// The run folder (output/<model>/<verifier>/<metric>/<timestamp>).
     #[arg(value_name = "RUN_DIR")]
     pub path: PathBuf,
-    /// The verifier: a name (laion_aesthetic, clip_score, pickscore, gemini, openai, qwen) with
+    /// The verifier: a name (laion_aesthetic, clip_score, pickscore, hpsv2, image_reward, gemini,
+    /// openai, qwen) with
     /// its defaults, or a JSON file holding a verifier_args object (or a whole config).
     #[arg(long, value_name = "NAME|FILE")]
     pub verifier: String,

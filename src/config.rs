@@ -35,7 +35,8 @@ pub struct VerifierArgs {
     /// `device`: where a local verifier runs (`cpu`, `cuda`, `cuda:N`).
     pub device: Option<String>,
     /// `processor_model`: where a CLIP verifier's image processor and tokenizer come from when
-    /// not from `model_name` (PickScore's default: `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`).
+    /// not from `model_name` (PickScore's default: `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`);
+    /// `image_reward`'s BERT tokenizer (default `google-bert/bert-base-uncased`).
     pub processor_model: Option<String>,
     /// `ensemble`: the members of the `ensemble` verifier (each a full `verifier_args`).
     pub ensemble: Vec<VerifierArgs>,
@@ -104,6 +105,10 @@ fn beside_config(config: &std::path::Path, rel: &str) -> Option<PathBuf> {
 pub const SHIPPED: &[(&str, &str)] = &[
     ("flux.1_dev", include_str!("../configs/flux.1_dev.json")),
     (
+        "flux.1_dev_ensemble",
+        include_str!("../configs/flux.1_dev_ensemble.json"),
+    ),
+    (
         "flux.1_dev_zero_order",
         include_str!("../configs/flux.1_dev_zero_order.json"),
     ),
@@ -133,6 +138,7 @@ pub const VERIFIER_NAMES: &[&str] = &[
     "clip_score",
     "pickscore",
     "hpsv2",
+    "image_reward",
     "ensemble",
 ];
 
@@ -153,6 +159,7 @@ pub fn verifier_metrics(name: &str) -> &'static [&'static str] {
         "clip_score" => &CLIP_METRICS[1..],
         "pickscore" => &["pickscore"],
         "hpsv2" => &["hpsv2"],
+        "image_reward" => &["image_reward"],
         "ensemble" => &[ENSEMBLE_METRIC],
         _ => &[],
     }

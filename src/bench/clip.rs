@@ -68,3 +68,84 @@ pub fn bench_clip_scoring(opts: &BenchOptions) -> Result<BenchReport, PipelineEr
         },
     )
 }
+
+/// ImageReward v1.0's `med_config.json` (BLIP's BERT-base with cross-attention), written out.
+pub fn image_reward_med_config_json() -> serde_json::Value {
+    json!({
+        "vocab_size": 30524, "hidden_size": 768, "num_hidden_layers": 12,
+        "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
+        "hidden_act": "gelu", "layer_norm_eps": 1e-12, "encoder_width": 768,
+        "add_cross_attention": true
+    })
+}
+
+/// Times ImageReward v1.0 (random weights, the published sizes: BLIP ViT-L/16 at 224 px, BERT-base
+/// with cross-attention, the 768-1024-128-64-16-1 head) on `opts.batch` preprocessed images and
+/// one 35-token prompt, float32 on `opts.device`. `opts.layers` caps both encoders' depth.
+pub fn bench_image_reward(opts: &BenchOptions) -> Result<BenchReport, PipelineError> {
+    use crate::models::blip::{BlipVisionConfig, BlipVisionTransformer, MedBertModel, MedConfig};
+    let mut vision_cfg = BlipVisionConfig::default();
+    let mut med: MedConfig = parse_config(
+        &image_reward_med_config_json(),
+        "ImageReward med_config.json (built in)",
+    )?;
+    if let Some(l) = opts.layers {
+        vision_cfg.depth = vision_cfg.depth.min(l);
+        med.num_hidden_layers = med.num_hidden_layers.min(l);
+    }
+    let (vb, count) = RandomWeights::var_builder(DType::F32, &opts.device);
+    let vision = BlipVisionTransformer::new(vb.pp("blip.visual_encoder"), &vision_cfg)?;
+    let text = MedBertModel::new(vb.pp("blip.text_encoder"), &med, vision_cfg.hidden_size)?;
+    let head = crate::verifiers::clip::AestheticHead::from_lookup(
+        &|name| {
+            let widths = [
+                (0, 1024, 768),
+                (2, 128, 1024),
+                (4, 64, 128),
+                (6, 16, 64),
+                (7, 1, 16),
+            ];
+            let Some(&(_, out, inp)) = widths
+                .iter()
+                .find(|(i, _, _)| name.starts_with(&format!("mlp.layers.{i}.")))
+            else {
+                return Ok(None);
+            };
+            let shape: &[usize] = if name.ends_with("weight") {
+                &[out, inp]
+            } else {
+                &[out]
+            };
+            Tensor::randn(0f32, 0.02, shape, &opts.device)
+                .map(Some)
+                .map_err(|e| e.to_string())
+        },
+        "mlp.",
+        "the benchmark's head",
+        &opts.device,
+    )
+    .map_err(PipelineError::InvalidArgument)?;
+    let b = opts.batch;
+    let pixels = Tensor::randn(0f32, 1.0, (b, 3, 224, 224), &opts.device)?;
+    let ids: Vec<u32> = (0..35u32).map(|i| 1000 + i).collect();
+    let ids = Tensor::new(ids.as_slice(), &opts.device)?
+        .unsqueeze(0)?
+        .repeat((b, 1))?;
+    let mask = Tensor::ones((b, 35), DType::U32, &opts.device)?;
+    let details = format!(
+        "{b} images 224x224 + 1 prompt of 35 tokens, fp32, ViT-L/16 {} blocks, BERT {} layers",
+        vision_cfg.depth, med.num_hidden_layers
+    );
+    time_steps(
+        &format!("image-reward score b{b}"),
+        opts,
+        count.get(),
+        details,
+        || {
+            let tokens = vision.forward(&pixels)?;
+            let hidden = text.forward(&ids, &mask, &tokens)?;
+            let rewards = head.forward(&hidden.narrow(1, 0, 1)?.squeeze(1)?)?;
+            rewards.to_vec1::<f32>().map(|_| ())
+        },
+    )
+}

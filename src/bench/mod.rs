@@ -189,6 +189,7 @@ pub const MODELS: &[&str] = &[
     "sdxl-vae",
     "qwen",
     "clip-l14",
+    "image-reward",
     "search",
     "ops",
 ];
@@ -203,6 +204,7 @@ pub fn run_model(model: &str, opts: &BenchOptions) -> Result<Vec<BenchReport>, P
         "pixart-sigma" => models::pixart_transformer_step(opts),
         "qwen" => qwen::bench_score_image(opts),
         "clip-l14" => clip::bench_clip_scoring(opts).map(|r| vec![r]),
+        "image-reward" => clip::bench_image_reward(opts).map(|r| vec![r]),
         "search" => search::bench_search(opts),
         "ops" => ops::bench_ops(opts),
         other => Err(PipelineError::InvalidArgument(format!(

@@ -4,6 +4,7 @@
 //! structs. Models only build networks from a `VarBuilder` and a config value: where the files
 //! come from is [`crate::loading`]'s business, one layer up.
 
+pub mod blip;
 pub mod clip;
 pub mod clip_text;
 pub mod clip_tokenizer;

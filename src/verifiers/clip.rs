@@ -41,7 +41,8 @@ pub const DEFAULT_AESTHETIC: &str = "trl-lib/ddpo-aesthetic-predictor";
 pub const AESTHETIC_FILE: &str = "aesthetic-model.pth";
 
 /// The LAION aesthetic MLP (`layers.{0,2,4,6,7}`: five linear layers with dropouts between
-/// them and no activation), read from its PyTorch pickle, in eval mode.
+/// them and no activation), read from its PyTorch pickle, in eval mode. ImageReward's head has
+/// the same form.
 pub struct AestheticHead {
     layers: Vec<Linear>,
 }
@@ -53,23 +54,41 @@ impl AestheticHead {
     pub fn from_pth(path: &Path, device: &Device) -> Result<Self, String> {
         let pth = candle_core::pickle::PthTensors::new(path, None)
             .map_err(|e| format!("not a PyTorch state dict: {e}"))?;
+        Self::from_lookup(
+            &|name| pth.get(name).map_err(|e| format!("{name}: {e}")),
+            "",
+            "the LAION aesthetic MLP",
+            device,
+        )
+    }
+
+    /// Reads `{prefix}layers.{0,2,4,6,7}.{weight,bias}` through `get` (None: no such tensor),
+    /// in float32 on `device`; `what` names the model in errors. ImageReward's head is the same
+    /// stack under `mlp.`.
+    pub fn from_lookup(
+        get: &dyn Fn(&str) -> Result<Option<Tensor>, String>,
+        prefix: &str,
+        what: &str,
+        device: &Device,
+    ) -> Result<Self, String> {
         let mut layers = Vec::new();
         let mut width: Option<usize> = None;
         for i in [0, 2, 4, 6, 7] {
-            let get = |what: &str| -> Result<Tensor, String> {
-                let name = format!("layers.{i}.{what}");
-                pth.get(&name)
-                    .map_err(|e| format!("{name}: {e}"))?
-                    .ok_or_else(|| format!("has no {name}; is this the LAION aesthetic MLP?"))?
+            let tensor = |part: &str| -> Result<Tensor, String> {
+                let name = format!("{prefix}layers.{i}.{part}");
+                get(&name)?
+                    .ok_or_else(|| format!("has no {name}; is this {what}?"))?
                     .to_dtype(DType::F32)
                     .and_then(|t| t.to_device(device))
                     .map_err(|e| format!("{name}: {e}"))
             };
-            let (w, b) = (get("weight")?, get("bias")?);
-            let (out, inp) = w.dims2().map_err(|e| format!("layers.{i}.weight: {e}"))?;
+            let (w, b) = (tensor("weight")?, tensor("bias")?);
+            let (out, inp) = w
+                .dims2()
+                .map_err(|e| format!("{prefix}layers.{i}.weight: {e}"))?;
             if width.is_some_and(|prev| prev != inp) || b.dims() != [out] {
                 return Err(format!(
-                    "layers.{i} has shape {:?} / {:?}, which does not follow the layer before",
+                    "{prefix}layers.{i} has shape {:?} / {:?}, which does not follow the layer before",
                     w.dims(),
                     b.dims()
                 ));

@@ -14,6 +14,7 @@ pub mod constrained;
 pub mod ensemble;
 pub mod gemini;
 pub mod http;
+pub mod image_reward;
 pub mod openai;
 pub mod qwen;
 
@@ -100,6 +101,7 @@ pub const AVAILABLE: &[&str] = &[
     "clip_score",
     "pickscore",
     "hpsv2",
+    "image_reward",
     "ensemble",
 ];
 
@@ -292,6 +294,9 @@ pub fn build_with_env(
         "laion_aesthetic" | "clip_score" | "pickscore" | "hpsv2" => {
             Ok(Box::new(clip::ClipVerifier::from_args(args)?))
         }
+        "image_reward" => Ok(Box::new(image_reward::ImageRewardVerifier::from_args(
+            args,
+        )?)),
         other => Err(VerifierError::Unknown {
             name: other.to_string(),
         }),

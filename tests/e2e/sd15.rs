@@ -923,6 +923,17 @@ fn tiny_clip_args(name: &str, metric: &str) -> Value {
     })
 }
 
+/// `verifier_args` of the tiny ImageReward (tools/reference/make_image_reward_fixtures.py).
+fn tiny_image_reward_args() -> Value {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/image-reward");
+    serde_json::json!({
+        "name": "image_reward",
+        "choice_of_metric": "image_reward",
+        "model_name": dir.join("ImageReward.pt").display().to_string(),
+        "processor_model": dir.join("bert-tokenizer").display().to_string(),
+    })
+}
+
 /// Runs the tiny SD 1.5 offline with `verifier_args` and a random search of `rounds`; returns
 /// the run folder.
 fn offline_run(dir: &Path, verifier_args: Value, rounds: usize) -> PathBuf {
@@ -1007,8 +1018,10 @@ fn the_ensemble_records_every_member_and_selects_by_average_rank() {
         "ensemble": [
             tiny_clip_args("laion_aesthetic", "laion_aesthetic_score"),
             tiny_clip_args("clip_score", "clip_score"),
+            tiny_image_reward_args(),
         ],
     });
+    // The paper's ensemble: aesthetic, CLIPScore and ImageReward.
     let run = offline_run(dir.path(), args, 2);
     assert!(run.starts_with(dir.path().join("out/tiny-sd15/ensemble/ensemble_rank")));
     for d in round_jsons(&run, 2) {
@@ -1025,8 +1038,9 @@ fn the_ensemble_records_every_member_and_selects_by_average_rank() {
         let mut best = (0, f64::MIN);
         for (i, c) in candidates.iter().enumerate() {
             let want = (rank(c, "laion_aesthetic/laion_aesthetic_score")
-                + rank(c, "clip_score/clip_score"))
-                / 2.0;
+                + rank(c, "clip_score/clip_score")
+                + rank(c, "image_reward/image_reward"))
+                / 3.0;
             let got = score(c, "ensemble_rank");
             assert!((got - want).abs() < 1e-12, "{got} vs {want}");
             assert!(
@@ -1160,15 +1174,21 @@ fn every_local_verifier_runs_a_search_offline() {
         .join("hpsv2/HPS_v2.1_compressed.pt")
         .display()
         .to_string();
-    for (name, metric, model) in [
-        ("clip_score", "clip_s", clip.as_str()),
-        ("pickscore", "pickscore", clip.as_str()),
-        ("hpsv2", "hpsv2", hps.as_str()),
+    let reward = tiny_image_reward_args();
+    let (reward_pt, bert) = (
+        reward["model_name"].as_str().unwrap(),
+        reward["processor_model"].as_str().unwrap(),
+    );
+    for (name, metric, model, processor) in [
+        ("clip_score", "clip_s", clip.as_str(), clip.as_str()),
+        ("pickscore", "pickscore", clip.as_str(), clip.as_str()),
+        ("hpsv2", "hpsv2", hps.as_str(), clip.as_str()),
+        ("image_reward", "image_reward", reward_pt, bert),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let args = serde_json::json!({
             "name": name, "choice_of_metric": metric,
-            "model_name": model, "processor_model": clip,
+            "model_name": model, "processor_model": processor,
         });
         let run = offline_run(dir.path(), args, 1);
         for d in round_jsons(&run, 1) {

@@ -3,6 +3,7 @@
 
 mod clip;
 mod flux;
+mod image_reward;
 mod pixart;
 mod qwen;
 mod sd15;

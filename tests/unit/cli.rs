@@ -477,7 +477,38 @@ fn shipped_configs_parse() {
         );
         n += 1;
     }
-    assert!(n >= 5);
+    assert_eq!(
+        n,
+        tt_scale::config::SHIPPED.len(),
+        "every config is shipped by name"
+    );
+    // The paper's Table 2 setting: FLUX.1-dev, 30 Euler steps, guidance 3.5, 1024², ranked by
+    // the ensemble of aesthetic, CLIPScore and ImageReward.
+    let ens = tt_scale::config::Config::load(&root.join("flux.1_dev_ensemble.json")).unwrap();
+    let call = &ens.pipeline_call_args;
+    assert_eq!(
+        (
+            call.num_inference_steps,
+            call.guidance_scale,
+            call.height,
+            call.width
+        ),
+        (Some(30), Some(3.5), Some(1024), Some(1024))
+    );
+    let members: Vec<_> = ens
+        .verifier_args
+        .ensemble
+        .iter()
+        .map(|m| (m.name.as_str(), m.choice_of_metric.as_str()))
+        .collect();
+    assert_eq!(
+        members,
+        [
+            ("laion_aesthetic", "laion_aesthetic_score"),
+            ("clip_score", "clip_score"),
+            ("image_reward", "image_reward")
+        ]
+    );
     let zo = tt_scale::config::Config::load(&root.join("flux.1_dev_zero_order.json")).unwrap();
     assert_eq!(
         zo.search_args.method,

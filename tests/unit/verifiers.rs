@@ -103,6 +103,7 @@ fn supported_names_include_the_api_verifiers_qwen_and_the_clip_verifiers() {
             "clip_score",
             "pickscore",
             "hpsv2",
+            "image_reward",
             "ensemble"
         ]
     );
@@ -120,6 +121,10 @@ fn vlm_verifiers_support_the_six_metrics_and_clip_verifiers_their_own() {
     assert_eq!(
         supported_metrics("clip_score"),
         Some(&["clip_score", "clip_s"][..])
+    );
+    assert_eq!(
+        supported_metrics("image_reward"),
+        Some(&["image_reward"][..])
     );
     assert_eq!(supported_metrics("imagereward"), None);
 }
