@@ -14,6 +14,7 @@ use candle_nn::{layer_norm, linear, Conv2dConfig, LayerNorm, Linear, VarBuilder}
 use serde::Deserialize;
 
 use super::ModelError;
+use crate::ops::blas;
 
 fn vit_image_size() -> usize {
     224
@@ -97,12 +98,11 @@ fn attend(
             .to_dtype(DType::F32)
     };
     let (qh, kh, vh) = (split(q, lq)?, split(k, lk)?, split(v, lk)?);
-    let mut scores = (qh.matmul(&kh.t()?)? * (hd as f64).powf(-0.5))?;
+    let mut scores = (blas::matmul(&qh, &kh.t()?)? * (hd as f64).powf(-0.5))?;
     if let Some(mask) = mask {
         scores = scores.broadcast_add(mask)?;
     }
-    candle_nn::ops::softmax_last_dim(&scores)?
-        .matmul(&vh)?
+    blas::matmul(&candle_nn::ops::softmax_last_dim(&scores)?, &vh)?
         .to_dtype(q.dtype())?
         .transpose(1, 2)?
         .reshape((b, lq, width))
@@ -137,15 +137,15 @@ impl VitBlock {
     /// x + attn(norm1(x)), then + mlp(norm2(x)).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let d = x.dim(2)?;
-        let qkv = self.qkv.forward(&self.norm1.forward(x)?)?;
+        let qkv = blas::linear(&self.qkv, &self.norm1.forward(x)?)?;
         let (q, k, v) = (
             qkv.narrow(2, 0, d)?,
             qkv.narrow(2, d, d)?,
             qkv.narrow(2, 2 * d, d)?,
         );
-        let x = (x + self.proj.forward(&attend(&q, &k, &v, self.heads, None)?)?)?;
-        let h = self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?;
-        x + self.fc2.forward(&h)?
+        let x = (x + blas::linear(&self.proj, &attend(&q, &k, &v, self.heads, None)?)?)?;
+        let h = blas::linear(&self.fc1, &self.norm2.forward(&x)?)?.gelu_erf()?;
+        x + blas::linear(&self.fc2, &h)?
     }
 }
 
@@ -294,13 +294,13 @@ impl BertAttention {
         mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let ctx = attend(
-            &self.query.forward(x)?,
-            &self.key.forward(kv)?,
-            &self.value.forward(kv)?,
+            &blas::linear(&self.query, x)?,
+            &blas::linear(&self.key, kv)?,
+            &blas::linear(&self.value, kv)?,
             self.heads,
             mask,
         )?;
-        self.norm.forward(&(self.dense.forward(&ctx)? + x)?)
+        self.norm.forward(&(blas::linear(&self.dense, &ctx)? + x)?)
     }
 }
 
@@ -329,8 +329,8 @@ impl BertLayer {
         let x = self.attention.forward(x, x, Some(mask))?;
         // The image tokens are all valid: BLIP's encoder mask is zero everywhere.
         let x = self.crossattention.forward(&x, image, None)?;
-        let h = self.intermediate.forward(&x)?.gelu_erf()?;
-        self.norm.forward(&(self.output.forward(&h)? + x)?)
+        let h = blas::linear(&self.intermediate, &x)?.gelu_erf()?;
+        self.norm.forward(&(blas::linear(&self.output, &h)? + x)?)
     }
 }
 

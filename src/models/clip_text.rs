@@ -8,6 +8,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
+use crate::ops::blas;
+
 /// The MLP activation named by `hidden_act`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClipActivation {
@@ -119,21 +121,20 @@ impl Attention {
                 .to_dtype(DType::F32)
         };
         let scale = (self.head_dim as f64).powf(-0.5);
-        let q = split(self.q_proj.forward(xs)?)?;
-        let k = split(self.k_proj.forward(xs)?)?;
-        let v = split(self.v_proj.forward(xs)?)?;
-        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let q = split(blas::linear(&self.q_proj, xs)?)?;
+        let k = split(blas::linear(&self.k_proj, xs)?)?;
+        let v = split(blas::linear(&self.v_proj, xs)?)?;
+        let scores = (blas::matmul(&q, &k.t()?)? * scale)?;
         let scores = match mask {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v)?
+        let out = blas::matmul(&probs, &v)?
             .to_dtype(xs.dtype())?
             .transpose(1, 2)?
             .reshape((b, t, d))?;
-        self.out_proj.forward(&out)
+        blas::linear(&self.out_proj, &out)
     }
 }
 
@@ -171,10 +172,11 @@ impl EncoderLayer {
             .self_attn
             .forward(&self.layer_norm1.forward(xs)?, mask)?
             + xs)?;
-        let mlp = self.fc2.forward(
+        let mlp = blas::linear(
+            &self.fc2,
             &self
                 .act
-                .apply(&self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?,
+                .apply(&blas::linear(&self.fc1, &self.layer_norm2.forward(&h)?)?)?,
         )?;
         mlp + h
     }

@@ -5,10 +5,13 @@
 //! Models ask [`fused_on`] (or [`attention_fused_ok`]) whether the fused path applies to a
 //! tensor: on a CUDA device, for the dtypes and shapes the kernels cover, unless the environment
 //! sets `TT_SCALE_FUSED=0` (the escape hatch, and how the benchmarks time both paths). Otherwise
-//! the model's own composition of candle operations runs, unchanged: CPU results do not depend
-//! on this module. Each kernel family checks itself on first use ([`selfcheck`]) and gives way to
+//! the model's own composition of candle operations runs. Each kernel family checks itself on first use ([`selfcheck`]) and gives way to
 //! the plain composition where it disagrees with its reference: models ask [`fused_for`].
+//!
+//! On the CPU, float32 matrix products of the transformer layers go through [`blas`] (the
+//! system's OpenBLAS, opened at run time, about twice candle's GEMM speed) where it is installed.
 
+pub mod blas;
 mod cudnn;
 pub mod fused;
 pub mod selfcheck;
@@ -398,7 +401,7 @@ impl Linear {
         if self.fused(x) {
             linear_fused_or_plain(x, self.weight(), self.bias(), Some(Activation::GeluTanh))
         } else {
-            self.inner.forward(x)?.gelu()
+            blas::linear(&self.inner, x)?.gelu()
         }
     }
 }
@@ -408,7 +411,7 @@ impl Module for Linear {
         if self.fused(x) {
             linear_fused_or_plain(x, self.weight(), self.bias(), None)
         } else {
-            self.inner.forward(x)
+            blas::linear(&self.inner, x)
         }
     }
 }
@@ -476,7 +479,7 @@ pub fn linear_plain(
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&0);
     let rows = x.elem_count() / k.max(1);
-    let mut y = x.reshape((rows, k))?.matmul(&weight.t()?)?;
+    let mut y = blas::matmul(&x.reshape((rows, k))?, &weight.t()?)?;
     if let Some(b) = bias {
         y = y.broadcast_add(b)?;
     }
