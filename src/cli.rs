@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::device::{parse_device, DeviceSpec};
 use crate::prompts::NumPrompts;
+use crate::sweep::ShardArg;
 
 /// Inference-time scaling for text-to-image diffusion: search over starting noises and keep
 /// what a verifier scores best.
@@ -32,6 +33,9 @@ pub enum Command {
     /// Grade the images of a run folder with another verifier (no generation): adds its scores
     /// to the round JSON and reports how the choice of best would change.
     Rescore(RescoreArgs),
+    /// Where a run (or a sweep's shared run folder) stands: prompts done, started and pending,
+    /// shards started, NFEs and verifier calls spent, failed rounds.
+    Status(StatusArgs),
     /// Time one denoiser step of a model's real-size architecture with random weights (no
     /// download needed).
     Bench(BenchArgs),
@@ -156,9 +160,25 @@ pub struct RunArgs {
     #[arg(
         long,
         value_name = "RUN_DIR",
-        conflicts_with_all = ["pipeline_config", "prompt", "prompts_file", "num_prompts", "batch_size", "seed", "output_dir"]
+        conflicts_with_all = ["pipeline_config", "prompt", "prompts_file", "num_prompts", "batch_size", "seed", "output_dir", "run_name"]
     )]
     pub resume: Option<PathBuf>,
+
+    /// Search one shard of the prompts: INDEX/COUNT (0-based: prompt i when i % COUNT == INDEX;
+    /// needs --seed), or auto (a Slurm array task's SLURM_ARRAY_TASK_ID/COUNT, a Kubernetes
+    /// Indexed Job's JOB_COMPLETION_INDEX with TT_SCALE_SHARD_COUNT). With --resume: continue
+    /// that shard of the run.
+    #[arg(long, value_name = "INDEX/COUNT|auto", value_parser = parse_shard)]
+    pub shard: Option<ShardArg>,
+
+    /// Name the run folder (output/<model>/<verifier>/<metric>/NAME) instead of the start
+    /// time; the shards of a sweep share one name and write into one folder.
+    #[arg(long = "run-name", value_name = "NAME")]
+    pub run_name: Option<String>,
+}
+
+fn parse_shard(s: &str) -> Result<ShardArg, String> {
+    ShardArg::parse(s).map_err(|e| e.to_string())
 }
 
 /// Flags of `tt-scale rescore`.
@@ -179,6 +199,17 @@ pub struct RescoreArgs {
     /// Where a local verifier runs: cpu, cuda or cuda:N (default: CUDA when present).
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<String>,
+}
+
+/// Flags of `tt-scale status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The run folder (output/<model>/<verifier>/<metric>/<name>).
+    #[arg(value_name = "RUN_DIR")]
+    pub path: PathBuf,
+    /// Print the status as JSON on stdout (for scripts).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `tt-scale collage`.

@@ -7,17 +7,18 @@
 //!  bench                      benchmarks of every layer below (tt-scale bench)
 //!  rescore                    grade a finished run's images with another verifier
 //!  cli, run                   the argument parser; a run: prompts -> search -> files
-//!  collage                    collages of a run folder
+//!  collage, sweep             collages of a run folder; shards of a sweep, run-folder status
 //!  output                     every file format: run folders, PNGs, the per-round JSON, journals
 //!  search                     random / zero-order search; its observer is the layer above
-//!  verifiers                  judges: Gemini, OpenAI(-compatible), local Qwen2.5-VL
+//!  verifiers                  judges: Gemini, OpenAI(-compatible), local Qwen2.5-VL, the
+//!                             local reward models (CLIP, PickScore, HPSv2, ImageReward), ensemble
 //!  pipelines                  Flux, SDXL, PixArt-Sigma, SD 1.5 on one shared denoise loop
 //!  config                     the experiment file, typed and validated
 //!  schedulers                 diffusers' schedulers
 //!  prompts                    prompt files and the Hub dataset
 //!  loading                    Hub / local files, weights mmap, the typed JSON-config reader
 //!  models                     the networks, their serde-derived configs, ModelError
-//!  ops                        fused kernels (CUDA, cuDNN) and their CPU references
+//!  ops                        fused kernels (CUDA, cuDNN), their CPU references, OpenBLAS
 //!  noise, device, files, hub  torch-exact seeded noise; the one device parser; bounded reads
 //!                             and atomic writes; Hub HTTP with timeouts and retries
 //! ```
@@ -44,6 +45,7 @@ pub mod verifiers;
 
 pub mod collage;
 pub mod output;
+pub mod sweep;
 
 pub mod cli;
 pub mod run;

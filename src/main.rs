@@ -64,6 +64,8 @@ fn main() -> ExitCode {
                     DeviceArg::Named(d) => Some(d),
                 },
                 resume: a.resume,
+                shard: a.shard,
+                run_name: a.run_name,
             };
             match run::run(&opts) {
                 Ok(summary) => {
@@ -77,6 +79,26 @@ fn main() -> ExitCode {
             }
         }
         Command::Bench(a) => bench(a),
+        Command::Status(a) => match tt_scale::sweep::status(&a.path) {
+            Ok(status) => {
+                if a.json {
+                    match serde_json::to_string_pretty(&status) {
+                        Ok(text) => say!("{text}"),
+                        Err(e) => {
+                            say_err!("error: {e}");
+                            return ExitCode::from(1);
+                        }
+                    }
+                } else {
+                    say!("{status}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                say_err!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Rescore(a) => {
             use tt_scale::rescore::rescore;
             match rescore(

@@ -24,6 +24,7 @@ use crate::prompts::{self, NumPrompts, PromptSource, PromptsError};
 use crate::search::{
     self, ObserverError, RoundResult, SearchError, SearchObserver, SearchSettings,
 };
+use crate::sweep::{self, PromptDone, Shard, ShardArg, ShardError};
 use crate::verifiers::{self, Verifier, VerifierError};
 
 /// What `tt-scale run` was asked to do (the command line, parsed).
@@ -50,6 +51,11 @@ pub struct RunOptions {
     /// `--resume`: continue the run in this folder instead of starting one; the config, seed,
     /// prompts and batch size are the folder's, the flags above that set them are ignored.
     pub resume: Option<PathBuf>,
+    /// `--shard`: search only this shard's prompts (with `--resume`: continue that shard).
+    pub shard: Option<ShardArg>,
+    /// `--run-name`: the run folder's name instead of the start time; shards of one sweep
+    /// share it, and the folder may already exist.
+    pub run_name: Option<String>,
 }
 
 /// Why a run stopped.
@@ -88,6 +94,9 @@ pub enum RunError {
         /// What is wrong and what to do.
         problem: String,
     },
+    /// `--shard` could not be worked out.
+    #[error(transparent)]
+    Shard(#[from] ShardError),
     /// The SIGINT/SIGTERM handlers could not be installed.
     #[error("cannot install the SIGINT/SIGTERM handlers: {0}")]
     Signals(std::io::Error),
@@ -95,7 +104,7 @@ pub enum RunError {
     /// batch; every file written is whole.
     #[error(
         "interrupted by {signal}: stopped before the next batch; the {images} image(s) of the rounds completed so far are in {}; continue with: {}",
-        run_dir.display(), resume_command(run_dir)
+        run_dir.display(), resume_command(run_dir, *shard)
     )]
     Interrupted {
         /// `SIGINT` or `SIGTERM`.
@@ -104,6 +113,8 @@ pub enum RunError {
         run_dir: PathBuf,
         /// Images of the rounds written.
         images: usize,
+        /// The shard this process ran, if any.
+        shard: Option<Shard>,
     },
     /// The verifier refused access before any image was made (checked with one cheap request).
     #[error("the verifier cannot grade any image, so nothing was generated: {0}")]
@@ -112,13 +123,15 @@ pub enum RunError {
     /// request, an exhausted quota); the run stopped with its files consistent.
     #[error(
         "the verifier cannot grade any image, so the run stopped (the rounds completed so far are in {}): {message}\nOnce that is fixed, continue with: {}",
-        run_dir.display(), resume_command(run_dir)
+        run_dir.display(), resume_command(run_dir, *shard)
     )]
     FatalVerifier {
         /// The API's message and what to do.
         message: String,
         /// The run folder.
         run_dir: PathBuf,
+        /// The shard this process ran, if any.
+        shard: Option<Shard>,
     },
 }
 
@@ -131,6 +144,7 @@ impl RunError {
             RunError::Usage(_)
             | RunError::Config(_)
             | RunError::Device(_)
+            | RunError::Shard(_)
             | RunError::Resume { .. } => 2,
             RunError::Prompts(
                 PromptsError::EmptyPrompt
@@ -252,11 +266,29 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
+    if let Some(name) = &opts.run_name {
+        sweep::check_run_name(name).map_err(RunError::Usage)?;
+    }
+    let shard = opts.shard.map(ShardArg::resolve).transpose()?;
+    if shard.is_some() && opts.seed.is_none() {
+        return Err(RunError::Usage(
+            "--shard needs --seed: every shard of a sweep must derive its candidates from the same master seed".into(),
+        ));
+    }
     let source = prompt_source(opts)?;
     let device = select_device(opts.device)?;
     let verifier = build_verifier(&config, opts)?;
     let prompts = unique_prompts(prompts::load_prompts(&source.0, source.1)?);
-    tracing::info!("{} prompt(s)", prompts.len());
+    match shard {
+        Some(s) => tracing::info!(
+            "{} prompt(s), shard {} of {} searches {}",
+            prompts.len(),
+            s.index,
+            s.count,
+            s.select(&prompts).len()
+        ),
+        None => tracing::info!("{} prompt(s)", prompts.len()),
+    }
     if device.is_cpu() {
         warn_if_slow_on_cpu(&config, prompts.len());
     }
@@ -265,6 +297,7 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
         opts,
         &config,
         &prompts,
+        shard,
         pipeline.as_mut(),
         verifier.as_ref(),
         device.is_cuda(),
@@ -342,26 +375,42 @@ fn build_verifier(config: &Config, opts: &RunOptions) -> Result<Box<dyn Verifier
 }
 
 /// The search and output part of [`run`], for an already loaded pipeline and verifier: makes
-/// the run folder (its `config.json` and resume record) and searches every prompt. `on_cuda`
-/// says which kind of device the images are made on (a resumed run must use the same kind).
+/// the run folder (its `config.json` and resume record) and searches every prompt of `prompts`
+/// (the run's whole list) that `shard` owns. `on_cuda` says which kind of device the images are
+/// made on (a resumed run must use the same kind).
+#[allow(clippy::too_many_arguments)]
 pub fn run_with(
     opts: &RunOptions,
     config: &Config,
     prompts: &[String],
+    shard: Option<Shard>,
     pipeline: &mut dyn ImagePipeline,
     verifier: &dyn Verifier,
     on_cuda: bool,
     started: Instant,
 ) -> Result<RunSummary, RunError> {
     let master_seed = opts.seed.unwrap_or_else(search::seeds::draw_master_seed);
-    let run_dir = output::create_run_dir(
-        &opts.output_dir,
-        &config.model,
-        &config.verifier_args.name,
-        &config.verifier_args.choice_of_metric,
-        chrono::Local::now(),
-    )?;
     let config_json = output::to_python_json(&run_record(config, opts, master_seed));
+    let run_dir = match &opts.run_name {
+        Some(name) => {
+            let dir = output::named_run_dir(
+                &opts.output_dir,
+                &config.model,
+                &config.verifier_args.name,
+                &config.verifier_args.choice_of_metric,
+                name,
+            )?;
+            check_shared_folder(&dir, &config_json, shard)?;
+            dir
+        }
+        None => output::create_run_dir(
+            &opts.output_dir,
+            &config.model,
+            &config.verifier_args.name,
+            &config.verifier_args.choice_of_metric,
+            chrono::Local::now(),
+        )?,
+    };
     output::write_atomic(&run_dir.join("config.json"), config_json.as_bytes())?;
     let journal_dir = run_dir.join(JOURNAL_DIR);
     std::fs::create_dir_all(&journal_dir).map_err(|source| OutputError {
@@ -376,25 +425,63 @@ pub fn run_with(
         config_sha256: sha256_hex(config_json.as_bytes()),
         device: device_kind(on_cuda).to_string(),
         prompts: prompts.to_vec(),
+        shard,
     };
-    output::write_json(&journal_dir.join(RESUME_FILE), &record)?;
+    output::write_json(&journal_dir.join(sweep::record_file_name(shard)), &record)?;
     // A closed stderr must not stop the run (`let _`: the text is dropped, never a panic).
     let _ = writeln!(
         std::io::stderr(),
         "tt-scale: master seed {master_seed}, writing to {}",
         run_dir.display()
     );
+    let mine = shard.map_or_else(|| prompts.to_vec(), |s| s.select(prompts));
     search_prompts(
         &run_dir,
         &run_dir,
         master_seed,
         opts,
         config,
-        prompts,
+        (&mine, shard),
         pipeline,
         verifier,
         started,
     )
+}
+
+/// Before a process writes into a named run folder that may already hold a run (the other
+/// shards of its sweep): its `config.json`, if any, must be the one this process would write
+/// (same config, seed, prompts, batch size), and this shard must not have started there before.
+fn check_shared_folder(
+    dir: &Path,
+    config_json: &str,
+    shard: Option<Shard>,
+) -> Result<(), RunError> {
+    let refuse = |problem: String| RunError::Resume {
+        dir: dir.to_path_buf(),
+        problem,
+    };
+    let existing = dir.join("config.json");
+    if existing.is_file() {
+        let bytes = crate::files::read_capped(&existing, crate::config::MAX_CONFIG_BYTES)
+            .map_err(|e| refuse(format!("its config.json cannot be read ({e})")))?;
+        if bytes != config_json.as_bytes() {
+            return Err(refuse(
+                "it holds a run with another config.json (config, seed, prompts, batch size, device or version differ): the shards of one sweep must be started with the same flags apart from --shard; choose another --run-name".into(),
+            ));
+        }
+    }
+    if dir
+        .join(JOURNAL_DIR)
+        .join(sweep::record_file_name(shard))
+        .is_file()
+    {
+        return Err(refuse(format!(
+            "this {} already started there; continue it with: {}",
+            shard.map_or_else(|| "run".to_string(), |s| format!("shard ({})", s.spec())),
+            resume_command(dir, shard)
+        )));
+    }
+    Ok(())
 }
 
 /// Searches every prompt into `run_dir` (new or resumed): what the folder already holds (saved
@@ -406,7 +493,7 @@ fn search_prompts(
     master_seed: u64,
     opts: &RunOptions,
     config: &Config,
-    prompts: &[String],
+    (prompts, shard): (&[String], Option<Shard>),
     pipeline: &mut dyn ImagePipeline,
     verifier: &dyn Verifier,
     started: Instant,
@@ -457,7 +544,11 @@ fn search_prompts(
         match searched {
             Err(SearchError::FatalVerifier(message)) => {
                 writer.finish();
-                return Err(RunError::FatalVerifier { message, run_dir });
+                return Err(RunError::FatalVerifier {
+                    message,
+                    run_dir,
+                    shard,
+                });
             }
             Err(SearchError::Interrupted) => {
                 writer.finish();
@@ -465,11 +556,12 @@ fn search_prompts(
                     signal: signals.received(),
                     run_dir,
                     images: writer.images,
+                    shard,
                 });
             }
             other => other?,
         }
-        writer.finish_prompt(prompt);
+        writer.finish_prompt(prompt)?;
     }
     writer.finish();
     Ok(RunSummary {
@@ -488,8 +580,6 @@ fn search_prompts(
     })
 }
 
-/// The resume record's file in the journal folder.
-const RESUME_FILE: &str = "run.json";
 /// Version of the resume record's layout.
 const RESUME_FORMAT: u32 = 1;
 
@@ -508,8 +598,11 @@ struct ResumeRecord {
     config_sha256: String,
     /// `cpu` or `cuda`: the kind of device the images were made on.
     device: String,
-    /// The prompts searched, in order.
+    /// The run's prompts, in order (all shards' when sharded).
     prompts: Vec<String>,
+    /// The shard this record's process searches (`None`: every prompt).
+    #[serde(default)]
+    shard: Option<Shard>,
 }
 
 fn device_kind(on_cuda: bool) -> &'static str {
@@ -547,7 +640,21 @@ fn resume(opts: &RunOptions, dir: &Path) -> Result<RunSummary, RunError> {
                 "its config.json cannot be read ({e}); is it a tt-scale run folder?"
             ))
         })?;
-    let record_path = dir.join(JOURNAL_DIR).join(RESUME_FILE);
+    let shard = opts.shard.map(ShardArg::resolve).transpose()?;
+    let record_path = dir.join(JOURNAL_DIR).join(sweep::record_file_name(shard));
+    if shard.is_none() && !record_path.is_file() {
+        let shards: Vec<String> = sweep::record_files(&dir.join(JOURNAL_DIR))
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().to_string()))
+            .collect();
+        if !shards.is_empty() {
+            return Err(refuse(format!(
+                "it is a sharded sweep ({}): resume one shard with --resume {} --shard INDEX/COUNT (or --shard auto in its array task)",
+                shards.join(", "),
+                dir.display()
+            )));
+        }
+    }
     let record: ResumeRecord = crate::files::read_capped(&record_path, 1 << 30)
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
@@ -557,6 +664,14 @@ fn resume(opts: &RunOptions, dir: &Path) -> Result<RunSummary, RunError> {
                 record_path.display()
             ))
         })?;
+    if record.shard != shard {
+        return Err(refuse(format!(
+            "{} records shard {:?}, not {:?}",
+            record_path.display(),
+            record.shard.map(|s| s.spec()),
+            shard.map(|s| s.spec())
+        )));
+    }
     let version = env!("CARGO_PKG_VERSION");
     if record.format != RESUME_FORMAT || record.tt_scale_version != version {
         return Err(refuse(format!(
@@ -620,11 +735,12 @@ fn resume(opts: &RunOptions, dir: &Path) -> Result<RunSummary, RunError> {
     for folder in [dir.to_path_buf(), dir.join(JOURNAL_DIR)] {
         output::remove_stale_temp_files(&folder)?;
     }
+    let prompts = shard.map_or_else(|| record.prompts.clone(), |s| s.select(&record.prompts));
     let _ = writeln!(
         std::io::stderr(),
         "tt-scale: resuming {} (master seed {master_seed}, {} prompt(s))",
         dir.display(),
-        record.prompts.len()
+        prompts.len()
     );
     search_prompts(
         dir,
@@ -632,18 +748,20 @@ fn resume(opts: &RunOptions, dir: &Path) -> Result<RunSummary, RunError> {
         master_seed,
         &opts,
         &config,
-        &record.prompts,
+        (&prompts, shard),
         pipeline.as_mut(),
         verifier.as_ref(),
         started,
     )
 }
 
-/// The command that resumes the run in `run_dir`, from any folder (the path made absolute).
-pub fn resume_command(run_dir: &Path) -> String {
+/// The command that resumes the run (or `shard` of it) in `run_dir`, from any folder (the path
+/// made absolute).
+pub fn resume_command(run_dir: &Path, shard: Option<Shard>) -> String {
     let dir = std::path::absolute(run_dir).unwrap_or_else(|_| run_dir.to_path_buf());
+    let shard = shard.map_or_else(String::new, |s| format!(" --shard {}", s.spec()));
     format!(
-        "tt-scale run --resume {}",
+        "tt-scale run --resume {}{shard}",
         shell_quote(&dir.display().to_string())
     )
 }
@@ -820,6 +938,10 @@ struct OutputWriter {
     best_extras: Vec<verifiers::ensemble::NamedVerifier>,
     best_scores: Vec<(String, Option<f64>)>,
     images: usize,
+    /// [`OutputWriter::images`] and [`OutputWriter::failed_rounds`] when the prompt started,
+    /// and the prompt's rounds so far: its completion record.
+    prompt_start: (usize, usize),
+    prompt_rounds: usize,
     /// Images generated (not read back).
     generated: usize,
     reused_grades: usize,
@@ -871,6 +993,8 @@ impl OutputWriter {
             best_extras: Vec::new(),
             best_scores: Vec::new(),
             images: 0,
+            prompt_start: (0, 0),
+            prompt_rounds: 0,
             generated: 0,
             reused_grades: 0,
             failed_gradings: 0,
@@ -887,6 +1011,8 @@ impl OutputWriter {
 
     fn start_prompt(&mut self, prompt: &str) {
         self.prompt_name = output::prompt_to_filename(prompt);
+        self.prompt_start = (self.images, self.failed_rounds);
+        self.prompt_rounds = 0;
         self.best = None;
         self.spent = output::Spent::default();
         let short = escape_controls(&prompt.chars().take(40).collect::<String>());
@@ -894,7 +1020,24 @@ impl OutputWriter {
         self.bars.rounds.reset();
     }
 
-    fn finish_prompt(&mut self, prompt: &str) {
+    /// Records the prompt as done (`journal/done/<prompt name>.json`, for `tt-scale status`
+    /// and merges) and reports it.
+    fn finish_prompt(&mut self, prompt: &str) -> Result<(), OutputError> {
+        let done = PromptDone {
+            prompt: prompt.to_string(),
+            rounds: self.prompt_rounds,
+            images: self.images - self.prompt_start.0,
+            nfe: self.spent.nfe,
+            verifier_calls: self.spent.verifier_calls,
+            best_score: self.best.as_ref().map(|b| b.score),
+            failed_rounds: self.failed_rounds - self.prompt_start.1,
+        };
+        let dir = self.run_dir.join(JOURNAL_DIR).join(sweep::DONE_DIR);
+        std::fs::create_dir_all(&dir).map_err(|source| OutputError {
+            path: dir.clone(),
+            source,
+        })?;
+        output::write_json(&dir.join(format!("{}.json", self.prompt_name)), &done)?;
         self.best_scores
             .push((prompt.to_string(), self.best.as_ref().map(|b| b.score)));
         self.bars.prompts.inc(1);
@@ -908,6 +1051,7 @@ impl OutputWriter {
             ),
             None => tracing::warn!("prompt done: no candidate could be graded"),
         }
+        Ok(())
     }
 
     fn finish(&self) {
@@ -998,6 +1142,7 @@ impl SearchObserver for OutputWriter {
             );
         }
         self.bars.rounds.inc(1);
+        self.prompt_rounds += 1;
         let line = match r.best {
             Some(i) => {
                 let c = &r.candidates[i];

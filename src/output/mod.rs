@@ -117,6 +117,27 @@ pub fn create_run_dir(
     })
 }
 
+/// The run folder `output_dir/<model>/<verifier>/<metric>/<name>` of a named run (`--run-name`),
+/// made if missing; an existing one is returned as is (the shards of a sweep share it).
+pub fn named_run_dir(
+    output_dir: &Path,
+    model: &str,
+    verifier: &str,
+    metric: &str,
+    name: &str,
+) -> Result<PathBuf, OutputError> {
+    let dir = output_dir
+        .join(model_dir_name(model))
+        .join(verifier)
+        .join(metric)
+        .join(name);
+    std::fs::create_dir_all(&dir).map_err(|source| OutputError {
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(dir)
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, flushed to disk,
 /// then renamed over `path` ([`crate::files::write_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OutputError> {

@@ -10,3 +10,4 @@ mod qwen;
 mod resume;
 mod sd15;
 mod sdxl;
+mod sweep;

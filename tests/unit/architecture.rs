@@ -17,7 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["verifiers"],
     &["search"],
     &["output"],
-    &["collage"],
+    &["collage", "sweep"],
     &["run", "cli"],
     &["rescore"],
     &["bench"],

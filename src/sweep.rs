@@ -1,0 +1,483 @@
+//! Sweeps split over processes: a shard (`--shard INDEX/COUNT`, or `auto` from a Slurm array
+//! task or a Kubernetes Indexed Job) searches the prompts whose index in the run's prompt list
+//! is INDEX modulo COUNT. Per-prompt seeds depend only on the master seed and the prompt, so a
+//! shard makes exactly the images the unsharded run makes for its prompts, and all shards can
+//! write into one run folder: every file they write is per prompt or per shard.
+//!
+//! Also `tt-scale status`: what a run folder holds, prompt by prompt.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One shard of a sweep: prompts `i` with `i % count == index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    /// This shard's number, from 0.
+    pub index: usize,
+    /// How many shards the sweep has.
+    pub count: usize,
+}
+
+/// `--shard`: a given shard, or `auto` (from the environment of a Slurm array task or a
+/// Kubernetes Indexed Job).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShardArg {
+    /// `INDEX/COUNT`.
+    Fixed(Shard),
+    /// `auto`: [`Shard::from_env`].
+    Auto,
+}
+
+/// Why a shard could not be worked out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShardError {
+    /// `--shard` is not `INDEX/COUNT` or `auto`.
+    #[error("`{0}` is not a shard: give INDEX/COUNT with 0 <= INDEX < COUNT (e.g. 0/4), or auto")]
+    Syntax(String),
+    /// `--shard auto` outside a Slurm array task or an Indexed Job.
+    #[error("--shard auto found no shard in the environment: it reads SLURM_ARRAY_TASK_ID with SLURM_ARRAY_TASK_COUNT (sbatch --array), or JOB_COMPLETION_INDEX with TT_SCALE_SHARD_COUNT (a Kubernetes Indexed Job); give --shard INDEX/COUNT instead")]
+    NotFound,
+    /// A variable is set but unusable.
+    #[error("{var}={value:?}: {problem}")]
+    BadVariable {
+        /// The environment variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong and what to do.
+        problem: String,
+    },
+}
+
+impl Shard {
+    /// Parses `INDEX/COUNT` (0-based index).
+    pub fn parse(text: &str) -> Result<Self, ShardError> {
+        let bad = || ShardError::Syntax(text.to_string());
+        let (i, n) = text.trim().split_once('/').ok_or_else(bad)?;
+        let index: usize = i.trim().parse().map_err(|_| bad())?;
+        let count: usize = n.trim().parse().map_err(|_| bad())?;
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Self { index, count })
+    }
+
+    /// The shard of this process from its environment (`var` looks a variable up): a Slurm
+    /// array task (`SLURM_ARRAY_TASK_ID` less `SLURM_ARRAY_TASK_MIN`, of
+    /// `SLURM_ARRAY_TASK_COUNT`), else a Kubernetes Indexed Job's pod (`JOB_COMPLETION_INDEX`
+    /// of `TT_SCALE_SHARD_COUNT`, which the manifest sets to the Job's `completions`).
+    pub fn from_env(var: &dyn Fn(&str) -> Option<String>) -> Result<Self, ShardError> {
+        let number = |name: &'static str| -> Result<Option<usize>, ShardError> {
+            match var(name) {
+                None => Ok(None),
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| ShardError::BadVariable {
+                        var: name,
+                        value: v.clone(),
+                        problem: "not a whole number".into(),
+                    }),
+            }
+        };
+        let shard = |index: usize, count: usize, var: &'static str, value: String| {
+            if count == 0 || index >= count {
+                Err(ShardError::BadVariable {
+                    var,
+                    value,
+                    problem: format!("gives shard {index} of {count}, outside 0..{count}"),
+                })
+            } else {
+                Ok(Self { index, count })
+            }
+        };
+        if let Some(id) = number("SLURM_ARRAY_TASK_ID")? {
+            let min = number("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+            let count = number("SLURM_ARRAY_TASK_COUNT")?.ok_or(ShardError::BadVariable {
+                var: "SLURM_ARRAY_TASK_COUNT",
+                value: String::new(),
+                problem: "unset while SLURM_ARRAY_TASK_ID is set; submit with sbatch --array"
+                    .into(),
+            })?;
+            let index = id.checked_sub(min).ok_or(ShardError::BadVariable {
+                var: "SLURM_ARRAY_TASK_ID",
+                value: id.to_string(),
+                problem: format!("is below SLURM_ARRAY_TASK_MIN={min}"),
+            })?;
+            return shard(index, count, "SLURM_ARRAY_TASK_ID", id.to_string());
+        }
+        if let Some(index) = number("JOB_COMPLETION_INDEX")? {
+            let count = number("TT_SCALE_SHARD_COUNT")?.ok_or(ShardError::BadVariable {
+                var: "TT_SCALE_SHARD_COUNT",
+                value: String::new(),
+                problem: "unset in an Indexed Job; set it to the Job's completions (deploy/k8s-indexed-job.yaml does)".into(),
+            })?;
+            return shard(index, count, "JOB_COMPLETION_INDEX", index.to_string());
+        }
+        Err(ShardError::NotFound)
+    }
+
+    /// Whether prompt number `i` (0-based, in the run's prompt list) is this shard's.
+    pub fn owns(&self, i: usize) -> bool {
+        i % self.count == self.index
+    }
+
+    /// This shard's prompts, in the list's order.
+    pub fn select(&self, prompts: &[String]) -> Vec<String> {
+        prompts
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.owns(*i))
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    /// `INDEX/COUNT`, as `--shard` takes it.
+    pub fn spec(&self) -> String {
+        format!("{}/{}", self.index, self.count)
+    }
+}
+
+impl ShardArg {
+    /// Parses `--shard`: `auto` or `INDEX/COUNT`.
+    pub fn parse(text: &str) -> Result<Self, ShardError> {
+        if text.trim().eq_ignore_ascii_case("auto") {
+            Ok(Self::Auto)
+        } else {
+            Shard::parse(text).map(Self::Fixed)
+        }
+    }
+
+    /// The shard, looking `auto` up in the process environment.
+    pub fn resolve(self) -> Result<Shard, ShardError> {
+        match self {
+            Self::Fixed(s) => Ok(s),
+            Self::Auto => Shard::from_env(&|name| std::env::var(name).ok()),
+        }
+    }
+}
+
+/// Checks a `--run-name`: one folder name (no separators, not `.` or `..`, not empty, printable).
+pub fn check_run_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name.len() <= 200
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == '\\' || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "--run-name {name:?} is not a folder name: give one name (letters, digits, `-`, `_`, `.`), no `/`"
+        ))
+    }
+}
+
+/// What `journal/done/<prompt name>.json` records when a prompt's search has finished.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PromptDone {
+    /// The prompt.
+    pub prompt: String,
+    /// Rounds completed.
+    pub rounds: usize,
+    /// Images of the prompt (generated or reused).
+    pub images: usize,
+    /// Denoiser evaluations spent (`None` when the pipeline could not tell).
+    pub nfe: Option<u64>,
+    /// Verifier calls.
+    pub verifier_calls: u64,
+    /// The best score under the run's metric, if any candidate was graded.
+    pub best_score: Option<f64>,
+    /// Rounds whose grading failed.
+    pub failed_rounds: usize,
+}
+
+/// The folder of the journal folder that holds the prompts' completion records
+/// (`journal/done/<prompt name>.json`, [`PromptDone`]).
+pub const DONE_DIR: &str = "done";
+
+/// The file name of a shard's resume record in the journal folder (`run.json` unsharded).
+pub fn record_file_name(shard: Option<Shard>) -> String {
+    match shard {
+        None => "run.json".into(),
+        Some(s) => format!("run.shard-{}-of-{}.json", s.index, s.count),
+    }
+}
+
+/// The resume records (`run*.json`) in a run folder's journal folder, sorted.
+pub fn record_files(journal_dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(journal_dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                        n == "run.json" || (n.starts_with("run.shard-") && n.ends_with(".json"))
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// Why `tt-scale status` cannot read a folder.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {problem}", dir.display())]
+pub struct StatusError {
+    /// The folder.
+    pub dir: PathBuf,
+    /// What is wrong and what to do.
+    pub problem: String,
+}
+
+/// Where one prompt of a run stands.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptState {
+    /// Its search finished ([`PromptDone`]).
+    Done,
+    /// Its search started (a journal exists) and has not finished: running, stopped or crashed.
+    Started,
+    /// Nothing of it is in the folder yet.
+    Pending,
+}
+
+/// One prompt in [`RunStatus`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PromptStatus {
+    /// The prompt.
+    pub prompt: String,
+    /// The shard that owns it (0 when unsharded).
+    pub shard: usize,
+    /// Where it stands.
+    pub state: PromptState,
+    /// Its completion record, when done.
+    pub done: Option<PromptDone>,
+}
+
+/// What a run folder holds, prompt by prompt (`tt-scale status`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RunStatus {
+    /// The run folder.
+    pub run_dir: PathBuf,
+    /// Shards of the sweep (1 when unsharded).
+    pub shards: usize,
+    /// The shards whose process has started in this folder.
+    pub shards_started: Vec<usize>,
+    /// Every prompt of the run, in order.
+    pub prompts: Vec<PromptStatus>,
+    /// Denoiser evaluations of the finished prompts (`None` if one could not tell).
+    pub nfe: Option<u64>,
+    /// Verifier calls of the finished prompts.
+    pub verifier_calls: u64,
+    /// Rounds of the finished prompts in which no candidate could be graded.
+    pub failed_rounds: usize,
+}
+
+impl RunStatus {
+    /// Prompts in `state`.
+    pub fn count(&self, state: PromptState) -> usize {
+        self.prompts.iter().filter(|p| p.state == state).count()
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "run: {}", self.run_dir.display())?;
+        writeln!(
+            f,
+            "prompts: {} (done {}, started {}, pending {})",
+            self.prompts.len(),
+            self.count(PromptState::Done),
+            self.count(PromptState::Started),
+            self.count(PromptState::Pending)
+        )?;
+        if self.shards > 1 {
+            let started: Vec<String> = self.shards_started.iter().map(usize::to_string).collect();
+            writeln!(
+                f,
+                "shards: {} (started here: {})",
+                self.shards,
+                if started.is_empty() {
+                    "none".to_string()
+                } else {
+                    started.join(", ")
+                }
+            )?;
+        }
+        let nfe = self
+            .nfe
+            .map_or_else(|| "unknown".to_string(), |n| n.to_string());
+        write!(
+            f,
+            "spent on finished prompts: {nfe} NFEs, {} verifier calls; rounds with no graded candidate: {}",
+            self.verifier_calls, self.failed_rounds
+        )?;
+        for p in self.prompts.iter().filter(|p| p.state != PromptState::Done) {
+            let what = if p.state == PromptState::Started {
+                "started, not finished"
+            } else {
+                "pending"
+            };
+            write!(f, "\n  shard {}: {what}: {:?}", p.shard, p.prompt)?;
+        }
+        Ok(())
+    }
+}
+
+/// The part of a resume record `status` reads.
+#[derive(Deserialize)]
+struct RecordView {
+    prompts: Vec<String>,
+    #[serde(default)]
+    shard: Option<Shard>,
+}
+
+/// Reads where the run in `run_dir` stands: its prompts from the resume records (any shard's
+/// holds the whole list), each prompt's completion record and journal.
+pub fn status(run_dir: &Path) -> Result<RunStatus, StatusError> {
+    let fail = |problem: String| StatusError {
+        dir: run_dir.to_path_buf(),
+        problem,
+    };
+    let journal = run_dir.join(crate::output::journal::JOURNAL_DIR);
+    let records = record_files(&journal);
+    if records.is_empty() {
+        return Err(fail(
+            "no resume record (journal/run*.json): not a tt-scale run folder, or its run has not started; give output/<model>/<verifier>/<metric>/<name>".to_string(),
+        ));
+    }
+    let mut prompts: Option<Vec<String>> = None;
+    let mut shards = 1;
+    let mut started = Vec::new();
+    for path in &records {
+        let bytes = crate::files::read_capped(path, 1 << 30)
+            .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        let view: RecordView = serde_json::from_slice(&bytes)
+            .map_err(|e| fail(format!("{} is not a resume record: {e}", path.display())))?;
+        if let Some(s) = view.shard {
+            shards = s.count;
+            started.push(s.index);
+        } else {
+            started.push(0);
+        }
+        prompts.get_or_insert(view.prompts);
+    }
+    started.sort_unstable();
+    started.dedup();
+    let prompts = prompts.unwrap_or_default();
+    let done_dir = journal.join(DONE_DIR);
+    let mut out = RunStatus {
+        run_dir: run_dir.to_path_buf(),
+        shards,
+        shards_started: started,
+        prompts: Vec::with_capacity(prompts.len()),
+        nfe: Some(0),
+        verifier_calls: 0,
+        failed_rounds: 0,
+    };
+    for (i, prompt) in prompts.into_iter().enumerate() {
+        let name = crate::output::prompt_to_filename(&prompt);
+        let done: Option<PromptDone> =
+            crate::files::read_capped(&done_dir.join(format!("{name}.json")), 1 << 20)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+        let state = if done.is_some() {
+            PromptState::Done
+        } else if journal.join(format!("{name}.jsonl")).is_file() {
+            PromptState::Started
+        } else {
+            PromptState::Pending
+        };
+        if let Some(d) = &done {
+            out.nfe = out.nfe.zip(d.nfe).map(|(a, b)| a + b);
+            out.verifier_calls += d.verifier_calls;
+            out.failed_rounds += d.failed_rounds;
+        }
+        out.prompts.push(PromptStatus {
+            prompt,
+            shard: i % shards.max(1),
+            state,
+            done,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    #[test]
+    fn shards_parse_and_partition_the_prompts_exactly_once() {
+        assert_eq!(Shard::parse("1/3"), Ok(Shard { index: 1, count: 3 }));
+        for bad in ["3/3", "1", "a/3", "1/0", "-1/3", ""] {
+            assert!(Shard::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(ShardArg::parse("AUTO"), Ok(ShardArg::Auto));
+        let prompts: Vec<String> = (0..7).map(|i| format!("p{i}")).collect();
+        let mut seen: Vec<String> = (0..3)
+            .flat_map(|index| Shard { index, count: 3 }.select(&prompts))
+            .collect();
+        assert_eq!(Shard { index: 1, count: 3 }.select(&prompts), ["p1", "p4"]);
+        seen.sort();
+        assert_eq!(seen, prompts);
+    }
+
+    #[test]
+    fn slurm_and_kubernetes_variables_give_the_same_shards_as_the_flag() {
+        let slurm = env(&[
+            ("SLURM_ARRAY_TASK_ID", "5"),
+            ("SLURM_ARRAY_TASK_MIN", "4"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+        ]);
+        assert_eq!(Shard::from_env(&slurm), Shard::parse("1/3"));
+        let k8s = env(&[("JOB_COMPLETION_INDEX", "2"), ("TT_SCALE_SHARD_COUNT", "3")]);
+        assert_eq!(Shard::from_env(&k8s), Shard::parse("2/3"));
+        assert_eq!(Shard::from_env(&env(&[])), Err(ShardError::NotFound));
+        let no_count = env(&[("JOB_COMPLETION_INDEX", "0")]);
+        assert!(matches!(
+            Shard::from_env(&no_count),
+            Err(ShardError::BadVariable {
+                var: "TT_SCALE_SHARD_COUNT",
+                ..
+            })
+        ));
+        let outside = env(&[
+            ("SLURM_ARRAY_TASK_ID", "3"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+        ]);
+        assert!(Shard::from_env(&outside).is_err());
+        let junk = env(&[("SLURM_ARRAY_TASK_ID", "x")]);
+        assert!(Shard::from_env(&junk).is_err());
+    }
+
+    #[test]
+    fn run_names_are_single_folder_names() {
+        assert!(check_run_name("sweep-2026_12.a").is_ok());
+        for bad in ["", ".", "..", "a/b", "a\\b", "a\nb"] {
+            assert!(check_run_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(record_file_name(None), "run.json");
+        assert_eq!(
+            record_file_name(Some(Shard { index: 0, count: 2 })),
+            "run.shard-0-of-2.json"
+        );
+    }
+}
