@@ -172,7 +172,8 @@ pub struct RunArgs {
     pub shard: Option<ShardArg>,
 
     /// Name the run folder (output/<model>/<verifier>/<metric>/NAME) instead of the start
-    /// time; the shards of a sweep share one name and write into one folder.
+    /// time; the shards of a sweep share one name and write into one folder. The same command
+    /// again continues a run (or shard) that stopped there.
     #[arg(long = "run-name", value_name = "NAME")]
     pub run_name: Option<String>,
 }

@@ -275,6 +275,39 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
             "--shard needs --seed: every shard of a sweep must derive its candidates from the same master seed".into(),
         ));
     }
+    // The same command again (a requeued Slurm task, a restarted pod) finds its own start in
+    // the named folder, with this very config.json: it continues there.
+    if let (Some(name), Some(seed)) = (&opts.run_name, opts.seed) {
+        let dir = output::named_run_path(
+            &opts.output_dir,
+            &config.model,
+            &config.verifier_args.name,
+            &config.verifier_args.choice_of_metric,
+            name,
+        );
+        let started_here = dir
+            .join(JOURNAL_DIR)
+            .join(sweep::record_file_name(shard))
+            .is_file();
+        let config_json = output::to_python_json(&run_record(&config, opts, seed));
+        let same =
+            crate::files::read_capped(&dir.join("config.json"), crate::config::MAX_CONFIG_BYTES)
+                .is_ok_and(|bytes| bytes == config_json.as_bytes());
+        if started_here && same {
+            let _ = writeln!(
+                std::io::stderr(),
+                "tt-scale: {} already started in {}: continuing it",
+                shard.map_or_else(|| "this run".to_string(), |s| format!("shard {}", s.spec())),
+                dir.display()
+            );
+            let resumed = RunOptions {
+                resume: Some(dir.clone()),
+                shard: shard.map(ShardArg::Fixed),
+                ..opts.clone()
+            };
+            return resume(&resumed, &dir);
+        }
+    }
     let source = prompt_source(opts)?;
     let device = select_device(opts.device)?;
     let verifier = build_verifier(&config, opts)?;

@@ -117,6 +117,21 @@ pub fn create_run_dir(
     })
 }
 
+/// Where [`named_run_dir`] puts the run named `name` (nothing is made).
+pub fn named_run_path(
+    output_dir: &Path,
+    model: &str,
+    verifier: &str,
+    metric: &str,
+    name: &str,
+) -> PathBuf {
+    output_dir
+        .join(model_dir_name(model))
+        .join(verifier)
+        .join(metric)
+        .join(name)
+}
+
 /// The run folder `output_dir/<model>/<verifier>/<metric>/<name>` of a named run (`--run-name`),
 /// made if missing; an existing one is returned as is (the shards of a sweep share it).
 pub fn named_run_dir(
@@ -126,11 +141,7 @@ pub fn named_run_dir(
     metric: &str,
     name: &str,
 ) -> Result<PathBuf, OutputError> {
-    let dir = output_dir
-        .join(model_dir_name(model))
-        .join(verifier)
-        .join(metric)
-        .join(name);
+    let dir = named_run_path(output_dir, model, verifier, metric, name);
     std::fs::create_dir_all(&dir).map_err(|source| OutputError {
         path: dir.clone(),
         source,

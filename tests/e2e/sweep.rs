@@ -181,18 +181,8 @@ fn three_shards_at_once_make_the_unsharded_runs_files_and_status_reads_them() {
             assert!(done.contains(&PROMPTS[i].to_string()), "{done:?}");
         }
         assert!(!done.contains(&PROMPTS[0].to_string()));
-        // Starting shard 0 again is refused; resuming without --shard is ambiguous.
-        let (code, _, stderr) = finish(spawn(
-            dir.path(),
-            &base_url,
-            &run_args(&["--shard", "0/3"]),
-            &[],
-        ));
-        assert_eq!(code, Some(2), "{stderr}");
-        assert!(
-            stderr.contains("--resume") && stderr.contains("--shard 0/3"),
-            "{stderr}"
-        );
+        // Resuming without --shard is ambiguous; the shard's own command again (a requeued
+        // array task, a restarted pod) continues it.
         let run_s = run.display().to_string();
         let (code, _, stderr) = finish(spawn(
             dir.path(),
@@ -201,14 +191,21 @@ fn three_shards_at_once_make_the_unsharded_runs_files_and_status_reads_them() {
             &[],
         ));
         assert_eq!(code, Some(2), "{stderr}");
-        assert!(stderr.contains("sharded"), "{stderr}");
+        assert!(
+            stderr.contains("sharded") && stderr.contains("--shard"),
+            "{stderr}"
+        );
         let (code, _, stderr) = finish(spawn(
             dir.path(),
             &base_url,
-            &["run", "--resume", &run_s, "--shard", "0/3"],
+            &run_args(&["--shard", "0/3"]),
             &[],
         ));
         assert_eq!(code, Some(0), "{stderr}");
+        assert!(
+            stderr.contains("already started") && stderr.contains("resuming"),
+            "{stderr}"
+        );
     } else {
         // The stop came after the shard had finished: it is complete as it is.
         assert_eq!(status_code, Some(0));
