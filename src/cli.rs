@@ -36,6 +36,10 @@ pub enum Command {
     /// Where a run (or a sweep's shared run folder) stands: prompts done, started and pending,
     /// shards started, NFEs and verifier calls spent, failed rounds.
     Status(StatusArgs),
+    /// Check that run folders (a sweep's shared folder, or one folder per shard) finish every
+    /// prompt exactly once, gather per-shard folders into one (--into), and write summary.json
+    /// and summary.csv (one row per prompt and round).
+    Merge(MergeArgs),
     /// Time one denoiser step of a model's real-size architecture with random weights (no
     /// download needed).
     Bench(BenchArgs),
@@ -211,6 +215,17 @@ pub struct StatusArgs {
     /// Print the status as JSON on stdout (for scripts).
     #[arg(long)]
     pub json: bool,
+}
+
+/// Flags of `tt-scale merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The run folders: one shared sweep folder, or the shards' folders.
+    #[arg(value_name = "RUN_DIR", required = true)]
+    pub folders: Vec<PathBuf>,
+    /// Where to gather several folders (a new folder; files are hard-linked where possible).
+    #[arg(long, value_name = "DIR")]
+    pub into: Option<PathBuf>,
 }
 
 /// Flags of `tt-scale collage`.

@@ -79,6 +79,21 @@ fn main() -> ExitCode {
             }
         }
         Command::Bench(a) => bench(a),
+        Command::Merge(a) => match tt_scale::sweep::merge(&a.folders, a.into.as_deref()) {
+            Ok(m) => {
+                say!(
+                    "merged {} prompt(s), {} round row(s): {}",
+                    m.prompts,
+                    m.rows,
+                    m.run_dir.join("summary.csv").display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                say_err!("error: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
         Command::Status(a) => match tt_scale::sweep::status(&a.path) {
             Ok(status) => {
                 if a.json {

@@ -975,6 +975,7 @@ struct OutputWriter {
     /// and the prompt's rounds so far: its completion record.
     prompt_start: (usize, usize),
     prompt_rounds: usize,
+    prompt_started: Instant,
     /// Images generated (not read back).
     generated: usize,
     reused_grades: usize,
@@ -1028,6 +1029,7 @@ impl OutputWriter {
             images: 0,
             prompt_start: (0, 0),
             prompt_rounds: 0,
+            prompt_started: Instant::now(),
             generated: 0,
             reused_grades: 0,
             failed_gradings: 0,
@@ -1046,6 +1048,7 @@ impl OutputWriter {
         self.prompt_name = output::prompt_to_filename(prompt);
         self.prompt_start = (self.images, self.failed_rounds);
         self.prompt_rounds = 0;
+        self.prompt_started = Instant::now();
         self.best = None;
         self.spent = output::Spent::default();
         let short = escape_controls(&prompt.chars().take(40).collect::<String>());
@@ -1157,6 +1160,7 @@ impl SearchObserver for OutputWriter {
                 prompt_name: &self.prompt_name,
                 metric: &self.metric,
                 zero_order: self.zero_order,
+                elapsed_s: self.prompt_started.elapsed().as_secs_f64(),
             },
             r,
             &mut self.best,

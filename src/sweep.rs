@@ -481,3 +481,356 @@ mod tests {
         );
     }
 }
+
+/// One row of `summary.csv` / `summary.json`: one round of one prompt.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SummaryRow {
+    /// The prompt.
+    pub prompt: String,
+    /// The shard that owns it.
+    pub shard: usize,
+    /// The search round (1-based).
+    pub round: usize,
+    /// Candidates graded in the round (a carried-over zero-order base included).
+    pub candidates: usize,
+    /// The selection metric.
+    pub metric: String,
+    /// The round's best candidate's seed label (`None`: no candidate could be graded).
+    pub best_label: Option<String>,
+    /// The round's best score under `metric`.
+    pub best_score: Option<f64>,
+    /// The prompt's best score up to and including this round.
+    pub best_so_far: Option<f64>,
+    /// Denoiser evaluations of the round (`None`: the pipeline could not tell).
+    pub nfe: Option<u64>,
+    /// Denoiser evaluations of the prompt up to this round.
+    pub nfe_so_far: Option<u64>,
+    /// Verifier calls of the prompt up to this round.
+    pub verifier_calls_so_far: u64,
+    /// Seconds from the prompt's start to the end of this round, when recorded.
+    pub elapsed_s: Option<f64>,
+    /// The round's best image (file name in the run folder).
+    pub best_image: Option<String>,
+    /// Every metric the verifiers gave the round's best (ensemble members, `also_score`).
+    pub scores: std::collections::BTreeMap<String, f64>,
+}
+
+/// The rounds of every finished prompt of `status`'s run, read from the round JSON files in
+/// `run_dir`, by prompt (in the run's order) then round.
+pub fn summary_rows(run_dir: &Path, status: &RunStatus) -> Result<Vec<SummaryRow>, StatusError> {
+    let fail = |problem: String| StatusError {
+        dir: run_dir.to_path_buf(),
+        problem,
+    };
+    let names: Vec<String> = std::fs::read_dir(run_dir)
+        .map_err(|e| fail(format!("cannot list: {e}")))?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    let mut rows = Vec::new();
+    for p in status
+        .prompts
+        .iter()
+        .filter(|p| p.state == PromptState::Done)
+    {
+        let prefix = format!("{}_i@", crate::output::prompt_to_filename(&p.prompt));
+        let mut rounds: Vec<(usize, &String)> = names
+            .iter()
+            .filter_map(|n| {
+                let rest = n.strip_prefix(&prefix)?;
+                let round = rest.split('_').next()?.parse().ok()?;
+                Some((round, n))
+            })
+            .collect();
+        rounds.sort();
+        for (round, name) in rounds {
+            let path = run_dir.join(name);
+            let bytes = crate::files::read_capped(&path, 1 << 30)
+                .map_err(|e| fail(format!("{name}: {e}")))?;
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| fail(format!("{name} is not JSON: {e}")))?;
+            let budget = &v["budget"];
+            let best_image = v["best_img_path"].as_str().and_then(|s| {
+                Path::new(s)
+                    .file_name()
+                    .map(|f| f.to_string_lossy().to_string())
+            });
+            let best = v["candidates"].as_array().and_then(|cs| {
+                cs.iter()
+                    .find(|c| best_image.is_some() && c["img_path"] == v["best_img_path"])
+            });
+            let scores = best
+                .and_then(|c| c["grading"].as_object())
+                .map(|g| {
+                    g.iter()
+                        .filter_map(|(k, s)| s["score"].as_f64().map(|x| (k.clone(), x)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            rows.push(SummaryRow {
+                prompt: p.prompt.clone(),
+                shard: p.shard,
+                round,
+                candidates: v["num_noises"].as_u64().unwrap_or(0) as usize,
+                metric: v["choice_of_metric"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                best_label: best.and_then(|c| c["label"].as_str()).map(str::to_string),
+                best_score: v["best_score"]["score"].as_f64(),
+                best_so_far: v["best_so_far"]["score"].as_f64(),
+                nfe: budget["nfe"].as_u64(),
+                nfe_so_far: budget["nfe_so_far"].as_u64(),
+                verifier_calls_so_far: budget["verifier_calls_so_far"].as_u64().unwrap_or(0),
+                elapsed_s: v["timings"]["elapsed_s"].as_f64(),
+                best_image,
+                scores,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// `rows` as CSV: the fixed columns, then one `score:<metric>` column per metric any row has.
+pub fn summary_csv(rows: &[SummaryRow]) -> String {
+    let metrics: std::collections::BTreeSet<&String> =
+        rows.iter().flat_map(|r| r.scores.keys()).collect();
+    let field = |s: &str| {
+        if s.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_string()
+        }
+    };
+    let opt = |v: Option<String>| v.unwrap_or_default();
+    let mut out = String::from(
+        "prompt,shard,round,candidates,metric,best_label,best_score,best_so_far,nfe,nfe_so_far,verifier_calls_so_far,elapsed_s,best_image",
+    );
+    for m in &metrics {
+        out.push(',');
+        out.push_str(&field(&format!("score:{m}")));
+    }
+    out.push('\n');
+    for r in rows {
+        let cells = [
+            field(&r.prompt),
+            r.shard.to_string(),
+            r.round.to_string(),
+            r.candidates.to_string(),
+            field(&r.metric),
+            field(&opt(r.best_label.clone())),
+            opt(r.best_score.map(|x| x.to_string())),
+            opt(r.best_so_far.map(|x| x.to_string())),
+            opt(r.nfe.map(|x| x.to_string())),
+            opt(r.nfe_so_far.map(|x| x.to_string())),
+            r.verifier_calls_so_far.to_string(),
+            opt(r.elapsed_s.map(|x| x.to_string())),
+            field(&opt(r.best_image.clone())),
+        ];
+        out.push_str(&cells.join(","));
+        for m in &metrics {
+            out.push(',');
+            if let Some(x) = r.scores.get(*m) {
+                out.push_str(&x.to_string());
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Why `tt-scale merge` refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    /// A folder could not be read.
+    #[error(transparent)]
+    Status(#[from] StatusError),
+    /// The folders hold different runs.
+    #[error("{a} and {b} hold different runs (their config.json differ): merge only the shards of one sweep")]
+    DifferentRuns {
+        /// One folder.
+        a: PathBuf,
+        /// The other.
+        b: PathBuf,
+    },
+    /// Prompts missing or done twice.
+    #[error(
+        "the shards do not cover the run exactly once:{}{}",
+        list("not done", missing),
+        list("done in more than one folder", duplicated)
+    )]
+    Coverage {
+        /// Prompts no folder finished (with their shard).
+        missing: Vec<String>,
+        /// Prompts finished in several folders.
+        duplicated: Vec<String>,
+    },
+    /// Several folders and nowhere to merge them.
+    #[error("merging {0} folders needs --into DIR (a new folder to hold the merged run)")]
+    NoTarget(usize),
+    /// A file could not be copied or written.
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
+}
+
+impl MergeError {
+    /// The process exit code: 1 when a file could not be written, 2 otherwise (the folders
+    /// given do not make one complete run).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            MergeError::Output(_) => 1,
+            _ => 2,
+        }
+    }
+}
+
+fn list(what: &str, items: &[String]) -> String {
+    if items.is_empty() {
+        String::new()
+    } else {
+        format!("\n  {what}: {}", items.join("; "))
+    }
+}
+
+/// What `tt-scale merge` did.
+#[derive(Debug)]
+pub struct Merged {
+    /// The folder holding the whole run and its summaries.
+    pub run_dir: PathBuf,
+    /// Prompts.
+    pub prompts: usize,
+    /// Rows written to the summaries.
+    pub rows: usize,
+}
+
+/// `tt-scale merge`: checks that `folders` (one shared sweep folder, or one folder per shard)
+/// finish every prompt of the run exactly once, copies per-shard folders into `into`, and writes
+/// `summary.json` and `summary.csv` (one row per prompt and round) into the merged folder.
+pub fn merge(folders: &[PathBuf], into: Option<&Path>) -> Result<Merged, MergeError> {
+    let statuses = folders
+        .iter()
+        .map(|f| status(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = |dir: &Path| std::fs::read(dir.join("config.json")).ok();
+    for (i, st) in statuses.iter().enumerate().skip(1) {
+        let same_prompts = st.prompts.len() == statuses[0].prompts.len()
+            && st
+                .prompts
+                .iter()
+                .zip(&statuses[0].prompts)
+                .all(|(a, b)| a.prompt == b.prompt);
+        if config(&folders[i]) != config(&folders[0]) || !same_prompts {
+            return Err(MergeError::DifferentRuns {
+                a: folders[0].clone(),
+                b: folders[i].clone(),
+            });
+        }
+    }
+    let first = &statuses[0];
+    let mut missing = Vec::new();
+    let mut duplicated = Vec::new();
+    let mut owner: Vec<usize> = Vec::with_capacity(first.prompts.len());
+    for (k, p) in first.prompts.iter().enumerate() {
+        let done_in: Vec<usize> = statuses
+            .iter()
+            .enumerate()
+            .filter(|(_, st)| st.prompts[k].state == PromptState::Done)
+            .map(|(i, _)| i)
+            .collect();
+        match done_in.as_slice() {
+            [] => missing.push(format!("{:?} (shard {})", p.prompt, p.shard)),
+            [one] => owner.push(*one),
+            _ => duplicated.push(format!("{:?}", p.prompt)),
+        }
+    }
+    if !missing.is_empty() || !duplicated.is_empty() {
+        return Err(MergeError::Coverage {
+            missing,
+            duplicated,
+        });
+    }
+    let run_dir = match (folders.len(), into) {
+        (1, None) => folders[0].clone(),
+        (n, None) => return Err(MergeError::NoTarget(n)),
+        (_, Some(target)) => {
+            copy_run(folders, &statuses, &owner, target)?;
+            target.to_path_buf()
+        }
+    };
+    let merged = status(&run_dir)?;
+    let rows = summary_rows(&run_dir, &merged)?;
+    let summary = serde_json::json!({
+        "run_dir": run_dir.display().to_string(),
+        "prompts": merged.prompts.len(),
+        "shards": merged.shards,
+        "nfe": merged.nfe,
+        "verifier_calls": merged.verifier_calls,
+        "failed_rounds": merged.failed_rounds,
+        "rows": rows,
+    });
+    crate::output::write_json(&run_dir.join("summary.json"), &summary)?;
+    crate::output::write_atomic(&run_dir.join("summary.csv"), summary_csv(&rows).as_bytes())?;
+    Ok(Merged {
+        run_dir,
+        prompts: merged.prompts.len(),
+        rows: rows.len(),
+    })
+}
+
+/// Copies (hard-links where the filesystem allows) the run's files into `target`: each prompt's
+/// files from the folder that finished it, and every folder's resume records and `config.json`.
+fn copy_run(
+    folders: &[PathBuf],
+    statuses: &[RunStatus],
+    owner: &[usize],
+    target: &Path,
+) -> Result<(), crate::output::OutputError> {
+    use crate::output::journal::JOURNAL_DIR;
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| crate::output::OutputError { path, source }
+    };
+    let place = |from: &Path, to: &Path| -> Result<(), crate::output::OutputError> {
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(err(parent))?;
+        }
+        if to.exists() {
+            return Ok(());
+        }
+        if std::fs::hard_link(from, to).is_err() {
+            std::fs::copy(from, to).map_err(err(to))?;
+        }
+        Ok(())
+    };
+    std::fs::create_dir_all(target.join(JOURNAL_DIR)).map_err(err(target))?;
+    place(&folders[0].join("config.json"), &target.join("config.json"))?;
+    for folder in folders {
+        for record in record_files(&folder.join(JOURNAL_DIR)) {
+            if let Some(name) = record.file_name() {
+                place(&record, &target.join(JOURNAL_DIR).join(name))?;
+            }
+        }
+    }
+    for (k, p) in statuses[0].prompts.iter().enumerate() {
+        let from = &folders[owner[k]];
+        let name = crate::output::prompt_to_filename(&p.prompt);
+        for entry in std::fs::read_dir(from).map_err(err(from))?.flatten() {
+            let file = entry.file_name();
+            if file.to_string_lossy().starts_with(&format!("{name}_i@")) {
+                place(&entry.path(), &target.join(&file))?;
+            }
+        }
+        for rel in [
+            Path::new(JOURNAL_DIR).join(format!("{name}.jsonl")),
+            Path::new(JOURNAL_DIR)
+                .join(DONE_DIR)
+                .join(format!("{name}.json")),
+        ] {
+            if from.join(&rel).is_file() {
+                place(&from.join(&rel), &target.join(&rel))?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -338,6 +338,9 @@ pub struct RoundContext<'a> {
     pub metric: &'a str,
     /// Whether the search is zero-order (the JSON then has `neighbors_improvement`).
     pub zero_order: bool,
+    /// Seconds from the prompt's search start (or restart, when resumed) to the end of this
+    /// round, recorded in `timings.elapsed_s`.
+    pub elapsed_s: f64,
 }
 
 /// What [`write_round`] wrote, for the run's tallies.
@@ -490,7 +493,11 @@ pub fn write_round(
     );
     d.insert(
         "timings".into(),
-        json!({"generation_s": r.generation_s, "verification_s": r.verification_s}),
+        json!({
+            "generation_s": r.generation_s,
+            "verification_s": r.verification_s,
+            "elapsed_s": ctx.elapsed_s,
+        }),
     );
     written.json_path = run_dir.join(&json_name);
     write_json(&written.json_path, &Value::Object(d))?;

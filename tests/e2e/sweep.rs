@@ -243,6 +243,33 @@ fn three_shards_at_once_make_the_unsharded_runs_files_and_status_reads_them() {
     // 6 prompts, 2 + 4 candidates each, 6 NFEs an image (PNDM's 2 steps visit 3 timesteps,
     // each twice under guidance).
     assert_eq!(st["nfe"], 6 * 6 * 6);
+    // `merge` of the shared folder: summary.csv and summary.json, one row per prompt and round,
+    // their numbers those of the round JSON.
+    let (code, stdout, stderr) = finish(spawn(
+        dir.path(),
+        &base_url,
+        &["merge", &run.display().to_string()],
+        &[],
+    ));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("merged 6 prompt(s), 12 round row(s)"),
+        "{stdout}"
+    );
+    let summary = read_json(&run.join("summary.json"));
+    let rows = summary["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 12);
+    for row in rows {
+        let json = run.join(row["best_image"].as_str().unwrap().replace(".png", ".json"));
+        let round = read_json(&json);
+        assert_eq!(row["best_score"], round["best_score"]["score"]);
+        assert_eq!(row["nfe_so_far"], round["budget"]["nfe_so_far"]);
+        assert_eq!(row["round"], round["search_round"]);
+        assert_eq!(row["prompt"], round["prompt"]);
+    }
+    let csv = std::fs::read_to_string(run.join("summary.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 13);
+    assert!(csv.starts_with("prompt,shard,round,candidates,metric,best_label,best_score"));
     // The text form says the same.
     let (code, text, _) = finish(spawn(
         dir.path(),
@@ -311,8 +338,78 @@ fn sweep_mistakes_are_refused_with_what_to_do() {
     let (code, _, stderr) = finish(spawn(dir.path(), &base_url, &["status", "."], &[]));
     assert_eq!(code, Some(2));
     assert!(stderr.contains("not a tt-scale run folder"), "{stderr}");
-    // Half the sweep: 3 prompts done, 3 pending, shard 0 not started.
+    // Half the sweep: 3 prompts done, 3 pending, shard 0 not started; merge names the gaps.
     let st = status(dir.path(), &run, &base_url);
     assert_eq!(st["shards_started"], serde_json::json!([1]));
     assert_eq!(done_prompts(&st).len(), 3);
+    let (code, _, stderr) = finish(spawn(
+        dir.path(),
+        &base_url,
+        &["merge", &run.display().to_string()],
+        &[],
+    ));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("not done") && stderr.contains("a red apple"),
+        "{stderr}"
+    );
+}
+
+/// Shards in folders of their own (no --run-name) merge into one folder that equals the
+/// unsharded run; a folder missing, or given twice, is refused.
+#[test]
+fn per_shard_folders_merge_into_the_unsharded_run() {
+    let (base_url, _server) = FakeGemini::start(Behaviour::always(Reply::PixelScore));
+    let whole_dir = tempfile::tempdir().unwrap();
+    let whole = setup(whole_dir.path());
+    let (code, _, stderr) = finish(spawn(whole_dir.path(), &base_url, &run_args(&[]), &[]));
+    assert_eq!(code, Some(0), "{stderr}");
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path());
+    let mut folders = Vec::new();
+    for shard in ["0/2", "1/2"] {
+        let mut args = run_args(&["--shard", shard]);
+        args.truncate(args.len() - 4);
+        args.extend(["--shard", shard]);
+        let (code, _, stderr) = finish(spawn(dir.path(), &base_url, &args, &[]));
+        assert_eq!(code, Some(0), "{stderr}");
+        let line = stderr.lines().find(|l| l.contains("writing to")).unwrap();
+        folders.push(
+            line.rsplit("writing to ")
+                .next()
+                .unwrap()
+                .trim()
+                .to_string(),
+        );
+    }
+    let merge = |args: &[&str]| {
+        let mut all = vec!["merge"];
+        all.extend_from_slice(args);
+        finish(spawn(dir.path(), &base_url, &all, &[]))
+    };
+    let (code, _, stderr) = merge(&[&folders[0]]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let (code, _, stderr) = merge(&[&folders[0], &folders[0], "--into", "m"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("more than one"), "{stderr}");
+    let (code, _, stderr) = merge(&[&folders[0], &folders[1]]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--into"), "{stderr}");
+    let (code, stdout, stderr) = merge(&[&folders[0], &folders[1], "--into", "merged"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("merged 6 prompt(s)"), "{stdout}");
+    let merged = dir.path().join("merged");
+    let mut want = files(&whole);
+    want.insert("summary.csv".into());
+    want.insert("summary.json".into());
+    assert_eq!(files(&merged), want);
+    for name in files(&whole).iter().filter(|n| n.ends_with(".png")) {
+        assert!(
+            std::fs::read(whole.join(name)).unwrap() == std::fs::read(merged.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    let st = status(dir.path(), &merged, &base_url);
+    assert_eq!(done_prompts(&st).len(), 6);
+    assert_eq!(st["shards_started"], serde_json::json!([0, 1]));
 }
