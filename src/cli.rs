@@ -40,6 +40,10 @@ pub enum Command {
     /// prompt exactly once, gather per-shard folders into one (--into), and write summary.json
     /// and summary.csv (one row per prompt and round).
     Merge(MergeArgs),
+    /// Write report.html (the scaling curves: best score so far vs NFEs and vs wall time, mean
+    /// and spread over prompts; every round's candidates as thumbnails with scores), plus
+    /// summary.csv and summary.json, into a run folder.
+    Report(ReportArgs),
     /// Time one denoiser step of a model's real-size architecture with random weights (no
     /// download needed).
     Bench(BenchArgs),
@@ -175,6 +179,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "INDEX/COUNT|auto", value_parser = parse_shard)]
     pub shard: Option<ShardArg>,
 
+    /// At the end, print the run summary as JSON on stdout (the text summary stays on stderr).
+    #[arg(long)]
+    pub json: bool,
+
     /// Name the run folder (output/<model>/<verifier>/<metric>/NAME) instead of the start
     /// time; the shards of a sweep share one name and write into one folder. The same command
     /// again continues a run (or shard) that stopped there.
@@ -226,6 +234,14 @@ pub struct MergeArgs {
     /// Where to gather several folders (a new folder; files are hard-linked where possible).
     #[arg(long, value_name = "DIR")]
     pub into: Option<PathBuf>,
+}
+
+/// Flags of `tt-scale report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The run folder (output/<model>/<verifier>/<metric>/<name>; a merged sweep's folder).
+    #[arg(value_name = "RUN_DIR")]
+    pub path: PathBuf,
 }
 
 /// Flags of `tt-scale collage`.

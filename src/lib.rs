@@ -7,7 +7,8 @@
 //!  bench                      benchmarks of every layer below (tt-scale bench)
 //!  rescore                    grade a finished run's images with another verifier
 //!  cli, run                   the argument parser; a run: prompts -> search -> files
-//!  collage, sweep             collages of a run folder; shards of a sweep, run-folder status
+//!  report                     report.html: scaling curves and every round's thumbnails
+//!  collage, sweep             collages of a run folder; shards of a sweep, status, merge
 //!  output                     every file format: run folders, PNGs, the per-round JSON, journals
 //!  search                     random / zero-order search; its observer is the layer above
 //!  verifiers                  judges: Gemini, OpenAI(-compatible), local Qwen2.5-VL, the
@@ -46,6 +47,8 @@ pub mod verifiers;
 pub mod collage;
 pub mod output;
 pub mod sweep;
+
+pub mod report;
 
 pub mod cli;
 pub mod run;

@@ -70,6 +70,9 @@ fn main() -> ExitCode {
             match run::run(&opts) {
                 Ok(summary) => {
                     say_err!("{summary}");
+                    if a.json {
+                        say!("{}", summary.to_json());
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -92,6 +95,26 @@ fn main() -> ExitCode {
             Err(e) => {
                 say_err!("error: {e}");
                 ExitCode::from(e.exit_code())
+            }
+        },
+        Command::Report(a) => match tt_scale::report::report(&a.path) {
+            Ok(r) => {
+                say!(
+                    "{} ({} prompt(s), {} round row(s); summary.csv and summary.json beside it)",
+                    r.html.display(),
+                    r.prompts,
+                    r.rows
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                say_err!("error: {e}");
+                let code = if matches!(e, tt_scale::report::ReportError::Output(_)) {
+                    1
+                } else {
+                    2
+                };
+                ExitCode::from(code)
             }
         },
         Command::Status(a) => match tt_scale::sweep::status(&a.path) {

@@ -207,6 +207,30 @@ pub struct RunSummary {
     pub wall_s: f64,
 }
 
+impl RunSummary {
+    /// The summary for scripts (`tt-scale run --json` prints it on stdout).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "run_dir": self.run_dir.display().to_string(),
+            "master_seed": self.master_seed,
+            "prompts": self.best_scores.iter().map(|(prompt, best)| json!({
+                "prompt": prompt,
+                "best_score": best,
+            })).collect::<Vec<_>>(),
+            "images": self.images,
+            "nfe": self.nfe,
+            "reused_images": self.reused_images,
+            "reused_grades": self.reused_grades,
+            "failed_gradings": self.failed_gradings,
+            "failed_rounds": self.failed_rounds,
+            "verifier_requests": self.verifier_stats.requests,
+            "verifier_failed_requests": self.verifier_stats.failed_requests,
+            "generation_s": self.generation_s,
+            "wall_s": self.wall_s,
+        })
+    }
+}
+
 impl std::fmt::Display for RunSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "Summary")?;

@@ -124,9 +124,21 @@ fn three_shards_at_once_make_the_unsharded_runs_files_and_status_reads_them() {
     // The unsharded run.
     let whole_dir = tempfile::tempdir().unwrap();
     let whole = setup(whole_dir.path());
-    let (code, _, stderr) = finish(spawn(whole_dir.path(), &base_url, &run_args(&[]), &[]));
+    let (code, stdout, stderr) = finish(spawn(
+        whole_dir.path(),
+        &base_url,
+        &run_args(&["--json"]),
+        &[],
+    ));
     assert_eq!(code, Some(0), "{stderr}");
     let asked_whole = server.request_count();
+    // --json: the run summary for scripts on stdout.
+    let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["master_seed"], 11);
+    assert_eq!(summary["images"], 36);
+    assert_eq!(summary["nfe"], 216);
+    assert_eq!(summary["prompts"].as_array().unwrap().len(), 6);
+    assert_eq!(summary["verifier_requests"], serde_json::json!(asked_whole));
 
     // Three shards at once: Slurm's variables, a Kubernetes Indexed Job's, and the flag.
     let dir = tempfile::tempdir().unwrap();
@@ -270,6 +282,37 @@ fn three_shards_at_once_make_the_unsharded_runs_files_and_status_reads_them() {
     let csv = std::fs::read_to_string(run.join("summary.csv")).unwrap();
     assert_eq!(csv.lines().count(), 13);
     assert!(csv.starts_with("prompt,shard,round,candidates,metric,best_label,best_score"));
+    // The report: one self-contained page whose numbers are the JSON's.
+    let (code, stdout, stderr) = finish(spawn(
+        dir.path(),
+        &base_url,
+        &["report", &run.display().to_string()],
+        &[],
+    ));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("report.html (6 prompt(s), 12 round row(s)"),
+        "{stdout}"
+    );
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(!html.contains("src=\"http") && !html.contains("<script"));
+    assert_eq!(html.matches("<figure class=\"cand").count(), 6 * 6);
+    assert_eq!(html.matches("<figure class=\"cand chosen\"").count(), 12);
+    assert_eq!(html.matches("src=\"data:image/png;base64,").count(), 36);
+    let shown: Vec<f64> = html
+        .split("<span class=\"best\" data-score=\"")
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap().parse().unwrap())
+        .collect();
+    let want: Vec<f64> = rows
+        .iter()
+        .map(|r| r["best_score"].as_f64().unwrap())
+        .collect();
+    assert_eq!(
+        shown, want,
+        "the report's best scores are the JSON's, in order"
+    );
+    assert!(html.matches("<svg class=\"chart\"").count() >= 2);
     // The text form says the same.
     let (code, text, _) = finish(spawn(
         dir.path(),

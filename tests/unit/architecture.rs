@@ -18,6 +18,7 @@ const LAYERS: &[&[&str]] = &[
     &["search"],
     &["output"],
     &["collage", "sweep"],
+    &["report"],
     &["run", "cli"],
     &["rescore"],
     &["bench"],
