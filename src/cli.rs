@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::device::{parse_device, DeviceSpec};
+use crate::device::{parse_device, parse_devices, DeviceSpec};
 use crate::prompts::NumPrompts;
 use crate::sweep::ShardArg;
 
@@ -71,18 +71,25 @@ fn parse_num_prompts(s: &str) -> Result<NumPromptsArg, String> {
         })
 }
 
-/// `--device`: `auto`, `cpu`, `cuda` or `cuda:N`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `--device`: `auto`, `cpu`, `cuda`, `cuda:N`, or a comma-separated list of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceArg {
     /// CUDA when this build has it and a GPU is present, else the CPU.
     Auto,
     /// The named device.
     Named(DeviceSpec),
+    /// Several devices (`cuda:0,cuda:1`): `tt-scale run` starts one worker process a device.
+    Several(Vec<DeviceSpec>),
 }
 
 fn parse_device_arg(s: &str) -> Result<DeviceArg, String> {
     if s.trim().eq_ignore_ascii_case("auto") {
         return Ok(DeviceArg::Auto);
+    }
+    if s.contains(',') {
+        return parse_devices(s).map(DeviceArg::Several).ok_or_else(|| {
+            format!("`{s}` is not a list of devices: give two or more of cpu, cuda, cuda:N, separated by commas")
+        });
     }
     parse_device(s)
         .map(DeviceArg::Named)
@@ -159,7 +166,9 @@ pub struct RunArgs {
     pub low_vram: bool,
 
     /// Compute device: auto (cuda when built with it and a GPU is present, else cpu), cpu,
-    /// cuda or cuda:N. With --resume: the run's device unless given.
+    /// cuda or cuda:N, or a list (cuda:0,cuda:1,...): one worker process a device, each
+    /// searching its share of the prompts into one run folder. With --resume: the run's device
+    /// unless given.
     #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device_arg)]
     pub device: DeviceArg,
 

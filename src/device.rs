@@ -38,6 +38,13 @@ pub fn parse_device(s: &str) -> Option<DeviceSpec> {
     }
 }
 
+/// Parses a comma-separated list of devices (`cuda:0,cuda:1`), each as [`parse_device`] does;
+/// `None` when an entry is not a device or the list has fewer than two.
+pub fn parse_devices(s: &str) -> Option<Vec<DeviceSpec>> {
+    let list = s.split(',').map(parse_device).collect::<Option<Vec<_>>>()?;
+    (list.len() >= 2).then_some(list)
+}
+
 /// Why a named device cannot be opened; the message says what to do.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -75,6 +82,18 @@ mod tests {
         assert_eq!(parse_device("cuda:x"), None);
         assert_eq!(parse_device("tpu"), None);
         assert_eq!(DeviceSpec::Cuda(2).to_string(), "cuda:2");
+    }
+
+    #[test]
+    fn device_lists_need_two_valid_entries() {
+        assert_eq!(
+            parse_devices("cuda:0, cuda:1"),
+            Some(vec![DeviceSpec::Cuda(0), DeviceSpec::Cuda(1)])
+        );
+        assert_eq!(parse_devices("cpu,cpu").map(|l| l.len()), Some(2));
+        assert_eq!(parse_devices("cuda:0"), None);
+        assert_eq!(parse_devices("cuda:0,tpu"), None);
+        assert_eq!(parse_devices("cuda:0,"), None);
     }
 
     #[test]

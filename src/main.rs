@@ -59,9 +59,13 @@ fn main() -> ExitCode {
                 seed: a.seed,
                 output_dir: a.output_dir,
                 low_vram: a.low_vram,
-                device: match a.device {
-                    DeviceArg::Auto => None,
-                    DeviceArg::Named(d) => Some(d),
+                device: match &a.device {
+                    DeviceArg::Named(d) => Some(*d),
+                    DeviceArg::Auto | DeviceArg::Several(_) => None,
+                },
+                workers: match a.device {
+                    DeviceArg::Several(list) => list,
+                    _ => Vec::new(),
                 },
                 resume: a.resume,
                 shard: a.shard,
@@ -173,10 +177,15 @@ fn main() -> ExitCode {
 
 /// `tt-scale bench`: runs each requested benchmark and prints one table.
 fn bench(a: BenchArgs) -> ExitCode {
-    let device = match run::select_device(match a.device {
+    let spec = match a.device {
         DeviceArg::Auto => None,
         DeviceArg::Named(d) => Some(d),
-    }) {
+        DeviceArg::Several(_) => {
+            say_err!("error: tt-scale bench runs on one device; give one --device");
+            return ExitCode::from(2);
+        }
+    };
+    let device = match run::select_device(spec) {
         Ok(d) => d,
         Err(e) => {
             say_err!("error: {e}");

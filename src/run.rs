@@ -53,6 +53,9 @@ pub struct RunOptions {
     pub resume: Option<PathBuf>,
     /// `--shard`: search only this shard's prompts (with `--resume`: continue that shard).
     pub shard: Option<ShardArg>,
+    /// `--device` with several devices: one worker process a device, each a shard of the
+    /// prompts (of `shard`'s, when given), into one named run folder; empty otherwise.
+    pub workers: Vec<DeviceSpec>,
     /// `--run-name`: the run folder's name instead of the start time; shards of one sweep
     /// share it, and the folder may already exist.
     pub run_name: Option<String>,
@@ -93,6 +96,16 @@ pub enum RunError {
         dir: PathBuf,
         /// What is wrong and what to do.
         problem: String,
+    },
+    /// Worker processes (`--device` with several devices) failed.
+    #[error("{} of the {workers} workers failed ({}); their logs are above. The files of every finished round are in {}; run the same command again to continue", failed.len(), failed.iter().map(|(d, c)| format!("{d}: exit {}", c.map_or_else(|| "by signal".to_string(), |c| c.to_string()))).collect::<Vec<_>>().join(", "), run_dir.display())]
+    Workers {
+        /// How many workers ran.
+        workers: usize,
+        /// The failed workers' devices and exit codes.
+        failed: Vec<(DeviceSpec, Option<i32>)>,
+        /// The run folder.
+        run_dir: PathBuf,
     },
     /// `--shard` could not be worked out.
     #[error(transparent)]
@@ -165,6 +178,10 @@ impl RunError {
             RunError::FatalVerifier { .. }
             | RunError::VerifierAccess(_)
             | RunError::Search(SearchError::FatalVerifier(_)) => 3,
+            RunError::Workers { failed, .. } => failed
+                .iter()
+                .find_map(|(_, c)| c.filter(|&c| c != 0))
+                .unwrap_or(1),
             RunError::Interrupted { signal, .. } => {
                 if *signal == "SIGTERM" {
                     143
@@ -282,6 +299,11 @@ impl std::fmt::Display for RunSummary {
 /// Runs a whole search: validates, loads, searches every prompt, writes the outputs. With
 /// `opts.resume`, continues the run in that folder instead.
 pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
+    if opts.resume.is_some() && !opts.workers.is_empty() {
+        return Err(RunError::Usage(
+            "--resume takes one device; to continue a run made with several, run its command (with --run-name and --seed) again: each worker continues its share".into(),
+        ));
+    }
     if let Some(dir) = &opts.resume {
         return resume(opts, dir);
     }
@@ -294,6 +316,9 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
         sweep::check_run_name(name).map_err(RunError::Usage)?;
     }
     let shard = opts.shard.map(ShardArg::resolve).transpose()?;
+    if !opts.workers.is_empty() {
+        return run_workers(opts, &config, shard, started);
+    }
     if shard.is_some() && opts.seed.is_none() {
         return Err(RunError::Usage(
             "--shard needs --seed: every shard of a sweep must derive its candidates from the same master seed".into(),
@@ -360,6 +385,169 @@ pub fn run(opts: &RunOptions) -> Result<RunSummary, RunError> {
         device.is_cuda(),
         started,
     )
+}
+
+/// `--device A,B,...`: one worker process a device (this binary, `tt-scale run` with `--device`
+/// one of them and `--shard` its share of the prompts, [`Shard::within`]), all writing into one
+/// named run folder with one master seed, so the folder is the one a single device makes. The
+/// workers' logs are forwarded line by line, prefixed with their device; their summaries (read
+/// from their `--json` output) are added up.
+fn run_workers(
+    opts: &RunOptions,
+    config: &Config,
+    outer: Option<Shard>,
+    started: Instant,
+) -> Result<RunSummary, RunError> {
+    use std::io::BufRead;
+    let seed = opts.seed.unwrap_or_else(search::seeds::draw_master_seed);
+    let run_name = match &opts.run_name {
+        Some(n) => {
+            sweep::check_run_name(n).map_err(RunError::Usage)?;
+            n.clone()
+        }
+        None => chrono::Local::now().format("%Y%m%d_%H%M%S").to_string(),
+    };
+    let exe = std::env::current_exe().map_err(|e| {
+        RunError::Device(format!(
+            "cannot find this program to start its workers: {e}"
+        ))
+    })?;
+    let run_dir = output::named_run_path(
+        &opts.output_dir,
+        &config.model,
+        &config.verifier_args.name,
+        &config.verifier_args.choice_of_metric,
+        &run_name,
+    );
+    let n = opts.workers.len();
+    let _ = writeln!(
+        std::io::stderr(),
+        "tt-scale: {n} workers ({}), master seed {seed}, writing to {}",
+        opts.workers
+            .iter()
+            .map(DeviceSpec::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        run_dir.display()
+    );
+    let mut children = Vec::with_capacity(n);
+    for (w, device) in opts.workers.iter().enumerate() {
+        let shard = Shard::within(outer, w, n);
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--pipeline-config".into(),
+            opts.config_path.display().to_string(),
+        ];
+        if let Some(p) = &opts.prompt {
+            args.extend(["--prompt".into(), p.clone()]);
+        }
+        if let Some(f) = &opts.prompts_file {
+            args.extend(["--prompts-file".into(), f.display().to_string()]);
+        }
+        if let Some(num) = opts.num_prompts {
+            let v = match num {
+                None => "none".to_string(),
+                Some(NumPrompts::All) => "all".to_string(),
+                Some(NumPrompts::First(k)) => k.to_string(),
+            };
+            args.extend(["--num-prompts".into(), v]);
+        }
+        args.extend([
+            "--batch-size".into(),
+            opts.batch_size.to_string(),
+            "--seed".into(),
+            seed.to_string(),
+            "--output-dir".into(),
+            opts.output_dir.display().to_string(),
+            "--run-name".into(),
+            run_name.clone(),
+            "--device".into(),
+            device.to_string(),
+            "--shard".into(),
+            shard.spec(),
+            "--json".into(),
+        ]);
+        if opts.low_vram {
+            args.push("--low-vram".into());
+        }
+        let mut child = std::process::Command::new(&exe)
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| RunError::Device(format!("cannot start the worker for {device}: {e}")))?;
+        let prefix = format!("[{device}] ");
+        let forward = child.stderr.take().map(|err| {
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                    let _ = writeln!(std::io::stderr(), "{prefix}{line}");
+                }
+            })
+        });
+        children.push((*device, child, forward));
+    }
+    let mut failed = Vec::new();
+    let mut summaries = Vec::new();
+    for (device, child, forward) in children {
+        let out = child.wait_with_output();
+        if let Some(t) = forward {
+            let _ = t.join();
+        }
+        match out {
+            Ok(o) if o.status.success() => {
+                let text = String::from_utf8_lossy(&o.stdout);
+                if let Some(v) = text
+                    .lines()
+                    .rev()
+                    .find_map(|l| serde_json::from_str::<Value>(l).ok())
+                {
+                    summaries.push(v);
+                }
+            }
+            Ok(o) => failed.push((device, o.status.code())),
+            Err(_) => failed.push((device, None)),
+        }
+    }
+    if !failed.is_empty() {
+        return Err(RunError::Workers {
+            workers: n,
+            failed,
+            run_dir,
+        });
+    }
+    let sum = |key: &str| -> u64 { summaries.iter().filter_map(|s| s[key].as_u64()).sum() };
+    let sum_f = |key: &str| -> f64 { summaries.iter().filter_map(|s| s[key].as_f64()).sum() };
+    let nfe = summaries
+        .iter()
+        .map(|s| s["nfe"].as_u64())
+        .sum::<Option<u64>>();
+    Ok(RunSummary {
+        run_dir,
+        master_seed: seed,
+        best_scores: summaries
+            .iter()
+            .filter_map(|s| s["prompts"].as_array())
+            .flatten()
+            .map(|p| {
+                (
+                    p["prompt"].as_str().unwrap_or_default().to_string(),
+                    p["best_score"].as_f64(),
+                )
+            })
+            .collect(),
+        images: sum("images") as usize,
+        nfe,
+        reused_images: sum("reused_images") as usize,
+        reused_grades: sum("reused_grades") as usize,
+        failed_gradings: sum("failed_gradings") as usize,
+        failed_rounds: sum("failed_rounds") as usize,
+        verifier_stats: verifiers::CallStats {
+            requests: sum("verifier_requests"),
+            failed_requests: sum("verifier_failed_requests"),
+        },
+        generation_s: sum_f("generation_s"),
+        wall_s: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// The verifier of `config`; a local one runs beside the diffusion model unless told otherwise.

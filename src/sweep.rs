@@ -134,6 +134,17 @@ impl Shard {
             .collect()
     }
 
+    /// Worker `worker` of `workers` splitting `outer` (the whole list when `None`) further: prompt
+    /// `i` is the worker's when `i % (N·W) == outer.index + N·worker` (`N` = `outer.count`), so the
+    /// workers of a shard share out exactly its prompts.
+    pub fn within(outer: Option<Shard>, worker: usize, workers: usize) -> Shard {
+        let outer = outer.unwrap_or(Shard { index: 0, count: 1 });
+        Shard {
+            index: outer.index + outer.count * worker,
+            count: outer.count * workers,
+        }
+    }
+
     /// `INDEX/COUNT`, as `--shard` takes it.
     pub fn spec(&self) -> String {
         format!("{}/{}", self.index, self.count)
@@ -438,6 +449,20 @@ mod tests {
         assert_eq!(Shard { index: 1, count: 3 }.select(&prompts), ["p1", "p4"]);
         seen.sort();
         assert_eq!(seen, prompts);
+    }
+
+    #[test]
+    fn workers_share_out_exactly_their_shards_prompts() {
+        let prompts: Vec<String> = (0..23).map(|i| format!("p{i}")).collect();
+        let outer = Shard { index: 1, count: 3 };
+        let mut got: Vec<String> = (0..2)
+            .flat_map(|w| Shard::within(Some(outer), w, 2).select(&prompts))
+            .collect();
+        got.sort();
+        let mut want = outer.select(&prompts);
+        want.sort();
+        assert_eq!(got, want);
+        assert_eq!(Shard::within(None, 1, 4), Shard { index: 1, count: 4 });
     }
 
     #[test]

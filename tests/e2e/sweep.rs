@@ -456,3 +456,59 @@ fn per_shard_folders_merge_into_the_unsharded_run() {
     assert_eq!(done_prompts(&st).len(), 6);
     assert_eq!(st["shards_started"], serde_json::json!([0, 1]));
 }
+
+/// `--device cpu,cpu`: one worker process a device, sharing out the prompts into one folder that
+/// equals the single-device run; `--json` adds up the workers' summaries.
+#[test]
+fn several_devices_run_one_worker_each_into_the_single_device_folder() {
+    let (base_url, _server) = FakeGemini::start(Behaviour::always(Reply::PixelScore));
+    let whole_dir = tempfile::tempdir().unwrap();
+    let whole = setup(whole_dir.path());
+    let (code, _, stderr) = finish(spawn(whole_dir.path(), &base_url, &run_args(&[]), &[]));
+    assert_eq!(code, Some(0), "{stderr}");
+    let dir = tempfile::tempdir().unwrap();
+    let run = setup(dir.path());
+    let mut args = run_args(&["--json"]);
+    let i = args.iter().position(|a| *a == "cpu").unwrap();
+    args[i] = "cpu,cpu";
+    let (code, stdout, stderr) = finish(spawn(dir.path(), &base_url, &args, &[]));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("2 workers (cpu, cpu)"), "{stderr}");
+    assert!(
+        stderr.contains("[cpu] "),
+        "worker logs are forwarded: {stderr}"
+    );
+    let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["images"], 36);
+    assert_eq!(summary["prompts"].as_array().unwrap().len(), 6);
+    assert_eq!(files(&whole), files(&run));
+    for name in files(&whole) {
+        let (a, b) = (whole.join(&name), run.join(&name));
+        if name.ends_with(".png") {
+            assert!(
+                std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+                "{name}"
+            );
+        } else if name.ends_with(".json") {
+            assert_eq!(comparable(&a), comparable(&b), "{name}");
+        }
+    }
+    let st = status(dir.path(), &run, &base_url);
+    assert_eq!(st["shards_started"], serde_json::json!([0, 1]));
+    // A bad list is refused by the parser; --resume takes one device.
+    args[i] = "cpu,tpu";
+    let (code, _, stderr) = finish(spawn(dir.path(), &base_url, &args, &[]));
+    assert_eq!(code, Some(2), "{stderr}");
+    let run_s = run.display().to_string();
+    let (code, _, stderr) = finish(spawn(
+        dir.path(),
+        &base_url,
+        &["run", "--resume", &run_s, "--device", "cpu,cpu"],
+        &[],
+    ));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("one device") && stderr.contains("again"),
+        "{stderr}"
+    );
+}
