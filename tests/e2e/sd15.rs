@@ -143,12 +143,21 @@ fn random_search_with_gemini_writes_the_originals_tree_and_a_collage() {
     assert_eq!(jsons.len(), 3, "{names:?}");
     assert!(names.contains("config.json"));
     assert_eq!(names.len(), 19, "nothing else: {names:?}");
-    // The journal for --resume: the resume record and one line per grade.
+    // The journal for --resume: the resume record, one line per grade, and the prompt's
+    // completion record (for status, merge and report).
     let journal = run.join("journal");
     assert_eq!(
         files(&journal),
-        BTreeSet::from(["run.json".to_string(), format!("{PROMPT_NAME}.jsonl")])
+        BTreeSet::from([
+            "run.json".to_string(),
+            "done".to_string(),
+            format!("{PROMPT_NAME}.jsonl")
+        ])
     );
+    let done = read_json(&journal.join(format!("done/{PROMPT_NAME}.json")));
+    assert_eq!(done["rounds"], 3);
+    assert_eq!(done["images"], 14);
+    assert_eq!(done["verifier_calls"], 14);
     let lines = std::fs::read_to_string(journal.join(format!("{PROMPT_NAME}.jsonl"))).unwrap();
     assert_eq!(lines.lines().count(), 14);
     for round in 1..=3 {
