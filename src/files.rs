@@ -8,6 +8,16 @@ use std::path::Path;
 /// Writes `bytes` to `path` atomically: a temporary file `.<name>.tmp<pid>` in the same folder,
 /// flushed to disk, then renamed over `path`; the temporary file is removed on failure.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = write_temp(path, bytes)?;
+    let result = std::fs::rename(&tmp, path);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The temporary file `.<name>.tmp<pid>` beside `path`, holding `bytes`, flushed to disk.
+fn write_temp(path: &Path, bytes: &[u8]) -> std::io::Result<std::path::PathBuf> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let file_name = path
         .file_name()
@@ -17,12 +27,31 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        f.sync_all()
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    match result {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
     }
+}
+
+/// Writes `bytes` to `path` only if no file is there, whole or not at all, also when several
+/// processes try at once (the shards of a sweep writing its `config.json`): the flushed
+/// temporary file is hard-linked to `path`, which fails if `path` exists. Returns whether this
+/// call made the file. Where the filesystem has no hard links, a rename over a still-missing
+/// `path` is the fallback.
+pub fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
+    let tmp = write_temp(path, bytes)?;
+    let result = match std::fs::hard_link(&tmp, path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(_) if !path.exists() => std::fs::rename(&tmp, path).map(|()| true),
+        Err(e) => Err(e),
+    };
+    let _ = std::fs::remove_file(&tmp);
     result
 }
 
@@ -49,6 +78,17 @@ pub fn read_text_capped(path: &Path, max_bytes: u64) -> std::io::Result<String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_new_makes_a_file_once_and_never_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        assert!(write_new(&path, b"first").unwrap());
+        assert!(!write_new(&path, b"second").unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
 
     #[test]
     fn an_endless_file_is_refused_after_the_limit() {

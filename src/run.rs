@@ -656,7 +656,23 @@ pub fn run_with(
             chrono::Local::now(),
         )?,
     };
-    output::write_atomic(&run_dir.join("config.json"), config_json.as_bytes())?;
+    let config_path = run_dir.join("config.json");
+    if opts.run_name.is_some() {
+        // Shards of one sweep start together: one of them makes config.json, the others find
+        // it and must agree with it.
+        let made =
+            crate::files::write_new(&config_path, config_json.as_bytes()).map_err(|source| {
+                OutputError {
+                    path: config_path.clone(),
+                    source,
+                }
+            })?;
+        if !made {
+            check_shared_folder(&run_dir, &config_json, shard)?;
+        }
+    } else {
+        output::write_atomic(&config_path, config_json.as_bytes())?;
+    }
     let journal_dir = run_dir.join(JOURNAL_DIR);
     std::fs::create_dir_all(&journal_dir).map_err(|source| OutputError {
         path: journal_dir.clone(),
