@@ -242,6 +242,8 @@ impl RunSummary {
             "failed_rounds": self.failed_rounds,
             "verifier_requests": self.verifier_stats.requests,
             "verifier_failed_requests": self.verifier_stats.failed_requests,
+            "verifier_input_tokens": self.verifier_stats.input_tokens,
+            "verifier_output_tokens": self.verifier_stats.output_tokens,
             "generation_s": self.generation_s,
             "wall_s": self.wall_s,
         })
@@ -291,6 +293,14 @@ impl std::fmt::Display for RunSummary {
             self.failed_gradings,
             self.failed_rounds
         )?;
+        let s = &self.verifier_stats;
+        if s.input_tokens + s.output_tokens > 0 {
+            writeln!(
+                f,
+                "  verifier tokens: {} input, {} output (as the API reported them)",
+                s.input_tokens, s.output_tokens
+            )?;
+        }
         writeln!(f, "  master seed: {}", self.master_seed)?;
         write!(f, "  output: {}", self.run_dir.display())
     }
@@ -544,6 +554,8 @@ fn run_workers(
         verifier_stats: verifiers::CallStats {
             requests: sum("verifier_requests"),
             failed_requests: sum("verifier_failed_requests"),
+            input_tokens: sum("verifier_input_tokens"),
+            output_tokens: sum("verifier_output_tokens"),
         },
         generation_s: sum_f("generation_s"),
         wall_s: started.elapsed().as_secs_f64(),

@@ -160,6 +160,8 @@ fn sum_stats<'a>(verifiers: impl Iterator<Item = &'a dyn Verifier>) -> CallStats
         CallStats {
             requests: acc.requests + s.requests,
             failed_requests: acc.failed_requests + s.failed_requests,
+            input_tokens: acc.input_tokens + s.input_tokens,
+            output_tokens: acc.output_tokens + s.output_tokens,
         }
     })
 }

@@ -224,6 +224,16 @@ impl Protocol for GeminiProtocol {
         }
     }
 
+    fn usage(&self, body: &str) -> Option<(u64, u64)> {
+        let reply: Value = serde_json::from_str(body).ok()?;
+        let u = reply.get("usageMetadata")?;
+        let count = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+        Some((
+            count("promptTokenCount"),
+            count("candidatesTokenCount") + count("thoughtsTokenCount"),
+        ))
+    }
+
     fn parse_reply(&self, body: &str) -> Result<Grading, String> {
         let reply: Value = serde_json::from_str(body)
             .map_err(|e| format!("the response body is not JSON ({e})"))?;

@@ -99,6 +99,10 @@ pub(crate) trait Protocol: Send + Sync + 'static {
     fn access_request(&self, client: &reqwest::Client) -> reqwest::RequestBuilder;
     /// Whether `status` in answer to [`Protocol::access_request`] means no grading can succeed.
     fn access_refused(&self, status: StatusCode) -> bool;
+    /// The (input, output) tokens a successful reply body reports, if it does.
+    fn usage(&self, _body: &str) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// One attempt's result.
@@ -120,6 +124,8 @@ enum Outcome {
 struct Counters {
     requests: AtomicU64,
     failed: AtomicU64,
+    input_tokens: AtomicU64,
+    output_tokens: AtomicU64,
 }
 
 /// Settings of the shared machinery, from `verifier_args`.
@@ -214,6 +220,8 @@ impl<P: Protocol> Engine<P> {
         CallStats {
             requests: self.counters.requests.load(Ordering::Relaxed),
             failed_requests: self.counters.failed.load(Ordering::Relaxed),
+            input_tokens: self.counters.input_tokens.load(Ordering::Relaxed),
+            output_tokens: self.counters.output_tokens.load(Ordering::Relaxed),
         }
     }
 
@@ -400,8 +408,15 @@ impl<P: Protocol> Task<P> {
         loop {
             attempts += 1;
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            let outcome =
-                attempt(&self.client, &*self.protocol, settings.timeout, prompt, png).await;
+            let outcome = attempt(
+                &self.client,
+                &*self.protocol,
+                settings.timeout,
+                prompt,
+                png,
+                &self.counters,
+            )
+            .await;
             if !matches!(outcome, Outcome::Graded(_)) {
                 self.counters.failed.fetch_add(1, Ordering::Relaxed);
             }
@@ -462,6 +477,7 @@ async fn attempt<P: Protocol>(
     timeout: Duration,
     prompt: &str,
     png: &str,
+    counters: &Counters,
 ) -> Outcome {
     let api = protocol.api_name();
     let response = match protocol.request(client, prompt, png).send().await {
@@ -485,6 +501,11 @@ async fn attempt<P: Protocol>(
         Err(e) => return transport_outcome(api, timeout, &e),
     };
     if status.is_success() {
+        // Every reply is paid for, also one that does not fit the schema.
+        if let Some((input, output)) = protocol.usage(&body) {
+            counters.input_tokens.fetch_add(input, Ordering::Relaxed);
+            counters.output_tokens.fetch_add(output, Ordering::Relaxed);
+        }
         return match protocol.parse_reply(&body) {
             Ok(grading) => Outcome::Graded(grading),
             Err(reason) => Outcome::Invalid(reason),

@@ -83,6 +83,10 @@ pub struct CallStats {
     pub requests: u64,
     /// Requests that did not yield a valid grading.
     pub failed_requests: u64,
+    /// Input (prompt and image) tokens the API reported for its replies.
+    pub input_tokens: u64,
+    /// Output tokens the API reported (Gemini: candidates and thoughts).
+    pub output_tokens: u64,
 }
 
 /// The built-in grading rubric (system prompt) shared by the vision-language verifiers:

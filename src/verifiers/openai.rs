@@ -220,6 +220,13 @@ impl Protocol for OpenAiProtocol {
         }
     }
 
+    fn usage(&self, body: &str) -> Option<(u64, u64)> {
+        let reply: Value = serde_json::from_str(body).ok()?;
+        let u = reply.get("usage")?;
+        let count = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+        Some((count("prompt_tokens"), count("completion_tokens")))
+    }
+
     fn parse_reply(&self, body: &str) -> Result<Grading, String> {
         let reply: Value = serde_json::from_str(body)
             .map_err(|e| format!("the response body is not JSON ({e})"))?;

@@ -483,7 +483,7 @@ fn success(kind: Kind, text: &str) -> Response {
                 "finishReason": "STOP",
                 "index": 0,
             }],
-            "usageMetadata": { "promptTokenCount": 1, "candidatesTokenCount": 1, "totalTokenCount": 2 },
+            "usageMetadata": { "promptTokenCount": 1290, "candidatesTokenCount": 150, "totalTokenCount": 1440 },
             "modelVersion": "fake",
         }),
         Kind::OpenAi => json!({
@@ -496,7 +496,7 @@ fn success(kind: Kind, text: &str) -> Response {
                 "message": { "role": "assistant", "content": text, "refusal": null },
                 "finish_reason": "stop",
             }],
-            "usage": { "prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2 },
+            "usage": { "prompt_tokens": 1105, "completion_tokens": 140, "total_tokens": 1245 },
         }),
     };
     json_response(StatusCode::OK, &body, None)

@@ -139,6 +139,10 @@ fn three_shards_at_once_make_the_unsharded_runs_files_and_status_reads_them() {
     assert_eq!(summary["nfe"], 216);
     assert_eq!(summary["prompts"].as_array().unwrap().len(), 6);
     assert_eq!(summary["verifier_requests"], serde_json::json!(asked_whole));
+    // Tokens as the API reported them (the fake Gemini: 1290 in, 150 out a reply).
+    assert_eq!(summary["verifier_input_tokens"], 1290 * asked_whole as u64);
+    assert_eq!(summary["verifier_output_tokens"], 150 * asked_whole as u64);
+    assert!(stderr.contains("verifier tokens: "), "{stderr}");
 
     // Three shards at once: Slurm's variables, a Kubernetes Indexed Job's, and the flag.
     let dir = tempfile::tempdir().unwrap();
