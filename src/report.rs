@@ -277,20 +277,7 @@ pub fn report(run_dir: &Path) -> Result<Report, ReportError> {
     if rows.is_empty() {
         return Err(ReportError::Empty(run_dir.to_path_buf()));
     }
-    let summary = serde_json::json!({
-        "run_dir": run_dir.display().to_string(),
-        "prompts": status.prompts.len(),
-        "shards": status.shards,
-        "nfe": status.nfe,
-        "verifier_calls": status.verifier_calls,
-        "failed_rounds": status.failed_rounds,
-        "rows": rows,
-    });
-    crate::output::write_json(&run_dir.join("summary.json"), &summary)?;
-    crate::output::write_atomic(
-        &run_dir.join("summary.csv"),
-        sweep::summary_csv(&rows).as_bytes(),
-    )?;
+    sweep::write_summaries(run_dir, &status, &rows)?;
     let selection = rows[0].metric.clone();
     let mut metrics: Vec<String> = vec![selection.clone()];
     for m in rows.iter().flat_map(|r| r.scores.keys()) {

@@ -665,6 +665,26 @@ pub fn summary_csv(rows: &[SummaryRow]) -> String {
     out
 }
 
+/// Writes `summary.json` (the run's totals from `status` and `rows`) and `summary.csv`
+/// ([`summary_csv`]) into `run_dir`.
+pub fn write_summaries(
+    run_dir: &Path,
+    status: &RunStatus,
+    rows: &[SummaryRow],
+) -> Result<(), crate::output::OutputError> {
+    let summary = serde_json::json!({
+        "run_dir": run_dir.display().to_string(),
+        "prompts": status.prompts.len(),
+        "shards": status.shards,
+        "nfe": status.nfe,
+        "verifier_calls": status.verifier_calls,
+        "failed_rounds": status.failed_rounds,
+        "rows": rows,
+    });
+    crate::output::write_json(&run_dir.join("summary.json"), &summary)?;
+    crate::output::write_atomic(&run_dir.join("summary.csv"), summary_csv(rows).as_bytes())
+}
+
 /// Why `tt-scale merge` refused.
 #[derive(Debug, thiserror::Error)]
 pub enum MergeError {
@@ -785,17 +805,7 @@ pub fn merge(folders: &[PathBuf], into: Option<&Path>) -> Result<Merged, MergeEr
     };
     let merged = status(&run_dir)?;
     let rows = summary_rows(&run_dir, &merged)?;
-    let summary = serde_json::json!({
-        "run_dir": run_dir.display().to_string(),
-        "prompts": merged.prompts.len(),
-        "shards": merged.shards,
-        "nfe": merged.nfe,
-        "verifier_calls": merged.verifier_calls,
-        "failed_rounds": merged.failed_rounds,
-        "rows": rows,
-    });
-    crate::output::write_json(&run_dir.join("summary.json"), &summary)?;
-    crate::output::write_atomic(&run_dir.join("summary.csv"), summary_csv(&rows).as_bytes())?;
+    write_summaries(&run_dir, &merged, &rows)?;
     Ok(Merged {
         run_dir,
         prompts: merged.prompts.len(),

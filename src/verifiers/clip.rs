@@ -297,14 +297,7 @@ impl ClipVerifier {
                     checkpoint.display()
                 ))
             })?;
-        let mut sd = HashMap::new();
-        for name in pth.tensor_infos().keys() {
-            // Checkpoints saved from DataParallel prefix every name with `module.`.
-            let key = name.strip_prefix("module.").unwrap_or(name).to_string();
-            if let Some(t) = pth.get(name).map_err(|e| err(&e))? {
-                sd.insert(key, t.to_dtype(DType::F32).map_err(|e| err(&e))?);
-            }
-        }
+        let sd = state_dict(&pth, |_| true).map_err(|e| err(&e))?;
         let renamed = to_transformers_names(&sd, &cfg).map_err(|e| err(&e))?;
         let vb = candle_nn::VarBuilder::from_tensors(renamed, DType::F32, &device);
         let config = cfg.to_clip_config();
@@ -538,6 +531,30 @@ impl ClipVerifier {
         }
         Ok(out)
     }
+}
+
+/// The tensors of a PyTorch state dict whose names (without the `module.` prefix that
+/// DataParallel checkpoints add) `keep` accepts, floating-point ones in float32.
+pub(crate) fn state_dict(
+    pth: &candle_core::pickle::PthTensors,
+    keep: impl Fn(&str) -> bool,
+) -> Result<HashMap<String, Tensor>, String> {
+    let mut tensors = HashMap::new();
+    for name in pth.tensor_infos().keys() {
+        let key = name.strip_prefix("module.").unwrap_or(name);
+        if !keep(key) {
+            continue;
+        }
+        if let Some(t) = pth.get(name).map_err(|e| format!("{name}: {e}"))? {
+            let t = if t.dtype().is_float() {
+                t.to_dtype(DType::F32).map_err(|e| format!("{name}: {e}"))?
+            } else {
+                t
+            };
+            tensors.insert(key.to_string(), t);
+        }
+    }
+    Ok(tensors)
 }
 
 /// The path of the aesthetic MLP named by `spec`: a `.pth` file, a folder holding

@@ -13,7 +13,6 @@
 //! Preprocessing is ImageReward's torchvision transform: resize the shorter edge to 224 with
 //! Pillow's bicubic, centre-crop (offsets rounded half to even), OpenAI CLIP mean and std.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -157,25 +156,12 @@ impl ImageRewardVerifier {
                 checkpoint.display()
             ))
         })?;
-        let mut tensors = HashMap::new();
-        for name in pth.tensor_infos().keys() {
-            // Checkpoints saved from DataParallel prefix every name with `module.`.
-            let key = name.strip_prefix("module.").unwrap_or(name);
-            if !(key.starts_with("blip.visual_encoder.")
+        let tensors = super::clip::state_dict(&pth, |key| {
+            key.starts_with("blip.visual_encoder.")
                 || key.starts_with("blip.text_encoder.")
-                || key.starts_with("mlp."))
-            {
-                continue;
-            }
-            if let Some(t) = pth.get(name).map_err(|e| err(&e))? {
-                let t = if t.dtype().is_float() {
-                    t.to_dtype(DType::F32).map_err(|e| err(&e))?
-                } else {
-                    t
-                };
-                tensors.insert(key.to_string(), t);
-            }
-        }
+                || key.starts_with("mlp.")
+        })
+        .map_err(|e| err(&e))?;
         let head = AestheticHead::from_lookup(
             &|name| Ok(tensors.get(name).cloned()),
             "mlp.",
