@@ -235,12 +235,50 @@ const VERIFIER_KEYS: [&str; 19] = [
     "dtype",
 ];
 
-const SEARCH_KEYS: [&str; 5] = [
+const SEARCH_KEYS: [&str; 20] = [
     "budget",
     "search_method",
     "search_rounds",
     "threshold",
     "num_neighbors",
+    "num_paths",
+    "paths_width",
+    "search_start_sigma",
+    "delta_f",
+    "delta_b",
+    "paths_score",
+    "num_particles",
+    "lambda",
+    "potential",
+    "resample_interval",
+    "resample_start",
+    "resample_end",
+    "adaptive_resampling",
+    "ess_threshold",
+    "eta",
+];
+
+/// The keys only search over paths reads.
+const PATHS_KEYS: [&str; 6] = [
+    "num_paths",
+    "paths_width",
+    "search_start_sigma",
+    "delta_f",
+    "delta_b",
+    "paths_score",
+];
+
+/// The keys only particle search reads.
+const PARTICLE_KEYS: [&str; 9] = [
+    "num_particles",
+    "lambda",
+    "potential",
+    "resample_interval",
+    "resample_start",
+    "resample_end",
+    "adaptive_resampling",
+    "ess_threshold",
+    "eta",
 ];
 
 /// A config file that cannot be used. Each variant names the file and, where it applies, the
@@ -306,16 +344,92 @@ pub enum SearchMethod {
         /// Neighbours per round (>= 1).
         num_neighbors: usize,
     },
+    /// The paper's search over paths: branch the surviving paths by re-noising, denoise back,
+    /// keep the best.
+    Paths(PathsArgs),
+    /// Feynman-Kac steering: particles denoised with a stochastic sampler, resampled by
+    /// verifier potentials.
+    Particles(ParticleArgs),
 }
 
 impl SearchMethod {
-    /// The name used in configs: `random` or `zero-order`.
+    /// The name used in configs: `random`, `zero-order`, `paths` or `particles`.
     pub fn name(&self) -> &'static str {
         match self {
             SearchMethod::Random => "random",
             SearchMethod::ZeroOrder { .. } => "zero-order",
+            SearchMethod::Paths(_) => "paths",
+            SearchMethod::Particles(_) => "particles",
         }
     }
+}
+
+/// The parameters of search over paths. Noise levels are fractions of the model's noise
+/// schedule (1 = pure noise, 0 = clean; the flow time for Flux, timestep / 1000 for the UNets).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PathsArgs {
+    /// `num_paths`: paths kept after every stage, and initial noises (N, default 2).
+    pub num_paths: usize,
+    /// `paths_width`: branches drawn from each path at every stage (M, default 2).
+    pub paths_width: usize,
+    /// `search_start_sigma`: the level the initial paths are denoised to before the first
+    /// branching (default 0.11, the paper's).
+    pub search_start_sigma: f64,
+    /// `delta_f`: how far a branch is re-noised forward (default 0.78).
+    pub delta_f: f64,
+    /// `delta_b`: how far a branch is then denoised back (default 0.81; more than `delta_f`,
+    /// so every stage ends less noisy than it started).
+    pub delta_b: f64,
+    /// `paths_score`: what the verifier sees of a branch.
+    pub score: PathScore,
+}
+
+/// What the verifier grades of a branch of search over paths (`paths_score`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathScore {
+    /// `x0`: the decoded clean-sample prediction of the branch's last model call (no extra
+    /// denoiser evaluations; the default).
+    X0,
+    /// `final`: the image the branch gives when denoised to the end (costs the remaining steps).
+    Final,
+}
+
+/// The potential of Feynman-Kac steering (`potential`), from the verifier's rewards `r` of a
+/// particle's clean-sample predictions and the temperature `lambda`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Potential {
+    /// `max`: `exp(lambda · max of the rewards so far)` (the default).
+    Max,
+    /// `add`: `exp(lambda · sum of the rewards so far)`.
+    Add,
+    /// `diff`: `exp(lambda · (r_t - r_previous))`.
+    Diff,
+}
+
+/// The parameters of particle search (Feynman-Kac steering).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ParticleArgs {
+    /// `num_particles`: particles denoised in lockstep (K, default 4).
+    pub num_particles: usize,
+    /// `lambda`: the potentials' inverse temperature (default 10).
+    pub lambda: f64,
+    /// `potential`: how rewards make potentials (default `max`).
+    pub potential: Potential,
+    /// `resample_interval`: steps between potential evaluations (default 5).
+    pub resample_interval: usize,
+    /// `resample_start`: first step (0-based) potentials are evaluated at (default: the
+    /// interval).
+    pub resample_start: Option<usize>,
+    /// `resample_end`: last step potentials may be evaluated at before the final one
+    /// (default: the last step); the final step always is.
+    pub resample_end: Option<usize>,
+    /// `adaptive_resampling`: resample only when the effective sample size falls below
+    /// `ess_threshold · K` (default true); false resamples at every potential.
+    pub adaptive: bool,
+    /// `ess_threshold`: the fraction of K (default 0.5).
+    pub ess_threshold: f64,
+    /// `eta`: the sampler's stochasticity (default 1: DDPM / ancestral steps).
+    pub eta: f64,
 }
 
 /// `search_args`.
@@ -963,31 +1077,54 @@ impl Config {
         let method_name = r
             .string(sa, "search_method", s)?
             .unwrap_or_else(|| "random".to_string());
-        let rounds = to_usize(r.uint(sa, "search_rounds", s, 1)?).ok_or_else(|| {
-            r.invalid(
-                "search_args.search_rounds",
-                "is missing; give the number of search rounds (>= 1)",
-            )
-        })?;
-        if rounds > 20 {
+        let rounds_given = to_usize(r.uint(sa, "search_rounds", s, 1)?);
+        if rounds_given.is_some_and(|n| n > 20) {
             return Err(r.invalid(
                 "search_args.search_rounds",
-                format!("is {rounds}; at most 20 (random search draws 2^round noises per round)"),
+                format!(
+                    "is {}; at most 20 (random search draws 2^round noises per round)",
+                    rounds_given.unwrap_or(0)
+                ),
             ));
+        }
+        let stepwise = matches!(method_name.as_str(), "paths" | "particles");
+        let rounds = match rounds_given {
+            Some(n) => n,
+            None if stepwise => 0,
+            None => {
+                return Err(r.invalid(
+                    "search_args.search_rounds",
+                    "is missing; give the number of search rounds (>= 1)",
+                ))
+            }
+        };
+        let ignored = |r: &mut Reader, keys: &[&str], by: &str| {
+            for k in keys {
+                if sa.contains_key(*k) {
+                    r.warnings.push(format!(
+                        "{}: `search_args.{k}` is ignored by {by}",
+                        path.display()
+                    ));
+                }
+            }
+        };
+        if stepwise && rounds_given.is_some() {
+            ignored(
+                &mut r,
+                &["search_rounds"],
+                "this strategy (its stages follow the schedule)",
+            );
         }
         let method = match method_name.as_str() {
             "random" => {
-                for k in ["threshold", "num_neighbors"] {
-                    if sa.contains_key(k) {
-                        r.warnings.push(format!(
-                            "{}: `search_args.{k}` is ignored by random search",
-                            path.display()
-                        ));
-                    }
-                }
+                ignored(&mut r, &["threshold", "num_neighbors"], "random search");
+                ignored(&mut r, &PATHS_KEYS, "random search");
+                ignored(&mut r, &PARTICLE_KEYS, "random search");
                 SearchMethod::Random
             }
             "zero-order" => {
+                ignored(&mut r, &PATHS_KEYS, "zero-order search");
+                ignored(&mut r, &PARTICLE_KEYS, "zero-order search");
                 let threshold = r.number(sa, "threshold", s)?.ok_or_else(|| {
                     r.invalid(
                         "search_args.threshold",
@@ -1017,10 +1154,92 @@ impl Config {
                     num_neighbors,
                 }
             }
+            "paths" => {
+                ignored(&mut r, &["threshold", "num_neighbors"], "search over paths");
+                ignored(&mut r, &PARTICLE_KEYS, "search over paths");
+                let count = |r: &Reader, key: &str, default: usize| -> Result<usize, ConfigError> {
+                    Ok(to_usize(r.uint_in(sa, key, s, 1, 1024)?).unwrap_or(default))
+                };
+                let level = |r: &Reader, key: &str, default: f64| -> Result<f64, ConfigError> {
+                    Ok(r.number_in(sa, key, s, (0.0, true), 1.0)?
+                        .unwrap_or(default))
+                };
+                let args = PathsArgs {
+                    num_paths: count(&r, "num_paths", 2)?,
+                    paths_width: count(&r, "paths_width", 2)?,
+                    search_start_sigma: level(&r, "search_start_sigma", 0.11)?,
+                    delta_f: level(&r, "delta_f", 0.78)?,
+                    delta_b: level(&r, "delta_b", 0.81)?,
+                    score: match r.string(sa, "paths_score", s)?.as_deref() {
+                        None | Some("x0") => PathScore::X0,
+                        Some("final") => PathScore::Final,
+                        Some(other) => {
+                            return Err(r.invalid(
+                                "search_args.paths_score",
+                                format!("is \"{other}\"; allowed: x0, final"),
+                            ))
+                        }
+                    },
+                };
+                if args.delta_b <= args.delta_f {
+                    return Err(r.invalid(
+                        "search_args.delta_b",
+                        format!(
+                            "is {}; it must be more than delta_f ({}), or the paths never reach \
+                             the end of the schedule (the paper uses 0.81 and 0.78)",
+                            args.delta_b, args.delta_f
+                        ),
+                    ));
+                }
+                SearchMethod::Paths(args)
+            }
+            "particles" => {
+                ignored(&mut r, &["threshold", "num_neighbors"], "particle search");
+                ignored(&mut r, &PATHS_KEYS, "particle search");
+                let step = |r: &Reader, key: &str| -> Result<Option<usize>, ConfigError> {
+                    Ok(to_usize(r.uint_in(sa, key, s, 0, 100_000)?))
+                };
+                let interval = to_usize(r.uint_in(sa, "resample_interval", s, 1, 100_000)?);
+                let args = ParticleArgs {
+                    num_particles: to_usize(r.uint_in(sa, "num_particles", s, 1, 1024)?)
+                        .unwrap_or(4),
+                    lambda: r
+                        .number_in(sa, "lambda", s, (0.0, false), 1e6)?
+                        .unwrap_or(10.0),
+                    potential: match r.string(sa, "potential", s)?.as_deref() {
+                        None | Some("max") => Potential::Max,
+                        Some("add") => Potential::Add,
+                        Some("diff") => Potential::Diff,
+                        Some(other) => {
+                            return Err(r.invalid(
+                                "search_args.potential",
+                                format!("is \"{other}\"; allowed: max, add, diff"),
+                            ))
+                        }
+                    },
+                    resample_interval: interval.unwrap_or(5),
+                    resample_start: step(&r, "resample_start")?,
+                    resample_end: step(&r, "resample_end")?,
+                    adaptive: r.boolean(sa, "adaptive_resampling", s)?.unwrap_or(true),
+                    ess_threshold: r
+                        .number_in(sa, "ess_threshold", s, (0.0, false), 1.0)?
+                        .unwrap_or(0.5),
+                    eta: r.number_in(sa, "eta", s, (0.0, true), 1.0)?.unwrap_or(1.0),
+                };
+                if let (Some(a), Some(b)) = (args.resample_start, args.resample_end) {
+                    if b < a {
+                        return Err(r.invalid(
+                            "search_args.resample_end",
+                            format!("is {b}; it must not be before resample_start ({a})"),
+                        ));
+                    }
+                }
+                SearchMethod::Particles(args)
+            }
             other => {
                 return Err(r.invalid(
                     "search_args.search_method",
-                    format!("is \"{other}\"; allowed: random, zero-order"),
+                    format!("is \"{other}\"; allowed: random, zero-order, paths, particles"),
                 ))
             }
         };

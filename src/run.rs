@@ -579,6 +579,9 @@ fn warn_if_slow_on_cpu(config: &Config, prompts: usize) {
     let per_prompt = match config.search_args.method {
         SearchMethod::Random => (1usize << (rounds + 1)).saturating_sub(2),
         SearchMethod::ZeroOrder { num_neighbors, .. } => 1 + rounds * num_neighbors,
+        // Their stages add up to at least this many whole denoising runs.
+        SearchMethod::Paths(p) => p.num_paths * p.paths_width,
+        SearchMethod::Particles(p) => p.num_particles,
     };
     let images = per_prompt.saturating_mul(prompts);
     tracing::warn!(
@@ -1339,6 +1342,15 @@ impl OutputWriter {
 
 impl SearchObserver for OutputWriter {
     fn round_started(&mut self, round: usize, num_images: usize) {
+        // Paths and particles: the stages follow the schedule, known as they come.
+        if self
+            .bars
+            .rounds
+            .length()
+            .is_some_and(|len| (round as u64) > len)
+        {
+            self.bars.rounds.set_length(round as u64);
+        }
         self.bars.images.reset();
         self.bars.images.set_length(num_images as u64);
         tracing::debug!("round {round}: generating {num_images} image(s)");

@@ -366,7 +366,7 @@ fn grading_score(c: &Candidate, metric: &str) -> Value {
 
 /// Writes a finished round into `run_dir`: every candidate's PNG, then the round's JSON in the
 /// original's layout (its keys first, then `best_noise`, `best_so_far`, `num_failed`,
-/// `all_failed`, `candidates`, `timings`), named after the round's best image, or
+/// `all_failed`, `candidates`, `stage` for paths and particles, `budget`, `timings`), named after the round's best image, or
 /// `..._i@<round>_failed.json` when no candidate could be graded. Updates `best` (the prompt's
 /// best over all rounds) first, so the JSON's `best_so_far` includes this round.
 pub fn write_round(
@@ -482,6 +482,9 @@ pub fn write_round(
     d.insert("num_failed".into(), json!(failed));
     d.insert("all_failed".into(), json!(r.best.is_none()));
     d.insert("candidates".into(), Value::Array(candidates_json));
+    if let Some(stage) = &r.stage {
+        d.insert("stage".into(), stage.clone());
+    }
     d.insert(
         "budget".into(),
         json!({

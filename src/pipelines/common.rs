@@ -9,12 +9,14 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
 use super::{CallArgs, PipelineError};
+use super::{Span, StepSchedule};
 use crate::loading::{candle_dtype, parse_config, var_builder, Dtype, ModelSource};
 use crate::models::clip_text::ClipTextConfig;
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::t5::T5Tokenizer;
 use crate::models::vae::{VaeConfig, VaeDecoder};
 use crate::noise::Noise;
+use crate::schedulers::levels::predicted_x0;
 use crate::schedulers::{Scheduler, SchedulerConfig};
 
 /// Builds a fresh scheduler for a number of inference steps (one per generation).
@@ -332,39 +334,128 @@ impl Sampler {
         }
     }
 
+    /// The guided prediction for `latents` (B, C, h, w) at `t`: the model input (latents twice
+    /// under guidance) is scaled by the scheduler, `forward(input, t)` predicts (2B or B rows),
+    /// and under guidance the rows are combined as `uncond + scale · (cond − uncond)`.
+    fn guided(
+        &self,
+        scheduler: &dyn Scheduler,
+        latents: &Tensor,
+        t: f64,
+        forward: &mut impl FnMut(&Tensor, f64) -> Result<Tensor, PipelineError>,
+    ) -> Result<Tensor, PipelineError> {
+        let b = latents.dim(0)?;
+        let guided = self.uses_guidance();
+        let input = if guided {
+            Tensor::cat(&[latents, latents], 0)?
+        } else {
+            latents.clone()
+        };
+        let input = scheduler.scale_model_input(&input, t)?;
+        let pred = forward(&input, t)?;
+        Ok(if guided {
+            let uncond = pred.narrow(0, 0, b)?;
+            let cond = pred.narrow(0, b, b)?;
+            (&uncond + ((cond - &uncond)? * self.guidance_scale)?)?
+        } else {
+            pred
+        })
+    }
+
     /// The guided denoise loop: from initial `latents` (B, C, h, w), already scaled by
-    /// `init_noise_sigma`, for each timestep `t` the model input (latents twice under guidance)
-    /// is scaled by the scheduler, `forward(input, t)` predicts (2B or B rows), the prediction
-    /// is guided, `uncond + scale · (cond − uncond)`, and the scheduler steps. Returns the final
-    /// latents.
+    /// `init_noise_sigma`, for each timestep the guided prediction ([`Sampler::guided`]) and a
+    /// scheduler step. Returns the final latents.
     pub fn denoise(
         &self,
         latents: &Tensor,
         mut forward: impl FnMut(&Tensor, f64) -> Result<Tensor, PipelineError>,
     ) -> Result<Tensor, PipelineError> {
-        let b = latents.dim(0)?;
-        let guided = self.uses_guidance();
         let mut scheduler = (self.scheduler)(self.num_inference_steps)?;
         let timesteps = scheduler.timesteps().to_vec();
         let mut latents = latents.clone();
         for t in timesteps {
-            let input = if guided {
-                Tensor::cat(&[&latents, &latents], 0)?
-            } else {
-                latents.clone()
-            };
-            let input = scheduler.scale_model_input(&input, t)?;
-            let pred = forward(&input, t)?;
-            let pred = if guided {
-                let uncond = pred.narrow(0, 0, b)?;
-                let cond = pred.narrow(0, b, b)?;
-                (&uncond + ((cond - &uncond)? * self.guidance_scale)?)?
-            } else {
-                pred
-            };
+            let pred = self.guided(scheduler.as_ref(), &latents, t, &mut forward)?;
             latents = scheduler.step(&pred, t, &latents)?;
         }
         Ok(latents)
+    }
+
+    /// The schedule of [`super::ImagePipeline::schedule`].
+    pub fn schedule(&self) -> Result<StepSchedule, PipelineError> {
+        let n = self.num_inference_steps;
+        let scheduler = (self.scheduler)(n)?;
+        // A whole run from a fresh start shows the warm-up's extra calls.
+        let full = (self.scheduler)(n)?
+            .begin_segment(0, n)
+            .map_or(n, |v| v.len());
+        Ok(StepSchedule {
+            levels: scheduler.levels(),
+            parameterization: scheduler.parameterization(),
+            init_noise_sigma: scheduler.init_noise_sigma(),
+            evaluations_per_call: if self.uses_guidance() { 2 } else { 1 },
+            warmup_calls: full.saturating_sub(n),
+        })
+    }
+
+    /// [`super::ImagePipeline::denoise_span`]: a fresh scheduler denoises `latents` from level
+    /// `from` to level `to` ([`Scheduler::begin_segment`]); the clean-sample prediction of the
+    /// last model call is kept.
+    pub fn span(
+        &self,
+        latents: &Tensor,
+        (from, to): (usize, usize),
+        mut forward: impl FnMut(&Tensor, f64) -> Result<Tensor, PipelineError>,
+    ) -> Result<Span, PipelineError> {
+        let mut scheduler = (self.scheduler)(self.num_inference_steps)?;
+        let levels = scheduler.levels();
+        let visits = scheduler.begin_segment(from, to)?;
+        let mut latents = latents.clone();
+        let mut x0 = None;
+        for (i, &t) in visits.iter().enumerate() {
+            let pred = self.guided(scheduler.as_ref(), &latents, t, &mut forward)?;
+            if i + 1 == visits.len() {
+                let level = levels.iter().find(|l| l.timestep == t).ok_or_else(|| {
+                    PipelineError::InvalidArgument(format!("timestep {t} has no noise level"))
+                })?;
+                x0 = Some(predicted_x0(
+                    scheduler.parameterization(),
+                    &pred,
+                    &latents,
+                    level,
+                )?);
+            }
+            latents = scheduler.step(&pred, t, &latents)?;
+        }
+        let x0 = x0.ok_or_else(|| PipelineError::InvalidArgument("an empty segment".into()))?;
+        let evaluations = visits.len() * if self.uses_guidance() { 2 } else { 1 };
+        Ok(Span {
+            latents,
+            x0,
+            evaluations,
+        })
+    }
+
+    /// [`super::ImagePipeline::predict_x0`]: one guided model call on `latents` at `level`.
+    pub fn predict_x0(
+        &self,
+        latents: &Tensor,
+        level: usize,
+        mut forward: impl FnMut(&Tensor, f64) -> Result<Tensor, PipelineError>,
+    ) -> Result<Tensor, PipelineError> {
+        let mut scheduler = (self.scheduler)(self.num_inference_steps)?;
+        let levels = scheduler.levels();
+        // Sets the scheduler's step index (Euler scales the input by its level's sigma).
+        scheduler.begin_segment(level, level + 1)?;
+        let at = levels.get(level).ok_or_else(|| {
+            PipelineError::InvalidArgument(format!("the schedule has no level {level}"))
+        })?;
+        let pred = self.guided(scheduler.as_ref(), latents, at.timestep, &mut forward)?;
+        Ok(predicted_x0(
+            scheduler.parameterization(),
+            &pred,
+            latents,
+            at,
+        )?)
     }
 
     /// `generate` of a scheduler-driven pipeline: stacks `noises` (each of `shape`), scales
@@ -387,6 +478,50 @@ impl Sampler {
         to_images(&denoise_and_decode(&latents)?)
     }
 }
+
+/// The stepwise methods of [`super::ImagePipeline`] for a scheduler-driven pipeline: one with
+/// fields `sampler`, `noise_shape`, `dtype` and `device`, a method `forward_fn(b)` giving the
+/// model call for a batch of `b` images, and the decode method named by `$decode` (latents to
+/// images in about [-1, 1]).
+macro_rules! sampler_stepwise {
+    ($decode:ident) => {
+        fn schedule(&self) -> Result<$crate::pipelines::StepSchedule, PipelineError> {
+            self.sampler.schedule()
+        }
+        fn noise_latents(
+            &self,
+            noises: &[$crate::noise::Noise],
+        ) -> Result<candle_core::Tensor, PipelineError> {
+            let batch =
+                $crate::pipelines::common::noise_batch(noises, &self.noise_shape, &self.device)?;
+            Ok(batch.to_dtype(self.dtype)?)
+        }
+        fn denoise_span(
+            &self,
+            latents: &candle_core::Tensor,
+            from: usize,
+            to: usize,
+        ) -> Result<$crate::pipelines::Span, PipelineError> {
+            let forward = self.forward_fn(latents.dim(0)?)?;
+            self.sampler.span(latents, (from, to), forward)
+        }
+        fn predict_x0(
+            &self,
+            latents: &candle_core::Tensor,
+            level: usize,
+        ) -> Result<candle_core::Tensor, PipelineError> {
+            let forward = self.forward_fn(latents.dim(0)?)?;
+            self.sampler.predict_x0(latents, level, forward)
+        }
+        fn decode_latents(
+            &self,
+            latents: &candle_core::Tensor,
+        ) -> Result<Vec<image::RgbImage>, PipelineError> {
+            $crate::pipelines::common::to_images(&self.$decode(latents)?)
+        }
+    };
+}
+pub(crate) use sampler_stepwise;
 
 /// Decodes `z` (B, C, h, w) one row at a time with `decode` and stacks the images: candle's
 /// VAE attention gave wrong results for batches of more than one row (its strided batched

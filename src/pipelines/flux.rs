@@ -22,7 +22,7 @@ use image::RgbImage;
 use super::common::{
     clip_text_config, clip_tokenizer, noise_batch, optional_file, to_images, vae_config,
 };
-use super::{CallArgs, ImagePipeline, PipelineError};
+use super::{CallArgs, ImagePipeline, PipelineError, Span, StepSchedule};
 use crate::loading::{candle_dtype, mmap, model_config, parse_config, Dtype, ModelSource};
 use crate::models::clip_text::ClipTextModel;
 use crate::models::clip_tokenizer::ClipTokenizer;
@@ -32,7 +32,8 @@ use crate::models::flux_transformer::{
 use crate::models::t5::T5Tokenizer;
 use crate::models::vae::{VaeConfig, VaeDecoder};
 use crate::noise::Noise;
-use crate::schedulers::FlowMatchConfig;
+use crate::schedulers::levels::predicted_x0;
+use crate::schedulers::{FlowMatchConfig, FlowMatchEulerScheduler, Parameterization};
 
 /// Turns a construction error of a Flux component into a message naming its weights.
 fn weights_error(source: &ModelSource, what: &str, e: impl std::fmt::Display) -> PipelineError {
@@ -540,6 +541,28 @@ impl FluxPipeline {
     /// Denoises packed latents with the prompt set by [`ImagePipeline::set_prompt`]; returns the
     /// final unpacked latents (B, 16, h, w).
     pub fn denoise(&self, packed: &Tensor) -> Result<Tensor, PipelineError> {
+        let (h, w) = self.latent_hw();
+        let span = self.run_steps(packed, 0, self.num_inference_steps, false)?;
+        Ok(unpack_latents(&span.latents, h, w)?)
+    }
+
+    /// The flow-matching schedule of this image size.
+    fn flow_schedule(&self) -> Result<FlowMatchEulerScheduler, PipelineError> {
+        let (h, w) = self.latent_hw();
+        self.scheduler
+            .build(self.num_inference_steps, (h / 2) * (w / 2))
+    }
+
+    /// Steps `from..to` of the schedule on packed latents (B, L, 64) with the prompt of
+    /// [`ImagePipeline::set_prompt`]; with `want_x0`, the clean-sample prediction of the last
+    /// step (`x - t · v`) is kept (else the span's `x0` is its latents).
+    fn run_steps(
+        &self,
+        packed: &Tensor,
+        from: usize,
+        to: usize,
+        want_x0: bool,
+    ) -> Result<Span, PipelineError> {
         let (txt, pooled) = self.prompt.as_ref().ok_or_else(|| {
             PipelineError::InvalidArgument("set_prompt must be called before generate".into())
         })?;
@@ -547,24 +570,42 @@ impl FluxPipeline {
         let (h, w) = self.latent_hw();
         let (rows, cols) = (h / 2, w / 2);
         let txt = txt.repeat((b, 1, 1))?;
-        let pooled_one = pooled;
         let rope = self.rope(txt.dim(1)?, rows, cols)?;
-        let mut sched = self
-            .scheduler
-            .build(self.num_inference_steps, rows * cols)?;
+        let mut sched = self.flow_schedule()?;
+        if from >= to || to > sched.timesteps().len() {
+            return Err(PipelineError::InvalidArgument(format!(
+                "cannot denoise from level {from} to level {to} of a {}-step schedule",
+                sched.timesteps().len()
+            )));
+        }
+        sched.begin_at(from)?;
+        let levels = sched.levels();
         let g = round_to(
             round_to(self.guidance_scale as f32, self.dtype)? * 1000.0,
             self.dtype,
         )?;
         let mut latents = packed.clone();
-        for t in sched.timesteps().to_vec() {
-            let mods = self.step_modulations(model_timestep(t, self.dtype)?, g, pooled_one)?;
+        let mut x0 = None;
+        for (i, &t) in sched.timesteps()[from..to].to_vec().iter().enumerate() {
+            let mods = self.step_modulations(model_timestep(t, self.dtype)?, g, pooled)?;
             let pred = self
                 .transformer
                 .forward_modulated(&latents, &txt, &mods, &rope)?;
+            if want_x0 && from + i + 1 == to {
+                x0 = Some(predicted_x0(
+                    Parameterization::FlowVelocity,
+                    &pred,
+                    &latents,
+                    &levels[from + i],
+                )?);
+            }
             latents = sched.step(&pred, &latents)?;
         }
-        Ok(unpack_latents(&latents, h, w)?)
+        Ok(Span {
+            x0: x0.unwrap_or_else(|| latents.clone()),
+            latents,
+            evaluations: to - from,
+        })
     }
 
     /// The modulations of the step at model timestep `t` with guidance value `g` for the
@@ -641,10 +682,42 @@ impl ImagePipeline for FluxPipeline {
         if noises.is_empty() {
             return Ok(Vec::new());
         }
-        let batch = noise_batch(noises, &self.noise_shape(), &self.device)?;
-        let latents = batch.to_dtype(self.dtype)?;
-        let latents = self.denoise(&pack_latents(&latents)?)?;
+        let latents = self.denoise(&self.noise_latents(noises)?)?;
         to_images(&self.vae_decode(&latents)?)
+    }
+
+    fn schedule(&self) -> Result<StepSchedule, PipelineError> {
+        Ok(StepSchedule {
+            levels: self.flow_schedule()?.levels(),
+            parameterization: Parameterization::FlowVelocity,
+            init_noise_sigma: 1.0,
+            evaluations_per_call: 1,
+            warmup_calls: 0,
+        })
+    }
+
+    /// Packed (B, L, 64), in the model dtype.
+    fn noise_latents(&self, noises: &[Noise]) -> Result<Tensor, PipelineError> {
+        let batch = noise_batch(noises, &self.noise_shape(), &self.device)?;
+        Ok(pack_latents(&batch.to_dtype(self.dtype)?)?)
+    }
+
+    fn denoise_span(
+        &self,
+        latents: &Tensor,
+        from: usize,
+        to: usize,
+    ) -> Result<Span, PipelineError> {
+        self.run_steps(latents, from, to, true)
+    }
+
+    fn predict_x0(&self, latents: &Tensor, level: usize) -> Result<Tensor, PipelineError> {
+        Ok(self.run_steps(latents, level, level + 1, true)?.x0)
+    }
+
+    fn decode_latents(&self, latents: &Tensor) -> Result<Vec<RgbImage>, PipelineError> {
+        let (h, w) = self.latent_hw();
+        to_images(&self.vae_decode(&unpack_latents(latents, h, w)?)?)
     }
 }
 

@@ -13,6 +13,7 @@ pub mod pixart;
 pub mod sd15;
 pub mod sdxl;
 
+use candle_core::Tensor;
 use image::RgbImage;
 
 use crate::config::Config;
@@ -20,7 +21,58 @@ pub use crate::config::PipelineCallArgs as CallArgs;
 use crate::loading::{parse_config, ModelSource};
 use crate::models::ModelError;
 use crate::noise::Noise;
+use crate::schedulers::{NoiseLevel, Parameterization};
 use sd15::Sd15Pipeline;
+
+/// The denoising schedule as the stepwise search strategies see it (search over paths,
+/// particles): where a sample can be held, and what a model call costs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepSchedule {
+    /// The levels each step starts from, then the final one (`steps + 1`).
+    pub levels: Vec<NoiseLevel>,
+    /// What the denoiser predicts.
+    pub parameterization: Parameterization,
+    /// Factor the initial noise is multiplied by before the first step.
+    pub init_noise_sigma: f64,
+    /// Denoiser evaluations per model call and image: 2 under classifier-free guidance, else 1.
+    pub evaluations_per_call: usize,
+    /// Extra model calls a segment of more than one step costs when the scheduler starts
+    /// fresh (1 for PNDM's second-order warm-up, else 0).
+    pub warmup_calls: usize,
+}
+
+impl StepSchedule {
+    /// Denoiser evaluations per image of [`ImagePipeline::denoise_span`] from `from` to `to`.
+    pub fn span_evaluations(&self, from: usize, to: usize) -> usize {
+        let steps = to.saturating_sub(from);
+        let warmup = if steps > 1 { self.warmup_calls } else { 0 };
+        (steps + warmup) * self.evaluations_per_call
+    }
+
+    /// The index of the final level (the number of steps).
+    pub fn last(&self) -> usize {
+        self.levels.len().saturating_sub(1)
+    }
+}
+
+/// What [`ImagePipeline::denoise_span`] returns.
+#[derive(Clone, Debug)]
+pub struct Span {
+    /// The latents at the segment's last level, in the pipeline's latent layout.
+    pub latents: Tensor,
+    /// The clean-sample prediction of the segment's last model call, same layout.
+    pub x0: Tensor,
+    /// Denoiser evaluations spent per image (model calls, twice under guidance).
+    pub evaluations: usize,
+}
+
+fn stepwise_unsupported() -> PipelineError {
+    PipelineError::Unsupported(
+        "this pipeline cannot denoise step by step, which search over paths and particle \
+         search need; use search_method random or zero-order"
+            .into(),
+    )
+}
 
 /// Errors raised while loading or running a pipeline: the model stack's one error type
 /// ([`ModelError`]; a file, a Hub fetch, an unsupported model, an invalid argument, a tensor
@@ -54,6 +106,34 @@ pub trait ImagePipeline {
     /// run as one batched call); `None` when the pipeline cannot tell.
     fn evaluations_per_image(&self) -> Option<usize> {
         None
+    }
+    /// The denoising schedule, for the stepwise strategies.
+    fn schedule(&self) -> Result<StepSchedule, PipelineError> {
+        Err(stepwise_unsupported())
+    }
+    /// Standard normal `noises` (each of [`ImagePipeline::noise_shape`]) as one batch in the
+    /// pipeline's latent layout and dtype (Flux packs them), not yet scaled.
+    fn noise_latents(&self, _noises: &[Noise]) -> Result<Tensor, PipelineError> {
+        Err(stepwise_unsupported())
+    }
+    /// Denoises `latents` (a batch, latent layout) from level `from` to level `to` of
+    /// [`ImagePipeline::schedule`] with the pipeline's scheduler, started fresh at `from` (as
+    /// diffusers' img2img does), with the prompt of [`ImagePipeline::set_prompt`].
+    fn denoise_span(
+        &self,
+        _latents: &Tensor,
+        _from: usize,
+        _to: usize,
+    ) -> Result<Span, PipelineError> {
+        Err(stepwise_unsupported())
+    }
+    /// One model call on `latents` at `level`: the predicted clean latents.
+    fn predict_x0(&self, _latents: &Tensor, _level: usize) -> Result<Tensor, PipelineError> {
+        Err(stepwise_unsupported())
+    }
+    /// Decodes latents (a batch, latent layout; clean or a clean-sample prediction) to images.
+    fn decode_latents(&self, _latents: &Tensor) -> Result<Vec<RgbImage>, PipelineError> {
+        Err(stepwise_unsupported())
     }
 }
 

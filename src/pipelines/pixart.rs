@@ -9,8 +9,8 @@ use image::RgbImage;
 
 use super::caption::preprocess_caption;
 use super::common::{
-    check_dtype_on_device, decode_rows, latent_noise_shape, scheduler_from_file, vae_config,
-    weights_error, Sampler,
+    check_dtype_on_device, decode_rows, latent_noise_shape, sampler_stepwise, scheduler_from_file,
+    vae_config, weights_error, Sampler,
 };
 use super::{CallArgs, ImagePipeline, PipelineError};
 use crate::loading::{
@@ -311,18 +311,20 @@ impl PixArtPipeline {
         self.sampler.uses_guidance()
     }
 
-    /// Denoises initial latents (B, C, h, w) with the prompt of [`ImagePipeline::set_prompt`].
-    pub fn denoise(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
+    /// The transformer call for a batch of `b` images with the prompt of
+    /// [`ImagePipeline::set_prompt`]; a learned-sigma output keeps its noise half (the
+    /// guidance that follows is elementwise, so taking the half first gives the same values).
+    fn forward_fn(
+        &self,
+        b: usize,
+    ) -> Result<impl Fn(&Tensor, f64) -> Result<Tensor, PipelineError> + '_, PipelineError> {
         let (states, mask) = self.context.as_ref().ok_or_else(|| {
             PipelineError::InvalidArgument("set_prompt must be called before generate".into())
         })?;
-        let b = latents.dim(0)?;
         let context = self.sampler.batch_rows(states, b)?;
         let mask = self.sampler.batch_rows(mask, b)?;
-        // Learned sigma: keep the noise half of the prediction (the guidance that follows is
-        // elementwise, so taking the half first gives the same values).
         let learned_sigma = self.transformer.config().out_channels / 2 == self.latent_channels;
-        self.sampler.denoise(latents, |input, t| {
+        Ok(move |input: &Tensor, t: f64| {
             let ts = vec![t; input.dim(0)?];
             let pred = self
                 .transformer
@@ -333,6 +335,12 @@ impl PixArtPipeline {
                 pred
             })
         })
+    }
+
+    /// Denoises initial latents (B, C, h, w) with the prompt of [`ImagePipeline::set_prompt`].
+    pub fn denoise(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
+        self.sampler
+            .denoise(latents, self.forward_fn(latents.dim(0)?)?)
     }
 
     /// VAE decode of latents (B, C, h, w) → images in about [-1, 1], resized back to the
@@ -390,6 +398,8 @@ impl ImagePipeline for PixArtPipeline {
         self.sampler
             .generate(noises, &self.noise_shape, self.dtype, &self.device, run)
     }
+
+    sampler_stepwise!(decode);
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::common::{
     check_dtype_on_device, clip_text_config, clip_tokenizer, decode_rows, latent_noise_shape,
-    load_vae, weights_error, Sampler, SchedulerFactory,
+    load_vae, sampler_stepwise, weights_error, Sampler, SchedulerFactory,
 };
 use super::{CallArgs, ImagePipeline, PipelineError};
 use crate::loading::{candle_dtype, model_config, parse_config, var_builder, Dtype, ModelSource};
@@ -194,16 +194,24 @@ impl Sd15Pipeline {
         decode_rows(&z, |row| self.vae.decode(row))
     }
 
-    /// Denoises initial latents (B, C, h, w), already scaled by `init_noise_sigma`, with the
-    /// embeddings of [`ImagePipeline::set_prompt`]; returns the final latents.
-    pub fn denoise(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
+    /// The UNet call for a batch of `b` images with the embeddings of
+    /// [`ImagePipeline::set_prompt`] (rows as [`Sampler::batch_rows`] lays them out).
+    fn forward_fn(
+        &self,
+        b: usize,
+    ) -> Result<impl Fn(&Tensor, f64) -> Result<Tensor, PipelineError> + '_, PipelineError> {
         let context = self.context.as_ref().ok_or_else(|| {
             PipelineError::InvalidArgument("set_prompt must be called before generate".into())
         })?;
-        let context = self.sampler.batch_rows(context, latents.dim(0)?)?;
-        self.sampler.denoise(latents, |input, t| {
-            Ok(self.unet.forward(input, t, &context, None)?)
-        })
+        let context = self.sampler.batch_rows(context, b)?;
+        Ok(move |input: &Tensor, t: f64| Ok(self.unet.forward(input, t, &context, None)?))
+    }
+
+    /// Denoises initial latents (B, C, h, w), already scaled by `init_noise_sigma`, with the
+    /// embeddings of [`ImagePipeline::set_prompt`]; returns the final latents.
+    pub fn denoise(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
+        self.sampler
+            .denoise(latents, self.forward_fn(latents.dim(0)?)?)
     }
 }
 
@@ -230,6 +238,8 @@ impl ImagePipeline for Sd15Pipeline {
         self.sampler
             .generate(noises, &self.noise_shape, self.dtype, &self.device, run)
     }
+
+    sampler_stepwise!(vae_decode);
 }
 
 /// `unet/config.json` of stable-diffusion-v1-5/stable-diffusion-v1-5 (diffusers 0.6.0 keys).

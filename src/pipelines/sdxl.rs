@@ -15,7 +15,7 @@ use image::RgbImage;
 
 use super::common::{
     check_dtype_on_device, clip_text_config, clip_tokenizer, decode_rows, latent_noise_shape,
-    load_vae, weights_error, Sampler, SchedulerFactory,
+    load_vae, sampler_stepwise, weights_error, Sampler, SchedulerFactory,
 };
 use super::{CallArgs, ImagePipeline, ModelIndex, PipelineError};
 use crate::loading::{candle_dtype, model_config, parse_config, var_builder, Dtype, ModelSource};
@@ -283,23 +283,32 @@ impl SdxlPipeline {
         decode_rows(&z, |row| self.vae.decode(row))
     }
 
-    /// Denoises initial latents (B, C, h, w), already scaled by `init_noise_sigma`, with the
-    /// conditioning of [`ImagePipeline::set_prompt`]; returns the final latents.
-    pub fn denoise(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
+    /// The UNet call for a batch of `b` images with the conditioning of
+    /// [`ImagePipeline::set_prompt`] (rows as [`Sampler::batch_rows`] lays them out).
+    fn forward_fn(
+        &self,
+        b: usize,
+    ) -> Result<impl Fn(&Tensor, f64) -> Result<Tensor, PipelineError> + '_, PipelineError> {
         let cond = self.conditioning.as_ref().ok_or_else(|| {
             PipelineError::InvalidArgument("set_prompt must be called before generate".into())
         })?;
-        let b = latents.dim(0)?;
         let context = self.sampler.batch_rows(&cond.prompt_embeds, b)?;
         let text_embeds = self.sampler.batch_rows(&cond.text_embeds, b)?;
         let n = context.dim(0)?;
         let ids = self.add_time_ids();
         let time_ids = Tensor::from_vec(ids.repeat(n), (n, 6), &self.device)?;
-        self.sampler.denoise(latents, |input, t| {
+        Ok(move |input: &Tensor, t: f64| {
             Ok(self
                 .unet
                 .forward(input, t, &context, Some((&text_embeds, &time_ids)))?)
         })
+    }
+
+    /// Denoises initial latents (B, C, h, w), already scaled by `init_noise_sigma`, with the
+    /// conditioning of [`ImagePipeline::set_prompt`]; returns the final latents.
+    pub fn denoise(&self, latents: &Tensor) -> Result<Tensor, PipelineError> {
+        self.sampler
+            .denoise(latents, self.forward_fn(latents.dim(0)?)?)
     }
 }
 
@@ -339,6 +348,8 @@ impl ImagePipeline for SdxlPipeline {
         self.sampler
             .generate(noises, &self.noise_shape, self.dtype, &self.device, run)
     }
+
+    sampler_stepwise!(vae_decode);
 }
 
 #[cfg(test)]

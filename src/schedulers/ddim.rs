@@ -4,8 +4,8 @@
 use candle_core::Tensor;
 
 use super::{
-    alpha_at, div_scalar, integer_timestep, integer_timesteps, mul_scalar, work_dtype,
-    PredictionType, Scheduler, SchedulerConfig,
+    alpha_at, check_segment, div_scalar, integer_timestep, integer_timesteps, mul_scalar, vp_level,
+    work_dtype, NoiseLevel, Parameterization, PredictionType, Scheduler, SchedulerConfig,
 };
 use crate::schedulers::SchedulerError;
 
@@ -127,5 +127,30 @@ impl Scheduler for DdimScheduler {
         let direction = mul_scalar(&pred_epsilon, f64::from((1.0 - alpha_prod_t_prev).sqrt()))?;
         let prev = (mul_scalar(&pred_original, f64::from(alpha_prod_t_prev.sqrt()))? + direction)?;
         prev.to_dtype(out_dtype)
+    }
+
+    fn levels(&self) -> Vec<NoiseLevel> {
+        let n_train = self.alphas_cumprod.len();
+        let mut levels: Vec<NoiseLevel> = self
+            .timesteps
+            .iter()
+            .map(|&t| {
+                let a = self.alphas_cumprod.get(t as usize).copied().unwrap_or(1.0);
+                vp_level(t, a, n_train)
+            })
+            .collect();
+        let mut last = vp_level(0.0, self.final_alpha_cumprod, n_train);
+        last.fraction = 0.0;
+        levels.push(last);
+        levels
+    }
+
+    fn parameterization(&self) -> Parameterization {
+        self.prediction_type.into()
+    }
+
+    fn begin_segment(&mut self, from: usize, to: usize) -> Result<Vec<f64>, SchedulerError> {
+        check_segment(from, to, self.timesteps.len() + 1)?;
+        Ok(self.timesteps[from..to].to_vec())
     }
 }

@@ -10,8 +10,8 @@
 use candle_core::{DType, Tensor};
 
 use super::{
-    mul_scalar, np_arange, np_linspace, Keys, PredictionType, Scheduler, SchedulerConfig,
-    SchedulerKind, TimestepSpacing,
+    check_segment, mul_scalar, np_arange, np_linspace, Keys, NoiseLevel, Parameterization,
+    PredictionType, Scheduler, SchedulerConfig, SchedulerKind, TimestepSpacing,
 };
 use crate::schedulers::SchedulerError;
 
@@ -146,6 +146,7 @@ pub struct DpmSolverMultistepScheduler {
     model_outputs: Vec<Option<Tensor>>,
     lower_order_nums: usize,
     step_index: usize,
+    num_train_timesteps: usize,
 }
 
 /// `alpha_t, sigma_t` of a sigma, float32.
@@ -247,6 +248,7 @@ impl DpmSolverMultistepScheduler {
             sigmas,
             lower_order_nums: 0,
             step_index: 0,
+            num_train_timesteps: n_train,
         })
     }
 
@@ -446,5 +448,34 @@ impl Scheduler for DpmSolverMultistepScheduler {
         }
         self.step_index += 1;
         prev.to_dtype(out_dtype)
+    }
+
+    fn levels(&self) -> Vec<NoiseLevel> {
+        self.sigmas
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let (alpha, sigma) = alpha_sigma(s);
+                let timestep = self.timesteps.get(i).copied().unwrap_or(0.0);
+                NoiseLevel {
+                    timestep,
+                    alpha: f64::from(alpha),
+                    sigma: f64::from(sigma),
+                    fraction: timestep / self.num_train_timesteps as f64,
+                }
+            })
+            .collect()
+    }
+
+    fn parameterization(&self) -> Parameterization {
+        self.prediction_type.into()
+    }
+
+    fn begin_segment(&mut self, from: usize, to: usize) -> Result<Vec<f64>, SchedulerError> {
+        check_segment(from, to, self.sigmas.len())?;
+        self.step_index = from;
+        self.lower_order_nums = 0;
+        self.model_outputs.iter_mut().for_each(|m| *m = None);
+        Ok(self.timesteps[from..to].to_vec())
     }
 }

@@ -8,9 +8,9 @@
 use candle_core::Tensor;
 
 use super::{
-    div_scalar, mul_scalar, np_arange, np_linspace, torch_linspace_f32, work_dtype,
-    FinalSigmasType, InterpolationType, PredictionType, Scheduler, SchedulerConfig,
-    TimestepSpacing, TimestepType,
+    check_segment, div_scalar, mul_scalar, np_arange, np_linspace, torch_linspace_f32, work_dtype,
+    FinalSigmasType, InterpolationType, NoiseLevel, Parameterization, PredictionType, Scheduler,
+    SchedulerConfig, TimestepSpacing, TimestepType,
 };
 use crate::schedulers::SchedulerError;
 
@@ -28,6 +28,8 @@ pub struct EulerDiscreteScheduler {
     init_noise_sigma: f32,
     /// Index of the next step; set from the first timestep seen.
     step_index: Option<usize>,
+    /// Each step's training timestep over `num_train_timesteps` (the levels' `fraction`).
+    fractions: Vec<f64>,
 }
 
 impl EulerDiscreteScheduler {
@@ -122,6 +124,7 @@ impl EulerDiscreteScheduler {
         sigmas.push(sigma_last);
         let sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
 
+        let fractions = timesteps.iter().map(|t| t / n_train as f64).collect();
         if config.timestep_type == TimestepType::Continuous
             && config.prediction_type == PredictionType::VPrediction
         {
@@ -142,6 +145,7 @@ impl EulerDiscreteScheduler {
             prediction_type: config.prediction_type,
             init_noise_sigma,
             step_index: None,
+            fractions,
         })
     }
 
@@ -280,5 +284,28 @@ impl Scheduler for EulerDiscreteScheduler {
         let prev = (sample + mul_scalar(&derivative, f64::from(dt))?)?;
         self.step_index = Some(index + 1);
         prev.to_dtype(out_dtype)
+    }
+
+    fn levels(&self) -> Vec<NoiseLevel> {
+        self.sigmas
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| NoiseLevel {
+                timestep: self.timesteps.get(i).copied().unwrap_or(0.0),
+                alpha: 1.0,
+                sigma: f64::from(s),
+                fraction: self.fractions.get(i).copied().unwrap_or(0.0),
+            })
+            .collect()
+    }
+
+    fn parameterization(&self) -> Parameterization {
+        self.prediction_type.into()
+    }
+
+    fn begin_segment(&mut self, from: usize, to: usize) -> Result<Vec<f64>, SchedulerError> {
+        check_segment(from, to, self.sigmas.len())?;
+        self.step_index = Some(from);
+        Ok(self.timesteps[from..to].to_vec())
     }
 }

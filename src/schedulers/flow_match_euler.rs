@@ -193,6 +193,33 @@ impl FlowMatchEulerScheduler {
         &self.sigmas
     }
 
+    /// The noise levels: one per step and the final one, `alpha = 1 - t`, `sigma = t`.
+    pub fn levels(&self) -> Vec<super::NoiseLevel> {
+        self.sigmas
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| super::NoiseLevel {
+                timestep: self.timesteps.get(i).copied().map_or(0.0, f64::from),
+                alpha: 1.0 - f64::from(s),
+                sigma: f64::from(s),
+                fraction: f64::from(s),
+            })
+            .collect()
+    }
+
+    /// Sets the next step to start from level `from` (diffusers' `set_begin_index`); the
+    /// Euler step keeps no history, so a segment from there is the same steps as a full run.
+    pub fn begin_at(&mut self, from: usize) -> Result<(), SchedulerError> {
+        if from >= self.timesteps.len() {
+            return Err(SchedulerError::InvalidArgument(format!(
+                "cannot begin at level {from} of a schedule with {} steps",
+                self.timesteps.len()
+            )));
+        }
+        self.step_index = from;
+        Ok(())
+    }
+
     /// One Euler step: `sample + (sigma_next - sigma) * model_output`, computed in float32 and
     /// returned in `model_output`'s dtype (as diffusers). Steps must be taken in order.
     pub fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> candle_core::Result<Tensor> {

@@ -21,6 +21,7 @@ mod ddim;
 mod dpm_solver_multistep;
 mod euler_discrete;
 pub mod flow_match_euler;
+pub mod levels;
 mod pndm;
 
 use std::path::Path;
@@ -35,6 +36,7 @@ pub use dpm_solver_multistep::{
 };
 pub use euler_discrete::EulerDiscreteScheduler;
 pub use flow_match_euler::{FlowMatchConfig, FlowMatchEulerScheduler};
+pub use levels::{NoiseLevel, Parameterization};
 pub use pndm::PndmScheduler;
 
 /// Errors raised while configuring or stepping a scheduler: the model stack's one error type.
@@ -58,6 +60,40 @@ pub trait Scheduler: Send {
         timestep: f64,
         sample: &Tensor,
     ) -> candle_core::Result<Tensor>;
+    /// The schedule's noise levels: the one each step starts from, in order, then the final
+    /// one (`steps + 1` levels; PNDM's repeated warm-up timestep counts once).
+    fn levels(&self) -> Vec<NoiseLevel>;
+    /// What the model output is, for [`levels::predicted_x0`].
+    fn parameterization(&self) -> Parameterization;
+    /// Sets this freshly built scheduler up to denoise from level `from` to level `to`
+    /// (indices into [`Scheduler::levels`], `from < to`) as a fresh start without multistep
+    /// history, as diffusers' img2img begins mid-schedule, and returns the timesteps to visit
+    /// (one model call and one [`Scheduler::step`] each). `0..steps` visits
+    /// [`Scheduler::timesteps`].
+    fn begin_segment(&mut self, from: usize, to: usize) -> Result<Vec<f64>, SchedulerError>;
+}
+
+/// Checks a segment `from..to` against a schedule of `levels` levels.
+fn check_segment(from: usize, to: usize, levels: usize) -> Result<(), SchedulerError> {
+    if from < to && to < levels {
+        Ok(())
+    } else {
+        Err(SchedulerError::InvalidArgument(format!(
+            "cannot denoise from level {from} to level {to} of a schedule with {levels} levels"
+        )))
+    }
+}
+
+/// The variance-preserving level of `alphas_cumprod` value `a` at `timestep` of a schedule
+/// trained on `n_train` timesteps.
+fn vp_level(timestep: f64, a: f32, n_train: usize) -> NoiseLevel {
+    let a = f64::from(a);
+    NoiseLevel {
+        timestep,
+        alpha: a.sqrt(),
+        sigma: (1.0 - a).max(0.0).sqrt(),
+        fraction: timestep / n_train as f64,
+    }
 }
 
 /// Which diffusers scheduler class a config describes (`_class_name`).

@@ -8,8 +8,8 @@
 use candle_core::Tensor;
 
 use super::{
-    alpha_at, div_scalar, integer_timestep, integer_timesteps, mul_scalar, work_dtype,
-    PredictionType, Scheduler, SchedulerConfig,
+    alpha_at, check_segment, div_scalar, integer_timestep, integer_timesteps, mul_scalar, vp_level,
+    work_dtype, NoiseLevel, Parameterization, PredictionType, Scheduler, SchedulerConfig,
 };
 use crate::schedulers::SchedulerError;
 
@@ -27,6 +27,8 @@ pub struct PndmScheduler {
     /// The Runge-Kutta timesteps (empty with `skip_prk_steps`).
     prk_timesteps: Vec<i64>,
     timesteps: Vec<f64>,
+    /// The schedule's distinct timesteps, noisiest first (the levels' timesteps).
+    grid: Vec<i64>,
     counter: usize,
     /// Previous model outputs (at most four are used).
     ets: Vec<Tensor>,
@@ -52,6 +54,7 @@ impl PndmScheduler {
         };
         let base = integer_timesteps(config, num_inference_steps);
         let len = base.len();
+        let grid: Vec<i64> = base.iter().rev().copied().collect();
         let (prk_timesteps, plms_timesteps): (Vec<i64>, Vec<i64>) = if config.skip_prk_steps {
             // concat(t[:-1], t[-2:-1], t[-1:]) reversed: the second-to-last timestep repeats.
             let mut plms: Vec<i64> = base[..len - 1].to_vec();
@@ -98,6 +101,7 @@ impl PndmScheduler {
             step_ratio: (n_train / num_inference_steps) as i64,
             prk_timesteps,
             timesteps,
+            grid,
             counter: 0,
             ets: Vec::new(),
             cur_model_output: None,
@@ -269,5 +273,53 @@ impl Scheduler for PndmScheduler {
             self.step_plms(model_output, timestep, sample)?
         };
         prev.to_dtype(out_dtype)
+    }
+
+    fn levels(&self) -> Vec<NoiseLevel> {
+        let n_train = self.alphas_cumprod.len();
+        let mut levels: Vec<NoiseLevel> = self
+            .grid
+            .iter()
+            .map(|&t| {
+                let a = usize::try_from(t)
+                    .ok()
+                    .and_then(|i| self.alphas_cumprod.get(i).copied())
+                    .unwrap_or(1.0);
+                vp_level(t as f64, a, n_train)
+            })
+            .collect();
+        let mut last = vp_level(0.0, self.final_alpha_cumprod, n_train);
+        last.fraction = 0.0;
+        levels.push(last);
+        levels
+    }
+
+    fn parameterization(&self) -> Parameterization {
+        self.prediction_type.into()
+    }
+
+    /// PLMS from a fresh start takes the same warm-up as from the first step: the first
+    /// timestep once, the next one twice (a second-order start), then one call a step. So a
+    /// segment of `k > 1` steps costs `k + 1` model calls.
+    fn begin_segment(&mut self, from: usize, to: usize) -> Result<Vec<f64>, SchedulerError> {
+        check_segment(from, to, self.grid.len() + 1)?;
+        if !self.skip_prk_steps {
+            return Err(SchedulerError::Unsupported(
+                "PNDMScheduler without skip_prk_steps cannot start mid-schedule (its Runge-Kutta \
+                 warm-up spans the first steps); set skip_prk_steps to true in \
+                 scheduler/scheduler_config.json or use another scheduler"
+                    .into(),
+            ));
+        }
+        self.counter = 0;
+        self.ets.clear();
+        self.cur_sample = None;
+        self.cur_model_output = None;
+        let mut visits = vec![self.grid[from] as f64];
+        if to - from > 1 {
+            visits.push(self.grid[from + 1] as f64);
+            visits.extend(self.grid[from + 1..to].iter().map(|&t| t as f64));
+        }
+        Ok(visits)
     }
 }

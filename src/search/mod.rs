@@ -1,11 +1,16 @@
-//! Search strategies over initial noises: random search (round r draws 2^r fresh noises) and
-//! zero-order search (a base noise and its neighbours on the sphere).
+//! Search strategies: random search (round r draws 2^r fresh noises), zero-order search (a base
+//! noise and its neighbours on the sphere), search over paths ([`paths`]) and particle search
+//! ([`particles`]).
 //!
 //! The search asks the pipeline for images of noises and the verifier for grades; what it finds
-//! goes to a [`SearchObserver`] (the output writer, progress bars), round by round.
+//! goes to a [`SearchObserver`] (the output writer, progress bars), round by round. Every
+//! strategy records what it spends and stops at the config's budget ([`Meter`]).
 
 pub mod neighbors;
+pub mod particles;
+pub mod paths;
 pub mod seeds;
+mod stepwise;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -40,6 +45,35 @@ pub enum NoiseOrigin {
         /// Cosine similarity to the base.
         threshold: f64,
     },
+    /// A branch of search over paths: `base`'s path (its latents at level `from`) re-noised
+    /// to level `renoised_to` with the float32 `torch.randn` draw of `seed` (in the pipeline's
+    /// latent layout, as the initial noise), then denoised to level `to` with the pipeline's
+    /// scheduler started fresh at `renoised_to`. Levels index the schedule (0 = the first step).
+    PathBranch {
+        /// The path this branches from.
+        base: Box<NoiseOrigin>,
+        /// Position among the round's branches (0-based; names the file).
+        branch: usize,
+        /// Seed of the re-noising draw.
+        seed: u64,
+        /// The level the base path had reached.
+        from: usize,
+        /// The level it was re-noised to.
+        renoised_to: usize,
+        /// The level it was denoised to.
+        to: usize,
+    },
+    /// A particle of particle search: `seeds[0]` is the initial noise, `seeds[s]` the noise of
+    /// the stochastic DDIM step from level `s - 1` to level `s` (`eta`), along the particle's
+    /// line of ancestors (resampling copies a line).
+    Particle {
+        /// Its slot among the particles (0-based; names the file).
+        slot: usize,
+        /// The seeds of its line, initial noise first.
+        seeds: Vec<u64>,
+        /// The sampler's stochasticity.
+        eta: f64,
+    },
 }
 
 impl NoiseOrigin {
@@ -47,12 +81,17 @@ impl NoiseOrigin {
     pub fn root_seed(&self) -> u64 {
         match self {
             NoiseOrigin::Seed { seed } => *seed,
-            NoiseOrigin::Neighbor { base, .. } => base.root_seed(),
+            NoiseOrigin::Neighbor { base, .. } | NoiseOrigin::PathBranch { base, .. } => {
+                base.root_seed()
+            }
+            NoiseOrigin::Particle { seeds, .. } => seeds.first().copied().unwrap_or(0),
         }
     }
 
     /// The label used in file names after `_s@`: the seed for a drawn noise,
-    /// `<root seed>-n<direction seed>...` for a neighbour (one `-n` per neighbour step).
+    /// `<root seed>-n<direction seed>...` for a neighbour (one `-n` per neighbour step),
+    /// `<root seed>-b<branch>` for a branch of search over paths, `<root seed>-k<slot>` for a
+    /// particle (unique within a round, which the file name also has).
     pub fn label(&self) -> String {
         match self {
             NoiseOrigin::Seed { seed } => seed.to_string(),
@@ -61,13 +100,22 @@ impl NoiseOrigin {
                 direction_seed,
                 ..
             } => format!("{}-n{direction_seed}", base.label()),
+            NoiseOrigin::PathBranch { branch, .. } => {
+                format!("{}-b{branch}", self.root_seed())
+            }
+            NoiseOrigin::Particle { slot, .. } => format!("{}-k{slot}", self.root_seed()),
         }
     }
 
-    /// Builds the noise of this origin for `shape`.
+    /// Builds the initial noise of this origin for `shape` (for a branch or a particle: the
+    /// initial noise its line starts from).
     pub fn regenerate(&self, shape: &[usize], kernel: NoiseKernel) -> Noise {
         match self {
             NoiseOrigin::Seed { seed } => torch_randn(*seed, shape, randn_kernel(kernel)),
+            NoiseOrigin::PathBranch { base, .. } => base.regenerate(shape, kernel),
+            NoiseOrigin::Particle { .. } => {
+                torch_randn(self.root_seed(), shape, randn_kernel(kernel))
+            }
             NoiseOrigin::Neighbor {
                 base,
                 direction_seed,
@@ -135,6 +183,10 @@ pub struct RoundResult {
     pub nfe: Option<u64>,
     /// Gradings of this round's new candidates (one verifier call each).
     pub verifier_calls: u64,
+    /// What the stage of a stepwise strategy did (search over paths: the levels and the
+    /// surviving branches; particles: rewards, weights, resampling), written as the round
+    /// JSON's `stage`; `None` for random and zero-order search.
+    pub stage: Option<serde_json::Value>,
 }
 
 /// Receives the search's progress and results.
@@ -241,6 +293,9 @@ pub enum SearchError {
     /// reported.
     #[error("the search was stopped")]
     Interrupted,
+    /// The strategy's settings do not fit the model's schedule.
+    #[error("{0}")]
+    Settings(String),
     /// The pipeline broke its contract.
     #[error("the pipeline returned {got} images for {expected} noises")]
     ImageCount {
@@ -282,25 +337,64 @@ pub struct SearchSettings {
     pub budget: Option<SearchBudget>,
 }
 
-/// Whether a round of `n` new candidates may start, after `spent` candidates, under `budget`:
-/// the first round always does; then NFE and verifier-call budgets admit a round that stays
-/// within them (an NFE budget needs the pipeline's count, `per_image`), a seconds budget any
-/// round that starts before the time is up.
-pub fn round_fits(
+/// What a prompt's search has spent, against its budget.
+#[derive(Clone, Debug)]
+pub struct Meter {
     budget: Option<SearchBudget>,
-    per_image: Option<usize>,
-    spent: u64,
-    n: u64,
     started: Instant,
-) -> bool {
-    if spent == 0 {
-        return true;
+    /// Denoiser evaluations so far; `None` once a stage could not count them.
+    nfe: Option<u64>,
+    calls: u64,
+    stages: u64,
+}
+
+impl Meter {
+    /// A meter for one prompt's search under `budget`, started now.
+    pub fn new(budget: Option<SearchBudget>) -> Self {
+        Self {
+            budget,
+            started: Instant::now(),
+            nfe: Some(0),
+            calls: 0,
+            stages: 0,
+        }
     }
-    match budget {
-        None => true,
-        Some(SearchBudget::Nfe(max)) => per_image.is_none_or(|e| (spent + n) * e as u64 <= max),
-        Some(SearchBudget::VerifierCalls(max)) => spent + n <= max,
-        Some(SearchBudget::Seconds(s)) => started.elapsed().as_secs_f64() < s,
+
+    /// Whether a stage costing `nfe` denoiser evaluations (`None`: unknown) and `calls`
+    /// verifier calls may start: the first stage always does; then NFE and verifier-call
+    /// budgets admit a stage that stays within them (an unknown NFE count is admitted), a
+    /// seconds budget any stage that starts before the time is up.
+    pub fn admits(&self, nfe: Option<u64>, calls: u64) -> bool {
+        if self.stages == 0 {
+            return true;
+        }
+        match self.budget {
+            None => true,
+            Some(SearchBudget::Nfe(max)) => match (self.nfe, nfe) {
+                (Some(spent), Some(n)) => spent + n <= max,
+                _ => true,
+            },
+            Some(SearchBudget::VerifierCalls(max)) => self.calls + calls <= max,
+            Some(SearchBudget::Seconds(s)) => self.started.elapsed().as_secs_f64() < s,
+        }
+    }
+
+    /// Records a stage's spending.
+    pub fn spend(&mut self, nfe: Option<u64>, calls: u64) {
+        self.nfe = self.nfe.zip(nfe).map(|(a, b)| a + b);
+        self.calls += calls;
+        self.stages += 1;
+    }
+
+    /// [`Meter::admits`], then [`Meter::spend`] when it does; logs the stop when it does not.
+    pub fn take(&mut self, round: usize, nfe: Option<u64>, calls: u64) -> bool {
+        if self.admits(nfe, calls) {
+            self.spend(nfe, calls);
+            true
+        } else {
+            tracing::info!("search budget reached: stopping before round {round}");
+            false
+        }
     }
 }
 
@@ -405,11 +499,17 @@ pub fn search_prompt(
             "this pipeline cannot count its denoiser evaluations: the NFE budget is not applied"
         );
     }
-    let started = Instant::now();
-    let mut spent = 0u64;
-    let over_budget = |round: usize| {
-        tracing::info!("search budget reached: stopping before round {round}");
-    };
+    match settings.method {
+        SearchMethod::Paths(args) => {
+            return paths::search(prompt, pipeline, verifier, settings, &args, observer, store)
+        }
+        SearchMethod::Particles(args) => {
+            return particles::search(prompt, pipeline, verifier, settings, &args, observer, store)
+        }
+        SearchMethod::Random | SearchMethod::ZeroOrder { .. } => {}
+    }
+    let mut meter = Meter::new(settings.budget);
+    let nfe_of = |n: usize| per_image.map(|e| (e * n) as u64);
     let mut stream = SeedStream::new(settings.master_seed, prompt);
     let fatal = OnceLock::new();
     std::thread::scope(|scope| {
@@ -428,11 +528,9 @@ pub fn search_prompt(
             SearchMethod::Random => {
                 for round in 1..=settings.rounds {
                     let n = 1usize << round;
-                    if !round_fits(settings.budget, per_image, spent, n as u64, started) {
-                        over_budget(round);
+                    if !meter.take(round, nfe_of(n), n as u64) {
                         break;
                     }
-                    spent += n as u64;
                     let origins: Vec<NoiseOrigin> = (0..n)
                         .map(|k| NoiseOrigin::Seed {
                             seed: stream.seed(round, SeedPurpose::Noise, k),
@@ -465,11 +563,9 @@ pub fn search_prompt(
                 let mut carried: Option<(Candidate, Noise)> = None;
                 for round in 1..=settings.rounds {
                     let n = num_neighbors + usize::from(carried.is_none());
-                    if !round_fits(settings.budget, per_image, spent, n as u64, started) {
-                        over_budget(round);
+                    if !meter.take(round, nfe_of(n), n as u64) {
                         break;
                     }
-                    spent += n as u64;
                     observer.round_started(round, n);
                     let (base, base_origin, base_noise) = match carried.take() {
                         Some((c, noise)) => {
@@ -534,12 +630,14 @@ pub fn search_prompt(
                         verification_s: graded.verification_s,
                         nfe: per_image.map(|e| e as u64 * new),
                         verifier_calls: new,
+                        stage: None,
                     };
                     observer.round_finished(prompt, &result)?;
                     queue.check_fatal()?;
                 }
                 Ok(())
             }
+            SearchMethod::Paths(_) | SearchMethod::Particles(_) => Ok(()),
         }
     })
 }
@@ -570,6 +668,7 @@ fn finish_random_round(
         verification_s: graded.verification_s,
         nfe: per_image.map(|e| e as u64 * new),
         verifier_calls: new,
+        stage: None,
     }
 }
 

@@ -15,6 +15,12 @@ pub enum SeedPurpose {
     Noise,
     /// The random direction of a zero-order neighbour.
     Direction,
+    /// The re-noising draw of a branch of search over paths.
+    Branch,
+    /// The noise of a particle's stochastic step.
+    Step,
+    /// The uniform draws of a particle resampling.
+    Resample,
 }
 
 /// The seed source of one prompt. Seed `k` of round `r` is a hash of (master seed, prompt,
@@ -48,6 +54,9 @@ impl SeedStream {
             h.update([match purpose {
                 SeedPurpose::Noise => 0u8,
                 SeedPurpose::Direction => 1u8,
+                SeedPurpose::Branch => 2u8,
+                SeedPurpose::Step => 3u8,
+                SeedPurpose::Resample => 4u8,
             }]);
             h.update((k as u64).to_le_bytes());
             h.update(attempt.to_le_bytes());

@@ -4,6 +4,7 @@
 mod clip;
 mod flux;
 mod image_reward;
+mod paths;
 mod pixart;
 mod qwen;
 mod sd15;

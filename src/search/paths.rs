@@ -1,0 +1,465 @@
+//! Search over paths (Ma et al. 2025, "Search over Paths"): N initial noises are denoised to
+//! the search start level; at every stage each surviving path branches into M by re-noising it
+//! forward by `delta_f` (the forward process, fresh seeded noise) and denoising back by
+//! `delta_b` with the pipeline's scheduler; the verifier grades every branch (on its decoded
+//! clean-sample prediction, or on its image denoised to the end) and the best N survive, until
+//! the paths reach the end of the schedule. The last stage's branches are final images, so the
+//! search ends with a best-of-N·M over them.
+//!
+//! The levels are those of the model's own schedule: a stage re-noises to the level closest to
+//! `level + delta_f` and denoises to the level closest to `that - delta_b`, at least one level
+//! on, so the search needs no steps the schedule does not have.
+
+use serde_json::json;
+
+use super::seeds::{SeedPurpose, SeedStream};
+use super::stepwise::{select_rows, Stepper};
+use super::{
+    select_best, Candidate, CandidateStore, Meter, NoiseOrigin, RoundResult, SearchError,
+    SearchObserver, SearchSettings,
+};
+use crate::config::{PathScore, PathsArgs};
+use crate::models::ModelError;
+use crate::noise::Noise;
+use crate::pipelines::ImagePipeline;
+use crate::schedulers::levels::renoise;
+use crate::schedulers::NoiseLevel;
+use crate::verifiers::Verifier;
+
+/// One stage: the surviving paths (at level `from`) are re-noised to `renoised_to` and
+/// denoised to `to` (indices into the schedule's levels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathStage {
+    /// The level the paths have reached.
+    pub from: usize,
+    /// The noisier level the branches are re-noised to.
+    pub renoised_to: usize,
+    /// The level the branches are denoised to.
+    pub to: usize,
+}
+
+/// The levels a search over paths visits on a schedule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathsPlan {
+    /// The level the initial paths are denoised to.
+    pub start: usize,
+    /// The branching stages, in order; the last ends at the final level.
+    pub stages: Vec<PathStage>,
+}
+
+/// The index in `range` whose level fraction is closest to `target` (ties: the first).
+fn closest(levels: &[NoiseLevel], range: std::ops::Range<usize>, target: f64) -> usize {
+    let mut best = range.start;
+    for i in range {
+        if (levels[i].fraction - target).abs() < (levels[best].fraction - target).abs() {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Plans the stages of search over paths on `levels` (a schedule's levels, the final one
+/// last): the start is the step level closest to `search_start_sigma` (not the first, which
+/// has nothing noisier to re-noise to); each stage re-noises to the level before it closest to
+/// `level + delta_f` and denoises to the level after it closest to `that - delta_b`.
+pub fn plan(levels: &[NoiseLevel], args: &PathsArgs) -> Result<PathsPlan, SearchError> {
+    let n = levels.len().saturating_sub(1);
+    if n < 2 {
+        return Err(SearchError::Settings(format!(
+            "search over paths needs at least 2 denoising steps, this schedule has {n}; raise \
+             pipeline_call_args.num_inference_steps"
+        )));
+    }
+    let start = closest(levels, 1..n, args.search_start_sigma);
+    let mut stages = Vec::new();
+    let mut at = start;
+    while at < n {
+        let renoised_to = closest(levels, 0..at, levels[at].fraction + args.delta_f);
+        let to = closest(
+            levels,
+            at + 1..n + 1,
+            levels[renoised_to].fraction - args.delta_b,
+        );
+        stages.push(PathStage {
+            from: at,
+            renoised_to,
+            to,
+        });
+        at = to;
+    }
+    Ok(PathsPlan { start, stages })
+}
+
+/// Candidate indices from best to worst on `metric`: graded ones by score (ties: the
+/// earlier), then the ungraded in order.
+fn ranking(candidates: &[Candidate], metric: &str) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    order.sort_by(|&a, &b| {
+        match (candidates[a].score(metric), candidates[b].score(metric)) {
+            (Some(x), Some(y)) => y.total_cmp(&x),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
+        }
+        .then(a.cmp(&b))
+    });
+    order
+}
+
+/// Runs search over paths for one prompt, reporting each stage as a round.
+pub fn search(
+    prompt: &str,
+    pipeline: &mut dyn ImagePipeline,
+    verifier: &dyn Verifier,
+    settings: &SearchSettings,
+    args: &PathsArgs,
+    observer: &mut dyn SearchObserver,
+    store: &dyn CandidateStore,
+) -> Result<(), SearchError> {
+    let schedule = pipeline.schedule()?;
+    let plan = plan(&schedule.levels, args)?;
+    let last = schedule.last();
+    let levels = &schedule.levels;
+    let shape = pipeline.noise_shape();
+    pipeline.set_prompt(prompt)?;
+    let (n, m) = (args.num_paths, args.paths_width);
+    let mut stream = SeedStream::new(settings.master_seed, prompt);
+    let mut meter = Meter::new(settings.budget);
+    let mut st = Stepper {
+        pipeline,
+        verifier,
+        settings,
+        store,
+        prompt,
+        generation_s: 0.0,
+    };
+
+    let mut origins: Vec<NoiseOrigin> = (0..n)
+        .map(|i| NoiseOrigin::Seed {
+            seed: stream.seed(0, SeedPurpose::Noise, i),
+        })
+        .collect();
+    let noises: Vec<Noise> = origins
+        .iter()
+        .map(|o| o.regenerate(&shape, settings.noise_kernel))
+        .collect();
+    let mut latents =
+        (st.noise_latents(&noises)? * schedule.init_noise_sigma).map_err(ModelError::from)?;
+    let mut initial_pending = true;
+    let per_image = |from: usize, to: usize| schedule.span_evaluations(from, to) as u64;
+
+    for (i, stage) in plan.stages.iter().enumerate() {
+        let round = i + 1;
+        let parents = origins.len();
+        let branches = parents * m;
+        let to_end = stage.to < last && args.score == PathScore::Final;
+        let mut nfe = branches as u64
+            * (per_image(stage.renoised_to, stage.to)
+                + if to_end { per_image(stage.to, last) } else { 0 });
+        if initial_pending {
+            nfe += (n as u64) * per_image(0, plan.start);
+        }
+        if !meter.take(round, Some(nfe), branches as u64) {
+            break;
+        }
+        st.check_stop()?;
+        observer.round_started(round, branches);
+        if initial_pending {
+            latents = st.span(&latents, 0, plan.start)?.latents;
+            initial_pending = false;
+        }
+
+        let mut branch_origins = Vec::with_capacity(branches);
+        let mut draws = Vec::with_capacity(branches);
+        let mut parent_of = Vec::with_capacity(branches);
+        for (p, base) in origins.iter().enumerate() {
+            for _ in 0..m {
+                let branch = branch_origins.len();
+                let seed = stream.seed(round, SeedPurpose::Branch, branch);
+                draws.push(NoiseOrigin::Seed { seed }.regenerate(&shape, settings.noise_kernel));
+                parent_of.push(p);
+                branch_origins.push(NoiseOrigin::PathBranch {
+                    base: Box::new(base.clone()),
+                    branch,
+                    seed,
+                    from: stage.from,
+                    renoised_to: stage.renoised_to,
+                    to: stage.to,
+                });
+            }
+        }
+        let eps = st.noise_latents(&draws)?;
+        let bases = select_rows(&latents, &parent_of)?;
+        let renoised = renoise(
+            &bases,
+            &levels[stage.from],
+            &levels[stage.renoised_to],
+            &eps,
+        )
+        .map_err(ModelError::from)?;
+        let span = st.span(&renoised, stage.renoised_to, stage.to)?;
+        let (images, scored_on) = if stage.to == last {
+            (st.decode(&span.latents)?, "final image")
+        } else if to_end {
+            let end = st.span(&span.latents, stage.to, last)?;
+            (
+                st.decode(&end.latents)?,
+                "final image (denoised to the end)",
+            )
+        } else {
+            (st.decode(&span.x0)?, "x0 prediction")
+        };
+        let graded = st.graded(round, branch_origins, images, observer)?;
+        let keep: Vec<usize> = ranking(&graded.candidates, &settings.metric)
+            .into_iter()
+            .take(n)
+            .collect();
+        let best = select_best(&graded.candidates, &settings.metric);
+        let fraction = |l: usize| levels[l].fraction;
+        let detail = json!({
+            "strategy": "paths",
+            "levels": {"from": stage.from, "renoised_to": stage.renoised_to, "to": stage.to},
+            "noise_levels": {
+                "from": fraction(stage.from),
+                "renoised_to": fraction(stage.renoised_to),
+                "to": fraction(stage.to),
+            },
+            "scored_on": scored_on,
+            "parents": parent_of,
+            "survivors": keep,
+        });
+        origins = keep
+            .iter()
+            .map(|&k| graded.candidates[k].origin.clone())
+            .collect();
+        latents = select_rows(&span.latents, &keep)?;
+        observer.round_finished(
+            prompt,
+            &RoundResult {
+                round,
+                candidates: graded.candidates,
+                best,
+                neighbors_improvement: None,
+                generation_s: graded.generation_s,
+                verification_s: graded.verification_s,
+                nfe: Some(nfe),
+                verifier_calls: branches as u64,
+                stage: Some(detail),
+            },
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::stepwise::fakes::{settings, Brightness, FakeStepper, Rounds};
+    use super::*;
+
+    fn levels(fractions: &[f64]) -> Vec<NoiseLevel> {
+        fractions
+            .iter()
+            .map(|&f| NoiseLevel {
+                timestep: f * 1000.0,
+                alpha: 1.0 - f,
+                sigma: f,
+                fraction: f,
+            })
+            .collect()
+    }
+
+    fn args(start: f64, f: f64, b: f64) -> PathsArgs {
+        PathsArgs {
+            num_paths: 2,
+            paths_width: 2,
+            search_start_sigma: start,
+            delta_f: f,
+            delta_b: b,
+            score: PathScore::X0,
+        }
+    }
+
+    #[test]
+    fn the_plan_follows_the_schedule_and_reaches_the_end() {
+        // 10 evenly spaced steps: 1.0, 0.9, ..., 0.1, then 0.
+        let l = levels(&[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]);
+        let p = plan(&l, &args(0.3, 0.4, 0.5)).unwrap();
+        assert_eq!(p.start, 7);
+        // 0.3 → 0.7 → 0.2; 0.2 → 0.6 → 0.1; 0.1 → 0.5 → 0.0.
+        assert_eq!(
+            p.stages,
+            vec![
+                PathStage {
+                    from: 7,
+                    renoised_to: 3,
+                    to: 8
+                },
+                PathStage {
+                    from: 8,
+                    renoised_to: 4,
+                    to: 9
+                },
+                PathStage {
+                    from: 9,
+                    renoised_to: 5,
+                    to: 10
+                },
+            ]
+        );
+        // The paper's values on a coarse grid: every stage still advances at least one level.
+        let p = plan(&l, &args(0.11, 0.78, 0.81)).unwrap();
+        assert_eq!(p.start, 9);
+        assert_eq!(
+            p.stages,
+            vec![PathStage {
+                from: 9,
+                renoised_to: 1,
+                to: 10
+            }]
+        );
+        // A forward step past pure noise re-noises to the first level.
+        // Then back to 1.0 - 0.93 = 0.07, closest to the level 0.1.
+        let p = plan(&l, &args(0.5, 0.9, 0.93)).unwrap();
+        assert_eq!(
+            p.stages[0],
+            PathStage {
+                from: 5,
+                renoised_to: 0,
+                to: 9
+            }
+        );
+        assert_eq!(p.stages.last().map(|s| s.to), Some(10));
+    }
+
+    fn run(a: PathsArgs, budget: Option<crate::config::SearchBudget>) -> (Rounds, FakeStepper) {
+        let mut pipeline = FakeStepper::default();
+        let verifier = Brightness::default();
+        let mut s = settings(crate::config::SearchMethod::Paths(a));
+        s.budget = budget;
+        let mut rounds = Rounds::default();
+        search(
+            "p",
+            &mut pipeline,
+            &verifier,
+            &s,
+            &a,
+            &mut rounds,
+            &super::super::NoStore,
+        )
+        .unwrap();
+        (rounds, pipeline)
+    }
+
+    fn wide(score: PathScore) -> PathsArgs {
+        PathsArgs {
+            num_paths: 2,
+            paths_width: 3,
+            search_start_sigma: 0.3,
+            delta_f: 0.4,
+            delta_b: 0.5,
+            score,
+        }
+    }
+
+    #[test]
+    fn each_stage_branches_every_survivor_and_keeps_the_best() {
+        let (rounds, pipeline) = run(wide(PathScore::X0), None);
+        let rounds = rounds.0;
+        // The plan of the 10-step schedule: 7 → 3 → 8, 8 → 4 → 9, 9 → 5 → 10.
+        assert_eq!(rounds.len(), 3);
+        let mut previous: Option<Vec<NoiseOrigin>> = None;
+        for r in &rounds {
+            assert_eq!(r.candidates.len(), 6, "2 paths x 3 branches");
+            assert_eq!(r.verifier_calls, 6);
+            let stage = r.stage.as_ref().unwrap();
+            assert_eq!(stage["parents"], json!([0, 0, 0, 1, 1, 1]));
+            // The survivors are the two best scores, best first.
+            let mut order: Vec<usize> = (0..6).collect();
+            order.sort_by(|&a, &b| {
+                let (x, y) = (
+                    r.candidates[a].score("overall_score"),
+                    r.candidates[b].score("overall_score"),
+                );
+                y.partial_cmp(&x).unwrap().then(a.cmp(&b))
+            });
+            assert_eq!(stage["survivors"], json!(order[..2]));
+            assert_eq!(r.best, Some(order[0]));
+            let top = r.candidates[order[0]].score("overall_score");
+            assert!(
+                top > r.candidates[order[5]].score("overall_score"),
+                "scores must differ"
+            );
+            // Every branch grows from a survivor of the stage before.
+            for c in &r.candidates {
+                let NoiseOrigin::PathBranch { base, .. } = &c.origin else {
+                    panic!("not a branch: {:?}", c.origin);
+                };
+                match &previous {
+                    None => assert!(matches!(**base, NoiseOrigin::Seed { .. })),
+                    Some(kept) => assert!(kept.contains(base)),
+                }
+            }
+            let kept = order[..2]
+                .iter()
+                .map(|&i| r.candidates[i].origin.clone())
+                .collect();
+            previous = Some(kept);
+        }
+        // NFEs (2 a call): round 1 has the 2 initial paths to level 7 (2 x 7 x 2) and 6
+        // branches of 5 steps (6 x 5 x 2); rounds 2 and 3 have 6 branches of 5 steps.
+        let nfe: Vec<Option<u64>> = rounds.iter().map(|r| r.nfe).collect();
+        assert_eq!(nfe, vec![Some(28 + 60), Some(60), Some(60)]);
+        // The pipeline was asked for exactly that: spans of 2 rows (initial), then of 3 (the
+        // batch size) for the 6 branches.
+        let log = pipeline.log.lock().unwrap().clone();
+        assert_eq!(log[0], ("span", 0, 7, 2));
+        assert_eq!(log[1], ("span", 3, 8, 3));
+        assert_eq!(log[2], ("span", 3, 8, 3));
+        let calls: usize = log.iter().map(|(_, a, b, n)| (b - a) * n * 2).sum();
+        assert_eq!(calls as u64, 28 + 60 * 3);
+    }
+
+    #[test]
+    fn final_scoring_denoises_each_branch_to_the_end_and_counts_it() {
+        let (rounds, pipeline) = run(wide(PathScore::Final), None);
+        let nfe: Vec<Option<u64>> = rounds.0.iter().map(|r| r.nfe).collect();
+        // Round 1: + 6 branches from level 8 to 10; round 2: + from 9 to 10; round 3 ends there.
+        assert_eq!(nfe, vec![Some(88 + 6 * 2 * 2), Some(60 + 6 * 2), Some(60)]);
+        let log = pipeline.log.lock().unwrap().clone();
+        assert!(log.contains(&("span", 8, 10, 3)));
+        assert!(log.contains(&("span", 9, 10, 3)));
+    }
+
+    #[test]
+    fn the_same_master_seed_gives_the_same_search_and_budgets_stop_it() {
+        let (a, _) = run(wide(PathScore::X0), None);
+        let (b, _) = run(wide(PathScore::X0), None);
+        let key = |r: &Rounds| -> Vec<(Vec<NoiseOrigin>, Option<usize>)> {
+            r.0.iter()
+                .map(|r| {
+                    (
+                        r.candidates.iter().map(|c| c.origin.clone()).collect(),
+                        r.best,
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(key(&a), key(&b));
+        use crate::config::SearchBudget;
+        // 12 verifier calls admit two stages of 6; 88 + 60 NFEs admit two stages.
+        let (r, _) = run(wide(PathScore::X0), Some(SearchBudget::VerifierCalls(12)));
+        assert_eq!(r.0.len(), 2);
+        let (r, _) = run(wide(PathScore::X0), Some(SearchBudget::Nfe(148)));
+        assert_eq!(r.0.len(), 2);
+        let (r, _) = run(wide(PathScore::X0), Some(SearchBudget::Nfe(147)));
+        assert_eq!(r.0.len(), 1, "the first stage always runs");
+        // What was kept: the first rounds are those of the unlimited search.
+        assert_eq!(key(&r)[..], key(&a)[..1]);
+    }
+
+    #[test]
+    fn one_step_schedules_are_refused_by_name() {
+        let err = plan(&levels(&[1.0, 0.0]), &args(0.11, 0.78, 0.81)).unwrap_err();
+        assert!(err.to_string().contains("num_inference_steps"), "{err}");
+    }
+}
