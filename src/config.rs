@@ -1222,7 +1222,7 @@ impl Config {
                     resample_end: step(&r, "resample_end")?,
                     adaptive: r.boolean(sa, "adaptive_resampling", s)?.unwrap_or(true),
                     ess_threshold: r
-                        .number_in(sa, "ess_threshold", s, (0.0, false), 1.0)?
+                        .number_in(sa, "ess_threshold", s, (0.0, true), 1.0)?
                         .unwrap_or(0.5),
                     eta: r.number_in(sa, "eta", s, (0.0, true), 1.0)?.unwrap_or(1.0),
                 };

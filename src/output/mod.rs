@@ -304,6 +304,9 @@ pub struct BestSoFar {
     pub score: f64,
     /// Its PNG's path.
     pub img_path: String,
+    /// Whether it is a clean-sample prediction of an unfinished path or particle
+    /// ([`RoundResult::provisional`]); a finished image replaces it whatever the scores.
+    pub provisional: bool,
 }
 
 /// The compute a prompt's search has spent so far, for the per-round JSON's `budget`.
@@ -437,13 +440,19 @@ pub fn write_round(
             d.insert("best_score".into(), grading_score(chosen, metric));
             d.insert("choice_of_metric".into(), json!(metric));
             d.insert("best_img_path".into(), json!(path_string(&file_names[i])));
-            if best.as_ref().is_none_or(|b| score > b.score) {
+            let better = |b: &BestSoFar| match (b.provisional, r.provisional) {
+                (true, false) => true,
+                (false, true) => false,
+                _ => score > b.score,
+            };
+            if best.as_ref().is_none_or(better) {
                 *best = Some(BestSoFar {
                     round: r.round,
                     seed: chosen.origin.root_seed(),
                     label: chosen.origin.label(),
                     score,
                     img_path: path_string(&file_names[i]),
+                    provisional: r.provisional,
                 });
             }
             file_names[i].replace(".png", ".json")
@@ -468,6 +477,14 @@ pub fn write_round(
     d.insert(
         "best_so_far".into(),
         match best {
+            Some(b) if b.provisional => json!({
+                "search_round": b.round,
+                "seed": b.seed,
+                "label": b.label,
+                "score": b.score,
+                "img_path": b.img_path,
+                "provisional": true,
+            }),
             Some(b) => json!({
                 "search_round": b.round,
                 "seed": b.seed,

@@ -187,6 +187,9 @@ pub struct RoundResult {
     /// surviving branches; particles: rewards, weights, resampling), written as the round
     /// JSON's `stage`; `None` for random and zero-order search.
     pub stage: Option<serde_json::Value>,
+    /// The images are clean-sample predictions of unfinished paths or particles, not finished
+    /// images: a finished image is preferred as the prompt's result whatever their scores.
+    pub provisional: bool,
 }
 
 /// Receives the search's progress and results.
@@ -631,6 +634,7 @@ pub fn search_prompt(
                         nfe: per_image.map(|e| e as u64 * new),
                         verifier_calls: new,
                         stage: None,
+                        provisional: false,
                     };
                     observer.round_finished(prompt, &result)?;
                     queue.check_fatal()?;
@@ -669,6 +673,7 @@ fn finish_random_round(
         nfe: per_image.map(|e| e as u64 * new),
         verifier_calls: new,
         stage: None,
+        provisional: false,
     }
 }
 

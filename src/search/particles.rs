@@ -288,6 +288,7 @@ pub fn search(
                     nfe: Some(nfe),
                     verifier_calls: k as u64,
                     stage: Some(detail),
+                    provisional: false,
                 },
             )?;
             break;
@@ -336,6 +337,7 @@ pub fn search(
                 nfe: Some(nfe),
                 verifier_calls: k as u64,
                 stage: Some(detail),
+                provisional: true,
             },
         )?;
         let (x_now, x0_now) = match &ancestors {

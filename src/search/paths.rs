@@ -26,6 +26,9 @@ use crate::schedulers::levels::renoise;
 use crate::schedulers::NoiseLevel;
 use crate::verifiers::Verifier;
 
+/// What a stage scored on, when it scored the branches' clean-sample predictions.
+const X0_PREDICTION: &str = "x0 prediction";
+
 /// One stage: the surviving paths (at level `from`) are re-noised to `renoised_to` and
 /// denoised to `to` (indices into the schedule's levels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,7 +210,7 @@ pub fn search(
                 "final image (denoised to the end)",
             )
         } else {
-            (st.decode(&span.x0)?, "x0 prediction")
+            (st.decode(&span.x0)?, X0_PREDICTION)
         };
         let graded = st.graded(round, branch_origins, images, observer)?;
         let keep: Vec<usize> = ranking(&graded.candidates, &settings.metric)
@@ -245,6 +248,7 @@ pub fn search(
                 nfe: Some(nfe),
                 verifier_calls: branches as u64,
                 stage: Some(detail),
+                provisional: scored_on == X0_PREDICTION,
             },
         )?;
     }

@@ -10,4 +10,5 @@ mod qwen;
 mod resume;
 mod sd15;
 mod sdxl;
+mod strategies;
 mod sweep;

@@ -151,6 +151,59 @@ fn bad_configs_name_the_key_exit_2_and_write_nothing() {
             &["search_args.num_neighbors", ">= 1"],
         ),
         (
+            "paths that never reach the end",
+            Box::new(|v| {
+                v["search_args"] = json!({"search_method": "paths", "delta_f": 0.8, "delta_b": 0.7})
+            }),
+            &["search_args.delta_b", "more than delta_f"],
+        ),
+        (
+            "paths scored on something unknown",
+            Box::new(|v| {
+                v["search_args"] = json!({"search_method": "paths", "paths_score": "mean"})
+            }),
+            &["search_args.paths_score", "x0, final"],
+        ),
+        (
+            "paths with no paths",
+            Box::new(|v| v["search_args"] = json!({"search_method": "paths", "num_paths": 0})),
+            &["search_args.num_paths"],
+        ),
+        (
+            "a start level beyond pure noise",
+            Box::new(|v| {
+                v["search_args"] = json!({"search_method": "paths", "search_start_sigma": 1.5})
+            }),
+            &["search_args.search_start_sigma"],
+        ),
+        (
+            "an unknown potential",
+            Box::new(|v| {
+                v["search_args"] = json!({"search_method": "particles", "potential": "min"})
+            }),
+            &["search_args.potential", "max, add, diff"],
+        ),
+        (
+            "a deterministic particle sampler",
+            Box::new(|v| v["search_args"] = json!({"search_method": "particles", "eta": 0})),
+            &["search_args.eta"],
+        ),
+        (
+            "an ESS threshold of zero",
+            Box::new(|v| {
+                v["search_args"] = json!({"search_method": "particles", "ess_threshold": 0})
+            }),
+            &["search_args.ess_threshold"],
+        ),
+        (
+            "a resampling window that ends before it starts",
+            Box::new(|v| {
+                v["search_args"] = json!({"search_method": "particles", "resample_start": 10,
+                                          "resample_end": 5})
+            }),
+            &["search_args.resample_end", "resample_start"],
+        ),
+        (
             "unknown verifier",
             Box::new(|v| v["verifier_args"]["name"] = json!("claude")),
             &["verifier_args.name", "gemini, openai, qwen"],
@@ -328,6 +381,49 @@ fn bad_configs_name_the_key_exit_2_and_write_nothing() {
         }
         assert!(!dir.path().join("out").exists(), "{name}: wrote output");
     }
+}
+
+#[test]
+fn paths_and_particles_parse_with_the_papers_defaults() {
+    use tt_scale::config::{Config, PathScore, Potential, SearchMethod};
+    let parse = |search: serde_json::Value| {
+        Config::parse(&edit(|v| v["search_args"] = search), Path::new("c.json")).unwrap()
+    };
+    let c = parse(serde_json::json!({"search_method": "paths"}));
+    let SearchMethod::Paths(p) = c.search_args.method else {
+        panic!("{:?}", c.search_args.method);
+    };
+    assert_eq!((p.num_paths, p.paths_width), (2, 2));
+    assert_eq!(
+        (p.search_start_sigma, p.delta_f, p.delta_b),
+        (0.11, 0.78, 0.81)
+    );
+    assert_eq!(p.score, PathScore::X0);
+    let c = parse(
+        serde_json::json!({"search_method": "particles", "potential": "diff",
+                                     "budget": {"verifier_calls": 40}}),
+    );
+    let SearchMethod::Particles(k) = c.search_args.method else {
+        panic!("{:?}", c.search_args.method);
+    };
+    assert_eq!(
+        (k.num_particles, k.lambda, k.potential),
+        (4, 10.0, Potential::Diff)
+    );
+    assert_eq!((k.resample_interval, k.ess_threshold, k.eta), (5, 0.5, 1.0));
+    assert!(k.adaptive);
+    // Keys of another strategy are warned about, not silently used.
+    let c = parse(
+        serde_json::json!({"search_method": "random", "search_rounds": 2,
+                                     "num_paths": 3}),
+    );
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("search_args.num_paths")),
+        "{:?}",
+        c.warnings
+    );
 }
 
 #[test]
