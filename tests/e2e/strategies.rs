@@ -22,11 +22,13 @@ fn fixture(name: &str) -> String {
 }
 
 fn config(model: &str, search: Value) -> String {
-    let call_args = if model == "tiny-flux" {
-        json!({"height": 32, "width": 32, "num_inference_steps": 6, "guidance_scale": 3.5,
-               "max_sequence_length": 16})
-    } else {
-        json!({"num_inference_steps": 6, "guidance_scale": 7.5})
+    let call_args = match model {
+        "tiny-flux" => json!({"height": 32, "width": 32, "num_inference_steps": 6,
+                              "guidance_scale": 3.5, "max_sequence_length": 16}),
+        "tiny-sdxl" => json!({"height": 64, "width": 96, "num_inference_steps": 6,
+                              "guidance_scale": 5.0}),
+        "tiny-pixart" => json!({"height": 200, "width": 256, "num_inference_steps": 6}),
+        _ => json!({"num_inference_steps": 6, "guidance_scale": 7.5}),
     };
     json!({
         "pretrained_model_name_or_path": fixture(model),
@@ -112,7 +114,12 @@ fn rounds(files: &BTreeMap<String, Vec<u8>>) -> BTreeMap<u64, Value> {
 /// Checks a finished run: every round graded its candidates with the judge's scores, the
 /// last round's choice is the image the judge scores best, and a second run with the same
 /// master seed wrote the same files. Returns the rounds.
-fn check(model: &str, search: Value, stages: usize, per_stage: usize) -> BTreeMap<u64, Value> {
+fn check(
+    model: &str,
+    search: Value,
+    stages: Option<usize>,
+    per_stage: usize,
+) -> BTreeMap<u64, Value> {
     let (base_url, server) = FakeGemini::start(Behaviour::good());
     let root = tempfile::tempdir().unwrap();
     let cfg = config(model, search);
@@ -127,6 +134,7 @@ fn check(model: &str, search: Value, stages: usize, per_stage: usize) -> BTreeMa
         );
     }
     let rounds = rounds(&a);
+    let stages = stages.unwrap_or(rounds.len());
     assert_eq!(rounds.len(), stages, "{:?}", a.keys());
     let mut all_scores = Vec::new();
     for (r, d) in &rounds {
@@ -177,7 +185,7 @@ fn particles() -> Value {
 fn paths_with_tiny_sd15_completes_chooses_the_judges_best_and_repeats_exactly() {
     // PNDM, 6 steps (levels 0.831, 0.665, 0.499, 0.333, 0.167, 0.001, 0): three stages of
     // 2 paths x 2 branches, the last one final images.
-    let rounds = check("tiny-sd15", paths(), 3, 4);
+    let rounds = check("tiny-sd15", paths(), Some(3), 4);
     let stages: Vec<&Value> = rounds.values().map(|d| &d["stage"]["levels"]).collect();
     assert_eq!(stages[0], &json!({"from": 3, "renoised_to": 1, "to": 4}));
     assert_eq!(stages[2]["to"], 6);
@@ -189,7 +197,7 @@ fn paths_with_tiny_sd15_completes_chooses_the_judges_best_and_repeats_exactly() 
 #[test]
 fn paths_with_tiny_flux_completes_chooses_the_judges_best_and_repeats_exactly() {
     // The flow schedule of 6 steps at this size is coarser near the end: two stages.
-    let rounds = check("tiny-flux", paths(), 2, 4);
+    let rounds = check("tiny-flux", paths(), Some(2), 4);
     assert_eq!(rounds[&1]["stage"]["scored_on"], "x0 prediction");
     assert_eq!(rounds[&2]["stage"]["scored_on"], "final image");
 }
@@ -197,7 +205,7 @@ fn paths_with_tiny_flux_completes_chooses_the_judges_best_and_repeats_exactly() 
 #[test]
 fn particles_with_tiny_sd15_completes_chooses_the_judges_best_and_repeats_exactly() {
     // Potentials at steps 2 and 4 of 6, then the final images.
-    let rounds = check("tiny-sd15", particles(), 3, 3);
+    let rounds = check("tiny-sd15", particles(), Some(3), 3);
     assert_eq!(rounds[&1]["stage"]["step"], 2);
     assert_eq!(rounds[&3]["stage"]["final"], true);
     // 3 particles, one guided call a step: steps 0-2, then 3-4, then 5.
@@ -210,9 +218,20 @@ fn particles_with_tiny_sd15_completes_chooses_the_judges_best_and_repeats_exactl
 
 #[test]
 fn particles_with_tiny_flux_completes_chooses_the_judges_best_and_repeats_exactly() {
-    let rounds = check("tiny-flux", particles(), 3, 3);
+    let rounds = check("tiny-flux", particles(), Some(3), 3);
     let line = &rounds[&3]["candidates"][0]["noise"];
     assert_eq!(line["kind"], "particle");
     // The initial noise and one seed a step.
     assert_eq!(line["seeds"].as_array().unwrap().len(), 7);
+}
+
+#[test]
+fn paths_and_particles_run_on_tiny_sdxl_euler_and_pixart_dpm_solver() {
+    // Euler starts a segment at its step index, DPM-Solver++ without its history.
+    for model in ["tiny-sdxl", "tiny-pixart"] {
+        let rounds = check(model, paths(), None, 4);
+        assert!(!rounds.is_empty(), "{model}");
+        let rounds = check(model, particles(), Some(3), 3);
+        assert_eq!(rounds[&3]["stage"]["final"], true, "{model}");
+    }
 }
