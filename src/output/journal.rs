@@ -5,7 +5,8 @@
 //! the [`CandidateStore`] a resumed search reads.
 //!
 //! A line is `{"round": R, "label": "<seed label>", "grading": {...}}` or, for a candidate whose
-//! grading failed after its retries, `{"round": R, "label": "...", "failure": {...}}`. Fatal
+//! grading failed after its retries, `{"round": R, "label": "...", "failure": {...}}`, with
+//! `"input_tokens"` and `"output_tokens"` when the grading cost API tokens. Fatal
 //! failures (a rejected key...) are not recorded: once the cause is fixed, a resumed run asks
 //! again. A line cut short by a crash is dropped when the journal is opened again.
 
@@ -20,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{candidate_stem, OutputError};
 use crate::search::{CandidateStore, NoiseOrigin, ObserverError};
-use crate::verifiers::{Grading, ScoreFailure};
+use crate::verifiers::{Graded, Grading, ScoreFailure, TokenUsage};
 
 /// The folder of a run folder that holds the journals and the resume record.
 pub const JOURNAL_DIR: &str = "journal";
@@ -34,6 +35,14 @@ struct Entry {
     grading: Option<Grading>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     failure: Option<ScoreFailure>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    input_tokens: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    output_tokens: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A prompt's journal, open for appending, with what earlier attempts recorded.
@@ -43,7 +52,7 @@ pub struct Journal {
     prompt_name: String,
     path: PathBuf,
     file: Mutex<std::fs::File>,
-    known: HashMap<(usize, String), Result<Grading, ScoreFailure>>,
+    known: HashMap<(usize, String), (Graded, TokenUsage)>,
     reused_grades: AtomicUsize,
 }
 
@@ -76,13 +85,19 @@ impl Journal {
                     label,
                     grading,
                     failure,
+                    input_tokens,
+                    output_tokens,
                 }) => {
                     let value = match (grading, failure) {
                         (Some(g), _) => Ok(g),
                         (None, Some(f)) => Err(f),
                         (None, None) => continue,
                     };
-                    known.insert((round, label), value);
+                    let usage = TokenUsage {
+                        input_tokens,
+                        output_tokens,
+                    };
+                    known.insert((round, label), (value, usage));
                 }
                 Err(e) => tracing::warn!(
                     "{} line {}: not a journal entry ({e}); that candidate will be graded again",
@@ -150,7 +165,7 @@ impl CandidateStore for Journal {
         }
     }
 
-    fn grading(&self, round: usize, origin: &NoiseOrigin) -> Option<Result<Grading, ScoreFailure>> {
+    fn grading(&self, round: usize, origin: &NoiseOrigin) -> Option<(Graded, TokenUsage)> {
         let found = self.known.get(&(round, origin.label())).cloned();
         if found.is_some() {
             self.reused_grades.fetch_add(1, Ordering::SeqCst);
@@ -162,7 +177,8 @@ impl CandidateStore for Journal {
         &self,
         round: usize,
         origin: &NoiseOrigin,
-        grading: &Result<Grading, ScoreFailure>,
+        grading: &Graded,
+        usage: TokenUsage,
     ) -> Result<(), ObserverError> {
         let (grading, failure) = match grading {
             Ok(g) => (Some(g.clone()), None),
@@ -174,6 +190,8 @@ impl CandidateStore for Journal {
             label: origin.label(),
             grading,
             failure,
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
         })?;
         Ok(())
     }
@@ -211,18 +229,32 @@ mod tests {
         {
             let j = Journal::open(dir.path(), "p").unwrap();
             assert!(j.grading(1, &seed(7)).is_none());
-            j.record(1, &seed(7), &Ok(grading(6.5))).unwrap();
-            j.record(2, &seed(8), &Err(failure.clone())).unwrap();
+            let usage = TokenUsage {
+                input_tokens: 1290,
+                output_tokens: 150,
+            };
+            j.record(1, &seed(7), &Ok(grading(6.5)), usage).unwrap();
+            j.record(2, &seed(8), &Err(failure.clone()), TokenUsage::default())
+                .unwrap();
             let fatal = ScoreFailure {
                 message: "HTTP 401".into(),
                 attempts: 1,
                 fatal: true,
             };
-            j.record(2, &seed(9), &Err(fatal)).unwrap();
+            j.record(2, &seed(9), &Err(fatal), TokenUsage::default())
+                .unwrap();
         }
         let j = Journal::open(dir.path(), "p").unwrap();
-        assert_eq!(j.grading(1, &seed(7)), Some(Ok(grading(6.5))));
-        assert_eq!(j.grading(2, &seed(8)), Some(Err(failure)));
+        // The tokens a grading cost are read back with it.
+        let usage = TokenUsage {
+            input_tokens: 1290,
+            output_tokens: 150,
+        };
+        assert_eq!(j.grading(1, &seed(7)), Some((Ok(grading(6.5)), usage)));
+        assert_eq!(
+            j.grading(2, &seed(8)),
+            Some((Err(failure), TokenUsage::default()))
+        );
         assert_eq!(
             j.grading(2, &seed(9)),
             None,
@@ -237,7 +269,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let j = Journal::open(dir.path(), "p").unwrap();
-            j.record(1, &seed(1), &Ok(grading(1.0))).unwrap();
+            j.record(1, &seed(1), &Ok(grading(1.0)), TokenUsage::default())
+                .unwrap();
         }
         let path = dir.path().join("journal/p.jsonl");
         let mut text = std::fs::read_to_string(&path).unwrap();
@@ -246,12 +279,16 @@ mod tests {
         {
             let j = Journal::open(dir.path(), "p").unwrap();
             assert!(j.grading(1, &seed(2)).is_none());
-            j.record(1, &seed(2), &Ok(grading(2.0))).unwrap();
+            j.record(1, &seed(2), &Ok(grading(2.0)), TokenUsage::default())
+                .unwrap();
         }
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 2, "{text}");
         let j = Journal::open(dir.path(), "p").unwrap();
-        assert_eq!(j.grading(1, &seed(2)), Some(Ok(grading(2.0))));
+        assert_eq!(
+            j.grading(1, &seed(2)),
+            Some((Ok(grading(2.0)), TokenUsage::default()))
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::search::{Candidate, RoundResult};
+use crate::verifiers::TokenUsage;
 
 /// A file could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -316,6 +317,8 @@ pub struct Spent {
     pub nfe: Option<u64>,
     /// Verifier calls (gradings).
     pub verifier_calls: u64,
+    /// API tokens of the gradings.
+    pub tokens: TokenUsage,
 }
 
 impl Default for Spent {
@@ -323,6 +326,7 @@ impl Default for Spent {
         Self {
             nfe: Some(0),
             verifier_calls: 0,
+            tokens: TokenUsage::default(),
         }
     }
 }
@@ -381,6 +385,7 @@ pub fn write_round(
 ) -> Result<RoundWritten, OutputError> {
     spent.nfe = spent.nfe.zip(r.nfe).map(|(a, b)| a + b);
     spent.verifier_calls += r.verifier_calls;
+    spent.tokens += r.tokens;
     let path_string = |file: &str| ctx.shown_dir.join(file).display().to_string();
     let metric = ctx.metric;
     let mut written = RoundWritten::default();
@@ -509,6 +514,10 @@ pub fn write_round(
             "nfe_so_far": spent.nfe,
             "verifier_calls": r.verifier_calls,
             "verifier_calls_so_far": spent.verifier_calls,
+            "verifier_input_tokens": r.tokens.input_tokens,
+            "verifier_output_tokens": r.tokens.output_tokens,
+            "verifier_input_tokens_so_far": spent.tokens.input_tokens,
+            "verifier_output_tokens_so_far": spent.tokens.output_tokens,
         }),
     );
     d.insert(

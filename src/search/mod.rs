@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::config::{NoiseKernel, SearchBudget, SearchMethod};
 use crate::noise::{torch_randn, Noise, RandnKernel};
 use crate::pipelines::{ImagePipeline, PipelineError};
-use crate::verifiers::{Grading, ScoreFailure, Verifier, VerifierInput};
+use crate::verifiers::{Graded, Grading, ScoreFailure, TokenUsage, Verifier, VerifierInput};
 use seeds::{SeedPurpose, SeedStream};
 
 /// How a candidate's initial noise is made, so that it can be made again.
@@ -183,6 +183,9 @@ pub struct RoundResult {
     pub nfe: Option<u64>,
     /// Gradings of this round's new candidates (one verifier call each).
     pub verifier_calls: u64,
+    /// The API tokens the round's gradings cost (as the journal recorded them for grades read
+    /// back by `--resume`).
+    pub tokens: TokenUsage,
     /// What the stage of a stepwise strategy did (search over paths: the levels and the
     /// surviving branches; particles: rewards, weights, resampling), written as the round
     /// JSON's `stage`; `None` for random and zero-order search.
@@ -219,14 +222,16 @@ pub trait SearchObserver {
 pub trait CandidateStore: Sync {
     /// The image `origin` made in round `round`, if it is already saved.
     fn image(&self, round: usize, origin: &NoiseOrigin) -> Option<RgbImage>;
-    /// The grading recorded for `origin` in round `round`, if any.
-    fn grading(&self, round: usize, origin: &NoiseOrigin) -> Option<Result<Grading, ScoreFailure>>;
-    /// Records a grading as soon as it arrives (called from grading threads).
+    /// The grading recorded for `origin` in round `round`, if any, with the API tokens it cost.
+    fn grading(&self, round: usize, origin: &NoiseOrigin) -> Option<(Graded, TokenUsage)>;
+    /// Records a grading and the tokens it cost as soon as it arrives (called from grading
+    /// threads).
     fn record(
         &self,
         round: usize,
         origin: &NoiseOrigin,
-        grading: &Result<Grading, ScoreFailure>,
+        grading: &Graded,
+        usage: TokenUsage,
     ) -> Result<(), ObserverError>;
 }
 
@@ -238,18 +243,15 @@ impl CandidateStore for NoStore {
     fn image(&self, _round: usize, _origin: &NoiseOrigin) -> Option<RgbImage> {
         None
     }
-    fn grading(
-        &self,
-        _round: usize,
-        _origin: &NoiseOrigin,
-    ) -> Option<Result<Grading, ScoreFailure>> {
+    fn grading(&self, _round: usize, _origin: &NoiseOrigin) -> Option<(Graded, TokenUsage)> {
         None
     }
     fn record(
         &self,
         _round: usize,
         _origin: &NoiseOrigin,
-        _grading: &Result<Grading, ScoreFailure>,
+        _grading: &Graded,
+        _usage: TokenUsage,
     ) -> Result<(), ObserverError> {
         Ok(())
     }
@@ -633,6 +635,7 @@ pub fn search_prompt(
                         verification_s: graded.verification_s,
                         nfe: per_image.map(|e| e as u64 * new),
                         verifier_calls: new,
+                        tokens: graded.tokens,
                         stage: None,
                         provisional: false,
                     };
@@ -651,6 +654,7 @@ struct GradedRound {
     candidates: Vec<Candidate>,
     generation_s: f64,
     verification_s: f64,
+    tokens: TokenUsage,
 }
 
 fn finish_random_round(
@@ -672,6 +676,7 @@ fn finish_random_round(
         verification_s: graded.verification_s,
         nfe: per_image.map(|e| e as u64 * new),
         verifier_calls: new,
+        tokens: graded.tokens,
         stage: None,
         provisional: false,
     }
@@ -689,6 +694,8 @@ struct BatchResult {
     seconds: f64,
     /// Why a grading could not be recorded in the store, if it could not.
     record_error: Option<ObserverError>,
+    /// The API tokens the batch's gradings cost (those read back from the store included).
+    tokens: TokenUsage,
 }
 
 struct PendingRound<'scope> {
@@ -722,7 +729,7 @@ struct ToGrade {
     round: usize,
     origins: Vec<NoiseOrigin>,
     images: Vec<RgbImage>,
-    known: Vec<Option<Result<Grading, ScoreFailure>>>,
+    known: Vec<Option<(Graded, TokenUsage)>>,
 }
 
 impl ToGrade {
@@ -761,20 +768,21 @@ fn grade(
                 image: &images[i],
             })
             .collect();
-        verifier.score(&inputs)
+        verifier.score_with_usage(&inputs)
     };
     // A verifier that returns fewer results than inputs must not shift scores onto the wrong
     // candidates: missing slots are failures.
-    fresh.resize_with(missing.len(), || {
+    let no_result = || {
         Err(ScoreFailure {
             message: "the verifier returned no result for this image".into(),
             attempts: 0,
             fatal: false,
         })
-    });
+    };
+    fresh.resize_with(missing.len(), || (no_result(), TokenUsage::default()));
     fresh.truncate(missing.len());
     let mut record_error = None;
-    for (&i, g) in missing.iter().zip(&fresh) {
+    for (&i, (g, usage)) in missing.iter().zip(&fresh) {
         match g {
             // The first fatal failure wins; later ones say the same. A fatal failure is not
             // recorded: once the cause is fixed, a resumed run asks again.
@@ -783,7 +791,7 @@ fn grade(
             }
             _ => {
                 if let Some(origin) = origins.get(i) {
-                    if let Err(e) = store.record(round, origin, g) {
+                    if let Err(e) = store.record(round, origin, g, *usage) {
                         record_error.get_or_insert(e);
                     }
                 }
@@ -791,17 +799,15 @@ fn grade(
         }
     }
     let mut fresh = fresh.into_iter();
+    let mut tokens = TokenUsage::default();
     let gradings = known
         .into_iter()
-        .map(|k| match k {
-            Some(g) => g,
-            None => fresh.next().unwrap_or_else(|| {
-                Err(ScoreFailure {
-                    message: "the verifier returned no result for this image".into(),
-                    attempts: 0,
-                    fatal: false,
-                })
-            }),
+        .map(|k| {
+            let (g, usage) = k
+                .or_else(|| fresh.next())
+                .unwrap_or_else(|| (no_result(), TokenUsage::default()));
+            tokens += usage;
+            g
         })
         .collect();
     BatchResult {
@@ -809,6 +815,7 @@ fn grade(
         gradings,
         seconds: t.elapsed().as_secs_f64(),
         record_error,
+        tokens,
     }
 }
 
@@ -979,6 +986,7 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
                 candidates: Vec::new(),
                 generation_s: 0.0,
                 verification_s: 0.0,
+                tokens: TokenUsage::default(),
             }),
         }
     }
@@ -989,6 +997,7 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
         let mut images = Vec::with_capacity(p.origins.len());
         let mut gradings = Vec::with_capacity(p.origins.len());
         let mut verification_s = 0.0;
+        let mut tokens = TokenUsage::default();
         for b in p.batches {
             let r = match b {
                 Batch::Done(r) => r,
@@ -1000,6 +1009,7 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
                 return Err(SearchError::Observer(e));
             }
             verification_s += r.seconds;
+            tokens += r.tokens;
             images.extend(r.images);
             gradings.extend(r.gradings);
         }
@@ -1019,6 +1029,7 @@ impl<'scope, 'env> RoundQueue<'scope, 'env> {
             candidates,
             generation_s: p.generation_s,
             verification_s,
+            tokens,
         })
     }
 }
@@ -1268,7 +1279,7 @@ mod tests {
     #[derive(Default)]
     struct MemoryStore {
         images: Mutex<std::collections::HashMap<(usize, String), RgbImage>>,
-        grades: Mutex<std::collections::HashMap<(usize, String), Result<Grading, ScoreFailure>>>,
+        grades: Mutex<std::collections::HashMap<(usize, String), (Graded, TokenUsage)>>,
     }
 
     impl CandidateStore for MemoryStore {
@@ -1279,11 +1290,7 @@ mod tests {
                 .get(&(round, origin.label()))
                 .cloned()
         }
-        fn grading(
-            &self,
-            round: usize,
-            origin: &NoiseOrigin,
-        ) -> Option<Result<Grading, ScoreFailure>> {
+        fn grading(&self, round: usize, origin: &NoiseOrigin) -> Option<(Graded, TokenUsage)> {
             self.grades
                 .lock()
                 .unwrap()
@@ -1294,12 +1301,13 @@ mod tests {
             &self,
             round: usize,
             origin: &NoiseOrigin,
-            grading: &Result<Grading, ScoreFailure>,
+            grading: &Graded,
+            usage: TokenUsage,
         ) -> Result<(), ObserverError> {
             self.grades
                 .lock()
                 .unwrap()
-                .insert((round, origin.label()), grading.clone());
+                .insert((round, origin.label()), (grading.clone(), usage));
             Ok(())
         }
     }

@@ -287,6 +287,7 @@ pub fn search(
                     verification_s: graded.verification_s,
                     nfe: Some(nfe),
                     verifier_calls: k as u64,
+                    tokens: graded.tokens,
                     stage: Some(detail),
                     provisional: false,
                 },
@@ -336,6 +337,7 @@ pub fn search(
                 verification_s: graded.verification_s,
                 nfe: Some(nfe),
                 verifier_calls: k as u64,
+                tokens: graded.tokens,
                 stage: Some(detail),
                 provisional: true,
             },
@@ -511,6 +513,8 @@ mod tests {
         let (r, _) = run(args(3, None, None), Some(SearchBudget::VerifierCalls(4)));
         assert_eq!(r.0.len(), 1);
         assert_eq!(key(&r)[..], key(&a)[..1]);
+        let (r, _) = run(args(3, None, None), Some(SearchBudget::Seconds(1e-9)));
+        assert_eq!(r.0.len(), 1);
     }
 
     #[test]

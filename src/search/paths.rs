@@ -247,6 +247,7 @@ pub fn search(
                 verification_s: graded.verification_s,
                 nfe: Some(nfe),
                 verifier_calls: branches as u64,
+                tokens: graded.tokens,
                 stage: Some(detail),
                 provisional: scored_on == X0_PREDICTION,
             },
@@ -459,6 +460,9 @@ mod tests {
         assert_eq!(r.0.len(), 1, "the first stage always runs");
         // What was kept: the first rounds are those of the unlimited search.
         assert_eq!(key(&r)[..], key(&a)[..1]);
+        // A spent time budget stops before the next stage.
+        let (r, _) = run(wide(PathScore::X0), Some(SearchBudget::Seconds(1e-9)));
+        assert_eq!(r.0.len(), 1);
     }
 
     #[test]

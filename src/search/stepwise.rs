@@ -17,10 +17,15 @@ use crate::verifiers::Verifier;
 
 /// The pipeline, verifier and settings a stepwise search runs with, and its time tallies.
 pub(super) struct Stepper<'a> {
+    /// The pipeline, its prompt already set.
     pub pipeline: &'a mut dyn ImagePipeline,
+    /// The judge.
     pub verifier: &'a dyn Verifier,
+    /// Batch size, metric, stop flag, ensemble metrics.
     pub settings: &'a SearchSettings,
+    /// Grades recorded by an earlier attempt, and where new ones are recorded.
     pub store: &'a dyn CandidateStore,
+    /// The prompt being searched.
     pub prompt: &'a str,
     /// Seconds spent in the pipeline since the last [`Stepper::graded`].
     pub generation_s: f64,
@@ -28,9 +33,14 @@ pub(super) struct Stepper<'a> {
 
 /// A stage's graded candidates and what grading them took.
 pub(super) struct Graded {
+    /// The stage's candidates, graded (and ranked for the ensemble).
     pub candidates: Vec<Candidate>,
+    /// Seconds in the pipeline since the previous stage was graded.
     pub generation_s: f64,
+    /// Seconds waiting for the verifier.
     pub verification_s: f64,
+    /// API tokens of the gradings.
+    pub tokens: crate::verifiers::TokenUsage,
 }
 
 /// Rows `start..start + len` of `t` along the batch dimension.
@@ -182,6 +192,7 @@ impl Stepper<'_> {
             candidates,
             generation_s,
             verification_s: result.seconds,
+            tokens: result.tokens,
         })
     }
 }

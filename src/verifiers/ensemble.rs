@@ -7,7 +7,7 @@
 //! `also_score` verifier's as `also/<name>/<metric>`; a name used twice gets its position
 //! (`qwen#2/overall_score`).
 
-use super::{CallStats, Grading, ScoreFailure, Verifier, VerifierInput};
+use super::{CallStats, Graded, Grading, ScoreFailure, TokenUsage, Verifier, VerifierInput};
 use crate::config::VerifierArgs;
 
 /// A verifier with the prefix of its metrics in a combined grading.
@@ -63,11 +63,18 @@ impl Verifier for EnsembleVerifier {
     }
 
     fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
-        let mut out: Vec<Result<Grading, ScoreFailure>> =
-            inputs.iter().map(|_| Ok(Grading::new())).collect();
+        without_usage(self.score_with_usage(inputs))
+    }
+
+    fn score_with_usage(&self, inputs: &[VerifierInput<'_>]) -> Vec<(Graded, TokenUsage)> {
+        let mut out: Vec<(Graded, TokenUsage)> = inputs
+            .iter()
+            .map(|_| (Ok(Grading::new()), TokenUsage::default()))
+            .collect();
         for (prefix, member) in &self.members {
-            let results = member.score(inputs);
-            for (slot, result) in out.iter_mut().zip(results) {
+            let results = member.score_with_usage(inputs);
+            for ((slot, usage), (result, spent)) in out.iter_mut().zip(results) {
+                *usage += spent;
                 match (slot.as_mut(), result) {
                     (Ok(g), Ok(member_grading)) => merge(g, prefix, member_grading),
                     (Ok(_), Err(f)) => {
@@ -119,9 +126,16 @@ impl Verifier for AlsoScored {
     }
 
     fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
-        let mut out = self.main.score(inputs);
+        without_usage(self.score_with_usage(inputs))
+    }
+
+    fn score_with_usage(&self, inputs: &[VerifierInput<'_>]) -> Vec<(Graded, TokenUsage)> {
+        let mut out = self.main.score_with_usage(inputs);
         for (prefix, extra) in &self.extras {
-            for (slot, result) in out.iter_mut().zip(extra.score(inputs)) {
+            for ((slot, usage), (result, spent)) in
+                out.iter_mut().zip(extra.score_with_usage(inputs))
+            {
+                *usage += spent;
                 match (slot.as_mut(), result) {
                     (Ok(g), Ok(extra_grading)) => {
                         merge(g, &format!("also/{prefix}"), extra_grading)
@@ -152,6 +166,10 @@ impl Verifier for AlsoScored {
         }
         Ok(())
     }
+}
+
+fn without_usage(graded: Vec<(Graded, TokenUsage)>) -> Vec<Graded> {
+    graded.into_iter().map(|(g, _)| g).collect()
 }
 
 fn sum_stats<'a>(verifiers: impl Iterator<Item = &'a dyn Verifier>) -> CallStats {

@@ -13,7 +13,10 @@ use reqwest::StatusCode;
 use tokio::runtime::Runtime;
 use tokio::sync::Semaphore;
 
-use super::{preview, ApiKey, CallStats, Grading, ScoreFailure, VerifierError, VerifierInput};
+use super::{
+    preview, ApiKey, CallStats, Graded, Grading, ScoreFailure, TokenUsage, VerifierError,
+    VerifierInput,
+};
 use crate::config::VerifierArgs;
 
 /// How failed HTTP requests are retried (429, 408, 5xx, connection errors and timeouts).
@@ -292,12 +295,16 @@ impl<P: Protocol> Engine<P> {
         }
     }
 
-    /// Grades every input, at most `concurrency` requests in flight; result `i` is input `i`'s.
-    pub fn score_all(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
+    /// Grades every input, at most `concurrency` requests in flight; result `i` is input `i`'s,
+    /// with the tokens its requests cost.
+    pub fn score_all(&self, inputs: &[VerifierInput<'_>]) -> Vec<(Graded, TokenUsage)> {
         let Some(runtime) = &self.runtime else {
             return inputs
                 .iter()
-                .map(|_| Err(failure("the verifier's runtime was shut down".into(), 0)))
+                .map(|_| {
+                    let f = failure("the verifier's runtime was shut down".into(), 0);
+                    (Err(f), TokenUsage::default())
+                })
                 .collect();
         };
         // Owned jobs, so the tasks can be spawned on the runtime ('static).
@@ -320,11 +327,15 @@ impl<P: Protocol> Engine<P> {
                     let task = Arc::clone(&task);
                     let semaphore = Arc::clone(&semaphore);
                     tokio::spawn(async move {
-                        let (prompt, png) = job.map_err(|message| failure(message, 0))?;
-                        let _permit = semaphore
-                            .acquire_owned()
-                            .await
-                            .map_err(|_| failure("the request queue was closed".into(), 0))?;
+                        let none = TokenUsage::default();
+                        let (prompt, png) = match job {
+                            Ok(job) => job,
+                            Err(message) => return (Err(failure(message, 0)), none),
+                        };
+                        let Ok(_permit) = semaphore.acquire_owned().await else {
+                            let f = failure("the request queue was closed".into(), 0);
+                            return (Err(f), none);
+                        };
                         task.grade_one(&prompt, &png).await
                     })
                 })
@@ -333,7 +344,10 @@ impl<P: Protocol> Engine<P> {
             for handle in handles {
                 results.push(match handle.await {
                     Ok(result) => result,
-                    Err(e) => Err(failure(format!("the grading task failed: {e}"), 0)),
+                    Err(e) => (
+                        Err(failure(format!("the grading task failed: {e}"), 0)),
+                        TokenUsage::default(),
+                    ),
                 });
             }
             results
@@ -398,8 +412,14 @@ impl<P: Protocol> Task<P> {
 
     /// Grades one image: retries transport failures up to `max_attempts` requests and re-asks
     /// after invalid replies up to `max_invalid_replies` times. Every message is scrubbed of
-    /// the key before it is logged or returned.
-    async fn grade_one(&self, prompt: &str, png: &str) -> Result<Grading, ScoreFailure> {
+    /// the key before it is logged or returned. Also returns the tokens all its requests cost.
+    async fn grade_one(&self, prompt: &str, png: &str) -> (Graded, TokenUsage) {
+        let mut usage = TokenUsage::default();
+        let graded = self.grade_counted(prompt, png, &mut usage).await;
+        (graded, usage)
+    }
+
+    async fn grade_counted(&self, prompt: &str, png: &str, usage: &mut TokenUsage) -> Graded {
         let api = self.protocol.api_name();
         let settings = self.settings;
         let mut attempts = 0u32;
@@ -415,6 +435,7 @@ impl<P: Protocol> Task<P> {
                 prompt,
                 png,
                 &self.counters,
+                usage,
             )
             .await;
             if !matches!(outcome, Outcome::Graded(_)) {
@@ -478,6 +499,7 @@ async fn attempt<P: Protocol>(
     prompt: &str,
     png: &str,
     counters: &Counters,
+    usage: &mut TokenUsage,
 ) -> Outcome {
     let api = protocol.api_name();
     let response = match protocol.request(client, prompt, png).send().await {
@@ -505,6 +527,10 @@ async fn attempt<P: Protocol>(
         if let Some((input, output)) = protocol.usage(&body) {
             counters.input_tokens.fetch_add(input, Ordering::Relaxed);
             counters.output_tokens.fetch_add(output, Ordering::Relaxed);
+            *usage += TokenUsage {
+                input_tokens: input,
+                output_tokens: output,
+            };
         }
         return match protocol.parse_reply(&body) {
             Ok(grading) => Outcome::Graded(grading),

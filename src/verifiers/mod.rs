@@ -65,6 +65,14 @@ pub trait Verifier: Send + Sync {
     /// Grades every input; the result at index `i` belongs to `inputs[i]`, whatever order the
     /// requests complete in.
     fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>>;
+    /// [`Verifier::score`] with the API tokens each input's grading cost (its retries and
+    /// re-asks included); local verifiers cost none.
+    fn score_with_usage(&self, inputs: &[VerifierInput<'_>]) -> Vec<(Graded, TokenUsage)> {
+        self.score(inputs)
+            .into_iter()
+            .map(|g| (g, TokenUsage::default()))
+            .collect()
+    }
     /// Requests made so far (including retries) and requests that failed.
     fn call_stats(&self) -> CallStats {
         CallStats::default()
@@ -73,6 +81,32 @@ pub trait Verifier: Send + Sync {
     /// key); a fatal failure says why. Local verifiers have nothing to check.
     fn check_access(&self) -> Result<(), ScoreFailure> {
         Ok(())
+    }
+}
+
+/// A grading or why there is none.
+pub type Graded = Result<Grading, ScoreFailure>;
+
+/// API tokens spent, as the API reported them for its replies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct TokenUsage {
+    /// Input (prompt and image) tokens.
+    pub input_tokens: u64,
+    /// Output tokens (Gemini: candidates and thoughts).
+    pub output_tokens: u64,
+}
+
+impl std::ops::AddAssign for TokenUsage {
+    fn add_assign(&mut self, other: Self) {
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+    }
+}
+
+impl TokenUsage {
+    /// Whether no token was counted.
+    pub fn is_zero(&self) -> bool {
+        self.input_tokens == 0 && self.output_tokens == 0
     }
 }
 

@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 
 use super::http::{Engine, EngineSettings, Protocol, RetryPolicy};
 use super::{
-    load_rubric, parse_grading, resolve_base_url, ApiKey, CallStats, EnvLookup, Grading,
-    ScoreFailure, Verifier, VerifierError, VerifierInput, METRICS,
+    load_rubric, parse_grading, resolve_base_url, ApiKey, CallStats, EnvLookup, Graded, Grading,
+    ScoreFailure, TokenUsage, Verifier, VerifierError, VerifierInput, METRICS,
 };
 use crate::config::VerifierArgs;
 
@@ -102,6 +102,14 @@ impl Verifier for OpenAiVerifier {
     }
 
     fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
+        self.engine
+            .score_all(inputs)
+            .into_iter()
+            .map(|(g, _)| g)
+            .collect()
+    }
+
+    fn score_with_usage(&self, inputs: &[VerifierInput<'_>]) -> Vec<(Graded, TokenUsage)> {
         self.engine.score_all(inputs)
     }
 

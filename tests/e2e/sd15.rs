@@ -192,7 +192,8 @@ fn random_search_with_gemini_writes_the_originals_tree_and_a_collage() {
         assert_eq!(d["search_round"], round);
         assert_eq!(d["num_noises"], 1 << round);
         // Compute spent: SD 1.5's PNDM visits 3 timesteps for 2 steps, twice each under
-        // guidance: 6 denoiser evaluations an image; one grading each.
+        // guidance: 6 denoiser evaluations an image; one grading each, of the fake judge's
+        // 1290 input and 150 output tokens.
         let so_far = (2u64 << round) - 2;
         assert_eq!(
             d["budget"],
@@ -201,6 +202,10 @@ fn random_search_with_gemini_writes_the_originals_tree_and_a_collage() {
                 "nfe_so_far": 6 * so_far,
                 "verifier_calls": 1 << round,
                 "verifier_calls_so_far": so_far,
+                "verifier_input_tokens": 1290 << round,
+                "verifier_output_tokens": 150 << round,
+                "verifier_input_tokens_so_far": 1290 * so_far,
+                "verifier_output_tokens_so_far": 150 * so_far,
             }),
             "round {round}"
         );

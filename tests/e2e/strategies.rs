@@ -141,6 +141,17 @@ fn check(
         let candidates = d["candidates"].as_array().unwrap();
         assert_eq!(candidates.len(), per_stage, "round {r}");
         assert!(d["stage"].is_object(), "round {r} records its stage");
+        // One request a grading; the fake judge reports 1290 input and 150 output tokens.
+        let n = candidates.len() as u64;
+        assert_eq!(d["budget"]["verifier_calls"].as_u64(), Some(n));
+        assert_eq!(
+            d["budget"]["verifier_input_tokens"].as_u64(),
+            Some(1290 * n)
+        );
+        assert_eq!(
+            d["budget"]["verifier_output_tokens"].as_u64(),
+            Some(150 * n)
+        );
         // The recorded scores are the judge's on the saved images.
         let mut best = f64::NEG_INFINITY;
         for c in candidates {
