@@ -4,8 +4,9 @@
 use candle_core::Tensor;
 
 use super::{
-    alpha_at, check_segment, div_scalar, integer_timestep, integer_timesteps, mul_scalar, vp_level,
-    work_dtype, NoiseLevel, Parameterization, PredictionType, Scheduler, SchedulerConfig,
+    alpha_at, check_segment, div_scalar, integer_timestep, integer_timesteps, mul_scalar,
+    vp_levels, work_dtype, NoiseLevel, Parameterization, PredictionType, Scheduler,
+    SchedulerConfig,
 };
 use crate::schedulers::SchedulerError;
 
@@ -130,19 +131,11 @@ impl Scheduler for DdimScheduler {
     }
 
     fn levels(&self) -> Vec<NoiseLevel> {
-        let n_train = self.alphas_cumprod.len();
-        let mut levels: Vec<NoiseLevel> = self
-            .timesteps
-            .iter()
-            .map(|&t| {
-                let a = self.alphas_cumprod.get(t as usize).copied().unwrap_or(1.0);
-                vp_level(t, a, n_train)
-            })
-            .collect();
-        let mut last = vp_level(0.0, self.final_alpha_cumprod, n_train);
-        last.fraction = 0.0;
-        levels.push(last);
-        levels
+        vp_levels(
+            self.timesteps.iter().copied(),
+            &self.alphas_cumprod,
+            self.final_alpha_cumprod,
+        )
     }
 
     fn parameterization(&self) -> Parameterization {

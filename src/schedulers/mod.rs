@@ -84,6 +84,29 @@ fn check_segment(from: usize, to: usize, levels: usize) -> Result<(), SchedulerE
     }
 }
 
+/// The levels of a variance-preserving schedule visiting the integer `timesteps` (noisiest
+/// first) of `alphas_cumprod`, then the final level, whose alpha product is `final_alpha`.
+fn vp_levels(
+    timesteps: impl Iterator<Item = f64>,
+    alphas_cumprod: &[f32],
+    final_alpha: f32,
+) -> Vec<NoiseLevel> {
+    let n_train = alphas_cumprod.len();
+    let mut levels: Vec<NoiseLevel> = timesteps
+        .map(|t| {
+            let a = usize::try_from(t as i64)
+                .ok()
+                .and_then(|i| alphas_cumprod.get(i).copied())
+                .unwrap_or(1.0);
+            vp_level(t, a, n_train)
+        })
+        .collect();
+    let mut last = vp_level(0.0, final_alpha, n_train);
+    last.fraction = 0.0;
+    levels.push(last);
+    levels
+}
+
 /// The variance-preserving level of `alphas_cumprod` value `a` at `timestep` of a schedule
 /// trained on `n_train` timesteps.
 fn vp_level(timestep: f64, a: f32, n_train: usize) -> NoiseLevel {

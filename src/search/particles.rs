@@ -16,10 +16,7 @@ use serde_json::json;
 
 use super::seeds::{SeedPurpose, SeedStream};
 use super::stepwise::{select_rows, Stepper};
-use super::{
-    select_best, CandidateStore, Meter, NoiseOrigin, RoundResult, SearchError, SearchObserver,
-    SearchSettings,
-};
+use super::{CandidateStore, Meter, NoiseOrigin, SearchError, SearchObserver, SearchSettings};
 use crate::config::{ParticleArgs, Potential};
 use crate::models::ModelError;
 use crate::noise::Noise;
@@ -262,7 +259,6 @@ pub fn search(
         if b == last {
             let images = st.decode(&x)?;
             let graded = st.graded(round, origins(&lines), images, observer)?;
-            let best = select_best(&graded.candidates, &settings.metric);
             let rewards: Vec<Option<f64>> = graded
                 .candidates
                 .iter()
@@ -276,22 +272,8 @@ pub fn search(
                 "rewards": rewards,
                 "log_weights": weights.log_weights(),
             });
-            observer.round_finished(
-                prompt,
-                &RoundResult {
-                    round,
-                    candidates: graded.candidates,
-                    best,
-                    neighbors_improvement: None,
-                    generation_s: graded.generation_s,
-                    verification_s: graded.verification_s,
-                    nfe: Some(nfe),
-                    verifier_calls: k as u64,
-                    tokens: graded.tokens,
-                    stage: Some(detail),
-                    provisional: false,
-                },
-            )?;
+            let result = graded.into_round(round, &settings.metric, nfe, detail, false);
+            observer.round_finished(prompt, &result)?;
             break;
         }
         let x0 = st.predict_x0(&x, b)?;
@@ -325,23 +307,8 @@ pub fn search(
             "resampled": resample,
             "ancestors": ancestors,
         });
-        let best = select_best(&graded.candidates, &settings.metric);
-        observer.round_finished(
-            prompt,
-            &RoundResult {
-                round,
-                candidates: graded.candidates,
-                best,
-                neighbors_improvement: None,
-                generation_s: graded.generation_s,
-                verification_s: graded.verification_s,
-                nfe: Some(nfe),
-                verifier_calls: k as u64,
-                tokens: graded.tokens,
-                stage: Some(detail),
-                provisional: true,
-            },
-        )?;
+        let result = graded.into_round(round, &settings.metric, nfe, detail, true);
+        observer.round_finished(prompt, &result)?;
         let (x_now, x0_now) = match &ancestors {
             Some(a) => {
                 lines = a.iter().map(|&i| lines[i].clone()).collect();
@@ -357,7 +324,8 @@ pub fn search(
 
 #[cfg(test)]
 mod tests {
-    use super::super::stepwise::fakes::{settings, Brightness, FakeStepper, Rounds};
+    use super::super::stepwise::fakes::{self, key, FakeStepper, Rounds};
+    use super::super::RoundResult;
     use super::*;
 
     fn args(interval: usize, start: Option<usize>, end: Option<usize>) -> ParticleArgs {
@@ -375,22 +343,7 @@ mod tests {
     }
 
     fn run(a: ParticleArgs, budget: Option<crate::config::SearchBudget>) -> (Rounds, FakeStepper) {
-        let mut pipeline = FakeStepper::default();
-        let verifier = Brightness::default();
-        let mut s = settings(crate::config::SearchMethod::Particles(a));
-        s.budget = budget;
-        let mut rounds = Rounds::default();
-        search(
-            "p",
-            &mut pipeline,
-            &verifier,
-            &s,
-            &a,
-            &mut rounds,
-            &super::super::NoStore,
-        )
-        .unwrap();
-        (rounds, pipeline)
+        fakes::run(crate::config::SearchMethod::Particles(a), budget)
     }
 
     fn stage(r: &RoundResult) -> &serde_json::Value {
@@ -494,16 +447,6 @@ mod tests {
 
     #[test]
     fn the_same_master_seed_gives_the_same_particles_and_budgets_stop_them() {
-        let key = |r: &Rounds| -> Vec<(Vec<NoiseOrigin>, Option<usize>)> {
-            r.0.iter()
-                .map(|r| {
-                    (
-                        r.candidates.iter().map(|c| c.origin.clone()).collect(),
-                        r.best,
-                    )
-                })
-                .collect()
-        };
         let (a, _) = run(args(3, None, None), None);
         let (b, _) = run(args(3, None, None), None);
         assert_eq!(key(&a), key(&b));

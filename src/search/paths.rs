@@ -15,8 +15,7 @@ use serde_json::json;
 use super::seeds::{SeedPurpose, SeedStream};
 use super::stepwise::{select_rows, Stepper};
 use super::{
-    select_best, Candidate, CandidateStore, Meter, NoiseOrigin, RoundResult, SearchError,
-    SearchObserver, SearchSettings,
+    Candidate, CandidateStore, Meter, NoiseOrigin, SearchError, SearchObserver, SearchSettings,
 };
 use crate::config::{PathScore, PathsArgs};
 use crate::models::ModelError;
@@ -217,7 +216,6 @@ pub fn search(
             .into_iter()
             .take(n)
             .collect();
-        let best = select_best(&graded.candidates, &settings.metric);
         let fraction = |l: usize| levels[l].fraction;
         let detail = json!({
             "strategy": "paths",
@@ -236,29 +234,16 @@ pub fn search(
             .map(|&k| graded.candidates[k].origin.clone())
             .collect();
         latents = select_rows(&span.latents, &keep)?;
-        observer.round_finished(
-            prompt,
-            &RoundResult {
-                round,
-                candidates: graded.candidates,
-                best,
-                neighbors_improvement: None,
-                generation_s: graded.generation_s,
-                verification_s: graded.verification_s,
-                nfe: Some(nfe),
-                verifier_calls: branches as u64,
-                tokens: graded.tokens,
-                stage: Some(detail),
-                provisional: scored_on == X0_PREDICTION,
-            },
-        )?;
+        let provisional = scored_on == X0_PREDICTION;
+        let result = graded.into_round(round, &settings.metric, nfe, detail, provisional);
+        observer.round_finished(prompt, &result)?;
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::stepwise::fakes::{settings, Brightness, FakeStepper, Rounds};
+    use super::super::stepwise::fakes::{self, key, FakeStepper, Rounds};
     use super::*;
 
     fn levels(fractions: &[f64]) -> Vec<NoiseLevel> {
@@ -337,22 +322,7 @@ mod tests {
     }
 
     fn run(a: PathsArgs, budget: Option<crate::config::SearchBudget>) -> (Rounds, FakeStepper) {
-        let mut pipeline = FakeStepper::default();
-        let verifier = Brightness::default();
-        let mut s = settings(crate::config::SearchMethod::Paths(a));
-        s.budget = budget;
-        let mut rounds = Rounds::default();
-        search(
-            "p",
-            &mut pipeline,
-            &verifier,
-            &s,
-            &a,
-            &mut rounds,
-            &super::super::NoStore,
-        )
-        .unwrap();
-        (rounds, pipeline)
+        fakes::run(crate::config::SearchMethod::Paths(a), budget)
     }
 
     fn wide(score: PathScore) -> PathsArgs {
@@ -439,16 +409,6 @@ mod tests {
     fn the_same_master_seed_gives_the_same_search_and_budgets_stop_it() {
         let (a, _) = run(wide(PathScore::X0), None);
         let (b, _) = run(wide(PathScore::X0), None);
-        let key = |r: &Rounds| -> Vec<(Vec<NoiseOrigin>, Option<usize>)> {
-            r.0.iter()
-                .map(|r| {
-                    (
-                        r.candidates.iter().map(|c| c.origin.clone()).collect(),
-                        r.best,
-                    )
-                })
-                .collect()
-        };
         assert_eq!(key(&a), key(&b));
         use crate::config::SearchBudget;
         // 12 verifier calls admit two stages of 6; 88 + 60 NFEs admit two stages.

@@ -8,8 +8,8 @@ use candle_core::Tensor;
 use image::RgbImage;
 
 use super::{
-    apply_ensemble_rank, grade, Candidate, CandidateStore, NoiseOrigin, SearchError,
-    SearchObserver, SearchSettings, ToGrade,
+    apply_ensemble_rank, grade, select_best, Candidate, CandidateStore, NoiseOrigin, RoundResult,
+    SearchError, SearchObserver, SearchSettings, ToGrade,
 };
 use crate::noise::Noise;
 use crate::pipelines::{ImagePipeline, Span};
@@ -41,6 +41,33 @@ pub(super) struct Graded {
     pub verification_s: f64,
     /// API tokens of the gradings.
     pub tokens: crate::verifiers::TokenUsage,
+}
+
+impl Graded {
+    /// The stage as a round: its best candidate on `metric`, one verifier call a candidate,
+    /// `nfe` denoiser evaluations, the strategy's `stage` record.
+    pub fn into_round(
+        self,
+        round: usize,
+        metric: &str,
+        nfe: u64,
+        stage: serde_json::Value,
+        provisional: bool,
+    ) -> RoundResult {
+        RoundResult {
+            round,
+            best: select_best(&self.candidates, metric),
+            verifier_calls: self.candidates.len() as u64,
+            candidates: self.candidates,
+            neighbors_improvement: None,
+            generation_s: self.generation_s,
+            verification_s: self.verification_s,
+            nfe: Some(nfe),
+            tokens: self.tokens,
+            stage: Some(stage),
+            provisional,
+        }
+    }
 }
 
 /// Rows `start..start + len` of `t` along the batch dimension.
@@ -325,6 +352,40 @@ pub(super) mod fakes {
             self.0.push(r.clone());
             Ok(())
         }
+    }
+
+    /// Runs `method` on prompt "p" with [`FakeStepper`] and [`Brightness`] under `budget`.
+    pub fn run(
+        method: crate::config::SearchMethod,
+        budget: Option<crate::config::SearchBudget>,
+    ) -> (Rounds, FakeStepper) {
+        let mut pipeline = FakeStepper::default();
+        let verifier = Brightness::default();
+        let mut s = settings(method);
+        s.budget = budget;
+        let mut rounds = Rounds::default();
+        crate::search::search_prompt(
+            "p",
+            &mut pipeline,
+            &verifier,
+            &s,
+            &mut rounds,
+            &crate::search::NoStore,
+        )
+        .unwrap();
+        (rounds, pipeline)
+    }
+
+    /// What identifies a search's outcome: every round's candidates and choice.
+    pub fn key(r: &Rounds) -> Vec<(Vec<crate::search::NoiseOrigin>, Option<usize>)> {
+        r.0.iter()
+            .map(|r| {
+                (
+                    r.candidates.iter().map(|c| c.origin.clone()).collect(),
+                    r.best,
+                )
+            })
+            .collect()
     }
 
     /// Settings for `method` with batches of 3 and master seed 5.
