@@ -19,7 +19,6 @@ use super::stepwise::{select_rows, Stepper};
 use super::{CandidateStore, Meter, NoiseOrigin, SearchError, SearchObserver, SearchSettings};
 use crate::config::{ParticleArgs, Potential};
 use crate::models::ModelError;
-use crate::noise::Noise;
 use crate::pipelines::ImagePipeline;
 use crate::schedulers::levels::ddim_step;
 use crate::verifiers::Verifier;
@@ -182,31 +181,19 @@ pub fn search(
     observer: &mut dyn SearchObserver,
     store: &dyn CandidateStore,
 ) -> Result<(), SearchError> {
-    let schedule = pipeline.schedule()?;
+    let (mut st, schedule) = Stepper::start(prompt, pipeline, verifier, settings, store)?;
     let last = schedule.last();
     let levels = &schedule.levels;
-    let shape = pipeline.noise_shape();
-    pipeline.set_prompt(prompt)?;
     let k = args.num_particles;
     let per_call = (schedule.evaluations_per_call * k) as u64;
     let mut stream = SeedStream::new(settings.master_seed, prompt);
     let mut meter = Meter::new(settings.budget);
-    let mut st = Stepper {
-        pipeline,
-        verifier,
-        settings,
-        store,
-        prompt,
-        generation_s: 0.0,
-    };
-    let randn = |seed: u64| NoiseOrigin::Seed { seed }.regenerate(&shape, settings.noise_kernel);
 
-    let mut lines: Vec<Vec<u64>> = (0..k)
-        .map(|slot| vec![stream.seed(0, SeedPurpose::Noise, slot)])
+    let seeds: Vec<u64> = (0..k)
+        .map(|slot| stream.seed(0, SeedPurpose::Noise, slot))
         .collect();
-    let noises: Vec<Noise> = lines.iter().map(|l| randn(l[0])).collect();
-    let mut x =
-        (st.noise_latents(&noises)? * schedule.init_noise_sigma).map_err(ModelError::from)?;
+    let mut lines: Vec<Vec<u64>> = seeds.iter().map(|&s| vec![s]).collect();
+    let mut x = (st.noise_of(&seeds)? * schedule.init_noise_sigma).map_err(ModelError::from)?;
     let mut weights = ParticleWeights::new(k, args.potential, args.lambda);
     let origins = |lines: &[Vec<u64>]| -> Vec<NoiseOrigin> {
         lines
@@ -234,8 +221,7 @@ pub fn search(
         for (line, &s) in lines.iter_mut().zip(&seeds) {
             line.push(s);
         }
-        let draws: Vec<Noise> = seeds.iter().map(|&s| randn(s)).collect();
-        let z = st.noise_latents(&draws)?;
+        let z = st.noise_of(&seeds)?;
         Ok(ddim_step(x, x0, &levels[i], &levels[i + 1], args.eta, &z).map_err(ModelError::from)?)
     };
 

@@ -19,7 +19,6 @@ use super::{
 };
 use crate::config::{PathScore, PathsArgs};
 use crate::models::ModelError;
-use crate::noise::Noise;
 use crate::pipelines::ImagePipeline;
 use crate::schedulers::levels::renoise;
 use crate::schedulers::NoiseLevel;
@@ -118,35 +117,23 @@ pub fn search(
     observer: &mut dyn SearchObserver,
     store: &dyn CandidateStore,
 ) -> Result<(), SearchError> {
-    let schedule = pipeline.schedule()?;
+    let (mut st, schedule) = Stepper::start(prompt, pipeline, verifier, settings, store)?;
     let plan = plan(&schedule.levels, args)?;
     let last = schedule.last();
     let levels = &schedule.levels;
-    let shape = pipeline.noise_shape();
-    pipeline.set_prompt(prompt)?;
     let (n, m) = (args.num_paths, args.paths_width);
     let mut stream = SeedStream::new(settings.master_seed, prompt);
     let mut meter = Meter::new(settings.budget);
-    let mut st = Stepper {
-        pipeline,
-        verifier,
-        settings,
-        store,
-        prompt,
-        generation_s: 0.0,
-    };
 
-    let mut origins: Vec<NoiseOrigin> = (0..n)
-        .map(|i| NoiseOrigin::Seed {
-            seed: stream.seed(0, SeedPurpose::Noise, i),
-        })
+    let seeds: Vec<u64> = (0..n)
+        .map(|i| stream.seed(0, SeedPurpose::Noise, i))
         .collect();
-    let noises: Vec<Noise> = origins
+    let mut origins: Vec<NoiseOrigin> = seeds
         .iter()
-        .map(|o| o.regenerate(&shape, settings.noise_kernel))
+        .map(|&seed| NoiseOrigin::Seed { seed })
         .collect();
     let mut latents =
-        (st.noise_latents(&noises)? * schedule.init_noise_sigma).map_err(ModelError::from)?;
+        (st.noise_of(&seeds)? * schedule.init_noise_sigma).map_err(ModelError::from)?;
     let mut initial_pending = true;
     let per_image = |from: usize, to: usize| schedule.span_evaluations(from, to) as u64;
 
@@ -178,7 +165,7 @@ pub fn search(
             for _ in 0..m {
                 let branch = branch_origins.len();
                 let seed = stream.seed(round, SeedPurpose::Branch, branch);
-                draws.push(NoiseOrigin::Seed { seed }.regenerate(&shape, settings.noise_kernel));
+                draws.push(seed);
                 parent_of.push(p);
                 branch_origins.push(NoiseOrigin::PathBranch {
                     base: Box::new(base.clone()),
@@ -190,7 +177,7 @@ pub fn search(
                 });
             }
         }
-        let eps = st.noise_latents(&draws)?;
+        let eps = st.noise_of(&draws)?;
         let bases = select_rows(&latents, &parent_of)?;
         let renoised = renoise(
             &bases,

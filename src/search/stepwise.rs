@@ -12,7 +12,7 @@ use super::{
     SearchError, SearchObserver, SearchSettings, ToGrade,
 };
 use crate::noise::Noise;
-use crate::pipelines::{ImagePipeline, Span};
+use crate::pipelines::{ImagePipeline, Span, StepSchedule};
 use crate::verifiers::Verifier;
 
 /// The pipeline, verifier and settings a stepwise search runs with, and its time tallies.
@@ -27,6 +27,8 @@ pub(super) struct Stepper<'a> {
     pub store: &'a dyn CandidateStore,
     /// The prompt being searched.
     pub prompt: &'a str,
+    /// The shape of one initial noise ([`ImagePipeline::noise_shape`]).
+    pub shape: Vec<usize>,
     /// Seconds spent in the pipeline since the last [`Stepper::graded`].
     pub generation_s: f64,
 }
@@ -88,7 +90,42 @@ fn cat(parts: &[Tensor]) -> Result<Tensor, SearchError> {
     Ok(Tensor::cat(parts, 0).map_err(crate::models::ModelError::from)?)
 }
 
-impl Stepper<'_> {
+impl<'a> Stepper<'a> {
+    /// Sets `pipeline` to `prompt` and returns the stepper with the pipeline's schedule.
+    pub fn start(
+        prompt: &'a str,
+        pipeline: &'a mut dyn ImagePipeline,
+        verifier: &'a dyn Verifier,
+        settings: &'a SearchSettings,
+        store: &'a dyn CandidateStore,
+    ) -> Result<(Self, StepSchedule), SearchError> {
+        let schedule = pipeline.schedule()?;
+        let shape = pipeline.noise_shape();
+        pipeline.set_prompt(prompt)?;
+        let stepper = Stepper {
+            pipeline,
+            verifier,
+            settings,
+            store,
+            prompt,
+            shape,
+            generation_s: 0.0,
+        };
+        Ok((stepper, schedule))
+    }
+
+    /// The float32 `torch.randn` draws of `seeds` in the noise shape, as one batch in the
+    /// pipeline's latent layout.
+    pub fn noise_of(&self, seeds: &[u64]) -> Result<Tensor, SearchError> {
+        let noises: Vec<Noise> = seeds
+            .iter()
+            .map(|&seed| {
+                NoiseOrigin::Seed { seed }.regenerate(&self.shape, self.settings.noise_kernel)
+            })
+            .collect();
+        Ok(self.pipeline.noise_latents(&noises)?)
+    }
+
     /// Fails when a stop was asked for.
     pub fn check_stop(&self) -> Result<(), SearchError> {
         if self.settings.stop.is_set() {
@@ -118,11 +155,6 @@ impl Stepper<'_> {
         let out = join(parts)?;
         self.generation_s += t.elapsed().as_secs_f64();
         Ok(out)
-    }
-
-    /// Standard normal noises in the pipeline's latent layout.
-    pub fn noise_latents(&self, noises: &[Noise]) -> Result<Tensor, SearchError> {
-        Ok(self.pipeline.noise_latents(noises)?)
     }
 
     /// [`ImagePipeline::denoise_span`] over a batch of any size.
