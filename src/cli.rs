@@ -1,13 +1,17 @@
-//! The command line: the only place that parses arguments. `tt-scale run` and
-//! `tt-scale collage`, with the original tool's flag spellings as aliases.
+//! The command line: the only place that parses arguments. `tt-scale run` (with the original
+//! tool's flag spellings as aliases), `collage`, `rescore`, `status`, `merge`, `report`,
+//! `bench`.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::device::{parse_device, parse_devices, DeviceSpec};
+use crate::loading::Dtype;
 use crate::prompts::NumPrompts;
+use crate::run::RunOptions;
 use crate::sweep::ShardArg;
+use crate::verifiers::VerifierKind;
 
 /// Inference-time scaling for text-to-image diffusion: search over starting noises and keep
 /// what a verifier scores best.
@@ -203,24 +207,64 @@ fn parse_shard(s: &str) -> Result<ShardArg, String> {
     ShardArg::parse(s).map_err(|e| e.to_string())
 }
 
+impl RunArgs {
+    /// The run's options: `--device` split into the one device (or auto) and the workers' list.
+    pub fn options(self) -> RunOptions {
+        RunOptions {
+            config_path: self.pipeline_config,
+            prompt: self.prompt,
+            prompts_file: self.prompts_file,
+            num_prompts: self.num_prompts.map(|n| match n {
+                NumPromptsArg::Take(n) => Some(n),
+                NumPromptsArg::NoneGiven => None,
+            }),
+            batch_size: self.batch_size,
+            seed: self.seed,
+            output_dir: self.output_dir,
+            low_vram: self.low_vram,
+            device: match &self.device {
+                DeviceArg::Named(d) => Some(*d),
+                DeviceArg::Auto | DeviceArg::Several(_) => None,
+            },
+            workers: match self.device {
+                DeviceArg::Several(list) => list,
+                _ => Vec::new(),
+            },
+            resume: self.resume,
+            shard: self.shard,
+            run_name: self.run_name,
+        }
+    }
+}
+
+/// `--verifier`'s help: every verifier's name, from the verifier table.
+fn verifier_help() -> String {
+    format!(
+        "The verifier: a name ({}) with its defaults, or a JSON file holding a verifier_args \
+         object (or a whole config)",
+        VerifierKind::names()
+    )
+}
+
+fn parse_one_device(s: &str) -> Result<DeviceSpec, String> {
+    parse_device(s).ok_or_else(|| format!("`{s}` is not a device: give cpu, cuda or cuda:N"))
+}
+
 /// Flags of `tt-scale rescore`.
 #[derive(Debug, Args)]
 pub struct RescoreArgs {
     /// The run folder (output/<model>/<verifier>/<metric>/<timestamp>).
     #[arg(value_name = "RUN_DIR")]
     pub path: PathBuf,
-    /// The verifier: a name (laion_aesthetic, clip_score, pickscore, hpsv2, image_reward, gemini,
-    /// openai, qwen) with
-    /// its defaults, or a JSON file holding a verifier_args object (or a whole config).
-    #[arg(long, value_name = "NAME|FILE")]
+    #[arg(long, value_name = "NAME|FILE", help = verifier_help())]
     pub verifier: String,
     /// The metric to compare choices by (default: the verifier's choice_of_metric, or its
     /// first metric).
     #[arg(long, value_name = "METRIC")]
     pub metric: Option<String>,
     /// Where a local verifier runs: cpu, cuda or cuda:N (default: CUDA when present).
-    #[arg(long, value_name = "DEVICE")]
-    pub device: Option<String>,
+    #[arg(long, value_name = "DEVICE", value_parser = parse_one_device)]
+    pub device: Option<DeviceSpec>,
 }
 
 /// Flags of `tt-scale status`.
@@ -261,13 +305,8 @@ pub struct CollageArgs {
     pub path: PathBuf,
 }
 
-fn parse_dtype(s: &str) -> Result<candle_core::DType, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "fp32" | "f32" => Ok(candle_core::DType::F32),
-        "fp16" | "f16" => Ok(candle_core::DType::F16),
-        "bf16" => Ok(candle_core::DType::BF16),
-        _ => Err(format!("`{s}` is not a dtype: give fp32, fp16 or bf16")),
-    }
+fn parse_dtype(s: &str) -> Result<Dtype, String> {
+    Dtype::parse(s).ok_or_else(|| format!("`{s}` is not a dtype: give fp32, fp16 or bf16"))
 }
 
 fn parse_positive(s: &str) -> Result<usize, String> {
@@ -295,7 +334,7 @@ pub struct BenchArgs {
     /// Compute dtype: fp32, fp16 or bf16 (default: bf16 on a GPU, fp32 on a CPU, which has no
     /// fast bf16 matmul).
     #[arg(long, value_parser = parse_dtype)]
-    pub dtype: Option<candle_core::DType>,
+    pub dtype: Option<Dtype>,
     /// Compute device: auto, cpu, cuda or cuda:N.
     #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device_arg)]
     pub device: DeviceArg,

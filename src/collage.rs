@@ -91,9 +91,10 @@ pub fn make_collages(dir: &Path) -> Result<Vec<PathBuf>, CollageError> {
         for f in &files {
             let path = dir.join(format!("{}.png", f.stem));
             // A missing or corrupt image (an interrupted run, a disk error) leaves its place
-            // out of this collage; the other collages are still made.
-            match image::open(&path) {
-                Ok(img) => images.push((f.round, img.to_rgb8())),
+            // out of this collage; the other collages are still made. A video shows its
+            // first frame.
+            match crate::output::media::read_media(&path) {
+                Ok(media) => images.push((f.round, media.poster().into_owned())),
                 Err(e) => tracing::warn!("collage: skipping {}: {e}", path.display()),
             }
         }
@@ -109,7 +110,7 @@ pub fn make_collages(dir: &Path) -> Result<Vec<PathBuf>, CollageError> {
             String::new()
         };
         let out = dir.join(format!("collage_{name}{suffix}_i@{min}-{max}.png"));
-        crate::output::write_png(&out, &collage)?;
+        crate::output::media::write_media(&out, &crate::media::Media::Image(collage))?;
         written.push(out);
     }
     Ok(written)

@@ -5,28 +5,34 @@
 //!
 //! ```text
 //!  bench                      benchmarks of every layer below (tt-scale bench)
-//!  rescore                    grade a finished run's images with another verifier
-//!  cli, run                   the argument parser; a run: prompts -> search -> files
+//!  rescore                    grade a finished run's media with another verifier
+//!  cli                        the argument parser: the command line into a run's options
+//!  run                        a run: its plan -> prompts -> search -> files; resume, workers
 //!  report                     report.html: scaling curves and every round's thumbnails
 //!  collage, sweep             collages of a run folder; shards of a sweep, status, merge
-//!  output                     every file format: run folders, PNGs, the per-round JSON, journals
-//!  search                     random / zero-order search; its observer is the layer above
-//!  verifiers                  judges: Gemini, OpenAI(-compatible), local Qwen2.5-VL, the
-//!                             local reward models (CLIP, PickScore, HPSv2, ImageReward), ensemble
-//!  pipelines                  Flux, SDXL, PixArt-Sigma, SD 1.5 on one shared denoise loop
-//!  config                     the experiment file, typed and validated
+//!  config, output             the experiment file, each section read by its owner below;
+//!                             every file format: run folders, media, round JSON, journals
+//!  search                     the strategies (registry: random, zero-order, paths, particles);
+//!                             its observer and store are the layers above
+//!  verifiers                  judges (registry: Gemini, OpenAI(-compatible), local Qwen2.5-VL,
+//!                             CLIP, PickScore, HPSv2, ImageReward, the ensemble)
+//!  pipelines                  the model families (registry: SD 1.5, SDXL, PixArt-Sigma, Flux)
+//!                             on one shared denoise loop
 //!  schedulers                 diffusers' schedulers
-//!  prompts                    prompt files and the Hub dataset
-//!  loading                    Hub / local files, weights mmap, the typed JSON-config reader
+//!  loading, prompts           Hub / local files, weights mmap, the typed JSON-config reader;
+//!                             prompt files and the Hub dataset
 //!  models                     the networks, their serde-derived configs, ModelError
 //!  ops                        fused kernels (CUDA, cuDNN), their CPU references, OpenBLAS
-//!  noise, device, files, hub  torch-exact seeded noise; the one device parser; bounded reads
-//!                             and atomic writes; Hub HTTP with timeouts and retries
+//!  noise, device, files, hub, torch-exact seeded noise; the one device parser; bounded reads
+//!  media, keys                and atomic writes; Hub HTTP with timeouts and retries; images and
+//!                             videos; the reader of config sections
 //! ```
 
 pub mod device;
 pub mod files;
 pub mod hub;
+pub mod keys;
+pub mod media;
 pub mod noise;
 pub mod ops;
 
@@ -37,21 +43,22 @@ pub mod prompts;
 
 pub mod schedulers;
 
-pub mod config;
-
 pub mod pipelines;
-
-pub mod search;
 pub mod verifiers;
 
-pub mod collage;
+pub mod search;
+
+pub mod config;
 pub mod output;
+
+pub mod collage;
 pub mod sweep;
 
 pub mod report;
 
-pub mod cli;
 pub mod run;
+
+pub mod cli;
 
 pub mod rescore;
 

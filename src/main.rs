@@ -4,8 +4,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use tt_scale::cli::{BenchArgs, Cli, Command, DeviceArg, NumPromptsArg};
-use tt_scale::run::{self, RunOptions};
+use tt_scale::cli::{BenchArgs, Cli, Command, DeviceArg};
+use tt_scale::run;
 
 /// `println!` that never panics: a closed stdout (`tt-scale ... | head -1`) drops the text.
 macro_rules! say {
@@ -47,34 +47,11 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Run(a) => {
-            let opts = RunOptions {
-                config_path: a.pipeline_config,
-                prompt: a.prompt,
-                prompts_file: a.prompts_file,
-                num_prompts: a.num_prompts.map(|n| match n {
-                    NumPromptsArg::Take(n) => Some(n),
-                    NumPromptsArg::NoneGiven => None,
-                }),
-                batch_size: a.batch_size,
-                seed: a.seed,
-                output_dir: a.output_dir,
-                low_vram: a.low_vram,
-                device: match &a.device {
-                    DeviceArg::Named(d) => Some(*d),
-                    DeviceArg::Auto | DeviceArg::Several(_) => None,
-                },
-                workers: match a.device {
-                    DeviceArg::Several(list) => list,
-                    _ => Vec::new(),
-                },
-                resume: a.resume,
-                shard: a.shard,
-                run_name: a.run_name,
-            };
-            match run::run(&opts) {
+            let json = a.json;
+            match run::run(&a.options()) {
                 Ok(summary) => {
                     say_err!("{summary}");
-                    if a.json {
+                    if json {
                         say!("{}", summary.to_json());
                     }
                     ExitCode::SUCCESS
@@ -143,12 +120,7 @@ fn main() -> ExitCode {
         },
         Command::Rescore(a) => {
             use tt_scale::rescore::rescore;
-            match rescore(
-                &a.path,
-                &a.verifier,
-                a.metric.as_deref(),
-                a.device.as_deref(),
-            ) {
+            match rescore(&a.path, &a.verifier, a.metric.as_deref(), a.device) {
                 Ok(summary) => {
                     say!("{summary}");
                     ExitCode::SUCCESS
@@ -160,7 +132,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Collage(a) => match run::collage(&a.path) {
+        Command::Collage(a) => match tt_scale::collage::make_collages(&a.path) {
             Ok(paths) => {
                 for p in paths {
                     say!("{}", p.display());
@@ -185,7 +157,7 @@ fn bench(a: BenchArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let device = match run::select_device(spec) {
+    let device = match run::plan::open_device(spec) {
         Ok(d) => d,
         Err(e) => {
             say_err!("error: {e}");
@@ -196,11 +168,11 @@ fn bench(a: BenchArgs) -> ExitCode {
         height: a.height,
         width: a.width,
         batch: a.batch,
-        dtype: a.dtype.unwrap_or(if device.is_cuda() {
-            candle_core::DType::BF16
+        dtype: tt_scale::loading::candle_dtype(a.dtype.unwrap_or(if device.is_cuda() {
+            tt_scale::loading::Dtype::Bf16
         } else {
-            candle_core::DType::F32
-        }),
+            tt_scale::loading::Dtype::F32
+        })),
         device,
         warmup: a.warmup,
         iters: a.iters,

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::media::{Media, Video};
 use crate::sweep::{self, RunStatus, StatusError, SummaryRow};
 
 /// Stroke colour of the curves (the screenshot check looks for it).
@@ -201,20 +202,34 @@ fn chart(points: &[CurvePoint], title: &str, x_label: &str) -> String {
     svg
 }
 
-/// A thumbnail of the PNG at `path` as a `data:` URL (PNG), or `None` if it cannot be read.
+/// A thumbnail of the media file at `path` as a `data:` URL (PNG; a video's an animated PNG
+/// that plays in the page), or `None` if it cannot be read.
 fn thumbnail(path: &Path) -> Option<String> {
     use base64::Engine as _;
-    let img = image::open(path).ok()?.to_rgb8();
-    let (w, h) = img.dimensions();
+    let media = crate::output::media::read_media(path).ok()?;
+    let (w, h) = media.dimensions();
     let scale = f64::from(THUMB) / f64::from(w.max(h).max(1));
-    let t = image::imageops::thumbnail(
-        &img,
-        ((f64::from(w) * scale).round() as u32).max(1),
-        ((f64::from(h) * scale).round() as u32).max(1),
-    );
-    let mut bytes = std::io::Cursor::new(Vec::new());
-    t.write_to(&mut bytes, image::ImageFormat::Png).ok()?;
-    let bytes = bytes.into_inner();
+    let small = |img: &image::RgbImage| {
+        image::imageops::thumbnail(
+            img,
+            ((f64::from(w) * scale).round() as u32).max(1),
+            ((f64::from(h) * scale).round() as u32).max(1),
+        )
+    };
+    let bytes = match &media {
+        Media::Image(img) => {
+            let mut bytes = std::io::Cursor::new(Vec::new());
+            small(img)
+                .write_to(&mut bytes, image::ImageFormat::Png)
+                .ok()?;
+            bytes.into_inner()
+        }
+        Media::Video(v) => crate::output::media::encode_apng(&Video {
+            frames: v.frames.iter().map(small).collect(),
+            fps: v.fps,
+        })
+        .ok()?,
+    };
     Some(format!(
         "data:image/png;base64,{}",
         base64::engine::general_purpose::STANDARD.encode(bytes)

@@ -14,9 +14,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::config::{verifier_metrics, Config, VerifierArgs};
+use crate::config::Config;
+use crate::device::DeviceSpec;
+use crate::output::media::decode_media;
 use crate::output::{self, OutputError};
-use crate::verifiers::{self, Grading, Verifier, VerifierError, VerifierInput};
+use crate::verifiers::{
+    self, Grading, Verifier, VerifierArgs, VerifierError, VerifierInput, VerifierKind,
+};
 
 /// Why a rescore failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,8 +58,7 @@ impl RescoreError {
             RescoreError::NoRounds(_) | RescoreError::Verifier(_) => 2,
             RescoreError::Access(_) => 3,
             RescoreError::Build(
-                VerifierError::Unknown { .. }
-                | VerifierError::PromptFile { .. }
+                VerifierError::PromptFile { .. }
                 | VerifierError::EmptyPrompt { .. }
                 | VerifierError::InvalidArg { .. }
                 | VerifierError::BaseUrl { .. },
@@ -172,25 +175,26 @@ pub fn verifier_args(spec: &str, metric: Option<&str>) -> Result<VerifierArgs, R
             .map_err(|e| RescoreError::Verifier(e.to_string()))?
             .verifier_args
     } else {
-        let first = verifier_metrics(spec).first().ok_or_else(|| {
+        let kind = VerifierKind::from_name(spec).ok_or_else(|| {
             RescoreError::Verifier(format!(
                 "{spec:?} is neither a verifier ({}) nor a JSON file",
-                crate::config::VERIFIER_NAMES.join(", ")
+                VerifierKind::names()
             ))
         })?;
-        if spec == "ensemble" {
+        if kind.is_ensemble() {
             return Err(RescoreError::Verifier(
                 "ensemble needs its members: give a JSON file with verifier_args".into(),
             ));
         }
-        VerifierArgs::new(spec, first)
+        VerifierArgs::new(kind, kind.metrics().first().copied().unwrap_or_default())
     };
     if let Some(m) = metric {
-        if !verifier_metrics(&args.name).contains(&m) {
+        let grades = args.kind.metrics();
+        if !grades.contains(&m) {
             return Err(RescoreError::Verifier(format!(
                 "--metric {m} is not graded by {}; it grades {}",
-                args.name,
-                verifier_metrics(&args.name).join(", ")
+                args.name(),
+                grades.join(", ")
             )));
         }
         args.choice_of_metric = m.to_string();
@@ -331,7 +335,7 @@ pub fn rescore_with(
     let mut cache = Cache::open(run)?;
     let model = model_key(args);
     let metric = args.choice_of_metric.clone();
-    let name = args.name.clone();
+    let name = args.name().to_string();
     let mut summary = RescoreSummary {
         verifier: name.clone(),
         metric: metric.clone(),
@@ -366,8 +370,8 @@ pub fn rescore_with(
                         .iter()
                         .map(|b| format!("{b:02x}"))
                         .collect::<String>();
-                    match image::load_from_memory(&bytes) {
-                        Ok(img) => Some((sha, img.to_rgb8())),
+                    match decode_media(&bytes) {
+                        Ok(media) => Some((sha, media)),
                         Err(e) => {
                             tracing::warn!("rescore: {} cannot be decoded ({e})", f.display());
                             None
@@ -395,9 +399,9 @@ pub fn rescore_with(
         let inputs: Vec<VerifierInput<'_>> = missing
             .iter()
             .filter_map(|&i| images[i].as_ref())
-            .map(|(_, image)| VerifierInput {
+            .map(|(_, media)| VerifierInput {
                 prompt: &prompt,
-                image,
+                media,
             })
             .collect();
         let results = if inputs.is_empty() {
@@ -497,20 +501,19 @@ pub fn rescore_with(
     Ok(summary)
 }
 
-/// `tt-scale rescore`: builds the verifier of `spec` on `device` and rescores `run`.
+/// `tt-scale rescore`: builds the verifier of `spec` on `device` (a local verifier's, unless
+/// its arguments name one) and rescores `run`.
 pub fn rescore(
     run: &Path,
     spec: &str,
     metric: Option<&str>,
-    device: Option<&str>,
+    device: Option<DeviceSpec>,
 ) -> Result<RescoreSummary, RescoreError> {
     if !run.is_dir() {
         return Err(RescoreError::NoRounds(run.to_path_buf()));
     }
     let mut args = verifier_args(spec, metric)?;
-    if args.device.is_none() {
-        args.device = device.map(str::to_string);
-    }
+    args.device = args.device.or(device);
     let verifier = verifiers::build_for_run(&args, false)?;
     if let Err(f) = verifier.check_access() {
         if f.fatal {

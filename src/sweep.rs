@@ -10,14 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// One shard of a sweep: prompts `i` with `i % count == index`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Shard {
-    /// This shard's number, from 0.
-    pub index: usize,
-    /// How many shards the sweep has.
-    pub count: usize,
-}
+pub use crate::output::journal::Shard;
+use crate::output::journal::{record_files, PromptDone, DONE_DIR};
 
 /// `--shard`: a given shard, or `auto` (from the environment of a Slurm array task or a
 /// Kubernetes Indexed Job).
@@ -118,37 +112,6 @@ impl Shard {
         }
         Err(ShardError::NotFound)
     }
-
-    /// Whether prompt number `i` (0-based, in the run's prompt list) is this shard's.
-    pub fn owns(&self, i: usize) -> bool {
-        i % self.count == self.index
-    }
-
-    /// This shard's prompts, in the list's order.
-    pub fn select(&self, prompts: &[String]) -> Vec<String> {
-        prompts
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| self.owns(*i))
-            .map(|(_, p)| p.clone())
-            .collect()
-    }
-
-    /// Worker `worker` of `workers` splitting `outer` (the whole list when `None`) further: prompt
-    /// `i` is the worker's when `i % (N·W) == outer.index + N·worker` (`N` = `outer.count`), so the
-    /// workers of a shard share out exactly its prompts.
-    pub fn within(outer: Option<Shard>, worker: usize, workers: usize) -> Shard {
-        let outer = outer.unwrap_or(Shard { index: 0, count: 1 });
-        Shard {
-            index: outer.index + outer.count * worker,
-            count: outer.count * workers,
-        }
-    }
-
-    /// `INDEX/COUNT`, as `--shard` takes it.
-    pub fn spec(&self) -> String {
-        format!("{}/{}", self.index, self.count)
-    }
 }
 
 impl ShardArg {
@@ -186,56 +149,6 @@ pub fn check_run_name(name: &str) -> Result<(), String> {
             "--run-name {name:?} is not a folder name: give one name (letters, digits, `-`, `_`, `.`), no `/`"
         ))
     }
-}
-
-/// What `journal/done/<prompt name>.json` records when a prompt's search has finished.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PromptDone {
-    /// The prompt.
-    pub prompt: String,
-    /// Rounds completed.
-    pub rounds: usize,
-    /// Images of the prompt (generated or reused).
-    pub images: usize,
-    /// Denoiser evaluations spent (`None` when the pipeline could not tell).
-    pub nfe: Option<u64>,
-    /// Verifier calls.
-    pub verifier_calls: u64,
-    /// The best score under the run's metric, if any candidate was graded.
-    pub best_score: Option<f64>,
-    /// Rounds whose grading failed.
-    pub failed_rounds: usize,
-}
-
-/// The folder of the journal folder that holds the prompts' completion records
-/// (`journal/done/<prompt name>.json`, [`PromptDone`]).
-pub const DONE_DIR: &str = "done";
-
-/// The file name of a shard's resume record in the journal folder (`run.json` unsharded).
-pub fn record_file_name(shard: Option<Shard>) -> String {
-    match shard {
-        None => "run.json".into(),
-        Some(s) => format!("run.shard-{}-of-{}.json", s.index, s.count),
-    }
-}
-
-/// The resume records (`run*.json`) in a run folder's journal folder, sorted.
-pub fn record_files(journal_dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(journal_dir)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                        n == "run.json" || (n.starts_with("run.shard-") && n.ends_with(".json"))
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    files.sort();
-    files
 }
 
 /// Why `tt-scale status` cannot read a folder.
@@ -499,6 +412,7 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "a\\b", "a\nb"] {
             assert!(check_run_name(bad).is_err(), "{bad:?}");
         }
+        use crate::output::journal::record_file_name;
         assert_eq!(record_file_name(None), "run.json");
         assert_eq!(
             record_file_name(Some(Shard { index: 0, count: 2 })),

@@ -15,10 +15,12 @@ use candle_core::Tensor;
 use image::RgbImage;
 
 use super::{BenchOptions, BenchReport, RandomWeights};
-use crate::config::{NoiseKernel, SearchMethod};
 use crate::models::flux_transformer::{latent_image_ids, FluxConfig, FluxTransformer, Rope};
 use crate::noise::Noise;
-use crate::pipelines::{ImagePipeline, PipelineError};
+use crate::noise::RandnKernel;
+use crate::pipelines::{ImagePipeline, Pipeline, PipelineError};
+use crate::search::random::RandomArgs;
+use crate::search::SearchMethod;
 use crate::search::{
     search_prompt, ObserverError, RoundResult, SearchError, SearchObserver, SearchSettings,
 };
@@ -158,10 +160,13 @@ pub fn bench_search(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineErr
     };
     // Warm-up: one image (kernel loading, allocator).
     for _ in 0..opts.warmup.min(1) {
-        pipeline.generate(&[Noise {
-            shape: vec![1],
-            data: vec![0.0],
-        }])?;
+        ImagePipeline::generate(
+            &mut pipeline,
+            &[Noise {
+                shape: vec![1],
+                data: vec![0.0],
+            }],
+        )?;
     }
     let details = format!(
         "{} Flux steps per image ({} double + {} single blocks, {}x{})",
@@ -182,7 +187,7 @@ pub fn bench_search(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineErr
 /// Runs the default search over `pipeline` with a verifier of `latency` per call, overlapped
 /// then sequential; reports generation time and both wall times (milliseconds).
 fn time_search(
-    pipeline: &mut dyn ImagePipeline,
+    pipeline: &mut dyn Pipeline,
     latency: Duration,
     parameters: usize,
     details: &str,
@@ -190,12 +195,11 @@ fn time_search(
     let verifier = LatencyVerifier { latency };
     let mut run = |overlap: bool| -> Result<(f64, Totals), PipelineError> {
         let settings = SearchSettings {
-            method: SearchMethod::Random,
-            rounds: ROUNDS,
+            method: SearchMethod::Random(RandomArgs { rounds: ROUNDS }),
             batch_size: 1,
             metric: "overall_score".to_string(),
             master_seed: 0,
-            noise_kernel: NoiseKernel::default(),
+            noise_kernel: RandnKernel::default(),
             overlap,
             probe_first_batch: false,
             rank_metrics: Vec::new(),
@@ -297,10 +301,10 @@ mod tests {
         let v = LatencyVerifier {
             latency: Duration::ZERO,
         };
-        let image = RgbImage::new(1, 1);
+        let media = crate::media::Media::Image(RgbImage::new(1, 1));
         let input = || VerifierInput {
             prompt: "p",
-            image: &image,
+            media: &media,
         };
         let out = v.score(&[input(), input()]);
         assert_eq!(out.len(), 2);

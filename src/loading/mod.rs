@@ -6,6 +6,7 @@
 pub mod hub;
 pub mod json;
 pub mod qwen;
+pub mod tokenizers;
 pub mod weights;
 
 pub use hub::ModelSource;
@@ -32,6 +33,17 @@ impl Dtype {
             Dtype::F32 => "fp32",
             Dtype::F16 => "fp16",
             Dtype::Bf16 => "bf16",
+        }
+    }
+
+    /// The one parser of a dtype a user gives (`torch_dtype`, `tt-scale bench --dtype`):
+    /// `fp32`, `fp16`, `bf16`, also `f32` and `f16`, any case, surrounding blanks ignored.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "fp32" | "f32" => Some(Dtype::F32),
+            "fp16" | "f16" => Some(Dtype::F16),
+            "bf16" => Some(Dtype::Bf16),
+            _ => None,
         }
     }
 }

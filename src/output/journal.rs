@@ -1,3 +1,7 @@
+//! The files of a run folder's `journal/` folder: the per-prompt grade journal, the resume
+//! records of the processes that work in the folder ([`ResumeRecord`], `run.json` or
+//! `run.shard-I-of-N.json`) and the prompts' completion records ([`PromptDone`], `done/`).
+//!
 //! The per-prompt grade journal, `<run folder>/journal/<prompt name>.jsonl`: one JSON line per
 //! graded candidate, appended and flushed to disk (fsync) as each grade arrives, so that a run
 //! stopped at any point (Ctrl-C, `kill -9`, a preempted node, a full disk) can be resumed
@@ -16,15 +20,146 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::{candidate_stem, OutputError};
+use crate::media::Media;
 use crate::search::{CandidateStore, NoiseOrigin, ObserverError};
 use crate::verifiers::{Graded, Grading, ScoreFailure, TokenUsage};
 
 /// The folder of a run folder that holds the journals and the resume record.
 pub const JOURNAL_DIR: &str = "journal";
+
+/// One shard of a sweep: prompts `i` with `i % count == index` (the command line's
+/// `--shard`, parsed in [`crate::sweep`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    /// This shard's number, from 0.
+    pub index: usize,
+    /// How many shards the sweep has.
+    pub count: usize,
+}
+
+impl Shard {
+    /// Whether prompt number `i` (0-based, in the run's prompt list) is this shard's.
+    pub fn owns(&self, i: usize) -> bool {
+        i % self.count == self.index
+    }
+
+    /// This shard's prompts, in the list's order.
+    pub fn select(&self, prompts: &[String]) -> Vec<String> {
+        prompts
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.owns(*i))
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    /// Worker `worker` of `workers` splitting `outer` (the whole list when `None`) further: prompt
+    /// `i` is the worker's when `i % (N·W) == outer.index + N·worker` (`N` = `outer.count`), so the
+    /// workers of a shard share out exactly its prompts.
+    pub fn within(outer: Option<Shard>, worker: usize, workers: usize) -> Shard {
+        let outer = outer.unwrap_or(Shard { index: 0, count: 1 });
+        Shard {
+            index: outer.index + outer.count * worker,
+            count: outer.count * workers,
+        }
+    }
+
+    /// `INDEX/COUNT`, as `--shard` takes it.
+    pub fn spec(&self) -> String {
+        format!("{}/{}", self.index, self.count)
+    }
+}
+
+/// Version of the resume record's layout.
+pub const RESUME_FORMAT: u32 = 1;
+
+/// What `journal/run.json` (a shard's: `run.shard-I-of-N.json`) keeps beside `config.json` so
+/// that a run can be resumed exactly.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResumeRecord {
+    /// [`RESUME_FORMAT`].
+    pub format: u32,
+    /// The version that made the run; another version may make other images.
+    pub tt_scale_version: String,
+    /// The folder the run was started from: relative paths of the command line resolve there.
+    pub cwd: PathBuf,
+    /// The run folder as the round JSON names it (see [`super::RoundContext::shown_dir`]).
+    pub run_dir: PathBuf,
+    /// SHA-256 (hex) of `config.json` as written, to notice an edit.
+    pub config_sha256: String,
+    /// `cpu` or `cuda`: the kind of device the media were made on.
+    pub device: String,
+    /// The run's prompts, in order (all shards' when sharded).
+    pub prompts: Vec<String>,
+    /// The shard this record's process searches (`None`: every prompt).
+    #[serde(default)]
+    pub shard: Option<Shard>,
+}
+
+/// The file name of a shard's resume record in the journal folder (`run.json` unsharded).
+pub fn record_file_name(shard: Option<Shard>) -> String {
+    match shard {
+        None => "run.json".into(),
+        Some(s) => format!("run.shard-{}-of-{}.json", s.index, s.count),
+    }
+}
+
+/// The resume records (`run*.json`) in a run folder's journal folder, sorted.
+pub fn record_files(journal_dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(journal_dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                        n == "run.json" || (n.starts_with("run.shard-") && n.ends_with(".json"))
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// The folder of the journal folder that holds the prompts' completion records
+/// (`journal/done/<prompt name>.json`, [`PromptDone`]).
+pub const DONE_DIR: &str = "done";
+
+/// What `journal/done/<prompt name>.json` records when a prompt's search has finished.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PromptDone {
+    /// The prompt.
+    pub prompt: String,
+    /// Rounds completed.
+    pub rounds: usize,
+    /// Images of the prompt (generated or reused).
+    pub images: usize,
+    /// Denoiser evaluations spent (`None` when the pipeline could not tell).
+    pub nfe: Option<u64>,
+    /// Verifier calls.
+    pub verifier_calls: u64,
+    /// The best score under the run's metric, if any candidate was graded.
+    pub best_score: Option<f64>,
+    /// Rounds whose grading failed.
+    pub failed_rounds: usize,
+}
+
+impl PromptDone {
+    /// Writes the record of the prompt whose file-name part is `prompt_name` into `run_dir`.
+    pub fn write(&self, run_dir: &Path, prompt_name: &str) -> Result<(), OutputError> {
+        let dir = run_dir.join(JOURNAL_DIR).join(DONE_DIR);
+        std::fs::create_dir_all(&dir).map_err(|source| OutputError {
+            path: dir.clone(),
+            source,
+        })?;
+        super::write_json(&dir.join(format!("{prompt_name}.json")), self)
+    }
+}
 
 /// One line of the journal.
 #[derive(Debug, Serialize, Deserialize)]
@@ -150,14 +285,14 @@ impl Journal {
 }
 
 impl CandidateStore for Journal {
-    fn image(&self, round: usize, origin: &NoiseOrigin) -> Option<RgbImage> {
+    fn media(&self, round: usize, origin: &NoiseOrigin) -> Option<Media> {
         let stem = candidate_stem(&self.prompt_name, round, &origin.label());
         let path = self.run_dir.join(format!("{stem}.png"));
         if !path.is_file() {
             return None;
         }
-        match image::open(&path) {
-            Ok(image) => Some(image.to_rgb8()),
+        match super::media::read_media(&path) {
+            Ok(media) => Some(media),
             Err(e) => {
                 tracing::warn!("{}: cannot be read ({e}); it is made again", path.display());
                 None
@@ -295,11 +430,19 @@ mod tests {
     fn saved_images_are_found_by_their_file_name_and_unreadable_ones_are_not() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path(), "p").unwrap();
-        let image = RgbImage::from_pixel(3, 2, image::Rgb([10, 20, 30]));
-        super::super::write_png(&dir.path().join("p_i@2_s@5.png"), &image).unwrap();
-        assert_eq!(j.image(2, &seed(5)), Some(image));
-        assert_eq!(j.image(1, &seed(5)), None);
+        let image = Media::Image(image::RgbImage::from_pixel(3, 2, image::Rgb([10, 20, 30])));
+        let write = super::super::media::write_media;
+        write(&dir.path().join("p_i@2_s@5.png"), &image).unwrap();
+        assert_eq!(j.media(2, &seed(5)), Some(image));
+        assert_eq!(j.media(1, &seed(5)), None);
         std::fs::write(dir.path().join("p_i@2_s@6.png"), b"not a png").unwrap();
-        assert_eq!(j.image(2, &seed(6)), None);
+        assert_eq!(j.media(2, &seed(6)), None);
+        // A video is read back as one.
+        let video = Media::Video(crate::media::Video {
+            frames: vec![image::RgbImage::new(2, 2); 3],
+            fps: 8.0,
+        });
+        write(&dir.path().join("p_i@3_s@5.png"), &video).unwrap();
+        assert_eq!(j.media(3, &seed(5)), Some(video));
     }
 }

@@ -1,7 +1,9 @@
 //! The original tool's output layout: run folders, candidate file names, per-round JSON and
-//! `config.json`. Every file is written atomically (temporary file, then rename).
+//! `config.json`; media files ([`media`]); the journals and records of a run ([`journal`]).
+//! Every file is written atomically (temporary file, then rename).
 
 pub mod journal;
+pub mod media;
 
 use std::path::{Path, PathBuf};
 
@@ -25,7 +27,7 @@ pub struct OutputError {
 /// The output folder name for a model: the original's short names for its known models, else
 /// a sanitised form of the repo name or folder name.
 pub fn model_dir_name(model: &str) -> String {
-    if let Some(short) = crate::config::known_model_short_name(model) {
+    if let Some(short) = crate::pipelines::registry::short_name(model) {
         return short.to_string();
     }
     let trimmed = model.trim_end_matches(['/', '\\']);
@@ -185,27 +187,6 @@ pub fn remove_stale_temp_files(dir: &Path) -> Result<usize, OutputError> {
     Ok(removed)
 }
 
-/// Encodes an RGB image as PNG.
-pub fn encode_png(image: &image::RgbImage) -> Vec<u8> {
-    let mut buf = Vec::new();
-    let encoder = image::codecs::png::PngEncoder::new(&mut buf);
-    // Encoding an in-memory RGB8 buffer of consistent size cannot fail.
-    image::ImageEncoder::write_image(
-        encoder,
-        image.as_raw(),
-        image.width(),
-        image.height(),
-        image::ExtendedColorType::Rgb8,
-    )
-    .expect("PNG encoding of an RGB8 buffer");
-    buf
-}
-
-/// Writes an RGB image as a PNG file, atomically.
-pub fn write_png(path: &Path, image: &image::RgbImage) -> Result<(), OutputError> {
-    write_atomic(path, &encode_png(image))
-}
-
 /// Serialises `value` as the original does (`json.dump(indent=4)`, ASCII only: non-ASCII as
 /// `\uXXXX` escapes), keys in the order the value gives them.
 pub fn to_python_json<T: Serialize>(value: &T) -> String {
@@ -343,8 +324,6 @@ pub struct RoundContext<'a> {
     pub prompt_name: &'a str,
     /// The selection metric.
     pub metric: &'a str,
-    /// Whether the search is zero-order (the JSON then has `neighbors_improvement`).
-    pub zero_order: bool,
     /// Seconds from the prompt's search start (or restart, when resumed) to the end of this
     /// round, recorded in `timings.elapsed_s`.
     pub elapsed_s: f64,
@@ -394,11 +373,11 @@ pub fn write_round(
     for c in &r.candidates {
         let stem = candidate_stem(ctx.prompt_name, r.round, &c.origin.label());
         let file = format!("{stem}.png");
-        // Images saved as they were decoded (`SearchObserver::batch_generated`) are not written
+        // Media saved as they were decoded (`SearchObserver::batch_generated`) are not written
         // again; their bytes are the same.
         let png = run_dir.join(&file);
         if !png.is_file() {
-            write_png(&png, &c.image)?;
+            media::write_media(&png, &c.media)?;
         }
         if !c.carried_over {
             written.new_images += 1;
@@ -411,6 +390,9 @@ pub fn write_round(
             serde_json::to_value(&c.origin).unwrap_or(Value::Null),
         );
         cj.insert("img_path".into(), json!(path_string(&file)));
+        if let Some(m) = media::media_json(&c.media) {
+            cj.insert("media".into(), m);
+        }
         cj.insert("score".into(), grading_score(c, metric));
         match &c.grading {
             Ok(g) => {
@@ -470,7 +452,7 @@ pub fn write_round(
             format!("{}_i@{}_failed.json", ctx.prompt_name, r.round)
         }
     };
-    if let Some(imp) = r.neighbors_improvement.filter(|_| ctx.zero_order) {
+    if let Some(imp) = r.neighbors_improvement {
         d.insert("neighbors_improvement".into(), json!(imp));
     }
     if let Some(i) = r.best {

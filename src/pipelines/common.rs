@@ -3,8 +3,6 @@
 //! post-processing, and the file helpers of the loaders. Each model family's file holds only what
 //! differs.
 
-use std::path::PathBuf;
-
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
@@ -12,8 +10,6 @@ use super::{CallArgs, PipelineError};
 use super::{Span, StepSchedule};
 use crate::loading::{candle_dtype, parse_config, var_builder, Dtype, ModelSource};
 use crate::models::clip_text::ClipTextConfig;
-use crate::models::clip_tokenizer::ClipTokenizer;
-use crate::models::t5::T5Tokenizer;
 use crate::models::vae::{VaeConfig, VaeDecoder};
 use crate::noise::Noise;
 use crate::schedulers::levels::predicted_x0;
@@ -78,15 +74,6 @@ pub fn to_images(decoded: &Tensor) -> Result<Vec<RgbImage>, PipelineError> {
         .collect()
 }
 
-/// `Some(path)` when the model has `rel`, `None` when it does not.
-pub fn optional_file(source: &ModelSource, rel: &str) -> Result<Option<PathBuf>, PipelineError> {
-    if source.has_file(rel)? {
-        Ok(source.file(rel).map(Some)?)
-    } else {
-        Ok(None)
-    }
-}
-
 /// Turns a component's construction error (usually a missing or mis-shaped tensor) into a
 /// message naming the component's weights; `model` says what the folder should be (e.g. "an
 /// SDXL model").
@@ -102,48 +89,6 @@ pub fn weights_error(
             "the weights do not match {component}/config.json: {e}; is this {model} in \
              diffusers layout?"
         ),
-    }
-}
-
-/// The CLIP tokenizer of a diffusers `folder` (`tokenizer`, `tokenizer_2`; `""` for the root,
-/// as transformers' CLIP repos have it): `vocab.json`, `merges.txt` and, when present,
-/// `tokenizer_config.json` and `special_tokens_map.json`.
-pub fn clip_tokenizer(source: &ModelSource, folder: &str) -> Result<ClipTokenizer, PipelineError> {
-    let rel = |file: &str| {
-        if folder.is_empty() {
-            file.to_string()
-        } else {
-            format!("{folder}/{file}")
-        }
-    };
-    let config = optional_file(source, &rel("tokenizer_config.json"))?;
-    let special = optional_file(source, &rel("special_tokens_map.json"))?;
-    ClipTokenizer::from_files(
-        &source.file(&rel("vocab.json"))?,
-        &source.file(&rel("merges.txt"))?,
-        config.as_deref(),
-        special.as_deref(),
-    )
-}
-
-/// The T5 tokenizer of a diffusers `folder` (Flux's `tokenizer_2`, PixArt's `tokenizer`):
-/// `tokenizer.json` where the folder has one (transformers' fast tokenizer, as
-/// `save_pretrained` writes it), else the SentencePiece `spiece.model`; either gives
-/// transformers' ids.
-pub fn t5_tokenizer(source: &ModelSource, folder: &str) -> Result<T5Tokenizer, PipelineError> {
-    let json = format!("{folder}/tokenizer.json");
-    let spiece = format!("{folder}/spiece.model");
-    if source.has_file(&json)? {
-        T5Tokenizer::from_tokenizer_json(&source.file(&json)?)
-    } else if source.has_file(&spiece)? {
-        T5Tokenizer::from_spiece(&source.file(&spiece)?)
-    } else {
-        Err(PipelineError::ModelFile {
-            path: format!("{}/{folder}", source.display_name()),
-            message: "has neither tokenizer.json nor spiece.model; the T5 tokenizer needs one of \
-                      them"
-                .into(),
-        })
     }
 }
 

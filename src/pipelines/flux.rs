@@ -19,10 +19,11 @@ use candle_transformers::models::flux::autoencoder as bfl_vae;
 use candle_transformers::models::t5;
 use image::RgbImage;
 
-use super::common::{
-    clip_text_config, clip_tokenizer, noise_batch, optional_file, to_images, vae_config,
-};
+use super::common::{clip_text_config, noise_batch, to_images, vae_config};
+use crate::loading::tokenizers::{clip_tokenizer, optional_file, t5_tokenizer};
+use super::registry::{Cost, Defaults, Family, KnownRepo};
 use super::{CallArgs, ImagePipeline, PipelineError, Span, StepSchedule};
+use crate::media::MediaKind;
 use crate::loading::{candle_dtype, mmap, model_config, parse_config, Dtype, ModelSource};
 use crate::models::clip_text::ClipTextModel;
 use crate::models::clip_tokenizer::ClipTokenizer;
@@ -43,10 +44,53 @@ fn weights_error(source: &ModelSource, what: &str, e: impl std::fmt::Display) ->
     }
 }
 
-/// diffusers' default `guidance_scale` for FluxPipeline.
-pub const DEFAULT_GUIDANCE_SCALE: f64 = 3.5;
-/// diffusers' default `num_inference_steps` (FLUX.1-dev); schnell defaults to 4.
-pub const DEFAULT_NUM_INFERENCE_STEPS: usize = 28;
+/// `FluxPipeline` in the model table. FLUX.1: 11.9 B parameters, 19 + 38 blocks of width 3072
+/// over image and text tokens; guidance is an embedding (one evaluation a step). diffusers'
+/// defaults are FLUX.1-dev's; schnell (no guidance embedding) takes 4 steps.
+pub const FAMILY: Family = Family {
+    class_name: "FluxPipeline",
+    title: "Flux",
+    output: MediaKind::Image,
+    defaults: Defaults {
+        size: 1024,
+        steps: 28,
+        guidance: 3.5,
+    },
+    patch: 2,
+    unused_args: &["clean_caption"],
+    repos: &[
+        KnownRepo {
+            id: "black-forest-labs/FLUX.1-dev",
+            short_name: "flux.1-dev",
+            steps: 28,
+        },
+        KnownRepo {
+            id: "black-forest-labs/FLUX.1-schnell",
+            short_name: "flux.1-schnell",
+            steps: SCHNELL_STEPS,
+        },
+    ],
+    id_hint: Some("flux"),
+    cost: Cost {
+        cfg: false,
+        flops: |h, w, text| {
+            let tokens = (h / 16 * (w / 16) + text) as f64;
+            super::estimate::transformer_flops(11.9e9, tokens, 57.0, 3072.0, tokens)
+        },
+    },
+    load: |r| {
+        Ok(Box::new(FluxPipeline::load(
+            r.source,
+            r.dtype,
+            r.device,
+            r.call_args,
+            r.low_vram,
+        )?))
+    },
+};
+
+/// FLUX.1-schnell's default `num_inference_steps`.
+const SCHNELL_STEPS: usize = 4;
 
 /// `x` rounded to `dtype` and back to f32 (emulates a torch cast).
 fn round_to(x: f32, dtype: DType) -> Result<f32, PipelineError> {
@@ -210,7 +254,7 @@ impl FluxPipeline {
         let clip_eos = clip_text_config(&source, "text_encoder")?
             .eos_token_id
             .unwrap_or(2);
-        let t5_tokenizer = super::common::t5_tokenizer(&source, "tokenizer_2")?;
+        let t5_tokenizer = t5_tokenizer(&source, "tokenizer_2")?;
 
         // Transformer: diffusers shards if present, else the BFL single file.
         let tr_json = optional_file(&source, "transformer/config.json")?;
@@ -328,11 +372,11 @@ impl FluxPipeline {
             }
         }
         let num_inference_steps = call_args.num_inference_steps.unwrap_or(if schnell {
-            4
+            SCHNELL_STEPS
         } else {
-            DEFAULT_NUM_INFERENCE_STEPS
+            FAMILY.defaults.steps
         });
-        let guidance_scale = call_args.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
+        let guidance_scale = call_args.guidance_scale.unwrap_or(FAMILY.defaults.guidance);
         if !guidance_scale.is_finite() {
             return Err(PipelineError::InvalidArgument(format!(
                 "pipeline_call_args.guidance_scale = {guidance_scale} must be a finite number"

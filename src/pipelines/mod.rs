@@ -1,28 +1,44 @@
-//! Text-to-image pipelines: each turns a prompt and a batch of initial noises into images.
+//! Pipelines: each turns a prompt and a batch of initial noises into media (images, or videos).
 //!
-//! One file per model family holding only what differs; [`common`] owns what they share (the
-//! guided denoise loop, `generate`, image post-processing). The schedulers are
-//! [`crate::schedulers`], the files and weights [`crate::loading`], the networks
-//! [`crate::models`].
+//! One file per model family holding only what differs, registered by one line of `families!`
+//! below ([`registry`] is the table: class name, defaults, size factor, cost model, loader);
+//! [`common`] owns what they share (the guided denoise loop, `generate`, image
+//! post-processing). The schedulers are [`crate::schedulers`], the files and weights
+//! [`crate::loading`], the networks [`crate::models`].
 
+pub mod args;
 pub mod caption;
 pub mod common;
 pub mod estimate;
-pub mod flux;
-pub mod pixart;
-pub mod sd15;
-pub mod sdxl;
+pub mod registry;
 
 use candle_core::Tensor;
 use image::RgbImage;
 
-use crate::config::Config;
-pub use crate::config::PipelineCallArgs as CallArgs;
-use crate::loading::{parse_config, ModelSource};
+use crate::media::Media;
 use crate::models::ModelError;
 use crate::noise::Noise;
 use crate::schedulers::{NoiseLevel, Parameterization};
-use sd15::Sd15Pipeline;
+pub use args::CallArgs;
+pub use registry::{Family, LoadOptions};
+
+/// Declares each model family's module and registers its `FAMILY` ([`registry::Family`]) in
+/// [`FAMILIES`]: one line a family.
+macro_rules! families {
+    ($( $(#[cfg($cfg:meta)])? $vis:vis mod $m:ident ),* $(,)?) => {
+        $( $(#[cfg($cfg)])? $vis mod $m; )*
+        /// Every model family, as registered.
+        pub static FAMILIES: &[&registry::Family] = &[ $( $(#[cfg($cfg)])? &$m::FAMILY, )* ];
+    };
+}
+
+families! {
+    pub mod sd15,
+    pub mod sdxl,
+    pub mod pixart,
+    pub mod flux,
+    #[cfg(test)] mod fake_video,
+}
 
 /// The denoising schedule as the stepwise search strategies see it (search over paths,
 /// particles): where a sample can be held, and what a model call costs.
@@ -79,18 +95,7 @@ fn stepwise_unsupported() -> PipelineError {
 /// error).
 pub type PipelineError = ModelError;
 
-/// The keys of a diffusers `model_index.json` the pipelines read.
-#[derive(Clone, Debug, Default, serde::Deserialize)]
-pub struct ModelIndex {
-    /// The pipeline class (`StableDiffusionPipeline`, `FluxPipeline`, ...).
-    #[serde(rename = "_class_name", default)]
-    pub class_name: Option<String>,
-    /// SDXL: zero negative embeddings when no negative prompt is given (default true).
-    #[serde(default)]
-    pub force_zeros_for_empty_prompt: Option<bool>,
-}
-
-/// A loaded text-to-image pipeline.
+/// A loaded text-to-image pipeline: a [`Pipeline`] whose media are images.
 pub trait ImagePipeline {
     /// Shape of one candidate's initial noise with batch dimension 1, as diffusers draws it
     /// (before any packing), e.g. `[1, 4, H/8, W/8]` for SD 1.5.
@@ -137,70 +142,89 @@ pub trait ImagePipeline {
     }
 }
 
-/// Loads the pipeline that the model's `model_index.json` names (`_class_name`), with the
-/// config's dtype and call arguments, onto `device`.
-pub fn load(
-    config: &Config,
-    device: &candle_core::Device,
-    low_vram: bool,
-) -> Result<Box<dyn ImagePipeline>, PipelineError> {
-    let source = ModelSource::resolve(&config.model)?;
-    let index: ModelIndex =
-        parse_config(&source.read_json("model_index.json")?, "model_index.json")?;
-    let class = index.class_name.unwrap_or_default();
-    let args = &config.pipeline_call_args;
-    // Warns about call arguments the model does not use (they are accepted and ignored).
-    let ignored = |model: &str, keys: &[&str]| {
-        for key in keys {
-            let set = match *key {
-                "max_sequence_length" => args.max_sequence_length.is_some(),
-                _ => args.clean_caption.is_some(),
-            };
-            if set {
-                tracing::warn!(
-                    "{}: pipeline_call_args.{key} does not apply to {model} and is ignored",
-                    config.path.display()
-                );
-            }
-        }
-    };
-    match class.as_str() {
-        "StableDiffusionPipeline" => {
-            ignored("Stable Diffusion 1.5", &["max_sequence_length", "clean_caption"]);
-            Ok(Box::new(Sd15Pipeline::load(&source, config.dtype, device, args)?))
-        }
-        "FluxPipeline" => {
-            ignored("Flux", &["clean_caption"]);
-            Ok(Box::new(flux::FluxPipeline::load(
-                source,
-                config.dtype,
-                device,
-                args,
-                low_vram,
-            )?))
-        }
-        "PixArtSigmaPipeline" => {
-            let mut pipeline = pixart::PixArtPipeline::load(&source, config.dtype, device, args)?;
-            pipeline.set_low_vram(low_vram);
-            Ok(Box::new(pipeline))
-        }
-        "StableDiffusionXLPipeline" => {
-            ignored("SDXL", &["max_sequence_length", "clean_caption"]);
-            Ok(Box::new(sdxl::SdxlPipeline::load(
-                &source,
-                config.dtype,
-                device,
-                args,
-            )?))
-        }
-        "" => Err(PipelineError::ModelFile {
-            path: format!("{}/model_index.json", config.model),
-            message: "has no `_class_name`; is this a diffusers pipeline folder?".into(),
-        }),
-        other => Err(PipelineError::Unsupported(format!(
-            "{}: pipeline class {other} is not supported; tt-scale runs StableDiffusionPipeline models",
-            config.model
-        ))),
+/// A loaded pipeline as the search sees it: noises in, [`Media`] out (images or videos), with
+/// the stepwise interface of the strategies that denoise step by step. Every [`ImagePipeline`]
+/// is one; a video pipeline implements it directly.
+pub trait Pipeline {
+    /// What it makes.
+    fn output(&self) -> crate::media::MediaKind {
+        crate::media::MediaKind::Image
+    }
+    /// See [`ImagePipeline::noise_shape`].
+    fn noise_shape(&self) -> Vec<usize>;
+    /// See [`ImagePipeline::set_prompt`].
+    fn set_prompt(&mut self, prompt: &str) -> Result<(), PipelineError>;
+    /// Denoises a batch of initial noises (each of [`Pipeline::noise_shape`], float32) into
+    /// media, in the same order.
+    fn generate(&mut self, noises: &[Noise]) -> Result<Vec<Media>, PipelineError>;
+    /// See [`ImagePipeline::evaluations_per_image`].
+    fn evaluations_per_image(&self) -> Option<usize> {
+        None
+    }
+    /// See [`ImagePipeline::schedule`].
+    fn schedule(&self) -> Result<StepSchedule, PipelineError> {
+        Err(stepwise_unsupported())
+    }
+    /// See [`ImagePipeline::noise_latents`].
+    fn noise_latents(&self, _noises: &[Noise]) -> Result<Tensor, PipelineError> {
+        Err(stepwise_unsupported())
+    }
+    /// See [`ImagePipeline::denoise_span`].
+    fn denoise_span(
+        &self,
+        _latents: &Tensor,
+        _from: usize,
+        _to: usize,
+    ) -> Result<Span, PipelineError> {
+        Err(stepwise_unsupported())
+    }
+    /// See [`ImagePipeline::predict_x0`].
+    fn predict_x0(&self, _latents: &Tensor, _level: usize) -> Result<Tensor, PipelineError> {
+        Err(stepwise_unsupported())
+    }
+    /// Decodes latents (a batch, latent layout; clean or a clean-sample prediction) to media.
+    fn decode_latents(&self, _latents: &Tensor) -> Result<Vec<Media>, PipelineError> {
+        Err(stepwise_unsupported())
+    }
+}
+
+/// An image pipeline's images as media.
+fn images(images: Vec<RgbImage>) -> Vec<Media> {
+    images.into_iter().map(Media::Image).collect()
+}
+
+impl<P: ImagePipeline + ?Sized> Pipeline for P {
+    fn noise_shape(&self) -> Vec<usize> {
+        ImagePipeline::noise_shape(self)
+    }
+    fn set_prompt(&mut self, prompt: &str) -> Result<(), PipelineError> {
+        ImagePipeline::set_prompt(self, prompt)
+    }
+    fn generate(&mut self, noises: &[Noise]) -> Result<Vec<Media>, PipelineError> {
+        ImagePipeline::generate(self, noises).map(images)
+    }
+    fn evaluations_per_image(&self) -> Option<usize> {
+        ImagePipeline::evaluations_per_image(self)
+    }
+    fn schedule(&self) -> Result<StepSchedule, PipelineError> {
+        ImagePipeline::schedule(self)
+    }
+    fn noise_latents(&self, noises: &[Noise]) -> Result<Tensor, PipelineError> {
+        ImagePipeline::noise_latents(self, noises)
+    }
+    fn denoise_span(
+        &self,
+        latents: &Tensor,
+        from: usize,
+        to: usize,
+    ) -> Result<Span, PipelineError> {
+        ImagePipeline::denoise_span(self, latents, from, to)
+    }
+    fn predict_x0(&self, latents: &Tensor, level: usize) -> Result<Tensor, PipelineError> {
+        ImagePipeline::predict_x0(self, latents, level)
+    }
+    fn decode_latents(&self, latents: &Tensor) -> Result<Vec<Media>, PipelineError> {
+        ImagePipeline::decode_latents(self, latents).map(images)
     }
 }
 

@@ -12,7 +12,9 @@ use super::common::{
     check_dtype_on_device, decode_rows, latent_noise_shape, sampler_stepwise, scheduler_from_file,
     vae_config, weights_error, Sampler,
 };
+use super::registry::{Cost, Defaults, Family, KnownRepo};
 use super::{CallArgs, ImagePipeline, PipelineError};
+use crate::media::MediaKind;
 use crate::loading::{
     candle_dtype, mmap, model_config, parse_config, var_builder, Dtype, ModelSource,
 };
@@ -24,10 +26,38 @@ use crate::noise::Noise;
 /// What the model folder should be, for weight errors.
 const MODEL: &str = "a PixArt-Sigma model";
 
-/// diffusers' default `guidance_scale` for PixArt-Sigma.
-pub const DEFAULT_GUIDANCE_SCALE: f64 = 4.5;
-/// diffusers' default `num_inference_steps`.
-pub const DEFAULT_NUM_INFERENCE_STEPS: usize = 20;
+/// `PixArtSigmaPipeline` in the model table. PixArt-Sigma XL/2: 0.61 B parameters, 28 blocks
+/// of width 1152; the image tokens attend to themselves and to the text.
+pub const FAMILY: Family = Family {
+    class_name: "PixArtSigmaPipeline",
+    title: "PixArt-Sigma",
+    output: MediaKind::Image,
+    defaults: Defaults {
+        size: 1024,
+        steps: 20,
+        guidance: 4.5,
+    },
+    patch: 1,
+    unused_args: &[],
+    repos: &[KnownRepo {
+        id: "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+        short_name: "pixart-sigma-1024-ms",
+        steps: 20,
+    }],
+    id_hint: None,
+    cost: Cost {
+        cfg: true,
+        flops: |h, w, text| {
+            let tokens = (h / 16 * (w / 16)) as f64;
+            super::estimate::transformer_flops(0.61e9, tokens, 28.0, 1152.0, tokens + text as f64)
+        },
+    },
+    load: |r| {
+        let mut pipeline = PixArtPipeline::load(&r.source, r.dtype, r.device, r.call_args)?;
+        pipeline.set_low_vram(r.low_vram);
+        Ok(Box::new(pipeline))
+    },
+};
 /// diffusers' default `max_sequence_length` (T5 tokens).
 pub const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 300;
 
@@ -170,7 +200,7 @@ impl PixArtPipeline {
         args: &CallArgs,
     ) -> Result<Self, PipelineError> {
         check_dtype_on_device(dtype, device)?;
-        let tokenizer = super::common::t5_tokenizer(source, "tokenizer")?;
+        let tokenizer = crate::loading::tokenizers::t5_tokenizer(source, "tokenizer")?;
         let t5_config: T5Config = parse_config(
             &source.read_json("text_encoder/config.json")?,
             "text_encoder/config.json",
@@ -229,9 +259,9 @@ impl PixArtPipeline {
         let (bin_height, bin_width) = classify_height_width_bin(height, width, base);
         let num_inference_steps = args
             .num_inference_steps
-            .unwrap_or(DEFAULT_NUM_INFERENCE_STEPS);
+            .unwrap_or(FAMILY.defaults.steps);
         scheduler(num_inference_steps)?;
-        let guidance_scale = args.guidance_scale.unwrap_or(DEFAULT_GUIDANCE_SCALE);
+        let guidance_scale = args.guidance_scale.unwrap_or(FAMILY.defaults.guidance);
         if !guidance_scale.is_finite() {
             return Err(PipelineError::InvalidArgument(format!(
                 "pipeline_call_args.guidance_scale = {guidance_scale} must be a finite number"

@@ -13,11 +13,11 @@
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
-use super::common::{
-    check_dtype_on_device, clip_text_config, clip_tokenizer, decode_rows, latent_noise_shape,
-    load_vae, sampler_stepwise, weights_error, Sampler, SchedulerFactory,
-};
-use super::{CallArgs, ImagePipeline, ModelIndex, PipelineError};
+use super::common::{check_dtype_on_device, clip_text_config, decode_rows, latent_noise_shape, load_vae, sampler_stepwise, weights_error, Sampler, SchedulerFactory};
+use crate::loading::tokenizers::{clip_tokenizer};
+use super::registry::{Cost, Defaults, Family, KnownRepo, ModelIndex};
+use super::{CallArgs, ImagePipeline, PipelineError};
+use crate::media::MediaKind;
 use crate::loading::{candle_dtype, model_config, parse_config, var_builder, Dtype, ModelSource};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::models::clip_tokenizer::ClipTokenizer;
@@ -28,10 +28,38 @@ use crate::noise::Noise;
 /// What the model folder should be, for weight errors.
 const MODEL: &str = "an SDXL model";
 
-/// diffusers' default `guidance_scale` for SDXL.
-pub const DEFAULT_GUIDANCE_SCALE: f64 = 5.0;
-/// diffusers' default `num_inference_steps`.
-pub const DEFAULT_NUM_INFERENCE_STEPS: usize = 50;
+/// `StableDiffusionXLPipeline` in the model table. About 6 TFLOPs a UNet evaluation at 1024²,
+/// scaling with the pixel count.
+pub const FAMILY: Family = Family {
+    class_name: "StableDiffusionXLPipeline",
+    title: "SDXL",
+    output: MediaKind::Image,
+    defaults: Defaults {
+        size: 1024,
+        steps: 50,
+        guidance: 5.0,
+    },
+    patch: 1,
+    unused_args: &["max_sequence_length", "clean_caption"],
+    repos: &[KnownRepo {
+        id: "stabilityai/stable-diffusion-xl-base-1.0",
+        short_name: "sdxl-base",
+        steps: 50,
+    }],
+    id_hint: None,
+    cost: Cost {
+        cfg: true,
+        flops: |h, w, _| 6.0e12 * (h * w) as f64 / (1024.0 * 1024.0),
+    },
+    load: |r| {
+        Ok(Box::new(SdxlPipeline::load(
+            &r.source,
+            r.dtype,
+            r.device,
+            r.call_args,
+        )?))
+    },
+};
 
 /// The UNet conditioning of one prompt: `[uncond; cond]` rows under guidance, else `[cond]`.
 #[derive(Clone, Debug)]
@@ -160,7 +188,7 @@ impl SdxlPipeline {
             call_args,
             unet_config.sample_size * vae_scale_factor,
             vae_scale_factor,
-            (DEFAULT_NUM_INFERENCE_STEPS, DEFAULT_GUIDANCE_SCALE),
+            (FAMILY.defaults.steps, FAMILY.defaults.guidance),
         )?;
         Ok(Self {
             tokenizer,

@@ -14,14 +14,112 @@
 use candle_core::Tensor;
 use serde_json::json;
 
+use super::registry::{Search, Strategy};
 use super::seeds::{SeedPurpose, SeedStream};
-use super::stepwise::{select_rows, Stepper};
-use super::{CandidateStore, Meter, NoiseOrigin, SearchError, SearchObserver, SearchSettings};
-use crate::config::{ParticleArgs, Potential};
+use super::stepwise::{select_rows, stage_round, Stepper};
+use super::{Meter, NoiseOrigin, SearchError};
+use crate::keys::{KeyError, Section};
 use crate::models::ModelError;
-use crate::pipelines::ImagePipeline;
 use crate::schedulers::levels::ddim_step;
-use crate::verifiers::Verifier;
+
+/// The potential of Feynman-Kac steering (`potential`), from the verifier's rewards `r` of a
+/// particle's clean-sample predictions and the temperature `lambda`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Potential {
+    /// `max`: `exp(lambda · max of the rewards so far)` (the default).
+    Max,
+    /// `add`: `exp(lambda · sum of the rewards so far)`.
+    Add,
+    /// `diff`: `exp(lambda · (r_t - r_previous))`.
+    Diff,
+}
+
+/// The parameters of particle search (Feynman-Kac steering).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ParticleArgs {
+    /// `num_particles`: particles denoised in lockstep (K, default 4).
+    pub num_particles: usize,
+    /// `lambda`: the potentials' inverse temperature (default 10).
+    pub lambda: f64,
+    /// `potential`: how rewards make potentials (default `max`).
+    pub potential: Potential,
+    /// `resample_interval`: steps between potential evaluations (default 5).
+    pub resample_interval: usize,
+    /// `resample_start`: first step (0-based) potentials are evaluated at (default: the
+    /// interval).
+    pub resample_start: Option<usize>,
+    /// `resample_end`: last step potentials may be evaluated at before the final one
+    /// (default: the last step); the final step always is.
+    pub resample_end: Option<usize>,
+    /// `adaptive_resampling`: resample only when the effective sample size falls below
+    /// `ess_threshold · K` (default true); false resamples at every potential.
+    pub adaptive: bool,
+    /// `ess_threshold`: the fraction of K (default 0.5).
+    pub ess_threshold: f64,
+    /// `eta`: the sampler's stochasticity (default 1: DDPM / ancestral steps).
+    pub eta: f64,
+}
+
+impl Strategy for ParticleArgs {
+    const NAME: &'static str = "particles";
+    const TITLE: &'static str = "particle search";
+    const KEYS: &'static [&'static str] = &[
+        "num_particles",
+        "lambda",
+        "potential",
+        "resample_interval",
+        "resample_start",
+        "resample_end",
+        "adaptive_resampling",
+        "ess_threshold",
+        "eta",
+    ];
+
+    fn read(s: &Section<'_>) -> Result<Self, KeyError> {
+        let step = |key: &str| s.count_in(key, 0, 100_000);
+        let args = ParticleArgs {
+            num_particles: s.count_in("num_particles", 1, 1024)?.unwrap_or(4),
+            lambda: s.number_in("lambda", (0.0, false), 1e6)?.unwrap_or(10.0),
+            potential: s
+                .choice(
+                    "potential",
+                    &[
+                        ("max", Potential::Max),
+                        ("add", Potential::Add),
+                        ("diff", Potential::Diff),
+                    ],
+                )?
+                .unwrap_or(Potential::Max),
+            resample_interval: s.count_in("resample_interval", 1, 100_000)?.unwrap_or(5),
+            resample_start: step("resample_start")?,
+            resample_end: step("resample_end")?,
+            adaptive: s.boolean("adaptive_resampling")?.unwrap_or(true),
+            ess_threshold: s.number_in("ess_threshold", (0.0, true), 1.0)?.unwrap_or(0.5),
+            eta: s.number_in("eta", (0.0, true), 1.0)?.unwrap_or(1.0),
+        };
+        if let (Some(a), Some(b)) = (args.resample_start, args.resample_end) {
+            if b < a {
+                return Err(s.invalid(
+                    "resample_end",
+                    format!("is {b}; it must not be before resample_start ({a})"),
+                ));
+            }
+        }
+        Ok(args)
+    }
+
+    fn rounds(&self) -> Option<usize> {
+        None
+    }
+
+    fn media_per_prompt(&self) -> usize {
+        self.num_particles
+    }
+
+    fn search(&self, run: Search<'_>) -> Result<(), SearchError> {
+        search(run, self)
+    }
+}
 
 /// The particles' importance weights between resamplings and the state their potentials need.
 #[derive(Clone, Debug, PartialEq)]
@@ -172,16 +270,9 @@ pub fn potential_steps(steps: usize, args: &ParticleArgs) -> Vec<usize> {
 
 /// Runs particle search for one prompt: a round for every potential step, then one for the
 /// final images.
-pub fn search(
-    prompt: &str,
-    pipeline: &mut dyn ImagePipeline,
-    verifier: &dyn Verifier,
-    settings: &SearchSettings,
-    args: &ParticleArgs,
-    observer: &mut dyn SearchObserver,
-    store: &dyn CandidateStore,
-) -> Result<(), SearchError> {
-    let (mut st, schedule) = Stepper::start(prompt, pipeline, verifier, settings, store)?;
+fn search(run: Search<'_>, args: &ParticleArgs) -> Result<(), SearchError> {
+    let (prompt, settings) = (run.prompt, run.settings);
+    let (mut st, schedule, observer) = Stepper::start(run)?;
     let last = schedule.last();
     let levels = &schedule.levels;
     let k = args.num_particles;
@@ -258,7 +349,7 @@ pub fn search(
                 "rewards": rewards,
                 "log_weights": weights.log_weights(),
             });
-            let result = graded.into_round(round, &settings.metric, nfe, detail, false);
+            let result = stage_round(graded, round, settings, nfe, detail, false);
             observer.round_finished(prompt, &result)?;
             break;
         }
@@ -293,7 +384,7 @@ pub fn search(
             "resampled": resample,
             "ancestors": ancestors,
         });
-        let result = graded.into_round(round, &settings.metric, nfe, detail, true);
+        let result = stage_round(graded, round, settings, nfe, detail, true);
         observer.round_finished(prompt, &result)?;
         let (x_now, x0_now) = match &ancestors {
             Some(a) => {
@@ -328,8 +419,8 @@ mod tests {
         }
     }
 
-    fn run(a: ParticleArgs, budget: Option<crate::config::SearchBudget>) -> (Rounds, FakeStepper) {
-        fakes::run(crate::config::SearchMethod::Particles(a), budget)
+    fn run(a: ParticleArgs, budget: Option<crate::search::SearchBudget>) -> (Rounds, FakeStepper) {
+        fakes::run(crate::search::SearchMethod::Particles(a), budget)
     }
 
     fn stage(r: &RoundResult) -> &serde_json::Value {
@@ -436,7 +527,7 @@ mod tests {
         let (a, _) = run(args(3, None, None), None);
         let (b, _) = run(args(3, None, None), None);
         assert_eq!(key(&a), key(&b));
-        use crate::config::SearchBudget;
+        use crate::search::SearchBudget;
         let (r, _) = run(args(3, None, None), Some(SearchBudget::Nfe(56)));
         assert_eq!(r.0.len(), 2, "32 + 24 NFEs");
         let (r, _) = run(args(3, None, None), Some(SearchBudget::VerifierCalls(4)));

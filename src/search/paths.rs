@@ -12,17 +12,100 @@
 
 use serde_json::json;
 
+use super::registry::{Search, Strategy};
 use super::seeds::{SeedPurpose, SeedStream};
-use super::stepwise::{select_rows, Stepper};
-use super::{
-    Candidate, CandidateStore, Meter, NoiseOrigin, SearchError, SearchObserver, SearchSettings,
-};
-use crate::config::{PathScore, PathsArgs};
+use super::stepwise::{select_rows, stage_round, Stepper};
+use super::{Candidate, Meter, NoiseOrigin, SearchError};
+use crate::keys::{KeyError, Section};
 use crate::models::ModelError;
-use crate::pipelines::ImagePipeline;
 use crate::schedulers::levels::renoise;
 use crate::schedulers::NoiseLevel;
-use crate::verifiers::Verifier;
+
+/// The parameters of search over paths. Noise levels are fractions of the model's noise
+/// schedule (1 = pure noise, 0 = clean; the flow time for Flux, timestep / 1000 for the UNets).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PathsArgs {
+    /// `num_paths`: paths kept after every stage, and initial noises (N, default 2).
+    pub num_paths: usize,
+    /// `paths_width`: branches drawn from each path at every stage (M, default 2).
+    pub paths_width: usize,
+    /// `search_start_sigma`: the level the initial paths are denoised to before the first
+    /// branching (default 0.11, the paper's).
+    pub search_start_sigma: f64,
+    /// `delta_f`: how far a branch is re-noised forward (default 0.78).
+    pub delta_f: f64,
+    /// `delta_b`: how far a branch is then denoised back (default 0.81; more than `delta_f`,
+    /// so every stage ends less noisy than it started).
+    pub delta_b: f64,
+    /// `paths_score`: what the verifier sees of a branch.
+    pub score: PathScore,
+}
+
+/// What the verifier grades of a branch of search over paths (`paths_score`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathScore {
+    /// `x0`: the decoded clean-sample prediction of the branch's last model call (no extra
+    /// denoiser evaluations; the default).
+    X0,
+    /// `final`: the image the branch gives when denoised to the end (costs the remaining steps).
+    Final,
+}
+
+impl Strategy for PathsArgs {
+    const NAME: &'static str = "paths";
+    const TITLE: &'static str = "search over paths";
+    const KEYS: &'static [&'static str] = &[
+        "num_paths",
+        "paths_width",
+        "search_start_sigma",
+        "delta_f",
+        "delta_b",
+        "paths_score",
+    ];
+
+    fn read(s: &Section<'_>) -> Result<Self, KeyError> {
+        let count = |key: &str, default: usize| -> Result<usize, KeyError> {
+            Ok(s.count_in(key, 1, 1024)?.unwrap_or(default))
+        };
+        let level = |key: &str, default: f64| -> Result<f64, KeyError> {
+            Ok(s.number_in(key, (0.0, true), 1.0)?.unwrap_or(default))
+        };
+        let args = PathsArgs {
+            num_paths: count("num_paths", 2)?,
+            paths_width: count("paths_width", 2)?,
+            search_start_sigma: level("search_start_sigma", 0.11)?,
+            delta_f: level("delta_f", 0.78)?,
+            delta_b: level("delta_b", 0.81)?,
+            score: s
+                .choice("paths_score", &[("x0", PathScore::X0), ("final", PathScore::Final)])?
+                .unwrap_or(PathScore::X0),
+        };
+        if args.delta_b <= args.delta_f {
+            return Err(s.invalid(
+                "delta_b",
+                format!(
+                    "is {}; it must be more than delta_f ({}), or the paths never reach \
+                     the end of the schedule (the paper uses 0.81 and 0.78)",
+                    args.delta_b, args.delta_f
+                ),
+            ));
+        }
+        Ok(args)
+    }
+
+    fn rounds(&self) -> Option<usize> {
+        None
+    }
+
+    fn media_per_prompt(&self) -> usize {
+        // Its stages add up to at least this many whole denoising runs.
+        self.num_paths * self.paths_width
+    }
+
+    fn search(&self, run: Search<'_>) -> Result<(), SearchError> {
+        search(run, self)
+    }
+}
 
 /// What a stage scored on, when it scored the branches' clean-sample predictions.
 const X0_PREDICTION: &str = "x0 prediction";
@@ -108,16 +191,9 @@ fn ranking(candidates: &[Candidate], metric: &str) -> Vec<usize> {
 }
 
 /// Runs search over paths for one prompt, reporting each stage as a round.
-pub fn search(
-    prompt: &str,
-    pipeline: &mut dyn ImagePipeline,
-    verifier: &dyn Verifier,
-    settings: &SearchSettings,
-    args: &PathsArgs,
-    observer: &mut dyn SearchObserver,
-    store: &dyn CandidateStore,
-) -> Result<(), SearchError> {
-    let (mut st, schedule) = Stepper::start(prompt, pipeline, verifier, settings, store)?;
+fn search(run: Search<'_>, args: &PathsArgs) -> Result<(), SearchError> {
+    let (prompt, settings) = (run.prompt, run.settings);
+    let (mut st, schedule, observer) = Stepper::start(run)?;
     let plan = plan(&schedule.levels, args)?;
     let last = schedule.last();
     let levels = &schedule.levels;
@@ -222,7 +298,7 @@ pub fn search(
             .collect();
         latents = select_rows(&span.latents, &keep)?;
         let provisional = scored_on == X0_PREDICTION;
-        let result = graded.into_round(round, &settings.metric, nfe, detail, provisional);
+        let result = stage_round(graded, round, settings, nfe, detail, provisional);
         observer.round_finished(prompt, &result)?;
     }
     Ok(())
@@ -308,8 +384,8 @@ mod tests {
         assert_eq!(p.stages.last().map(|s| s.to), Some(10));
     }
 
-    fn run(a: PathsArgs, budget: Option<crate::config::SearchBudget>) -> (Rounds, FakeStepper) {
-        fakes::run(crate::config::SearchMethod::Paths(a), budget)
+    fn run(a: PathsArgs, budget: Option<crate::search::SearchBudget>) -> (Rounds, FakeStepper) {
+        fakes::run(crate::search::SearchMethod::Paths(a), budget)
     }
 
     fn wide(score: PathScore) -> PathsArgs {
@@ -397,7 +473,7 @@ mod tests {
         let (a, _) = run(wide(PathScore::X0), None);
         let (b, _) = run(wide(PathScore::X0), None);
         assert_eq!(key(&a), key(&b));
-        use crate::config::SearchBudget;
+        use crate::search::SearchBudget;
         // 12 verifier calls admit two stages of 6; 88 + 60 NFEs admit two stages.
         let (r, _) = run(wide(PathScore::X0), Some(SearchBudget::VerifierCalls(12)));
         assert_eq!(r.0.len(), 2);

@@ -5,20 +5,22 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use image::RgbImage;
 
+use super::queue::{grade, ToGrade};
+use super::registry::Search;
 use super::{
-    apply_ensemble_rank, grade, select_best, Candidate, CandidateStore, NoiseOrigin, RoundResult,
-    SearchError, SearchObserver, SearchSettings, ToGrade,
+    Candidate, CandidateStore, GradedRound, NoiseOrigin, RoundResult, SearchError, SearchObserver,
+    SearchSettings,
 };
+use crate::media::Media;
 use crate::noise::Noise;
-use crate::pipelines::{ImagePipeline, Span, StepSchedule};
+use crate::pipelines::{Pipeline, Span, StepSchedule};
 use crate::verifiers::Verifier;
 
 /// The pipeline, verifier and settings a stepwise search runs with, and its time tallies.
 pub(super) struct Stepper<'a> {
     /// The pipeline, its prompt already set.
-    pub pipeline: &'a mut dyn ImagePipeline,
+    pub pipeline: &'a mut dyn Pipeline,
     /// The judge.
     pub verifier: &'a dyn Verifier,
     /// Batch size, metric, stop flag, ensemble metrics.
@@ -27,48 +29,27 @@ pub(super) struct Stepper<'a> {
     pub store: &'a dyn CandidateStore,
     /// The prompt being searched.
     pub prompt: &'a str,
-    /// The shape of one initial noise ([`ImagePipeline::noise_shape`]).
+    /// The shape of one initial noise ([`Pipeline::noise_shape`]).
     pub shape: Vec<usize>,
     /// Seconds spent in the pipeline since the last [`Stepper::graded`].
     pub generation_s: f64,
 }
 
-/// A stage's graded candidates and what grading them took.
-pub(super) struct Graded {
-    /// The stage's candidates, graded (and ranked for the ensemble).
-    pub candidates: Vec<Candidate>,
-    /// Seconds in the pipeline since the previous stage was graded.
-    pub generation_s: f64,
-    /// Seconds waiting for the verifier.
-    pub verification_s: f64,
-    /// API tokens of the gradings.
-    pub tokens: crate::verifiers::TokenUsage,
-}
-
-impl Graded {
-    /// The stage as a round: its best candidate on `metric`, one verifier call a candidate,
-    /// `nfe` denoiser evaluations, the strategy's `stage` record.
-    pub fn into_round(
-        self,
-        round: usize,
-        metric: &str,
-        nfe: u64,
-        stage: serde_json::Value,
-        provisional: bool,
-    ) -> RoundResult {
-        RoundResult {
-            round,
-            best: select_best(&self.candidates, metric),
-            verifier_calls: self.candidates.len() as u64,
-            candidates: self.candidates,
-            neighbors_improvement: None,
-            generation_s: self.generation_s,
-            verification_s: self.verification_s,
-            nfe: Some(nfe),
-            tokens: self.tokens,
-            stage: Some(stage),
-            provisional,
-        }
+/// A stage as a round: the graded candidates' best on the selection metric, one verifier
+/// call a candidate, `nfe` denoiser evaluations, the strategy's `stage` record; `provisional`
+/// when the media are clean-sample predictions of unfinished paths or particles.
+pub(super) fn stage_round(
+    graded: GradedRound,
+    round: usize,
+    settings: &SearchSettings,
+    nfe: u64,
+    stage: serde_json::Value,
+    provisional: bool,
+) -> RoundResult {
+    RoundResult {
+        stage: Some(stage),
+        provisional,
+        ..graded.into_round(round, settings, Some(nfe))
     }
 }
 
@@ -91,14 +72,19 @@ fn cat(parts: &[Tensor]) -> Result<Tensor, SearchError> {
 }
 
 impl<'a> Stepper<'a> {
-    /// Sets `pipeline` to `prompt` and returns the stepper with the pipeline's schedule.
+    /// Sets the pipeline to the prompt and returns the stepper with the pipeline's schedule,
+    /// and the observer.
     pub fn start(
-        prompt: &'a str,
-        pipeline: &'a mut dyn ImagePipeline,
-        verifier: &'a dyn Verifier,
-        settings: &'a SearchSettings,
-        store: &'a dyn CandidateStore,
-    ) -> Result<(Self, StepSchedule), SearchError> {
+        run: Search<'a>,
+    ) -> Result<(Self, StepSchedule, &'a mut dyn SearchObserver), SearchError> {
+        let Search {
+            prompt,
+            pipeline,
+            verifier,
+            settings,
+            observer,
+            store,
+        } = run;
         let schedule = pipeline.schedule()?;
         let shape = pipeline.noise_shape();
         pipeline.set_prompt(prompt)?;
@@ -111,7 +97,7 @@ impl<'a> Stepper<'a> {
             shape,
             generation_s: 0.0,
         };
-        Ok((stepper, schedule))
+        Ok((stepper, schedule, observer))
     }
 
     /// The float32 `torch.randn` draws of `seeds` in the noise shape, as one batch in the
@@ -140,7 +126,7 @@ impl<'a> Stepper<'a> {
     fn batched<T>(
         &mut self,
         latents: &Tensor,
-        mut f: impl FnMut(&dyn ImagePipeline, &Tensor) -> Result<T, SearchError>,
+        mut f: impl FnMut(&dyn Pipeline, &Tensor) -> Result<T, SearchError>,
         mut join: impl FnMut(Vec<T>) -> Result<T, SearchError>,
     ) -> Result<T, SearchError> {
         let t = Instant::now();
@@ -157,7 +143,7 @@ impl<'a> Stepper<'a> {
         Ok(out)
     }
 
-    /// [`ImagePipeline::denoise_span`] over a batch of any size.
+    /// [`Pipeline::denoise_span`] over a batch of any size.
     pub fn span(&mut self, latents: &Tensor, from: usize, to: usize) -> Result<Span, SearchError> {
         self.batched(
             latents,
@@ -175,7 +161,7 @@ impl<'a> Stepper<'a> {
         )
     }
 
-    /// [`ImagePipeline::predict_x0`] over a batch of any size.
+    /// [`Pipeline::predict_x0`] over a batch of any size.
     pub fn predict_x0(&mut self, latents: &Tensor, level: usize) -> Result<Tensor, SearchError> {
         self.batched(
             latents,
@@ -184,38 +170,38 @@ impl<'a> Stepper<'a> {
         )
     }
 
-    /// [`ImagePipeline::decode_latents`] over a batch of any size.
-    pub fn decode(&mut self, latents: &Tensor) -> Result<Vec<RgbImage>, SearchError> {
+    /// [`Pipeline::decode_latents`] over a batch of any size.
+    pub fn decode(&mut self, latents: &Tensor) -> Result<Vec<Media>, SearchError> {
         let t = Instant::now();
         let n = latents.dim(0).map_err(crate::models::ModelError::from)?;
         let size = self.settings.batch_size.max(1);
-        let mut images = Vec::with_capacity(n);
+        let mut media = Vec::with_capacity(n);
         for start in (0..n).step_by(size) {
             let chunk = rows(latents, start, size.min(n - start))?;
-            images.extend(self.pipeline.decode_latents(&chunk)?);
+            media.extend(self.pipeline.decode_latents(&chunk)?);
         }
-        if images.len() != n {
+        if media.len() != n {
             return Err(SearchError::ImageCount {
                 expected: n,
-                got: images.len(),
+                got: media.len(),
             });
         }
         self.generation_s += t.elapsed().as_secs_f64();
-        Ok(images)
+        Ok(media)
     }
 
-    /// Hands round `round`'s images to `observer` (saved before grading), grades those the
+    /// Hands round `round`'s media to `observer` (saved before grading), grades those the
     /// store has no grade for, and ranks them for the ensemble. Stops the search when the
     /// verifier cannot grade any image.
     pub fn graded(
         &mut self,
         round: usize,
         origins: Vec<NoiseOrigin>,
-        images: Vec<RgbImage>,
+        media: Vec<Media>,
         observer: &mut dyn SearchObserver,
-    ) -> Result<Graded, SearchError> {
-        observer.images_generated(images.len());
-        observer.batch_generated(round, &origins, &images)?;
+    ) -> Result<GradedRound, SearchError> {
+        observer.images_generated(media.len());
+        observer.batch_generated(round, &origins, &media)?;
         let known: Vec<_> = origins
             .iter()
             .map(|o| self.store.grading(round, o))
@@ -224,7 +210,7 @@ impl<'a> Stepper<'a> {
         let batch = ToGrade {
             round,
             origins: origins.clone(),
-            images,
+            media,
             known,
         };
         let result = grade(self.verifier, self.prompt, batch, &fatal, self.store);
@@ -234,25 +220,25 @@ impl<'a> Stepper<'a> {
         if let Some(e) = result.record_error {
             return Err(SearchError::Observer(e));
         }
-        let mut candidates: Vec<Candidate> = origins
+        let candidates: Vec<Candidate> = origins
             .into_iter()
-            .zip(result.images)
+            .zip(result.media)
             .zip(result.gradings)
-            .map(|((origin, image), grading)| Candidate {
+            .map(|((origin, media), grading)| Candidate {
                 origin,
-                image,
+                media,
                 grading,
                 carried_over: false,
             })
             .collect();
-        apply_ensemble_rank(&mut candidates, &self.settings.rank_metrics);
         let generation_s = std::mem::take(&mut self.generation_s);
-        Ok(Graded {
+        Ok(GradedRound {
             candidates,
             generation_s,
             verification_s: result.seconds,
             tokens: result.tokens,
-        })
+        }
+        .ranked(self.settings))
     }
 }
 
@@ -264,8 +250,7 @@ pub(super) mod fakes {
     use candle_core::{Device, Tensor};
     use image::RgbImage;
 
-    use crate::config::NoiseKernel;
-    use crate::noise::Noise;
+    use crate::noise::{Noise, RandnKernel};
     use crate::pipelines::{ImagePipeline, PipelineError, Span, StepSchedule};
     use crate::schedulers::{NoiseLevel, Parameterization};
     use crate::search::{ObserverError, RoundResult, SearchObserver, SearchSettings, StopFlag};
@@ -366,7 +351,7 @@ pub(super) mod fakes {
                         "overall_score".into(),
                         Score {
                             explanation: "brightness".into(),
-                            score: f64::from(i.image.get_pixel(0, 0)[0]),
+                            score: f64::from(i.media.poster().get_pixel(0, 0)[0]),
                         },
                     );
                     Ok(g)
@@ -388,8 +373,8 @@ pub(super) mod fakes {
 
     /// Runs `method` on prompt "p" with [`FakeStepper`] and [`Brightness`] under `budget`.
     pub fn run(
-        method: crate::config::SearchMethod,
-        budget: Option<crate::config::SearchBudget>,
+        method: crate::search::SearchMethod,
+        budget: Option<crate::search::SearchBudget>,
     ) -> (Rounds, FakeStepper) {
         let mut pipeline = FakeStepper::default();
         let verifier = Brightness::default();
@@ -421,14 +406,13 @@ pub(super) mod fakes {
     }
 
     /// Settings for `method` with batches of 3 and master seed 5.
-    pub fn settings(method: crate::config::SearchMethod) -> SearchSettings {
+    pub fn settings(method: crate::search::SearchMethod) -> SearchSettings {
         SearchSettings {
             method,
-            rounds: 0,
             batch_size: 3,
             metric: "overall_score".into(),
             master_seed: 5,
-            noise_kernel: NoiseKernel::Portable,
+            noise_kernel: RandnKernel::Portable,
             overlap: false,
             probe_first_batch: false,
             stop: StopFlag::default(),

@@ -18,12 +18,57 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
 
-use super::{Grading, Score, ScoreFailure, Verifier, VerifierError, VerifierInput};
-use crate::config::VerifierArgs;
+use super::registry::{Built, VerifierSpec};
+use super::{
+    Grading, ImageInput, ImageVerifier, Score, ScoreFailure, VerifierArgs, VerifierError,
+    VerifierKind,
+};
+use crate::media::MediaKind;
 use crate::loading::{parse_config, ModelSource};
 use crate::models::clip::{l2_normalize, ClipConfig, ClipImageProcessor, ClipModel};
 use crate::models::clip_tokenizer::ClipTokenizer;
-use crate::pipelines::common::clip_tokenizer;
+use crate::loading::tokenizers::clip_tokenizer;
+
+/// The metrics of the CLIP verifiers: the LAION aesthetic score (1-10 scale), the raw CLIP
+/// cosine of image and prompt, and CLIP-S = 2.5 max(cosine, 0) (Hessel et al.).
+pub const CLIP_METRICS: [&str; 3] = ["laion_aesthetic_score", "clip_score", "clip_s"];
+
+/// The builder of every CLIP verifier.
+fn build(args: &VerifierArgs, _: &super::BuildContext<'_>) -> Result<Built, VerifierError> {
+    Ok(Built::Images(Box::new(ClipVerifier::from_args(args)?)))
+}
+
+/// `laion_aesthetic` in the verifier table.
+pub const LAION_AESTHETIC: VerifierSpec = VerifierSpec {
+    name: "laion_aesthetic",
+    metrics: &CLIP_METRICS,
+    media: &[MediaKind::Image],
+    build,
+};
+
+/// `clip_score` in the verifier table.
+pub const CLIP_SCORE: VerifierSpec = VerifierSpec {
+    name: "clip_score",
+    metrics: &["clip_score", "clip_s"],
+    media: &[MediaKind::Image],
+    build,
+};
+
+/// `pickscore` in the verifier table.
+pub const PICKSCORE: VerifierSpec = VerifierSpec {
+    name: "pickscore",
+    metrics: &["pickscore"],
+    media: &[MediaKind::Image],
+    build,
+};
+
+/// `hpsv2` in the verifier table.
+pub const HPSV2: VerifierSpec = VerifierSpec {
+    name: "hpsv2",
+    metrics: &["hpsv2"],
+    media: &[MediaKind::Image],
+    build,
+};
 
 /// The CLIP model used when `verifier_args.model_name` is unset.
 pub const DEFAULT_CLIP: &str = "openai/clip-vit-large-patch14";
@@ -120,9 +165,10 @@ impl AestheticHead {
     }
 }
 
-/// `laion_aesthetic` / `clip_score`: CLIP (and the aesthetic MLP) on the verifier's device.
+/// `laion_aesthetic`, `clip_score`, `pickscore`, `hpsv2`: CLIP (and the aesthetic MLP) on the
+/// verifier's device.
 pub struct ClipVerifier {
-    name: &'static str,
+    kind: VerifierKind,
     model_name: String,
     model: ClipModel,
     processor: ClipImageProcessor,
@@ -138,7 +184,7 @@ pub struct ClipVerifier {
 impl std::fmt::Debug for ClipVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClipVerifier")
-            .field("name", &self.name)
+            .field("name", &self.kind.name())
             .field("model", &self.model_name)
             .field("aesthetic", &self.head.is_some())
             .field("device", &self.device)
@@ -161,31 +207,27 @@ fn local_model(
 }
 
 impl ClipVerifier {
-    /// Builds the verifier named in `args` (`laion_aesthetic` or `clip_score`): CLIP from
+    /// Builds the CLIP verifier named in `args`: CLIP from
     /// `model_name` (default [`DEFAULT_CLIP`]), the MLP from `aesthetic_model` (default
     /// [`DEFAULT_AESTHETIC`]) for `laion_aesthetic`, on `device`, `concurrency` images a batch.
     pub fn from_args(args: &VerifierArgs) -> Result<Self, VerifierError> {
-        let name: &'static str = match args.name.as_str() {
-            "laion_aesthetic" => "laion_aesthetic",
-            "clip_score" => "clip_score",
-            "pickscore" => "pickscore",
-            "hpsv2" => "hpsv2",
+        let kind = args.kind;
+        let default = match kind {
+            VerifierKind::LaionAesthetic | VerifierKind::ClipScore => DEFAULT_CLIP,
+            VerifierKind::PickScore => DEFAULT_PICKSCORE,
+            VerifierKind::Hpsv2 => DEFAULT_HPSV2,
             other => {
-                return Err(VerifierError::Unknown {
-                    name: other.to_string(),
+                return Err(VerifierError::InvalidArg {
+                    field: "name",
+                    message: format!("{} is not a CLIP verifier", other.name()),
                 })
             }
         };
-        let device = super::qwen::parse_device(args.device.as_deref())?;
-        let default = match name {
-            "pickscore" => DEFAULT_PICKSCORE,
-            "hpsv2" => DEFAULT_HPSV2,
-            _ => DEFAULT_CLIP,
-        };
+        let device = super::open_device(args.device)?;
         let model_name = args.model_name.as_deref().unwrap_or(default);
         // PickScore_v1 uses the LAION CLIP-H processor and tokenizer.
-        let processor_name = args.processor_model.as_deref().or((name == "hpsv2"
-            || (name == "pickscore" && args.model_name.is_none()))
+        let processor_name = args.processor_model.as_deref().or((kind == VerifierKind::Hpsv2
+            || (kind == VerifierKind::PickScore && args.model_name.is_none()))
         .then_some(DEFAULT_PICKSCORE_PROCESSOR));
         let processor_source = match processor_name {
             Some(p) => Some(ModelSource::resolve(p).map_err(|e| {
@@ -193,7 +235,7 @@ impl ClipVerifier {
             })?),
             None => None,
         };
-        let head = if name == "laion_aesthetic" {
+        let head = if kind == VerifierKind::LaionAesthetic {
             let spec = args.aesthetic_model.as_deref().unwrap_or(DEFAULT_AESTHETIC);
             let path = aesthetic_file(spec).map_err(|e| {
                 local_model("aesthetic_model", "the LAION aesthetic MLP (.pth)", spec, e)
@@ -209,7 +251,7 @@ impl ClipVerifier {
         } else {
             None
         };
-        if name == "hpsv2" {
+        if kind == VerifierKind::Hpsv2 {
             let checkpoint = if Path::new(model_name).is_file() {
                 PathBuf::from(model_name)
             } else {
@@ -228,7 +270,7 @@ impl ClipVerifier {
                 )
             })?;
             return Self::load_open_clip(
-                name,
+                kind,
                 model_name,
                 &checkpoint,
                 tokenizer_source,
@@ -245,7 +287,7 @@ impl ClipVerifier {
             )
         })?;
         Self::load(
-            name,
+            kind,
             model_name,
             &source,
             processor_source.as_ref(),
@@ -260,7 +302,7 @@ impl ClipVerifier {
     /// `tokenizer` and OpenCLIP's preprocessing (resize the shorter edge, centre crop rounding
     /// half to even, OpenAI mean and std), in float32 on `device`.
     pub fn load_open_clip(
-        name: &'static str,
+        kind: VerifierKind,
         model_name: &str,
         checkpoint: &Path,
         tokenizer: &ModelSource,
@@ -313,14 +355,14 @@ impl ClipVerifier {
             )
         })?;
         Ok(Self::assemble(
-            name, model_name, model, processor, tokenizer, None, device, batch,
+            kind, model_name, model, processor, tokenizer, None, device, batch,
         ))
     }
 
     /// The verifier of its parts, float32.
     #[allow(clippy::too_many_arguments)]
     fn assemble(
-        name: &'static str,
+        kind: VerifierKind,
         model_name: &str,
         model: ClipModel,
         processor: ClipImageProcessor,
@@ -330,7 +372,7 @@ impl ClipVerifier {
         batch: usize,
     ) -> Self {
         Self {
-            name,
+            kind,
             model_name: model_name.to_string(),
             model,
             processor,
@@ -348,7 +390,7 @@ impl ClipVerifier {
     /// `device`.
     #[allow(clippy::too_many_arguments)]
     pub fn load(
-        name: &'static str,
+        kind: VerifierKind,
         model_name: &str,
         source: &ModelSource,
         processor: Option<&ModelSource>,
@@ -405,7 +447,7 @@ impl ClipVerifier {
             }
         }
         Ok(Self::assemble(
-            name, model_name, model, processor, tokenizer, head, device, batch,
+            kind, model_name, model, processor, tokenizer, head, device, batch,
         ))
     }
 
@@ -451,7 +493,7 @@ impl ClipVerifier {
     }
 
     /// Grades one batch: every metric for every input.
-    fn grade_batch(&self, inputs: &[VerifierInput<'_>]) -> Result<Vec<Grading>, String> {
+    fn grade_batch(&self, inputs: &[ImageInput<'_>]) -> Result<Vec<Grading>, String> {
         let images: Vec<&image::RgbImage> = inputs.iter().map(|i| i.image).collect();
         let embeds = self.image_embeddings(&images)?;
         let aesthetic: Option<Vec<f32>> = match &self.head {
@@ -470,7 +512,7 @@ impl ClipVerifier {
                 .and_then(|row| (row * text.squeeze(0)?)?.sum_all()?.to_scalar::<f32>())
                 .map_err(|e| e.to_string())? as f64;
             let mut g = Grading::new();
-            if self.name == "hpsv2" {
+            if self.kind == VerifierKind::Hpsv2 {
                 g.insert(
                     "hpsv2".into(),
                     Score {
@@ -484,7 +526,7 @@ impl ClipVerifier {
                 out.push(g);
                 continue;
             }
-            if self.name == "pickscore" {
+            if self.kind == VerifierKind::PickScore {
                 let scale = f64::from(self.model.logit_scale).exp();
                 g.insert(
                     "pickscore".into(),
@@ -569,19 +611,19 @@ fn aesthetic_file(spec: &str) -> Result<PathBuf, String> {
         .map_err(|e| e.to_string())
 }
 
-impl Verifier for ClipVerifier {
+impl ImageVerifier for ClipVerifier {
     fn name(&self) -> &str {
-        self.name
+        self.kind.name()
     }
 
-    fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
+    fn score(&self, inputs: &[ImageInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
         let mut out = Vec::with_capacity(inputs.len());
         for chunk in inputs.chunks(self.batch) {
             match self.grade_batch(chunk) {
                 Ok(gradings) => out.extend(gradings.into_iter().map(Ok)),
                 Err(message) => out.extend(chunk.iter().map(|_| {
                     Err(ScoreFailure {
-                        message: format!("{}: {message}", self.name),
+                        message: format!("{}: {message}", self.kind.name()),
                         attempts: 1,
                         fatal: false,
                     })

@@ -7,8 +7,30 @@
 //! `also_score` verifier's as `also/<name>/<metric>`; a name used twice gets its position
 //! (`qwen#2/overall_score`).
 
+use super::registry::{build_one, Built, VerifierSpec};
 use super::{CallStats, Graded, Grading, ScoreFailure, TokenUsage, Verifier, VerifierInput};
-use crate::config::VerifierArgs;
+use super::VerifierArgs;
+use crate::media::MediaKind;
+
+/// The metric of the `ensemble` verifier: each candidate's rank among its round's candidates
+/// under each member's metric, normalised to [0, 1] (1 = best) and averaged over the members.
+pub const ENSEMBLE_METRIC: &str = "ensemble_rank";
+
+/// `ensemble` in the verifier table: its members grade every candidate (videos as each member
+/// grades them).
+pub const SPEC: VerifierSpec = VerifierSpec {
+    name: "ensemble",
+    metrics: &[ENSEMBLE_METRIC],
+    media: &[MediaKind::Image, MediaKind::Video],
+    build: |args, ctx| {
+        let members = member_prefixes(&args.ensemble)
+            .into_iter()
+            .zip(&args.ensemble)
+            .map(|(prefix, a)| Ok((prefix, build_one(a, ctx)?)))
+            .collect::<Result<Vec<_>, super::VerifierError>>()?;
+        Ok(Built::Media(Box::new(EnsembleVerifier::new(members))))
+    },
+};
 
 /// A verifier with the prefix of its metrics in a combined grading.
 pub type NamedVerifier = (String, Box<dyn Verifier>);
@@ -19,10 +41,10 @@ pub fn member_prefixes(list: &[VerifierArgs]) -> Vec<String> {
     list.iter()
         .enumerate()
         .map(|(i, a)| {
-            if list.iter().filter(|b| b.name == a.name).count() > 1 {
-                format!("{}#{}", a.name, i + 1)
+            if list.iter().filter(|b| b.kind == a.kind).count() > 1 {
+                format!("{}#{}", a.name(), i + 1)
             } else {
-                a.name.clone()
+                a.name().to_string()
             }
         })
         .collect()
@@ -202,7 +224,7 @@ mod tests {
         fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
             inputs
                 .iter()
-                .map(|i| match (self.score)(i.image.get_pixel(0, 0)[0]) {
+                .map(|i| match (self.score)(i.media.poster().get_pixel(0, 0)[0]) {
                     Some(s) => {
                         let mut g = Grading::new();
                         g.insert(
@@ -224,8 +246,8 @@ mod tests {
         }
     }
 
-    fn image(v: u8) -> image::RgbImage {
-        image::RgbImage::from_pixel(1, 1, image::Rgb([v, v, v]))
+    fn image(v: u8) -> crate::media::Media {
+        crate::media::Media::Image(image::RgbImage::from_pixel(1, 1, image::Rgb([v, v, v])))
     }
 
     #[test]
@@ -250,11 +272,11 @@ mod tests {
         let out = e.score(&[
             VerifierInput {
                 prompt: "p",
-                image: &bright,
+                media: &bright,
             },
             VerifierInput {
                 prompt: "p",
-                image: &dark,
+                media: &dark,
             },
         ]);
         let g = out[0].as_ref().unwrap();
@@ -283,11 +305,11 @@ mod tests {
         let out = v.score(&[
             VerifierInput {
                 prompt: "p",
-                image: &bright,
+                media: &bright,
             },
             VerifierInput {
                 prompt: "p",
-                image: &dark,
+                media: &dark,
             },
         ]);
         assert_eq!(out[0].as_ref().unwrap()["also/x/m"].score, 1.0);
@@ -299,8 +321,8 @@ mod tests {
 
     #[test]
     fn repeated_names_are_told_apart_by_position() {
-        let a = VerifierArgs::new("qwen", "overall_score");
-        let b = VerifierArgs::new("clip_score", "clip_score");
+        let a = VerifierArgs::new(super::super::VerifierKind::Qwen, "overall_score");
+        let b = VerifierArgs::new(super::super::VerifierKind::ClipScore, "clip_score");
         assert_eq!(
             member_prefixes(&[a.clone(), b.clone(), a.clone()]),
             ["qwen#1", "clip_score", "qwen#3"]

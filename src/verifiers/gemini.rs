@@ -8,9 +8,19 @@ use serde_json::{json, Value};
 use super::http::{Engine, EngineSettings, Protocol, RetryPolicy};
 use super::{
     load_rubric, parse_grading, resolve_base_url, ApiKey, CallStats, EnvLookup, Graded, Grading,
-    ScoreFailure, TokenUsage, Verifier, VerifierError, VerifierInput, METRICS,
+    ScoreFailure, TokenUsage, ImageVerifier, VerifierError, ImageInput, METRICS,
 };
-use crate::config::VerifierArgs;
+use super::registry::{Built, VerifierSpec};
+use super::VerifierArgs;
+use crate::media::MediaKind;
+
+/// `gemini` in the verifier table.
+pub const SPEC: VerifierSpec = VerifierSpec {
+    name: "gemini",
+    metrics: &METRICS,
+    media: &[MediaKind::Image],
+    build: |args, ctx| Ok(Built::Images(Box::new(GeminiVerifier::from_env(args, ctx.env)?))),
+};
 
 /// Model used when `verifier_args.model_name` is unset.
 pub const DEFAULT_MODEL: &str = "gemini-2.0-flash";
@@ -112,12 +122,12 @@ impl GeminiVerifier {
     }
 }
 
-impl Verifier for GeminiVerifier {
+impl ImageVerifier for GeminiVerifier {
     fn name(&self) -> &str {
         "gemini"
     }
 
-    fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
+    fn score(&self, inputs: &[ImageInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
         self.engine
             .score_all(inputs)
             .into_iter()
@@ -125,7 +135,7 @@ impl Verifier for GeminiVerifier {
             .collect()
     }
 
-    fn score_with_usage(&self, inputs: &[VerifierInput<'_>]) -> Vec<(Graded, TokenUsage)> {
+    fn score_with_usage(&self, inputs: &[ImageInput<'_>]) -> Vec<(Graded, TokenUsage)> {
         self.engine.score_all(inputs)
     }
 

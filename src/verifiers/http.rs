@@ -13,11 +13,11 @@ use reqwest::StatusCode;
 use tokio::runtime::Runtime;
 use tokio::sync::Semaphore;
 
+use super::VerifierArgs;
 use super::{
-    preview, ApiKey, CallStats, Graded, Grading, ScoreFailure, TokenUsage, VerifierError,
-    VerifierInput,
+    preview, ApiKey, CallStats, Graded, Grading, ImageInput, ScoreFailure, TokenUsage,
+    VerifierError,
 };
-use crate::config::VerifierArgs;
 
 /// How failed HTTP requests are retried (429, 408, 5xx, connection errors and timeouts).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -297,7 +297,7 @@ impl<P: Protocol> Engine<P> {
 
     /// Grades every input, at most `concurrency` requests in flight; result `i` is input `i`'s,
     /// with the tokens its requests cost.
-    pub fn score_all(&self, inputs: &[VerifierInput<'_>]) -> Vec<(Graded, TokenUsage)> {
+    pub fn score_all(&self, inputs: &[ImageInput<'_>]) -> Vec<(Graded, TokenUsage)> {
         let Some(runtime) = &self.runtime else {
             return inputs
                 .iter()

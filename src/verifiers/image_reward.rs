@@ -18,14 +18,24 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use super::clip::AestheticHead;
-use super::{Grading, Score, ScoreFailure, Verifier, VerifierError, VerifierInput};
-use crate::config::VerifierArgs;
+use super::{Grading, Score, ScoreFailure, ImageVerifier, VerifierError, ImageInput};
+use super::registry::{Built, VerifierSpec};
+use super::VerifierArgs;
+use crate::media::MediaKind;
 use crate::loading::{parse_config, read_json_file, ModelSource};
 use crate::models::blip::{
     BlipTokenizer, BlipVisionConfig, BlipVisionTransformer, MedBertModel, MedConfig,
     IMAGE_REWARD_MAX_LENGTH,
 };
 use crate::models::clip::{ClipImageProcessor, CropRounding};
+
+/// `image_reward` in the verifier table: ImageReward v1.0.
+pub const SPEC: VerifierSpec = VerifierSpec {
+    name: "image_reward",
+    metrics: &["image_reward"],
+    media: &[MediaKind::Image],
+    build: |args, _| Ok(Built::Images(Box::new(ImageRewardVerifier::from_args(args)?))),
+};
 
 /// ImageReward's Hub repo, used when `verifier_args.model_name` is unset.
 pub const DEFAULT_IMAGE_REWARD: &str = "THUDM/ImageReward";
@@ -77,7 +87,7 @@ impl ImageRewardVerifier {
     /// [`DEFAULT_IMAGE_REWARD`]), the tokenizer from `processor_model` (default
     /// [`DEFAULT_BERT_TOKENIZER`]), on `device`, `concurrency` images a batch.
     pub fn from_args(args: &VerifierArgs) -> Result<Self, VerifierError> {
-        let device = super::qwen::parse_device(args.device.as_deref())?;
+        let device = super::open_device(args.device)?;
         let model_name = args.model_name.as_deref().unwrap_or(DEFAULT_IMAGE_REWARD);
         let (checkpoint, med_config) = if Path::new(model_name).is_file() {
             let checkpoint = PathBuf::from(model_name);
@@ -241,7 +251,7 @@ impl ImageRewardVerifier {
     }
 
     /// Grades one batch of one or more prompts (a batch per distinct prompt).
-    fn grade_batch(&self, inputs: &[VerifierInput<'_>]) -> Result<Vec<Grading>, String> {
+    fn grade_batch(&self, inputs: &[ImageInput<'_>]) -> Result<Vec<Grading>, String> {
         let mut out: Vec<Option<Grading>> = vec![None; inputs.len()];
         let mut prompts: Vec<&str> = inputs.iter().map(|i| i.prompt).collect();
         prompts.sort_unstable();
@@ -271,12 +281,12 @@ impl ImageRewardVerifier {
     }
 }
 
-impl Verifier for ImageRewardVerifier {
+impl ImageVerifier for ImageRewardVerifier {
     fn name(&self) -> &str {
         "image_reward"
     }
 
-    fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
+    fn score(&self, inputs: &[ImageInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
         let mut out = Vec::with_capacity(inputs.len());
         for chunk in inputs.chunks(self.batch) {
             match self.grade_batch(chunk) {

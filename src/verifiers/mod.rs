@@ -1,4 +1,9 @@
-//! Verifiers: judges that grade (prompt, image) pairs. One file per verifier, one trait.
+//! Verifiers: judges that grade (prompt, media) pairs. One file per verifier, registered by one
+//! line of `verifiers!` below ([`registry`]: names, metrics, media, builders).
+//!
+//! Two traits: [`ImageVerifier`] grades images (every judge here); [`Verifier`] grades media,
+//! as the search asks. A judge that grades only images grades a video on sampled frames
+//! ([`frames::FrameSampled`]); the ensemble and `also_score` combine media verifiers.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -7,22 +12,85 @@ use std::path::PathBuf;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use crate::config::VerifierArgs;
+use crate::media::Media;
 
-pub mod clip;
+pub mod args;
 pub mod constrained;
-pub mod ensemble;
-pub mod gemini;
+pub mod frames;
 pub mod http;
-pub mod image_reward;
-pub mod openai;
-pub mod qwen;
+pub mod registry;
 
-pub use crate::config::METRICS;
+pub use args::VerifierArgs;
 pub use gemini::GeminiVerifier;
 pub use http::RetryPolicy;
 pub use openai::OpenAiVerifier;
 pub use qwen::QwenVerifier;
+pub use registry::{BuildContext, VerifierSpec};
+
+/// Declares each verifier's module and registers the verifiers it holds as [`VerifierKind`]
+/// variants, each with its [`VerifierSpec`]: one line a module. A line may start with
+/// `#[cfg(...)]`.
+macro_rules! verifiers {
+    (@norm [$($done:tt)*] #[cfg($c:meta)] $vis:vis mod $m:ident => $($k:ident($s:ident)),+ ; $($rest:tt)*) => {
+        verifiers!(@norm [$($done)* [$c] $vis mod $m => $($k($s)),+ ;] $($rest)*);
+    };
+    (@norm [$($done:tt)*] $vis:vis mod $m:ident => $($k:ident($s:ident)),+ ; $($rest:tt)*) => {
+        verifiers!(@norm [$($done)* [all()] $vis mod $m => $($k($s)),+ ;] $($rest)*);
+    };
+    (@norm [$( [$c:meta] $vis:vis mod $m:ident => $($k:ident($s:ident)),+ ; )*]) => {
+        $( #[cfg($c)] $vis mod $m; )*
+
+        /// Every verifier: the values of `verifier_args.name` ([`VerifierKind::name`]).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum VerifierKind {
+            $( $(
+                #[cfg($c)]
+                #[doc = concat!("Described by `", stringify!($m), "::", stringify!($s), "`.")]
+                $k,
+            )+ )*
+        }
+
+        impl VerifierKind {
+            /// Every verifier, in the order they were registered.
+            pub const ALL: &'static [VerifierKind] = &[ $( $( #[cfg($c)] VerifierKind::$k, )+ )* ];
+
+            /// What it is: name, metrics, media, builder.
+            pub fn spec(self) -> &'static VerifierSpec {
+                match self {
+                    $( $( #[cfg($c)] VerifierKind::$k => &$m::$s, )+ )*
+                }
+            }
+        }
+    };
+    ($($t:tt)*) => { verifiers!(@norm [] $($t)*); };
+}
+
+verifiers! {
+    pub mod gemini => Gemini(SPEC);
+    pub mod openai => OpenAi(SPEC);
+    pub mod qwen => Qwen(SPEC);
+    pub mod clip => LaionAesthetic(LAION_AESTHETIC), ClipScore(CLIP_SCORE), PickScore(PICKSCORE), Hpsv2(HPSV2);
+    pub mod image_reward => ImageReward(SPEC);
+    pub mod ensemble => Ensemble(SPEC);
+    #[cfg(test)] mod fake => Fake(SPEC);
+}
+
+impl VerifierKind {
+    /// Whether it is the `ensemble`, whose members are verifiers of their own.
+    pub fn is_ensemble(self) -> bool {
+        self == VerifierKind::Ensemble
+    }
+}
+
+/// The grading rubric's metrics: what the vision-language judges grade.
+pub const METRICS: [&str; 6] = [
+    "accuracy_to_prompt",
+    "creativity_and_originality",
+    "visual_quality_and_realism",
+    "consistency_and_cohesion",
+    "emotional_or_thematic_resonance",
+    "overall_score",
+];
 
 /// One graded aspect: the judge's reasoning, then its score (0 to 10).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -50,8 +118,9 @@ pub struct ScoreFailure {
     pub fatal: bool,
 }
 
-/// One item to grade.
-pub struct VerifierInput<'a> {
+/// One image to grade.
+#[derive(Clone, Copy)]
+pub struct ImageInput<'a> {
     /// The generation prompt.
     pub prompt: &'a str,
     /// The generated image.
@@ -59,15 +128,15 @@ pub struct VerifierInput<'a> {
 }
 
 /// A judge that grades images against their prompts.
-pub trait Verifier: Send + Sync {
+pub trait ImageVerifier: Send + Sync {
     /// The verifier's name as in `verifier_args.name`.
     fn name(&self) -> &str;
     /// Grades every input; the result at index `i` belongs to `inputs[i]`, whatever order the
     /// requests complete in.
-    fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>>;
-    /// [`Verifier::score`] with the API tokens each input's grading cost (its retries and
+    fn score(&self, inputs: &[ImageInput<'_>]) -> Vec<Result<Grading, ScoreFailure>>;
+    /// [`ImageVerifier::score`] with the API tokens each input's grading cost (its retries and
     /// re-asks included); local verifiers cost none.
-    fn score_with_usage(&self, inputs: &[VerifierInput<'_>]) -> Vec<(Graded, TokenUsage)> {
+    fn score_with_usage(&self, inputs: &[ImageInput<'_>]) -> Vec<(Graded, TokenUsage)> {
         self.score(inputs)
             .into_iter()
             .map(|g| (g, TokenUsage::default()))
@@ -79,6 +148,38 @@ pub trait Verifier: Send + Sync {
     }
     /// Checks, before any image is made, that grading can work at all (an API accepts the
     /// key); a fatal failure says why. Local verifiers have nothing to check.
+    fn check_access(&self) -> Result<(), ScoreFailure> {
+        Ok(())
+    }
+}
+
+/// One candidate to grade: its prompt and media.
+#[derive(Clone, Copy)]
+pub struct VerifierInput<'a> {
+    /// The generation prompt.
+    pub prompt: &'a str,
+    /// The generated image or video.
+    pub media: &'a Media,
+}
+
+/// A judge of media, as the search asks: what [`registry::build_one`] builds.
+pub trait Verifier: Send + Sync {
+    /// The verifier's name as in `verifier_args.name`.
+    fn name(&self) -> &str;
+    /// Grades every input; the result at index `i` belongs to `inputs[i]`.
+    fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>>;
+    /// [`Verifier::score`] with the API tokens each input's grading cost.
+    fn score_with_usage(&self, inputs: &[VerifierInput<'_>]) -> Vec<(Graded, TokenUsage)> {
+        self.score(inputs)
+            .into_iter()
+            .map(|g| (g, TokenUsage::default()))
+            .collect()
+    }
+    /// Requests made so far (including retries) and requests that failed.
+    fn call_stats(&self) -> CallStats {
+        CallStats::default()
+    }
+    /// Checks, before any media is made, that grading can work at all.
     fn check_access(&self) -> Result<(), ScoreFailure> {
         Ok(())
     }
@@ -127,41 +228,9 @@ pub struct CallStats {
 /// the six [`METRICS`], 0 to 10 each, explanation before score.
 pub const RUBRIC: &str = include_str!("rubric.txt");
 
-/// Verifier names accepted in `verifier_args.name`.
-pub use crate::config::VERIFIER_NAMES as SUPPORTED;
-
-/// Verifier names [`build`] can construct in this build.
-pub const AVAILABLE: &[&str] = &[
-    "gemini",
-    "openai",
-    "qwen",
-    "laion_aesthetic",
-    "clip_score",
-    "pickscore",
-    "hpsv2",
-    "image_reward",
-    "ensemble",
-];
-
-/// The metrics a verifier grades (valid values of `choice_of_metric`), or `None` for a name
-/// not in [`SUPPORTED`].
-pub fn supported_metrics(name: &str) -> Option<&'static [&'static str]> {
-    let metrics = crate::config::verifier_metrics(name);
-    (!metrics.is_empty()).then_some(metrics)
-}
-
 /// Why a verifier could not be set up. Raised by [`build`] before any image is generated.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifierError {
-    /// `verifier_args.name` names no verifier.
-    #[error(
-        "unknown verifier \"{name}\" in verifier_args.name; use one of: {}",
-        AVAILABLE.join(", ")
-    )]
-    Unknown {
-        /// The name given.
-        name: String,
-    },
     /// The local verifier's model could not be loaded or used.
     #[error(
         "cannot load the local verifier model {model}: {message}; set verifier_args.{key} to \
@@ -262,20 +331,41 @@ impl fmt::Debug for ApiKey {
 /// Reads environment variables; [`build`] uses the process environment, tests pass a map.
 pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
-/// Builds the verifier named by `args.name`, reading keys and base URLs from the process
-/// environment. Fails (naming what to fix) on a missing key, an unreadable `prompt_path`, or a
-/// verifier not in this build.
+/// Builds the verifier `args` describes (an ensemble with its members; without
+/// `also_score`), reading keys and base URLs from the process environment. Fails (naming what
+/// to fix) on a missing key, an unreadable `prompt_path` or a model that cannot load.
 pub fn build(args: &VerifierArgs) -> Result<Box<dyn Verifier>, VerifierError> {
     build_with_env(args, &|var| std::env::var(var).ok())
 }
 
+/// [`build`] with an explicit environment (used by tests so they need not mutate the process
+/// environment).
+pub fn build_with_env(
+    args: &VerifierArgs,
+    env: EnvLookup<'_>,
+) -> Result<Box<dyn Verifier>, VerifierError> {
+    registry::build_one(
+        args,
+        &BuildContext {
+            env,
+            low_vram: false,
+        },
+    )
+}
+
 /// Like [`build`], for a run: with `low_vram`, a local verifier loads its model only while
-/// scoring and frees it afterwards.
+/// scoring and frees it afterwards; the `also_score` verifiers grade beside it unless
+/// `also_score_best_only`.
 pub fn build_for_run(
     args: &VerifierArgs,
     low_vram: bool,
 ) -> Result<Box<dyn Verifier>, VerifierError> {
-    let main = build_one_for_run(args, low_vram)?;
+    let env = |var: &str| std::env::var(var).ok();
+    let ctx = BuildContext {
+        env: &env,
+        low_vram,
+    };
+    let main = registry::build_one(args, &ctx)?;
     if args.also_score.is_empty() || args.also_score_best_only {
         return Ok(main);
     }
@@ -289,56 +379,29 @@ pub fn build_also_score(
     args: &VerifierArgs,
     low_vram: bool,
 ) -> Result<Vec<ensemble::NamedVerifier>, VerifierError> {
+    let env = |var: &str| std::env::var(var).ok();
+    let ctx = BuildContext {
+        env: &env,
+        low_vram,
+    };
     ensemble::member_prefixes(&args.also_score)
         .into_iter()
         .zip(&args.also_score)
-        .map(|(prefix, a)| Ok((prefix, build_one_for_run(a, low_vram)?)))
+        .map(|(prefix, a)| Ok((prefix, registry::build_one(a, &ctx)?)))
         .collect()
 }
 
-/// One verifier of a run (an ensemble with its members), without `also_score`.
-fn build_one_for_run(
-    args: &VerifierArgs,
-    low_vram: bool,
-) -> Result<Box<dyn Verifier>, VerifierError> {
-    if args.name == "ensemble" {
-        let members = ensemble::member_prefixes(&args.ensemble)
-            .into_iter()
-            .zip(&args.ensemble)
-            .map(|(prefix, a)| Ok((prefix, build_one_for_run(a, low_vram)?)))
-            .collect::<Result<Vec<_>, VerifierError>>()?;
-        return Ok(Box::new(ensemble::EnsembleVerifier::new(members)));
-    }
-    if args.name == "qwen" {
-        let options = qwen::QwenOptions {
-            low_vram,
-            ..Default::default()
-        };
-        return Ok(Box::new(QwenVerifier::new(args, options)?));
-    }
-    build(args)
-}
-
-/// [`build`] with an explicit environment (used by tests so they need not mutate the process
-/// environment).
-pub fn build_with_env(
-    args: &VerifierArgs,
-    env: EnvLookup<'_>,
-) -> Result<Box<dyn Verifier>, VerifierError> {
-    match args.name.as_str() {
-        "gemini" => Ok(Box::new(GeminiVerifier::from_env(args, env)?)),
-        "openai" => Ok(Box::new(OpenAiVerifier::from_env(args, env)?)),
-        "qwen" => Ok(Box::new(QwenVerifier::from_args(args)?)),
-        "laion_aesthetic" | "clip_score" | "pickscore" | "hpsv2" => {
-            Ok(Box::new(clip::ClipVerifier::from_args(args)?))
+/// Opens `verifier_args.device` for a local verifier; unset: the first CUDA device when this
+/// build has CUDA and one is present, else the CPU.
+pub fn open_device(
+    spec: Option<crate::device::DeviceSpec>,
+) -> Result<candle_core::Device, VerifierError> {
+    crate::device::select_device(spec, "verifier_args.device").map_err(|e| {
+        VerifierError::InvalidArg {
+            field: "device",
+            message: e.0,
         }
-        "image_reward" => Ok(Box::new(image_reward::ImageRewardVerifier::from_args(
-            args,
-        )?)),
-        other => Err(VerifierError::Unknown {
-            name: other.to_string(),
-        }),
-    }
+    })
 }
 
 /// The system prompt: `verifier_args.prompt_path`'s text when set, else [`RUBRIC`]. A file
@@ -559,7 +622,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("prompt.txt");
         std::fs::write(&path, "\"\"\"\nGrade it.\n\"\"\"").unwrap();
-        let mut args = VerifierArgs::new("gemini", "overall_score");
+        let mut args = VerifierArgs::new(VerifierKind::Gemini, "overall_score");
         args.prompt_path = Some(path);
         assert_eq!(load_rubric(&args).unwrap(), "Grade it.");
     }

@@ -9,9 +9,19 @@ use serde_json::{json, Value};
 use super::http::{Engine, EngineSettings, Protocol, RetryPolicy};
 use super::{
     load_rubric, parse_grading, resolve_base_url, ApiKey, CallStats, EnvLookup, Graded, Grading,
-    ScoreFailure, TokenUsage, Verifier, VerifierError, VerifierInput, METRICS,
+    ScoreFailure, TokenUsage, ImageVerifier, VerifierError, ImageInput, METRICS,
 };
-use crate::config::VerifierArgs;
+use super::registry::{Built, VerifierSpec};
+use super::VerifierArgs;
+use crate::media::MediaKind;
+
+/// `openai` in the verifier table: Chat Completions (also vLLM, SGLang, Ollama...).
+pub const SPEC: VerifierSpec = VerifierSpec {
+    name: "openai",
+    metrics: &METRICS,
+    media: &[MediaKind::Image],
+    build: |args, ctx| Ok(Built::Images(Box::new(OpenAiVerifier::from_env(args, ctx.env)?))),
+};
 
 /// Model used when `verifier_args.model_name` is unset.
 pub const DEFAULT_MODEL: &str = "gpt-4o-2024-11-20";
@@ -96,12 +106,12 @@ impl OpenAiVerifier {
     }
 }
 
-impl Verifier for OpenAiVerifier {
+impl ImageVerifier for OpenAiVerifier {
     fn name(&self) -> &str {
         "openai"
     }
 
-    fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
+    fn score(&self, inputs: &[ImageInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
         self.engine
             .score_all(inputs)
             .into_iter()
@@ -109,7 +119,7 @@ impl Verifier for OpenAiVerifier {
             .collect()
     }
 
-    fn score_with_usage(&self, inputs: &[VerifierInput<'_>]) -> Vec<(Graded, TokenUsage)> {
+    fn score_with_usage(&self, inputs: &[ImageInput<'_>]) -> Vec<(Graded, TokenUsage)> {
         self.engine.score_all(inputs)
     }
 

@@ -15,13 +15,31 @@ use rand::{Rng, SeedableRng};
 
 use super::constrained::{Allowed, GradingGrammar, GrammarState, Vocabulary};
 use super::{
-    load_rubric, parse_grading, CallStats, Grading, ScoreFailure, Verifier, VerifierError,
-    VerifierInput,
+    load_rubric, parse_grading, CallStats, Grading, ScoreFailure, ImageVerifier, VerifierError,
+    ImageInput,
 };
-use crate::config::VerifierArgs;
+use super::registry::{Built, VerifierSpec};
+use super::METRICS;
+use super::VerifierArgs;
+use crate::media::MediaKind;
 use crate::models::qwen2_5_vl::processor::{chat_parts, rope_positions};
 use crate::models::qwen2_5_vl::{KvCache, Qwen25Vl, QwenError};
 use crate::ops::fused::KeyMask;
+
+/// `qwen` in the verifier table: a local Qwen2.5-VL, its decoding constrained to the grading
+/// schema; under `--low-vram` the model is loaded only while it grades.
+pub const SPEC: VerifierSpec = VerifierSpec {
+    name: "qwen",
+    metrics: &METRICS,
+    media: &[MediaKind::Image],
+    build: |args, ctx| {
+        let options = QwenOptions {
+            low_vram: ctx.low_vram,
+            ..QwenOptions::default()
+        };
+        Ok(Built::Images(Box::new(QwenVerifier::new(args, options)?)))
+    },
+};
 
 /// Model used when `verifier_args.model_name` is unset.
 pub const DEFAULT_MODEL: &str = "Qwen/Qwen2.5-VL-7B-Instruct";
@@ -116,23 +134,6 @@ impl std::fmt::Debug for QwenVerifier {
     }
 }
 
-/// The device named by `verifier_args.device` (`cpu`, `cuda`, `gpu`, `cuda:N`); unset: the first
-/// CUDA device when this build has CUDA and one is present, else the CPU.
-pub fn parse_device(spec: Option<&str>) -> Result<Device, VerifierError> {
-    let invalid = |message: String| VerifierError::InvalidArg {
-        field: "device",
-        message,
-    };
-    let named = match spec.map(str::trim).filter(|s| !s.is_empty()) {
-        None => None,
-        Some(s) => Some(
-            crate::device::parse_device(s)
-                .ok_or_else(|| invalid(format!("{s:?} is not cpu, cuda or cuda:N")))?,
-        ),
-    };
-    crate::device::select_device(named, "verifier_args.device").map_err(|e| invalid(e.0))
-}
-
 fn model_error(model: &str, e: impl std::fmt::Display) -> VerifierError {
     VerifierError::LocalModel {
         key: "model_name",
@@ -157,7 +158,7 @@ impl QwenVerifier {
             .model_name
             .clone()
             .unwrap_or_else(|| DEFAULT_MODEL.to_string());
-        let device = parse_device(args.device.as_deref())?;
+        let device = super::open_device(args.device)?;
         let dtype = options.dtype.unwrap_or(if device.is_cuda() {
             DType::BF16
         } else {
@@ -224,7 +225,7 @@ impl QwenVerifier {
     /// `verifier_args.concurrency`. A reply cut short by the budget is a [`ScoreFailure`].
     pub fn generate(
         &self,
-        inputs: &[VerifierInput<'_>],
+        inputs: &[ImageInput<'_>],
         decoding: Decoding,
     ) -> Vec<Result<Reply, ScoreFailure>> {
         let fail = |message: String| ScoreFailure {
@@ -272,7 +273,7 @@ impl QwenVerifier {
     fn generate_batch(
         &self,
         loaded: &mut Loaded,
-        items: &[VerifierInput<'_>],
+        items: &[ImageInput<'_>],
         decoding: Decoding,
     ) -> Result<Vec<Result<Reply, String>>, QwenError> {
         let model = &loaded.model;
@@ -530,12 +531,12 @@ fn sample(logits: &[f32], allowed: &[u32], rng: &mut rand::rngs::StdRng) -> u32 
     allowed.last().copied().unwrap_or(0)
 }
 
-impl Verifier for QwenVerifier {
+impl ImageVerifier for QwenVerifier {
     fn name(&self) -> &str {
         "qwen"
     }
 
-    fn score(&self, inputs: &[VerifierInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
+    fn score(&self, inputs: &[ImageInput<'_>]) -> Vec<Result<Grading, ScoreFailure>> {
         let replies = self.generate(inputs, Decoding::Constrained);
         let out: Vec<Result<Grading, ScoreFailure>> = replies
             .into_iter()

@@ -19,7 +19,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use tt_scale::config::Dtype;
+use tt_scale::loading::Dtype;
 use tt_scale::loading::ModelSource;
 use tt_scale::noise::{torch_randn, Noise, RandnKernel};
 use tt_scale::pipelines::flux::FluxPipeline;

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use tt_scale::loading::ModelSource;
 use tt_scale::verifiers::clip::{AestheticHead, ClipVerifier};
-use tt_scale::verifiers::{Verifier, VerifierInput};
+use tt_scale::verifiers::{ImageInput, ImageVerifier, VerifierKind};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -41,11 +41,12 @@ fn images() -> Vec<image::RgbImage> {
 }
 
 fn verifier(name: &'static str) -> ClipVerifier {
-    let head = (name == "laion_aesthetic").then(|| {
+    let kind = VerifierKind::from_name(name).unwrap();
+    let head = (kind == VerifierKind::LaionAesthetic).then(|| {
         AestheticHead::from_pth(&fixtures().join("clip/aesthetic-model.pth"), &Device::Cpu).unwrap()
     });
     let source = ModelSource::Local(fixtures().join("tiny-clip"));
-    ClipVerifier::load(name, "tiny-clip", &source, None, head, Device::Cpu, 4).unwrap()
+    ClipVerifier::load(kind, "tiny-clip", &source, None, head, Device::Cpu, 4).unwrap()
 }
 
 fn values(t: &Tensor) -> Vec<f64> {
@@ -149,9 +150,9 @@ fn clip_scores_and_aesthetic_scores_match_the_reference_within_1e_4() {
     let images = images();
     let v = verifier("laion_aesthetic");
     for (p, prompt) in prompts.iter().enumerate() {
-        let inputs: Vec<VerifierInput<'_>> = images
+        let inputs: Vec<ImageInput<'_>> = images
             .iter()
-            .map(|image| VerifierInput { prompt, image })
+            .map(|image| ImageInput { prompt, image })
             .collect();
         let gradings = v.score(&inputs);
         for (i, g) in gradings.iter().enumerate() {
@@ -172,11 +173,11 @@ fn clip_scores_and_aesthetic_scores_match_the_reference_within_1e_4() {
         }
     }
     // Eval mode: the same image gets the same score every time.
-    let again = v.score(&[VerifierInput {
+    let again = v.score(&[ImageInput {
         prompt: &prompts[0],
         image: &images[0],
     }]);
-    let first = v.score(&[VerifierInput {
+    let first = v.score(&[ImageInput {
         prompt: &prompts[0],
         image: &images[0],
     }]);
@@ -234,7 +235,7 @@ fn pickscore_is_the_exponentiated_logit_scale_times_the_cosine() {
     // tokenizer given as another source, as PickScore's come from the LAION CLIP-H repo).
     let source = ModelSource::Local(fixtures().join("tiny-clip"));
     let v = ClipVerifier::load(
-        "pickscore",
+        VerifierKind::PickScore,
         "tiny-clip",
         &source,
         Some(&source),
@@ -252,9 +253,9 @@ fn pickscore_is_the_exponentiated_logit_scale_times_the_cosine() {
         .unwrap();
     let images = images();
     let prompt = meta()["prompts"][1].as_str().unwrap().to_string();
-    let inputs: Vec<VerifierInput<'_>> = images
+    let inputs: Vec<ImageInput<'_>> = images
         .iter()
-        .map(|image| VerifierInput {
+        .map(|image| ImageInput {
             prompt: &prompt,
             image,
         })
@@ -282,7 +283,7 @@ fn hpsv2_scores_match_the_open_clip_reference() {
         candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
     let tokenizer = ModelSource::Local(fixtures().join("tiny-clip"));
     let v = ClipVerifier::load_open_clip(
-        "hpsv2",
+        VerifierKind::Hpsv2,
         "tiny-hpsv2",
         &dir.join("HPS_v2.1_compressed.pt"),
         &tokenizer,
@@ -319,9 +320,9 @@ fn hpsv2_scores_match_the_open_clip_reference() {
         .unwrap();
     for (p, prompt) in meta["prompts"].as_array().unwrap().iter().enumerate() {
         let prompt = prompt.as_str().unwrap();
-        let inputs: Vec<VerifierInput<'_>> = images
+        let inputs: Vec<ImageInput<'_>> = images
             .iter()
-            .map(|image| VerifierInput { prompt, image })
+            .map(|image| ImageInput { prompt, image })
             .collect();
         for (i, g) in v.score(&inputs).iter().enumerate() {
             let got = g.as_ref().unwrap()["hpsv2"].score;

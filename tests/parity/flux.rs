@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
-use tt_scale::config::Dtype;
+use tt_scale::loading::Dtype;
 use tt_scale::loading::ModelSource;
 use tt_scale::noise::{torch_randn, RandnKernel};
 use tt_scale::pipelines::flux::{pack_latents, FluxPipeline};

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use tt_scale::models::blip::{BlipTokenizer, IMAGE_REWARD_MAX_LENGTH};
 use tt_scale::verifiers::image_reward::ImageRewardVerifier;
-use tt_scale::verifiers::{Verifier, VerifierInput};
+use tt_scale::verifiers::{ImageInput, ImageVerifier};
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/image-reward")
@@ -123,12 +123,12 @@ fn scores_match_the_reference_within_1e_4() {
         .iter()
         .map(|p| p.as_str().unwrap().to_string())
         .collect();
-    let inputs: Vec<VerifierInput<'_>> = prompts
+    let inputs: Vec<ImageInput<'_>> = prompts
         .iter()
         .flat_map(|p| {
             images
                 .iter()
-                .map(move |image| VerifierInput { prompt: p, image })
+                .map(move |image| ImageInput { prompt: p, image })
         })
         .collect();
     for batch in [4, 1, 5] {

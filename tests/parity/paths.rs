@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use tt_scale::config::Dtype;
+use tt_scale::loading::Dtype;
 use tt_scale::loading::ModelSource;
 use tt_scale::noise::Noise;
 use tt_scale::pipelines::flux::FluxPipeline;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
-use tt_scale::config::Dtype;
+use tt_scale::loading::Dtype;
 use tt_scale::loading::ModelSource;
 use tt_scale::models::pixart::{PixArtConfig, PixArtTransformer};
 use tt_scale::models::t5::{T5Config, T5Encoder, T5Tokenizer};

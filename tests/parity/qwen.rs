@@ -8,12 +8,14 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use image::RgbImage;
 use serde_json::Value;
-use tt_scale::config::VerifierArgs;
 use tt_scale::models::qwen2_5_vl::processor::{chat_parts, rope_positions};
 use tt_scale::models::qwen2_5_vl::{AttentionPath, KvCache, Qwen25Vl};
 use tt_scale::ops::fused::KeyMask;
 use tt_scale::verifiers::qwen::{Decoding, QwenOptions, QwenVerifier};
-use tt_scale::verifiers::{parse_grading, Verifier, VerifierError, VerifierInput, METRICS};
+use tt_scale::verifiers::VerifierArgs;
+use tt_scale::verifiers::{
+    parse_grading, ImageInput, ImageVerifier, VerifierError, VerifierKind, METRICS,
+};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -290,9 +292,9 @@ fn decoding_with_the_kv_cache_matches_a_full_forward() {
 }
 
 fn args(max_new: u32, seed: u64) -> VerifierArgs {
-    let mut a = VerifierArgs::new("qwen", "overall_score");
+    let mut a = VerifierArgs::new(VerifierKind::Qwen, "overall_score");
     a.model_name = Some(model_dir());
-    a.device = Some("cpu".into());
+    a.device = Some(tt_scale::device::DeviceSpec::Cpu);
     a.max_new_tokens = Some(max_new);
     a.seed = Some(seed);
     a.concurrency = 2;
@@ -300,10 +302,10 @@ fn args(max_new: u32, seed: u64) -> VerifierArgs {
 }
 
 /// One verifier input per test image, each with the prompt of the same index.
-fn inputs_of(imgs: &[RgbImage]) -> Vec<VerifierInput<'_>> {
+fn inputs_of(imgs: &[RgbImage]) -> Vec<ImageInput<'_>> {
     imgs.iter()
         .zip(PROMPTS)
-        .map(|(image, prompt)| VerifierInput { prompt, image })
+        .map(|(image, prompt)| ImageInput { prompt, image })
         .collect()
 }
 
@@ -343,7 +345,7 @@ fn constrained_replies_always_parse_for_many_seeds_and_prompts() {
 fn replies_never_exceed_the_token_budget() {
     let imgs = images();
     let v = QwenVerifier::from_args(&args(200, 7)).unwrap();
-    let inputs = [VerifierInput {
+    let inputs = [ImageInput {
         prompt: PROMPTS[0],
         image: &imgs[0],
     }];
@@ -375,7 +377,7 @@ fn a_budget_too_small_for_the_schema_is_a_config_error() {
 fn an_unconstrained_reply_cut_short_is_a_recorded_failure() {
     let imgs = images();
     let v = QwenVerifier::from_args(&args(300, 1994)).unwrap();
-    let inputs = [VerifierInput {
+    let inputs = [ImageInput {
         prompt: PROMPTS[0],
         image: &imgs[0],
     }];
@@ -476,7 +478,7 @@ fn low_vram_mode_loads_the_model_only_while_scoring() {
         ..QwenOptions::default()
     };
     let v = QwenVerifier::new(&args(300, 3), opts).unwrap();
-    let inputs = [VerifierInput {
+    let inputs = [ImageInput {
         prompt: PROMPTS[1],
         image: &imgs[1],
     }];
@@ -488,7 +490,7 @@ fn low_vram_mode_loads_the_model_only_while_scoring() {
 #[test]
 fn the_same_seed_gives_the_same_grading() {
     let imgs = images();
-    let inputs = [VerifierInput {
+    let inputs = [ImageInput {
         prompt: PROMPTS[2],
         image: &imgs[2],
     }];

@@ -385,7 +385,10 @@ fn bad_configs_name_the_key_exit_2_and_write_nothing() {
 
 #[test]
 fn paths_and_particles_parse_with_the_papers_defaults() {
-    use tt_scale::config::{Config, PathScore, Potential, SearchMethod};
+    use tt_scale::config::Config;
+    use tt_scale::search::particles::Potential;
+    use tt_scale::search::paths::PathScore;
+    use tt_scale::search::SearchMethod;
     let parse = |search: serde_json::Value| {
         Config::parse(&edit(|v| v["search_args"] = search), Path::new("c.json")).unwrap()
     };
@@ -595,7 +598,7 @@ fn shipped_configs_parse() {
         .verifier_args
         .ensemble
         .iter()
-        .map(|m| (m.name.as_str(), m.choice_of_metric.as_str()))
+        .map(|m| (m.name(), m.choice_of_metric.as_str()))
         .collect();
     assert_eq!(
         members,
@@ -608,10 +611,11 @@ fn shipped_configs_parse() {
     let zo = tt_scale::config::Config::load(&root.join("flux.1_dev_zero_order.json")).unwrap();
     assert_eq!(
         zo.search_args.method,
-        tt_scale::config::SearchMethod::ZeroOrder {
+        tt_scale::search::SearchMethod::ZeroOrder(tt_scale::search::zero_order::ZeroOrderArgs {
+            rounds: 4,
             threshold: 0.95,
             num_neighbors: 4
-        }
+        })
     );
 }
 

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use tt_scale::loading::tokenizers::t5_tokenizer;
 use tt_scale::loading::ModelSource;
-use tt_scale::pipelines::common::t5_tokenizer;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
