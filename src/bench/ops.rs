@@ -179,7 +179,7 @@ pub fn bench_ops(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError>
             shape.batch, shape.heads, shape.tokens, shape.head_dim
         );
         let tiles = time_attention_tiles(shape.model, &q, &k, &v, cuda, opts, &details, || {
-            fused::attention(&q, &k, &v, scale, None).map(drop)
+            ops::attention(&q, &k, &v, scale, None).map(drop)
         })?;
         reports.extend(
             tiles
@@ -202,9 +202,9 @@ pub fn bench_ops(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError>
     let k = randn(&[bq, QWEN_KV_HEADS, l, d], dtype, dev)?;
     let v = randn(&[bq, QWEN_KV_HEADS, l, d], dtype, dev)?;
     let scale = 1.0 / (d as f64).sqrt();
-    let causal = fused::KeyMask {
+    let causal = ops::KeyMask {
         causal: true,
-        ..fused::KeyMask::default()
+        ..ops::KeyMask::default()
     };
     let flops = shape.flops() / 2.0;
     let details = format!(
@@ -213,7 +213,7 @@ pub fn bench_ops(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError>
         shape.heads
     );
     let tiles = time_attention_tiles(shape.model, &q, &k, &v, cuda, opts, &details, || {
-        fused::attention_masked(&q, &k, &v, scale, &causal).map(drop)
+        ops::attention_masked(&q, &k, &v, scale, &causal).map(drop)
     })?;
     reports.extend(tiles.into_iter().map(|r| with_rate(r, Some(flops), None)));
     let mask: Vec<f32> = (0..l)

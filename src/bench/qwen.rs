@@ -14,7 +14,7 @@ use crate::models::qwen2_5_vl::processor::rope_positions;
 use crate::models::qwen2_5_vl::{
     ImageProcessorConfig, KvCache, Qwen25VlConfig, TextModel, VisionModel,
 };
-use crate::ops::fused::KeyMask;
+use crate::ops::KeyMask;
 use crate::pipelines::PipelineError;
 
 /// Text tokens before the image: the chat template's system turn with the grading rubric

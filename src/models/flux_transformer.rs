@@ -436,7 +436,7 @@ fn fused_prep(
 fn fused_attention(prep: &Tensor) -> candle_core::Result<Tensor> {
     let (_, b, l, h, d) = prep.dims5()?;
     let get = |i: usize| prep.get(i)?.transpose(1, 2);
-    fused::attention(&get(0)?, &get(1)?, &get(2)?, 1.0 / (d as f64).sqrt(), None)?
+    ops::attention(&get(0)?, &get(1)?, &get(2)?, 1.0 / (d as f64).sqrt(), None)?
         .transpose(1, 2)?
         .reshape((b, l, h * d))
 }

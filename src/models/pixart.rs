@@ -343,7 +343,7 @@ impl Attention {
         let v = split(self.to_v.forward(context)?, s)?;
         if (bias.is_none() || key_lens.is_some()) && ops::attention_fused_ok(&q, &k, &v) {
             let scale = 1.0 / (hd as f64).sqrt();
-            let out = fused::attention(&q, &k, &v, scale, key_lens)?;
+            let out = ops::attention(&q, &k, &v, scale, key_lens)?;
             return self
                 .to_out
                 .forward(&out.transpose(1, 2)?.reshape((b, n, d))?);

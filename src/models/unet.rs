@@ -580,7 +580,7 @@ impl Attention {
         let v = split(self.to_v.forward(context)?)?;
         let scale = (head_dim as f64).powf(-0.5);
         if ops::attention_fused_ok(&q, &k, &v) {
-            let out = fused::attention(&q, &k, &v, scale, None)?;
+            let out = ops::attention(&q, &k, &v, scale, None)?;
             return self
                 .to_out
                 .forward(&out.transpose(1, 2)?.reshape((b, n, dim))?);

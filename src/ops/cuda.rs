@@ -1,4 +1,7 @@
-//! Launching the project's CUDA kernels (PTX embedded at build time, see build.rs) and cuBLASLt.
+//! Launching the project's CUDA kernels (PTX embedded at build time, see build.rs), cuBLASLt
+//! and cuDNN's convolution: a leaf of launchers, each given a kernel's values
+//! ([`super::kernels`]); which kernel may run, and with which tile, is decided above
+//! ([`super::selfcheck`], [`super::tuning`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -12,37 +15,18 @@ use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::cudnn::{Cudnn, CudnnError, Session};
-use super::fused::{
+use super::gpu::{hopper, sm90a};
+use super::kernels::{
     Activation, AttentionOp, ConvOp, GatedResidualOp, GeluOp, GroupNormOp, LayerNormModOp,
     LinearOp, QkNormRopeOp,
 };
+use super::settings::{attention_layout_ok, group_norm_chunks, ATTENTION_HEAD_DIMS};
 
 const ATTENTION_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_sm80.ptx"));
 const ATTENTION_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_sm90.ptx"));
 const ATTENTION_SM90A: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_sm90a.ptx"));
 const NORM_SM80: &str = include_str!(concat!(env!("OUT_DIR"), "/norm_sm80.ptx"));
 const NORM_SM90: &str = include_str!(concat!(env!("OUT_DIR"), "/norm_sm90.ptx"));
-
-/// The device's compute capability (major, minor); (8, 0) if the driver cannot tell.
-fn compute_capability(dev: &CudaDevice) -> (i32, i32) {
-    static CC: OnceLock<(i32, i32)> = OnceLock::new();
-    *CC.get_or_init(|| {
-        dev.cuda_stream()
-            .context()
-            .compute_capability()
-            .unwrap_or((8, 0))
-    })
-}
-
-/// Whether the device is Hopper or newer (picks the compute_90 PTX).
-fn hopper(dev: &CudaDevice) -> bool {
-    compute_capability(dev).0 >= 9
-}
-
-/// Whether the device runs compute_90a code (wgmma): compute capability 9.0 exactly.
-pub(super) fn sm90a(dev: &CudaDevice) -> bool {
-    compute_capability(dev) == (9, 0)
-}
 
 /// The PTX of a kernel file for this device, and the name candle caches its module under.
 fn module(dev: &CudaDevice, file: Kernels) -> (&'static str, &'static str) {
@@ -53,232 +37,6 @@ fn module(dev: &CudaDevice, file: Kernels) -> (&'static str, &'static str) {
         Kernels::Norm if hopper(dev) => (NORM_SM90, "tt-norm-sm90"),
         Kernels::Norm => (NORM_SM80, "tt-norm-sm80"),
     }
-}
-
-/// Whether the wgmma attention tile ([`AttentionTile::Wg2p`]) can be the default for `dtype` and
-/// head size `d` on this device: compute capability 9.0, and, checked once per device, dtype and
-/// head size, it agrees with the `w4r32` tile on a random problem (a guard for a kernel whose
-/// shared-memory descriptors only a Hopper GPU can confirm). A disagreement or a failed launch is
-/// logged once and leaves the mma.sync tiles in use.
-pub(super) fn wgmma_attention_ok(dev: &CudaDevice, dtype: DType, d: usize) -> bool {
-    use super::AttentionTile;
-    if !sm90a(dev) || !AttentionTile::Wg2p.supports(d) || !matches!(dtype, DType::BF16 | DType::F16)
-    {
-        return false;
-    }
-    type Verdicts = Mutex<HashMap<(DeviceId, DType, usize), bool>>;
-    static CHECKED: OnceLock<Verdicts> = OnceLock::new();
-    let key = (dev.id(), dtype, d);
-    let checked = CHECKED.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(&ok) = checked.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-        return ok;
-    }
-    let check = || -> Result<f32> {
-        let run = check_problem(dev, dtype, d)?;
-        let want = run(AttentionTile::W4R32)?;
-        let got = run(AttentionTile::Wg2p)?;
-        let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        let norm = want.abs()?.max_all()?.to_scalar::<f32>()?;
-        Ok(if diff.is_finite() {
-            diff / norm.max(1e-6)
-        } else {
-            f32::INFINITY
-        })
-    };
-    let bound = if dtype == DType::F16 { 4e-3 } else { 2e-2 };
-    let ok = match check() {
-        Ok(err) if err <= bound => {
-            tracing::info!(
-                "attention: the Hopper kernel (wg2p, {dtype:?}, head size {d}) matches w4r32 \
-                 (relative difference {err:.1e}); using it"
-            );
-            true
-        }
-        Ok(err) => {
-            tracing::warn!(
-                "the Hopper attention kernel (wg2p, {dtype:?}, head size {d}) disagrees with w4r32 \
-                 (relative error {err:.2e}); using w4r32"
-            );
-            false
-        }
-        Err(e) => {
-            tracing::warn!(
-                "the Hopper attention kernel (wg2p, {dtype:?}, head size {d}) failed ({e}); using \
-                 w4r32"
-            );
-            false
-        }
-    };
-    checked
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key, ok);
-    ok
-}
-
-/// A random attention problem for the tile checks on `dev`: (1, 2 heads, 200 queries, `d`) against
-/// 300 keys with the last 37 masked, as token-major views like the models'. Returns a function
-/// that runs it with a given tile and returns the output in float32.
-fn check_problem(
-    dev: &CudaDevice,
-    dtype: DType,
-    d: usize,
-) -> Result<impl Fn(super::AttentionTile) -> Result<Tensor>> {
-    let device = candle_core::Device::Cuda(dev.clone());
-    let qkv = |l: usize| -> Result<Tensor> {
-        Tensor::randn(0f32, 1.0, (1, l, 2, d), &device)?
-            .to_dtype(dtype)?
-            .transpose(1, 2)
-    };
-    let (q, k, v) = (qkv(200)?, qkv(300)?, qkv(300)?);
-    let scale = 1.0 / (d as f64).sqrt();
-    Ok(move |tile| {
-        super::with_attention_tile(tile, || {
-            super::fused::attention(&q, &k, &v, scale, Some(&[263]))?.to_dtype(DType::F32)
-        })
-    })
-}
-
-/// The tiles of `default`'s family (mma.sync or wgmma) for head size `d` whose outputs are bit
-/// for bit `default`'s on this device, `default` first: checked once per device, dtype, head size
-/// and default on [`check_problem`]. The tiles are built to be identical (every query row takes
-/// the same operations in each); this confirms it before tuning may switch between them.
-fn identical_tiles(
-    dev: &CudaDevice,
-    dtype: DType,
-    d: usize,
-    default: super::AttentionTile,
-) -> Vec<super::AttentionTile> {
-    use super::AttentionTile;
-    type Families = Mutex<HashMap<(DeviceId, DType, usize, AttentionTile), Vec<AttentionTile>>>;
-    static CHECKED: OnceLock<Families> = OnceLock::new();
-    let key = (dev.id(), dtype, d, default);
-    let checked = CHECKED.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(tiles) = checked.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-        return tiles.clone();
-    }
-    let family: Vec<AttentionTile> = AttentionTile::ALL
-        .into_iter()
-        .filter(|t| {
-            *t != default
-                && t.supports(d)
-                && t.uses_wgmma() == default.uses_wgmma()
-                && (!t.uses_wgmma() || sm90a(dev))
-        })
-        .collect();
-    let check = || -> Result<Vec<AttentionTile>> {
-        let run = check_problem(dev, dtype, d)?;
-        let want = run(default)?;
-        let mut same = vec![default];
-        for tile in family {
-            let equal = match run(tile) {
-                Ok(got) => (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0,
-                Err(e) => {
-                    tracing::debug!("attention tile {} failed its check: {e}", tile.name());
-                    false
-                }
-            };
-            if equal {
-                same.push(tile);
-            } else {
-                tracing::info!(
-                    "attention: the {} tile is not bit-identical to {} ({dtype:?}, head size \
-                     {d}); it is left out of tuning",
-                    tile.name(),
-                    default.name()
-                );
-            }
-        }
-        Ok(same)
-    };
-    let tiles = check().unwrap_or_else(|e| {
-        tracing::warn!("attention: the tile check failed ({e}); not tuning");
-        vec![default]
-    });
-    checked
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key, tiles.clone());
-    tiles
-}
-
-/// [`super::tuned_attention_tile`] on CUDA: the fastest of [`identical_tiles`] for `default`,
-/// each timed (one warm-up, best of three, synchronised) on the problem itself the first time a
-/// (device, dtype, q shape, k shape, masked or not, causal or not) is seen, and remembered for the
-/// process.
-pub(super) fn tuned_attention_tile(
-    dev: &CudaDevice,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    op: &AttentionOp,
-    default: super::AttentionTile,
-) -> super::AttentionTile {
-    use super::AttentionTile;
-    type Key = (DeviceId, DType, Vec<usize>, Vec<usize>, bool, bool);
-    static TUNED: OnceLock<Mutex<HashMap<Key, AttentionTile>>> = OnceLock::new();
-    let key = (
-        dev.id(),
-        q.dtype(),
-        q.dims().to_vec(),
-        k.dims().to_vec(),
-        op.mask.lens.is_some() || op.mask.holes.is_some(),
-        op.mask.causal,
-    );
-    let tuned = TUNED.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(&tile) = tuned.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-        return tile;
-    }
-    let d = q.dims().last().copied().unwrap_or(0);
-    let candidates: Vec<AttentionTile> = identical_tiles(dev, q.dtype(), d, default)
-        .into_iter()
-        .filter(|t| t.runs_on(q))
-        .collect();
-    let chosen = if candidates.len() < 2 {
-        default
-    } else {
-        let device = candle_core::Device::Cuda(dev.clone());
-        let time = |tile: AttentionTile| -> Result<f64> {
-            let op = AttentionOp {
-                tile,
-                scale: op.scale,
-                mask: op.mask.clone(),
-            };
-            drop(q.apply_op3_no_bwd(k, v, &op)?);
-            device.synchronize()?;
-            let mut best = f64::INFINITY;
-            for _ in 0..3 {
-                let start = std::time::Instant::now();
-                drop(q.apply_op3_no_bwd(k, v, &op)?);
-                device.synchronize()?;
-                best = best.min(start.elapsed().as_secs_f64());
-            }
-            Ok(best)
-        };
-        let timed: Vec<(AttentionTile, f64)> = candidates
-            .iter()
-            .map(|&t| (t, time(t).unwrap_or(f64::INFINITY)))
-            .collect();
-        let chosen = super::fastest_tile(&timed).unwrap_or(default);
-        let list: Vec<String> = timed
-            .iter()
-            .map(|(t, s)| format!("{} {:.3} ms", t.name(), s * 1e3))
-            .collect();
-        tracing::info!(
-            "attention tuned for q {:?} k {:?} ({:?}): {}; using {}",
-            q.dims(),
-            k.dims(),
-            q.dtype(),
-            list.join(", "),
-            chosen.name()
-        );
-        chosen
-    };
-    tuned
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key, chosen);
-    chosen
 }
 
 /// The kernel files (kernels/*.cu).
@@ -414,11 +172,11 @@ fn attention_t<T: CudaDType + DeviceRepr>(
     if hk == 0 || h % hk != 0 {
         bail!("fused attention: {h} query heads are not a multiple of {hk} key heads");
     }
-    if !super::ATTENTION_HEAD_DIMS.contains(&d) {
+    if !ATTENTION_HEAD_DIMS.contains(&d) {
         bail!("fused attention has no kernel for head size {d}");
     }
     for l in [l1, l2, l3] {
-        if !super::attention_layout_ok(l.stride(), l.start_offset()) {
+        if !attention_layout_ok(l.stride(), l.start_offset()) {
             bail!(
                 "fused attention needs unit inner strides and 8-element aligned strides and \
                  offsets, got {:?} at {}",
@@ -504,7 +262,7 @@ fn attention_t<T: CudaDType + DeviceRepr>(
     // and type (q, k, v, out, key_ranges pointers; int heads, kv_group, lq, lk, causal_off; nine
     // long long strides; float scale_log2). q, k, v are (B, H or Hk, L, D) views with unit inner
     // stride and 8-element aligned strides and offsets (checked above), v of k's shape and batch
-    // and D shared with q (fused::attention_masked); out holds b·lq·h·d; key_ranges is null or
+    // and D shared with q (ops::attention_masked); out holds b·lq·h·d; key_ranges is null or
     // 3·b ints. Threads (32·warps), rows per block and dynamic shared memory are the tile's
     // (AttentionTile mirrors TtAttnTile/TtAttnWgTile; the kernel traps on too little), the
     // attribute raised above 48 KiB; all buffers stay alive until the launch is on the stream.
@@ -644,8 +402,7 @@ fn group_norm_t<T: CudaDType + DeviceRepr>(
     }
     let pack = 16 / std::mem::size_of::<T>();
     let vec = hw % pack == 0 && (l.start_offset() * std::mem::size_of::<T>()) % 16 == 0;
-    let (chunk, chunks) =
-        super::group_norm_chunks(elems, op.groups * n, if vec { pack } else { 1 });
+    let (chunk, chunks) = group_norm_chunks(elems, op.groups * n, if vec { pack } else { 1 });
     let suffix = suffix(s.dtype())?;
     let stats_fn = kernel!(dev, Kernels::Norm, format!("tt_group_stats_{suffix}"));
     let func = kernel!(dev, Kernels::Norm, format!("tt_group_norm_{suffix}"));
@@ -1143,98 +900,4 @@ fn conv2d_t<T: CudaDType + DeviceRepr>(
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         Shape::from((p.n, p.k, oh, ow)),
     ))
-}
-
-/// Whether cuDNN's convolution can serve `dtype` on this device: the library loads (the
-/// outcome is logged once), a session opens, and, checked once per device and dtype, it agrees
-/// with candle's convolution on random problems like the UNets' (3×3 stride 1 and 2, 1×1, odd
-/// sizes, with a bias). `TT_SCALE_CUDNN=0` answers no.
-pub(super) fn cudnn_conv_ok(dev: &CudaDevice, dtype: DType) -> bool {
-    static OFF: OnceLock<bool> = OnceLock::new();
-    if *OFF.get_or_init(|| super::env_says_off("TT_SCALE_CUDNN")) {
-        return false;
-    }
-    type Verdicts = Mutex<HashMap<(DeviceId, DType), bool>>;
-    static CHECKED: OnceLock<Verdicts> = OnceLock::new();
-    let key = (dev.id(), dtype);
-    let checked = CHECKED.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(&ok) = checked.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-        return ok;
-    }
-    let ok = match cudnn_check(dev, dtype) {
-        Ok(err) => {
-            let bound = match dtype {
-                DType::F32 => 1e-4,
-                DType::F16 => 4e-3,
-                _ => 2e-2,
-            };
-            if err <= bound {
-                let lib = Cudnn::global().map(|l| (l.path().to_string(), l.version()));
-                if let Ok((path, version)) = lib {
-                    tracing::info!(
-                        "conv2d: cuDNN {version} ({path}) matches candle's convolution                          ({dtype:?}, relative difference {err:.1e}); using it"
-                    );
-                }
-                true
-            } else {
-                tracing::warn!(
-                    "conv2d: cuDNN disagrees with candle's convolution ({dtype:?}, relative                      error {err:.2e}); using candle's"
-                );
-                false
-            }
-        }
-        Err(e) => {
-            tracing::warn!("conv2d: cuDNN unavailable ({e}); using candle's convolution");
-            false
-        }
-    };
-    checked
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key, ok);
-    ok
-}
-
-/// The largest relative difference (to the largest magnitude) between cuDNN's and candle's
-/// convolution over a few random problems on `dev`, in `dtype`.
-fn cudnn_check(dev: &CudaDevice, dtype: DType) -> Result<f32> {
-    let device = candle_core::Device::Cuda(dev.clone());
-    let cfg = |padding, stride| candle_nn::Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    let mut worst = 0f32;
-    for (c, k, kernel, conv) in [
-        (20, 24, 3, cfg(1, 1)),
-        (20, 24, 3, cfg(1, 2)),
-        (24, 16, 1, cfg(0, 1)),
-    ] {
-        let x = Tensor::randn(0f32, 1.0, (2, c, 13, 11), &device)?.to_dtype(dtype)?;
-        let w = (Tensor::randn(0f32, 1.0, (k, c, kernel, kernel), &device)?
-            / ((c * kernel * kernel) as f64).sqrt())?
-        .to_dtype(dtype)?;
-        let b = Tensor::randn(0f32, 1.0, k, &device)?.to_dtype(dtype)?;
-        let got = super::fused::conv2d(&x, &w, Some(&b), &conv)?.to_dtype(DType::F32)?;
-        let want = x
-            .conv2d(&w, conv.padding, conv.stride, conv.dilation, conv.groups)?
-            .broadcast_add(&b.reshape((1, k, 1, 1))?)?
-            .to_dtype(DType::F32)?;
-        if got.dims() != want.dims() {
-            bail!(
-                "cuDNN gave {:?} where candle gives {:?}",
-                got.dims(),
-                want.dims()
-            );
-        }
-        let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        let norm = want.abs()?.max_all()?.to_scalar::<f32>()?;
-        let err = if diff.is_finite() {
-            diff / norm.max(1e-6)
-        } else {
-            f32::INFINITY
-        };
-        worst = worst.max(err);
-    }
-    Ok(worst)
 }

@@ -1,105 +1,32 @@
 //! The fused operations as candle custom ops: each runs the project's CUDA kernel on a CUDA
-//! device and a plain float32 implementation of the same function on the CPU (the reference the
-//! GPU tests compare against). These functions always take the fused path; models go through
-//! the dispatching helpers of [`super`].
+//! device ([`super::cuda`]) and a plain float32 implementation of the same function on the CPU
+//! (the reference the GPU tests compare against). These functions always take the fused path;
+//! models go through the dispatching helpers of [`super`], which ask the self-check
+//! ([`super::selfcheck`]) and pick the attention tile ([`super::tuning`]).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 
-/// The activation fused into [`linear`]'s epilogue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// GELU, tanh approximation (`0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))`).
-    GeluTanh,
-}
+use super::kernels::{
+    Activation, AttentionOp, ConvOp, GatedResidualOp, GeluOp, GroupNormOp, KeyMask, LayerNormModOp,
+    LinearOp, QkNormRopeOp, QkStream,
+};
+use super::settings::AttentionTile;
 
-/// Scaled-dot-product attention without a materialised score matrix.
-///
-/// `q` (B, H, Lq, D), `k` and `v` (B, H, Lk, D), any strides; `scale` (> 0) multiplies the
-/// scores (usually `1/sqrt(D)`); `key_lens` (B values) keeps only the first `key_lens[b]` keys of batch
-/// row `b` (text padding). Returns (B, H, Lq, D), a transposed view of a contiguous
-/// (B, Lq, H, D) tensor, so that `.transpose(1, 2)?.reshape((B, Lq, H·D))` is free.
-/// On CUDA: bf16/f16, D in [`super::ATTENTION_HEAD_DIMS`], strides and offsets multiples of 8.
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    key_lens: Option<&[u32]>,
-) -> Result<Tensor> {
-    let mask = KeyMask {
-        lens: key_lens.map(<[u32]>::to_vec),
-        ..KeyMask::default()
-    };
-    attention_masked(q, k, v, scale, &mask)
-}
-
-/// Which keys each query of [`attention_masked`] sees: key `j` is visible to query `i` of batch
-/// row `b` when `j < lens[b]`, `j` lies outside `holes[b]`, and, with `causal`, `j <= i + Lk - Lq`
-/// (the queries are the last `Lq` positions of the keys). A query that sees no key gets zeros.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct KeyMask {
-    /// Per batch row, the keys before which the row's keys end (text padding at the end);
-    /// `None`: all `Lk`.
-    pub lens: Option<Vec<u32>>,
-    /// Per batch row, a range `[start, end)` of hidden keys (left padding after a cached
-    /// prefix; empty when `start >= end`); `None`: no hole. Hidden keys are never read.
-    pub holes: Option<Vec<(u32, u32)>>,
-    /// Causal attention, aligned at the end: query `i` sees keys up to `i + Lk - Lq`.
-    pub causal: bool,
-}
-
-impl KeyMask {
-    /// Whether query `i` of batch row `b` sees key `j` (`lq`, `lk`: query and key counts).
-    pub fn sees(&self, b: usize, i: usize, j: usize, lq: usize, lk: usize) -> bool {
-        let end = self.lens.as_ref().map_or(lk, |l| (l[b] as usize).min(lk));
-        let in_hole = self
-            .holes
-            .as_ref()
-            .is_some_and(|h| j >= h[b].0 as usize && j < h[b].1 as usize);
-        j < end && !in_hole && (!self.causal || j + lq <= i + lk)
-    }
-
-    /// Whether the mask hides nothing.
-    pub fn is_empty(&self) -> bool {
-        self.lens.is_none() && self.holes.is_none() && !self.causal
-    }
-
-    /// The kernel's `key_ranges`: (end, hole start, hole end) per batch row, ends clamped to
-    /// `lk`; `None` without lengths and holes.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) fn ranges(&self, batch: usize, lk: usize) -> Option<Vec<[i32; 3]>> {
-        if self.lens.is_none() && self.holes.is_none() {
-            return None;
-        }
-        let clamp = |n: u32| n.min(lk as u32) as i32;
-        Some(
-            (0..batch)
-                .map(|b| {
-                    let end = self.lens.as_ref().map_or(lk as i32, |l| clamp(l[b]));
-                    let (lo, hi) = self
-                        .holes
-                        .as_ref()
-                        .map_or((0, 0), |h| (clamp(h[b].0), clamp(h[b].1)));
-                    [end, lo, hi]
-                })
-                .collect(),
-        )
-    }
-}
-
-/// [`attention`] with a general [`KeyMask`] and grouped-query attention: `q` (B, H, Lq, D), `k`
+/// The attention kernel with tile `tile` (see [`super::attention_masked`], which models call: it
+/// picks the tile): `q` (B, H, Lq, D), `k`
 /// and `v` (B, Hk, Lk, D) with `H` a multiple of `Hk` (query head `h` reads key/value head
 /// `h / (H / Hk)`), any strides. Returns (B, H, Lq, D) as [`attention`] does. Causal attention
 /// skips the key tiles above the diagonal on CUDA.
-pub fn attention_masked(
+pub fn attention_kernel(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     mask: &KeyMask,
+    tile: AttentionTile,
 ) -> Result<Tensor> {
     let (b, h, _lq, d) = q.dims4()?;
     let (kb, kh, _, kd) = k.dims4()?;
@@ -129,16 +56,12 @@ pub fn attention_masked(
         }
     }
     // Lengths past Lk need no clamping here: `KeyMask::sees` and `KeyMask::ranges` clamp them.
-    let mut op = AttentionOp {
-        tile: super::AttentionTile::choose(q),
+    let op = AttentionOp {
+        tile,
         scale: scale as f32,
         mask: mask.clone(),
     };
-    op.tile = super::tuned_attention_tile(q, k, v, &op);
-    super::selfcheck::kernel_output(
-        super::Kernel::Attention,
-        q.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2),
-    )
+    q.apply_op3_no_bwd(k, v, &op)?.transpose(1, 2)
 }
 
 /// Layer norm over the last dimension fused with its optional affine parameters and the adaLN
@@ -179,10 +102,7 @@ pub fn layer_norm_modulate(
         eps: eps as f32,
         rows_per_group: l,
     };
-    super::selfcheck::kernel_output(
-        super::Kernel::LayerNormModulate,
-        x.contiguous()?.apply_op1_no_bwd(&op),
-    )
+    x.contiguous()?.apply_op1_no_bwd(&op)
 }
 
 /// Flux's query/key preparation in one pass. `qkv` (B, L, ≥ 3·H·D) holds q, k and v at columns
@@ -203,10 +123,7 @@ pub fn qk_norm_rope(
 ) -> Result<Tensor> {
     let first = QkStream::new(qkv, heads, q_weight, k_weight)?;
     let op = qk_norm_rope_op(first, None, heads, cos, sin, pos_offset, eps)?;
-    super::selfcheck::kernel_output(
-        super::Kernel::QkNormRope,
-        op.first.qkv.apply_op1_no_bwd(&op),
-    )
+    op.first.qkv.apply_op1_no_bwd(&op)
 }
 
 /// [`qk_norm_rope`] of two streams into one joint sequence, as Flux's double blocks attend over
@@ -233,10 +150,7 @@ pub fn qk_norm_rope_joint(
         );
     }
     let op = qk_norm_rope_op(first, Some(second), heads, rope.0, rope.1, pos_offset, eps)?;
-    super::selfcheck::kernel_output(
-        super::Kernel::QkNormRope,
-        op.first.qkv.apply_op1_no_bwd(&op),
-    )
+    op.first.qkv.apply_op1_no_bwd(&op)
 }
 
 impl QkStream {
@@ -341,18 +255,12 @@ pub fn group_norm(
         eps: eps as f32,
         silu,
     };
-    super::selfcheck::kernel_output(
-        super::Kernel::GroupNorm,
-        x.contiguous()?.apply_op1_no_bwd(&op),
-    )
+    x.contiguous()?.apply_op1_no_bwd(&op)
 }
 
 /// GELU, tanh approximation, elementwise (float32 inside).
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    super::selfcheck::kernel_output(
-        super::Kernel::Gelu,
-        x.contiguous()?.apply_op1_no_bwd(&GeluOp::Tanh),
-    )
+    x.contiguous()?.apply_op1_no_bwd(&GeluOp::Tanh)
 }
 
 /// diffusers' GEGLU: `x` (…, 2·I) -> (…, I) = `x[.., :I] · gelu_erf(x[.., I:])`.
@@ -360,10 +268,7 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     if x.dim(candle_core::D::Minus1)? % 2 != 0 {
         bail!("geglu: the last dimension of {:?} is odd", x.dims());
     }
-    super::selfcheck::kernel_output(
-        super::Kernel::Gelu,
-        x.contiguous()?.apply_op1_no_bwd(&GeluOp::Geglu),
-    )
+    x.contiguous()?.apply_op1_no_bwd(&GeluOp::Geglu)
 }
 
 /// `x · weightᵀ + bias`, then `activation`, as one 2-D product over all leading dimensions
@@ -377,7 +282,7 @@ pub fn linear(
     activation: Option<Activation>,
 ) -> Result<Tensor> {
     let op = linear_op("linear", x, weight, bias, activation, None)?;
-    super::selfcheck::kernel_output(super::Kernel::Linear, x.contiguous()?.apply_op1_no_bwd(&op))
+    x.contiguous()?.apply_op1_no_bwd(&op)
 }
 
 /// The [`LinearOp`] of `x · weightᵀ + bias` (then `activation`, then plus `then`'s product),
@@ -450,10 +355,7 @@ pub fn linear_sum(
     }
     let then = Some((x2.contiguous()?, rows_contiguous(w2)?));
     let op = linear_op("linear_sum", x1, w1, bias, None, then)?;
-    super::selfcheck::kernel_output(
-        super::Kernel::Linear,
-        x1.contiguous()?.apply_op1_no_bwd(&op),
-    )
+    x1.contiguous()?.apply_op1_no_bwd(&op)
 }
 
 /// A modulation operand (B, 1, C) or (B, C) as (B, C) rows (a view); `op` and `name` for the
@@ -503,10 +405,7 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
         gate,
         rows_per_group: l,
     };
-    super::selfcheck::kernel_output(
-        super::Kernel::GatedResidual,
-        x.contiguous()?.apply_op2_no_bwd(&y.contiguous()?, &op),
-    )
+    x.contiguous()?.apply_op2_no_bwd(&y.contiguous()?, &op)
 }
 
 /// A 2-D convolution (cross-correlation, as PyTorch's `conv2d`) plus a per-channel bias: cuDNN
@@ -552,120 +451,7 @@ pub fn conv2d(
 }
 
 // ---------------------------------------------------------------------------------------------
-// The custom ops.
-
-pub(crate) struct AttentionOp {
-    /// The CUDA kernel's block tile (no effect on the CPU, nor on the result).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) tile: super::AttentionTile,
-    pub(crate) scale: f32,
-    pub(crate) mask: KeyMask,
-}
-
-pub(crate) struct LayerNormModOp {
-    pub(crate) weight: Option<Tensor>,
-    pub(crate) bias: Option<Tensor>,
-    pub(crate) shift: Option<Tensor>,
-    pub(crate) scale: Option<Tensor>,
-    pub(crate) eps: f32,
-    pub(crate) rows_per_group: usize,
-}
-
-/// One stream of [`QkNormRopeOp`]: qkv (B, L, ≥ 3·H·D), rows contiguous inside, batch rows
-/// L rows apart (any row stride); its q/k norm weights (D).
-pub(crate) struct QkStream {
-    pub(crate) qkv: Tensor,
-    pub(crate) q_weight: Tensor,
-    pub(crate) k_weight: Tensor,
-}
-
-pub(crate) struct QkNormRopeOp {
-    pub(crate) heads: usize,
-    pub(crate) dim: usize,
-    /// The op's input (its rows come first); kept for its weights.
-    pub(crate) first: QkStream,
-    /// Rows after the first stream's (the joint sequence of Flux's double blocks).
-    pub(crate) second: Option<QkStream>,
-    pub(crate) cos: Tensor,
-    pub(crate) sin: Tensor,
-    pub(crate) pos_offset: usize,
-    pub(crate) eps: f32,
-}
-
-pub(crate) struct GroupNormOp {
-    pub(crate) groups: usize,
-    pub(crate) weight: Option<Tensor>,
-    pub(crate) bias: Option<Tensor>,
-    pub(crate) eps: f32,
-    pub(crate) silu: bool,
-}
-
-pub(crate) enum GeluOp {
-    Tanh,
-    Geglu,
-}
-
-pub(crate) struct LinearOp {
-    /// (N, K), rows contiguous (any row stride).
-    pub(crate) weight: Tensor,
-    pub(crate) bias: Option<Tensor>,
-    pub(crate) activation: Option<Activation>,
-    /// A second product added to the output: its input (…, K2), contiguous, and weight (N, K2).
-    pub(crate) then: Option<(Tensor, Tensor)>,
-}
-
-pub(crate) struct ConvOp {
-    /// (K, C / groups, R, S), contiguous.
-    pub(crate) weight: Tensor,
-    pub(crate) padding: usize,
-    pub(crate) stride: usize,
-    pub(crate) dilation: usize,
-    pub(crate) groups: usize,
-}
-
-impl ConvOp {
-    /// The convolution of an input of `dims` (N, C, H, W), checked (sizes, groups, dtype).
-    pub(crate) fn problem(
-        &self,
-        dims: &[usize],
-        dtype: DType,
-    ) -> Result<super::cudnn::ConvProblem> {
-        use super::cudnn::{ConvDType, ConvProblem};
-        let (k, _, r, s) = self.weight.dims4()?;
-        let &[n, c, h, w] = dims else {
-            bail!("conv2d: input {dims:?} is not (N, C, H, W)");
-        };
-        let dtype = match dtype {
-            DType::BF16 => ConvDType::BF16,
-            DType::F16 => ConvDType::F16,
-            DType::F32 => ConvDType::F32,
-            other => bail!("conv2d takes bf16, f16 or f32, not {other:?}"),
-        };
-        let p = ConvProblem {
-            n,
-            c,
-            h,
-            w,
-            k,
-            r,
-            s,
-            padding: (self.padding, self.padding),
-            stride: (self.stride, self.stride),
-            dilation: (self.dilation, self.dilation),
-            groups: self.groups,
-            dtype,
-        };
-        p.output_hw().map_err(candle_core::Error::wrap)?;
-        Ok(p)
-    }
-}
-
-pub(crate) struct GatedResidualOp {
-    /// (B, C), rows contiguous.
-    pub(crate) gate: Tensor,
-    /// Rows of x per gate row (the tokens of a batch row).
-    pub(crate) rows_per_group: usize,
-}
+// The custom ops: CPU implementations here, CUDA launches in super::cuda.
 
 /// GELU, tanh approximation, in float32.
 pub(crate) fn gelu_tanh_f32(a: f32) -> f32 {

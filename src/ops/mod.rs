@@ -1,336 +1,84 @@
 //! Fused operations of the denoisers: the project's own CUDA kernels (`kernels/*.cu`, compiled
-//! to PTX by build.rs) and cuBLASLt, behind candle custom ops ([`fused`]), each with a CPU
-//! implementation of the same function.
+//! to PTX by build.rs), cuBLASLt and cuDNN, behind candle custom ops ([`fused`]), each with a CPU
+//! implementation of the same function; and the dispatching helpers the models call (this
+//! file).
 //!
 //! Models ask [`fused_on`] (or [`attention_fused_ok`]) whether the fused path applies to a
 //! tensor: on a CUDA device, for the dtypes and shapes the kernels cover, unless the environment
 //! sets `TT_SCALE_FUSED=0` (the escape hatch, and how the benchmarks time both paths). Otherwise
-//! the model's own composition of candle operations runs. Each kernel family checks itself on first use ([`selfcheck`]) and gives way to
-//! the plain composition where it disagrees with its reference: models ask [`fused_for`].
+//! the model's own composition of candle operations runs. Each kernel family checks itself on
+//! first use ([`selfcheck`]) and gives way to the plain composition where it disagrees with its
+//! reference: models ask [`fused_for`]. The attention kernel's tile is picked by [`tuning`].
+//!
+//! The files form layers, lowest first: [`gpu`] (the device's compute capability), [`settings`]
+//! (tiles, switches), [`kernels`] (what each kernel is called with), `cudnn` and `cuda` (the
+//! launchers), [`fused`] (the custom ops), [`selfcheck`] and [`tuning`] (which run the kernels to
+//! check and time them), then this file.
 //!
 //! On the CPU, float32 matrix products of the transformer layers go through [`blas`] (the
 //! system's OpenBLAS, opened at run time, about twice candle's GEMM speed) where it is installed.
 
 pub mod blas;
-mod cudnn;
-pub mod fused;
-pub mod selfcheck;
-
 #[cfg(feature = "cuda")]
 mod cuda;
-
-use std::sync::OnceLock;
+mod cudnn;
+pub mod fused;
+pub mod gpu;
+pub mod kernels;
+pub mod selfcheck;
+pub mod settings;
+pub mod tuning;
 
 use candle_core::{DType, Module, Result, Tensor};
 
-pub use fused::Activation;
+pub use kernels::{Activation, KeyMask};
 pub use selfcheck::Kernel;
+pub use settings::{
+    attention_tuning_enabled, fused_enabled, with_attention_tile, with_fused, AttentionTile,
+    ATTENTION_HEAD_DIMS,
+};
 
-/// Head sizes the fused attention kernel is instantiated for (SD 1.5: 40, 80, 160; SDXL: 64;
-/// PixArt-Sigma: 72; Flux: 128).
-pub const ATTENTION_HEAD_DIMS: [usize; 6] = [40, 64, 72, 80, 128, 160];
-
-thread_local! {
-    static OVERRIDE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
-    static TILE_OVERRIDE: std::cell::Cell<Option<AttentionTile>> =
-        const { std::cell::Cell::new(None) };
-}
-
-/// The block tile of the fused attention kernel (`kernels/attention.cu`): how many warps a block
-/// has and how many query rows each warp owns. All tiles give bit-identical outputs; they differ
-/// only in speed, so the choice never changes an image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AttentionTile {
-    /// 4 warps of 16 rows (64 rows a block); Q fragments held in registers.
-    W4R16,
-    /// 8 warps of 16 rows (128 rows): each K/V tile serves twice the rows.
-    W8R16,
-    /// 4 warps of 32 rows (128 rows; FlashAttention-2's tile for head sizes 64 and 128): each
-    /// K/V fragment feeds two products, the Q tile sits in shared memory. Head sizes up to 128.
-    W4R32,
-    /// 2 warpgroups of 64 rows (128 rows) on Hopper's wgmma: the tensor cores read K and V from
-    /// shared memory themselves. Compute capability 9.0 only.
-    Wg2,
-    /// 1 warpgroup of 64 rows on wgmma: two blocks fit an SM and never wait for each other.
-    /// Compute capability 9.0 only.
-    Wg1,
-    /// [`AttentionTile::Wg2`] pipelined (FlashAttention-3's intra-warpgroup overlap): two K and
-    /// two V buffers, one block barrier a tile, each tile's softmax running while the previous
-    /// tile's P·V is on the tensor cores. Compute capability 9.0 only.
-    Wg2p,
-    /// [`AttentionTile::Wg1`] pipelined as [`AttentionTile::Wg2p`]. Compute capability 9.0 only.
-    Wg1p,
-}
-
-impl AttentionTile {
-    /// Every tile, in the order the benchmarks list them.
-    pub const ALL: [AttentionTile; 7] = [
-        Self::W4R16,
-        Self::W8R16,
-        Self::W4R32,
-        Self::Wg2,
-        Self::Wg1,
-        Self::Wg2p,
-        Self::Wg1p,
-    ];
-
-    /// The kernel-name suffix, also the `TT_SCALE_ATTN_TILE` value: `w4r16`, `w8r16`, `w4r32`,
-    /// `wg2`, `wg1`, `wg2p`, `wg1p`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::W4R16 => "w4r16",
-            Self::W8R16 => "w8r16",
-            Self::W4R32 => "w4r32",
-            Self::Wg2 => "wg2",
-            Self::Wg1 => "wg1",
-            Self::Wg2p => "wg2p",
-            Self::Wg1p => "wg1p",
-        }
-    }
-
-    /// Parses [`AttentionTile::name`] (case-insensitive).
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|t| t.name().eq_ignore_ascii_case(s.trim()))
-    }
-
-    /// Warps of a block.
-    pub fn warps(self) -> usize {
-        match self {
-            Self::W4R16 | Self::W4R32 | Self::Wg1 | Self::Wg1p => 4,
-            Self::W8R16 | Self::Wg2 | Self::Wg2p => 8,
-        }
-    }
-
-    /// Query rows of a block.
-    pub fn block_rows(self) -> usize {
-        match self {
-            Self::W4R16 | Self::Wg1 | Self::Wg1p => 64,
-            Self::W8R16 | Self::W4R32 | Self::Wg2 | Self::Wg2p => 128,
-        }
-    }
-
-    /// Whether the kernel is instantiated for head size `d`.
-    pub fn supports(self, d: usize) -> bool {
-        match self {
-            Self::W4R32 => ATTENTION_HEAD_DIMS.contains(&d) && d <= 128,
-            _ => ATTENTION_HEAD_DIMS.contains(&d),
-        }
-    }
-
-    /// Whether the tile runs on Hopper's wgmma (compute capability 9.0 only).
-    pub fn uses_wgmma(self) -> bool {
-        matches!(self, Self::Wg2 | Self::Wg1 | Self::Wg2p | Self::Wg1p)
-    }
-
-    /// Whether the tile double-buffers K and V ([`AttentionTile::Wg2p`], [`AttentionTile::Wg1p`]).
-    pub fn pipelined(self) -> bool {
-        matches!(self, Self::Wg2p | Self::Wg1p)
-    }
-
-    /// Whether the tile can run attention over `q` (B, H, L, D) on `q`'s device: the head size,
-    /// and for the wgmma tiles a CUDA device of compute capability 9.0.
-    pub fn runs_on(self, q: &Tensor) -> bool {
-        let d = q.dims().last().copied().unwrap_or(0);
-        self.supports(d) && (!self.uses_wgmma() || sm90a_device(q.device()))
-    }
-
-    /// Dynamic shared memory of a block, bytes, for head size `d` and 16-bit elements: the K and
-    /// V tiles (64 keys each), plus the Q tile for [`AttentionTile::W4R32`], rows of
-    /// `ceil(d/16)·16 + 8` elements; the wgmma tiles' rows are not padded, and the pipelined
-    /// ones hold two K and two V tiles (`TtAttnTile::SMEM_BYTES`, `TtAttnWgTile::SMEM_BYTES` in
-    /// the kernel, which checks it).
-    pub fn smem_bytes(self, d: usize) -> usize {
-        let padded = d.div_ceil(16) * 16;
-        if self.uses_wgmma() {
-            let buffers = if self.pipelined() { 2 } else { 1 };
-            return 2 * buffers * 64 * padded * 2; // K and V tiles as core matrices
-        }
-        let row = padded + 8;
-        let q_rows = if self == Self::W4R32 {
-            self.block_rows()
-        } else {
-            0
-        };
-        (2 * 64 + q_rows) * row * 2
-    }
-
-    /// The tile for attention over `q` (B, H, Lq, D): the thread's override
-    /// ([`with_attention_tile`]), else `TT_SCALE_ATTN_TILE`, where that tile
-    /// [runs](AttentionTile::runs_on) on `q`; else, with more than 64 query rows,
-    /// [`AttentionTile::Wg2p`] where it runs and has passed its one-time check against `w4r32`
-    /// on this device, else [`AttentionTile::W4R32`] (FlashAttention-2's choice) where it
-    /// applies; else [`AttentionTile::W4R16`].
-    pub fn choose(q: &Tensor) -> Self {
-        let dims = q.dims();
-        let d = dims.last().copied().unwrap_or(0);
-        let lq = if dims.len() >= 2 {
-            dims[dims.len() - 2]
-        } else {
-            1
-        };
-        match Self::asked() {
-            Some(t) if t.runs_on(q) => t,
-            _ if lq > 64 && Self::Wg2p.runs_on(q) && wgmma_checked(q) => Self::Wg2p,
-            _ => Self::choose_mma(d, lq),
-        }
-    }
-
-    /// The mma.sync tile for `lq` query rows of head size `d`, the override or
-    /// `TT_SCALE_ATTN_TILE` aside: [`AttentionTile::W4R32`] where it applies and there are more
-    /// than 64 rows, else [`AttentionTile::W4R16`].
-    pub fn choose_mma(d: usize, lq: usize) -> Self {
-        if Self::W4R32.supports(d) && lq > 64 {
-            Self::W4R32
-        } else {
-            Self::W4R16
-        }
-    }
-
-    /// The thread's override, else `TT_SCALE_ATTN_TILE` (read once; an unknown value is logged
-    /// and ignored).
-    fn asked() -> Option<Self> {
-        static FROM_ENV: OnceLock<Option<AttentionTile>> = OnceLock::new();
-        TILE_OVERRIDE.with(|o| o.get()).or_else(|| {
-            *FROM_ENV.get_or_init(|| {
-                let v = std::env::var("TT_SCALE_ATTN_TILE").ok()?;
-                let tile = Self::parse(&v);
-                if tile.is_none() {
-                    tracing::warn!(
-                        "TT_SCALE_ATTN_TILE={v:?} is not a tile (w4r16, w8r16, w4r32, wg2, \
-                         wg1, wg2p, wg1p); using the default"
-                    );
-                }
-                tile
-            })
-        })
-    }
-}
-
-/// Whether attention tiles are tuned on CUDA: `TT_SCALE_ATTN_TUNE` unset, or not `0`/`off`/
-/// `false`/`no`. See [`tuned_attention_tile`].
-pub fn attention_tuning_enabled() -> bool {
-    static FROM_ENV: OnceLock<bool> = OnceLock::new();
-    *FROM_ENV.get_or_init(|| !env_says_off("TT_SCALE_ATTN_TUNE"))
-}
-
-/// Whether environment variable `name` is `0`, `off`, `false` or `no` (any case).
-fn env_says_off(name: &str) -> bool {
-    matches!(
-        std::env::var(name)
-            .unwrap_or_default()
-            .to_ascii_lowercase()
-            .as_str(),
-        "0" | "off" | "false" | "no"
-    )
-}
-
-/// The tile [`fused::attention`] runs with, `op.tile` being [`AttentionTile::choose`]'s: that
-/// tile where one was asked for ([`with_attention_tile`], `TT_SCALE_ATTN_TILE`); else, on CUDA
-/// with tuning on ([`attention_tuning_enabled`]), the fastest of the tiles whose outputs are
-/// bit-identical to the default's on this device (checked once per device, dtype and head size),
-/// timed once per problem shape on the problem itself (not with 64 query rows or fewer). So
-/// tuning never changes a result, only the time it takes.
-pub(crate) fn tuned_attention_tile(
+/// Scaled-dot-product attention without a materialised score matrix ([`fused::attention_kernel`]
+/// with the tile [`tuning`] picks).
+///
+/// `q` (B, H, Lq, D), `k` and `v` (B, H, Lk, D), any strides; `scale` (> 0) multiplies the
+/// scores (usually `1/sqrt(D)`); `key_lens` (B values) keeps only the first `key_lens[b]` keys of
+/// batch row `b` (text padding). Returns (B, H, Lq, D), a transposed view of a contiguous
+/// (B, Lq, H, D) tensor, so that `.transpose(1, 2)?.reshape((B, Lq, H·D))` is free.
+/// On CUDA: bf16/f16, D in [`ATTENTION_HEAD_DIMS`], strides and offsets multiples of 8.
+pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    op: &fused::AttentionOp,
-) -> AttentionTile {
-    let default = op.tile;
-    // With at most 64 query rows (a decode step, a short run of forced tokens) every tile runs
-    // one block per head, and the key count changes with every call: nothing worth timing.
-    let few_rows = q.dims().get(2).is_some_and(|&lq| lq <= 64);
-    if AttentionTile::asked().is_some() || !attention_tuning_enabled() || few_rows {
-        return default;
-    }
-    match q.device() {
-        #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(c) => cuda::tuned_attention_tile(c, q, k, v, op, default),
-        _ => {
-            let _ = (k, v, op);
-            default
-        }
-    }
+    scale: f64,
+    key_lens: Option<&[u32]>,
+) -> Result<Tensor> {
+    let mask = KeyMask {
+        lens: key_lens.map(<[u32]>::to_vec),
+        ..KeyMask::default()
+    };
+    attention_masked(q, k, v, scale, &mask)
 }
 
-/// The fastest of `timed` (tile, seconds), the first on ties; `None` when empty or no time is
-/// finite.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) fn fastest_tile(timed: &[(AttentionTile, f64)]) -> Option<AttentionTile> {
-    timed
-        .iter()
-        .filter(|(_, t)| t.is_finite())
-        .fold(
-            None::<(AttentionTile, f64)>,
-            |best, &(tile, t)| match best {
-                Some((_, bt)) if bt <= t => best,
-                _ => Some((tile, t)),
-            },
-        )
-        .map(|(tile, _)| tile)
-}
-
-/// Whether `dev` is a CUDA device of compute capability 9.0 (runs wgmma).
-fn sm90a_device(dev: &candle_core::Device) -> bool {
-    match dev {
-        #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(c) => cuda::sm90a(c),
-        _ => false,
-    }
-}
-
-/// Whether the wgmma tile has passed its one-time check for `q`'s device, dtype and head size.
-fn wgmma_checked(q: &Tensor) -> bool {
-    match q.device() {
-        #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(c) => {
-            cuda::wgmma_attention_ok(c, q.dtype(), q.dims().last().copied().unwrap_or(0))
-        }
-        _ => false,
-    }
-}
-
-/// Runs `f` with the fused attention using `tile` on this thread where the kernel has it for the
-/// head size (benchmarks and tests compare the tiles in one process).
-pub fn with_attention_tile<R>(tile: AttentionTile, f: impl FnOnce() -> R) -> R {
-    with_override(&TILE_OVERRIDE, tile, f)
-}
-
-/// Whether the fused kernels are switched on: `TT_SCALE_FUSED` unset, or not `0`/`off`/
-/// `false`/`no`, unless [`with_fused`] overrides it on this thread.
-pub fn fused_enabled() -> bool {
-    static FROM_ENV: OnceLock<bool> = OnceLock::new();
-    OVERRIDE
-        .with(|o| o.get())
-        .unwrap_or_else(|| *FROM_ENV.get_or_init(|| !env_says_off("TT_SCALE_FUSED")))
-}
-
-/// Runs `f` with the fused kernels switched on or off on this thread (tests and benchmarks
-/// compare both paths in one process).
-pub fn with_fused<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    with_override(&OVERRIDE, on, f)
-}
-
-/// Runs `f` with the thread-local override `key` set to `value`, restoring the previous value
-/// afterwards (also when `f` panics).
-fn with_override<T: Copy + 'static, R>(
-    key: &'static std::thread::LocalKey<std::cell::Cell<Option<T>>>,
-    value: T,
-    f: impl FnOnce() -> R,
-) -> R {
-    struct Restore<T: Copy + 'static>(
-        &'static std::thread::LocalKey<std::cell::Cell<Option<T>>>,
-        Option<T>,
-    );
-    impl<T: Copy + 'static> Drop for Restore<T> {
-        fn drop(&mut self) {
-            self.0.with(|o| o.set(self.1));
-        }
-    }
-    let _restore = Restore(key, key.with(|o| o.replace(Some(value))));
-    f()
+/// [`attention`] with a general [`KeyMask`] and grouped-query attention: `q` (B, H, Lq, D), `k`
+/// and `v` (B, Hk, Lk, D) with `H` a multiple of `Hk` (query head `h` reads key/value head
+/// `h / (H / Hk)`), any strides. Returns (B, H, Lq, D) as [`attention`] does. Causal attention
+/// skips the key tiles above the diagonal on CUDA.
+pub fn attention_masked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &KeyMask,
+) -> Result<Tensor> {
+    let chosen = tuning::choose_tile(q);
+    let op = kernels::AttentionOp {
+        tile: chosen,
+        scale: scale as f32,
+        mask: mask.clone(),
+    };
+    let tile = tuning::tuned_tile(q, k, v, &op);
+    fused::attention_kernel(q, k, v, scale, mask, tile)
 }
 
 /// Whether the fused path applies to `t`: a CUDA tensor of a float dtype the kernels take
@@ -348,13 +96,7 @@ pub fn fused_for(kernel: Kernel, t: &Tensor, head_size: usize) -> bool {
     fused_on(t) && selfcheck::trusted(kernel, t.device(), t.dtype(), head_size)
 }
 
-/// Whether a (B, H, L, D) layout suits the attention kernel: unit innermost stride, other
-/// strides and the start offset multiples of 8 elements (16-byte vector loads).
-pub(crate) fn attention_layout_ok(stride: &[usize], offset: usize) -> bool {
-    stride.len() == 4 && stride[3] == 1 && stride[..3].iter().all(|s| s % 8 == 0) && offset % 8 == 0
-}
-
-/// Whether [`fused::attention`] can run `q`, `k`, `v` (B, H, L, D) on their device: CUDA,
+/// Whether [`attention`] can run `q`, `k`, `v` (B, H, L, D) on their device: CUDA,
 /// bf16/f16, a head size of [`ATTENTION_HEAD_DIMS`], kernel-friendly layouts, and the kernel
 /// passed its self-check for that head size.
 pub fn attention_fused_ok(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
@@ -364,7 +106,7 @@ pub fn attention_fused_ok(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && ATTENTION_HEAD_DIMS.contains(&q.dims()[3])
         && [q, k, v].iter().all(|t| {
             let (_, layout) = t.storage_and_layout();
-            attention_layout_ok(layout.stride(), layout.start_offset())
+            settings::attention_layout_ok(layout.stride(), layout.start_offset())
         })
         && selfcheck::trusted(Kernel::Attention, q.device(), q.dtype(), q.dims()[3])
 }
@@ -493,20 +235,6 @@ pub fn linear_plain(
     y.reshape(out)
 }
 
-/// How the CUDA group norm splits each group of `n` elements over blocks: (chunk length,
-/// chunks). Enough blocks to fill a large GPU (about 512 over all `groups_x_batch` groups),
-/// chunks of at least 4096 elements, each a multiple of `pack` (the 16-byte vector's elements).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) fn group_norm_chunks(n: usize, groups_x_batch: usize, pack: usize) -> (usize, usize) {
-    const TARGET_BLOCKS: usize = 512;
-    const MIN_CHUNK: usize = 4096;
-    let pack = pack.max(1);
-    let want = TARGET_BLOCKS.div_ceil(groups_x_batch.max(1));
-    let chunks = want.min(n.div_ceil(MIN_CHUNK)).max(1);
-    let chunk = n.div_ceil(chunks).div_ceil(pack).max(1) * pack;
-    (chunk, n.div_ceil(chunk).max(1))
-}
-
 /// A group norm (affine) that runs as one kernel, optionally fused with the SiLU that follows
 /// it, where [`fused_on`] its input, and as `candle_nn::GroupNorm` otherwise.
 #[derive(Debug, Clone)]
@@ -626,7 +354,7 @@ pub fn conv_cudnn_ok(x: &Tensor) -> bool {
     }
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(dev) = x.device() {
-        return cuda::cudnn_conv_ok(dev, x.dtype());
+        return selfcheck::cudnn_conv_ok(dev, x.dtype());
     }
     false
 }
@@ -700,19 +428,19 @@ mod tests {
     #[test]
     fn group_norm_chunks_fill_the_gpu_and_cover_each_group_once() {
         // SDXL's first level (2 x 32 groups of 10 x 128 x 128): 8 chunks a group, 512 blocks.
-        assert_eq!(group_norm_chunks(10 * 16384, 64, 8), (20480, 8));
+        assert_eq!(settings::group_norm_chunks(10 * 16384, 64, 8), (20480, 8));
         // The VAE's last level at 1024x1024 (1 x 32 groups of 4 x 1024 x 1024): 16 chunks.
-        assert_eq!(group_norm_chunks(4 << 20, 32, 8), (262144, 16));
+        assert_eq!(settings::group_norm_chunks(4 << 20, 32, 8), (262144, 16));
         // Small groups stay one chunk; a group of one element too.
-        assert_eq!(group_norm_chunks(4096, 2, 8), (4096, 1));
-        assert_eq!(group_norm_chunks(1, 1, 1), (1, 1));
+        assert_eq!(settings::group_norm_chunks(4096, 2, 8), (4096, 1));
+        assert_eq!(settings::group_norm_chunks(1, 1, 1), (1, 1));
         for (n, gb, pack) in [
             (37 * 4, 6, 1),
             (100_003, 3, 1),
             (8 * 12345, 1, 8),
             (64, 64, 8),
         ] {
-            let (chunk, chunks) = group_norm_chunks(n, gb, pack);
+            let (chunk, chunks) = settings::group_norm_chunks(n, gb, pack);
             assert_eq!(chunk % pack, 0);
             assert!(
                 chunk * chunks >= n && chunk * (chunks - 1) < n,
@@ -736,9 +464,9 @@ mod tests {
         let q = |lq, d| q(lq, d).unwrap();
         // Flux's 4096+512 tokens at D = 128 take the 128-row tile; a single row or D = 160
         // (no w4r32 kernel) the 64-row one. Never wg2 off a Hopper GPU.
-        assert_eq!(AttentionTile::choose(&q(4608, 128)), AttentionTile::W4R32);
-        assert_eq!(AttentionTile::choose(&q(1, 128)), AttentionTile::W4R16);
-        assert_eq!(AttentionTile::choose(&q(4096, 160)), AttentionTile::W4R16);
+        assert_eq!(tuning::choose_tile(&q(4608, 128)), AttentionTile::W4R32);
+        assert_eq!(tuning::choose_tile(&q(1, 128)), AttentionTile::W4R16);
+        assert_eq!(tuning::choose_tile(&q(4096, 160)), AttentionTile::W4R16);
         assert!(!AttentionTile::Wg2.runs_on(&q(4608, 128)));
         for t in [AttentionTile::Wg1, AttentionTile::Wg2p, AttentionTile::Wg1p] {
             assert!(!t.runs_on(&q(4608, 128)), "{t:?}");
@@ -753,15 +481,15 @@ mod tests {
         );
         // An override applies where the tile runs, else the default stands.
         with_attention_tile(AttentionTile::W8R16, || {
-            assert_eq!(AttentionTile::choose(&q(10, 72)), AttentionTile::W8R16);
+            assert_eq!(tuning::choose_tile(&q(10, 72)), AttentionTile::W8R16);
         });
         with_attention_tile(AttentionTile::W4R32, || {
-            assert_eq!(AttentionTile::choose(&q(4096, 160)), AttentionTile::W4R16);
+            assert_eq!(tuning::choose_tile(&q(4096, 160)), AttentionTile::W4R16);
         });
         with_attention_tile(AttentionTile::Wg2p, || {
-            assert_eq!(AttentionTile::choose(&q(4608, 128)), AttentionTile::W4R32);
+            assert_eq!(tuning::choose_tile(&q(4608, 128)), AttentionTile::W4R32);
         });
-        assert_eq!(AttentionTile::choose(&q(10, 72)), AttentionTile::W4R16);
+        assert_eq!(tuning::choose_tile(&q(10, 72)), AttentionTile::W4R16);
         // K and V tiles of 64 rows (+ the 128-row Q tile), rows padded to 16 plus 8 elements;
         // wg2's unpadded, wg2p's twice as many.
         assert_eq!(AttentionTile::W4R16.smem_bytes(128), 128 * 136 * 2);
@@ -775,23 +503,26 @@ mod tests {
     #[test]
     fn tuning_keeps_the_fastest_finite_time_and_the_first_on_ties() {
         use AttentionTile::*;
-        assert_eq!(fastest_tile(&[]), None);
-        assert_eq!(fastest_tile(&[(Wg2p, f64::NAN)]), None);
+        assert_eq!(settings::fastest_tile(&[]), None);
+        assert_eq!(settings::fastest_tile(&[(Wg2p, f64::NAN)]), None);
         let timed = [
             (Wg2p, 2e-3),
             (Wg1p, 1.5e-3),
             (Wg2, f64::INFINITY),
             (Wg1, 1.5e-3),
         ];
-        assert_eq!(fastest_tile(&timed), Some(Wg1p));
-        assert_eq!(fastest_tile(&[(Wg2p, 1e-3), (Wg1p, 1e-3)]), Some(Wg2p));
+        assert_eq!(settings::fastest_tile(&timed), Some(Wg1p));
+        assert_eq!(
+            settings::fastest_tile(&[(Wg2p, 1e-3), (Wg1p, 1e-3)]),
+            Some(Wg2p)
+        );
         // On the CPU there is nothing to tune: the default stands.
         let q = Tensor::zeros((1, 2, 300, 64), DType::F32, &Device::Cpu).unwrap();
-        let op = fused::AttentionOp {
-            tile: AttentionTile::choose(&q),
+        let op = kernels::AttentionOp {
+            tile: tuning::choose_tile(&q),
             scale: 0.125,
-            mask: fused::KeyMask::default(),
+            mask: KeyMask::default(),
         };
-        assert_eq!(tuned_attention_tile(&q, &q, &q, &op), AttentionTile::W4R32);
+        assert_eq!(tuning::tuned_tile(&q, &q, &q, &op), AttentionTile::W4R32);
     }
 }

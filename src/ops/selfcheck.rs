@@ -8,8 +8,11 @@
 //!
 //! The mechanism runs on the CPU too, for tests: [`with_cpu_kernels`] lets the fused path run
 //! there (the CPU implementations stand in for the kernels) and [`with_faulty_kernel`] makes a
-//! family's kernel return wrong results, so a test can see the check catch it and the models
-//! fall back.
+//! family's kernel return wrong results where the check runs it ([`fused_for`](super::fused_for)
+//! asks for the check), so a test can see the check catch it and the models fall back.
+//!
+//! cuDNN's convolution is checked here too ([`cudnn_conv_ok`]), against candle's. Above
+//! [`super::fused`]: the kernels know nothing of their checks.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -18,11 +21,13 @@ use std::sync::{Mutex, OnceLock};
 use candle_core::{DType, Device, DeviceLocation, Result, Tensor};
 
 use super::fused;
+use super::kernels::{Activation, KeyMask};
+use super::settings::with_override;
 
 /// A family of fused kernels, checked as one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
-    /// Attention ([`fused::attention`], [`fused::attention_masked`]); per head size.
+    /// Attention ([`super::attention`], [`super::attention_masked`]); per head size.
     Attention,
     /// [`fused::layer_norm_modulate`].
     LayerNormModulate,
@@ -79,7 +84,7 @@ thread_local! {
 /// Runs `f` with the fused path taken on the CPU too (the kernels' CPU implementations stand in
 /// for them), on this thread: for tests of the self-check and of the models' dispatch.
 pub fn with_cpu_kernels<R>(f: impl FnOnce() -> R) -> R {
-    super::with_override(&CPU_KERNELS, true, f)
+    with_override(&CPU_KERNELS, true, f)
 }
 
 /// Whether [`with_cpu_kernels`] is in effect on this thread.
@@ -87,26 +92,18 @@ pub fn cpu_kernels() -> bool {
     CPU_KERNELS.with(Cell::get).unwrap_or(false)
 }
 
-/// Runs `f` with `kernel`'s outputs corrupted on this thread (1 added to every element), as a
-/// broken kernel would be: for tests that the self-check catches it.
+/// Runs `f` with `kernel`'s outputs corrupted (1 added to every element) where its check runs it
+/// on this thread, as a broken kernel's would be: for tests that the self-check catches it.
 pub fn with_faulty_kernel<R>(kernel: Kernel, f: impl FnOnce() -> R) -> R {
-    super::with_override(&FAULTY, kernel, f)
+    with_override(&FAULTY, kernel, f)
 }
 
-/// Runs `f` with no kernel fault on this thread.
-fn without_fault<R>(f: impl FnOnce() -> R) -> R {
-    let before = FAULTY.with(|c| c.replace(None));
-    let out = f();
-    FAULTY.with(|c| c.set(before));
-    out
-}
-
-/// `out` as the kernel `kernel` returns it: corrupted under [`with_faulty_kernel`], else as is.
-pub(super) fn kernel_output(kernel: Kernel, out: Result<Tensor>) -> Result<Tensor> {
+/// `out` as the check sees kernel `kernel`'s output: corrupted under [`with_faulty_kernel`].
+fn as_checked(kernel: Kernel, out: Vec<Tensor>) -> Result<Vec<Tensor>> {
     if FAULTY.with(Cell::get) == Some(kernel) {
-        out.and_then(|t| t.affine(1.0, 1.0))
+        out.into_iter().map(|t| t.affine(1.0, 1.0)).collect()
     } else {
-        out
+        Ok(out)
     }
 }
 
@@ -190,8 +187,9 @@ fn randn(shape: &[usize]) -> Result<Tensor> {
 }
 
 /// The relative difference between `kernel` on `device` in `dtype` and the float32 CPU
-/// implementation, on a small random problem of the family.
-fn check(kernel: Kernel, device: &Device, dtype: DType, head_size: usize) -> Result<f32> {
+/// implementation, on a small random problem of the family: what the check compares with
+/// [`tolerance`] (public for tests of injected faults).
+pub fn check(kernel: Kernel, device: &Device, dtype: DType, head_size: usize) -> Result<f32> {
     // Inputs drawn once on the CPU; `run` gets them on its device and dtype.
     let compare = |inputs: Vec<Tensor>, run: &dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>| {
         let on = |device: &Device, dtype: DType| -> Result<Vec<Tensor>> {
@@ -200,10 +198,10 @@ fn check(kernel: Kernel, device: &Device, dtype: DType, head_size: usize) -> Res
                 .map(|t| t.to_dtype(dtype)?.to_device(device))
                 .collect()
         };
-        let got = run(&on(device, dtype)?)?;
+        let got = as_checked(kernel, run(&on(device, dtype)?)?)?;
         // The reference is the CPU implementation as it is, whatever fault a test injected
         // into the kernel.
-        let want = without_fault(|| run(&on(&Device::Cpu, DType::F32)?))?;
+        let want = run(&on(&Device::Cpu, DType::F32)?)?;
         let mut worst = 0f32;
         for (g, w) in got.iter().zip(&want) {
             let g = g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
@@ -225,8 +223,16 @@ fn check(kernel: Kernel, device: &Device, dtype: DType, head_size: usize) -> Res
             let view = |l: usize| -> Result<Tensor> { randn(&[1, l, 2, d]) };
             compare(vec![view(40)?, view(48)?, view(48)?], &|t| {
                 let [q, k, v] = [0, 1, 2].map(|i| t[i].transpose(1, 2));
+                let (q, k, v) = (q?, k?, v?);
                 let scale = 1.0 / (d as f64).sqrt();
-                Ok(vec![fused::attention(&q?, &k?, &v?, scale, Some(&[45]))?])
+                let mask = KeyMask {
+                    lens: Some(vec![45]),
+                    ..KeyMask::default()
+                };
+                let tile = super::tuning::choose_tile(&q);
+                Ok(vec![fused::attention_kernel(
+                    &q, &k, &v, scale, &mask, tile,
+                )?])
             })
         }
         Kernel::LayerNormModulate => compare(
@@ -283,7 +289,7 @@ fn check(kernel: Kernel, device: &Device, dtype: DType, head_size: usize) -> Res
                 randn(&[96, 32])?.affine(0.125, 0.0)?,
             ],
             &|t| {
-                let gelu = Some(fused::Activation::GeluTanh);
+                let gelu = Some(Activation::GeluTanh);
                 Ok(vec![
                     fused::linear(&t[0], &t[1], Some(&t[2]), None)?,
                     fused::linear(&t[0], &t[1], Some(&t[2]), gelu)?,
@@ -300,4 +306,103 @@ fn check(kernel: Kernel, device: &Device, dtype: DType, head_size: usize) -> Res
             &|t| Ok(vec![fused::gated_residual(&t[0], &t[1], &t[2])?]),
         ),
     }
+}
+
+/// Whether cuDNN's convolution can serve `dtype` on this device: the library loads (the
+/// outcome is logged once), a session opens, and, checked once per device and dtype, it agrees
+/// with candle's convolution on random problems like the UNets' (3×3 stride 1 and 2, 1×1, odd
+/// sizes, with a bias). `TT_SCALE_CUDNN=0` answers no.
+#[cfg(feature = "cuda")]
+pub fn cudnn_conv_ok(dev: &candle_core::CudaDevice, dtype: DType) -> bool {
+    use super::cudnn::Cudnn;
+    use candle_core::cuda_backend::DeviceId;
+    static OFF: OnceLock<bool> = OnceLock::new();
+    if *OFF.get_or_init(|| super::settings::env_says_off("TT_SCALE_CUDNN")) {
+        return false;
+    }
+    type Verdicts = Mutex<HashMap<(DeviceId, DType), bool>>;
+    static CHECKED: OnceLock<Verdicts> = OnceLock::new();
+    let key = (dev.id(), dtype);
+    let checked = CHECKED.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(&ok) = checked.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return ok;
+    }
+    let ok = match cudnn_check(dev, dtype) {
+        Ok(err) => {
+            let bound = match dtype {
+                DType::F32 => 1e-4,
+                DType::F16 => 4e-3,
+                _ => 2e-2,
+            };
+            if err <= bound {
+                let lib = Cudnn::global().map(|l| (l.path().to_string(), l.version()));
+                if let Ok((path, version)) = lib {
+                    tracing::info!(
+                        "conv2d: cuDNN {version} ({path}) matches candle's convolution                          ({dtype:?}, relative difference {err:.1e}); using it"
+                    );
+                }
+                true
+            } else {
+                tracing::warn!(
+                    "conv2d: cuDNN disagrees with candle's convolution ({dtype:?}, relative                      error {err:.2e}); using candle's"
+                );
+                false
+            }
+        }
+        Err(e) => {
+            tracing::warn!("conv2d: cuDNN unavailable ({e}); using candle's convolution");
+            false
+        }
+    };
+    checked
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, ok);
+    ok
+}
+
+/// The largest relative difference (to the largest magnitude) between cuDNN's and candle's
+/// convolution over a few random problems on `dev`, in `dtype`.
+#[cfg(feature = "cuda")]
+fn cudnn_check(dev: &candle_core::CudaDevice, dtype: DType) -> Result<f32> {
+    use candle_core::bail;
+    let device = candle_core::Device::Cuda(dev.clone());
+    let cfg = |padding, stride| candle_nn::Conv2dConfig {
+        padding,
+        stride,
+        ..Default::default()
+    };
+    let mut worst = 0f32;
+    for (c, k, kernel, conv) in [
+        (20, 24, 3, cfg(1, 1)),
+        (20, 24, 3, cfg(1, 2)),
+        (24, 16, 1, cfg(0, 1)),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (2, c, 13, 11), &device)?.to_dtype(dtype)?;
+        let w = (Tensor::randn(0f32, 1.0, (k, c, kernel, kernel), &device)?
+            / ((c * kernel * kernel) as f64).sqrt())?
+        .to_dtype(dtype)?;
+        let b = Tensor::randn(0f32, 1.0, k, &device)?.to_dtype(dtype)?;
+        let got = super::fused::conv2d(&x, &w, Some(&b), &conv)?.to_dtype(DType::F32)?;
+        let want = x
+            .conv2d(&w, conv.padding, conv.stride, conv.dilation, conv.groups)?
+            .broadcast_add(&b.reshape((1, k, 1, 1))?)?
+            .to_dtype(DType::F32)?;
+        if got.dims() != want.dims() {
+            bail!(
+                "cuDNN gave {:?} where candle gives {:?}",
+                got.dims(),
+                want.dims()
+            );
+        }
+        let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let norm = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        let err = if diff.is_finite() {
+            diff / norm.max(1e-6)
+        } else {
+            f32::INFINITY
+        };
+        worst = worst.max(err);
+    }
+    Ok(worst)
 }

@@ -1,5 +1,6 @@
-//! What every pipeline shares: the initial-noise batch, the guided denoise loop of the
-//! scheduler-driven pipelines (SD 1.5, SDXL, PixArt), `generate`, diffusers' image
+//! What every pipeline shares: the initial-noise batch, the one denoise loop ([`Sampler`]:
+//! classifier-free guidance where the pipeline uses it, any [`Scheduler`], whole runs and the
+//! stepwise strategies' spans) of SD 1.5, SDXL, PixArt and Flux, `generate`, diffusers' image
 //! post-processing, and the file helpers of the loaders. Each model family's file holds only what
 //! differs.
 
@@ -167,7 +168,7 @@ pub fn latent_noise_shape(
     vec![1, channels, height / factor, width / factor]
 }
 
-/// The sampling settings of a scheduler-driven pipeline and the loop they drive.
+/// The sampling settings of a pipeline and the loop they drive.
 pub struct Sampler {
     /// The scheduler, built afresh for every generation.
     pub scheduler: SchedulerFactory,
@@ -245,18 +246,25 @@ impl Sampler {
         self.guidance_scale > 1.0
     }
 
-    /// `[uncond; cond]` (2, ...) under guidance, else `cond` (1, ...): one prompt's conditioning
-    /// rows, `uncond` computed only when guidance is on.
-    pub fn pair(
+    /// One prompt's conditioning rows: each of the `N` tensors of `cond` (1, ...) as
+    /// `[uncond; cond]` (2, ...) with its counterpart of `uncond` under guidance, else as it is;
+    /// `uncond` is computed only when guidance is on.
+    pub fn pair<const N: usize>(
         &self,
-        cond: Tensor,
-        uncond: impl FnOnce() -> Result<Tensor, PipelineError>,
-    ) -> Result<Tensor, PipelineError> {
-        if self.uses_guidance() {
-            Ok(Tensor::cat(&[uncond()?, cond], 0)?)
-        } else {
-            Ok(cond)
+        cond: [Tensor; N],
+        uncond: impl FnOnce() -> Result<[Tensor; N], PipelineError>,
+    ) -> Result<[Tensor; N], PipelineError> {
+        if !self.uses_guidance() {
+            return Ok(cond);
         }
+        let rows = uncond()?
+            .into_iter()
+            .zip(cond)
+            .map(|(u, c)| Tensor::cat(&[u, c], 0))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        rows.try_into().map_err(|_: Vec<Tensor>| {
+            PipelineError::InvalidArgument("conditioning rows lost in pairing".into())
+        })
     }
 
     /// One prompt's conditioning `t` (rows `[uncond; cond]` under guidance, else `[cond]`)
@@ -307,22 +315,55 @@ impl Sampler {
         })
     }
 
-    /// The guided denoise loop: from initial `latents` (B, C, h, w), already scaled by
-    /// `init_noise_sigma`, for each timestep the guided prediction ([`Sampler::guided`]) and a
-    /// scheduler step. Returns the final latents.
+    /// The one denoise loop: from `latents`, for each timestep of `visits` the guided prediction
+    /// ([`Sampler::guided`]) and a step of `scheduler`. Returns the last latents and, with
+    /// `keep_x0`, the clean-sample prediction of the last model call.
+    fn run(
+        &self,
+        mut scheduler: Box<dyn Scheduler>,
+        visits: &[f64],
+        latents: &Tensor,
+        keep_x0: bool,
+        forward: &mut impl FnMut(&Tensor, f64) -> Result<Tensor, PipelineError>,
+    ) -> Result<(Tensor, Option<Tensor>), PipelineError> {
+        let levels = if keep_x0 {
+            scheduler.levels()
+        } else {
+            Vec::new()
+        };
+        let mut latents = latents.clone();
+        let mut x0 = None;
+        for (i, &t) in visits.iter().enumerate() {
+            let pred = self.guided(scheduler.as_ref(), &latents, t, forward)?;
+            if keep_x0 && i + 1 == visits.len() {
+                let level = levels.iter().find(|l| l.timestep == t).ok_or_else(|| {
+                    PipelineError::InvalidArgument(format!("timestep {t} has no noise level"))
+                })?;
+                x0 = Some(predicted_x0(
+                    scheduler.parameterization(),
+                    &pred,
+                    &latents,
+                    level,
+                )?);
+            }
+            latents = scheduler.step(&pred, t, &latents)?;
+        }
+        Ok((latents, x0))
+    }
+
+    /// The guided denoise loop over the whole schedule: from initial `latents` (B, C, h, w),
+    /// already scaled by `init_noise_sigma`, for each timestep the guided prediction
+    /// ([`Sampler::guided`]) and a scheduler step. Returns the final latents.
     pub fn denoise(
         &self,
         latents: &Tensor,
         mut forward: impl FnMut(&Tensor, f64) -> Result<Tensor, PipelineError>,
     ) -> Result<Tensor, PipelineError> {
-        let mut scheduler = (self.scheduler)(self.num_inference_steps)?;
-        let timesteps = scheduler.timesteps().to_vec();
-        let mut latents = latents.clone();
-        for t in timesteps {
-            let pred = self.guided(scheduler.as_ref(), &latents, t, &mut forward)?;
-            latents = scheduler.step(&pred, t, &latents)?;
-        }
-        Ok(latents)
+        let scheduler = (self.scheduler)(self.num_inference_steps)?;
+        let visits = scheduler.timesteps().to_vec();
+        Ok(self
+            .run(scheduler, &visits, latents, false, &mut forward)?
+            .0)
     }
 
     /// The schedule of [`super::ImagePipeline::schedule`].
@@ -352,25 +393,8 @@ impl Sampler {
         mut forward: impl FnMut(&Tensor, f64) -> Result<Tensor, PipelineError>,
     ) -> Result<Span, PipelineError> {
         let mut scheduler = (self.scheduler)(self.num_inference_steps)?;
-        let levels = scheduler.levels();
         let visits = scheduler.begin_segment(from, to)?;
-        let mut latents = latents.clone();
-        let mut x0 = None;
-        for (i, &t) in visits.iter().enumerate() {
-            let pred = self.guided(scheduler.as_ref(), &latents, t, &mut forward)?;
-            if i + 1 == visits.len() {
-                let level = levels.iter().find(|l| l.timestep == t).ok_or_else(|| {
-                    PipelineError::InvalidArgument(format!("timestep {t} has no noise level"))
-                })?;
-                x0 = Some(predicted_x0(
-                    scheduler.parameterization(),
-                    &pred,
-                    &latents,
-                    level,
-                )?);
-            }
-            latents = scheduler.step(&pred, t, &latents)?;
-        }
+        let (latents, x0) = self.run(scheduler, &visits, latents, true, &mut forward)?;
         let x0 = x0.ok_or_else(|| PipelineError::InvalidArgument("an empty segment".into()))?;
         let evaluations = visits.len() * if self.uses_guidance() { 2 } else { 1 };
         Ok(Span {

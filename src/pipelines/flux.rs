@@ -19,7 +19,7 @@ use candle_transformers::models::flux::autoencoder as bfl_vae;
 use candle_transformers::models::t5;
 use image::RgbImage;
 
-use super::common::{clip_text_config, noise_batch, to_images, vae_config};
+use super::common::{clip_text_config, noise_batch, to_images, vae_config, Sampler, SchedulerFactory};
 use crate::loading::tokenizers::{clip_tokenizer, optional_file, t5_tokenizer};
 use super::registry::{Cost, Defaults, Family, KnownRepo};
 use super::{CallArgs, ImagePipeline, PipelineError, Span, StepSchedule};
@@ -33,8 +33,7 @@ use crate::models::flux_transformer::{
 use crate::models::t5::T5Tokenizer;
 use crate::models::vae::{VaeConfig, VaeDecoder};
 use crate::noise::Noise;
-use crate::schedulers::levels::predicted_x0;
-use crate::schedulers::{FlowMatchConfig, FlowMatchEulerScheduler, Parameterization};
+use crate::schedulers::{FlowMatchConfig, Scheduler};
 
 /// Turns a construction error of a Flux component into a message naming its weights.
 fn weights_error(source: &ModelSource, what: &str, e: impl std::fmt::Display) -> PipelineError {
@@ -219,7 +218,9 @@ pub struct FluxPipeline {
     transformer: FluxTransformer,
     vae: Vae,
     vae_dtype: DType,
-    scheduler: FlowMatchConfig,
+    /// The denoise loop: flow-match Euler steps on the schedule of this image size, no
+    /// classifier-free guidance (Flux's guidance is an embedding, `guidance_scale`).
+    sampler: Sampler,
     dtype: DType,
     device: Device,
     vae_scale_factor: usize,
@@ -228,7 +229,6 @@ pub struct FluxPipeline {
     shift_factor: f64,
     height: usize,
     width: usize,
-    num_inference_steps: usize,
     guidance_scale: f64,
     max_sequence_length: usize,
     /// (T5 states (1, T, D), CLIP pooled (1, Dv)) of the current prompt.
@@ -392,7 +392,17 @@ impl FluxPipeline {
                  and 512"
             )));
         }
-        scheduler.build(num_inference_steps, 1)?;
+        // The schedule's time shift depends on the packed image's token count.
+        let image_seq_len = (height / multiple) * (width / multiple);
+        let factory: SchedulerFactory = Box::new(move |steps| {
+            Ok(Box::new(scheduler.build(steps, image_seq_len)?) as Box<dyn Scheduler>)
+        });
+        factory(num_inference_steps)?;
+        let sampler = Sampler {
+            scheduler: factory,
+            num_inference_steps,
+            guidance_scale: 1.0,
+        };
 
         let mut pipeline = Self {
             source,
@@ -405,7 +415,7 @@ impl FluxPipeline {
             transformer,
             vae,
             vae_dtype,
-            scheduler,
+            sampler,
             dtype: cdt,
             device: device.clone(),
             vae_scale_factor,
@@ -414,7 +424,6 @@ impl FluxPipeline {
             shift_factor: vae_spec.shift_factor.unwrap_or(0.0),
             height,
             width,
-            num_inference_steps,
             guidance_scale,
             max_sequence_length,
             prompt: None,
@@ -586,69 +595,33 @@ impl FluxPipeline {
     /// final unpacked latents (B, 16, h, w).
     pub fn denoise(&self, packed: &Tensor) -> Result<Tensor, PipelineError> {
         let (h, w) = self.latent_hw();
-        let span = self.run_steps(packed, 0, self.num_inference_steps, false)?;
-        Ok(unpack_latents(&span.latents, h, w)?)
+        let forward = self.forward_fn(packed.dim(0)?)?;
+        Ok(unpack_latents(&self.sampler.denoise(packed, forward)?, h, w)?)
     }
 
-    /// The flow-matching schedule of this image size.
-    fn flow_schedule(&self) -> Result<FlowMatchEulerScheduler, PipelineError> {
-        let (h, w) = self.latent_hw();
-        self.scheduler
-            .build(self.num_inference_steps, (h / 2) * (w / 2))
-    }
-
-    /// Steps `from..to` of the schedule on packed latents (B, L, 64) with the prompt of
-    /// [`ImagePipeline::set_prompt`]; with `want_x0`, the clean-sample prediction of the last
-    /// step (`x - t · v`) is kept (else the span's `x0` is its latents).
-    fn run_steps(
+    /// The transformer call for a batch of `b` packed latents (B, L, 64) at scheduler timestep
+    /// `t`, with the prompt of [`ImagePipeline::set_prompt`]: the step's modulations (cached per
+    /// prompt and step) and the velocity prediction.
+    fn forward_fn(
         &self,
-        packed: &Tensor,
-        from: usize,
-        to: usize,
-        want_x0: bool,
-    ) -> Result<Span, PipelineError> {
+        b: usize,
+    ) -> Result<impl Fn(&Tensor, f64) -> Result<Tensor, PipelineError> + '_, PipelineError> {
         let (txt, pooled) = self.prompt.as_ref().ok_or_else(|| {
             PipelineError::InvalidArgument("set_prompt must be called before generate".into())
         })?;
-        let b = packed.dim(0)?;
         let (h, w) = self.latent_hw();
-        let (rows, cols) = (h / 2, w / 2);
         let txt = txt.repeat((b, 1, 1))?;
-        let rope = self.rope(txt.dim(1)?, rows, cols)?;
-        let mut sched = self.flow_schedule()?;
-        if from >= to || to > sched.timesteps().len() {
-            return Err(PipelineError::InvalidArgument(format!(
-                "cannot denoise from level {from} to level {to} of a {}-step schedule",
-                sched.timesteps().len()
-            )));
-        }
-        sched.begin_at(from)?;
-        let levels = sched.levels();
+        let rope = self.rope(txt.dim(1)?, h / 2, w / 2)?;
         let g = round_to(
             round_to(self.guidance_scale as f32, self.dtype)? * 1000.0,
             self.dtype,
         )?;
-        let mut latents = packed.clone();
-        let mut x0 = None;
-        for (i, &t) in sched.timesteps()[from..to].to_vec().iter().enumerate() {
-            let mods = self.step_modulations(model_timestep(t, self.dtype)?, g, pooled)?;
-            let pred = self
+        Ok(move |latents: &Tensor, t: f64| {
+            // The scheduler's timesteps are float32 values.
+            let mods = self.step_modulations(model_timestep(t as f32, self.dtype)?, g, pooled)?;
+            Ok(self
                 .transformer
-                .forward_modulated(&latents, &txt, &mods, &rope)?;
-            if want_x0 && from + i + 1 == to {
-                x0 = Some(predicted_x0(
-                    Parameterization::FlowVelocity,
-                    &pred,
-                    &latents,
-                    &levels[from + i],
-                )?);
-            }
-            latents = sched.step(&pred, &latents)?;
-        }
-        Ok(Span {
-            x0: x0.unwrap_or_else(|| latents.clone()),
-            latents,
-            evaluations: to - from,
+                .forward_modulated(latents, &txt, &mods, &rope)?)
         })
     }
 
@@ -697,7 +670,7 @@ impl FluxPipeline {
 impl ImagePipeline for FluxPipeline {
     fn evaluations_per_image(&self) -> Option<usize> {
         // Guidance is distilled into the model (its guidance embedding): one pass a step.
-        Some(self.num_inference_steps)
+        self.sampler.evaluations()
     }
 
     fn noise_shape(&self) -> Vec<usize> {
@@ -731,13 +704,7 @@ impl ImagePipeline for FluxPipeline {
     }
 
     fn schedule(&self) -> Result<StepSchedule, PipelineError> {
-        Ok(StepSchedule {
-            levels: self.flow_schedule()?.levels(),
-            parameterization: Parameterization::FlowVelocity,
-            init_noise_sigma: 1.0,
-            evaluations_per_call: 1,
-            warmup_calls: 0,
-        })
+        self.sampler.schedule()
     }
 
     /// Packed (B, L, 64), in the model dtype.
@@ -752,11 +719,13 @@ impl ImagePipeline for FluxPipeline {
         from: usize,
         to: usize,
     ) -> Result<Span, PipelineError> {
-        self.run_steps(latents, from, to, true)
+        let forward = self.forward_fn(latents.dim(0)?)?;
+        self.sampler.span(latents, (from, to), forward)
     }
 
     fn predict_x0(&self, latents: &Tensor, level: usize) -> Result<Tensor, PipelineError> {
-        Ok(self.run_steps(latents, level, level + 1, true)?.x0)
+        let forward = self.forward_fn(latents.dim(0)?)?;
+        self.sampler.predict_x0(latents, level, forward)
     }
 
     fn decode_latents(&self, latents: &Tensor) -> Result<Vec<RgbImage>, PipelineError> {

@@ -406,15 +406,11 @@ impl ImagePipeline for PixArtPipeline {
             })?);
         }
         let (cond, cond_mask) = self.encode_prompt(prompt)?;
-        self.context = Some(if self.uses_guidance() {
+        let [states, mask] = self.sampler.pair([cond, cond_mask], || {
             let (uncond, uncond_mask) = self.encode_prompt(&self.negative_prompt)?;
-            (
-                Tensor::cat(&[uncond, cond], 0)?,
-                Tensor::cat(&[uncond_mask, cond_mask], 0)?,
-            )
-        } else {
-            (cond, cond_mask)
-        });
+            Ok([uncond, uncond_mask])
+        })?;
+        self.context = Some((states, mask));
         if self.low_vram {
             // T5-XXL is ~9 GB in fp16: free it before the transformer runs.
             self.text_encoder = None;

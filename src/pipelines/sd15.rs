@@ -254,9 +254,9 @@ impl ImagePipeline for Sd15Pipeline {
 
     fn set_prompt(&mut self, prompt: &str) -> Result<(), PipelineError> {
         let cond = self.encode_prompt(prompt)?;
-        let context = self
+        let [context] = self
             .sampler
-            .pair(cond, || self.encode_prompt(&self.negative_prompt))?;
+            .pair([cond], || Ok([self.encode_prompt(&self.negative_prompt)?]))?;
         self.context = Some(context);
         Ok(())
     }

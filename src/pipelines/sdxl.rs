@@ -351,22 +351,20 @@ impl ImagePipeline for SdxlPipeline {
 
     fn set_prompt(&mut self, prompt: &str) -> Result<(), PipelineError> {
         let (embeds, pooled) = self.encode_prompt(prompt)?;
-        self.conditioning = Some(if self.uses_guidance() {
+        let negative = || -> Result<[Tensor; 2], PipelineError> {
             let (neg, neg_pooled) = match &self.negative_prompt {
                 None if self.force_zeros_for_empty_prompt => {
                     (embeds.zeros_like()?, pooled.zeros_like()?)
                 }
                 negative => self.encode_prompt(negative.as_deref().unwrap_or(""))?,
             };
-            SdxlConditioning {
-                prompt_embeds: Tensor::cat(&[neg, embeds], 0)?,
-                text_embeds: Tensor::cat(&[neg_pooled, pooled], 0)?,
-            }
-        } else {
-            SdxlConditioning {
-                prompt_embeds: embeds,
-                text_embeds: pooled,
-            }
+            Ok([neg, neg_pooled])
+        };
+        let [prompt_embeds, text_embeds] =
+            self.sampler.pair([embeds.clone(), pooled.clone()], negative)?;
+        self.conditioning = Some(SdxlConditioning {
+            prompt_embeds,
+            text_embeds,
         });
         Ok(())
     }

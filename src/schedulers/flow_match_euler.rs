@@ -164,7 +164,7 @@ impl FlowMatchConfig {
                 .collect()
         };
         let train = self.num_train_timesteps as f32;
-        let timesteps = sigmas.iter().map(|&s| s * train).collect();
+        let timesteps = sigmas.iter().map(|&s| f64::from(s * train)).collect();
         sigmas.push(0.0);
         Ok(FlowMatchEulerScheduler {
             sigmas,
@@ -174,55 +174,47 @@ impl FlowMatchConfig {
     }
 }
 
-/// One flow-matching Euler schedule (diffusers' scheduler after `set_timesteps`).
+/// One flow-matching Euler schedule (diffusers' scheduler after `set_timesteps`), a
+/// [`Scheduler`](super::Scheduler) like the others: the model output is a velocity, the model
+/// input is the sample as it is, and `init_noise_sigma` is 1.
 #[derive(Clone, Debug)]
 pub struct FlowMatchEulerScheduler {
     sigmas: Vec<f32>,
-    timesteps: Vec<f32>,
+    /// `sigma * num_train_timesteps` in float32, as diffusers computes them, widened.
+    timesteps: Vec<f64>,
     step_index: usize,
 }
 
 impl FlowMatchEulerScheduler {
-    /// The timesteps (`sigma * num_train_timesteps`), one per step.
-    pub fn timesteps(&self) -> &[f32] {
-        &self.timesteps
-    }
-
     /// The sigmas, one per step and a final 0.
     pub fn sigmas(&self) -> &[f32] {
         &self.sigmas
     }
+}
 
-    /// The noise levels: one per step and the final one, `alpha = 1 - t`, `sigma = t`.
-    pub fn levels(&self) -> Vec<super::NoiseLevel> {
-        self.sigmas
-            .iter()
-            .enumerate()
-            .map(|(i, &s)| super::NoiseLevel {
-                timestep: self.timesteps.get(i).copied().map_or(0.0, f64::from),
-                alpha: 1.0 - f64::from(s),
-                sigma: f64::from(s),
-                fraction: f64::from(s),
-            })
-            .collect()
+impl super::Scheduler for FlowMatchEulerScheduler {
+    /// The timesteps (`sigma * num_train_timesteps`, float32 values), one per step.
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
     }
 
-    /// Sets the next step to start from level `from` (diffusers' `set_begin_index`); the
-    /// Euler step keeps no history, so a segment from there is the same steps as a full run.
-    pub fn begin_at(&mut self, from: usize) -> Result<(), SchedulerError> {
-        if from >= self.timesteps.len() {
-            return Err(SchedulerError::InvalidArgument(format!(
-                "cannot begin at level {from} of a schedule with {} steps",
-                self.timesteps.len()
-            )));
-        }
-        self.step_index = from;
-        Ok(())
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    /// The flow's model input is the sample itself.
+    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> candle_core::Result<Tensor> {
+        Ok(sample.clone())
     }
 
     /// One Euler step: `sample + (sigma_next - sigma) * model_output`, computed in float32 and
     /// returned in `model_output`'s dtype (as diffusers). Steps must be taken in order.
-    pub fn step(&mut self, model_output: &Tensor, sample: &Tensor) -> candle_core::Result<Tensor> {
+    fn step(
+        &mut self,
+        model_output: &Tensor,
+        _timestep: f64,
+        sample: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let i = self.step_index;
         if i + 1 >= self.sigmas.len() {
             candle_core::bail!("flow-match scheduler stepped past its {} steps", i);
@@ -233,6 +225,32 @@ impl FlowMatchEulerScheduler {
             (sample.to_dtype(DType::F32)? + (model_output.to_dtype(DType::F32)? * dt as f64)?)?;
         self.step_index += 1;
         out.to_dtype(dtype)
+    }
+
+    /// The noise levels: one per step and the final one, `alpha = 1 - t`, `sigma = t`.
+    fn levels(&self) -> Vec<super::NoiseLevel> {
+        self.sigmas
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| super::NoiseLevel {
+                timestep: self.timesteps.get(i).copied().unwrap_or(0.0),
+                alpha: 1.0 - f64::from(s),
+                sigma: f64::from(s),
+                fraction: f64::from(s),
+            })
+            .collect()
+    }
+
+    fn parameterization(&self) -> super::Parameterization {
+        super::Parameterization::FlowVelocity
+    }
+
+    /// Starts at level `from` (diffusers' `set_begin_index`); the Euler step keeps no
+    /// history, so a segment is the same steps as in a full run.
+    fn begin_segment(&mut self, from: usize, to: usize) -> Result<Vec<f64>, SchedulerError> {
+        super::check_segment(from, to, self.sigmas.len())?;
+        self.step_index = from;
+        Ok(self.timesteps[from..to].to_vec())
     }
 }
 
@@ -262,6 +280,7 @@ mod tests {
 
     #[test]
     fn schedule_starts_at_one_and_ends_with_zero() {
+        use crate::schedulers::Scheduler;
         let s = dev().build(4, 4096).unwrap();
         assert_eq!(s.sigmas().len(), 5);
         assert_eq!(s.sigmas()[0], 1.0);

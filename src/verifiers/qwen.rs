@@ -24,7 +24,7 @@ use super::VerifierArgs;
 use crate::media::MediaKind;
 use crate::models::qwen2_5_vl::processor::{chat_parts, rope_positions};
 use crate::models::qwen2_5_vl::{KvCache, Qwen25Vl, QwenError};
-use crate::ops::fused::KeyMask;
+use crate::ops::KeyMask;
 
 /// `qwen` in the verifier table: a local Qwen2.5-VL, its decoding constrained to the grading
 /// schema; under `--low-vram` the model is loaded only while it grades.

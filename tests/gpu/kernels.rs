@@ -45,7 +45,7 @@ fn fused_attention_matches_the_cpu_for_every_head_size_dtype_layout_and_mask() {
                 let v = kv.i((.., .., 2)).unwrap().transpose(1, 2).unwrap();
                 let scale = 1.0 / (d as f64).sqrt();
                 for lens in [None, Some(vec![(lk as u32).min(5), lk as u32])] {
-                    let want = fused::attention(&q, &k, &v, scale, lens.as_deref()).unwrap();
+                    let want = ops::attention(&q, &k, &v, scale, lens.as_deref()).unwrap();
                     let kv_gpu = on(&kv, &dev);
                     let kg = kv_gpu.i((.., .., 1)).unwrap().transpose(1, 2).unwrap();
                     let vg = kv_gpu.i((.., .., 2)).unwrap().transpose(1, 2).unwrap();
@@ -59,7 +59,7 @@ fn fused_attention_matches_the_cpu_for_every_head_size_dtype_layout_and_mask() {
                     let mut outputs: Vec<(AttentionTile, Vec<u32>)> = Vec::new();
                     for tile in AttentionTile::ALL.into_iter().filter(|t| t.runs_on(&qg)) {
                         let ours = ops::with_attention_tile(tile, || {
-                            fused::attention(&qg, &kg, &vg, scale, lens.as_deref()).unwrap()
+                            ops::attention(&qg, &kg, &vg, scale, lens.as_deref()).unwrap()
                         });
                         let err = rel_err(&ours, &want);
                         assert!(
@@ -95,8 +95,8 @@ fn fused_attention_matches_the_cpu_for_every_head_size_dtype_layout_and_mask() {
                     }
                     // Without a tile asked for, the default (tuned among the identical tiles)
                     // gives the default tile's bits.
-                    let default = AttentionTile::choose(&qg);
-                    let auto = fused::attention(&qg, &kg, &vg, scale, lens.as_deref()).unwrap();
+                    let default = tt_scale::ops::tuning::choose_tile(&qg);
+                    let auto = ops::attention(&qg, &kg, &vg, scale, lens.as_deref()).unwrap();
                     let want_bits = &outputs.iter().find(|(t, _)| *t == default).unwrap().1;
                     assert!(
                         f32_bits(&auto) == *want_bits,
@@ -134,17 +134,17 @@ fn masked_grouped_attention_matches_the_cpu_on_every_tile() {
             let q = randn(lq as u64, &[b, h, lq, d]).to_dtype(dtype).unwrap();
             let k = randn(7, &[b, hk, lk, d]).to_dtype(dtype).unwrap();
             let v = randn(8, &[b, hk, lk, d]).to_dtype(dtype).unwrap();
-            let mask = fused::KeyMask {
+            let mask = ops::KeyMask {
                 lens: Some(vec![lk as u32, lk as u32 - 3]),
                 holes: Some(vec![(cached, cached), (cached, cached + 70)]),
                 causal: true,
             };
-            let want = fused::attention_masked(&q, &k, &v, 0.088, &mask).unwrap();
+            let want = ops::attention_masked(&q, &k, &v, 0.088, &mask).unwrap();
             let (qg, kg, vg) = (on(&q, &dev), on(&k, &dev), on(&v, &dev));
             assert!(ops::attention_fused_ok(&qg, &kg, &vg));
             for tile in AttentionTile::ALL.into_iter().filter(|t| t.runs_on(&qg)) {
                 let ours = ops::with_attention_tile(tile, || {
-                    fused::attention_masked(&qg, &kg, &vg, 0.088, &mask).unwrap()
+                    ops::attention_masked(&qg, &kg, &vg, 0.088, &mask).unwrap()
                 });
                 let err = rel_err(&ours, &want);
                 assert!(
@@ -168,8 +168,8 @@ fn fused_attention_survives_large_logits_and_empty_key_sets() {
         .unwrap()
         .to_dtype(DType::BF16)
         .unwrap();
-    let want = fused::attention(&q, &k, &k, 0.125, Some(&[0, 300])).unwrap();
-    let ours = fused::attention(
+    let want = ops::attention(&q, &k, &k, 0.125, Some(&[0, 300])).unwrap();
+    let ours = ops::attention(
         &on(&q, &dev),
         &on(&k, &dev),
         &on(&k, &dev),
@@ -364,7 +364,7 @@ fn fused_attention_over_windows_of_a_head_major_tensor_matches_the_cpu() {
                 .unwrap()
         };
         let (q, k, v) = (make(101), make(102), make(103));
-        let want = fused::attention(&q, &k, &v, 0.11, None).unwrap();
+        let want = ops::attention(&q, &k, &v, 0.11, None).unwrap();
         let (gq, gk, gv) = (on(&q, &dev), on(&k, &dev), on(&v, &dev));
         let gq = gq
             .transpose(0, 1)
@@ -388,7 +388,7 @@ fn fused_attention_over_windows_of_a_head_major_tensor_matches_the_cpu() {
             .transpose(0, 1)
             .unwrap();
         assert!(ops::attention_fused_ok(&gq, &gk, &gv));
-        let ours = fused::attention(&gq, &gk, &gv, 0.11, None).unwrap();
+        let ours = ops::attention(&gq, &gk, &gv, 0.11, None).unwrap();
         let err = rel_err(&ours, &want);
         assert!(err <= bound(dtype), "window attention {dtype:?}: {err}");
     }

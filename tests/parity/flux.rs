@@ -15,6 +15,7 @@ use tt_scale::pipelines::flux::{pack_latents, FluxPipeline};
 use tt_scale::pipelines::CallArgs;
 use tt_scale::pipelines::{ImagePipeline, PipelineError};
 use tt_scale::schedulers::FlowMatchConfig;
+use tt_scale::schedulers::Scheduler;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -216,12 +217,9 @@ fn scheduler_sigmas_and_timesteps_match_diffusers_for_sizes_and_step_counts() {
         };
         let (ws, wt) = (want("sigmas"), want("timesteps"));
         assert_eq!(s.sigmas().len(), ws.len());
-        for (a, b) in s
-            .sigmas()
-            .iter()
-            .zip(&ws)
-            .chain(s.timesteps().iter().zip(&wt))
-        {
+        // The timesteps are float32 values (the scheduler trait gives them widened).
+        let timesteps: Vec<f32> = s.timesteps().iter().map(|&t| t as f32).collect();
+        for (a, b) in s.sigmas().iter().zip(&ws).chain(timesteps.iter().zip(&wt)) {
             assert!(
                 (a - b).abs() <= 1e-6 * b.abs().max(1.0),
                 "{case}: {a} vs {b}"

@@ -10,7 +10,7 @@ use image::RgbImage;
 use serde_json::Value;
 use tt_scale::models::qwen2_5_vl::processor::{chat_parts, rope_positions};
 use tt_scale::models::qwen2_5_vl::{AttentionPath, KvCache, Qwen25Vl};
-use tt_scale::ops::fused::KeyMask;
+use tt_scale::ops::KeyMask;
 use tt_scale::verifiers::qwen::{Decoding, QwenOptions, QwenVerifier};
 use tt_scale::verifiers::VerifierArgs;
 use tt_scale::verifiers::{

@@ -79,7 +79,7 @@ fn attention_matches_softmax_attention_for_every_dtype_layout_and_mask() {
             let v = kv.i((.., .., 2)).unwrap().transpose(1, 2).unwrap();
             let scale = 1.0 / (d as f64).sqrt();
             for lens in [None, Some(vec![lk.min(5) as u32, lk as u32])] {
-                let ours = fused::attention(&q, &k, &v, scale, lens.as_deref()).unwrap();
+                let ours = ops::attention(&q, &k, &v, scale, lens.as_deref()).unwrap();
                 assert_eq!(ours.dims(), [b, h, lq, d]);
                 let want = attention_composite(&q, &k, &v, scale, lens.as_deref());
                 let err = rel_err(&ours, &want);
@@ -151,12 +151,12 @@ fn masked_attention_matches_softmax_attention_with_holes_causality_and_grouped_h
                 .iter()
                 .map(|&p| (cached as u32, (cached + p) as u32))
                 .collect();
-            let mask = fused::KeyMask {
+            let mask = ops::KeyMask {
                 lens: None,
                 holes: Some(holes),
                 causal: true,
             };
-            let ours = fused::attention_masked(&q, &k, &v, 0.25, &mask).unwrap();
+            let ours = ops::attention_masked(&q, &k, &v, 0.25, &mask).unwrap();
             assert_eq!(ours.dims(), [b, h, lq, d]);
             let want = masked_attention_composite(&q, &k, &v, 0.25, |bi, i, j| {
                 !in_hole(bi, j) && j <= i + lk - lq
@@ -173,12 +173,12 @@ fn masked_attention_gives_zeros_to_queries_that_see_no_key() {
     // queries (causal); row 1 also ends its keys at 5.
     let q = randn(50, &[2, 2, 6, 8]);
     let k = randn(51, &[2, 1, 6, 8]);
-    let mask = fused::KeyMask {
+    let mask = ops::KeyMask {
         lens: Some(vec![6, 5]),
         holes: Some(vec![(0, 2), (0, 0)]),
         causal: true,
     };
-    let out = fused::attention_masked(&q, &k, &k, 0.5, &mask).unwrap();
+    let out = ops::attention_masked(&q, &k, &k, 0.5, &mask).unwrap();
     let rows = out.i(0).unwrap().i((.., 0..2)).unwrap();
     let v = rows.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(v.iter().all(|&x| x == 0.0), "{v:?}");
@@ -199,28 +199,28 @@ fn masked_attention_gives_zeros_to_queries_that_see_no_key() {
         .unwrap();
     assert!(rest.to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()));
     assert!(mask.sees(0, 2, 2, 6, 6) && !mask.sees(0, 2, 3, 6, 6) && !mask.sees(0, 5, 1, 6, 6));
-    assert!(!mask.is_empty() && fused::KeyMask::default().is_empty());
+    assert!(!mask.is_empty() && ops::KeyMask::default().is_empty());
 }
 
 #[test]
 fn masked_attention_rejects_masks_and_heads_that_do_not_fit() {
     let q = randn(1, &[2, 4, 5, 8]);
     let k = randn(2, &[2, 2, 5, 8]);
-    let holes = fused::KeyMask {
+    let holes = ops::KeyMask {
         holes: Some(vec![(0, 1)]),
         ..Default::default()
     };
-    let err = fused::attention_masked(&q, &k, &k, 0.5, &holes).unwrap_err();
+    let err = ops::attention_masked(&q, &k, &k, 0.5, &holes).unwrap_err();
     assert!(err.to_string().contains("holes"), "{err}");
     let k3 = randn(2, &[2, 3, 5, 8]);
-    assert!(fused::attention_masked(&q, &k3, &k3, 0.5, &Default::default()).is_err());
-    assert!(fused::attention_masked(&q, &k, &k, 0.5, &Default::default()).is_ok());
+    assert!(ops::attention_masked(&q, &k3, &k3, 0.5, &Default::default()).is_err());
+    assert!(ops::attention_masked(&q, &k, &k, 0.5, &Default::default()).is_ok());
 }
 
 #[test]
 fn attention_output_is_a_free_view_of_token_major_rows() {
     let q = randn(1, &[1, 2, 5, 8]);
-    let out = fused::attention(&q, &q, &q, 0.3, None).unwrap();
+    let out = ops::attention(&q, &q, &q, 0.3, None).unwrap();
     // (B, H, L, D) as the transpose of a contiguous (B, L, H, D): back to rows without a copy.
     let rows = out.transpose(1, 2).unwrap();
     assert!(rows.is_contiguous());
@@ -230,7 +230,7 @@ fn attention_output_is_a_free_view_of_token_major_rows() {
 fn attention_with_no_keys_is_zero_and_never_nan() {
     let q = randn(2, &[2, 1, 4, 8]);
     let k = randn(3, &[2, 1, 6, 8]);
-    let out = fused::attention(&q, &k, &k, 0.5, Some(&[0, 6])).unwrap();
+    let out = ops::attention(&q, &k, &k, 0.5, Some(&[0, 6])).unwrap();
     let first = out
         .i(0)
         .unwrap()
@@ -253,18 +253,18 @@ fn attention_with_no_keys_is_zero_and_never_nan() {
 fn attention_rejects_mismatched_operands() {
     let q = randn(1, &[1, 2, 5, 8]);
     let k = randn(2, &[1, 2, 5, 16]);
-    assert!(fused::attention(&q, &k, &k, 1.0, None).is_err());
+    assert!(ops::attention(&q, &k, &k, 1.0, None).is_err());
     let k = randn(2, &[1, 3, 5, 8]);
-    assert!(fused::attention(&q, &k, &k, 1.0, None).is_err());
-    assert!(fused::attention(&q, &q, &q, 1.0, Some(&[1, 2, 3])).is_err());
+    assert!(ops::attention(&q, &k, &k, 1.0, None).is_err());
+    assert!(ops::attention(&q, &q, &q, 1.0, Some(&[1, 2, 3])).is_err());
     let half = q.to_dtype(DType::BF16).unwrap();
-    assert!(fused::attention(&q, &half, &half, 1.0, None).is_err());
+    assert!(ops::attention(&q, &half, &half, 1.0, None).is_err());
     // The kernel takes the maximum of the raw scores, so the scale must be positive.
     for scale in [0.0, -0.5, f64::NAN, f64::INFINITY] {
-        let err = fused::attention(&q, &q, &q, scale, None).unwrap_err();
+        let err = ops::attention(&q, &q, &q, scale, None).unwrap_err();
         assert!(err.to_string().contains("positive"), "{err}");
     }
-    assert!(fused::attention(&q, &q, &q, 0.5, None).is_ok());
+    assert!(ops::attention(&q, &q, &q, 0.5, None).is_ok());
 }
 
 /// layer_norm(x) (float32 statistics) · w + b, then · (1 + scale) + shift, with candle ops.
@@ -886,21 +886,23 @@ fn every_kernel_family_passes_its_self_check_once() {
 }
 
 /// A kernel that returns wrong results is caught by its check and the dispatching helper takes
-/// the plain path; the same kernel used directly would be wrong, so the test can fail.
+/// the plain path; the check measures the fault (so the test can fail) and, without it, passes.
 #[test]
 fn a_faulty_kernel_fails_its_check_and_the_plain_path_serves() {
     use tt_scale::ops::selfcheck::{
-        checks_run, trusted, with_cpu_kernels, with_faulty_kernel, Kernel,
+        check, checks_run, tolerance, trusted, with_cpu_kernels, with_faulty_kernel, Kernel,
     };
     std::thread::spawn(|| {
         let x = randn(1, &[2, 16, 64]);
         let gate = randn(2, &[2, 1, 64]);
         let y = randn(3, &[2, 16, 64]);
         let plain = (&x + gate.broadcast_mul(&y).unwrap()).unwrap();
+        let sound = check(Kernel::GatedResidual, &Device::Cpu, DType::F32, 0).unwrap();
+        assert!(sound <= tolerance(DType::F32), "{sound}");
         with_cpu_kernels(|| {
             with_faulty_kernel(Kernel::GatedResidual, || {
-                let broken = fused::gated_residual(&x, &gate, &y).unwrap();
-                assert!(rel_err(&broken, &plain) > 0.1, "the injected fault is real");
+                let err = check(Kernel::GatedResidual, &Device::Cpu, DType::F32, 0).unwrap();
+                assert!(err > 0.1, "the injected fault is real: {err}");
                 let before = checks_run();
                 let served = ops::gated_residual(&x, &gate, &y).unwrap();
                 assert!(rel_err(&served, &plain) < 1e-6);

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 
-use crate::ops::{self, fused, fused::KeyMask, Linear};
+use crate::ops::{self, KeyMask, Linear};
 
 use super::TextConfig;
 
@@ -80,7 +80,7 @@ struct Layer {
 /// Which attention [`TextModel::forward_hidden_with`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionPath {
-    /// The fused attention ([`fused::attention_masked`]) for a prefill where it applies (CUDA,
+    /// The fused attention ([`ops::attention_masked`]) for a prefill where it applies (CUDA,
     /// bf16/f16, a kernel head size), else the composite.
     Auto,
     /// Always the fused attention (its CPU implementation off CUDA).
@@ -171,7 +171,7 @@ impl Layer {
         let scale = 1.0 / (hd as f64).sqrt();
         let o = match attend {
             // Grouped heads read straight from the cache; (b, heads, s, hd) as a view of rows.
-            Attend::Fused(mask) => fused::attention_masked(&q, &k, &v, scale, mask)?,
+            Attend::Fused(mask) => ops::attention_masked(&q, &k, &v, scale, mask)?,
             Attend::Additive(mask) => grouped_attention(&q, &k, &v, scale, mask.as_ref())?,
         };
         let o = o.transpose(1, 2)?.reshape((b, s, self.heads * hd))?;

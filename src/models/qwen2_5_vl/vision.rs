@@ -104,7 +104,7 @@ fn grouped_attention(
         };
         let (qw, kw, vw) = (windows(q)?, windows(k)?, windows(v)?);
         let o = if crate::ops::attention_fused_ok(&qw, &kw, &vw) {
-            crate::ops::fused::attention(&qw, &kw, &vw, scale, None)?
+            crate::ops::attention(&qw, &kw, &vw, scale, None)?
         } else {
             let flat = |t: &Tensor| t.contiguous()?.reshape((count * heads, n, hd));
             attention(&flat(&qw)?, &flat(&kw)?, &flat(&vw)?, scale)?
