@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepares gpu-kit/ for bench/gpu-check.sh, on a machine with no GPU (builds nothing on the GPU
 # machine): the release `tt-scale` binary and the test binaries that matter, built with
-# `--features cuda` (CUDA 13.0 toolchain from ../shared/gpu/setup-cuda-toolchain.sh), stripped and
-# packed into one xz archive (bin.tar.xz); ../shared/gpu/device-env.sh; diffusers' wheel (the GPU
+# `--features cuda` (CUDA 13.0 toolchain from tools/cuda/setup-cuda-toolchain.sh), stripped and
+# packed into one xz archive (bin.tar.xz); tools/cuda/device-env.sh; diffusers' wheel (the GPU
 # machine's Python has torch and transformers but no diffusers and no network); a manifest. The fixtures the tests read travel
 # with the checkout (tests/fixtures/ is tracked), so they are not copied.
 #
@@ -10,7 +10,6 @@
 #   env:   TARGET_DIR  cargo target dir to build in (default: $CARGO_TARGET_DIR, else target/);
 #                      reuse one where `cargo build --release --features cuda` already ran
 #          KIT         output folder (default: gpu-kit/ in the checkout; keep it git-ignored)
-#          SHARED_GPU  the GPU kit scripts (default: ../shared/gpu beside the checkout)
 #          KIT_BUDGET_MIB  what the device tool may carry, checkout included (default 64)
 #
 # Then, on a GPU machine (device tool): command `bash bench/gpu-check.sh`, carry ["gpu-kit"].
@@ -20,7 +19,6 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 TARGET_DIR=${TARGET_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}}
 KIT=${KIT:-$ROOT/gpu-kit}
-SHARED_GPU=${SHARED_GPU:-$ROOT/../shared/gpu}
 BUDGET_MIB=${KIT_BUDGET_MIB:-64}
 PY=${PYTHON:-python3}
 
@@ -35,7 +33,7 @@ for t in "${WANT_TESTS[@]}"; do
 done
 
 echo "== CUDA toolchain"
-ENV_FILE=$("$SHARED_GPU/setup-cuda-toolchain.sh")
+ENV_FILE=$(bash tools/cuda/setup-cuda-toolchain.sh | tail -n 1)
 # shellcheck disable=SC1090
 . "$ENV_FILE"
 export CARGO_TARGET_DIR=$TARGET_DIR
@@ -73,7 +71,7 @@ STAGE=$(mktemp -d)
 trap 'rm -f "$MSGS"; rm -rf "$STAGE"' EXIT
 
 echo "== packing"
-cp "$SHARED_GPU/device-env.sh" "$KIT/device-env.sh"
+cp tools/cuda/device-env.sh "$KIT/device-env.sh"
 cat >>"$KIT/device-env.sh" <<'EOF'
 # cuDNN, which tt-scale's convolutions open at run time (dlopen libcudnn.so.9): the copy that
 # ships with the machine's PyTorch (nvidia-cudnn-cu13), where there is one.

@@ -63,3 +63,6 @@ pub mod cli;
 pub mod rescore;
 
 pub mod bench;
+
+#[cfg(test)]
+mod extension_tests;

@@ -51,14 +51,6 @@ impl Media {
         }
     }
 
-    /// The image, when this is one.
-    pub fn as_image(&self) -> Option<&RgbImage> {
-        match self {
-            Media::Image(i) => Some(i),
-            Media::Video(_) => None,
-        }
-    }
-
     /// The frames: an image is its only frame.
     pub fn frames(&self) -> &[RgbImage] {
         match self {
@@ -127,6 +119,6 @@ mod tests {
         });
         assert_eq!(v.kind().name(), "video");
         assert_eq!(v.poster().get_pixel(0, 0)[0], 0);
-        assert!(v.as_image().is_none());
+        assert!(matches!(v, Media::Video(_)));
     }
 }

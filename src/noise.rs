@@ -109,29 +109,6 @@ impl Mt19937 {
         (u64::from(hi) << 32) | u64::from(lo)
     }
 
-    /// Skips `n` 32-bit outputs, as if `next_u32` had been called `n` times.
-    pub fn discard(&mut self, n: u64) {
-        for _ in 0..n {
-            self.next_u32();
-        }
-    }
-
-    /// `torch.randint(0, high, ...)` for one element (PyTorch 2.15 on CPU): a range of 2^28 or
-    /// more takes a 64-bit draw, a smaller one a 32-bit draw, reduced modulo `high`.
-    ///
-    /// Older PyTorch releases used the 32-bit draw up to a range of 2^32. `high` must be > 0;
-    /// `high == 0` returns 0 without drawing.
-    pub fn randint(&mut self, high: u64) -> u64 {
-        if high == 0 {
-            return 0;
-        }
-        if high >= 1 << 28 {
-            self.next_u64() % high
-        } else {
-            u64::from(self.next_u32()) % high
-        }
-    }
-
     /// A float32 uniform in [0, 1) from one 32-bit draw: `(r & 0xFFFFFF) * 2^-24`.
     fn uniform_f32(&mut self) -> f32 {
         (self.next_u32() & 0x00ff_ffff) as f32 * (1.0 / 16_777_216.0)
@@ -202,12 +179,6 @@ pub fn torch_randn(seed: u64, shape: &[usize], kernel: RandnKernel) -> Noise {
         shape: shape.to_vec(),
         data,
     }
-}
-
-/// The initial noise the search uses for `seed`: PyTorch's CPU `torch.randn` in float32
-/// ([`torch_randn`]), so a seed found here gives the same image in diffusers or ComfyUI.
-pub fn seed_to_noise(seed: u64, shape: &[usize], kernel: RandnKernel) -> Noise {
-    torch_randn(seed, shape, kernel)
 }
 
 /// Fewer than 16 elements: ATen's serial `normal_distribution<double>` (Box-Muller in double on

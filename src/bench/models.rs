@@ -29,7 +29,7 @@ fn latent_size(opts: &BenchOptions) -> Result<(usize, usize), PipelineError> {
 /// 77-token 768-wide context) with random weights of the real architecture. `opts.layers` does
 /// not apply (the UNet is always built at full depth).
 pub fn sd15_unet_step(opts: &BenchOptions) -> Result<BenchReport, PipelineError> {
-    let spec = sd15::unet_config(&sd15::reference_unet_json())?;
+    let spec = sd15::unet_config(&sd15_unet_json())?;
     let (vb, params) = RandomWeights::var_builder(opts.dtype, &opts.device);
     let unet = UNet::new(vb, &spec)?;
     let (h, w) = latent_size(opts)?;
@@ -223,4 +223,104 @@ pub fn pixart_transformer_step(opts: &BenchOptions) -> Result<Vec<BenchReport>, 
         },
     )?;
     Ok(vec![report])
+}
+
+/// `unet/config.json` of stable-diffusion-v1-5/stable-diffusion-v1-5 (diffusers 0.6.0 keys).
+pub fn sd15_unet_json() -> serde_json::Value {
+    serde_json::json!({
+        "act_fn": "silu",
+        "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "center_input_sample": false,
+        "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                             "CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1,
+        "flip_sin_to_cos": true,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "out_channels": 4,
+        "sample_size": 64,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                           "CrossAttnUpBlock2D"]
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipelines::sd15::unet_config;
+    use crate::pipelines::PipelineError;
+    use serde_json::{json, Value};
+
+    fn sd15_unet() -> Value {
+        sd15_unet_json()
+    }
+
+    #[test]
+    fn sd15_unet_config_maps_attention_head_dim_to_head_count() {
+        let c = unet_config(&sd15_unet()).unwrap();
+        assert_eq!(c.sample_size, 64);
+        assert_eq!(c.cross_attention_dim, 768);
+        assert_eq!(c.layers_per_block, 2);
+        assert!(c.flip_sin_to_cos);
+        assert!(!c.use_linear_projection);
+        assert_eq!(c.text_time, None);
+        assert_eq!(c.block_out_channels, [320, 640, 1280, 1280]);
+        assert_eq!(c.down_cross_attention, [true, true, true, false]);
+        assert_eq!(c.up_cross_attention, [false, true, true, true]);
+        assert_eq!(c.num_attention_heads, [8, 8, 8, 8]);
+        assert_eq!(c.transformer_layers_per_block, [1, 1, 1, 1]);
+        assert_eq!(c.norm_num_groups, 32);
+    }
+
+    #[test]
+    fn num_attention_heads_takes_precedence_over_attention_head_dim() {
+        let mut cfg = sd15_unet();
+        cfg["num_attention_heads"] = json!([5, 10, 20, 20]);
+        let c = unet_config(&cfg).unwrap();
+        assert_eq!(c.num_attention_heads, [5, 10, 20, 20]);
+    }
+
+    #[test]
+    fn unknown_block_types_are_unsupported_by_name() {
+        let mut cfg = sd15_unet();
+        cfg["up_block_types"][0] = json!("AttnUpBlock2D");
+        let err = unet_config(&cfg).err().unwrap();
+        assert!(matches!(err, PipelineError::Unsupported(_)));
+        assert!(err.to_string().contains("up_block_types"), "{err}");
+    }
+
+    #[test]
+    fn centred_input_is_unsupported_by_name() {
+        let mut cfg = sd15_unet();
+        cfg["center_input_sample"] = json!(true);
+        let err = unet_config(&cfg).err().unwrap();
+        assert!(err.to_string().contains("center_input_sample"), "{err}");
+    }
+
+    #[test]
+    fn unet_features_sd15_lacks_are_unsupported_by_name() {
+        let mut cfg = sd15_unet();
+        cfg["addition_embed_type"] = json!("text_time");
+        let err = unet_config(&cfg).err().unwrap();
+        assert!(matches!(err, PipelineError::Unsupported(_)));
+        assert!(err.to_string().contains("addition_embed_type"), "{err}");
+    }
+
+    #[test]
+    fn missing_unet_key_names_the_file_and_key() {
+        let mut cfg = sd15_unet();
+        cfg.as_object_mut().unwrap().remove("cross_attention_dim");
+        let err = unet_config(&cfg).err().unwrap();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("unet/config.json") && msg.contains("cross_attention_dim"),
+            "{msg}"
+        );
+    }
 }

@@ -2,7 +2,7 @@
 //! `vocab.json` + `merges.txt` (no `tokenizer.json`), equal to transformers' `CLIPTokenizer`
 //! called as diffusers calls it: `padding="max_length"`, `truncation=True`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value;
 use tokenizers::models::bpe::BPE;
@@ -172,17 +172,6 @@ impl ClipTokenizer {
             pad_id,
             max_length,
         })
-    }
-
-    /// Builds the tokenizer from a diffusers `tokenizer/` folder on disk.
-    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
-        let f = |name: &str| -> PathBuf { dir.join(name) };
-        Self::from_files(
-            &f("vocab.json"),
-            &f("merges.txt"),
-            Some(&f("tokenizer_config.json")),
-            Some(&f("special_tokens_map.json")),
-        )
     }
 
     /// The fixed sequence length every prompt is padded/truncated to (`model_max_length`).

@@ -180,9 +180,6 @@ pub struct PixArtPipeline {
     /// The requested size.
     height: usize,
     width: usize,
-    /// The size the latents are made at (the aspect-ratio bin).
-    bin_height: usize,
-    bin_width: usize,
     negative_prompt: String,
     max_sequence_length: usize,
     clean_caption: bool,
@@ -295,18 +292,11 @@ impl PixArtPipeline {
             latent_channels,
             height,
             width,
-            bin_height,
-            bin_width,
             negative_prompt: args.negative_prompt.clone().unwrap_or_default(),
             max_sequence_length,
             clean_caption: args.clean_caption.unwrap_or(true),
             context: None,
         })
-    }
-
-    /// The size latents are made at: the aspect-ratio bin of the requested size, (height, width).
-    pub fn binned_size(&self) -> (usize, usize) {
-        (self.bin_height, self.bin_width)
     }
 
     /// The T5 tokenizer.

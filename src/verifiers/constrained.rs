@@ -64,11 +64,6 @@ impl Vocabulary {
         Self { bytes }
     }
 
-    /// A vocabulary from explicit byte strings (`None` for special tokens), for tests.
-    pub fn from_bytes(bytes: Vec<Option<Vec<u8>>>) -> Self {
-        Self { bytes }
-    }
-
     /// Number of token ids.
     pub fn len(&self) -> usize {
         self.bytes.len()
@@ -290,11 +285,6 @@ impl GradingGrammar {
         self.max_new_tokens
     }
 
-    /// Tokens the shortest complete reply takes (fixed text, one token per free part, end).
-    pub fn min_tokens(&self) -> usize {
-        self.min_from[0]
-    }
-
     /// The state before the first token.
     pub fn start(&self) -> GrammarState {
         GrammarState::default()
@@ -415,7 +405,7 @@ mod tests {
         }
         v.push(None);
         let end = (v.len() - 1) as u32;
-        (Vocabulary::from_bytes(v), end)
+        (Vocabulary { bytes: v }, end)
     }
 
     fn per_byte(t: &str) -> Result<Vec<u32>, String> {

@@ -408,27 +408,3 @@ fn bf16_pipeline_images_are_within_the_stated_tolerance_of_diffusers_bf16() {
         assert!(d <= 4, "image {i} differs by {d}/255");
     }
 }
-
-/// Not a parity check: times one real-size FLUX.1-dev transformer step at 256×256 with one
-/// double and two single blocks on the CPU (`cargo test --release --test flux_parity -- --ignored
-/// --nocapture`); the numbers go in bench/README.md.
-#[test]
-#[ignore]
-fn bench_real_size_transformer_step_on_cpu() {
-    for layers in [1usize, 2] {
-        let opts = tt_scale::bench::BenchOptions {
-            height: 256,
-            width: 256,
-            batch: 1,
-            dtype: DType::F32,
-            device: Device::Cpu,
-            warmup: 1,
-            iters: 3,
-            layers: Some(layers),
-            search_steps: 1,
-            verifier_latency_ms: 0,
-        };
-        let r = tt_scale::bench::models::flux_transformer_step(&opts).unwrap();
-        eprintln!("{r:?}");
-    }
-}

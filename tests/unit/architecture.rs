@@ -22,6 +22,8 @@ const LAYERS: &[&[&str]] = &[
     &["cli"],
     &["rescore"],
     &["bench"],
+    // Test-only: the extension points exercised end to end.
+    &["extension_tests"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

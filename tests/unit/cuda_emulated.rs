@@ -92,22 +92,33 @@ fn describe(status: Option<ExitStatus>) -> String {
     }
 }
 
-#[test]
-fn cuda_kernels_match_references_on_the_cpu_emulator() {
+/// The emulated kernels' program, compiled once for the tests of this file (they run its
+/// sections side by side); the compiler's message when it cannot be built.
+fn emulator() -> &'static Result<PathBuf, String> {
+    static EXE: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    EXE.get_or_init(compile_emulator)
+}
+
+fn compile_emulator() -> Result<PathBuf, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let kernels = root.join("kernels");
     let source = kernels.join("emu").join("emu_tests.cpp");
     let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda_emulated");
-    std::fs::create_dir_all(&out_dir).expect("create the test's output directory");
-    let exe = out_dir.join("emu_tests");
-
+    std::fs::create_dir_all(&out_dir).map_err(|e| format!("create {}: {e}", out_dir.display()))?;
     // $CXX may carry a launcher or flags ("ccache g++").
     let cxx = std::env::var("CXX")
         .ok()
         .filter(|s| !s.trim().is_empty())
         .unwrap_or_else(|| "c++".to_string());
+    // Named after what it is built from, so that test processes running side by side (nextest)
+    // and later runs reuse one build; a build lands under its name only when complete.
+    let exe = out_dir.join(format!("emu_tests-{}", build_key(&kernels, &cxx)?));
+    if exe.is_file() {
+        return Ok(exe);
+    }
+    let partial = out_dir.join(format!("emu_tests.{}.partial", std::process::id()));
     let mut words = cxx.split_whitespace();
-    let program = words.next().expect("non-empty compiler command");
+    let program = words.next().unwrap_or("c++");
     let mut compile = Command::new(program);
     compile
         .args(words)
@@ -116,42 +127,74 @@ fn cuda_kernels_match_references_on_the_cpu_emulator() {
         .arg(&kernels)
         .arg(&source)
         .arg("-o")
-        .arg(&exe);
-
+        .arg(&partial);
     let started = Instant::now();
-    let built = match run_with_timeout(compile, RUN_TIMEOUT) {
-        Ok(o) => o,
-        Err(e) => panic!(
+    let built = run_with_timeout(compile, RUN_TIMEOUT).map_err(|e| {
+        format!(
             "cannot run the C++ compiler `{cxx}` ({e}). This test builds kernels/emu/emu_tests.cpp \
              with a C++20 compiler (g++ 10 or newer, or clang++); install one or point CXX at it."
-        ),
-    };
-    let compile_time = started.elapsed();
-    assert!(
-        built.status.is_some_and(|s| s.success()),
-        "compiling {} with `{cxx} {}` failed ({}):\n{}{}",
-        source.display(),
-        CXX_FLAGS.join(" "),
-        describe(built.status),
-        built.stdout,
-        built.stderr
-    );
+        )
+    })?;
+    if !built.status.is_some_and(|s| s.success()) {
+        return Err(format!(
+            "compiling {} with `{cxx} {}` failed ({}):\n{}{}",
+            source.display(),
+            CXX_FLAGS.join(" "),
+            describe(built.status),
+            built.stdout,
+            built.stderr
+        ));
+    }
     if !built.stderr.trim().is_empty() {
         eprintln!("compiler diagnostics:\n{}", built.stderr);
     }
+    eprintln!(
+        "emulated CUDA kernels: compiled in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    std::fs::rename(&partial, &exe).map_err(|e| format!("place {}: {e}", exe.display()))?;
+    Ok(exe)
+}
 
+/// A digest of the kernel sources (`kernels/` and `kernels/emu/`), the flags and the compiler.
+fn build_key(kernels: &Path, cxx: &str) -> Result<String, String> {
+    use sha2::{Digest, Sha256};
+    let mut files = Vec::new();
+    for dir in [kernels.to_path_buf(), kernels.join("emu")] {
+        let entries = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        files.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_file()));
+    }
+    files.sort();
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(f.to_string_lossy().as_bytes());
+        h.update(std::fs::read(&f).map_err(|e| format!("{}: {e}", f.display()))?);
+    }
+    h.update(CXX_FLAGS.join(" ").as_bytes());
+    h.update(cxx.as_bytes());
+    Ok(h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Runs the sections `sections` (comma-separated) of the emulated kernels' program and checks
+/// that every case passed; returns its output.
+fn run_sections(sections: &str) -> String {
+    let exe = emulator().as_ref().unwrap_or_else(|e| panic!("{e}"));
     let started = Instant::now();
-    let ran = run_with_timeout(Command::new(&exe), RUN_TIMEOUT)
+    let mut cmd = Command::new(exe);
+    cmd.arg(sections);
+    let ran = run_with_timeout(cmd, RUN_TIMEOUT)
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
-    let run_time = started.elapsed();
     println!("{}", ran.stdout);
     if !ran.stderr.is_empty() {
         eprintln!("{}", ran.stderr);
     }
     println!(
-        "emulated CUDA kernels: compiled in {:.1} s, ran in {:.1} s",
-        compile_time.as_secs_f64(),
-        run_time.as_secs_f64()
+        "emulated CUDA kernels ({sections}): ran in {:.1} s",
+        started.elapsed().as_secs_f64()
     );
     let failures: Vec<&str> = ran
         .stdout
@@ -167,14 +210,56 @@ fn cuda_kernels_match_references_on_the_cpu_emulator() {
         ran.stderr,
         ran.stdout
     );
-    check_attention_launch_shapes(&ran.stdout);
+    ran.stdout
+}
+
+/// The attention kernels of head sizes `sizes` (`small`: 40, 64, 72; `large`: 80, 128, 160) in
+/// `dtype`, each tile, with the launch shapes the Rust launcher uses.
+fn attention(dtype: &str, sizes: &str) {
+    let out = run_sections(&format!("attention-{dtype}-{sizes}"));
+    check_attention_launch_shapes(&out, sizes == "small");
+}
+
+#[test]
+fn bf16_attention_kernels_of_head_sizes_40_64_72_match_references_on_the_cpu_emulator() {
+    attention("bf16", "small");
+}
+
+#[test]
+fn bf16_attention_kernels_of_head_sizes_80_128_160_match_references_on_the_cpu_emulator() {
+    attention("bf16", "large");
+}
+
+#[test]
+fn f16_attention_kernels_of_head_sizes_40_64_72_match_references_on_the_cpu_emulator() {
+    attention("f16", "small");
+}
+
+#[test]
+fn f16_attention_kernels_of_head_sizes_80_128_160_match_references_on_the_cpu_emulator() {
+    attention("f16", "large");
+}
+
+#[test]
+fn norm_activation_and_conversion_kernels_match_references_on_the_cpu_emulator() {
+    let out = run_sections("conversions,norms");
+    for family in [
+        "layer_norm_mod",
+        "qk_norm_rope",
+        "group_norm",
+        "gated_residual",
+        "geglu",
+    ] {
+        assert!(out.contains(family), "no {family} case ran:\n{out}");
+    }
 }
 
 /// The Rust launcher (`ops::AttentionTile`) must launch each attention kernel with the rows,
 /// threads and dynamic shared memory the kernel source defines (`TtAttnTile`), which the program
 /// prints as `tile w4r32 d=128 rows=128 threads=128 smem=69632`; and every tile the launcher
-/// claims for a head size must be one the program ran.
-fn check_attention_launch_shapes(stdout: &str) {
+/// claims for a head size of the half run (`small`: 40, 64, 72; else 80, 128, 160) must be one
+/// the program ran.
+fn check_attention_launch_shapes(stdout: &str, small: bool) {
     use tt_scale::ops::{AttentionTile, ATTENTION_HEAD_DIMS};
     let mut seen = std::collections::HashSet::new();
     for line in stdout.lines().filter(|l| l.starts_with("tile ")) {
@@ -197,7 +282,7 @@ fn check_attention_launch_shapes(stdout: &str) {
     for tile in AttentionTile::ALL {
         for d in ATTENTION_HEAD_DIMS
             .into_iter()
-            .filter(|&d| tile.supports(d))
+            .filter(|&d| tile.supports(d) && (d <= 72) == small)
         {
             assert!(
                 seen.contains(&(tile, d)),

@@ -8,7 +8,7 @@
 #     the products and the softmax again without changing a result;
 #   * ptxas reports no serialised wgmma ("Potential Performance Loss") and no attention kernel
 #     spills registers.
-# Needs nvcc (the CUDA toolchain of ../shared/gpu/setup-cuda-toolchain.sh on PATH); installs
+# Needs nvcc (the CUDA toolchain of tools/cuda/setup-cuda-toolchain.sh on PATH); installs
 # cuobjdump and nvdisasm from PyPI wheels into $TT_SASS_TOOLS (default ~/.cache/tt-scale-sass).
 # Run by .ci/cuda-build; takes about a minute.
 set -euo pipefail
