@@ -11,10 +11,9 @@ use super::{write_atomic, OutputError};
 use crate::media::{Media, Video};
 
 /// Encodes an RGB image as PNG.
-pub fn encode_png(image: &RgbImage) -> Vec<u8> {
+pub fn encode_png(image: &RgbImage) -> Result<Vec<u8>, std::io::Error> {
     let mut buf = Vec::new();
     let encoder = image::codecs::png::PngEncoder::new(&mut buf);
-    // Encoding an in-memory RGB8 buffer of consistent size cannot fail.
     image::ImageEncoder::write_image(
         encoder,
         image.as_raw(),
@@ -22,8 +21,8 @@ pub fn encode_png(image: &RgbImage) -> Vec<u8> {
         image.height(),
         image::ExtendedColorType::Rgb8,
     )
-    .expect("PNG encoding of an RGB8 buffer");
-    buf
+    .map_err(|e| std::io::Error::other(format!("cannot encode the image: {e}")))?;
+    Ok(buf)
 }
 
 /// The frame delay of `fps` as APNG's `numerator / denominator` seconds: `1 / fps` exactly for
@@ -74,11 +73,12 @@ pub fn encode_apng(video: &Video) -> Result<Vec<u8>, std::io::Error> {
 pub fn write_media(path: &Path, media: &Media) -> Result<(), OutputError> {
     let bytes = match media {
         Media::Image(image) => encode_png(image),
-        Media::Video(video) => encode_apng(video).map_err(|source| OutputError {
-            path: path.to_path_buf(),
-            source,
-        })?,
-    };
+        Media::Video(video) => encode_apng(video),
+    }
+    .map_err(|source| OutputError {
+        path: path.to_path_buf(),
+        source,
+    })?;
     write_atomic(path, &bytes)
 }
 
@@ -172,7 +172,7 @@ mod tests {
         let image = RgbImage::from_pixel(2, 2, Rgb([1, 2, 3]));
         let path = dir.path().join("i.png");
         write_media(&path, &Media::Image(image.clone())).unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), encode_png(&image));
+        assert_eq!(std::fs::read(&path).unwrap(), encode_png(&image).unwrap());
         assert_eq!(read_media(&path).unwrap(), Media::Image(image));
         assert_eq!(media_json(&Media::Image(RgbImage::new(1, 1))), None);
     }

@@ -45,7 +45,8 @@ impl SeedStream {
 
     /// Seed number `k` of `round` for `purpose`: in `[0, MAX_SEED)`, unique within the prompt.
     pub fn seed(&mut self, round: usize, purpose: SeedPurpose, k: usize) -> u64 {
-        for attempt in 0u64.. {
+        let mut attempt = 0u64;
+        loop {
             let mut h = Sha256::new();
             h.update(b"tt-scale seed v1");
             h.update(self.master.to_le_bytes());
@@ -66,8 +67,8 @@ impl SeedStream {
             if self.used.insert(seed) {
                 return seed;
             }
+            attempt += 1;
         }
-        unreachable!("the attempt counter is unbounded")
     }
 }
 
