@@ -93,7 +93,7 @@ FLUX_DEV = dict(
 )
 
 # SDXL base 1.0 UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json); the same
-# values as tt-scale's `sdxl_base_unet_json` (src/models/unet.rs).
+# values as tt-scale's `sdxl_base_unet_json` (src/bench/models.rs).
 SDXL_BASE = dict(
     act_fn="silu",
     addition_embed_type="text_time",

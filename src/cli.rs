@@ -357,3 +357,71 @@ pub struct BenchArgs {
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::journal::Shard;
+    use crate::run::workers::worker_args;
+    use crate::run::RunPlan;
+
+    fn options(args: &[&str]) -> RunOptions {
+        let cli = Cli::try_parse_from(args).unwrap();
+        match cli.command {
+            Command::Run(a) => a.options(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_workers_command_line_parses_back_into_the_plans_options() {
+        // The worker's flags are the plan's options rendered: parsed back, they give those
+        // options with the worker's device and shard, the plan's seed and run name, and --json.
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("c.json");
+        std::fs::write(
+            &config,
+            r#"{"pretrained_model_name_or_path": "someone/model", "torch_dtype": "fp32",
+                "pipeline_call_args": {}, "verifier_args": {"name": "clip_score",
+                "choice_of_metric": "clip_score"}, "search_args": {"search_rounds": 2}}"#,
+        )
+        .unwrap();
+        let config = config.display().to_string();
+        for given in [
+            vec![
+                "--prompts-file",
+                "p.txt",
+                "--num-prompts",
+                "7",
+                "--low-vram",
+            ],
+            vec!["--prompt", "a cat, \"quoted\" -- and --flags"],
+            vec!["--num-prompts", "none"],
+            vec!["--num-prompts", "all", "--batch-size", "3"],
+        ] {
+            let mut args = vec!["tt-scale", "run", "--pipeline-config", &config];
+            args.extend(&given);
+            args.extend(["--seed", "9", "--output-dir", "o", "--device", "cpu,cuda:1"]);
+            let opts = options(&args);
+            assert_eq!(opts.workers, [DeviceSpec::Cpu, DeviceSpec::Cuda(1)]);
+            let plan = RunPlan::new(&opts).unwrap();
+            let shard = Shard { index: 1, count: 4 };
+            let mut worker = vec!["tt-scale".to_string()];
+            worker.extend(worker_args(&plan, DeviceSpec::Cuda(1), shard, "sweep"));
+            let cli = Cli::try_parse_from(&worker).unwrap();
+            let Command::Run(run) = cli.command else {
+                panic!("not a run: {worker:?}");
+            };
+            assert!(run.json, "{worker:?}");
+            let back = run.options();
+            let want = RunOptions {
+                device: Some(DeviceSpec::Cuda(1)),
+                workers: Vec::new(),
+                shard: Some(ShardArg::Fixed(shard)),
+                run_name: Some("sweep".into()),
+                ..opts.clone()
+            };
+            assert_eq!(back, want, "{worker:?}");
+        }
+    }
+}

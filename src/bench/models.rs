@@ -8,9 +8,29 @@ use super::{time_steps, BenchOptions, BenchReport, RandomWeights};
 use crate::loading::model_config;
 use crate::models::flux_transformer::{latent_image_ids, FluxConfig, FluxTransformer, Rope};
 use crate::models::pixart::{PixArtConfig, PixArtTransformer};
-use crate::models::unet::{sdxl_base_unet_json, UNet, UNetConfig};
+use crate::models::unet::{UNet, UNetConfig};
 use crate::models::vae::VaeDecoder;
-use crate::pipelines::{pixart, sd15, PipelineError};
+use crate::pipelines::{flux, pixart, sd15, sdxl, Family, PipelineError};
+
+/// Rows of one step of `family` for `opts.batch` images: twice under classifier-free guidance
+/// (the model table's cost model says which families use it).
+fn step_rows(family: &Family, opts: &BenchOptions) -> usize {
+    opts.batch.max(1) * if family.cost.cfg { 2 } else { 1 }
+}
+
+/// Checks that the `opts` image size suits `family`: positive multiples of its size factor (the
+/// VAE's 8 times the family's patch, from the model table).
+fn check_size(family: &Family, opts: &BenchOptions) -> Result<(), PipelineError> {
+    let factor = 8 * family.patch;
+    if opts.height % factor != 0 || opts.width % factor != 0 || opts.height == 0 || opts.width == 0
+    {
+        return Err(PipelineError::InvalidArgument(format!(
+            "bench height/width {}x{} must be positive multiples of {factor} for {}",
+            opts.height, opts.width, family.title
+        )));
+    }
+    Ok(())
+}
 
 /// Width and height of the latents of an `opts` image (1/8 of the pixels), an error when the
 /// image is smaller than 8 pixels.
@@ -33,7 +53,7 @@ pub fn sd15_unet_step(opts: &BenchOptions) -> Result<BenchReport, PipelineError>
     let (vb, params) = RandomWeights::var_builder(opts.dtype, &opts.device);
     let unet = UNet::new(vb, &spec)?;
     let (h, w) = latent_size(opts)?;
-    let rows = 2 * opts.batch.max(1);
+    let rows = step_rows(&sd15::FAMILY, opts);
     let sample = Tensor::randn(0f32, 1.0, (rows, spec.in_channels, h, w), &opts.device)?
         .to_dtype(opts.dtype)?;
     let context = Tensor::randn(0f32, 1.0, (rows, 77, 768), &opts.device)?.to_dtype(opts.dtype)?;
@@ -61,7 +81,7 @@ pub fn sdxl_unet_step(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineE
     let (h, w) = latent_size(opts)?;
     let (vb, params) = RandomWeights::var_builder(opts.dtype, &opts.device);
     let unet = UNet::new(vb, &config)?;
-    let rows = 2 * opts.batch.max(1);
+    let rows = step_rows(&sdxl::FAMILY, opts);
     let randn = |shape: &[usize]| -> candle_core::Result<Tensor> {
         Tensor::randn(0f32, 1.0, shape, &opts.device)?.to_dtype(opts.dtype)
     };
@@ -130,12 +150,7 @@ pub fn sdxl_vae_decode(opts: &BenchOptions) -> Result<BenchReport, PipelineError
 /// blocks, 3072 wide, 24 heads; `opts.layers` builds fewer of each) with random weights on
 /// packed latents of `opts.height`×`opts.width`, `opts.batch` rows and 512 T5 tokens.
 pub fn flux_transformer_step(opts: &BenchOptions) -> Result<Vec<BenchReport>, PipelineError> {
-    if opts.height % 16 != 0 || opts.width % 16 != 0 || opts.height == 0 || opts.width == 0 {
-        return Err(PipelineError::InvalidArgument(format!(
-            "bench height/width {}x{} must be positive multiples of 16 for Flux",
-            opts.height, opts.width
-        )));
-    }
+    check_size(&flux::FAMILY, opts)?;
     let mut cfg = FluxConfig::dev();
     if let Some(n) = opts.layers {
         cfg.depth = n.min(cfg.depth);
@@ -143,7 +158,7 @@ pub fn flux_transformer_step(opts: &BenchOptions) -> Result<Vec<BenchReport>, Pi
     }
     let (vb, params) = RandomWeights::var_builder(opts.dtype, &opts.device);
     let model = FluxTransformer::new(&cfg, vb)?;
-    let b = opts.batch.max(1);
+    let b = step_rows(&flux::FAMILY, opts);
     let (rows, cols) = (opts.height / 16, opts.width / 16);
     let txt_len = 512;
     let img = Tensor::randn(0f32, 1.0, (b, rows * cols, 64), &opts.device)?.to_dtype(opts.dtype)?;
@@ -181,6 +196,7 @@ pub fn pixart_transformer_step(opts: &BenchOptions) -> Result<Vec<BenchReport>, 
     if let Some(layers) = opts.layers {
         config.num_layers = layers.min(config.num_layers);
     }
+    // The transformer's 2x2 patches need latents of even size.
     let (h, w) = (opts.height / 8, opts.width / 8);
     if h < 2 || w < 2 || h % 2 != 0 || w % 2 != 0 {
         return Err(PipelineError::InvalidArgument(format!(
@@ -190,7 +206,7 @@ pub fn pixart_transformer_step(opts: &BenchOptions) -> Result<Vec<BenchReport>, 
     }
     let (vb, params) = RandomWeights::var_builder(opts.dtype, &opts.device);
     let model = PixArtTransformer::new(&config, vb)?;
-    let rows = 2 * opts.batch.max(1);
+    let rows = step_rows(&pixart::FAMILY, opts);
     let sample = Tensor::randn(0f32, 1.0, (rows, 4, h, w), &opts.device)?.to_dtype(opts.dtype)?;
     let context = Tensor::randn(
         0f32,
@@ -247,6 +263,43 @@ pub fn sd15_unet_json() -> serde_json::Value {
         "sample_size": 64,
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
                            "CrossAttnUpBlock2D"]
+    })
+}
+
+/// `unet/config.json` of stabilityai/stable-diffusion-xl-base-1.0 (the keys that shape the
+/// network), for the step benchmark and tests.
+pub fn sdxl_base_unet_json() -> serde_json::Value {
+    serde_json::json!({
+        "act_fn": "silu",
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": 256,
+        "attention_head_dim": [5, 10, 20],
+        "block_out_channels": [320, 640, 1280],
+        "center_input_sample": false,
+        "class_embed_type": null,
+        "conv_in_kernel": 3,
+        "conv_out_kernel": 3,
+        "cross_attention_dim": 2048,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "downsample_padding": 1,
+        "dual_cross_attention": false,
+        "flip_sin_to_cos": true,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "num_attention_heads": null,
+        "out_channels": 4,
+        "projection_class_embeddings_input_dim": 2816,
+        "resnet_time_scale_shift": "default",
+        "sample_size": 128,
+        "transformer_layers_per_block": [1, 2, 10],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "upcast_attention": null,
+        "use_linear_projection": true
     })
 }
 

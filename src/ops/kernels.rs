@@ -180,3 +180,20 @@ pub(crate) struct GatedResidualOp {
     /// Rows of x per gate row (the tokens of a batch row).
     pub(crate) rows_per_group: usize,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_key_ranges_clamp_lengths_and_holes_to_the_keys() {
+        let mask = KeyMask {
+            lens: Some(vec![100, 3]),
+            holes: Some(vec![(5, 9), (1, 2)]),
+            causal: false,
+        };
+        assert_eq!(mask.ranges(2, 6), Some(vec![[6, 5, 6], [3, 1, 2]]));
+        assert!(mask.sees(0, 0, 4, 1, 6) && !mask.sees(0, 0, 5, 1, 6));
+        assert_eq!(KeyMask::default().ranges(2, 6), None);
+    }
+}

@@ -35,7 +35,7 @@ use crate::verifiers::{self, Verifier};
 use writer::OutputWriter;
 
 /// What `tt-scale run` was asked to do (the command line, parsed).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RunOptions {
     /// The config file.
     pub config_path: PathBuf,

@@ -673,7 +673,8 @@ fn pixart_fused_path_matches_the_unfused_path_on_the_gpu() {
 /// composition on the same GPU.
 #[test]
 fn sdxl_unet_fused_path_matches_the_unfused_path_on_the_gpu() {
-    use tt_scale::models::unet::{sdxl_base_unet_json, UNet, UNetConfig};
+    use tt_scale::bench::models::sdxl_base_unet_json;
+    use tt_scale::models::unet::{UNet, UNetConfig};
     let dev = cuda();
     let mut json = sdxl_base_unet_json();
     json["block_out_channels"] = serde_json::json!([64, 128]);

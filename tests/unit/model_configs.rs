@@ -3,9 +3,10 @@
 //! what the networks implement.
 
 use serde_json::{json, Value};
+use tt_scale::bench::models::sdxl_base_unet_json;
 use tt_scale::loading::{model_config, LoadError};
 use tt_scale::models::pixart::PixArtConfig;
-use tt_scale::models::unet::{sdxl_base_unet_json, UNetConfig};
+use tt_scale::models::unet::UNetConfig;
 
 fn unet(value: &Value) -> Result<UNetConfig, LoadError> {
     model_config(value, "unet/config.json")
