@@ -198,15 +198,6 @@ impl super::Scheduler for FlowMatchEulerScheduler {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    /// The flow's model input is the sample itself.
-    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> candle_core::Result<Tensor> {
-        Ok(sample.clone())
-    }
-
     /// One Euler step: `sample + (sigma_next - sigma) * model_output`, computed in float32 and
     /// returned in `model_output`'s dtype (as diffusers). Steps must be taken in order.
     fn step(

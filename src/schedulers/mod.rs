@@ -48,10 +48,16 @@ pub trait Scheduler: Send {
     /// The timesteps the denoising loop visits, in order (diffusers' `scheduler.timesteps`;
     /// may repeat a value, as PNDM's does).
     fn timesteps(&self) -> &[f64];
-    /// Factor the initial noise is multiplied by (`init_noise_sigma`).
-    fn init_noise_sigma(&self) -> f64;
-    /// diffusers' `scale_model_input`: the UNet input for `sample` at `timestep`.
-    fn scale_model_input(&self, sample: &Tensor, timestep: f64) -> candle_core::Result<Tensor>;
+    /// Factor the initial noise is multiplied by (`init_noise_sigma`; 1 unless the scheduler
+    /// works in sigma space, as Euler's does).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// diffusers' `scale_model_input`: the UNet input for `sample` at `timestep` (the sample
+    /// itself unless the scheduler scales it, as Euler's does).
+    fn scale_model_input(&self, sample: &Tensor, _timestep: f64) -> candle_core::Result<Tensor> {
+        Ok(sample.clone())
+    }
     /// One denoising step: the previous sample from the model output at `timestep`.
     /// Calls must follow the order of [`Scheduler::timesteps`].
     fn step(
