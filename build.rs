@@ -3,7 +3,7 @@
 //! drivers) and one for 9.0 (Hopper), and for attention one for 9.0a (Hopper's wgmma).
 //! `src/ops/cuda.rs` embeds them and picks one at run time.
 //! nvcc comes from `$NVCC`, else `$CUDA_HOME/bin/nvcc` when that exists, else `PATH`
-//! (`../shared/gpu/setup-cuda-toolchain.sh` sets a CUDA 13.0 toolchain up without a GPU).
+//! (`tools/cuda/setup-cuda-toolchain.sh` sets a CUDA 13.0 toolchain up without a GPU).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,7 +37,7 @@ fn main() {
                 .unwrap_or_else(|e| {
                     panic!(
                         "cannot run nvcc ({}): {e}; the cuda feature needs the CUDA toolkit \
-                         (see ../shared/gpu/README.md)",
+                         (tools/cuda/setup-cuda-toolchain.sh installs one without a GPU; see README.md)",
                         nvcc.display()
                     )
                 });
